@@ -1,0 +1,5 @@
+"""splitwise: prefill/decode disaggregated LLM serving."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""The paged-KV inference engine (see docs/architecture.md)."""

@@ -1,0 +1,154 @@
+"""The paged KV cache: one preallocated buffer, addressable in place by a transport.
+
+Layout (one contiguous buffer, C order)::
+
+    dim   name          size            note
+    0     layer         num_layers      outermost: "layer L" is one contiguous slab
+    1     kind          2               0 = K, 1 = V
+    2     block         num_blocks      block ids index this dimension
+    3     slot          block_size      token position within the block
+    4     kv_head       num_kv_heads
+    5     head_dim      head_dim
+
+    bytes_per_block      = block_size * num_kv_heads * head_dim * itemsize
+    region(L, kind)      = base + (L * 2 + kind) * num_blocks * bytes_per_block
+    address(L, kind, b)  = region(L, kind) + b * bytes_per_block
+
+So "the blocks of request R in layer L" are (region(L, K), block ids, bytes_per_block) and the same
+for V: a transport reads or writes them in place, without staging. Because every (layer, kind)
+region has the same geometry on both sides of a transfer, the same arithmetic gives the destination
+address from the peer's base address.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from multiprocessing import shared_memory
+
+import torch
+
+from splitwise.engine.config import DTYPES
+
+KIND_K = 0
+KIND_V = 1
+
+
+@dataclass(frozen=True)
+class KVCacheGeometry:
+    """Shape of a KV cache. Two instances may exchange blocks only if their geometries match
+    except for ``num_blocks``."""
+
+    num_layers: int
+    num_blocks: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str  # key of config.DTYPES
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def itemsize(self) -> int:
+        return torch.empty((), dtype=self.torch_dtype).element_size()
+
+    @property
+    def shape(self) -> tuple[int, int, int, int, int, int]:
+        return (self.num_layers, 2, self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+
+    @property
+    def bytes_per_block(self) -> int:
+        return self.block_size * self.num_kv_heads * self.head_dim * self.itemsize
+
+    @property
+    def bytes_per_region(self) -> int:
+        return self.num_blocks * self.bytes_per_block
+
+    @property
+    def total_bytes(self) -> int:
+        return self.num_layers * 2 * self.bytes_per_region
+
+    def region_offset(self, layer: int, kind: int) -> int:
+        """Byte offset of (layer, kind) from the buffer base."""
+        return (layer * 2 + kind) * self.bytes_per_region
+
+    def block_offset(self, layer: int, kind: int, block_id: int) -> int:
+        """Byte offset of one block from the buffer base."""
+        return self.region_offset(layer, kind) + block_id * self.bytes_per_block
+
+    def compatible_with(self, other: KVCacheGeometry) -> bool:
+        return (self.num_layers, self.block_size, self.num_kv_heads, self.head_dim, self.dtype) == (
+            other.num_layers,
+            other.block_size,
+            other.num_kv_heads,
+            other.head_dim,
+            other.dtype,
+        )
+
+    @staticmethod
+    def blocks_for_memory(
+        memory_bytes: int, *, num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: str
+    ) -> int:
+        per_block_all_layers = 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty(
+            (), dtype=DTYPES[dtype]
+        ).element_size()
+        return max(1, memory_bytes // per_block_all_layers)
+
+
+class KVCache:
+    """Owns the KV buffer. ``tensor`` has ``geometry.shape``; ``k(layer)``/``v(layer)`` are views
+    of shape [num_blocks, block_size, num_kv_heads, head_dim].
+
+    On CPU with ``shm_name`` the buffer lives in POSIX shared memory (/dev/shm/<name>) so a peer
+    process on the same host can map it and copy blocks straight in (the ipc transport). The
+    creator unlinks it on ``close()``.
+    """
+
+    def __init__(self, geometry: KVCacheGeometry, *, device: str = "cpu", shm_name: str | None = None) -> None:
+        self.geometry = geometry
+        self.device = torch.device(device)
+        self.shm_name = shm_name
+        self._shm: shared_memory.SharedMemory | None = None
+        if shm_name is not None:
+            if self.device.type != "cpu":
+                raise ValueError("--kv-cache-shm: shared memory KV caches are CPU only (CUDA uses CUDA IPC)")
+            self._shm = shared_memory.SharedMemory(name=shm_name, create=True, size=geometry.total_bytes)
+            flat = torch.frombuffer(self._shm.buf, dtype=torch.uint8, count=geometry.total_bytes)
+            self.tensor = flat.view(geometry.torch_dtype).view(geometry.shape)
+            self.tensor.zero_()
+        else:
+            self.tensor = torch.zeros(geometry.shape, dtype=geometry.torch_dtype, device=self.device)
+
+    @property
+    def base_address(self) -> int:
+        return int(self.tensor.data_ptr())
+
+    def k(self, layer: int) -> torch.Tensor:
+        return self.tensor[layer, KIND_K]
+
+    def v(self, layer: int) -> torch.Tensor:
+        return self.tensor[layer, KIND_V]
+
+    def block_address(self, layer: int, kind: int, block_id: int) -> int:
+        return self.base_address + self.geometry.block_offset(layer, kind, block_id)
+
+    def as_bytes(self) -> torch.Tensor:
+        """The whole buffer as a flat uint8 view (for byte-exact copies and comparisons)."""
+        return self.tensor.view(-1).view(torch.uint8)
+
+    def close(self) -> None:
+        if self._shm is not None:
+            # Drop tensor views before closing the mapping, or close() raises BufferError.
+            del self.tensor
+            self._shm.close()
+            try:
+                self._shm.unlink()
+            except FileNotFoundError:
+                pass
+            self._shm = None
+
+
+def default_shm_name(prefix: str = "splitwise-kv") -> str:
+    return f"{prefix}-{os.getpid()}-{os.urandom(4).hex()}"
