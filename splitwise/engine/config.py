@@ -37,6 +37,22 @@ def parse_dtype(name: str) -> torch.dtype:
         raise ValueError(f"--dtype: {name!r} is not one of {sorted(DTYPES)}") from None
 
 
+def _rope_theta(cfg: dict[str, Any]) -> float:
+    # transformers >= 5 writes rope settings under "rope_parameters" instead of top-level keys.
+    params = cfg.get("rope_parameters") or {}
+    return float(cfg.get("rope_theta", params.get("rope_theta", 10000.0)))
+
+
+def _rope_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """The rope scaling dict, or None for plain rope (both config.json generations)."""
+    if cfg.get("rope_scaling") is not None:
+        return cfg["rope_scaling"]
+    params = cfg.get("rope_parameters") or {}
+    if params.get("rope_type", params.get("type", "default")) == "default":
+        return None
+    return {k: v for k, v in params.items() if k != "rope_theta"}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The parts of a Hugging Face config.json the engine uses."""
@@ -84,8 +100,8 @@ class ModelConfig:
                 num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
                 head_dim=int(cfg.get("head_dim") or hidden // num_heads),
                 rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(cfg.get("rope_theta", 10000.0)),
-                rope_scaling=cfg.get("rope_scaling"),
+                rope_theta=_rope_theta(cfg),
+                rope_scaling=_rope_scaling(cfg),
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 attention_bias=bool(cfg.get("attention_bias", family == "qwen2")),

@@ -1,0 +1,14 @@
+"""RDMA KV-block transport over pyverbs, plus sysfs-based NIC detection.
+
+Modules (one concept each):
+    errors        RdmaError and its subclasses by cause
+    nics          which NICs to use (sysfs; the twin of tools/get_rdma_nics.sh)
+    verbs         the verbs-level backend interface the transport is written against
+    fake          a protocol-level test double of that interface (byte-exact, enforces verbs rules)
+    pyverbs_backend  the real backend (imports pyverbs lazily)
+    plan          block runs -> RDMA WRITE work requests, batching within the send-queue depth
+    connection    connection info message, QP attribute policy, the RESET->INIT->RTR->RTS machine
+    transport     the KV Transport plug-in registered as "rdma"
+
+pyverbs is imported only by pyverbs_backend, so everything else works where it is missing.
+"""

@@ -1,0 +1,123 @@
+"""Frozen, validated scheduler configuration and the reusable click options that build it.
+
+Flag names follow FastDeploy (``--scheduler-name``, ``--scheduler-host``, ...) so operators can
+carry their command lines over. Validation raises ``ValueError`` naming the flag.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import click
+
+SCHEDULER_NAMES = ("splitwise", "local")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    scheduler_name: str = "splitwise"
+    scheduler_host: str = "127.0.0.1"
+    scheduler_port: int = 6379
+    scheduler_db: int = 0
+    scheduler_password: str | None = None
+    scheduler_topic: str = "splitwise"
+    scheduler_ttl_s: float = 900.0
+    scheduler_tls: bool = False
+    scheduler_tls_ca_certs: str | None = None
+    heartbeat_interval_s: float = 1.0
+    dead_after_missed: int = 3
+    max_redispatch: int = 2
+    dead_letter_ttl_s: float = 86400.0
+    # How long one blocking read waits before the loop re-checks for shutdown.
+    block_ms: int = 1000
+    # Result/ctl streams are capped (approximately) so an absent reader cannot grow them unbounded.
+    stream_maxlen: int = 100_000
+
+    def __post_init__(self) -> None:
+        if self.scheduler_name not in SCHEDULER_NAMES:
+            raise ValueError(f"--scheduler-name: {self.scheduler_name!r} is not one of {list(SCHEDULER_NAMES)}")
+        if not 0 < self.scheduler_port < 65536:
+            raise ValueError(f"--scheduler-port: {self.scheduler_port} is not a TCP port")
+        if self.scheduler_db < 0:
+            raise ValueError(f"--scheduler-db: must be >= 0, got {self.scheduler_db}")
+        topic = self.scheduler_topic
+        if not topic or any(c in topic for c in "{}: \t\n*?[]"):
+            raise ValueError(f"--scheduler-topic: {topic!r} must be non-empty without braces, colons, spaces or glob chars")
+        if self.scheduler_ttl_s <= 0:
+            raise ValueError(f"--scheduler-ttl: must be > 0 seconds, got {self.scheduler_ttl_s}")
+        if self.heartbeat_interval_s <= 0:
+            raise ValueError(f"--scheduler-heartbeat-interval: must be > 0 seconds, got {self.heartbeat_interval_s}")
+        if self.dead_after_missed < 1:
+            raise ValueError(f"--scheduler-dead-after-missed: must be >= 1, got {self.dead_after_missed}")
+        if self.max_redispatch < 0:
+            raise ValueError(f"--max-redispatch: must be >= 0, got {self.max_redispatch}")
+        if self.dead_letter_ttl_s <= 0:
+            raise ValueError(f"--scheduler-dead-letter-ttl: must be > 0 seconds, got {self.dead_letter_ttl_s}")
+        if self.block_ms < 1:
+            raise ValueError(f"block_ms: must be >= 1, got {self.block_ms}")
+        if self.scheduler_tls_ca_certs and not self.scheduler_tls:
+            raise ValueError("--scheduler-tls-ca-certs: needs --scheduler-tls")
+
+    @property
+    def ttl_ms(self) -> int:
+        return int(self.scheduler_ttl_s * 1000)
+
+    @property
+    def dead_after_ms(self) -> int:
+        """A node whose heartbeat key is older than this is dead (the key's PX expiry)."""
+        return int(self.heartbeat_interval_s * self.dead_after_missed * 1000)
+
+    @property
+    def dead_letter_ttl_ms(self) -> int:
+        return int(self.dead_letter_ttl_s * 1000)
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any], **overrides: Any) -> SchedulerConfig:
+        """Build from the keyword arguments click passes for ``@scheduler_options`` (others ignored)."""
+        mapping = {
+            "scheduler_name": "scheduler_name",
+            "scheduler_host": "scheduler_host",
+            "scheduler_port": "scheduler_port",
+            "scheduler_db": "scheduler_db",
+            "scheduler_password": "scheduler_password",
+            "scheduler_topic": "scheduler_topic",
+            "scheduler_ttl": "scheduler_ttl_s",
+            "scheduler_tls": "scheduler_tls",
+            "scheduler_tls_ca_certs": "scheduler_tls_ca_certs",
+            "scheduler_heartbeat_interval": "heartbeat_interval_s",
+            "scheduler_dead_after_missed": "dead_after_missed",
+            "max_redispatch": "max_redispatch",
+        }
+        kwargs = {field: options[opt] for opt, field in mapping.items() if options.get(opt) is not None}
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# (flag, click kwargs). Defaults repeat the dataclass defaults so --help shows them.
+_OPTIONS: list[tuple[str, dict[str, Any]]] = [
+    ("--scheduler-name", {"type": click.Choice(SCHEDULER_NAMES), "default": "splitwise",
+                          "help": "splitwise: Redis-coordinated P/D; local: in-process, one mixed instance."}),
+    ("--scheduler-host", {"default": "127.0.0.1", "help": "Redis host."}),
+    ("--scheduler-port", {"type": int, "default": 6379, "help": "Redis port."}),
+    ("--scheduler-db", {"type": int, "default": 0, "help": "Redis database number."}),
+    ("--scheduler-password", {"default": None, "envvar": "SPLITWISE_SCHEDULER_PASSWORD",
+                              "help": "Redis password (or env SPLITWISE_SCHEDULER_PASSWORD)."}),
+    ("--scheduler-topic", {"default": "splitwise", "help": "Key prefix; one topic = one cluster."}),
+    ("--scheduler-ttl", {"type": float, "default": 900.0, "help": "Request TTL and key expiry, seconds."}),
+    ("--scheduler-tls/--no-scheduler-tls", {"default": False, "help": "Connect to Redis over TLS."}),
+    ("--scheduler-tls-ca-certs", {"default": None, "help": "CA bundle for --scheduler-tls."}),
+    ("--scheduler-heartbeat-interval", {"type": float, "default": 1.0, "help": "Node heartbeat period, seconds."}),
+    ("--scheduler-dead-after-missed", {"type": int, "default": 3, "help": "Missed heartbeats before a node is dead."}),
+    ("--max-redispatch", {"type": int, "default": 2, "help": "Re-dispatches of a request after node loss."}),
+]
+
+
+def scheduler_options(func: F) -> F:
+    """click decorator adding every scheduler flag (used by `splitwise inspect` and `splitwise serve`)."""
+    for flag, kwargs in reversed(_OPTIONS):
+        func = click.option(flag, show_default=True, **kwargs)(func)
+    return func

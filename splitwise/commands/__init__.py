@@ -1,0 +1,1 @@
+"""One module per `splitwise` subcommand; splitwise/cli.py maps names to them lazily."""

@@ -1,0 +1,340 @@
+"""LLMEngine: the step loop that ties scheduler, model runner, sampler and text together.
+
+One step reads as a sentence::
+
+    schedule -> run the model -> sample -> postprocess (advance, stop) -> text -> outputs
+
+The engine is single-threaded: exactly one thread (the instance's engine loop) calls its
+methods. It raises ``EngineError`` subclasses for bad input; a request the engine cannot serve
+(e.g. larger than the whole KV pool) ends with an output whose ``error`` is set.
+
+Disaggregation API (public, used by splitwise/instance):
+
+- prefill side: ``add_request(..., prefill_only=True)`` runs only the prefill; the request's last
+  output has ``finish_reason=PREFILL_DONE``, the first token, its logprob and ``block_ids``; the
+  blocks stay held until ``release_prefill(req_id)`` (after the transfer is acknowledged).
+  ``set_layer_callback(cb)``: ``cb(layer, chunks)`` fires once a layer's KV of a batch is written.
+- decode side: ``reserve(req_id, num_tokens)`` returns block ids for a transport to fill;
+  ``release_reservation(req_id)`` gives them back; ``add_prefilled_request(...)`` admits the request
+  with its first token once every layer has landed, and decoding continues from there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from splitwise.engine.block_manager import BlockManager
+from splitwise.engine.config import EngineConfig, ModelConfig
+from splitwise.engine.errors import InvalidRequestError, UnknownRequestError
+from splitwise.engine.kv_cache import KVCache
+from splitwise.engine.model_runner import LayerCallback, ModelRunner, ScheduledChunk, build_kv_cache
+from splitwise.engine.outputs import GenerationResult, RequestOutput
+from splitwise.engine.sampler import Sampler
+from splitwise.engine.sampling_params import SamplingParams
+from splitwise.engine.scheduler import Scheduler, SchedulerOutput
+from splitwise.engine.sequence import FinishReason, Sequence
+from splitwise.engine.stop_checker import StopChecker
+from splitwise.engine.text_stream import TextStream
+from splitwise.engine.tokenizer import Tokenizer
+from splitwise.logging import get_logger
+
+log = get_logger(__name__)
+
+
+@dataclass
+class EngineStats:
+    """Monotonic counters, read by the metrics exporter."""
+
+    num_steps: int = 0
+    num_prompt_tokens: int = 0  # prompt tokens of admitted requests
+    num_cached_prompt_tokens: int = 0  # of which served by the prefix cache
+    num_computed_tokens: int = 0  # tokens run through the model
+    num_generated_tokens: int = 0
+    num_preemptions: int = 0
+    num_finished: int = 0
+    num_failed: int = 0
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, *, kv_cache: KVCache | None = None) -> None:
+        self.config = config
+        self.model_config = ModelConfig.from_dir(config.model)
+        self.max_model_len = _resolve_max_model_len(config, self.model_config)
+        self.tokenizer = Tokenizer.from_dir(config.model)
+        self.kv_cache = kv_cache if kv_cache is not None else build_kv_cache(self.model_config, config)
+        self.runner = ModelRunner(self.model_config, config, self.kv_cache)
+        self.block_manager = BlockManager(
+            self.kv_cache.geometry.num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching
+        )
+        eos = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids)
+        self.stop_checker = StopChecker(eos_token_ids=eos, max_model_len=self.max_model_len)
+        self.scheduler = Scheduler(
+            self.block_manager,
+            self.stop_checker,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+        )
+        self.sampler = Sampler(seed=config.seed)
+        self.stats = EngineStats()
+        self._layer_callback: LayerCallback | None = None
+        self._texts: dict[str, TextStream] = {}
+        self._pending: list[RequestOutput] = []  # outputs produced outside step() (aborts)
+        log.info(
+            "engine ready",
+            model=config.model,
+            family=self.model_config.family,
+            dtype=config.dtype,
+            device=config.device,
+            num_kv_blocks=self.kv_cache.geometry.num_blocks,
+            block_size=config.block_size,
+            max_model_len=self.max_model_len,
+        )
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def add_request(
+        self, req_id: str, prompt_token_ids: list[int], params: SamplingParams, *, prefill_only: bool = False
+    ) -> None:
+        """Queue a request. Raises InvalidRequestError for bad input (nothing is queued then)."""
+        self.validate_prompt(prompt_token_ids, req_id=req_id)
+        seq = Sequence(req_id=req_id, prompt_token_ids=list(prompt_token_ids), params=params, prefill_only=prefill_only)
+        self.scheduler.add(seq)
+        self._texts[req_id] = TextStream(self.tokenizer, seq.prompt_token_ids, params)
+        self.stats.num_prompt_tokens += seq.num_prompt_tokens
+
+    def validate_prompt(self, prompt_token_ids: list[int], *, req_id: str | None = None) -> None:
+        if not prompt_token_ids:
+            raise InvalidRequestError("prompt is empty", req_id=req_id)
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt has {len(prompt_token_ids)} tokens; this model's context is {self.max_model_len} tokens "
+                f"(max_model_len), which leaves no room to generate",
+                req_id=req_id,
+            )
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})", req_id=req_id)
+
+    def abort(self, req_id: str) -> None:
+        """Cancel a request at any stage (queued, prefilling, decoding, held for transfer, or a
+        bare reservation). Frees its blocks. The request's final output (ABORT) comes from the
+        next ``step()``. Unknown ids raise UnknownRequestError."""
+        if self.block_manager.has_reservation(req_id) and self.scheduler.get(req_id) is None:
+            self.block_manager.release(req_id)
+            return
+        seq = self.scheduler.abort(req_id)
+        self._texts.pop(req_id, None)
+        self._pending.append(_final(seq, FinishReason.ABORT))
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._pending)
+
+    def set_layer_callback(self, callback: LayerCallback | None) -> None:
+        self._layer_callback = callback
+
+    # -- disaggregation -----------------------------------------------------------------------
+
+    def release_prefill(self, req_id: str) -> None:
+        """Free the blocks of a PREFILL_DONE request (its KV transfer was acknowledged)."""
+        self.scheduler.release_prefilled(req_id)
+
+    def can_reserve(self, num_tokens: int) -> bool:
+        return self.block_manager.can_reserve(num_tokens)
+
+    def reserve(self, req_id: str, num_tokens: int) -> list[int]:
+        """Reserve blocks for ``num_tokens`` of incoming KV. Raises OutOfBlocksError when full."""
+        return self.block_manager.reserve(req_id, num_tokens)
+
+    def release_reservation(self, req_id: str) -> None:
+        self.block_manager.release(req_id)
+
+    def add_prefilled_request(
+        self,
+        req_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        first_token_id: int,
+        first_logprob: float,
+    ) -> RequestOutput:
+        """Admit a request whose prompt KV was written into its reservation from outside.
+
+        Returns the output for the first token (it may already be the last: eos, max_tokens=1,
+        a stop string; then the reservation is released at once).
+        """
+        self.validate_prompt(prompt_token_ids, req_id=req_id)
+        if not self.block_manager.has_reservation(req_id):
+            raise UnknownRequestError("no KV reservation for this request", req_id=req_id)
+        seq = Sequence(req_id=req_id, prompt_token_ids=list(prompt_token_ids), params=params)
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        seq.output_token_ids.append(first_token_id)
+        seq.output_logprobs.append(first_logprob)
+        text = TextStream(self.tokenizer, seq.prompt_token_ids, params)
+        delta = text.push(first_token_id, self.stop_checker)
+        reason = FinishReason.STOP if delta.stop is not None else self.stop_checker.check_token(seq)
+        self.stats.num_prompt_tokens += seq.num_prompt_tokens
+        self.stats.num_generated_tokens += 1
+        if reason is not None:
+            self.block_manager.release(req_id)
+            seq.finish_reason = reason
+            seq.stop_text = delta.stop
+            tail = "" if delta.stop is not None else text.finish()
+            self.stats.num_finished += 1
+            return _output(seq, [first_token_id], [first_logprob], delta.text + tail, reason)
+        self.scheduler.add_prefilled(seq)
+        self._texts[req_id] = text
+        return _output(seq, [first_token_id], [first_logprob], delta.text, None)
+
+    # -- the step -----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling step; returns every request's delta (and every request that ended)."""
+        outputs, self._pending = self._pending, []
+        scheduled = self.scheduler.schedule()
+        outputs.extend(self._report_failed(scheduled))
+        self.stats.num_preemptions += len(scheduled.preempted)
+        if scheduled.is_empty:
+            return outputs
+        self.stats.num_steps += 1
+        self.stats.num_computed_tokens += scheduled.num_batched_tokens
+        for chunk in scheduled.chunks:
+            if chunk.seq.num_computed_tokens == chunk.seq.num_cached_tokens and chunk.seq.num_cached_tokens:
+                self.stats.num_cached_prompt_tokens += chunk.seq.num_cached_tokens
+        logits = self.runner.execute(scheduled.chunks, self._layer_callback)
+        sampled = self._sample(scheduled, logits)
+        result = self.scheduler.postprocess(scheduled, sampled)
+        finished = {seq.req_id for seq in result.finished}
+        for seq in result.sampled:
+            outputs.append(self._emit(seq, seq.req_id in finished))
+        return outputs
+
+    def _sample(self, scheduled: SchedulerOutput, logits: torch.Tensor) -> dict[str, tuple[int, float]]:
+        rows = [i for i, chunk in enumerate(scheduled.chunks) if _reaches_end(chunk)]
+        if not rows:
+            return {}
+        seqs = [scheduled.chunks[i].seq for i in rows]
+        out = self.sampler.sample(
+            logits[torch.tensor(rows, device=logits.device)],
+            [s.params for s in seqs],
+            [s.num_output_tokens for s in seqs],
+        )
+        self.stats.num_generated_tokens += len(seqs)
+        return {s.req_id: (t, lp) for s, t, lp in zip(seqs, out.token_ids, out.logprobs)}
+
+    def _emit(self, seq: Sequence, finished: bool) -> RequestOutput:
+        token_id, logprob = seq.output_token_ids[-1], seq.output_logprobs[-1]
+        text = self._texts[seq.req_id]
+        delta = text.push(token_id, self.stop_checker)
+        if delta.stop is not None and not finished:
+            self.scheduler.finish(seq.req_id, FinishReason.STOP, stop_text=delta.stop)
+            finished = True
+        if not finished:
+            return _output(seq, [token_id], [logprob], delta.text, None)
+        reason = seq.finish_reason
+        assert reason is not None
+        new_text = delta.text if delta.stop is not None else delta.text + text.finish()
+        self._texts.pop(seq.req_id, None)  # (PREFILL_DONE: the decode node detokenizes from here on)
+        self.stats.num_finished += 1
+        return _output(seq, [token_id], [logprob], new_text, reason)
+
+    def _report_failed(self, scheduled: SchedulerOutput) -> list[RequestOutput]:
+        failed = []
+        for seq in scheduled.failed:
+            self._texts.pop(seq.req_id, None)
+            self.stats.num_failed += 1
+            need = self.block_manager.num_blocks_for(seq.num_tokens)
+            error = (
+                f"request needs {need} KV blocks but the whole cache has {self.block_manager.num_blocks}; "
+                f"raise --num-kv-blocks / KV cache memory or shorten the request"
+            )
+            log.warning("request cannot fit the KV cache", req_id=seq.req_id, blocks_needed=need)
+            failed.append(_final(seq, FinishReason.ABORT, error=error))
+        return failed
+
+    # -- offline convenience ------------------------------------------------------------------
+
+    def generate(
+        self, prompts: Iterable[list[int]], params: SamplingParams | list[SamplingParams]
+    ) -> list[GenerationResult]:
+        """Run prompts (token ids) to completion; results in input order."""
+        prompt_list = list(prompts)
+        param_list = params if isinstance(params, list) else [params] * len(prompt_list)
+        if len(param_list) != len(prompt_list):
+            raise InvalidRequestError(f"{len(prompt_list)} prompts but {len(param_list)} sampling params")
+        ids = [f"offline-{id(self)}-{i}" for i in range(len(prompt_list))]
+        for req_id, prompt, p in zip(ids, prompt_list, param_list):
+            self.add_request(req_id, prompt, p)
+        acc: dict[str, dict[str, list]] = {i: {"tokens": [], "logprobs": [], "text": []} for i in ids}
+        done: dict[str, RequestOutput] = {}
+        cached: dict[str, int] = {}
+        while len(done) < len(ids):
+            for out in self.step():
+                bucket = acc[out.req_id]
+                bucket["tokens"] += out.new_token_ids
+                bucket["logprobs"] += out.new_logprobs
+                bucket["text"].append(out.new_text)
+                cached[out.req_id] = max(cached.get(out.req_id, 0), out.num_cached_tokens)
+                if out.finished:
+                    done[out.req_id] = out
+        return [
+            GenerationResult(
+                req_id=i,
+                prompt_token_ids=prompt,
+                token_ids=acc[i]["tokens"],
+                logprobs=acc[i]["logprobs"],
+                text="".join(acc[i]["text"]),
+                finish_reason=done[i].finish_reason or FinishReason.ABORT,
+                num_cached_tokens=cached.get(i, 0),
+                error=done[i].error,
+            )
+            for i, prompt in zip(ids, prompt_list)
+        ]
+
+    def close(self) -> None:
+        self.kv_cache.close()
+
+
+def _resolve_max_model_len(config: EngineConfig, model_config: ModelConfig) -> int:
+    limit = model_config.max_position_embeddings
+    if config.max_model_len is None:
+        return limit
+    if config.max_model_len > limit:
+        raise ValueError(
+            f"--max-model-len: {config.max_model_len} exceeds the model's max_position_embeddings ({limit})"
+        )
+    return config.max_model_len
+
+
+def _reaches_end(chunk: ScheduledChunk) -> bool:
+    return chunk.seq.num_computed_tokens + chunk.num_new_tokens == chunk.seq.num_tokens
+
+
+def _output(
+    seq: Sequence, token_ids: list[int], logprobs: list[float], text: str, reason: FinishReason | None
+) -> RequestOutput:
+    return RequestOutput(
+        req_id=seq.req_id,
+        new_token_ids=token_ids,
+        new_logprobs=logprobs,
+        new_text=text,
+        finish_reason=reason,
+        num_prompt_tokens=seq.num_prompt_tokens,
+        num_output_tokens=seq.num_output_tokens,
+        num_cached_tokens=seq.num_cached_tokens,
+        stop_text=seq.stop_text,
+        block_ids=tuple(seq.block_table) if reason is FinishReason.PREFILL_DONE else (),
+    )
+
+
+def _final(seq: Sequence, reason: FinishReason, *, error: str | None = None) -> RequestOutput:
+    return RequestOutput(
+        req_id=seq.req_id,
+        finish_reason=reason,
+        num_prompt_tokens=seq.num_prompt_tokens,
+        num_output_tokens=seq.num_output_tokens,
+        num_cached_tokens=seq.num_cached_tokens,
+        error=error,
+    )

@@ -1,0 +1,45 @@
+"""KV block transfer between prefill (P) and decode (D) nodes, and the P<->D control channel.
+
+The contract is ``base.TransportTarget`` / ``base.TransportInitiator``; ``registry`` maps protocol
+names (ipc, tcp, rdma) to implementations and picks one for a node pair.
+"""
+
+from splitwise.transfer.base import (
+    BlockRun,
+    Endpoint,
+    TransferState,
+    TransferStatus,
+    TransportInitiator,
+    TransportOptions,
+    TransportTarget,
+    coalesce_runs,
+)
+from splitwise.transfer.errors import TransferError
+from splitwise.transfer.registry import (
+    NodeTransferInfo,
+    create_initiator,
+    create_target,
+    get_transport,
+    parse_protocols,
+    register_transport,
+    select_protocol,
+)
+
+__all__ = [
+    "BlockRun",
+    "Endpoint",
+    "NodeTransferInfo",
+    "TransferError",
+    "TransferState",
+    "TransferStatus",
+    "TransportInitiator",
+    "TransportOptions",
+    "TransportTarget",
+    "coalesce_runs",
+    "create_initiator",
+    "create_target",
+    "get_transport",
+    "parse_protocols",
+    "register_transport",
+    "select_protocol",
+]

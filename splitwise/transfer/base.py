@@ -1,0 +1,303 @@
+"""The Transport contract: how P's KV blocks land in D's KV blocks, layer by layer.
+
+Map of the two sides (P = prefill node = initiator/sender, D = decode node = target/receiver)::
+
+    step  D (TransportTarget)                     P (TransportInitiator)
+    ----  --------------------------------------  ------------------------------------------------
+    0     register(kv_cache)         once          register(kv_cache)                     once
+    1     endpoint() -> dict  -- control channel -> connect(peer_id, endpoint)   once per peer, reused
+    2     expect(req_id, dst_block_ids, timeout_s)            (before D tells P about the request)
+    3                                              write_layer(peer_id, req_id, layer, src, dst)  per layer
+    4                                              finish(peer_id, req_id)        after the last layer
+    5     poll(req_id) -> DONE | FAILED | PENDING  poll(req_id) / wait(req_id, timeout_s)
+    6     forget(req_id)                           forget(req_id)
+    7     close()                                  close()
+
+Guarantees every transport gives:
+
+* D's ``poll`` says DONE only after every write P issued for the request before ``finish`` has
+  fully landed in D's memory, and P announced (in the finish notice) exactly the writes D counted.
+* Writes land straight in the destination blocks (no staging copy on D) and only in blocks that
+  D passed to ``expect`` for that request. A write outside them fails the request on both sides;
+  it never lands elsewhere.
+* P's ``poll`` says DONE only after D acknowledged the request as landed; P may then free (or
+  reuse) its source blocks. FAILED on either side is final and carries a reason.
+* A dead peer or a broken connection turns the affected PENDING requests to FAILED (never a hang,
+  never DONE); a request D expects that never starts fails when its ``timeout_s`` passes.
+
+Threading: every method is thread-safe. Transports run their own I/O threads; no method blocks
+for long except ``connect`` (one network handshake) and ``wait``. Block ids are block indices of
+the (layer, kind) regions of ``splitwise.engine.kv_cache.KVCache``; every layer uses the same
+block ids, and K and V move together. Implementations take one constructor argument,
+``options: TransportOptions``, and register with ``splitwise.transfer.registry.register_transport``.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import threading
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from splitwise.engine.kv_cache import KVCache, KVCacheGeometry
+from splitwise.transfer.errors import IncompatiblePeerError, InvalidBlockIdsError
+
+Endpoint = dict[str, Any]  # msgpack-able: str/int/bytes/list/dict values only
+
+
+class TransferState(enum.Enum):
+    PENDING = "pending"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class TransferStatus:
+    """What ``poll`` returns. ``reason`` is set exactly when ``state`` is FAILED."""
+
+    state: TransferState
+    reason: str | None = None
+
+    @property
+    def is_done(self) -> bool:
+        return self.state is TransferState.DONE
+
+    @property
+    def is_failed(self) -> bool:
+        return self.state is TransferState.FAILED
+
+    @property
+    def is_finished(self) -> bool:
+        return self.state is not TransferState.PENDING
+
+
+PENDING = TransferStatus(TransferState.PENDING)
+DONE = TransferStatus(TransferState.DONE)
+
+
+def failed(reason: str) -> TransferStatus:
+    return TransferStatus(TransferState.FAILED, reason)
+
+
+@dataclass(frozen=True)
+class TransportOptions:
+    """Knobs shared by every transport. ``host``/``port`` are where a target listens (port 0 = any
+    free port) and the address it advertises; protocol-specific values go in ``extra``."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    connect_timeout_s: float = 10.0
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"transfer port: {self.port} is not in 0..65535")
+        if self.connect_timeout_s <= 0:
+            raise ValueError(f"transfer connect timeout: {self.connect_timeout_s} must be > 0")
+
+
+class TransferCounters:
+    """Thread-safe event counters (``transfers_done``, ``frames_rejected``, ...) for metrics/tests."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: Counter[str] = Counter()
+
+    def incr(self, name: str, amount: int = 1) -> None:
+        with self._lock:
+            self._counts[name] += amount
+
+    def get(self, name: str) -> int:
+        with self._lock:
+            return self._counts[name]
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+
+# --------------------------------------------------------------------------- block runs
+
+
+class BlockRun(NamedTuple):
+    """``num_blocks`` consecutive blocks: src_start.. on P map to dst_start.. on D."""
+
+    src_start: int
+    dst_start: int
+    num_blocks: int
+
+
+def coalesce_runs(src_block_ids: Sequence[int], dst_block_ids: Sequence[int]) -> list[BlockRun]:
+    """Merge (src, dst) pairs into runs where both sides are consecutive, keeping pair order.
+
+    ======================  ======================  ==========================
+    src_block_ids           dst_block_ids           runs (src, dst, n)
+    ======================  ======================  ==========================
+    [4, 5, 6]               [10, 11, 12]            [(4, 10, 3)]
+    [4, 5, 6]               [10, 11, 20]            [(4, 10, 2), (6, 20, 1)]
+    [4, 6, 7]               [10, 11, 12]            [(4, 10, 1), (6, 11, 2)]
+    [7, 6]                  [1, 2]                  [(7, 1, 1), (6, 2, 1)]
+    ======================  ======================  ==========================
+
+    One run is one contiguous byte range per (layer, kind) region on each side, so a transport
+    issues one copy / one iovec / one RDMA WRITE per run instead of per block.
+    """
+    if len(src_block_ids) != len(dst_block_ids):
+        raise InvalidBlockIdsError(
+            f"{len(src_block_ids)} source blocks but {len(dst_block_ids)} destination blocks",
+            block_ids=list(dst_block_ids),
+        )
+    runs: list[BlockRun] = []
+    for src, dst in zip(src_block_ids, dst_block_ids, strict=True):
+        if src < 0 or dst < 0:
+            raise InvalidBlockIdsError(f"negative block id in pair ({src}, {dst})", block_ids=[src, dst])
+        if runs:
+            last = runs[-1]
+            if src == last.src_start + last.num_blocks and dst == last.dst_start + last.num_blocks:
+                runs[-1] = BlockRun(last.src_start, last.dst_start, last.num_blocks + 1)
+                continue
+        runs.append(BlockRun(int(src), int(dst), 1))
+    return runs
+
+
+def check_block_ids(block_ids: Sequence[int], num_blocks: int, *, side: str, req_id: str | None = None) -> None:
+    """Raise InvalidBlockIdsError unless every id is in [0, num_blocks) and none repeats."""
+    bad = [b for b in block_ids if not 0 <= b < num_blocks]
+    if bad:
+        raise InvalidBlockIdsError(f"{side} block ids out of range [0, {num_blocks})", req_id=req_id, block_ids=bad)
+    if len(set(block_ids)) != len(block_ids):
+        raise InvalidBlockIdsError(f"{side} block ids repeat", req_id=req_id, block_ids=list(block_ids))
+
+
+# --------------------------------------------------------------------------- geometry on the wire
+
+
+def geometry_to_dict(geometry: KVCacheGeometry) -> dict[str, Any]:
+    return {
+        "num_layers": geometry.num_layers,
+        "num_blocks": geometry.num_blocks,
+        "block_size": geometry.block_size,
+        "num_kv_heads": geometry.num_kv_heads,
+        "head_dim": geometry.head_dim,
+        "dtype": geometry.dtype,
+    }
+
+
+def geometry_from_dict(data: Mapping[str, Any]) -> KVCacheGeometry:
+    return KVCacheGeometry(
+        num_layers=int(data["num_layers"]),
+        num_blocks=int(data["num_blocks"]),
+        block_size=int(data["block_size"]),
+        num_kv_heads=int(data["num_kv_heads"]),
+        head_dim=int(data["head_dim"]),
+        dtype=str(data["dtype"]),
+    )
+
+
+def check_compatible(local: KVCacheGeometry, remote: KVCacheGeometry, *, peer: str | None = None) -> None:
+    """Raise IncompatiblePeerError naming every field that differs (num_blocks may differ)."""
+    if local.compatible_with(remote):
+        return
+    fields = ("num_layers", "block_size", "num_kv_heads", "head_dim", "dtype")
+    diffs = [f"{name} {getattr(local, name)} != {getattr(remote, name)}" for name in fields
+             if getattr(local, name) != getattr(remote, name)]
+    raise IncompatiblePeerError(f"KV geometry mismatch (local != peer): {'; '.join(diffs)}", peer=peer)
+
+
+# --------------------------------------------------------------------------- the contract
+
+
+class TransportTarget(abc.ABC):
+    """D's side: owns the destination KV memory and says when a request's blocks have landed."""
+
+    protocol: str  # registry name, e.g. "tcp"
+
+    @abc.abstractmethod
+    def register(self, kv_cache: KVCache) -> None:
+        """Called once by D at start-up, before ``endpoint``. Exposes ``kv_cache`` to peers (maps it,
+        starts listeners). D keeps owning ``kv_cache`` and must keep it alive until ``close``."""
+
+    @abc.abstractmethod
+    def endpoint(self) -> Endpoint:
+        """Addressing a peer needs for ``TransportInitiator.connect`` (host/port, shm name, IPC handle,
+        RDMA keys) plus this side's geometry; msgpack-able. Non-blocking; valid until ``close``."""
+
+    @abc.abstractmethod
+    def expect(self, req_id: str, dst_block_ids: Sequence[int], timeout_s: float | None = None) -> None:
+        """Called by D after reserving ``dst_block_ids`` and BEFORE sending the request to P. Only
+        these blocks may be written for ``req_id``. With ``timeout_s`` the request turns FAILED if not
+        DONE by then. Non-blocking. Raises InvalidBlockIdsError (bad ids) or TransferError (req_id
+        already expected)."""
+
+    @abc.abstractmethod
+    def poll(self, req_id: str) -> TransferStatus:
+        """Non-blocking. DONE: every layer of every block P wrote has landed and P's finish notice
+        matched. Unknown (or forgotten) req_id: FAILED with a reason."""
+
+    @abc.abstractmethod
+    def forget(self, req_id: str) -> None:
+        """Drop the request's state (after DONE/FAILED, or to cancel). Later writes for it are refused
+        where the transport can refuse them; with one-sided writes (ipc, rdma) an in-flight copy may
+        still land, so D must not hand the blocks to another request until P confirmed the cancel
+        (control channel) or P's connection is gone. Idempotent, non-blocking."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Stop listeners and I/O threads; PENDING requests turn FAILED. Idempotent."""
+
+    counters: TransferCounters
+
+
+class TransportInitiator(abc.ABC):
+    """P's side: pushes its KV blocks into a peer's reserved blocks and learns when they landed."""
+
+    protocol: str
+
+    @abc.abstractmethod
+    def register(self, kv_cache: KVCache) -> None:
+        """Called once by P at start-up. P keeps owning ``kv_cache``; the transport reads it in place
+        from its own threads, so P must not overwrite a request's source blocks before ``poll`` says
+        DONE/FAILED for it."""
+
+    @abc.abstractmethod
+    def connect(self, peer_id: str, endpoint: Endpoint) -> None:
+        """Open (or reuse) the connection to the target that published ``endpoint``. Blocks for one
+        handshake (up to ``TransportOptions.connect_timeout_s``). Calling it again for a connected
+        peer is a no-op; for a broken one it reconnects. Raises ConnectionLostError,
+        IncompatiblePeerError (geometry/schema mismatch)."""
+
+    @abc.abstractmethod
+    def write_layer(
+        self, peer_id: str, req_id: str, layer: int, src_block_ids: Sequence[int], dst_block_ids: Sequence[int]
+    ) -> None:
+        """Called from P's per-layer callback right after layer ``layer``'s K and V are written for
+        these blocks. Validates, enqueues and returns (no network round trip; copies/sends run on the
+        transport's thread in call order). A failure shows up in ``poll``; raises only for caller
+        errors (NotConnectedError, InvalidBlockIdsError, NotRegisteredError)."""
+
+    @abc.abstractmethod
+    def finish(self, peer_id: str, req_id: str) -> None:
+        """Called after the last ``write_layer`` of ``req_id``: queues the completion notice, ordered
+        after every write of the request. Non-blocking."""
+
+    @abc.abstractmethod
+    def poll(self, req_id: str) -> TransferStatus:
+        """Non-blocking. DONE once the target acknowledged the request as landed; FAILED on any
+        error (connection lost, target refused a write). Unknown req_id: FAILED."""
+
+    @abc.abstractmethod
+    def wait(self, req_id: str, timeout_s: float) -> TransferStatus:
+        """Block up to ``timeout_s`` for DONE/FAILED; returns PENDING on timeout (the caller decides)."""
+
+    @abc.abstractmethod
+    def forget(self, req_id: str) -> None:
+        """Drop the request's state; queued writes for it are skipped. Idempotent."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Close connections and stop threads; PENDING requests turn FAILED. Idempotent."""
+
+    counters: TransferCounters

@@ -1,0 +1,210 @@
+"""IPC transport: P and D on one host; P copies straight into D's KV memory.
+
+Memory:
+* CPU: D's KV cache lives in POSIX shared memory (``KVCache(shm_name=...)``); the endpoint names
+  the segment, P maps it and views it as a tensor of D's geometry.
+* CUDA: D exports its KV buffer as a CUDA IPC handle; P opens it with cupy and views it as a
+  torch tensor on its device. Copies are device-to-device on a dedicated stream that first waits
+  for an event recorded in ``write_layer`` (so the copy of layer L is ordered after P's compute
+  wrote layer L, whatever stream that ran on).
+
+One copy per coalesced run per layer moves K and V together (``remote[L, :, d:d+n] <- local[L, :,
+s:s+n]``: the kind dimension is a stride of the same view), with no intermediate buffer.
+
+Completion travels over the stream connection (``stream.py``) to D's listener: RequestBegin before
+the first copy of a request binds it to the connection (so P dying mid-transfer fails it on D) and
+is answered by RequestGrant, the blocks D reserved, which P checks before every copy (D cannot
+refuse a one-sided copy, so P must not issue a stray one); RequestFinish after the last copy returned (CPU) or after the copy stream synchronised (CUDA).
+The socket send happens-after the copies, so when D reads the notice every byte is in place. D
+cannot count one-sided copies, so it trusts the ordered notice (``count_writes = False``).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from splitwise.engine.kv_cache import KVCache, KVCacheGeometry
+from splitwise.transfer import wire
+from splitwise.transfer.base import Endpoint
+from splitwise.transfer.errors import (
+    ConnectionLostError,
+    IncompatiblePeerError,
+    TransferTimeoutError,
+    UnexpectedBlocksError,
+    UnsupportedDeviceError,
+)
+from splitwise.transfer.messages import RequestBegin
+from splitwise.transfer.registry import register_transport
+from splitwise.transfer.stream import LayerJob, Peer, StreamInitiator, StreamTarget
+
+
+def _cupy() -> Any:
+    try:
+        import cupy  # type: ignore[import-not-found]
+    except ImportError as exc:
+        raise UnsupportedDeviceError(
+            f"ipc on CUDA needs cupy (pip install 'splitwise[gpu]'): {exc}"
+        ) from None
+    return cupy
+
+
+class IpcTarget(StreamTarget):
+    protocol = "ipc"
+    count_writes = False
+
+    def _attach_local(self, kv_cache: KVCache) -> None:
+        if kv_cache.device.type == "cpu" and kv_cache.shm_name is None:
+            raise UnsupportedDeviceError("ipc needs the CPU KV cache in shared memory (--kv-cache-shm)")
+        if kv_cache.device.type not in ("cpu", "cuda"):
+            raise UnsupportedDeviceError(f"ipc: unsupported device {kv_cache.device}")
+
+    def _endpoint_extra(self, kv_cache: KVCache) -> dict[str, Any]:
+        if kv_cache.device.type == "cpu":
+            return {"device": "cpu", "shm_name": kv_cache.shm_name}
+        # torch's own export gives the handle of the cudaMalloc block AND our offset inside it (the
+        # caching allocator may place the KV buffer inside a larger block); cupy opens it on P.
+        storage = kv_cache.tensor.untyped_storage()
+        _device, handle, _size, storage_offset_bytes, *_ = storage._share_cuda_()  # type: ignore[attr-defined]
+        offset = int(storage_offset_bytes) + kv_cache.tensor.storage_offset() * kv_cache.tensor.element_size()
+        return {"device": "cuda", "cuda_ipc_handle": bytes(handle), "cuda_offset_bytes": offset}
+
+
+@dataclass
+class _Mapping:
+    """P's view of D's KV memory. ``close`` drops the tensor before unmapping (BufferError otherwise)."""
+
+    tensor: torch.Tensor | None
+    mapped: mmap.mmap | None = None
+    cuda_ptr: int | None = None
+
+    def close(self) -> None:
+        self.tensor = None
+        if self.mapped is not None:
+            self.mapped.close()
+        if self.cuda_ptr is not None:
+            _cupy().cuda.runtime.ipcCloseMemHandle(self.cuda_ptr)
+
+
+def _map_shm(name: str, geometry: KVCacheGeometry, peer_id: str) -> _Mapping:
+    # Opened as /dev/shm/<name> + mmap rather than multiprocessing.shared_memory: Python < 3.13
+    # registers every attached segment with this process's resource tracker, which unlinks it when
+    # we exit, so D's KV cache would vanish with P. D owns the segment; we only map it (Linux).
+    path = f"/dev/shm/{name.lstrip('/')}"
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        raise ConnectionLostError(f"shared memory {path} not found: peer not on this host, or gone",
+                                  peer=peer_id) from None
+    try:
+        size = os.fstat(fd).st_size
+        if size < geometry.total_bytes:
+            raise IncompatiblePeerError(f"shared memory {path} is {size} bytes, geometry needs "
+                                        f"{geometry.total_bytes}", peer=peer_id)
+        mapped = mmap.mmap(fd, geometry.total_bytes)
+    finally:
+        os.close(fd)
+    flat = torch.frombuffer(mapped, dtype=torch.uint8, count=geometry.total_bytes)
+    return _Mapping(flat.view(geometry.torch_dtype).view(geometry.shape), mapped=mapped)
+
+
+def _map_cuda(endpoint: Endpoint, geometry: KVCacheGeometry, device: torch.device) -> _Mapping:
+    cupy = _cupy()
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with cupy.cuda.Device(index):
+        base = cupy.cuda.runtime.ipcOpenMemHandle(
+            endpoint["cuda_ipc_handle"], cupy.cuda.runtime.cudaIpcMemLazyEnablePeerAccess
+        )
+        nbytes = int(endpoint["cuda_offset_bytes"]) + geometry.total_bytes
+        memory = cupy.cuda.UnownedMemory(base, nbytes, owner=None, device_id=index)
+        flat = cupy.ndarray((nbytes,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(memory, 0))
+        view = torch.as_tensor(flat, device=torch.device("cuda", index))[int(endpoint["cuda_offset_bytes"]):]
+    return _Mapping(view.view(geometry.torch_dtype).view(geometry.shape), cuda_ptr=int(base))
+
+
+class IpcInitiator(StreamInitiator):
+    protocol = "ipc"
+    _copy_stream: Any = None
+
+    def _attach_local(self, kv_cache: KVCache) -> None:
+        if kv_cache.device.type == "cuda":
+            _cupy()  # fail at register, not at the first request
+            self._copy_stream = torch.cuda.Stream(device=kv_cache.device)
+        elif kv_cache.device.type != "cpu":
+            raise UnsupportedDeviceError(f"ipc: unsupported device {kv_cache.device}")
+
+    def _attach_peer(self, peer_id: str, endpoint: Endpoint, geometry: KVCacheGeometry) -> Any:
+        local = self._require_kv()
+        if endpoint.get("device") != local.device.type:
+            raise IncompatiblePeerError(f"peer KV cache is on {endpoint.get('device')}, ours on {local.device.type}",
+                                        peer=peer_id)
+        if local.device.type == "cpu":
+            return _map_shm(str(endpoint["shm_name"]), geometry, peer_id)
+        return _map_cuda(endpoint, geometry, local.device)
+
+    def _detach_peer(self, peer: Peer) -> None:
+        if peer.attachment is not None:
+            peer.attachment.close()
+
+    def _ready_marker(self) -> Any:
+        if self._copy_stream is None:
+            return None
+        event = torch.cuda.Event()
+        event.record()  # on the caller's current stream, right after it wrote the layer
+        return event
+
+    def _write_layer(self, peer: Peer, job: LayerJob) -> None:
+        allowed = self._grant(peer, job.req_id)
+        stray = sorted({run.dst_start + i for run in job.runs for i in range(run.num_blocks)} - allowed)
+        if stray:
+            raise UnexpectedBlocksError("write to blocks not reserved for the request", req_id=job.req_id,
+                                        peer=peer.peer_id, block_ids=stray)
+        local = self._require_kv().tensor[job.layer]
+        remote = peer.attachment.tensor[job.layer]
+        if self._copy_stream is None:
+            for run in job.runs:
+                remote[:, run.dst_start : run.dst_start + run.num_blocks].copy_(
+                    local[:, run.src_start : run.src_start + run.num_blocks]
+                )
+            return
+        with torch.cuda.stream(self._copy_stream):
+            self._copy_stream.wait_event(job.ready)
+            for run in job.runs:
+                remote[:, run.dst_start : run.dst_start + run.num_blocks].copy_(
+                    local[:, run.src_start : run.src_start + run.num_blocks], non_blocking=True
+                )
+
+    def _grant(self, peer: Peer, req_id: str) -> frozenset[int]:
+        """The blocks D reserved for ``req_id``: asked once per request (one round trip on this
+        sender thread, never on P's compute thread), then checked before every copy, because a
+        one-sided copy cannot be refused by D once issued."""
+        with peer.grant_arrived:
+            grant = peer.grants.get(req_id)
+        if grant is None:
+            wire.send_message(peer.sock, RequestBegin(req_id))
+            deadline = time.monotonic() + self.options.connect_timeout_s
+            with peer.grant_arrived:
+                while req_id not in peer.grants and not peer.broken.is_set():
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TransferTimeoutError("no grant from the target", req_id=req_id, peer=peer.peer_id)
+                    peer.grant_arrived.wait(left)
+                grant = peer.grants.get(req_id)
+            if grant is None:
+                raise ConnectionLostError("connection lost waiting for the grant", req_id=req_id, peer=peer.peer_id)
+        if not grant.ok:
+            raise UnexpectedBlocksError(f"target refused the request: {grant.reason}", req_id=req_id,
+                                        peer=peer.peer_id)
+        return frozenset(grant.dst_block_ids)
+
+    def _before_finish(self, peer: Peer, req_id: str) -> None:
+        if self._copy_stream is not None:
+            self._copy_stream.synchronize()
+
+
+register_transport("ipc", IpcInitiator, IpcTarget)

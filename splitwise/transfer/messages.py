@@ -1,0 +1,285 @@
+"""Every message the transfer package puts on a wire, and their one encoding.
+
+Encoding: a msgpack map ``{"v": SCHEMA_VERSION, "t": <type tag>, <field>: <value>, ...}``. Decoding
+checks the version, the tag, the exact field set and each field's type, so garbage or a peer of
+another schema version is a ProtocolError, never a half-built message. Frames are length-prefixed
+(see ``wire``); a LayerWrite header is followed by ``payload_bytes`` raw KV bytes.
+
+Data plane (P = initiator, D = target), one TCP connection per (P, D) pair::
+
+    P -> D  XferHello(initiator_id, geometry)        first frame
+    D -> P  XferHelloReply(ok, reason, geometry)     refuses a geometry/schema mismatch, then closes
+    P -> D  LayerWrite(req_id, layer, runs, payload_bytes) + payload    tcp only
+    P -> D  RequestBegin(req_id)                     ipc only: before the first copy of a request
+    D -> P  RequestGrant(req_id, ok, reason, dst_block_ids)   ipc only: the blocks P may write
+    P -> D  RequestAbort(req_id, reason)             P failed the request locally
+    P -> D  RequestFinish(req_id, num_block_writes)  after the request's last write
+    D -> P  RequestResult(req_id, ok, reason)        D's verdict: landed, or why not
+
+Control channel (``--pd-comm-port``; either side may call, replies carry the caller's call_id)::
+
+    S -> C  AuthChallenge(server_id, nonce)
+    C -> S  AuthHello(client_id, nonce, mac, compat)     mac proves C knows the cluster token
+    S -> C  AuthWelcome(server_id, mac, compat) | Refused(code, reason)   mac proves S knows it too
+    any     PrefillTask / PrefillResult / CancelRequest / PrefillFailed  (each with call_id)
+    any     Ack(call_id) | ErrorReply(call_id, reason, retryable)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import msgpack
+
+from splitwise.transfer.errors import ProtocolError
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Message:
+    TAG: ClassVar[str] = ""
+
+
+# --------------------------------------------------------------------------- data plane
+
+
+@dataclass(frozen=True)
+class XferHello(Message):
+    TAG: ClassVar[str] = "xfer_hello"
+    initiator_id: str
+    geometry: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class XferHelloReply(Message):
+    TAG: ClassVar[str] = "xfer_hello_reply"
+    ok: bool
+    reason: str
+    geometry: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class LayerWrite(Message):
+    """Header of one layer's blocks for one request. ``runs`` = [[dst_start, num_blocks], ...];
+    the payload is K of every run in order, then V of every run in order."""
+
+    TAG: ClassVar[str] = "layer_write"
+    req_id: str
+    layer: int
+    runs: list[list[int]]
+    payload_bytes: int
+
+
+@dataclass(frozen=True)
+class RequestBegin(Message):
+    TAG: ClassVar[str] = "request_begin"
+    req_id: str
+
+
+@dataclass(frozen=True)
+class RequestGrant(Message):
+    """D -> P answer to RequestBegin: the blocks P may write for the request (ipc checks before
+    every copy), or ``ok=False`` with the reason when D does not expect the request."""
+
+    TAG: ClassVar[str] = "request_grant"
+    req_id: str
+    ok: bool
+    reason: str
+    dst_block_ids: list[int]
+
+
+@dataclass(frozen=True)
+class RequestAbort(Message):
+    """P -> D: P gave up on the request (a local copy or validation failed); D fails it now."""
+
+    TAG: ClassVar[str] = "request_abort"
+    req_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class RequestFinish(Message):
+    """``num_block_writes`` = sum over write_layer calls of their block count (K and V as one)."""
+
+    TAG: ClassVar[str] = "request_finish"
+    req_id: str
+    num_block_writes: int
+
+
+@dataclass(frozen=True)
+class RequestResult(Message):
+    TAG: ClassVar[str] = "request_result"
+    req_id: str
+    ok: bool
+    reason: str
+
+
+# --------------------------------------------------------------------------- control channel
+
+
+@dataclass(frozen=True)
+class AuthChallenge(Message):
+    TAG: ClassVar[str] = "auth_challenge"
+    server_id: str
+    nonce: bytes
+
+
+@dataclass(frozen=True)
+class AuthHello(Message):
+    TAG: ClassVar[str] = "auth_hello"
+    client_id: str
+    nonce: bytes
+    mac: bytes
+    compat: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class AuthWelcome(Message):
+    TAG: ClassVar[str] = "auth_welcome"
+    server_id: str
+    mac: bytes
+    compat: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Refused(Message):
+    """Server -> client before closing: ``code`` is "auth", "incompatible" or "protocol"."""
+
+    TAG: ClassVar[str] = "refused"
+    code: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class PrefillTask(Message):
+    """D -> P: prefill ``prompt_token_ids`` and ship the KV into ``dst_block_ids`` on D."""
+
+    TAG: ClassVar[str] = "prefill_task"
+    call_id: int
+    req_id: str
+    prompt_token_ids: list[int]
+    sampling_params: dict[str, Any]
+    dst_block_ids: list[int]
+    protocol: str
+    endpoint: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class PrefillResult(Message):
+    """P -> D: the KV transfer completed and this is the first generated token."""
+
+    TAG: ClassVar[str] = "prefill_result"
+    call_id: int
+    req_id: str
+    first_token_id: int
+    logprob: float
+
+
+@dataclass(frozen=True)
+class PrefillFailed(Message):
+    TAG: ClassVar[str] = "prefill_failed"
+    call_id: int
+    req_id: str
+    reason: str
+    retryable: bool
+
+
+@dataclass(frozen=True)
+class CancelRequest(Message):
+    TAG: ClassVar[str] = "cancel_request"
+    call_id: int
+    req_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Ack(Message):
+    TAG: ClassVar[str] = "ack"
+    call_id: int
+
+
+@dataclass(frozen=True)
+class ErrorReply(Message):
+    TAG: ClassVar[str] = "error_reply"
+    call_id: int
+    reason: str
+    retryable: bool
+
+
+CallMessage = PrefillTask | PrefillResult | PrefillFailed | CancelRequest
+ReplyMessage = Ack | ErrorReply
+
+_TYPES: dict[str, type[Message]] = {
+    cls.TAG: cls
+    for cls in (
+        XferHello, XferHelloReply, LayerWrite, RequestBegin, RequestGrant, RequestAbort, RequestFinish, RequestResult,
+        AuthChallenge, AuthHello, AuthWelcome, Refused,
+        PrefillTask, PrefillResult, PrefillFailed, CancelRequest, Ack, ErrorReply,
+    )
+}
+_FIELDS: dict[type[Message], dict[str, Any]] = {
+    cls: {f.name: typing.get_type_hints(cls)[f.name] for f in dataclasses.fields(cls)} for cls in _TYPES.values()
+}
+
+
+def encode(message: Message) -> bytes:
+    body: dict[str, Any] = {"v": SCHEMA_VERSION, "t": message.TAG}
+    for name in _FIELDS[type(message)]:
+        body[name] = getattr(message, name)
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def decode(data: bytes) -> Message:
+    """Parse one message; raises ProtocolError on anything but a well-formed known message."""
+    try:
+        body = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise ProtocolError(f"undecodable frame ({type(exc).__name__}: {exc})") from None
+    if not isinstance(body, dict):
+        raise ProtocolError(f"frame is a {type(body).__name__}, not a map")
+    version = body.pop("v", None)
+    if version != SCHEMA_VERSION:
+        raise ProtocolError(f"schema version {version!r}, expected {SCHEMA_VERSION}")
+    tag = body.pop("t", None)
+    cls = _TYPES.get(tag) if isinstance(tag, str) else None
+    if cls is None:
+        raise ProtocolError(f"unknown message type {tag!r}")
+    hints = _FIELDS[cls]
+    if set(body) != set(hints):
+        raise ProtocolError(f"{tag}: fields {sorted(body)} != {sorted(hints)}")
+    for name, hint in hints.items():
+        if not _matches(body[name], hint):
+            raise ProtocolError(f"{tag}.{name}: {type(body[name]).__name__} is not {hint}")
+    return cls(**body)
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint in (str, bytes):
+        return isinstance(value, hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if hint is Any:
+        return True
+    raise AssertionError(f"unsupported field type {hint}")
+
+
+def expect_type(message: Message, cls: type[Message]) -> Any:
+    """Return ``message`` if it is a ``cls``; ProtocolError otherwise (an out-of-order frame)."""
+    if not isinstance(message, cls):
+        raise ProtocolError(f"expected {cls.TAG}, got {message.TAG}")
+    return message
+

@@ -1,0 +1,96 @@
+"""TCP transport: KV blocks between hosts without RDMA, landing straight in D's blocks.
+
+Per ``write_layer`` P sends ONE frame: a LayerWrite header listing the destination runs, then the
+raw bytes of those runs, K first then V, gathered by ``sendmsg`` from memoryviews of P's KV buffer::
+
+    [len][LayerWrite{req_id, layer, runs=[[d0, n0], [d1, n1]]}][K d0..d0+n0][K d1..][V d0..][V d1..]
+
+D's reader thread checks the header against the request's expected blocks, then ``recv_into``s
+each run directly at ``geometry.block_offset(layer, kind, d)`` of its KV buffer (no staging). A
+header naming blocks D did not reserve for that request is refused: the payload is read into a
+scratch buffer and dropped, the request fails on both sides. Completion: P's RequestFinish, on
+the same ordered stream after every LayerWrite, carries the number of block writes; D answers
+RequestResult(ok) only when that number equals what landed.
+
+CPU KV caches only: a CUDA cache would need a pinned staging buffer, which this transport does
+not have (same-host GPUs use ipc, cross-host GPUs rdma).
+"""
+
+from __future__ import annotations
+
+import socket
+
+from splitwise.engine.kv_cache import KIND_K, KIND_V, KVCache
+from splitwise.transfer import wire
+from splitwise.transfer.errors import UnexpectedBlocksError, UnsupportedDeviceError
+from splitwise.transfer.messages import LayerWrite
+from splitwise.transfer.registry import register_transport
+from splitwise.transfer.stream import LayerJob, Peer, StreamInitiator, StreamTarget
+
+
+def _byte_view(kv_cache: KVCache) -> memoryview:
+    if kv_cache.device.type != "cpu":
+        raise UnsupportedDeviceError(f"tcp transport needs a CPU KV cache, got {kv_cache.device}")
+    return memoryview(kv_cache.as_bytes().numpy()).cast("B")  # type: ignore[arg-type]
+
+
+class TcpTarget(StreamTarget):
+    protocol = "tcp"
+
+    def _attach_local(self, kv_cache: KVCache) -> None:
+        self._bytes = _byte_view(kv_cache)
+
+    def _detach_local(self) -> None:
+        self._bytes.release()
+
+    def _on_layer_write(self, conn_id: int, sock: socket.socket, header: LayerWrite) -> None:
+        geometry = self._require_kv().geometry
+        block_bytes = geometry.bytes_per_block
+        num_blocks = sum(n for _, n in header.runs) if all(len(r) == 2 for r in header.runs) else -1
+        dst_block_ids = [d + i for d, n in header.runs for i in range(n)] if num_blocks > 0 else []
+        try:
+            if num_blocks <= 0 or any(n <= 0 for _, n in header.runs):
+                raise UnexpectedBlocksError(f"malformed runs {header.runs[:8]}", req_id=header.req_id)
+            if not 0 <= header.layer < geometry.num_layers:
+                raise UnexpectedBlocksError(f"layer {header.layer} out of range", req_id=header.req_id)
+            if header.payload_bytes != 2 * num_blocks * block_bytes:
+                raise UnexpectedBlocksError(
+                    f"payload {header.payload_bytes} bytes != 2 x {num_blocks} blocks x {block_bytes}",
+                    req_id=header.req_id,
+                )
+            self._requests.admit(header.req_id, conn_id, dst_block_ids)
+        except UnexpectedBlocksError as exc:
+            wire.discard(sock, header.payload_bytes)
+            self._refuse(sock, header.req_id, exc)
+            return
+        for kind in (KIND_K, KIND_V):
+            for dst_start, n in header.runs:
+                offset = geometry.block_offset(header.layer, kind, dst_start)
+                wire.recv_into_exact(sock, self._bytes[offset : offset + n * block_bytes])
+        self._requests.landed(header.req_id, num_blocks)
+        self.counters.incr("bytes_received", header.payload_bytes)
+
+
+class TcpInitiator(StreamInitiator):
+    protocol = "tcp"
+
+    def _attach_local(self, kv_cache: KVCache) -> None:
+        self._bytes = _byte_view(kv_cache)
+
+    def _write_layer(self, peer: Peer, job: LayerJob) -> None:
+        geometry = self._require_kv().geometry
+        block_bytes = geometry.bytes_per_block
+        num_blocks = sum(run.num_blocks for run in job.runs)
+        header = LayerWrite(
+            job.req_id, job.layer, [[run.dst_start, run.num_blocks] for run in job.runs], 2 * num_blocks * block_bytes
+        )
+        buffers: list[memoryview | bytes] = [wire.frame_bytes(header)]
+        for kind in (KIND_K, KIND_V):
+            for run in job.runs:
+                offset = geometry.block_offset(job.layer, kind, run.src_start)
+                buffers.append(self._bytes[offset : offset + run.num_blocks * block_bytes])
+        wire.send_buffers(peer.sock, buffers)
+        self.counters.incr("bytes_sent", header.payload_bytes)
+
+
+register_transport("tcp", TcpInitiator, TcpTarget)

@@ -1,0 +1,108 @@
+"""Length-prefixed frames over a blocking TCP socket, and zero-copy payload send/receive.
+
+Frame layout::
+
+    offset  size        content
+    0       4           n = header length, big-endian uint32 (1 .. MAX_HEADER_BYTES)
+    4       n           msgpack header (``messages.encode``)
+    4 + n   payload     raw bytes, only for LayerWrite (its ``payload_bytes``)
+
+Payloads go out with ``sendmsg`` over memoryviews of the KV buffer and come in with ``recv_into``
+memoryviews of the destination blocks: no copy through Python bytes on either side.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Sequence
+
+from splitwise.transfer.errors import ConnectionLostError, ProtocolError
+from splitwise.transfer.messages import Message, decode, encode
+
+MAX_HEADER_BYTES = 16 * 1024 * 1024  # a header lists runs, never KV bytes; larger means garbage
+_LENGTH = struct.Struct(">I")
+_IOV_MAX = 512  # below every platform's IOV_MAX (1024 on Linux)
+
+
+def frame_bytes(message: Message) -> bytes:
+    body = encode(message)
+    return _LENGTH.pack(len(body)) + body
+
+
+def send_message(sock: socket.socket, message: Message) -> None:
+    try:
+        sock.sendall(frame_bytes(message))
+    except OSError as exc:
+        raise ConnectionLostError(f"send failed: {exc}") from None
+
+
+def send_buffers(sock: socket.socket, buffers: Sequence[memoryview | bytes]) -> None:
+    """Send every buffer in order with as few syscalls as possible (sendmsg gathers up to _IOV_MAX)."""
+    pending = [memoryview(b).cast("B") for b in buffers if len(b)]
+    try:
+        while pending:
+            sent = sock.sendmsg(pending[:_IOV_MAX])
+            while sent:
+                head = pending[0]
+                if sent >= len(head):
+                    sent -= len(head)
+                    pending.pop(0)
+                else:
+                    pending[0] = head[sent:]
+                    sent = 0
+    except OSError as exc:
+        raise ConnectionLostError(f"send failed: {exc}") from None
+
+
+def recv_into_exact(sock: socket.socket, view: memoryview) -> None:
+    """Fill ``view`` completely from ``sock``; ConnectionLostError on EOF or socket error."""
+    view = view.cast("B")
+    got = 0
+    while got < len(view):
+        try:
+            n = sock.recv_into(view[got:])
+        except OSError as exc:
+            raise ConnectionLostError(f"receive failed: {exc}") from None
+        if n == 0:
+            raise ConnectionLostError(f"peer closed the connection ({got}/{len(view)} bytes of a read)")
+        got += n
+
+
+def recv_message(sock: socket.socket) -> Message:
+    """Read one framed message. ProtocolError on a bad length or a malformed header."""
+    prefix = bytearray(_LENGTH.size)
+    recv_into_exact(sock, memoryview(prefix))
+    (length,) = _LENGTH.unpack(prefix)
+    if not 0 < length <= MAX_HEADER_BYTES:
+        raise ProtocolError(f"frame header length {length} outside 1..{MAX_HEADER_BYTES}")
+    body = bytearray(length)
+    recv_into_exact(sock, memoryview(body))
+    return decode(bytes(body))
+
+
+def discard(sock: socket.socket, num_bytes: int, scratch_bytes: int = 1 << 20) -> None:
+    """Read and drop ``num_bytes`` (the payload of a refused frame) to keep the stream in sync."""
+    scratch = memoryview(bytearray(min(num_bytes, scratch_bytes) or 1))
+    while num_bytes > 0:
+        chunk = min(num_bytes, len(scratch))
+        recv_into_exact(sock, scratch[:chunk])
+        num_bytes -= chunk
+
+
+def connect(host: str, port: int, timeout_s: float) -> socket.socket:
+    """A connected blocking TCP socket with Nagle off (headers are small and latency matters)."""
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout_s)
+    except OSError as exc:
+        raise ConnectionLostError(f"cannot connect to {host}:{port}: {exc}", peer=f"{host}:{port}") from None
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def listen(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(64)
+    return sock

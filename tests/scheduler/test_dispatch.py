@@ -1,0 +1,152 @@
+"""Dispatch against a real redis-server: XpYd from several frontends, mixed-only, balance, compatibility."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import pytest
+
+from scheduler.config import SchedulerConfig
+from scheduler.errors import NoCapacityError
+from scheduler.messages import Finished, KVGeometry, SubmitRequest, TokenChunk
+from scheduler.sim_node import DEFAULT_KV, sim_token
+from tests.scheduler.conftest import cluster, run
+
+
+def _tokens(msgs: list) -> list[int]:
+    return [t for m in msgs if isinstance(m, TokenChunk) for t in m.token_ids]
+
+
+def test_xpyd_from_several_frontends(config: SchedulerConfig) -> None:
+    async def body() -> None:
+        async with cluster(config) as c:
+            for i in range(2):
+                await c.add_node(f"p{i}", "prefill")
+            for i in range(3):
+                await c.add_node(f"d{i}", "decode")
+            fes = [await c.add_frontend() for _ in range(3)]
+            streams = []
+            for i in range(30):
+                prompt = [i + 1] * (5 + i)
+                streams.append((prompt, await fes[i % 3].submit(
+                    SubmitRequest(req_id=f"r{i}", prompt_token_ids=prompt, sampling_params={"max_tokens": 5}))))
+            for prompt, stream in streams:
+                msgs = await stream.collect()
+                assert isinstance(msgs[-1], Finished), msgs[-1]
+                assert sum(1 for m in msgs if m.is_terminal) == 1
+                assert _tokens(msgs) == [sim_token(prompt, i) for i in range(5)]
+            served = {nid: sum(sim.served.values()) for nid, sim in c.nodes.items()}
+            assert served["p0"] == served["p1"] == 0  # D-first: work goes to decode nodes only
+            assert sum(served[f"d{i}"] for i in range(3)) == 30
+            assert all(served[f"d{i}"] >= 5 for i in range(3)), served
+            # every booking was released once the requests finished
+            client = fes[0]._client
+            assert await client.hgetall(fes[0].keys.booked_prefill_tokens) == {}
+            assert await client.hgetall(fes[0].keys.booked_decode_requests) == {}
+            assert await client.zcard(fes[0].keys.bookings) == 0
+
+    run(body())
+
+
+def test_mixed_only_cluster(config: SchedulerConfig) -> None:
+    async def body() -> None:
+        async with cluster(config) as c:
+            await c.add_node("m0", "mixed")
+            await c.add_node("m1", "mixed")
+            fe = await c.add_frontend()
+            streams = [await fe.submit(SubmitRequest(req_id=f"r{i}", prompt_token_ids=[1, 2, 3]))
+                       for i in range(10)]
+            for stream in streams:
+                msgs = await stream.collect()
+                assert isinstance(msgs[-1], Finished)
+                assert len(_tokens(msgs)) == 4
+            assert sum(c.nodes["m0"].served.values()) + sum(c.nodes["m1"].served.values()) == 10
+            assert sum(c.nodes["m0"].served.values()) >= 3
+
+    run(body())
+
+
+def test_no_capacity_without_a_pair(config: SchedulerConfig) -> None:
+    async def body() -> None:
+        async with cluster(config) as c:
+            fe = await c.add_frontend()
+            with pytest.raises(NoCapacityError):
+                await fe.submit(SubmitRequest(req_id="r0", prompt_token_ids=[1]))
+            await c.add_node("p0", "prefill")  # a prefill node alone is not a pair
+            with pytest.raises(NoCapacityError):
+                await fe.submit(SubmitRequest(req_id="r1", prompt_token_ids=[1]))
+            await c.add_node("d0", "decode")
+            msgs = await (await fe.submit(SubmitRequest(req_id="r2", prompt_token_ids=[1]))).collect()
+            assert isinstance(msgs[-1], Finished)
+
+    run(body())
+
+
+def test_mismatched_model_or_geometry_never_paired(config: SchedulerConfig) -> None:
+    other_kv = KVGeometry(dtype="float16", block_size=16, num_layers=2, num_kv_heads=2, head_dim=64)
+
+    async def body() -> None:
+        async with cluster(config) as c:
+            await c.add_node("p-a", "prefill")
+            await c.add_node("d-b", "decode", kv=other_kv)
+            await c.add_node("d-other-model", "decode", model_id="other-model")
+            fe = await c.add_frontend()
+            with pytest.raises(NoCapacityError):
+                await fe.submit(SubmitRequest(req_id="r0", prompt_token_ids=[1]))
+            await c.add_node("p-b", "prefill", kv=other_kv)
+            await c.add_node("d-a", "decode")
+            for i in range(12):
+                msgs = await (await fe.submit(SubmitRequest(req_id=f"r{i + 1}", prompt_token_ids=[1]))).collect()
+                assert isinstance(msgs[-1], Finished)
+            events = await fe._client.xrange(fe.keys.request_events("r1"))
+            pairs = Counter()
+            for i in range(12):
+                req = await fe._client.hgetall(fe.keys.request(f"r{i + 1}"))
+                pairs[(req[b"prefill"].decode(), req[b"decode"].decode())] += 1
+            assert set(pairs) <= {("p-a", "d-a"), ("p-b", "d-b")}, pairs
+            assert events, "lifecycle events recorded"
+            assert sum(c.nodes["d-other-model"].served.values()) == 0
+
+    run(body())
+
+
+def test_balanced_load_under_skewed_sizes(config: SchedulerConfig) -> None:
+    """Bookings are visible at once: with nobody consuming, one 1000-token prompt on one prefill
+    node is balanced by ten 100-token prompts on the other, and decode requests spread evenly."""
+
+    async def body() -> None:
+        async with cluster(config) as c:
+            await c.add_node("p0", "prefill")
+            await c.add_node("p1", "prefill")
+            await c.add_node("d0", "decode", serve=False)
+            await c.add_node("d1", "decode", serve=False)
+            fes = [await c.add_frontend() for _ in range(2)]
+            sizes = [1000] + [100] * 10 + [1000] + [100] * 10
+            await asyncio.gather(*(fes[i % 2].submit(SubmitRequest(req_id=f"r{i}", prompt_token_ids=[7] * n))
+                                   for i, n in enumerate(sizes)))
+            booked = await fes[0]._client.hgetall(fes[0].keys.booked_prefill_tokens)
+            assert {k.decode(): int(v) for k, v in booked.items()} == {"p0": 2000, "p1": 2000}
+            decode = await fes[0]._client.hgetall(fes[0].keys.booked_decode_requests)
+            assert {k.decode(): int(v) for k, v in decode.items()} == {"d0": 11, "d1": 11}
+            for node_id in ("d0", "d1"):
+                assert await fes[0]._client.xlen(fes[0].keys.work(node_id)) == 11
+
+    run(body())
+
+
+def test_transfer_protocol_choice(config: SchedulerConfig) -> None:
+    async def body() -> None:
+        async with cluster(config) as c:
+            await c.add_node("p0", "prefill", host="10.0.0.1", serve=False)
+            d0 = await c.add_node("d0", "decode", host="10.0.0.2", serve=False)
+            fe = await c.add_frontend()
+            await fe.submit(SubmitRequest(req_id="r0", prompt_token_ids=[1]))
+            work = await d0.agent.next_work()
+            assert work.assignment.mode == "disagg"
+            assert work.assignment.protocol == "rdma"  # different hosts: no ipc
+            assert work.assignment.prefill_endpoint["node"] == "p0"
+            assert work.assignment.decode_endpoint["node"] == "d0"
+            assert work.assignment.decode_incarnation == d0.agent.info.incarnation
+
+    run(body())
