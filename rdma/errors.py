@@ -7,11 +7,12 @@ be retried), a missing device or a malformed peer message is not.
 
 from __future__ import annotations
 
-from splitwise.errors import SplitwiseError
+from splitwise.transfer.errors import TransferError
 
 
-class RdmaError(SplitwiseError):
-    """Root of every error the rdma package raises on purpose."""
+class RdmaError(TransferError):
+    """Root of every error the rdma package raises on purpose. It is a TransferError, so the
+    process boundary that handles transfer failures handles RDMA ones with no special case."""
 
     retryable: bool = False
 
@@ -23,15 +24,12 @@ class RdmaError(SplitwiseError):
         device: str | None = None,
         peer: str | None = None,
     ) -> None:
-        super().__init__(message)
-        self.req_id = req_id
+        super().__init__(message, req_id=req_id, peer=peer)
         self.device = device
-        self.peer = peer
 
     def __str__(self) -> str:
-        context = [f"{k}={v}" for k, v in (("req_id", self.req_id), ("device", self.device), ("peer", self.peer)) if v]
         base = super().__str__()
-        return f"{base} ({', '.join(context)})" if context else base
+        return f"{base} (device={self.device})" if self.device else base
 
 
 class NicDetectionError(RdmaError):

@@ -95,12 +95,16 @@ def stripe(ops: Sequence[WriteOp], num_lanes: int) -> list[list[WriteOp]]:
 
 
 def to_work_requests(
-    ops: Iterable[WriteOp], *, lkey: int, rkey: int, first_wr_id: int
+    ops: Iterable[WriteOp], *, local_base: int, lkey: int, remote_base: int, rkey: int, first_wr_id: int
 ) -> list[WorkRequest]:
-    """Unsignaled WRITEs with consecutive wr_ids; ``batches`` decides which ones get signaled."""
+    """Unsignaled WRITEs with consecutive wr_ids; ``batches`` decides which ones get signaled.
+
+    ``ops`` may be planned relative to 0 and placed here: each NIC registers the same memory under
+    its own keys (and, for GPU memory, possibly its own MR address space), so one plan serves all.
+    """
     return [
-        WorkRequest(wr_id=first_wr_id + i, local_addr=op.local_addr, length=op.length, lkey=lkey,
-                    remote_addr=op.remote_addr, rkey=rkey)
+        WorkRequest(wr_id=first_wr_id + i, local_addr=local_base + op.local_addr, length=op.length, lkey=lkey,
+                    remote_addr=remote_base + op.remote_addr, rkey=rkey)
         for i, op in enumerate(ops)
     ]
 

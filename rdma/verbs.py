@@ -256,6 +256,11 @@ class QueuePair(abc.ABC):
     qpn: int
     state: QPState
     caps: QPCaps
+    _slots: SendQueueSlots
+
+    @property
+    def num_free_send_slots(self) -> int:
+        return self._slots.num_free
 
     @abc.abstractmethod
     def to_init(self, attrs: InitAttrs) -> None: ...

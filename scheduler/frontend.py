@@ -341,6 +341,8 @@ class FrontendScheduler:
                 await self._redispatch(fl, reason="redis restarted", cleanup=False)
             elif fl.pending_since_ms is not None:
                 await self._retry_pending(fl, now)
+            elif fl.assignment is None:
+                continue  # submit() is dispatching it right now
             elif not self._is_served(fl):
                 await self._redispatch(fl, reason="node lost")
 
@@ -381,8 +383,14 @@ class FrontendScheduler:
         fl.assignment, fl.entry_id, fl.pending_since_ms = None, None, now
         await self._retry_pending(fl, now)
 
+    def _still_pending(self, fl: InFlight) -> bool:
+        # Awaiting Redis lets the results loop finish (or a cancel end) the request meanwhile.
+        return self._inflight.get(fl.request.req_id) is fl and fl.pending_since_ms is not None
+
     async def _retry_pending(self, fl: InFlight, now: int) -> None:
         """Try to place a request that lost its node; give up after twice the dead-after time."""
+        if not self._still_pending(fl):
+            return
         try:
             await self._dispatch(fl)
         except NoCapacityError as exc:

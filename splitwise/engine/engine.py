@@ -133,6 +133,9 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._pending)
 
+    def num_queued_prefill_tokens(self) -> int:
+        return self.scheduler.num_queued_prefill_tokens
+
     def set_layer_callback(self, callback: LayerCallback | None) -> None:
         self._layer_callback = callback
 

@@ -111,6 +111,12 @@ class Scheduler:
     def num_held(self) -> int:
         return len(self._held)
 
+    @property
+    def num_queued_prefill_tokens(self) -> int:
+        """The prefill backlog: tokens still to compute for sequences that are not decoding yet."""
+        waiting = sum(s.num_uncomputed_tokens for s in self._waiting)
+        return waiting + sum(s.num_uncomputed_tokens for s in self._running if s.num_uncomputed_tokens > 1)
+
     def has_unfinished(self) -> bool:
         return bool(self._waiting or self._prefilled or self._running)
 
@@ -323,9 +329,10 @@ class Scheduler:
             seq.output_token_ids.append(token_id)
             seq.output_logprobs.append(logprob)
             result.sampled.append(seq)
-            reason = self.stop_checker.check_token(seq)
-            if reason is None and seq.prefill_only:
-                reason = FinishReason.PREFILL_DONE
+            # A prefill-only sequence always ends here holding its blocks, even when its first token
+            # already ends the request: layer-pipelined sends may still be reading those blocks, and
+            # the decode side decides (from the first token) whether the request stops.
+            reason = FinishReason.PREFILL_DONE if seq.prefill_only else self.stop_checker.check_token(seq)
             if reason is not None:
                 self._finish(seq, reason)
                 result.finished.append(seq)

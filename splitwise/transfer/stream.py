@@ -183,10 +183,7 @@ class StreamTarget(TransportTarget):
     def _handshake(self, sock: socket.socket, peer: str) -> None:
         kv = self._require_kv()
         sock.settimeout(self.options.connect_timeout_s)
-        try:
-            hello = expect_type(wire.recv_message(sock), XferHello)
-        except TimeoutError:
-            raise ProtocolError("no hello within the connect timeout", peer=peer) from None
+        hello = expect_type(wire.recv_message(sock), XferHello)
         local = geometry_to_dict(kv.geometry)
         try:
             check_compatible(kv.geometry, geometry_from_dict(hello.geometry), peer=hello.initiator_id)
@@ -206,6 +203,7 @@ class StreamTarget(TransportTarget):
                 self.counters.incr("frames_rejected")
                 wire.send_message(sock, RequestGrant(message.req_id, False, str(exc), []))
             else:
+                self.counters.incr("requests_begun")
                 wire.send_message(sock, RequestGrant(message.req_id, True, "", sorted(allowed)))
         elif isinstance(message, RequestAbort):
             self._requests.fail(message.req_id, f"initiator aborted: {message.reason}")
@@ -437,8 +435,6 @@ class StreamInitiator(TransportInitiator):
         try:
             wire.send_message(sock, XferHello(initiator_id, geometry_to_dict(kv.geometry)))
             return expect_type(wire.recv_message(sock), XferHelloReply)  # type: ignore[no-any-return]
-        except TimeoutError:
-            raise ConnectionLostError("no hello reply within the connect timeout", peer=peer_id) from None
         finally:
             sock.settimeout(None)
 

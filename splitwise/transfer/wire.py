@@ -17,7 +17,7 @@ import socket
 import struct
 from collections.abc import Sequence
 
-from splitwise.transfer.errors import ConnectionLostError, ProtocolError
+from splitwise.transfer.errors import ConnectionLostError, ProtocolError, TransferTimeoutError
 from splitwise.transfer.messages import Message, decode, encode
 
 MAX_HEADER_BYTES = 16 * 1024 * 1024  # a header lists runs, never KV bytes; larger means garbage
@@ -62,6 +62,8 @@ def recv_into_exact(sock: socket.socket, view: memoryview) -> None:
     while got < len(view):
         try:
             n = sock.recv_into(view[got:])
+        except TimeoutError:
+            raise TransferTimeoutError(f"receive timed out ({got}/{len(view)} bytes of a read)") from None
         except OSError as exc:
             raise ConnectionLostError(f"receive failed: {exc}") from None
         if n == 0:

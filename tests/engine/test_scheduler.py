@@ -254,13 +254,17 @@ def test_prefill_only_keeps_blocks_until_released() -> None:
         sched.release_prefilled("a")
 
 
-def test_prefill_only_that_is_already_complete_frees_its_blocks() -> None:
+def test_prefill_only_that_is_already_complete_still_holds_its_blocks() -> None:
+    """max_tokens=1: the request is over after this token, but its KV may still be in flight to the
+    decode node, so it is held like any other prefill-only sequence until released."""
     sched = make_scheduler()
     seq = make_seq("a", 6, max_tokens=1)
     seq.prefill_only = True
     sched.add(seq)
     _, res = run_step(sched)
-    assert res.finished == [seq] and seq.finish_reason is FinishReason.LENGTH
+    assert res.finished == [seq] and seq.finish_reason is FinishReason.PREFILL_DONE
+    assert sched.num_held == 1 and sched.block_manager.num_referenced_blocks == 2
+    sched.release_prefilled("a")
     assert sched.num_held == 0 and sched.block_manager.num_referenced_blocks == 0
 
 

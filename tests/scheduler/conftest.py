@@ -8,12 +8,19 @@ import itertools
 import os
 import subprocess
 import sys
+from pathlib import Path
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import pytest
+
+# This directory is named like the package it tests; with pytest's default (prepend) import mode
+# tests/ lands on sys.path and would make ``scheduler`` resolve to this test directory.
+REPO_ROOT = str(Path(__file__).resolve().parents[2])
+if sys.path[0] != REPO_ROOT:
+    sys.path.insert(0, REPO_ROOT)
 
 from scheduler.config import SchedulerConfig
 from scheduler.frontend import FrontendScheduler
@@ -26,7 +33,7 @@ T = TypeVar("T")
 _topics = itertools.count()
 
 
-def run(coro: Awaitable[T], timeout_s: float = 60.0) -> T:
+def run(coro: Awaitable[T], timeout_s: float = 30.0) -> T:
     """Run one async test body with an upper bound (a hang is a failure, not a stuck CI job)."""
     return asyncio.run(asyncio.wait_for(coro, timeout_s))  # type: ignore[arg-type]
 
@@ -93,6 +100,16 @@ async def wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0, what:
         await asyncio.sleep(0.02)
 
 
+async def eventually(check: Callable[[], Awaitable[T]], expected: T, timeout_s: float = 10.0) -> T:
+    """Re-run an async check until it returns ``expected`` (acks land just after terminal messages)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        got = await check()
+        if got == expected or asyncio.get_running_loop().time() > deadline:
+            return got
+        await asyncio.sleep(0.02)
+
+
 @dataclass
 class SimProcess:
     node_id: str
@@ -121,8 +138,9 @@ def sim_processes(config: SchedulerConfig) -> Iterator[Callable[..., SimProcess]
         args = [sys.executable, "-m", "scheduler.sim_node", "--node-id", node_id, "--role", role,
                 "--scheduler-port", str(config.scheduler_port), "--scheduler-topic", config.scheduler_topic,
                 "--scheduler-heartbeat-interval", str(config.heartbeat_interval_s), *extra]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=REPO_ROOT)
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+                                cwd=REPO_ROOT)
         assert proc.stdout is not None
         line = proc.stdout.readline()
         if line.strip() != f"READY {node_id}":

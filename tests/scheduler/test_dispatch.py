@@ -11,7 +11,7 @@ from scheduler.config import SchedulerConfig
 from scheduler.errors import NoCapacityError
 from scheduler.messages import Finished, KVGeometry, SubmitRequest, TokenChunk
 from scheduler.sim_node import DEFAULT_KV, sim_token
-from tests.scheduler.conftest import cluster, run
+from conftest import cluster, eventually, run
 
 
 def _tokens(msgs: list) -> list[int]:
@@ -43,8 +43,8 @@ def test_xpyd_from_several_frontends(config: SchedulerConfig) -> None:
             # every booking was released once the requests finished
             client = fes[0]._client
             assert await client.hgetall(fes[0].keys.booked_prefill_tokens) == {}
-            assert await client.hgetall(fes[0].keys.booked_decode_requests) == {}
-            assert await client.zcard(fes[0].keys.bookings) == 0
+            assert await eventually(lambda: client.hgetall(fes[0].keys.booked_decode_requests), {}) == {}
+            assert await eventually(lambda: client.zcard(fes[0].keys.bookings), 0) == 0
 
     run(body())
 

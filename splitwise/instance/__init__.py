@@ -1,0 +1,1 @@
+"""An instance: engine worker, scheduler agent, P/D flows, HTTP server."""

@@ -1,0 +1,196 @@
+"""EngineWorker: runs one LLMEngine on its own thread, bridged to the instance's asyncio loop.
+
+The engine is single-threaded and compute-bound, the HTTP server and the scheduler agent are
+asyncio. The worker thread owns the engine; everything else talks to it through two doors:
+
+- ``submit`` / ``abort``: a request's outputs arrive on its own ``asyncio.Queue``;
+- ``call(fn)``: run ``fn(engine)`` on the engine thread between two steps (reserve blocks, admit
+  a prefilled request, release a prefill) and await its result.
+
+Loop: drain commands -> step (if there is work) -> deliver outputs. When idle it blocks on the
+command queue (no busy loop). This thread is the engine's error boundary: a bug inside
+``step()`` fails every in-flight request with an explicit error and the worker keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from splitwise.engine.engine import LLMEngine
+from splitwise.engine.errors import EngineError, UnknownRequestError
+from splitwise.engine.outputs import RequestOutput
+from splitwise.engine.sampling_params import SamplingParams
+from splitwise.engine.sequence import FinishReason
+from splitwise.logging import get_logger
+
+log = get_logger(__name__)
+T = TypeVar("T")
+
+_IDLE_WAIT_S = 0.5  # how long an idle worker sleeps on the command queue before re-checking `running`
+
+
+@dataclass(frozen=True)
+class LoadSnapshot:
+    """What the node reports to the scheduler; refreshed after every step."""
+
+    queued_prefill_tokens: int = 0
+    running_requests: int = 0
+    waiting_requests: int = 0
+    free_kv_blocks: int = 0
+    total_kv_blocks: int = 0
+    kv_usage: float = 0.0
+
+
+class EngineWorker:
+    def __init__(self, engine: LLMEngine, loop: asyncio.AbstractEventLoop) -> None:
+        self.engine = engine
+        self._loop = loop
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._queues: dict[str, asyncio.Queue[RequestOutput]] = {}
+        self._running = False
+        self._thread: threading.Thread | None = None
+        self.load = self._snapshot()
+        self.num_step_errors = 0
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._running = True
+        self._thread = threading.Thread(target=self._run, name="engine-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._running = False
+        self._commands.put(lambda: None)  # wake the thread
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    # -- asyncio-facing API -------------------------------------------------------------------
+
+    def submit(
+        self, req_id: str, prompt_token_ids: list[int], params: SamplingParams, *, prefill_only: bool = False
+    ) -> asyncio.Queue[RequestOutput]:
+        """Queue a request; its outputs (ending with one whose ``finished`` is True) arrive on the
+        returned queue. Input errors arrive as a final output with ``error`` set."""
+        out_q: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._queues[req_id] = out_q
+
+        def add() -> None:
+            try:
+                self.engine.add_request(req_id, prompt_token_ids, params, prefill_only=prefill_only)
+            except EngineError as exc:
+                self._deliver([RequestOutput(req_id=req_id, finish_reason=FinishReason.ABORT, error=str(exc))])
+
+        self._commands.put(add)
+        return out_q
+
+    def attach(self, req_id: str) -> asyncio.Queue[RequestOutput]:
+        """An output queue for a request that enters the engine through ``call`` (a prefilled one)."""
+        out_q: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._queues[req_id] = out_q
+        return out_q
+
+    def abort(self, req_id: str) -> None:
+        """Cancel at any stage; the request's queue gets a final ABORT output. Unknown ids are ignored."""
+
+        def cancel() -> None:
+            try:
+                self.engine.abort(req_id)
+            except UnknownRequestError:
+                self._deliver([RequestOutput(req_id=req_id, finish_reason=FinishReason.ABORT)])
+
+        self._commands.put(cancel)
+
+    async def call(self, fn: Callable[[LLMEngine], T]) -> T:
+        """Run ``fn(engine)`` on the engine thread between steps; re-raises its exception here."""
+        future: asyncio.Future[Any] = self._loop.create_future()
+
+        def run() -> None:
+            try:
+                result = fn(self.engine)
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting caller
+                self._loop.call_soon_threadsafe(_set_exception, future, exc)
+            else:
+                self._loop.call_soon_threadsafe(_set_result, future, result)
+
+        self._commands.put(run)
+        return await future
+
+    def deliver_from_engine_thread(self, outputs: list[RequestOutput]) -> None:
+        """For code running inside ``call``: hand outputs to their queues."""
+        self._deliver(outputs)
+
+    # -- the thread ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while self._running:
+            self._drain_commands(block=not self.engine.has_unfinished())
+            if not self.engine.has_unfinished():
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # noqa: BLE001 - the engine thread's error boundary
+                self.num_step_errors += 1
+                log.exception("engine step failed; failing in-flight requests", error=str(exc))
+                outputs = self._fail_all(f"internal engine error: {exc}")
+            self._deliver(outputs)
+            self.load = self._snapshot()
+
+    def _drain_commands(self, *, block: bool) -> None:
+        try:
+            command = self._commands.get(timeout=_IDLE_WAIT_S) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            command()
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                break
+        self.load = self._snapshot()
+
+    def _fail_all(self, message: str) -> list[RequestOutput]:
+        failed = []
+        for req_id in list(self._queues):
+            try:
+                self.engine.abort(req_id)
+            except EngineError:
+                pass
+            failed.append(RequestOutput(req_id=req_id, finish_reason=FinishReason.ABORT, error=message))
+        return failed
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            out_q = self._queues.get(out.req_id)
+            if out_q is None:
+                continue
+            if out.finished:
+                self._queues.pop(out.req_id, None)
+            self._loop.call_soon_threadsafe(out_q.put_nowait, out)
+
+    def _snapshot(self) -> LoadSnapshot:
+        engine = self.engine
+        bm = engine.block_manager
+        return LoadSnapshot(
+            queued_prefill_tokens=engine.num_queued_prefill_tokens(),
+            running_requests=engine.scheduler.num_running,
+            waiting_requests=engine.scheduler.num_waiting,
+            free_kv_blocks=bm.num_free_blocks,
+            total_kv_blocks=bm.num_blocks,
+            kv_usage=bm.usage,
+        )
+
+
+def _set_result(future: asyncio.Future[Any], value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)

@@ -1,0 +1,183 @@
+"""NodeRuntime: takes work from the scheduler agent and serves it on the engine worker.
+
+    next_work -> (mixed: run here | disagg: decode flow drives P) -> publish chunks -> terminal -> ack
+
+Every work item ends with exactly one terminal result (finished or error) published to its
+frontend, or, when the frontend cancelled it, with an ack and nothing more (the frontend already
+ended the client's stream). A re-dispatched item continues after ``resume_token_ids`` (the tokens
+the client already has): they are appended to the prompt and counted against ``max_tokens``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from scheduler.errors import SchedulerClosedError, SchedulerError
+from scheduler.messages import CancelMessage, Failed, Finished, ResultMessage, TokenChunk, WorkItem
+from splitwise.engine.errors import EngineError
+from splitwise.engine.outputs import RequestOutput
+from splitwise.engine.sampling_params import SamplingParams
+from splitwise.engine.sequence import FinishReason
+from splitwise.instance.engine_worker import EngineWorker
+from splitwise.logging import bind_request, get_logger
+
+log = get_logger(__name__)
+
+
+class NodeSide(Protocol):
+    """What the runtime needs from the scheduler's node side (NodeAgent or LocalNode)."""
+
+    async def next_work(self) -> WorkItem: ...
+    async def publish(self, result: ResultMessage, *, frontend_id: str | None = None) -> None: ...
+    async def ack(self, work: WorkItem) -> None: ...
+    async def mark(self, req_id: str, event: str, *, detail: str = "", node: str | None = None) -> None: ...
+    def cancellations(self) -> AsyncIterator[CancelMessage]: ...
+
+
+class DisaggDecoder(Protocol):
+    """The decode-side P/D flow (splitwise/instance/decode_flow.py)."""
+
+    async def start_request(self, item: WorkItem, prompt: list[int], params: SamplingParams) -> asyncio.Queue[RequestOutput]: ...
+    def cancel(self, req_id: str) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedRequest:
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    first_index: int  # index of the first token this attempt produces in the client's stream
+
+
+def prepare(item: WorkItem) -> PreparedRequest:
+    """Sampling params from the wire dict, adjusted for tokens already delivered (re-dispatch)."""
+    raw: dict[str, Any] = dict(item.sampling_params)
+    for key in ("stop", "stop_token_ids"):
+        if key in raw and raw[key] is not None:
+            raw[key] = tuple(raw[key])
+    try:
+        params = SamplingParams(**raw)
+    except TypeError as exc:
+        raise EngineError(f"bad sampling params: {exc}", req_id=item.req_id) from None
+    resumed = list(item.resume_token_ids)
+    if resumed:
+        params = dataclasses.replace(params, max_tokens=max(1, params.max_tokens - len(resumed)))
+    return PreparedRequest(list(item.prompt_token_ids) + resumed, params, len(resumed))
+
+
+class NodeRuntime:
+    def __init__(self, node: NodeSide, worker: EngineWorker, *, decoder: DisaggDecoder | None = None) -> None:
+        self.node = node
+        self.worker = worker
+        self.decoder = decoder
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._loops: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        self._loops = [
+            asyncio.create_task(self._work_loop(), name="node-work"),
+            asyncio.create_task(self._cancel_loop(), name="node-cancel"),
+        ]
+
+    async def close(self) -> None:
+        for task in [*self._loops, *self._tasks.values()]:
+            task.cancel()
+        await asyncio.gather(*self._loops, *self._tasks.values(), return_exceptions=True)
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._tasks)
+
+    # -- loops --------------------------------------------------------------------------------
+
+    async def _work_loop(self) -> None:
+        while True:
+            try:
+                item = await self.node.next_work()
+            except SchedulerClosedError:
+                return
+            task = asyncio.create_task(self._serve(item), name=f"serve-{item.req_id}")
+            self._tasks[item.req_id] = task
+            task.add_done_callback(lambda _t, rid=item.req_id: self._tasks.pop(rid, None))
+
+    async def _cancel_loop(self) -> None:
+        async for cancel in self.node.cancellations():
+            log.info("request cancelled by frontend", req_id=cancel.req_id, reason=cancel.reason)
+            if self.decoder is not None:
+                self.decoder.cancel(cancel.req_id)
+            self.worker.abort(cancel.req_id)
+
+    # -- one request --------------------------------------------------------------------------
+
+    async def _serve(self, item: WorkItem) -> None:
+        with bind_request(item.req_id, attempt=item.attempt):
+            try:
+                await self._serve_inner(item)
+            except asyncio.CancelledError:
+                self.worker.abort(item.req_id)
+                raise
+            except Exception as exc:  # noqa: BLE001 - this request's error boundary
+                log.exception("request failed", error=str(exc))
+                await self._terminal(item, Failed(req_id=item.req_id, attempt=item.attempt, code="internal", message=str(exc)))
+
+    async def _serve_inner(self, item: WorkItem) -> None:
+        try:
+            req = prepare(item)
+        except EngineError as exc:
+            await self._terminal(item, Failed(req_id=item.req_id, attempt=item.attempt, code="invalid_request", message=str(exc)))
+            return
+        if item.assignment.mode == "disagg":
+            if self.decoder is None:
+                raise EngineError("this node cannot decode disaggregated requests (role is not decode)")
+            outputs = await self.decoder.start_request(item, req.prompt_token_ids, req.params)
+        else:
+            outputs = self.worker.submit(item.req_id, req.prompt_token_ids, req.params)
+            await self.node.mark(item.req_id, "running")
+        await self._stream(item, req, outputs)
+
+    async def _stream(self, item: WorkItem, req: PreparedRequest, outputs: asyncio.Queue[RequestOutput]) -> None:
+        index = req.first_index
+        while True:
+            batch = [await outputs.get()]
+            while not batch[-1].finished and not outputs.empty():
+                batch.append(outputs.get_nowait())  # coalesce what is ready into one chunk
+            tokens = [t for out in batch for t in out.new_token_ids]
+            logprobs = [lp for out in batch for lp in out.new_logprobs]
+            if tokens:
+                await self.node.publish(
+                    TokenChunk(req_id=item.req_id, attempt=item.attempt, index=index, token_ids=tokens, logprobs=logprobs),
+                    frontend_id=item.frontend_id,
+                )
+                index += len(tokens)
+            last = batch[-1]
+            if last.finished:
+                await self._finish(item, last, completion_tokens=index)
+                return
+
+    async def _finish(self, item: WorkItem, out: RequestOutput, *, completion_tokens: int) -> None:
+        if out.error is not None:
+            result: ResultMessage | None = Failed(req_id=item.req_id, attempt=item.attempt, code="engine_error", message=out.error)
+        elif out.finish_reason is FinishReason.ABORT:
+            result = None  # cancelled by the frontend: it already ended the stream
+        else:
+            assert out.finish_reason is not None
+            result = Finished(
+                req_id=item.req_id,
+                attempt=item.attempt,
+                finish_reason=out.finish_reason.value,
+                prompt_tokens=len(item.prompt_token_ids),
+                completion_tokens=completion_tokens,
+            )
+        await self._terminal(item, result)
+
+    async def _terminal(self, item: WorkItem, result: ResultMessage | None) -> None:
+        try:
+            if result is not None:
+                await self.node.publish(result, frontend_id=item.frontend_id)
+            await self.node.mark(item.req_id, "finished" if isinstance(result, Finished) else "ended")
+            await self.node.ack(item)
+        except SchedulerError as exc:
+            # Redis stayed away past the dead-after time: the frontend re-dispatches or fails it.
+            log.warning("could not report terminal result", error=str(exc))

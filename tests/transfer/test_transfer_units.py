@@ -1,0 +1,155 @@
+"""Plain-data pieces of splitwise.transfer: block runs, protocol choice, registry, message codec."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import msgpack
+import pytest
+
+from splitwise.transfer import messages
+from splitwise.transfer.base import BlockRun, check_block_ids, coalesce_runs
+from splitwise.transfer.errors import (
+    InvalidBlockIdsError,
+    NoCommonProtocolError,
+    ProtocolError,
+    UnknownProtocolError,
+)
+from splitwise.transfer.registry import NodeTransferInfo, get_transport, parse_protocols, select_protocol
+
+
+@pytest.mark.parametrize(
+    ("src", "dst", "runs"),
+    [
+        ([], [], []),
+        ([4], [9], [(4, 9, 1)]),
+        ([4, 5, 6], [10, 11, 12], [(4, 10, 3)]),
+        ([4, 5, 6], [10, 11, 20], [(4, 10, 2), (6, 20, 1)]),
+        ([4, 6, 7], [10, 11, 12], [(4, 10, 1), (6, 11, 2)]),
+        ([7, 6], [1, 2], [(7, 1, 1), (6, 2, 1)]),
+        ([1, 2, 3], [3, 2, 1], [(1, 3, 1), (2, 2, 1), (3, 1, 1)]),
+        ([0, 1, 5, 6, 7, 2], [8, 9, 10, 11, 12, 13], [(0, 8, 2), (5, 10, 3), (2, 13, 1)]),
+    ],
+)
+def test_coalesce_runs(src: list[int], dst: list[int], runs: list[tuple[int, int, int]]) -> None:
+    assert coalesce_runs(src, dst) == [BlockRun(*run) for run in runs]
+    # Expanding the runs gives back the pairs, in order.
+    expanded = [(r.src_start + i, r.dst_start + i) for r in coalesce_runs(src, dst) for i in range(r.num_blocks)]
+    assert expanded == list(zip(src, dst, strict=True))
+
+
+def test_coalesce_rejects_bad_input() -> None:
+    with pytest.raises(InvalidBlockIdsError, match="3 source blocks but 2"):
+        coalesce_runs([1, 2, 3], [1, 2])
+    with pytest.raises(InvalidBlockIdsError, match="negative"):
+        coalesce_runs([1, -1], [1, 2])
+
+
+def test_check_block_ids() -> None:
+    check_block_ids([0, 7], 8, side="destination")
+    with pytest.raises(InvalidBlockIdsError, match=r"out of range \[0, 8\)") as info:
+        check_block_ids([0, 8, 9], 8, side="destination", req_id="r")
+    assert info.value.block_ids == [8, 9] and info.value.req_id == "r"
+    with pytest.raises(InvalidBlockIdsError, match="repeat"):
+        check_block_ids([1, 1], 8, side="source")
+
+
+@pytest.mark.parametrize(
+    ("local", "peer", "same_host", "chosen"),
+    [
+        ("rdma,ipc", "rdma,ipc", True, "ipc"),
+        ("rdma,ipc", "rdma,ipc", False, "rdma"),
+        ("ipc,rdma", "rdma,ipc", False, "rdma"),
+        ("tcp,rdma", "rdma,tcp", False, "tcp"),
+        ("rdma,tcp", "tcp,rdma", False, "rdma"),
+        ("rdma,ipc,tcp", "tcp,ipc", False, "tcp"),
+        ("tcp", "ipc,tcp", True, "tcp"),  # ipc only when both offer it
+        ("ipc,tcp", "tcp", True, "tcp"),
+    ],
+)
+def test_select_protocol(local: str, peer: str, same_host: bool, chosen: str) -> None:
+    a = NodeTransferInfo("10.0.0.1", parse_protocols(local))
+    b = NodeTransferInfo("10.0.0.1" if same_host else "10.0.0.2", parse_protocols(peer))
+    assert select_protocol(a, b) == chosen
+
+
+def test_select_protocol_without_a_common_one_names_both_sides() -> None:
+    with pytest.raises(NoCommonProtocolError, match=r"local offers \['ipc'\], peer offers \['ipc', 'tcp'\]"):
+        select_protocol(NodeTransferInfo("h1", ("ipc",)), NodeTransferInfo("h2", ("ipc", "tcp")))
+    with pytest.raises(NoCommonProtocolError):
+        select_protocol(NodeTransferInfo("h1", ("rdma",)), NodeTransferInfo("h1", ("tcp",)))
+
+
+def test_parse_protocols_validates_the_flag() -> None:
+    assert parse_protocols(" rdma , ipc ") == ("rdma", "ipc")
+    for bad, message in (("", "empty"), ("rdma,smoke", "unknown"), ("tcp,tcp", "repeats")):
+        with pytest.raises(ValueError, match=message):
+            parse_protocols(bad)
+
+
+def test_registry_knows_builtins_and_refuses_unknown_names() -> None:
+    assert get_transport("tcp").target.__name__ == "TcpTarget"
+    assert get_transport("ipc").initiator.__name__ == "IpcInitiator"
+    with pytest.raises(UnknownProtocolError, match="no transport named 'carrier-pigeon'"):
+        get_transport("carrier-pigeon")
+
+
+SAMPLES: list[messages.Message] = [
+    messages.XferHello("p0", {"num_layers": 2, "dtype": "bfloat16"}),
+    messages.XferHelloReply(False, "head_dim 64 != 128", {}),
+    messages.LayerWrite("r-1", 3, [[0, 4], [9, 1]], 5 * 2 * 4096),
+    messages.RequestBegin("r-1"),
+    messages.RequestGrant("r-1", True, "", [0, 1, 2, 3, 9]),
+    messages.RequestAbort("r-1", "copy failed"),
+    messages.RequestFinish("r-1", 20),
+    messages.RequestResult("r-1", True, ""),
+    messages.AuthChallenge("p0", b"\x00" * 32),
+    messages.AuthHello("d0", b"\x01" * 32, b"\x02" * 32, {"model_id": "m"}),
+    messages.AuthWelcome("p0", b"\x03" * 32, {"model_id": "m"}),
+    messages.Refused("auth", "authentication failed"),
+    messages.PrefillTask(7, "r-1", [1, 2, 3], {"temperature": 0.0, "stop": ["\n"]}, [4, 5], "tcp",
+                         {"host": "h", "port": 1, "blob": b"\xff"}),
+    messages.PrefillResult(8, "r-1", 42, -0.25),
+    messages.PrefillFailed(9, "r-1", "out of blocks", True),
+    messages.CancelRequest(10, "r-1", "client went away"),
+    messages.Ack(7),
+    messages.ErrorReply(7, "unknown request", False),
+]
+
+
+def test_every_message_type_has_a_sample() -> None:
+    assert {type(m).TAG for m in SAMPLES} == set(messages._TYPES)
+
+
+@pytest.mark.parametrize("message", SAMPLES, ids=lambda m: type(m).TAG)
+def test_message_round_trip(message: messages.Message) -> None:
+    assert messages.decode(messages.encode(message)) == message
+
+
+def _packed(**body: object) -> bytes:
+    return msgpack.packb(body, use_bin_type=True)
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (b"\xc1\xc1\xc1", "undecodable"),
+        (_packed(), "schema version None"),
+        (msgpack.packb([1, 2]), "not a map"),
+        (_packed(v=2, t="ack", call_id=1), "schema version 2"),
+        (_packed(v=1, t="teleport", call_id=1), "unknown message type"),
+        (_packed(v=1, t="ack"), "fields"),
+        (_packed(v=1, t="ack", call_id=1, extra=2), "fields"),
+        (_packed(v=1, t="ack", call_id="1"), "call_id"),
+        (_packed(v=1, t="ack", call_id=True), "call_id"),
+        (_packed(v=1, t="layer_write", req_id="r", layer=0, runs=[[0, "x"]], payload_bytes=1), "runs"),
+    ],
+)
+def test_decode_refuses_malformed_frames(data: bytes, match: str) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        messages.decode(data)
+
+
+def test_messages_are_frozen() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        messages.Ack(1).call_id = 2  # type: ignore[misc]

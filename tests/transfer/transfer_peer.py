@@ -1,0 +1,100 @@
+"""A transfer peer in its own process, driven by JSON lines on stdin; replies one JSON line each.
+
+    python tests/transfer/transfer_peer.py --role target|initiator --protocol tcp|ipc \
+        --geometry '{"num_layers": ...}' --seed 7
+
+Its KV cache starts as ``initial_kv(geometry, seed)`` so the test can rebuild exactly what every
+block held before the transfer. Logs go to stderr; stdout carries only replies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+import torch
+
+from splitwise.engine.kv_cache import KVCache, KVCacheGeometry, default_shm_name
+from splitwise.transfer import create_initiator, create_target
+from splitwise.transfer.base import TransferState, geometry_from_dict
+
+# 4 layers x 2 x 32 blocks x 256 B = 64 KiB: small enough to dump and compare byte for byte.
+GEOMETRY = KVCacheGeometry(num_layers=4, num_blocks=32, block_size=4, num_kv_heads=2, head_dim=8, dtype="float32")
+
+
+def initial_kv(geometry: KVCacheGeometry, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(geometry.shape, generator=generator).to(geometry.torch_dtype)
+
+
+def make_cache(geometry: KVCacheGeometry, seed: int, *, shared: bool) -> KVCache:
+    kv = KVCache(geometry, shm_name=default_shm_name("splitwise-test") if shared else None)
+    kv.tensor.copy_(initial_kv(geometry, seed))
+    return kv
+
+
+def reply(**fields: Any) -> None:
+    sys.stdout.write(json.dumps(fields) + "\n")
+    sys.stdout.flush()
+
+
+def wait_finished(side: Any, req_id: str, timeout_s: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    status = side.poll(req_id)
+    while status.state is TransferState.PENDING and time.monotonic() < deadline:
+        time.sleep(0.005)
+        status = side.poll(req_id)
+    return {"state": status.state.value, "reason": status.reason}
+
+
+def serve(role: str, protocol: str, geometry: KVCacheGeometry, seed: int) -> None:
+    kv = make_cache(geometry, seed, shared=(role == "target" and protocol == "ipc"))
+    side: Any = create_target(protocol) if role == "target" else create_initiator(protocol)
+    side.register(kv)
+    reply(endpoint=side.endpoint() if role == "target" else None)
+    try:
+        for line in sys.stdin:
+            cmd = json.loads(line)
+            op = cmd["op"]
+            if op == "expect":
+                side.expect(cmd["req_id"], cmd["blocks"], cmd.get("timeout_s"))
+                reply(ok=True)
+            elif op == "connect":
+                side.connect(cmd["peer_id"], cmd["endpoint"])
+                reply(ok=True)
+            elif op == "write":
+                side.write_layer(cmd["peer_id"], cmd["req_id"], cmd["layer"], cmd["src"], cmd["dst"])
+                reply(ok=True)
+            elif op == "finish":
+                side.finish(cmd["peer_id"], cmd["req_id"])
+                reply(ok=True)
+            elif op == "wait":
+                reply(**wait_finished(side, cmd["req_id"], cmd["timeout_s"]))
+            elif op == "dump":
+                reply(hex=kv.as_bytes().numpy().tobytes().hex())
+            elif op == "counters":
+                reply(**side.counters.snapshot())
+            elif op == "exit":
+                break
+            else:
+                reply(error=f"unknown op {op}")
+    finally:
+        side.close()
+        kv.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--role", choices=["target", "initiator"], required=True)
+    parser.add_argument("--protocol", required=True)
+    parser.add_argument("--geometry", required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    serve(args.role, args.protocol, geometry_from_dict(json.loads(args.geometry)), args.seed)
+
+
+if __name__ == "__main__":
+    main()
