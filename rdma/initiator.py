@@ -21,11 +21,19 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from rdma import messages
+from rdma.connection import QPPolicy, RcConnection
+from rdma.errors import RdmaError
+from rdma.lane import Lane
+from rdma.messages import Hello, HelloReply, RequestResult
+from rdma.plan import plan_layer, stripe
+from rdma.resources import NicResources, choose_nics, default_backend, open_nics
+from rdma.verbs import Access, QPCaps, VerbsBackend
 from splitwise.engine.kv_cache import KVCache, KVCacheGeometry
 from splitwise.transfer.base import (
     DONE,
-    BlockRun,
     PENDING,
+    BlockRun,
     Endpoint,
     TransferCounters,
     TransferStatus,
@@ -45,15 +53,6 @@ from splitwise.transfer.errors import (
     NotRegisteredError,
     TransferError,
 )
-
-from rdma import messages
-from rdma.connection import QPPolicy, RcConnection
-from rdma.errors import RdmaError
-from rdma.lane import Backoff, Lane
-from rdma.messages import Hello, HelloReply, RequestResult
-from rdma.plan import plan_layer, stripe
-from rdma.resources import NicResources, choose_nics, default_backend, open_nics
-from rdma.verbs import Access, QPCaps, VerbsBackend
 
 SEND_QUEUE_DEPTH = 256
 

@@ -122,7 +122,7 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise InvalidConnectionInfoError(f"{where}: expected a map")
         return value
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _build(hint, value, where)
     if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise InvalidConnectionInfoError(f"{where}: expected int, got {type(value).__name__}")

@@ -20,10 +20,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from rdma.verbs import WorkRequest
 from splitwise.engine.kv_cache import KIND_K, KIND_V, KVCacheGeometry
 from splitwise.transfer.base import BlockRun
-
-from rdma.verbs import WorkRequest
 
 
 @dataclass(frozen=True)

@@ -12,12 +12,11 @@ import ctypes
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from splitwise.engine.kv_cache import KVCache
-from splitwise.transfer.base import TransportOptions
-
 from rdma import nics as nic_detection
 from rdma.errors import VerbsCallError
 from rdma.verbs import Access, MemoryRegion, PortInfo, VerbsBackend, VerbsDevice
+from splitwise.engine.kv_cache import KVCache
+from splitwise.transfer.base import TransportOptions
 
 DOORBELL_BYTES = 64
 OPTION_NICS = "rdma_nics"

@@ -19,6 +19,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from rdma import messages
+from rdma.connection import QPPolicy, RcConnection
+from rdma.errors import RdmaError
+from rdma.lane import Backoff
+from rdma.messages import Hello, HelloReply, RequestResult, TargetLane
+from rdma.resources import NicResources, choose_nics, default_backend, open_nics
+from rdma.verbs import Access, QPCaps, VerbsBackend
 from splitwise.engine.kv_cache import KVCache
 from splitwise.transfer.base import (
     DONE,
@@ -35,14 +42,6 @@ from splitwise.transfer.base import (
     geometry_to_dict,
 )
 from splitwise.transfer.errors import NotRegisteredError, TransferError
-
-from rdma import messages
-from rdma.connection import QPPolicy, RcConnection
-from rdma.errors import RdmaError
-from rdma.lane import Backoff
-from rdma.messages import Hello, HelloReply, RequestResult, TargetLane
-from rdma.resources import NicResources, choose_nics, default_backend, open_nics
-from rdma.verbs import Access, QPCaps, VerbsBackend
 
 RECV_DEPTH = 64
 
@@ -205,7 +204,8 @@ class RdmaTarget(TransportTarget):
         with self._lock:
             if initiator in self._initiators:
                 self._initiators.remove(initiator)
-        self._fail_started(initiator, "rdma target: initiator connection closed")
+        with initiator.qp_lock:  # the poller updates ``notices`` under this lock
+            self._fail_started(initiator, "rdma target: initiator connection closed")
         self._retire(initiator)
 
     def _handshake(self, sock: socket.socket, name: str) -> _Initiator:
@@ -313,6 +313,7 @@ class RdmaTarget(TransportTarget):
                 conn.close()
             initiator.lanes = []
         try:
-            initiator.sock.close()
+            initiator.sock.shutdown(socket.SHUT_RDWR)  # wakes the reader thread; close() alone does not
         except OSError:
             pass
+        initiator.sock.close()

@@ -10,10 +10,9 @@ detection), ``rdma_gid_index`` (RoCE source GID index; default: the first RoCE v
 
 from __future__ import annotations
 
-from splitwise.transfer.registry import register_transport
-
 from rdma.initiator import RdmaInitiator
 from rdma.target import RdmaTarget
+from splitwise.transfer.registry import register_transport
 
 register_transport("rdma", RdmaInitiator, RdmaTarget)
 

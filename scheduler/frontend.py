@@ -47,6 +47,7 @@ from scheduler.metrics import Counters
 from scheduler.records import add_dead_letter, add_event
 from scheduler.registry import ClusterView
 from scheduler.streams import ResultStream
+from scheduler.tasks import stop_tasks
 from splitwise.logging import get_logger
 
 log = get_logger("scheduler.frontend")
@@ -86,6 +87,7 @@ class FrontendScheduler:
         self._tasks: list[asyncio.Task[None]] = []
         self._run_id = ""
         self._last_id = b"0-0"
+        self._stopping = False
 
     # --- public API ---------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -138,9 +140,8 @@ class FrontendScheduler:
 
     async def close(self) -> None:
         """Stop the loops, fail what is still in flight (``scheduler_closed``), delete our keys."""
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._stopping = True
+        await stop_tasks(self._tasks, grace_s=self.config.block_ms / 1000 + self.config.heartbeat_interval_s + 1)
         self._tasks = []
         for fl in list(self._inflight.values()):
             try:
@@ -207,7 +208,7 @@ class FrontendScheduler:
     async def _results_loop(self) -> None:
         backoff = ExponentialBackoff()
         key = self.keys.results(self.frontend_id)
-        while True:
+        while not self._stopping:
             try:
                 assert self._client is not None
                 answer = await self._client.xread({key: self._last_id}, count=512, block=self.config.block_ms)
@@ -305,10 +306,11 @@ class FrontendScheduler:
     # --- monitor: liveness, expiry, re-dispatch -----------------------------------------------------
     async def _monitor_loop(self) -> None:
         backoff = ExponentialBackoff()
-        while True:
+        while not self._stopping:
             try:
                 await self._clock.sleep(self.config.heartbeat_interval_s)
-                await self._monitor_once()
+                if not self._stopping:
+                    await self._monitor_once()
                 backoff.reset()
             except asyncio.CancelledError:
                 raise
@@ -338,7 +340,7 @@ class FrontendScheduler:
             if now >= fl.deadline_ms:
                 await self._finish(fl, Expired(req_id=fl.request.req_id, attempt=fl.attempt), notify_nodes="expired")
             elif restarted:
-                await self._redispatch(fl, reason="redis restarted", cleanup=False)
+                await self._redispatch(fl, reason="redis restarted")
             elif fl.pending_since_ms is not None:
                 await self._retry_pending(fl, now)
             elif fl.assignment is None:
@@ -356,7 +358,7 @@ class FrontendScheduler:
         return (a.mode == "mixed" or fl.first_token_seen
                 or self._view.is_serving(a.prefill_node_id, a.prefill_incarnation))
 
-    async def _redispatch(self, fl: InFlight, *, reason: str, cleanup: bool = True) -> None:
+    async def _redispatch(self, fl: InFlight, *, reason: str) -> None:
         req_id = fl.request.req_id
         if fl.attempt >= self.config.max_redispatch:
             self.stats.inc("redispatch_exhausted")
@@ -364,7 +366,7 @@ class FrontendScheduler:
             await self._finish(fl, Failed(req_id=req_id, attempt=fl.attempt, code="node_lost",
                                           message=f"{reason}; gave up after {fl.attempt + 1} attempts "
                                                   f"(--max-redispatch {self.config.max_redispatch})"),
-                               notify_nodes="failed" if cleanup else None)
+                               notify_nodes="failed")
             return
         assert self._client is not None and self._dispatcher is not None
         now = self._clock.time_ms()
@@ -372,13 +374,11 @@ class FrontendScheduler:
                     resume_tokens=len(fl.delivered))
         self.stats.inc("redispatched")
         pipe = self._client.pipeline(transaction=False)
-        if cleanup:
-            self._add_cancels(pipe, fl, "redispatched")
+        self._add_cancels(pipe, fl, "redispatched")  # the old attempt may still run somewhere
         add_event(pipe, self.keys, req_id, "redispatched", node=self.frontend_id, now_ms=now,
                   ttl_ms=self._request_ttl_ms(fl, now), detail=f"{reason}; resume_tokens={len(fl.delivered)}")
         await pipe.execute()
-        if cleanup:
-            await self._dispatcher.release_all(req_id, now_ms=now)
+        await self._dispatcher.release_all(req_id, now_ms=now)
         fl.attempt += 1
         fl.assignment, fl.entry_id, fl.pending_since_ms = None, None, now
         await self._retry_pending(fl, now)

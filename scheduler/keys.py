@@ -83,6 +83,13 @@ class KeySchema:
         """STREAM of lifecycle events (event, node, detail); TTL = request TTL."""
         return self.prefix + "req:" + req_id + ":events"
 
+    # --- security -------------------------------------------------------------------------------
+    @property
+    def cluster_token(self) -> str:
+        """STRING: random per-topic token authenticating P<->D control connections. No TTL; owner:
+        the cluster (the first instance creates it with SET NX; an operator DELs it to rotate)."""
+        return self.prefix + "cluster_token"
+
     # --- operators --------------------------------------------------------------------------------
     @property
     def dead_letters(self) -> str:
@@ -98,7 +105,7 @@ class KeySchema:
         if not key.startswith(self.prefix):
             return None
         rest = key[len(self.prefix):]
-        fixed = {"nodes", "bookings", "booked:prefill_tokens", "booked:decode_requests", "dead"}
+        fixed = {"nodes", "cluster_token", "bookings", "booked:prefill_tokens", "booked:decode_requests", "dead"}
         if rest in fixed:
             return rest
         kind, _, ident = rest.partition(":")

@@ -45,6 +45,7 @@ from scheduler.messages import (
 )
 from scheduler.metrics import Counters
 from scheduler.records import add_dead_letter, add_event
+from scheduler.tasks import stop_tasks
 from splitwise.logging import get_logger
 
 log = get_logger("scheduler.node")
@@ -70,7 +71,7 @@ class NodeAgent:
         self._client: aioredis.Redis | None = None
         self._info: NodeInfo | None = None
         self._info_payload = b""
-        self._held: dict[str, _Held] = {}
+        self._held: dict[tuple[str, int], _Held] = {}  # (req_id, attempt): a node may hold two attempts
         self._cancelled: dict[str, int] = {}  # req_id -> highest cancelled attempt (bounded, see _remember)
         self._cancel_queue: asyncio.Queue[CancelMessage] = asyncio.Queue(maxsize=10_000)
         self._tasks: list[asyncio.Task[None]] = []
@@ -111,9 +112,7 @@ class NodeAgent:
     async def close(self) -> None:
         """Deregister at once (frontends re-dispatch what we held) and disconnect."""
         self._closed = True
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await stop_tasks(self._tasks, grace_s=self.config.block_ms / 1000 + self.config.heartbeat_interval_s + 1)
         if self._client is not None and self._info is not None:
             try:
                 await self._deregister_script(keys=[self.keys.nodes, self.keys.heartbeat(self._info.node_id)],
@@ -181,7 +180,7 @@ class NodeAgent:
                 await self._publish_quietly(item, Expired(req_id=item.req_id, attempt=item.attempt))
             await self._drop(entry_id)
             return None
-        self._held[item.req_id] = _Held(entry_id, item)
+        self._held[(item.req_id, item.attempt)] = _Held(entry_id, item)
         self.stats.inc("work_received")
         await self.mark(item.req_id, "received", detail=f"attempt={item.attempt}")
         return item
@@ -206,7 +205,7 @@ class NodeAgent:
     async def ack(self, work: WorkItem) -> None:
         """The request is done here (terminal published, or dropped after a cancel): remove it from the
         work stream and release its decode booking (and prefill booking on a mixed node)."""
-        held = self._held.pop(work.req_id, None)
+        held = self._held.pop((work.req_id, work.attempt), None)
         if held is None:
             raise UnknownRequestError(f"ack of {work.req_id}, which this node does not hold", req_id=work.req_id)
         now = self._clock.time_ms()
@@ -234,7 +233,7 @@ class NodeAgent:
         """Send a result to the frontend that submitted the request (from the held WorkItem unless
         ``frontend_id`` is given). Retries through Redis blips for up to the dead-after time, then raises
         SchedulerConnectionError: the frontend will have re-dispatched by then, so drop the request."""
-        fe = frontend_id or self._held_item(result.req_id).frontend_id
+        fe = frontend_id or self._held_item(result.req_id, result.attempt).frontend_id
         key = self.keys.results(fe)
 
         async def send() -> None:
@@ -262,12 +261,13 @@ class NodeAgent:
             log.warning("mark_failed", req_id=req_id, lifecycle_event=event, error=str(exc))
 
     def holds(self, req_id: str) -> bool:
-        return req_id in self._held
+        return any(key[0] == req_id for key in self._held)
 
-    def _held_item(self, req_id: str) -> WorkItem:
-        held = self._held.get(req_id)
+    def _held_item(self, req_id: str, attempt: int) -> WorkItem:
+        held = self._held.get((req_id, attempt))
         if held is None:
-            raise UnknownRequestError(f"{req_id} is not held by this node; pass frontend_id", req_id=req_id)
+            raise UnknownRequestError(f"{req_id} attempt {attempt} is not held by this node; pass frontend_id",
+                                      req_id=req_id)
         return held.item
 
     async def _publish_quietly(self, item: WorkItem, result: ResultMessage) -> None:
@@ -289,7 +289,7 @@ class NodeAgent:
         backoff = ExponentialBackoff()
         key = self.keys.control(self.node_id)
         last_id: bytes | str = "0-0"
-        while True:
+        while not self._closed:
             try:
                 assert self._client is not None
                 answer = await self._client.xread({key: last_id}, count=256, block=self.config.block_ms)
@@ -353,10 +353,11 @@ class NodeAgent:
 
     async def _heartbeat_loop(self) -> None:
         backoff = ExponentialBackoff(cap_s=self.config.heartbeat_interval_s)
-        while True:
+        while not self._closed:
             try:
                 await self._clock.sleep(self.config.heartbeat_interval_s)
-                await self._heartbeat()
+                if not self._closed:
+                    await self._heartbeat()
                 backoff.reset()
             except asyncio.CancelledError:
                 raise

@@ -86,7 +86,7 @@ for _, key in ipairs({bookings, booked_p, booked_d}) do redis.call('PEXPIRE', ke
 redis.call('HSET', req, 'frontend', ARGV[6], 'attempt', ARGV[7], 'mode', mode, 'prefill', p_node,
   'decode', d_node, 'pbook', pmember, 'dbook', dmember, 'state', 'dispatched', 'prompt_tokens', prompt,
   'updated_ms', now)
-redis.call('PEXPIREAT', req, expire_at)
+redis.call('PEXPIREAT', req, expire_at + 60000)  -- history outlives the request by a minute
 return {mode, p_node, inc[p_node], d_node, inc[d_node]}
 """
 

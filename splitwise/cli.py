@@ -17,6 +17,8 @@ from splitwise.logging import configure_logging
 COMMANDS: dict[str, str] = {
     "make-tiny-model": "splitwise.commands.make_tiny_model:make_tiny_model",
     "generate": "splitwise.commands.generate:generate",
+    "serve": "splitwise.commands.serve:serve",
+    "up": "splitwise.commands.up:up",
     "inspect": "splitwise.commands.inspect:inspect_cmd",
     "bench": "splitwise.commands.bench:bench",
 }

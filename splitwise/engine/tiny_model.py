@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 ARCHITECTURES: dict[str, str] = {
@@ -77,9 +77,27 @@ class ModelShape:
 
 SIZES: dict[str, ModelShape] = {
     # Well under 1M parameters: loads and runs in milliseconds in unit tests.
-    "tiny": ModelShape(1024, 64, 2, 4, 2, 16, 128, 2048),
-    # ~33M parameters: prefill of a few thousand tokens costs real time, so P/D splitting shows.
-    "small": ModelShape(8192, 512, 8, 8, 4, 64, 1408, 8192),
+    "tiny": ModelShape(
+        vocab_size=1024,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        intermediate_size=128,
+        max_position_embeddings=2048,
+    ),
+    # 28-32M parameters: prefill of a few thousand tokens costs real time, so P/D splitting shows.
+    "small": ModelShape(
+        vocab_size=8192,
+        hidden_size=512,
+        num_layers=8,
+        num_heads=8,
+        num_kv_heads=4,
+        head_dim=64,
+        intermediate_size=1408,
+        max_position_embeddings=8192,
+    ),
 }
 
 # Per-architecture details that real checkpoints of that family have, so loaders are exercised.
@@ -114,8 +132,8 @@ def _corpus_text() -> str:
 def train_tokenizer(vocab_size: int) -> Tokenizer:
     """Byte-level BPE with the ChatML special tokens; deterministic for a given corpus and vocab_size."""
     tokenizer = Tokenizer(models.BPE())
-    # Exactly the pipeline transformers' Qwen2Tokenizer rebuilds (it ignores tokenizer.json's
-    # normalizer/pre-tokenizer for qwen2/qwen3 model types), so HF and splitwise agree for every arch.
+    # Exactly the pipeline transformers' Qwen2Tokenizer rebuilds: for model_type qwen2 it ignores
+    # tokenizer.json's normalizer and pre-tokenizer, so only this choice makes HF agree with us.
     tokenizer.normalizer = normalizers.NFC()
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -281,8 +299,10 @@ def make_tiny_model(
     _write_json(out / "generation_config.json", _generation_config())
     _write_json(out / "tokenizer_config.json", _tokenizer_config(shape))
     train_tokenizer(shape.vocab_size).save(str(out / "tokenizer.json"), pretty=True)
-    # Fixed metadata: safetensors writes no timestamps, so the file depends on the tensors only.
-    save_file(_weights(arch, shape, seed), str(out / "model.safetensors"), metadata={"format": "pt"})
+    # Fixed metadata and no timestamps: the file depends on the tensors only. Serialised to bytes
+    # and written by us, so the file gets the usual umask-derived mode (save_file makes it 0600).
+    weights = save(_weights(arch, shape, seed), metadata={"format": "pt"})
+    (out / "model.safetensors").write_bytes(weights)
     return out
 
 
@@ -315,7 +335,8 @@ def default_model_dir(size: str = "tiny", arch: str = "llama", seed: int = 0) ->
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
-        make_tiny_model(tmp, arch, size, seed, overwrite=True)
+        make_tiny_model(tmp, arch, size, seed)
+        tmp.chmod(0o755)  # mkdtemp makes it 0700; the cache may be shared by users of one machine
         try:
             os.rename(tmp, final)
         except OSError:

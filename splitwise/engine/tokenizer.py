@@ -7,7 +7,8 @@ Reads the files a HF model directory ships:
 | tokenizer.json          | the whole tokenizer (``tokenizers`` library): model, pre/post-processors, decoder |
 | tokenizer_config.json   | bos/eos/pad/... token strings, add_bos_token, chat_template         |
 | special_tokens_map.json | (legacy) token strings missing from tokenizer_config.json           |
-| chat_template.jinja     | the chat template; wins over tokenizer_config's, as in HF >= 4.43   |
+| chat_template.jinja     | the chat template; wins over tokenizer_config's, as in transformers |
+| chat_template.json      | (processor-style) the chat template when neither of the above has one |
 | generation_config.json  | eos_token_id (int or list): extra ids that end generation           |
 
 Chat templates are rendered exactly the way ``transformers`` does it (same Jinja environment and

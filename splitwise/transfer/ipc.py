@@ -11,7 +11,7 @@ Memory:
 One copy per coalesced run per layer moves K and V together (``remote[L, :, d:d+n] <- local[L, :,
 s:s+n]``: the kind dimension is a stride of the same view), with no intermediate buffer.
 
-Completion travels over the stream connection (``stream.py``) to D's listener: RequestBegin before
+Completion travels over the stream connection (``stream_target.py``) to D's listener: RequestBegin before
 the first copy of a request binds it to the connection (so P dying mid-transfer fails it on D) and
 is answered by RequestGrant, the blocks D reserved, which P checks before every copy (D cannot
 refuse a one-sided copy, so P must not issue a stray one); RequestFinish after the last copy returned (CPU) or after the copy stream synchronised (CUDA).
@@ -41,7 +41,8 @@ from splitwise.transfer.errors import (
 )
 from splitwise.transfer.messages import RequestBegin
 from splitwise.transfer.registry import register_transport
-from splitwise.transfer.stream import LayerJob, Peer, StreamInitiator, StreamTarget
+from splitwise.transfer.stream_initiator import LayerJob, Peer, StreamInitiator
+from splitwise.transfer.stream_target import StreamTarget
 
 
 def _cupy() -> Any:

@@ -25,7 +25,8 @@ from splitwise.transfer import wire
 from splitwise.transfer.errors import UnexpectedBlocksError, UnsupportedDeviceError
 from splitwise.transfer.messages import LayerWrite
 from splitwise.transfer.registry import register_transport
-from splitwise.transfer.stream import LayerJob, Peer, StreamInitiator, StreamTarget
+from splitwise.transfer.stream_initiator import LayerJob, Peer, StreamInitiator
+from splitwise.transfer.stream_target import StreamTarget
 
 
 def _byte_view(kv_cache: KVCache) -> memoryview:
@@ -63,10 +64,12 @@ class TcpTarget(StreamTarget):
             wire.discard(sock, header.payload_bytes)
             self._refuse(sock, header.req_id, exc)
             return
+        views = []
         for kind in (KIND_K, KIND_V):
             for dst_start, n in header.runs:
                 offset = geometry.block_offset(header.layer, kind, dst_start)
-                wire.recv_into_exact(sock, self._bytes[offset : offset + n * block_bytes])
+                views.append(self._bytes[offset : offset + n * block_bytes])
+        wire.recv_into_buffers(sock, views)
         self._requests.landed(header.req_id, num_blocks)
         self.counters.incr("bytes_received", header.payload_bytes)
 

@@ -40,19 +40,25 @@ def send_message(sock: socket.socket, message: Message) -> None:
 def send_buffers(sock: socket.socket, buffers: Sequence[memoryview | bytes]) -> None:
     """Send every buffer in order with as few syscalls as possible (sendmsg gathers up to _IOV_MAX)."""
     pending = [memoryview(b).cast("B") for b in buffers if len(b)]
+    first = 0
     try:
-        while pending:
-            sent = sock.sendmsg(pending[:_IOV_MAX])
-            while sent:
-                head = pending[0]
-                if sent >= len(head):
-                    sent -= len(head)
-                    pending.pop(0)
-                else:
-                    pending[0] = head[sent:]
-                    sent = 0
+        while first < len(pending):
+            first = _advance(pending, first, sock.sendmsg(pending[first : first + _IOV_MAX]))
     except OSError as exc:
         raise ConnectionLostError(f"send failed: {exc}") from None
+
+
+def _advance(pending: list[memoryview], first: int, done: int) -> int:
+    """Consume ``done`` bytes from pending[first:]; returns the new first unfinished index."""
+    while done:
+        head = pending[first]
+        if done >= len(head):
+            done -= len(head)
+            first += 1
+        else:
+            pending[first] = head[done:]
+            done = 0
+    return first
 
 
 def recv_into_exact(sock: socket.socket, view: memoryview) -> None:
@@ -69,6 +75,23 @@ def recv_into_exact(sock: socket.socket, view: memoryview) -> None:
         if n == 0:
             raise ConnectionLostError(f"peer closed the connection ({got}/{len(view)} bytes of a read)")
         got += n
+
+
+def recv_into_buffers(sock: socket.socket, views: Sequence[memoryview]) -> None:
+    """Fill every view in order, scatter-reading with ``recvmsg_into`` (readv): one syscall covers
+    many small destination runs, and the bytes still land straight in place."""
+    pending = [v.cast("B") for v in views if len(v)]
+    first = 0
+    while first < len(pending):
+        try:
+            got = sock.recvmsg_into(pending[first : first + _IOV_MAX])[0]
+        except TimeoutError:
+            raise TransferTimeoutError("receive timed out in a payload") from None
+        except OSError as exc:
+            raise ConnectionLostError(f"receive failed: {exc}") from None
+        if got == 0:
+            raise ConnectionLostError("peer closed the connection in the middle of a payload")
+        first = _advance(pending, first, got)
 
 
 def recv_message(sock: socket.socket) -> Message:
@@ -108,3 +131,11 @@ def listen(host: str, port: int) -> socket.socket:
     sock.bind((host, port))
     sock.listen(64)
     return sock
+
+
+def shutdown(sock: socket.socket) -> None:
+    """Wake every thread blocked on ``sock`` (recv returns EOF); harmless if already closed."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed or never connected: nothing to wake

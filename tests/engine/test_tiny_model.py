@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -115,7 +117,8 @@ def test_parameter_count_and_config(tiny_dirs: dict[str, Path], arch: str) -> No
 @pytest.mark.parametrize("arch", ARCHS)
 def test_transformers_loads_every_weight_and_generates(tiny_dirs: dict[str, Path], arch: str) -> None:
     model_dir = tiny_dirs[arch]
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(model_dir, output_loading_info=True)
+    loaded: Any = transformers.AutoModelForCausalLM.from_pretrained(model_dir, output_loading_info=True)
+    model, info = loaded
     # A missing key would be randomly initialised by HF and silently break parity tests.
     assert not info["missing_keys"]
     assert not info["unexpected_keys"]
@@ -240,3 +243,17 @@ def test_default_model_dir_validates_size(tmp_path: Path, monkeypatch: pytest.Mo
     with pytest.raises(ValueError, match="--size"):
         default_model_dir("medium")
     assert not (tmp_path / "models").exists()
+
+
+# sha256 of the tiny tokenizer's (vocab by id, merges). If this changes (new corpus, trainer
+# settings or tokenizers behaviour), bump FORMAT_VERSION so cached default models are rebuilt.
+TINY_TOKENIZER_SHA256 = "a0a128ff24ed47765fd601e3c4b5c08d3f14c1dca4b80f6331de8b26e496e325"
+
+
+def test_tokenizer_vocabulary_is_pinned(tiny_dirs: dict[str, Path]) -> None:
+    model = json.loads((tiny_dirs["llama"] / "tokenizer.json").read_text())["model"]
+    vocab_by_id = sorted(model["vocab"].items(), key=lambda kv: kv[1])
+    digest = hashlib.sha256(
+        json.dumps([vocab_by_id, model["merges"]], ensure_ascii=False).encode()
+    ).hexdigest()
+    assert digest == TINY_TOKENIZER_SHA256, "tokenizer changed: bump FORMAT_VERSION and update this hash"

@@ -143,7 +143,7 @@ RICH_TEMPLATE = """{{ bos_token }}
 def test_rich_template_from_chat_template_jinja_matches_hf(model_dir: Path, tmp_path: Path) -> None:
     model = copy_model(model_dir, tmp_path / "m")
     (model / "chat_template.jinja").write_text(RICH_TEMPLATE)  # wins over tokenizer_config's template
-    chat = [
+    chat: list[dict[str, Any]] = [
         {"role": "system", "content": "hidden"},
         {"role": "user", "content": 'a <b> & "c"'},
         {"role": "assistant", "content": "ok", "tool_calls": None},
@@ -158,8 +158,8 @@ def test_rich_template_from_chat_template_jinja_matches_hf(model_dir: Path, tmp_
 def test_template_kwargs_reach_the_template(model_dir: Path, tmp_path: Path) -> None:
     model = copy_model(model_dir, tmp_path / "m")
     (model / "chat_template.jinja").write_text(RICH_TEMPLATE)
-    tools = [{"name": "f", "parameters": {}}]
-    chat = [{"role": "user", "content": "x"}]
+    tools: list[Any] = [{"name": "f", "parameters": {}}]
+    chat: list[dict[str, Any]] = [{"role": "user", "content": "x"}]
     expected = transformers.AutoTokenizer.from_pretrained(model).apply_chat_template(
         chat, tools=tools, tokenize=False, add_generation_prompt=True
     )

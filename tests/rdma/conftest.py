@@ -60,12 +60,20 @@ class SysfsTree:
         numa_node: int = -1,
         ports: dict[int, tuple[str, str, list[str]]] | None = None,
         netdev: str | None = None,
+        kernel_layout: bool = False,
     ) -> Path:
-        """``ports``: {port: (state, link_layer, gids)}; default one ACTIVE RoCE port with a GID."""
+        """``ports``: {port: (state, link_layer, gids)}; default one ACTIVE RoCE port with a GID.
+        ``kernel_layout``: class/infiniband/<dev> is itself a symlink to <pci dev>/infiniband/<dev>,
+        as the kernel makes it (the default keeps a plain directory there)."""
         dev = self.pci_device(path, vendor="0x15b3", pci_class="0x020000", numa_node=numa_node)
         ib = self.root / "class" / "infiniband" / name
-        ib.mkdir(parents=True)
-        os.symlink(os.path.relpath(dev, ib), ib / "device")
+        if kernel_layout:
+            real = dev / "infiniband" / name
+            real.mkdir(parents=True)
+            os.symlink(os.path.relpath(real, ib.parent), ib)
+        else:
+            ib.mkdir(parents=True)
+        os.symlink(os.path.relpath(dev, ib.resolve()), ib / "device")
         if netdev:
             (dev / "net" / netdev).mkdir(parents=True)
         default = {1: ("4: ACTIVE", "Ethernet", ["fe80:0000:0000:0000:0202:c9ff:fe00:0001", ZERO_GID])}

@@ -7,6 +7,7 @@ transport test that runs on the double exercises real semantics.
 
 from __future__ import annotations
 
+import ctypes
 import time
 from collections.abc import Callable
 
@@ -15,7 +16,18 @@ from conftest import Buffer, connected_pair
 
 from rdma.connection import QPPolicy, RcConnection
 from rdma.errors import QueuePairStateError, SendQueueFullError
-from rdma.verbs import Access, Completion, PortInfo, QPCaps, QPState, VerbsDevice, WcOpcode, WcStatus, WorkRequest
+from rdma.verbs import (
+    Access,
+    Completion,
+    MemoryRegion,
+    PortInfo,
+    QPCaps,
+    QPState,
+    VerbsDevice,
+    WcOpcode,
+    WcStatus,
+    WorkRequest,
+)
 
 RW = Access.LOCAL_WRITE | Access.REMOTE_WRITE
 
@@ -34,8 +46,8 @@ def settle(fn: Callable[[int], list[Completion]], wait_s: float = 0.05) -> list[
     return fn(64)
 
 
-def write(src: Buffer, dst: Buffer, src_mr, dst_mr, *, wr_id: int = 1, off: int = 0, length: int = 64,  # noqa: ANN001
-          signaled: bool = True, imm: int | None = None, rkey: int | None = None, lkey: int | None = None) -> WorkRequest:
+def write(src: Buffer, dst: Buffer, src_mr: MemoryRegion, dst_mr: MemoryRegion, *, wr_id: int = 1, off: int = 0,
+          length: int = 64, signaled: bool = True, imm: int | None = None, rkey: int | None = None, lkey: int | None = None) -> WorkRequest:
     return WorkRequest(wr_id, src_mr.addr + off, length, src_mr.lkey if lkey is None else lkey,
                        dst_mr.addr + off, dst_mr.rkey if rkey is None else rkey, signaled, imm)
 
@@ -43,7 +55,9 @@ def write(src: Buffer, dst: Buffer, src_mr, dst_mr, *, wr_id: int = 1, off: int 
 Verbs = tuple[VerbsDevice, PortInfo]
 
 
-def setup(verbs: Verbs, size: int = 4096, **kw: object) -> tuple[RcConnection, RcConnection, Buffer, Buffer, object, object]:
+def setup(
+    verbs: Verbs, size: int = 4096, **kw: object
+) -> tuple[RcConnection, RcConnection, Buffer, Buffer, MemoryRegion, MemoryRegion]:
     device, port = verbs
     a, b = connected_pair(device, port, **kw)  # type: ignore[arg-type]
     src, dst = Buffer(size, b"\xab"), Buffer(size)
@@ -60,7 +74,7 @@ def test_connect_reaches_rts_with_sane_attributes(verbs: Verbs) -> None:
 
 def test_write_copies_exact_bytes_and_signals_once(verbs: Verbs) -> None:
     a, _, src, dst, src_mr, dst_mr = setup(verbs)
-    src.raw[100:200] = bytes(range(100))
+    ctypes.memmove(src.addr + 100, bytes(range(100)), 100)
     a.qp.post_send([write(src, dst, src_mr, dst_mr, wr_id=7, off=100, length=100)])
     [done] = poll(a.qp.poll_send, 1)
     assert (done.wr_id, done.status, done.opcode) == (7, WcStatus.SUCCESS, WcOpcode.RDMA_WRITE)

@@ -34,6 +34,14 @@ def tree_one_mlx5(t: SysfsTree) -> None:
     t.gpu("pci0000:00/0000:00:02.0/0000:03:00.0")
 
 
+def tree_kernel_layout(t: SysfsTree) -> None:
+    # class/infiniband/<dev> symlinked into the PCI device, as on a real machine; mixed with the
+    # plain-directory layout to show both resolve to the same PCI path.
+    t.nic("mlx5_0", "pci0000:00/0000:00:01.0/0000:01:00.0", numa_node=0, kernel_layout=True)
+    t.nic("mlx5_1", "pci0000:00/0000:00:02.0/0000:02:00.0/0000:03:00.0/0000:04:00.0", numa_node=0, kernel_layout=True)
+    t.gpu("pci0000:00/0000:00:02.0/0000:02:00.0/0000:03:01.0/0000:05:00.0", numa_node=0)
+
+
 def tree_no_gpu(t: SysfsTree) -> None:
     t.nic("mlx5_0", "pci0000:00/0000:00:01.0/0000:01:00.0")
 
@@ -88,6 +96,7 @@ CASES: dict[str, tuple[Callable[[SysfsTree], None], list[str] | None, list[str] 
     "none": (tree_none, None, None),
     "one_active_mlx5": (tree_one_mlx5, ["mlx5_0"], ["mlx5_0"]),
     "no_gpu": (tree_no_gpu, ["mlx5_0"], None),
+    "kernel_symlink_layout": (tree_kernel_layout, ["mlx5_0", "mlx5_1"], ["mlx5_1"]),
     "active_and_down_ports": (tree_active_and_down, ["mlx5_1"], ["mlx5_1"]),
     "only_down_ports": (tree_only_down, None, None),
     "roce_and_infiniband": (tree_roce_and_ib, ["mlx5_1", "mlx5_2", "mlx5_10"], ["mlx5_10"]),

@@ -12,7 +12,7 @@ from rdma.connection import QPPolicy, rtr_attrs, rts_attrs
 from rdma.errors import InvalidConnectionInfoError
 from rdma.messages import Hello, HelloReply, QpEndpoint, RequestResult, TargetLane
 from rdma.plan import WriteOp, batches, max_chunk_bytes, plan_layer, stripe, to_work_requests
-from rdma.verbs import LinkLayer, PortInfo, SendQueueSlots, WcOpcode, WcStatus, Completion
+from rdma.verbs import Completion, LinkLayer, PortInfo, SendQueueSlots, WcOpcode, WcStatus
 from splitwise.engine.kv_cache import KVCacheGeometry
 from splitwise.transfer.base import BlockRun, coalesce_runs
 
@@ -163,3 +163,17 @@ def test_messages_refuse_other_versions_and_bad_fields() -> None:
 def test_request_tag_is_a_stable_32_bit_value() -> None:
     assert messages.request_tag("req-1") == messages.request_tag("req-1") < 2**32
     assert messages.request_tag("req-1") != messages.request_tag("req-2")
+
+
+def test_bandwidth_script_runs_on_the_fake(capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "rdma_bandwidth.py"
+    spec = importlib.util.spec_from_file_location("rdma_bandwidth", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--fake", "--iters", "8", "--latency-iters", "2", "--max-kib", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "line rate 100 Gb/s" in out and "16KiB" in out

@@ -8,10 +8,10 @@ import itertools
 import os
 import subprocess
 import sys
-from pathlib import Path
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -22,12 +22,13 @@ REPO_ROOT = str(Path(__file__).resolve().parents[2])
 if sys.path[0] != REPO_ROOT:
     sys.path.insert(0, REPO_ROOT)
 
-from scheduler.config import SchedulerConfig
-from scheduler.frontend import FrontendScheduler
-from scheduler.messages import KVGeometry, NodeInfo
-from scheduler.node import NodeAgent
-from scheduler.sim_node import DEFAULT_KV, SimBehavior, SimNode, make_node_info
-from splitwise.testing.redis_server import RedisServer
+from scheduler.config import SchedulerConfig  # noqa: E402
+from scheduler.frontend import FrontendScheduler  # noqa: E402
+from scheduler.messages import KVGeometry, NodeInfo  # noqa: E402
+from scheduler.node import NodeAgent  # noqa: E402
+from scheduler.sim_node import DEFAULT_KV, SimBehavior, SimNode, make_node_info  # noqa: E402
+from scheduler.tasks import stop_tasks  # noqa: E402
+from splitwise.testing.redis_server import RedisServer  # noqa: E402
 
 T = TypeVar("T")
 _topics = itertools.count()
@@ -53,12 +54,12 @@ class Cluster:
     frontends: list[FrontendScheduler] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
-    async def add_node(self, node_id: str, role: str, *, serve: bool = True, behavior: SimBehavior = SimBehavior(),
+    async def add_node(self, node_id: str, role: str, *, serve: bool = True, behavior: SimBehavior | None = None,
                        model_id: str = "sim-model", kv: KVGeometry = DEFAULT_KV, host: str = "127.0.0.1",
                        protocols: list[str] | None = None) -> SimNode:
         agent = NodeAgent(self.config)
         await agent.start(make_node_info(node_id, role, model_id=model_id, kv=kv, host=host, protocols=protocols))
-        sim = SimNode(agent, behavior)
+        sim = SimNode(agent, behavior or SimBehavior())
         self.nodes[node_id] = sim
         if serve and role != "prefill":
             self.tasks.append(asyncio.create_task(sim.run()))
@@ -77,9 +78,7 @@ class Cluster:
         for sim in self.nodes.values():
             await sim.stop()
             await sim.agent.close()
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await stop_tasks(self.tasks, grace_s=self.config.block_ms / 1000 + 1)
 
 
 @asynccontextmanager

@@ -6,12 +6,12 @@ import asyncio
 from collections import Counter
 
 import pytest
+from conftest import cluster, eventually, run
 
 from scheduler.config import SchedulerConfig
 from scheduler.errors import NoCapacityError
 from scheduler.messages import Finished, KVGeometry, SubmitRequest, TokenChunk
-from scheduler.sim_node import DEFAULT_KV, sim_token
-from conftest import cluster, eventually, run
+from scheduler.sim_node import sim_token
 
 
 def _tokens(msgs: list) -> list[int]:
@@ -123,14 +123,35 @@ def test_balanced_load_under_skewed_sizes(config: SchedulerConfig) -> None:
             await c.add_node("d1", "decode", serve=False)
             fes = [await c.add_frontend() for _ in range(2)]
             sizes = [1000] + [100] * 10 + [1000] + [100] * 10
-            await asyncio.gather(*(fes[i % 2].submit(SubmitRequest(req_id=f"r{i}", prompt_token_ids=[7] * n))
-                                   for i, n in enumerate(sizes)))
+            for i, n in enumerate(sizes):  # alternating frontends: each sees the other's bookings
+                await fes[i % 2].submit(SubmitRequest(req_id=f"r{i}", prompt_token_ids=[7] * n))
             booked = await fes[0]._client.hgetall(fes[0].keys.booked_prefill_tokens)
             assert {k.decode(): int(v) for k, v in booked.items()} == {"p0": 2000, "p1": 2000}
             decode = await fes[0]._client.hgetall(fes[0].keys.booked_decode_requests)
             assert {k.decode(): int(v) for k, v in decode.items()} == {"d0": 11, "d1": 11}
             for node_id in ("d0", "d1"):
                 assert await fes[0]._client.xlen(fes[0].keys.work(node_id)) == 11
+
+    run(body())
+
+
+def test_concurrent_frontends_stay_balanced(config: SchedulerConfig) -> None:
+    """Concurrent submits from 4 frontends: greedy on atomically booked load keeps the prefill
+    imbalance within one largest request (a herd onto one node would be far worse)."""
+
+    async def body() -> None:
+        async with cluster(config) as c:
+            for i in range(3):
+                await c.add_node(f"p{i}", "prefill")
+            await c.add_node("d0", "decode", serve=False)
+            fes = [await c.add_frontend() for _ in range(4)]
+            sizes = [1000 if i % 7 == 0 else 50 + (i * 37) % 200 for i in range(60)]
+            await asyncio.gather(*(fes[i % 4].submit(SubmitRequest(req_id=f"r{i}", prompt_token_ids=[3] * n))
+                                   for i, n in enumerate(sizes)))
+            booked = await fes[0]._client.hgetall(fes[0].keys.booked_prefill_tokens)
+            loads = [int(v) for v in booked.values()]
+            assert sum(loads) == sum(sizes) and len(loads) == 3
+            assert max(loads) - min(loads) <= max(sizes), loads
 
     run(body())
 

@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 import torch
-
 from transfer_peer import GEOMETRY
 
 from splitwise.engine.kv_cache import KVCacheGeometry

@@ -11,8 +11,7 @@ import torch
 from transfer_peer import GEOMETRY, initial_kv, make_cache
 
 from splitwise.engine.kv_cache import KVCache
-from splitwise.transfer import TransferState, create_target
-from splitwise.transfer import wire
+from splitwise.transfer import TransferState, create_target, wire
 from splitwise.transfer.base import TransportTarget, geometry_to_dict
 from splitwise.transfer.messages import LayerWrite, RequestFinish, RequestResult, XferHello, XferHelloReply
 

@@ -1,0 +1,168 @@
+"""KV transfer bandwidth per transport (ipc, tcp over loopback) by block size, next to the machine's
+memcpy bandwidth and a raw loopback socket, all measured in the same run.
+
+    .venv/bin/python bench/transfer_bandwidth.py [--total-mib 64] [--repeats 3]
+
+P is this process; D is a spawned child process with its own KV cache (in shared memory for ipc).
+One measurement = write_layer for every layer of ``num_blocks`` blocks, finish, and P's ``wait``
+until D acknowledged the request (end to end, completion notice included). Two block layouts:
+"contig" (src and dst both consecutive: one run per layer, the best case) and "scatter" (dst a
+random permutation: one run per block, the worst case for coalescing).
+
+Reference columns, same byte count:
+  memcpy  torch ``copy_`` of one contiguous tensor into another (the ceiling for ipc on CPU)
+  socket  a raw loopback TCP socket, sendall of 1 MiB chunks to a recv_into thread (ceiling for tcp)
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import socket
+import threading
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+import torch
+
+from splitwise.engine.kv_cache import KVCache, KVCacheGeometry, default_shm_name
+from splitwise.transfer import create_initiator, create_target
+
+NUM_LAYERS = 4
+NUM_KV_HEADS = 8
+HEAD_DIM = 128
+DTYPE = "bfloat16"  # 8 heads x 128 x 2 B = 2 KiB per token
+BLOCK_TOKENS = [2, 8, 32, 128, 512, 2048]  # 4 KiB .. 4 MiB per block
+
+
+def geometry_for(block_tokens: int, total_bytes: int) -> KVCacheGeometry:
+    bytes_per_block = block_tokens * NUM_KV_HEADS * HEAD_DIM * 2
+    num_blocks = max(2, total_bytes // (2 * NUM_LAYERS * bytes_per_block))
+    return KVCacheGeometry(NUM_LAYERS, num_blocks, block_tokens, NUM_KV_HEADS, HEAD_DIM, DTYPE)
+
+
+def d_process(protocol: str, geometry: KVCacheGeometry, pipe: Connection) -> None:
+    kv = KVCache(geometry, shm_name=default_shm_name("splitwise-bench") if protocol == "ipc" else None)
+    target = create_target(protocol)
+    target.register(kv)
+    pipe.send(target.endpoint())
+    while True:
+        cmd = pipe.recv()
+        if cmd[0] == "expect":
+            target.expect(cmd[1], cmd[2])
+            pipe.send("ok")
+        elif cmd[0] == "forget":
+            target.forget(cmd[1])
+            pipe.send("ok")
+        else:
+            break
+    target.close()
+    kv.close()
+
+
+def measure_transport(protocol: str, geometry: KVCacheGeometry, repeats: int) -> dict[str, float]:
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=d_process, args=(protocol, geometry, child), daemon=True)
+    proc.start()
+    endpoint = parent.recv()
+    kv = KVCache(geometry)
+    kv.tensor.copy_(torch.randn(geometry.shape).to(geometry.torch_dtype))
+    initiator = create_initiator(protocol)
+    initiator.register(kv)
+    initiator.connect("d", endpoint)
+    n = geometry.num_blocks
+    layouts = {"contig": list(range(n)), "scatter": torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()}
+    results: dict[str, float] = {}
+    for name, dst in layouts.items():
+        best = float("inf")
+        for rep in range(repeats):
+            req_id = f"{name}-{rep}"
+            parent.send(("expect", req_id, dst))
+            parent.recv()
+            start = time.perf_counter()
+            for layer in range(geometry.num_layers):
+                initiator.write_layer("d", req_id, layer, list(range(n)), dst)
+            initiator.finish("d", req_id)
+            status = initiator.wait(req_id, 120.0)
+            elapsed = time.perf_counter() - start
+            if not status.is_done:
+                raise RuntimeError(f"{protocol} {name}: {status}")
+            best = min(best, elapsed)
+            initiator.forget(req_id)
+            parent.send(("forget", req_id))
+            parent.recv()
+        results[name] = geometry.total_bytes / best / 1e9
+    initiator.close()
+    parent.send(("exit",))
+    proc.join(timeout=30)
+    return results
+
+
+def measure_memcpy(num_bytes: int, repeats: int) -> float:
+    src = torch.randint(0, 255, (num_bytes,), dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return num_bytes / best / 1e9
+
+
+def measure_socket(num_bytes: int, repeats: int, chunk_bytes: int = 1 << 20) -> float:
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    sink = memoryview(bytearray(chunk_bytes))
+
+    def receive(sock: socket.socket, total: int) -> None:
+        while total > 0:
+            got = sock.recv_into(sink[: min(chunk_bytes, total)])
+            if got == 0:
+                raise ConnectionError("sender closed early")
+            total -= got
+
+    payload = memoryview(bytearray(chunk_bytes))
+    sender = socket.create_connection(("127.0.0.1", port))
+    receiver, _ = listener.accept()
+    best = float("inf")
+    for _ in range(repeats):
+        thread = threading.Thread(target=receive, args=(receiver, num_bytes))
+        start = time.perf_counter()
+        thread.start()
+        left = num_bytes
+        while left > 0:
+            sender.sendall(payload[: min(chunk_bytes, left)])
+            left -= chunk_bytes
+        thread.join()
+        best = min(best, time.perf_counter() - start)
+    for sock in (sender, receiver, listener):
+        sock.close()
+    return num_bytes / best / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--total-mib", type=int, default=64, help="KV bytes per measurement (all layers, K+V)")
+    parser.add_argument("--repeats", type=int, default=3, help="best of N")
+    args = parser.parse_args()
+    total = args.total_mib << 20
+    memcpy = measure_memcpy(total, args.repeats)
+    raw_socket = measure_socket(total, args.repeats)
+    print(f"{args.total_mib} MiB per measurement, {NUM_LAYERS} layers, best of {args.repeats}; GB/s = 1e9 B/s")
+    print(f"reference: memcpy (torch copy_) {memcpy:6.2f} GB/s   raw loopback socket {raw_socket:6.2f} GB/s")
+    header = f"{'block':>8} {'blocks':>7} | {'ipc contig':>10} {'ipc scatter':>11} | {'tcp contig':>10} {'tcp scatter':>11}"
+    print(header)
+    print("-" * len(header))
+    for tokens in BLOCK_TOKENS:
+        geometry = geometry_for(tokens, total)
+        row: dict[str, Any] = {p: measure_transport(p, geometry, args.repeats) for p in ("ipc", "tcp")}
+        size = geometry.bytes_per_block
+        label = f"{size >> 10} KiB" if size < 1 << 20 else f"{size >> 20} MiB"
+        print(f"{label:>8} {geometry.num_blocks:>7} | {row['ipc']['contig']:>10.2f} {row['ipc']['scatter']:>11.2f} | "
+              f"{row['tcp']['contig']:>10.2f} {row['tcp']['scatter']:>11.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""A local cluster as child processes: redis-server plus N prefill and M decode instances.
+
+Used by `splitwise up`, the end-to-end tests and `splitwise bench compare`. Every child is started
+with its own ready file; ``wait_ready`` waits for each ready file and a 200 from its /health.
+``stop`` terminates every child (SIGTERM, then SIGKILL after a grace period) and removes temp
+files, so nothing is left running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from splitwise.errors import SplitwiseError
+from splitwise.testing.redis_server import RedisServer
+
+
+class ClusterError(SplitwiseError):
+    pass
+
+
+@dataclass
+class Child:
+    name: str
+    role: str
+    process: subprocess.Popen[bytes]
+    ready_file: Path
+    log_file: Path
+    info: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def base_url(self) -> str:
+        return str(self.info.get("base_url", ""))
+
+    @property
+    def http_port(self) -> int:
+        return int(self.info.get("http_port", 0))  # type: ignore[call-overload]
+
+
+@dataclass
+class ClusterSpec:
+    model: str | None = None
+    num_prefill: int = 1
+    num_decode: int = 1
+    num_mixed: int = 0
+    port: int = 0  # HTTP port of the first decode (or mixed) instance, the "entry" one
+    transfer: str = "ipc"
+    scheduler_host: str | None = None
+    scheduler_port: int = 6379
+    topic: str = "splitwise"
+    threads_per_instance: int | None = None
+    extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.num_prefill < 0 or self.num_decode < 0 or self.num_mixed < 0:
+            raise ValueError("--prefill/--decode: counts must be >= 0")
+        if self.num_mixed == 0 and (self.num_prefill < 1 or self.num_decode < 1):
+            raise ValueError("--prefill/--decode: a disaggregated cluster needs at least 1 prefill and 1 decode instance")
+        if self.transfer not in ("ipc", "tcp", "rdma"):
+            raise ValueError(f"--transfer: {self.transfer!r} is not one of ipc, tcp, rdma")
+
+
+class LocalCluster:
+    def __init__(self, spec: ClusterSpec, *, log_dir: Path | None = None) -> None:
+        self.spec = spec
+        self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="splitwise-cluster-"))
+        self.redis: RedisServer | None = None
+        self.children: list[Child] = []
+
+    @property
+    def scheduler_address(self) -> tuple[str, int]:
+        if self.redis is not None:
+            return self.redis.host, self.redis.port
+        assert self.spec.scheduler_host is not None
+        return self.spec.scheduler_host, self.spec.scheduler_port
+
+    @property
+    def entry(self) -> Child:
+        """The instance whose URL is printed (first decode, else first mixed)."""
+        for role in ("decode", "mixed", "prefill"):
+            for child in self.children:
+                if child.role == role:
+                    return child
+        raise ClusterError("the cluster has no instances")
+
+    def start(self) -> None:
+        if self.spec.scheduler_host is None:
+            self.redis = RedisServer().start()
+        roles = ["prefill"] * self.spec.num_prefill + ["decode"] * self.spec.num_decode + ["mixed"] * self.spec.num_mixed
+        threads = self.spec.threads_per_instance or max(1, (os.cpu_count() or 1) // max(1, len(roles)))
+        counts: dict[str, int] = {}
+        entry_assigned = False
+        for role in sorted(roles, key=lambda r: {"decode": 0, "mixed": 1, "prefill": 2}[r]):
+            index = counts.get(role, 0)
+            counts[role] = index + 1
+            port = 0
+            if not entry_assigned and role in ("decode", "mixed"):
+                port, entry_assigned = self.spec.port, True
+            self.children.append(self._spawn(f"{role}-{index}", role, port, threads))
+
+    def _spawn(self, name: str, role: str, port: int, threads: int) -> Child:
+        host, sport = self.scheduler_address
+        ready = self.log_dir / f"{name}.ready.json"
+        log_path = self.log_dir / f"{name}.log"
+        args = [
+            sys.executable, "-m", "splitwise.cli", "--log-level", "INFO", "serve",
+            "--splitwise-role", role, "--port", str(port), "--node-id", name,
+            "--scheduler-name", "splitwise", "--scheduler-host", host, "--scheduler-port", str(sport),
+            "--scheduler-topic", self.spec.topic, "--cache-transfer-protocol", _protocols(self.spec.transfer),
+            "--torch-threads", str(threads), "--ready-file", str(ready),
+        ]
+        if self.spec.model:
+            args += ["--model", self.spec.model]
+        args += self.spec.extra_args
+        env = {**os.environ, **self.spec.env, "OMP_NUM_THREADS": str(threads)}
+        with open(log_path, "wb") as log_fh:
+            process = subprocess.Popen(args, stdout=log_fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        return Child(name, role, process, ready, log_path)
+
+    def wait_ready(
+        self,
+        timeout_s: float = 600.0,
+        progress: Callable[[Child, float], None] | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> bool:
+        """Wait for every child's ready file and /health == 200; raise ClusterError with the child's
+        log tail if one exits or the timeout passes. False when ``should_stop`` said so first."""
+        start = time.monotonic()
+        pending = list(self.children)
+        while pending:
+            if should_stop():
+                return False
+            for child in list(pending):
+                code = child.process.poll()
+                if code is not None:
+                    raise ClusterError(f"{child.name} exited with {code} while starting:\n{self.log_tail(child)}")
+                if child.ready_file.exists() and not child.info:
+                    child.info = json.loads(child.ready_file.read_text())
+                if child.info and _healthy(child.info):
+                    pending.remove(child)
+                    if progress is not None:
+                        progress(child, time.monotonic() - start)
+            if time.monotonic() - start > timeout_s:
+                names = ", ".join(c.name for c in pending)
+                raise ClusterError(f"{names} not healthy after {timeout_s:.0f}s:\n" + "\n".join(self.log_tail(c) for c in pending))
+            time.sleep(0.1)
+        return True
+
+    def log_tail(self, child: Child, lines: int = 25) -> str:
+        try:
+            text = child.log_file.read_text(errors="replace").splitlines()
+        except OSError:
+            return f"({child.name}: no log)"
+        return f"--- {child.name} ({child.log_file}) ---\n" + "\n".join(text[-lines:])
+
+    def dead_children(self) -> list[Child]:
+        return [c for c in self.children if c.process.poll() is not None]
+
+    def kill(self, child: Child) -> None:
+        """SIGKILL one instance (failure tests)."""
+        if child.process.poll() is None:
+            child.process.send_signal(signal.SIGKILL)
+            child.process.wait()
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        for child in self.children:
+            if child.process.poll() is None:
+                child.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for child in self.children:
+            remaining = max(0.1, deadline - time.monotonic())
+            try:
+                child.process.wait(timeout=remaining)
+            except subprocess.TimeoutExpired:
+                child.process.kill()
+                child.process.wait()
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+
+
+def _protocols(transfer: str) -> str:
+    return {"ipc": "ipc,tcp", "tcp": "tcp", "rdma": "rdma,tcp"}[transfer]
+
+
+def _healthy(info: dict[str, object]) -> bool:
+    url = str(info.get("base_url", "")).removesuffix("/v1") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - loopback URL we built
+            return bool(resp.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False

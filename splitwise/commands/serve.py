@@ -1,0 +1,157 @@
+"""`splitwise serve`: one instance (mixed, prefill or decode) with FastDeploy's launch flags.
+
+Also reachable as ``python -m splitwise.entrypoints.api_server``. This is the instance process's
+error boundary: bad flags exit 2 naming the flag; start-up failures (model, Redis) exit 1 with
+the reason; SIGINT/SIGTERM shut down cleanly (deregister, close listeners, free shared memory).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from typing import Any
+
+import click
+
+from scheduler.config import SchedulerConfig, scheduler_options
+from splitwise.commands.options import resolve_model
+
+
+def _instance_config(opts: dict[str, Any]) -> Any:
+    from splitwise.engine.config import EngineConfig
+    from splitwise.instance.config import InstanceConfig, parse_ports
+    from splitwise.transfer.registry import parse_protocols
+
+    model_dir = resolve_model(opts["model"], default_size=opts["default_model_size"])
+    engine = EngineConfig(
+        model=str(model_dir),
+        dtype=opts["dtype"],
+        device=opts["device"],
+        block_size=opts["block_size"],
+        num_kv_blocks=opts["num_kv_blocks"],
+        kv_cache_memory_bytes=int(opts["kv_cache_memory_gb"] * (1 << 30)),
+        max_model_len=opts["max_model_len"],
+        max_num_seqs=opts["max_num_seqs"],
+        max_num_batched_tokens=opts["max_num_batched_tokens"],
+        enable_prefix_caching=opts["enable_prefix_caching"],
+        seed=opts["seed"],
+    )
+    return InstanceConfig(
+        engine=engine,
+        scheduler=SchedulerConfig.from_options(opts),
+        role=opts["splitwise_role"],
+        host=opts["host"],
+        port=opts["port"],
+        metrics_port=opts["metrics_port"],
+        pd_comm_port=opts["pd_comm_port"],
+        cache_transfer_protocols=parse_protocols(opts["cache_transfer_protocol"]),
+        rdma_comm_ports=parse_ports(opts["rdma_comm_ports"], "--rdma-comm-ports"),
+        kv_transfer_port=opts["kv_transfer_port"],
+        cluster_token=opts["cluster_token"],
+        api_key=opts["api_key"],
+        served_model_name=opts["served_model_name"],
+        pd_fallback=opts["pd_fallback"],
+        transfer_timeout_s=opts["transfer_timeout"],
+        node_id=opts["node_id"],
+    )
+
+
+@click.command("serve")
+@click.option("--model", default=None, help="Local Hugging Face model directory (default: the built-in model).")
+@click.option("--default-model-size", type=click.Choice(["tiny", "small"]), default="small", show_default=True,
+              help="Which built-in model to use when --model is left out.")
+@click.option("--served-model-name", default=None, help="Model id clients use (default: the directory name).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Bind and advertised address.")
+@click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True, help="HTTP port (0: a free port, reported).")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None, help="Separate Prometheus port (default: /metrics on --port).")
+@click.option("--splitwise-role", type=click.Choice(["mixed", "prefill", "decode"]), default="mixed", show_default=True)
+@scheduler_options
+@click.option("--cache-transfer-protocol", default="ipc,tcp", show_default=True,
+              help="Preference list of KV transfer protocols (ipc, rdma, tcp), as in FastDeploy.")
+@click.option("--rdma-comm-ports", default=None, help="Comma list of RDMA listener ports (decode).")
+@click.option("--pd-comm-port", type=click.IntRange(0, 65535), default=0, show_default=True, help="P<->D control channel port.")
+@click.option("--kv-transfer-port", type=click.IntRange(0, 65535), default=0, show_default=True, help="tcp transport listener port (decode).")
+@click.option("--cluster-token", default=None, help="Shared secret for P<->D connections (or env SPLITWISE_CLUSTER_TOKEN; default: a random per-topic token in Redis).")
+@click.option("--api-key", default=None, envvar="SPLITWISE_API_KEY", help="Require 'Authorization: Bearer KEY' (or env SPLITWISE_API_KEY).")
+@click.option("--pd-fallback", type=click.Choice(["local", "fail"]), default="local", show_default=True,
+              help="When the remote prefill fails: prefill on the decode node, or fail the request.")
+@click.option("--transfer-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True, help="Seconds for a remote prefill + KV transfer.")
+@click.option("--max-model-len", type=click.IntRange(min=1), default=None, help="Context length (default: the model's).")
+@click.option("--block-size", type=click.IntRange(min=1), default=16, show_default=True, help="Tokens per KV block (power of two).")
+@click.option("--num-kv-blocks", type=click.IntRange(min=1), default=None, help="KV blocks (default: from --kv-cache-memory-gb).")
+@click.option("--kv-cache-memory-gb", type=click.FloatRange(min=0, min_open=True), default=0.5, show_default=True)
+@click.option("--max-num-seqs", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--max-num-batched-tokens", type=click.IntRange(min=1), default=2048, show_default=True, help="Token budget per step (the prefill chunk size).")
+@click.option("--enable-prefix-caching/--no-enable-prefix-caching", default=True, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--torch-threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch (default: torch's choice).")
+@click.option("--node-id", default=None, help="Stable node id (default: role + random suffix).")
+@click.option("--ready-file", default=None, type=click.Path(dir_okay=False), help="Write a JSON line with the ports here once serving.")
+def serve(**opts: Any) -> None:
+    """Serve the OpenAI API from one instance (`--splitwise-role mixed|prefill|decode`).
+
+    Without --scheduler-name, a mixed instance schedules locally (no Redis) and prefill/decode
+    instances use the Redis-coordinated splitwise scheduler.
+    """
+    from splitwise.instance.instance import Instance
+
+    if "scheduler_name" not in _explicit(opts):
+        # FastDeploy's default: one mixed instance schedules locally; P/D roles need Redis.
+        opts["scheduler_name"] = "local" if opts["splitwise_role"] == "mixed" else "splitwise"
+    try:
+        config = _instance_config(opts)
+    except ValueError as exc:
+        flag = str(exc).split(":", 1)[0] if str(exc).startswith("--") else None
+        raise click.BadParameter(str(exc), param_hint=flag) from None
+    if os.environ.get("KVCACHE_RDMA_NICS") is None and "rdma" in config.cache_transfer_protocols:
+        try:
+            from rdma.nics import resolve_nics
+
+            nics = resolve_nics()
+            if nics:
+                os.environ["KVCACHE_RDMA_NICS"] = ",".join(nics)
+        except Exception as exc:  # noqa: BLE001 - reported; rdma is then skipped with its reason
+            click.echo(f"warning: RDMA NIC detection failed: {exc}", err=True)
+    if opts["torch_threads"]:
+        import torch
+
+        torch.set_num_threads(opts["torch_threads"])
+    asyncio.run(_run(Instance(config), opts["ready_file"]))
+
+
+def _explicit(opts: dict[str, Any]) -> set[str]:
+    ctx = click.get_current_context()
+    return {name for name in opts if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE}
+
+
+async def _run(instance: Any, ready_file: str | None) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, instance.request_stop)
+    try:
+        await instance.start()
+    except BaseException:
+        await instance.close()
+        raise
+    ports = {
+        "node_id": instance.node_id,
+        "role": instance.config.role,
+        "http_port": instance.ports.http,
+        "pd_comm_port": instance.ports.pd_comm,
+        "metrics_port": instance.ports.metrics,
+        "base_url": f"http://{instance.config.host}:{instance.ports.http}/v1",
+    }
+    click.echo(json.dumps(ports), err=False)
+    sys.stdout.flush()
+    if ready_file:
+        tmp = ready_file + ".tmp"
+        with open(tmp, "w") as fh:
+            fh.write(json.dumps(ports) + "\n")
+        os.replace(tmp, ready_file)
+    await instance.wait_stopped()
+    await instance.close()

@@ -1,0 +1,90 @@
+"""`splitwise up`: a local P/D cluster in one command.
+
+Starts its own redis-server (unless --scheduler-host is given), N prefill and M decode instances,
+shows progress while they load, prints the OpenAI base URL once every instance is healthy, and
+shuts everything down (children included) on Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from types import FrameType
+
+import click
+
+from splitwise.cluster import Child, ClusterError, ClusterSpec, LocalCluster
+
+
+@click.command("up")
+@click.option("--model", default=None, help="Local model directory (default: the built-in `small` model).")
+@click.option("--prefill", "num_prefill", type=click.IntRange(min=1), default=1, show_default=True, help="Prefill instances.")
+@click.option("--decode", "num_decode", type=click.IntRange(min=1), default=1, show_default=True, help="Decode instances.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="HTTP port of the entry (first decode) instance.")
+@click.option("--transfer", type=click.Choice(["ipc", "tcp", "rdma"]), default="ipc", show_default=True, help="KV transfer protocol between P and D.")
+@click.option("--scheduler-host", default=None, help="Use this Redis instead of starting one.")
+@click.option("--scheduler-port", type=click.IntRange(1, 65535), default=6379, show_default=True)
+@click.option("--scheduler-topic", default="splitwise", show_default=True)
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=900.0, show_default=True, help="Seconds to wait for every instance.")
+def up(model: str | None, num_prefill: int, num_decode: int, port: int, transfer: str, scheduler_host: str | None,
+       scheduler_port: int, scheduler_topic: str, timeout_s: float) -> None:
+    """Start a local cluster: redis-server, N prefill and M decode instances."""
+    try:
+        spec = ClusterSpec(model=model, num_prefill=num_prefill, num_decode=num_decode, port=port, transfer=transfer,
+                           scheduler_host=scheduler_host, scheduler_port=scheduler_port, topic=scheduler_topic)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if model is None:
+        # Build the built-in model once here, so N instances do not race to generate it.
+        from splitwise.engine.tiny_model import default_model_dir
+
+        click.echo("preparing the built-in `small` model ...", err=True)
+        spec.model = str(default_model_dir("small"))
+    cluster = LocalCluster(spec)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    code = 0
+    try:
+        cluster.start()
+        if cluster.redis is not None:
+            click.echo(f"redis-server on {cluster.redis.host}:{cluster.redis.port}", err=True)
+        names = ", ".join(c.name for c in cluster.children)
+        click.echo(f"starting {names} (logs in {cluster.log_dir}) ...", err=True)
+
+        def progress(child: Child, elapsed: float) -> None:
+            click.echo(f"  {child.name:<10} ready in {elapsed:5.1f}s  {child.base_url}", err=True)
+
+        if not cluster.wait_ready(timeout_s, progress, should_stop=stop.is_set):
+            click.echo("interrupted; shutting down", err=True)
+            return
+        entry = cluster.entry
+        click.echo(f"OpenAI base URL: {entry.base_url}")
+        click.echo(f"try: curl {entry.base_url}/completions -H 'Content-Type: application/json' "
+                   f"-d '{{\"prompt\": \"Hello\", \"max_tokens\": 16}}'", err=True)
+        sys.stdout.flush()
+        while not stop.is_set():
+            dead = cluster.dead_children()
+            if dead:
+                for child in dead:
+                    click.echo(f"{child.name} exited unexpectedly with {child.process.returncode}\n{cluster.log_tail(child)}", err=True)
+                code = 1
+                break
+            stop.wait(0.5)
+        click.echo("shutting down", err=True)
+    except ClusterError as exc:
+        click.echo(f"error: {exc}", err=True)
+        code = 1
+    finally:
+        started = time.monotonic()
+        cluster.stop()
+        click.echo(f"stopped ({time.monotonic() - started:.1f}s)", err=True)
+    if code:
+        sys.exit(code)
+

@@ -1,0 +1,1 @@
+"""Module entry points (`python -m splitwise.entrypoints.api_server`)."""

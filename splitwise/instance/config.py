@@ -1,0 +1,94 @@
+"""Frozen, validated configuration of one instance (`splitwise serve`). Errors name the flag."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+from scheduler.config import SchedulerConfig
+from splitwise.engine.config import EngineConfig
+
+ROLES = ("mixed", "prefill", "decode")
+TRANSFER_PROTOCOLS = ("ipc", "rdma", "tcp")
+PD_FALLBACKS = ("local", "fail")
+
+
+def parse_protocols(value: str) -> tuple[str, ...]:
+    """`--cache-transfer-protocol rdma,ipc` -> ("rdma", "ipc"): a preference list, as in FastDeploy."""
+    names = tuple(p.strip() for p in value.split(",") if p.strip())
+    if not names:
+        raise ValueError("--cache-transfer-protocol: give at least one of ipc, rdma, tcp")
+    unknown = [p for p in names if p not in TRANSFER_PROTOCOLS]
+    if unknown:
+        raise ValueError(f"--cache-transfer-protocol: unknown {unknown}; expected a comma list of {list(TRANSFER_PROTOCOLS)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"--cache-transfer-protocol: {value!r} repeats a protocol")
+    return names
+
+
+def parse_ports(value: str | None, flag: str) -> tuple[int, ...]:
+    if not value:
+        return ()
+    try:
+        ports = tuple(int(p) for p in value.split(",") if p.strip())
+    except ValueError:
+        raise ValueError(f"{flag}: {value!r} is not a comma list of port numbers") from None
+    bad = [p for p in ports if not 0 <= p < 65536]
+    if bad:
+        raise ValueError(f"{flag}: {bad} are not TCP ports")
+    return ports
+
+
+@dataclass(frozen=True)
+class InstanceConfig:
+    engine: EngineConfig
+    scheduler: SchedulerConfig
+    role: str = "mixed"
+    host: str = "127.0.0.1"  # bind and advertised address of every listener
+    port: int = 0  # HTTP; 0 = a free port, reported at start
+    metrics_port: int | None = None  # None: /metrics on the HTTP port only
+    pd_comm_port: int = 0
+    cache_transfer_protocols: tuple[str, ...] = ("ipc", "tcp")
+    rdma_comm_ports: tuple[int, ...] = ()
+    kv_transfer_port: int = 0  # the tcp transport's listener on a decode node
+    cluster_token: str | None = None
+    api_key: str | None = None
+    served_model_name: str | None = None
+    pd_fallback: str = "local"  # P lost / transfer failed: "local" prefill on D, or "fail" the request
+    transfer_timeout_s: float = 60.0
+    max_waiting_for_blocks: int = 256  # decode: bounded queue of requests waiting for KV blocks
+    decode_headroom_tokens: int = 16  # decode: reserve prompt + this many tokens of KV up front
+    node_id: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"--splitwise-role: {self.role!r} is not one of {list(ROLES)}")
+        if self.role != "mixed" and self.scheduler.scheduler_name != "splitwise":
+            raise ValueError(
+                f"--splitwise-role {self.role} needs --scheduler-name splitwise (the local scheduler serves one mixed instance)"
+            )
+        for flag, port in (("--port", self.port), ("--pd-comm-port", self.pd_comm_port), ("--kv-transfer-port", self.kv_transfer_port)):
+            if not 0 <= port < 65536:
+                raise ValueError(f"{flag}: {port} is not a TCP port")
+        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"--metrics-port: {self.metrics_port} is not a TCP port")
+        bad = [p for p in self.cache_transfer_protocols if p not in TRANSFER_PROTOCOLS]
+        if bad or not self.cache_transfer_protocols:
+            raise ValueError(f"--cache-transfer-protocol: {list(self.cache_transfer_protocols)} must be some of {list(TRANSFER_PROTOCOLS)}")
+        if self.pd_fallback not in PD_FALLBACKS:
+            raise ValueError(f"--pd-fallback: {self.pd_fallback!r} is not one of {list(PD_FALLBACKS)}")
+        if self.transfer_timeout_s <= 0:
+            raise ValueError(f"--transfer-timeout: {self.transfer_timeout_s} must be > 0 seconds")
+        if self.max_waiting_for_blocks < 1:
+            raise ValueError(f"--max-waiting-for-blocks: {self.max_waiting_for_blocks} must be >= 1")
+        if self.decode_headroom_tokens < 0:
+            raise ValueError(f"--decode-headroom-tokens: {self.decode_headroom_tokens} must be >= 0")
+
+    @property
+    def model_id(self) -> str:
+        return self.served_model_name or os.path.basename(os.path.normpath(self.engine.model))
+
+    def with_engine(self, **changes: object) -> InstanceConfig:
+        return dataclasses.replace(self, engine=dataclasses.replace(self.engine, **changes))  # type: ignore[arg-type]

@@ -1,0 +1,212 @@
+"""Decode side of a disaggregated request (D drives; see docs/architecture.md steps 4-7).
+
+    reserve blocks (bounded wait) -> target.expect -> PrefillTask to P -> PrefillResult
+    -> every layer landed? -> admit with the first token -> decode (NodeRuntime streams it)
+
+Failure (P unreachable, P reports failure, transfer failed or timed out): with ``--pd-fallback
+local`` the request is prefilled here instead, logged and counted; with ``fail`` it fails with
+an explicit error. The reservation of a failed transfer is released only once P can no longer
+write into it (P acknowledged the cancel, or P's connection is gone): one-sided writes (ipc,
+rdma) would otherwise land in blocks another request already uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from typing import Any
+
+from scheduler.messages import WorkItem
+from splitwise.engine.errors import EngineError, OutOfBlocksError
+from splitwise.engine.outputs import RequestOutput
+from splitwise.engine.sampling_params import SamplingParams
+from splitwise.errors import SplitwiseError
+from splitwise.instance.config import InstanceConfig
+from splitwise.instance.engine_worker import EngineWorker
+from splitwise.instance.pd_channel import PDChannel
+from splitwise.logging import get_logger
+from splitwise.transfer.base import TransferCounters, TransportTarget
+from splitwise.transfer.control_connection import ControlConnection
+from splitwise.transfer.messages import CallMessage, CancelRequest, PrefillFailed, PrefillResult, PrefillTask
+
+log = get_logger(__name__)
+
+_RESERVE_POLL_S = (0.005, 0.2)  # back-off bounds while waiting for free blocks (never a busy loop)
+
+
+class PrefillUnavailable(SplitwiseError):
+    """The remote prefill did not produce usable KV (P lost, refused, failed, or transfer failed)."""
+
+    retryable = True
+
+
+class DecodeCapacityError(EngineError):
+    """Too many requests already wait for KV blocks on this decode node."""
+
+    retryable = True
+
+
+@dataclasses.dataclass
+class _Pending:
+    future: asyncio.Future[PrefillResult]
+    peer_id: str
+    started_s: float
+
+
+class DecodeFlow:
+    def __init__(
+        self,
+        config: InstanceConfig,
+        worker: EngineWorker,
+        channel: PDChannel,
+        targets: dict[str, TransportTarget],
+        counters: TransferCounters,
+    ) -> None:
+        self.config = config
+        self.worker = worker
+        self.channel = channel
+        self.targets = targets
+        self.counters = counters
+        self._pending: dict[str, _Pending] = {}
+        self.num_waiting_for_blocks = 0
+        self._background: set[asyncio.Task[None]] = set()
+
+    # -- NodeRuntime's DisaggDecoder ----------------------------------------------------------
+
+    async def start_request(self, item: WorkItem, prompt: list[int], params: SamplingParams) -> asyncio.Queue[RequestOutput]:
+        req_id = item.req_id
+        await self.worker.call(lambda e: e.validate_prompt(prompt, req_id=req_id))
+        block_ids = await self._reserve(req_id, len(prompt) + self.config.decode_headroom_tokens)
+        started = time.monotonic()
+        try:
+            first = await self._remote_prefill(item, prompt, params, block_ids)
+        except (PrefillUnavailable, SplitwiseError) as exc:
+            return await self._fallback(item, prompt, params, exc)
+        self.counters.incr("transfers_ok")
+        self.counters.incr("transfer_latency_ms", int((time.monotonic() - started) * 1000))
+        log.info("remote prefill landed", peer=item.assignment.prefill_node_id, protocol=item.assignment.protocol,
+                 num_blocks=len(block_ids), ms=round((time.monotonic() - started) * 1000, 1))
+        out_q = self.worker.attach(req_id)
+
+        def admit(engine: Any) -> None:
+            first_out = engine.add_prefilled_request(req_id, prompt, params, first.first_token_id, first.logprob)
+            self.worker.deliver_from_engine_thread([first_out])
+
+        await self.worker.call(admit)
+        return out_q
+
+    def cancel(self, req_id: str) -> None:
+        pending = self._pending.get(req_id)
+        if pending is not None and not pending.future.done():
+            pending.future.set_exception(PrefillUnavailable("cancelled", req_id=None))
+
+    # -- messages from P (event loop) ---------------------------------------------------------
+
+    def on_message(self, conn: ControlConnection, message: CallMessage) -> None:
+        pending = self._pending.get(message.req_id)
+        if pending is None or pending.future.done():
+            self.counters.incr("late_prefill_replies")
+            return
+        if isinstance(message, PrefillResult):
+            pending.future.set_result(message)
+        elif isinstance(message, PrefillFailed):
+            pending.future.set_exception(PrefillUnavailable(f"prefill node failed: {message.reason}"))
+
+    def on_peer_lost(self, peer_id: str) -> None:
+        for pending in self._pending.values():
+            if pending.peer_id == peer_id and not pending.future.done():
+                pending.future.set_exception(PrefillUnavailable(f"lost the control connection to prefill node {peer_id}"))
+
+    # -- steps --------------------------------------------------------------------------------
+
+    async def _reserve(self, req_id: str, num_tokens: int) -> list[int]:
+        """Reserve KV blocks, waiting (bounded queue, backing off) while the node is full."""
+        if self.num_waiting_for_blocks >= self.config.max_waiting_for_blocks:
+            raise DecodeCapacityError(
+                f"{self.num_waiting_for_blocks} requests already wait for KV blocks on this decode node", req_id=req_id
+            )
+        delay = _RESERVE_POLL_S[0]
+        self.num_waiting_for_blocks += 1
+        try:
+            while True:
+                try:
+                    return await self.worker.call(lambda e: e.reserve(req_id, num_tokens))
+                except OutOfBlocksError:
+                    self.counters.incr("reserve_waits")
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, _RESERVE_POLL_S[1])
+        finally:
+            self.num_waiting_for_blocks -= 1
+
+    async def _remote_prefill(
+        self, item: WorkItem, prompt: list[int], params: SamplingParams, block_ids: list[int]
+    ) -> PrefillResult:
+        a = item.assignment
+        req_id = item.req_id
+        protocol = a.protocol or "tcp"
+        target = self.targets.get(protocol)
+        if target is None:
+            raise PrefillUnavailable(f"this decode node offers no {protocol!r} transport")
+        num_prompt_blocks = -(-len(prompt) // self.worker.engine.config.block_size)
+        dst = block_ids[:num_prompt_blocks]
+        target.expect(req_id, dst, timeout_s=self.config.transfer_timeout_s)
+        future: asyncio.Future[PrefillResult] = asyncio.get_running_loop().create_future()
+        self._pending[req_id] = _Pending(future, a.prefill_node_id, time.monotonic())
+        conn: ControlConnection | None = None
+        try:
+            conn = await self.channel.connection_to(a.prefill_node_id, a.prefill_host, a.prefill_pd_comm_port)
+            task = PrefillTask(
+                call_id=0, req_id=req_id, prompt_token_ids=prompt, sampling_params=_params_dict(params),
+                dst_block_ids=dst, protocol=protocol, endpoint=target.endpoint(),
+            )
+            await self.channel.call(conn, task)
+            result = await asyncio.wait_for(future, self.config.transfer_timeout_s)
+            status = target.poll(req_id)
+            if not status.is_done:
+                raise PrefillUnavailable(f"KV transfer not complete: {status.state.value} {status.reason or ''}".strip())
+            target.forget(req_id)
+            return result
+        except BaseException:
+            target.forget(req_id)
+            self._retire_reservation(req_id, conn)
+            raise
+        finally:
+            self._pending.pop(req_id, None)
+
+    async def _fallback(self, item: WorkItem, prompt: list[int], params: SamplingParams, exc: BaseException) -> asyncio.Queue[RequestOutput]:
+        self.counters.incr("transfer_failures")
+        if self.config.pd_fallback == "fail":
+            log.warning("remote prefill failed; failing the request (--pd-fallback fail)", error=str(exc))
+            raise PrefillUnavailable(f"remote prefill failed: {exc}") from None
+        self.counters.incr("fallbacks")
+        log.warning("remote prefill failed; prefilling locally (--pd-fallback local)", error=str(exc),
+                    peer=item.assignment.prefill_node_id)
+        return self.worker.submit(item.req_id, prompt, params)
+
+    def _retire_reservation(self, req_id: str, conn: ControlConnection | None) -> None:
+        """Release the reservation once P can no longer write into it."""
+
+        async def retire() -> None:
+            if conn is not None and not conn.is_closed:
+                try:
+                    await self.channel.call(conn, CancelRequest(call_id=0, req_id=req_id, reason="decode gave up"))
+                except SplitwiseError as exc:
+                    # No answer: P is gone or wedged. Closing the connection is what makes P stop.
+                    log.warning("prefill node did not confirm the cancel; closing its connection", error=str(exc))
+                    conn.close("cancel not confirmed")
+            try:
+                await self.worker.call(lambda e: e.release_reservation(req_id))
+            except EngineError:
+                pass  # already released (e.g. the request was aborted meanwhile)
+
+        task = asyncio.get_running_loop().create_task(retire())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+def _params_dict(params: SamplingParams) -> dict[str, Any]:
+    raw = dataclasses.asdict(params)
+    raw["stop"] = list(params.stop)
+    raw["stop_token_ids"] = list(params.stop_token_ids)
+    return raw

@@ -1,0 +1,82 @@
+"""The instance's HTTP server: the OpenAI app (splitwise/api) on uvicorn, in the instance's loop,
+plus a task that copies engine/transfer figures into the Prometheus gauges."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import TYPE_CHECKING, Any
+
+import uvicorn
+
+from splitwise.api.app import create_app
+from splitwise.api.metrics import ApiMetrics
+from splitwise.logging import get_logger
+
+if TYPE_CHECKING:
+    from splitwise.instance.instance import Instance
+
+log = get_logger(__name__)
+
+_METRICS_REFRESH_S = 1.0
+
+
+async def start_http_server(instance: Instance, sock: socket.socket) -> tuple[Any, asyncio.Task[None], int | None]:
+    """Serve the app on ``sock``; returns (uvicorn server, its task, metrics port or None)."""
+    assert instance.engine is not None
+    engine = instance.engine
+    metrics = ApiMetrics()
+    instance.metrics = metrics  # type: ignore[attr-defined]
+    metrics.add_counters_source("splitwise_transfer_events", instance.counters.snapshot,
+                                "P/D transfer events (transfers_ok, transfer_failures, fallbacks, reserve_waits, ...).")
+    for name, side in (("splitwise_scheduler_frontend_events", instance.frontend), ("splitwise_scheduler_node_events", instance.node)):
+        stats = getattr(side, "stats", None)
+        if stats is not None and hasattr(stats, "snapshot"):
+            metrics.add_counters_source(name, stats.snapshot, "Scheduler events (submitted, redispatched, expired, ...).")
+    app = create_app(
+        frontend=instance.frontend,
+        tokenizer=engine.tokenizer,
+        model_id=instance.config.model_id,
+        max_model_len=engine.max_model_len,
+        is_ready=instance.is_ready,
+        metrics=metrics,
+        api_key=instance.config.api_key,
+        eos_token_ids=sorted(engine.stop_checker.eos_token_ids),
+    )
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # the instance owns signals
+    task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]), name="http")
+    asyncio.get_running_loop().create_task(_refresh_metrics(instance, metrics), name="metrics-refresh")
+    metrics_port = None
+    if instance.config.metrics_port is not None:
+        from prometheus_client import start_http_server as start_metrics
+
+        start_metrics(instance.config.metrics_port, addr=instance.config.host, registry=metrics.registry)
+        metrics_port = instance.config.metrics_port
+    while not server.started:
+        if task.done():
+            task.result()  # raises the start-up error
+            raise RuntimeError("HTTP server stopped during start-up")
+        await asyncio.sleep(0.01)
+    return server, task, metrics_port
+
+
+async def _refresh_metrics(instance: Instance, metrics: ApiMetrics) -> None:
+    assert instance.worker is not None and instance.engine is not None
+    stats = instance.engine.stats
+    last_prompt, last_cached = 0, 0
+    while True:
+        load = instance.worker.load
+        metrics.num_requests_running.set(load.running_requests)
+        waiting = load.waiting_requests + (instance.decode_flow.num_waiting_for_blocks if instance.decode_flow else 0)
+        metrics.num_requests_waiting.set(waiting)
+        metrics.queued_prefill_tokens.set(load.queued_prefill_tokens)
+        metrics.kv_blocks_total.set(load.total_kv_blocks)
+        metrics.kv_blocks_used.set(load.total_kv_blocks - load.free_kv_blocks)
+        metrics.kv_cache_usage.set(load.kv_usage)
+        prompt, cached = stats.num_prompt_tokens, stats.num_cached_prompt_tokens
+        if prompt > last_prompt:
+            metrics.set_prefix_cache(queried_tokens=prompt - last_prompt, hit_tokens=max(0, cached - last_cached))
+            last_prompt, last_cached = prompt, cached
+        await asyncio.sleep(_METRICS_REFRESH_S)

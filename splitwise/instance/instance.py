@@ -1,0 +1,278 @@
+"""One serving instance: assembles engine, scheduler sides, transports, control channel, HTTP.
+
+    start: load engine -> engine worker -> transports (+ endpoints) -> control channel
+           -> scheduler frontend + node agent (register) -> node runtime -> HTTP server
+    stop:  HTTP -> node runtime -> agent (deregister) -> frontend -> channel -> transports -> engine
+
+``Instance.run()`` is the process's error boundary for start-up: a bad flag or an unusable Redis
+raises a SplitwiseError/ValueError with a clear message before anything is served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import socket
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from scheduler.frontend import FrontendScheduler
+from scheduler.keys import KeySchema
+from scheduler.local import LocalScheduler
+from scheduler.messages import KVGeometry, LoadReport, NodeInfo
+from scheduler.node import NodeAgent
+from splitwise.engine.engine import LLMEngine
+from splitwise.engine.kv_cache import default_shm_name
+from splitwise.instance.cluster_token import explicit_token, token_from_redis
+from splitwise.instance.config import InstanceConfig
+from splitwise.instance.decode_flow import DecodeFlow
+from splitwise.instance.engine_worker import EngineWorker
+from splitwise.instance.node_runtime import NodeRuntime
+from splitwise.instance.pd_channel import PDChannel
+from splitwise.instance.prefill_flow import PrefillFlow
+from splitwise.logging import get_logger
+from splitwise.transfer.base import TransferCounters, TransportInitiator, TransportOptions, TransportTarget
+from splitwise.transfer.control_connection import Compatibility, ControlConnection
+from splitwise.transfer.errors import UnknownProtocolError
+from splitwise.transfer.messages import CallMessage
+from splitwise.transfer.registry import create_initiator, create_target
+
+log = get_logger(__name__)
+
+
+@dataclass
+class Ports:
+    http: int = 0
+    pd_comm: int = 0
+    metrics: int | None = None
+    transfer: dict[str, Any] = field(default_factory=dict)
+
+
+class Instance:
+    def __init__(self, config: InstanceConfig) -> None:
+        self.config = config
+        self.node_id = config.node_id or f"{config.role}-{uuid.uuid4().hex[:8]}"
+        self.ports = Ports()
+        self.counters = TransferCounters()  # transfers_ok/failures/fallbacks, reserve waits, ...
+        self.engine: LLMEngine | None = None
+        self.worker: EngineWorker | None = None
+        self.frontend: Any = None
+        self.node: Any = None
+        self.runtime: NodeRuntime | None = None
+        self.channel: PDChannel | None = None
+        self.decode_flow: DecodeFlow | None = None
+        self.prefill_flow: PrefillFlow | None = None
+        self.targets: dict[str, TransportTarget] = {}
+        self.initiators: dict[str, TransportInitiator] = {}
+        self.registered = False
+        self._http_server: Any = None
+        self._http_task: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
+
+    # -- start --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        engine_cfg = cfg.engine
+        wants_shm = cfg.role == "decode" and "ipc" in cfg.cache_transfer_protocols and engine_cfg.device == "cpu"
+        if wants_shm and engine_cfg.kv_cache_shm_name is None:
+            cfg = cfg.with_engine(kv_cache_shm_name=default_shm_name())
+        log.info("loading model", model=cfg.engine.model, role=cfg.role)
+        self.engine = await loop.run_in_executor(None, LLMEngine, cfg.engine)
+        self.worker = EngineWorker(self.engine, loop)
+        self.worker.start()
+        self._start_transports()
+        token = await self._cluster_token()
+        self._start_channel(token)
+        self._http_sock = bind_socket(cfg.host, cfg.port)  # bound early: NodeInfo carries the real port
+        self.ports.http = int(self._http_sock.getsockname()[1])
+        await self._start_scheduler()
+        self.runtime = NodeRuntime(self.node, self.worker, decoder=self.decode_flow)
+        await self.runtime.start()
+        await self._start_http()
+        log.info(
+            "instance ready",
+            node_id=self.node_id,
+            role=cfg.role,
+            http=f"http://{cfg.host}:{self.ports.http}",
+            pd_comm_port=self.ports.pd_comm,
+            transfer=list(self.targets or self.initiators),
+            scheduler=cfg.scheduler.scheduler_name,
+        )
+
+    def _start_transports(self) -> None:
+        assert self.engine is not None
+        cfg = self.config
+        if cfg.role == "mixed":
+            return
+        usable: list[str] = []
+        for index, protocol in enumerate(cfg.cache_transfer_protocols):
+            port = cfg.kv_transfer_port if protocol == "tcp" else 0
+            if protocol == "rdma" and cfg.rdma_comm_ports:
+                port = cfg.rdma_comm_ports[0]
+            options = TransportOptions(host=cfg.host, port=port)
+            try:
+                if cfg.role == "decode":
+                    target = create_target(protocol, options)
+                    target.register(self.engine.kv_cache)
+                    self.targets[protocol] = target
+                    self.ports.transfer[protocol] = target.endpoint()
+                else:
+                    initiator = create_initiator(protocol, options)
+                    initiator.register(self.engine.kv_cache)
+                    self.initiators[protocol] = initiator
+                usable.append(protocol)
+            except (UnknownProtocolError, OSError, ValueError) as exc:
+                self.counters.incr("transports_unavailable")
+                log.warning("transfer protocol unavailable on this node; skipping it", protocol=protocol, error=str(exc), preference=index)
+            except Exception as exc:  # noqa: BLE001 - e.g. pyverbs errors: a protocol we cannot use
+                self.counters.incr("transports_unavailable")
+                log.warning("transfer protocol failed to start; skipping it", protocol=protocol, error=str(exc))
+        if not usable:
+            raise ValueError(
+                f"--cache-transfer-protocol: none of {list(cfg.cache_transfer_protocols)} can be used on this node (see the log)"
+            )
+        self._usable_protocols = usable
+
+    async def _cluster_token(self) -> str:
+        token = explicit_token(self.config.cluster_token)
+        if token is not None:
+            return token
+        if self.config.scheduler.scheduler_name == "local":
+            return secrets.token_hex(32)  # no peers to authenticate
+        from scheduler.connection import make_client
+
+        client = make_client(self.config.scheduler)
+        try:
+            return await token_from_redis(client, KeySchema(self.config.scheduler.scheduler_topic))
+        finally:
+            await client.aclose()
+
+    def _compat(self) -> Compatibility:
+        assert self.engine is not None
+        g = self.engine.kv_cache.geometry
+        return Compatibility(self.config.model_id, g.dtype, g.block_size, g.num_layers, g.num_kv_heads, g.head_dim)
+
+    def _start_channel(self, token: str) -> None:
+        assert self.worker is not None
+        cfg = self.config
+        if cfg.role == "mixed":
+            return
+        loop = asyncio.get_running_loop()
+        self.channel = PDChannel(
+            loop, node_id=self.node_id, token=token, compat=self._compat(), host=cfg.host, port=cfg.pd_comm_port,
+            on_message=self._on_control_message, validate=self._validate_control_message,
+            on_disconnect=self._on_peer_lost,
+        )
+        self.ports.pd_comm = self.channel.port
+        if cfg.role == "decode":
+            self.decode_flow = DecodeFlow(cfg, self.worker, self.channel, self.targets, self.counters)
+        else:
+            self.prefill_flow = PrefillFlow(
+                self.worker, self.channel, self.initiators, self.counters,
+                release_booking=self._release_prefill_booking, transfer_timeout_s=cfg.transfer_timeout_s,
+            )
+
+    async def _start_scheduler(self) -> None:
+        assert self.engine is not None
+        cfg = self.config
+        g = self.engine.kv_cache.geometry
+        kv = KVGeometry(g.dtype, g.block_size, g.num_layers, g.num_kv_heads, g.head_dim)
+        if cfg.scheduler.scheduler_name == "local":
+            local = LocalScheduler(cfg.scheduler, model_id=cfg.model_id)
+            self.frontend, self.node = local.frontend, local.node
+        else:
+            self.frontend = FrontendScheduler(cfg.scheduler, model_id=cfg.model_id, kv=kv)
+            self.node = NodeAgent(cfg.scheduler, load_provider=self._load_report)
+        info = NodeInfo(
+            node_id=self.node_id, role=cfg.role, host=cfg.host, http_port=self.ports.http, pd_comm_port=self.ports.pd_comm,
+            model_id=cfg.model_id, kv=kv,
+            transfer_protocols=list(getattr(self, "_usable_protocols", ["tcp"])),
+            transfer_endpoints=dict(self.ports.transfer),
+        )
+        await self.node.start(info)
+        await self.frontend.start()
+        self.registered = True
+
+    def _load_report(self) -> LoadReport:
+        assert self.worker is not None
+        load = self.worker.load
+        waiting_blocks = self.decode_flow.num_waiting_for_blocks if self.decode_flow is not None else 0
+        return LoadReport(
+            queued_prefill_tokens=load.queued_prefill_tokens,
+            running_requests=load.running_requests,
+            free_kv_blocks=load.free_kv_blocks,
+            waiting_requests=load.waiting_requests + waiting_blocks,
+        )
+
+    async def _start_http(self) -> None:
+        from splitwise.instance.http import start_http_server
+
+        self._http_server, self._http_task, self.ports.metrics = await start_http_server(self, self._http_sock)
+
+    # -- control channel plumbing -------------------------------------------------------------
+
+    def _validate_control_message(self, conn: ControlConnection, message: CallMessage) -> None:
+        if self.prefill_flow is not None:
+            self.prefill_flow.validate(conn, message)
+
+    def _on_control_message(self, conn: ControlConnection, message: CallMessage) -> None:
+        if self.prefill_flow is not None:
+            self.prefill_flow.on_message(conn, message)
+        if self.decode_flow is not None:
+            self.decode_flow.on_message(conn, message)
+
+    def _on_peer_lost(self, peer_id: str) -> None:
+        if self.decode_flow is not None:
+            self.decode_flow.on_peer_lost(peer_id)
+
+    async def _release_prefill_booking(self, req_id: str) -> None:
+        if hasattr(self.node, "release_prefill"):
+            await self.node.release_prefill(req_id)
+
+    # -- readiness and shutdown ---------------------------------------------------------------
+
+    def is_ready(self) -> bool:
+        return self.engine is not None and self.registered and not self._stopped.is_set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    def request_stop(self) -> None:
+        self._stopped.set()
+
+    async def close(self) -> None:
+        self._stopped.set()
+        if self._http_server is not None:
+            self._http_server.should_exit = True
+            if self._http_task is not None:
+                await asyncio.gather(self._http_task, return_exceptions=True)
+        if self.runtime is not None:
+            await self.runtime.close()
+        for side in (self.node, self.frontend):
+            if side is not None:
+                try:
+                    await side.close()
+                except Exception as exc:  # noqa: BLE001 - best effort at shutdown
+                    log.warning("scheduler close failed", error=str(exc))
+        if self.channel is not None:
+            self.channel.close()
+        for transport in [*self.targets.values(), *self.initiators.values()]:
+            transport.close()
+        if self.worker is not None:
+            self.worker.stop()
+        if self.engine is not None:
+            self.engine.close()
+        log.info("instance stopped", node_id=self.node_id)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (0 = a free port), for uvicorn's ``sockets=``."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
