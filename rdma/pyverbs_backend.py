@@ -91,6 +91,18 @@ def explain_no_devices(sysfs_root: str = "/sys") -> str:
     return "libibverbs could not list the devices (check /dev/infiniband permissions and the provider library)"
 
 
+def build_qp_attr(pv: Any, target: QPState, fields: dict[str, Any], mask_names: Sequence[str]) -> tuple[Any, int]:
+    """A pyverbs QPAttr with ``fields`` set and the ibv_modify_qp mask naming exactly them."""
+    attr = pv.qp.QPAttr()
+    attr.qp_state = int(target)
+    for key, value in fields.items():
+        setattr(attr, key, value)
+    mask = int(pv.e.ibv_qp_attr_mask.IBV_QP_STATE)
+    for name in mask_names:
+        mask |= int(getattr(pv.e.ibv_qp_attr_mask, name))
+    return attr, mask
+
+
 class PyverbsBackend(VerbsBackend):
     name = "pyverbs"
 
@@ -195,6 +207,32 @@ class PyverbsDevice(VerbsDevice):
         self.ctx.close()
 
 
+Fields = tuple[dict[str, Any], tuple[str, ...]]
+
+
+def init_fields(attrs: InitAttrs) -> Fields:
+    fields = {"pkey_index": attrs.pkey_index, "port_num": attrs.port_num, "qp_access_flags": int(attrs.access)}
+    return fields, ("IBV_QP_PKEY_INDEX", "IBV_QP_PORT", "IBV_QP_ACCESS_FLAGS")
+
+
+def rtr_fields(pv: Any, attrs: RtrAttrs) -> Fields:
+    gr = None
+    if attrs.is_global:
+        gr = pv.addr.GlobalRoute(dgid=pv.addr.GID(attrs.dgid), sgid_index=attrs.sgid_index,
+                                 hop_limit=attrs.hop_limit, traffic_class=attrs.traffic_class)
+    ah = pv.addr.AHAttr(gr=gr, is_global=int(attrs.is_global), dlid=attrs.dlid, port_num=attrs.port_num)
+    fields = {"path_mtu": mtu_to_enum(attrs.path_mtu_bytes), "dest_qp_num": attrs.dest_qpn, "rq_psn": attrs.rq_psn,
+              "max_dest_rd_atomic": attrs.max_dest_rd_atomic, "min_rnr_timer": attrs.min_rnr_timer, "ah_attr": ah}
+    return fields, ("IBV_QP_AV", "IBV_QP_PATH_MTU", "IBV_QP_DEST_QPN", "IBV_QP_RQ_PSN",
+                    "IBV_QP_MAX_DEST_RD_ATOMIC", "IBV_QP_MIN_RNR_TIMER")
+
+
+def rts_fields(attrs: RtsAttrs) -> Fields:
+    fields = {"sq_psn": attrs.sq_psn, "timeout": attrs.timeout, "retry_cnt": attrs.retry_cnt,
+              "rnr_retry": attrs.rnr_retry, "max_rd_atomic": attrs.max_rd_atomic}
+    return fields, ("IBV_QP_SQ_PSN", "IBV_QP_TIMEOUT", "IBV_QP_RETRY_CNT", "IBV_QP_RNR_RETRY", "IBV_QP_MAX_QP_RD_ATOMIC")
+
+
 class PyverbsQueuePair(QueuePair):
     def __init__(self, device: PyverbsDevice, port_num: int, caps: QPCaps) -> None:
         pv, e = device.pv, device.pv.e
@@ -214,14 +252,7 @@ class PyverbsQueuePair(QueuePair):
 
     def _modify(self, target: QPState, fields: dict[str, Any], mask_names: Sequence[str]) -> None:
         check_transition(self.state, target, self.qpn)
-        e = self.pv.e
-        attr = self.pv.qp.QPAttr()
-        attr.qp_state = int(target)
-        for key, value in fields.items():
-            setattr(attr, key, value)
-        mask = int(e.ibv_qp_attr_mask.IBV_QP_STATE)
-        for name in mask_names:
-            mask |= int(getattr(e.ibv_qp_attr_mask, name))
+        attr, mask = build_qp_attr(self.pv, target, fields, mask_names)
         try:
             self.qp.modify(attr, mask)
         except self.pv.Error as exc:
@@ -229,26 +260,13 @@ class PyverbsQueuePair(QueuePair):
         self.state = target
 
     def to_init(self, attrs: InitAttrs) -> None:
-        fields = {"pkey_index": attrs.pkey_index, "port_num": attrs.port_num, "qp_access_flags": int(attrs.access)}
-        self._modify(QPState.INIT, fields, ("IBV_QP_PKEY_INDEX", "IBV_QP_PORT", "IBV_QP_ACCESS_FLAGS"))
+        self._modify(QPState.INIT, *init_fields(attrs))
 
     def to_rtr(self, attrs: RtrAttrs) -> None:
-        addr = self.pv.addr
-        gr = None
-        if attrs.is_global:
-            gr = addr.GlobalRoute(dgid=addr.GID(attrs.dgid), sgid_index=attrs.sgid_index,
-                                  hop_limit=attrs.hop_limit, traffic_class=attrs.traffic_class)
-        ah = addr.AHAttr(gr=gr, is_global=int(attrs.is_global), dlid=attrs.dlid, port_num=attrs.port_num)
-        fields = {"path_mtu": mtu_to_enum(attrs.path_mtu_bytes), "dest_qp_num": attrs.dest_qpn, "rq_psn": attrs.rq_psn,
-                  "max_dest_rd_atomic": attrs.max_dest_rd_atomic, "min_rnr_timer": attrs.min_rnr_timer, "ah_attr": ah}
-        self._modify(QPState.RTR, fields, ("IBV_QP_AV", "IBV_QP_PATH_MTU", "IBV_QP_DEST_QPN", "IBV_QP_RQ_PSN",
-                                           "IBV_QP_MAX_DEST_RD_ATOMIC", "IBV_QP_MIN_RNR_TIMER"))
+        self._modify(QPState.RTR, *rtr_fields(self.pv, attrs))
 
     def to_rts(self, attrs: RtsAttrs) -> None:
-        fields = {"sq_psn": attrs.sq_psn, "timeout": attrs.timeout, "retry_cnt": attrs.retry_cnt,
-                  "rnr_retry": attrs.rnr_retry, "max_rd_atomic": attrs.max_rd_atomic}
-        self._modify(QPState.RTS, fields, ("IBV_QP_SQ_PSN", "IBV_QP_TIMEOUT", "IBV_QP_RETRY_CNT",
-                                           "IBV_QP_RNR_RETRY", "IBV_QP_MAX_QP_RD_ATOMIC"))
+        self._modify(QPState.RTS, *rts_fields(attrs))
 
     def to_reset(self) -> None:
         self._modify(QPState.RESET, {}, ())

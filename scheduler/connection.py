@@ -75,3 +75,11 @@ async def check_server(client: aioredis.Redis, config: SchedulerConfig) -> str:
 async def server_run_id(client: aioredis.Redis) -> str:
     info = await client.info("server")
     return str(info.get("run_id", ""))
+
+
+StreamEntry = tuple[bytes, dict[bytes, bytes]]
+
+
+def stream_entries(answer: Any) -> list[StreamEntry]:
+    """Flatten an XREAD/XREADGROUP reply ([[stream, [(id, fields), ...]], ...]) into its entries."""
+    return [(entry_id, fields) for _stream, batch in (answer or []) for entry_id, fields in batch]

@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 
 from scheduler.clock import SYSTEM_CLOCK, Clock, ExponentialBackoff
 from scheduler.config import SchedulerConfig
-from scheduler.connection import REDIS_DOWN_ERRORS, check_server, make_client, server_run_id
+from scheduler.connection import REDIS_DOWN_ERRORS, check_server, make_client, server_run_id, stream_entries
 from scheduler.dispatch import Dispatcher
 from scheduler.errors import (
     DuplicateRequestError,
@@ -212,10 +212,11 @@ class FrontendScheduler:
             try:
                 assert self._client is not None
                 answer = await self._client.xread({key: self._last_id}, count=512, block=self.config.block_ms)
-                for _stream, entries in answer or []:
-                    for entry_id, fields in entries:
-                        await self._on_result(fields.get(b"m", b""))
-                        self._last_id = entry_id
+                entries = stream_entries(answer)
+                for entry_id, fields in entries:
+                    await self._on_result(fields.get(b"m", b""))
+                    self._last_id = entry_id
+                if entries:
                     await self._client.xtrim(key, minid=self._last_id)
                 backoff.reset()
             except asyncio.CancelledError:
@@ -405,7 +406,7 @@ class FrontendScheduler:
         assert self._view is not None
         for node_id, reason in (await self._view.refresh()).items():
             assert self._client is not None
-            payload = await self._client.hget(self.keys.nodes, node_id) or b""
+            payload: bytes = await self._client.hget(self.keys.nodes, node_id) or b""  # type: ignore[assignment]
             await self._client.hdel(self.keys.nodes, node_id)
             await self._dead_letter("nodes:" + node_id, reason, payload)
 

@@ -13,6 +13,10 @@ from dataclasses import dataclass
 # Consumer group on every node work stream; the node is its only consumer.
 WORK_GROUP = "node"
 
+# Keys (by ``KeySchema.classify`` kind) that deliberately have no TTL; each has a documented owner
+# (docs/redis-keys.md). Every other key under a topic must carry a TTL.
+OWNED_WITHOUT_TTL = frozenset({"cluster_token"})
+
 _BAD_ID = re.compile(r"[{}\s|]")
 
 

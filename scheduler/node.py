@@ -24,7 +24,7 @@ from redis.exceptions import ResponseError
 from scheduler import scripts
 from scheduler.clock import SYSTEM_CLOCK, Clock, ExponentialBackoff
 from scheduler.config import SchedulerConfig
-from scheduler.connection import REDIS_DOWN_ERRORS, check_server, make_client
+from scheduler.connection import REDIS_DOWN_ERRORS, StreamEntry, check_server, make_client, stream_entries
 from scheduler.dispatch import Dispatcher
 from scheduler.errors import (
     MessageDecodeError,
@@ -150,13 +150,13 @@ class NodeAgent:
                     return item
         raise SchedulerClosedError("node agent closed")
 
-    async def _read_work(self) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    async def _read_work(self) -> list[StreamEntry]:
         assert self._client is not None
         key = self.keys.work(self.node_id)
         start = "0" if self._read_pending else ">"
         answer = await self._client.xreadgroup(WORK_GROUP, self.node_id, {key: start}, count=16,
                                                block=None if self._read_pending else self.config.block_ms)
-        entries = [(eid, f) for _s, batch in (answer or []) for eid, f in batch]
+        entries = stream_entries(answer)
         if self._read_pending and not entries:
             self._read_pending = False
         return entries
@@ -293,10 +293,11 @@ class NodeAgent:
             try:
                 assert self._client is not None
                 answer = await self._client.xread({key: last_id}, count=256, block=self.config.block_ms)
-                for _s, entries in answer or []:
-                    for entry_id, fields in entries:
-                        await self._on_control(fields.get(b"m", b""))
-                        last_id = entry_id
+                entries = stream_entries(answer)
+                for entry_id, fields in entries:
+                    await self._on_control(fields.get(b"m", b""))
+                    last_id = entry_id
+                if entries:
                     await self._client.xtrim(key, minid=last_id)
                 backoff.reset()
             except asyncio.CancelledError:

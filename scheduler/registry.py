@@ -40,7 +40,7 @@ def parse_heartbeat(info: NodeInfo, values: list[bytes | None]) -> NodeState:
 
 async def read_cluster(client: aioredis.Redis, keys: KeySchema) -> tuple[dict[str, NodeState], dict[str, str]]:
     """All registered nodes with their heartbeat state, plus {node_id: reason} for undecodable entries."""
-    raw = await client.hgetall(keys.nodes)
+    raw: dict[bytes, bytes] = await client.hgetall(keys.nodes)  # type: ignore[assignment]
     infos: dict[str, NodeInfo] = {}
     bad: dict[str, str] = {}
     for node_id_b, payload in raw.items():

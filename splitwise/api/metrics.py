@@ -112,7 +112,7 @@ class ApiMetrics:
     def count_request(self, endpoint: str, outcome: str) -> None:
         self.requests.labels(endpoint=endpoint, outcome=outcome).inc()
 
-    def set_prefix_cache(self, *, queried_tokens: int, hit_tokens: int) -> None:
+    def record_prefix_cache_lookup(self, *, queried_tokens: int, hit_tokens: int) -> None:
         """Add one lookup's numbers and refresh the hit-rate gauge (for the runtime)."""
         self.prefix_cache_queries.inc(queried_tokens)
         self.prefix_cache_hits.inc(hit_tokens)

@@ -40,6 +40,8 @@ from splitwise.transfer.registry import create_initiator, create_target
 
 log = get_logger(__name__)
 
+_CLOSE_STEP_S = 3.0
+
 
 @dataclass
 class Ports:
@@ -254,9 +256,10 @@ class Instance:
         for side in (self.node, self.frontend):
             if side is not None:
                 try:
-                    await side.close()
-                except Exception as exc:  # noqa: BLE001 - best effort at shutdown
-                    log.warning("scheduler close failed", error=str(exc))
+                    # Bounded: with Redis gone, deregistering cannot succeed; heartbeats expire anyway.
+                    await asyncio.wait_for(side.close(), _CLOSE_STEP_S)
+                except (Exception, asyncio.TimeoutError) as exc:  # noqa: BLE001 - best effort at shutdown
+                    log.warning("scheduler close failed", error=str(exc) or type(exc).__name__)
         if self.channel is not None:
             self.channel.close()
         for transport in [*self.targets.values(), *self.initiators.values()]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -221,8 +222,34 @@ _TYPES: dict[str, type[Message]] = {
         PrefillTask, PrefillResult, PrefillFailed, CancelRequest, Ack, ErrorReply,
     )
 }
-_FIELDS: dict[type[Message], dict[str, Any]] = {
-    cls: {f.name: typing.get_type_hints(cls)[f.name] for f in dataclasses.fields(cls)} for cls in _TYPES.values()
+Check = Callable[[Any], bool]
+
+
+def _check_for(hint: Any) -> Check:
+    """Compile a field's type hint into a checker once (a LayerWrite lists thousands of ints)."""
+    if hint is bool:
+        return lambda v: isinstance(v, bool)
+    if hint is int:
+        return lambda v: isinstance(v, int) and not isinstance(v, bool)
+    if hint is float:
+        return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    if hint in (str, bytes):
+        return lambda v: isinstance(v, hint)
+    origin = typing.get_origin(hint)
+    if origin is list:
+        item = _check_for(typing.get_args(hint)[0])
+        return lambda v: isinstance(v, list) and all(map(item, v))
+    if origin is dict:
+        return lambda v: isinstance(v, dict)
+    raise AssertionError(f"unsupported field type {hint}")
+
+
+_FIELDS: dict[type[Message], dict[str, tuple[Any, Check]]] = {
+    cls: {
+        f.name: (typing.get_type_hints(cls)[f.name], _check_for(typing.get_type_hints(cls)[f.name]))
+        for f in dataclasses.fields(cls)
+    }
+    for cls in _TYPES.values()
 }
 
 
@@ -251,30 +278,10 @@ def decode(data: bytes) -> Message:
     hints = _FIELDS[cls]
     if set(body) != set(hints):
         raise ProtocolError(f"{tag}: fields {sorted(body)} != {sorted(hints)}")
-    for name, hint in hints.items():
-        if not _matches(body[name], hint):
+    for name, (hint, check) in hints.items():
+        if not check(body[name]):
             raise ProtocolError(f"{tag}.{name}: {type(body[name]).__name__} is not {hint}")
     return cls(**body)
-
-
-def _matches(value: Any, hint: Any) -> bool:
-    origin = typing.get_origin(hint)
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint in (str, bytes):
-        return isinstance(value, hint)
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        return isinstance(value, list) and all(_matches(v, item) for v in value)
-    if origin is dict:
-        return isinstance(value, dict)
-    if hint is Any:
-        return True
-    raise AssertionError(f"unsupported field type {hint}")
 
 
 def expect_type(message: Message, cls: type[Message]) -> Any:

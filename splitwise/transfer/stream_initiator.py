@@ -140,13 +140,19 @@ class StreamInitiator(TransportInitiator):
         check_block_ids(src_block_ids, kv.geometry.num_blocks, side="source", req_id=req_id)
         check_block_ids(dst_block_ids, peer.geometry.num_blocks, side="destination", req_id=req_id)
         runs = coalesce_runs(src_block_ids, dst_block_ids)
-        self._requests.start(req_id, peer_id)
+        self._start(peer, req_id)
         peer.jobs.put(LayerJob(req_id, layer, runs, len(src_block_ids), self._ready_marker()))
 
     def finish(self, peer_id: str, req_id: str) -> None:
         peer = self._peer(peer_id, req_id)
-        self._requests.start(req_id, peer_id)
+        self._start(peer, req_id)
         peer.jobs.put(FinishJob(req_id))
+
+    def _start(self, peer: Peer, req_id: str) -> None:
+        self._requests.start(req_id, peer.peer_id)
+        # Checked after start(): either _peer_lost's fail_peer sees this request, or we see broken.
+        if peer.broken.is_set():
+            self._requests.resolve(req_id, False, f"connection to {peer.peer_id} is lost; connect() again")
 
     def poll(self, req_id: str) -> TransferStatus:
         return self._requests.poll(req_id)
@@ -156,6 +162,11 @@ class StreamInitiator(TransportInitiator):
 
     def forget(self, req_id: str) -> None:
         self._requests.forget(req_id)
+        with self._lock:
+            peers = list(self._peers.values())
+        for peer in peers:
+            with peer.grant_arrived:
+                peer.grants.pop(req_id, None)
 
     def close(self) -> None:
         with self._lock:

@@ -52,6 +52,7 @@ class RecordingBackend:
         self.inner = inner
         self.submitted: list[SubmitRequest] = []
         self.cancelled: list[str] = []
+        self.cancel_results: dict[str, bool] = {}
 
     async def submit(self, request: SubmitRequest) -> Any:
         self.submitted.append(request)
@@ -59,14 +60,15 @@ class RecordingBackend:
 
     async def cancel(self, req_id: str) -> bool:
         self.cancelled.append(req_id)
-        return await self.inner.cancel(req_id)
+        self.cancel_results[req_id] = result = await self.inner.cancel(req_id)
+        return result
 
 
 class ScriptedNode:
     """A mixed node for the LocalScheduler that answers with SCRIPT_TEXT's tokens, one per chunk,
     with logprob ``-(index + 1) / 10``. Markers in the prompt change what it does:
     ``[slow]`` waits between tokens, ``[hang]`` never answers, ``[fail]`` fails, ``[fail-retry]``
-    fails retryably, and ``[eos]`` ends with eos after three tokens. Stop strings are the API's job."""
+    fails retryably, ``[fail-late]`` fails after two tokens, and ``[eos]`` ends with eos after three tokens. Stop strings are the API's job."""
 
     def __init__(self, node: LocalNode, tokenizer: Tokenizer) -> None:
         self.node = node
@@ -86,7 +88,7 @@ class ScriptedNode:
         prompt = self.tokenizer.decode(work.prompt_token_ids)
         if "[hang]" in prompt:
             return
-        if "[fail" in prompt:
+        if "[fail" in prompt and "[fail-late]" not in prompt:
             await self._end(work, Failed(req_id=work.req_id, attempt=work.attempt, code="engine_error",
                                          message="simulated failure", retryable="[fail-retry]" in prompt))
             return
@@ -96,6 +98,10 @@ class ScriptedNode:
         while index < min(max_tokens, len(script)):
             if self.node.is_cancelled(work.req_id, work.attempt):
                 self.stopped_by_cancel.append(work.req_id)
+                return
+            if "[fail-late]" in prompt and index == 2:
+                await self._end(work, Failed(req_id=work.req_id, attempt=work.attempt, code="engine_error",
+                                             message="simulated failure mid-stream"))
                 return
             if "[slow]" in prompt:
                 await asyncio.sleep(SLOW_TOKEN_DELAY_S)
@@ -189,7 +195,8 @@ class LocalStack:
         return self.server.base_url
 
 
-def start_local_stack(tokenizer: Tokenizer, *, api_key: str | None = None) -> LocalStack:
+def start_local_stack(tokenizer: Tokenizer, *, api_key: str | None = None, with_node: bool = True) -> LocalStack:
+    """Without a node the LocalScheduler has no capacity: every submit raises NoCapacityError."""
     holder: dict[str, Any] = {}
     ready = {"value": True}
     metrics = ApiMetrics()
@@ -197,7 +204,8 @@ def start_local_stack(tokenizer: Tokenizer, *, api_key: str | None = None) -> Lo
     async def build() -> FastAPI:
         config = SchedulerConfig(scheduler_name="local", scheduler_ttl_s=TTL_S, heartbeat_interval_s=0.05)
         sched = LocalScheduler(config, model_id=MODEL_ID)
-        await sched.node.start(make_node_info("n0", "mixed", model_id=MODEL_ID))
+        if with_node:
+            await sched.node.start(make_node_info("n0", "mixed", model_id=MODEL_ID))
         await sched.frontend.start()
         node = ScriptedNode(sched.node, tokenizer)
         runner = asyncio.create_task(node.run())

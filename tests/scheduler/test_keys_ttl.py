@@ -7,7 +7,7 @@ import dataclasses
 from conftest import cluster, run
 
 from scheduler.config import SchedulerConfig
-from scheduler.keys import KeySchema
+from scheduler.keys import OWNED_WITHOUT_TTL, KeySchema
 from scheduler.messages import Finished, SubmitRequest
 from scheduler.sim_node import SimBehavior
 
@@ -17,9 +17,10 @@ async def _audit(client, keys: KeySchema) -> dict[str, str]:  # type: ignore[no-
     problems: dict[str, str] = {}
     async for raw in client.scan_iter(match=keys.all_pattern(), count=500):
         key = raw.decode()
-        if keys.classify(key) is None:
+        kind = keys.classify(key)
+        if kind is None:
             problems[key] = "not in the key schema"
-        elif await client.pttl(key) < 0:
+        elif kind not in OWNED_WITHOUT_TTL and await client.pttl(key) < 0:
             problems[key] = "no TTL"
     return problems
 

@@ -130,6 +130,9 @@ def test_target_killed_mid_transfer_fails_on_initiator(spawn_peer, local_p) -> N
     assert status.state is TransferState.FAILED, status
     assert "lost" in (status.reason or "")
     assert initiator.counters.get("connections_lost") == 1
+    # A request started on the dead connection fails at once instead of waiting forever.
+    initiator.write_layer("d0", "r2", 0, [1], [4])
+    assert initiator.poll("r2").state is TransferState.FAILED
 
 
 @pytest.mark.parametrize("local_d", ["tcp"], indirect=True)
@@ -150,4 +153,29 @@ def test_incompatible_geometry_is_refused_at_connect(local_d) -> None:  # type: 
     initiator.register(other)
     with pytest.raises(IncompatiblePeerError, match="block_size 8 != 4"):
         initiator.connect("d0", target.endpoint())
+    initiator.close()
+
+
+@pytest.mark.gpu
+def test_cuda_ipc_lands_exactly(spawn_peer) -> None:  # type: ignore[no-untyped-def]
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU: the ipc CUDA path (CUDA IPC handles via cupy) is GPU-only")
+    pytest.importorskip("cupy", reason="ipc on CUDA needs cupy (pip install 'splitwise[gpu]')")
+    d = spawn_peer("target", "ipc", seed=D_SEED, device="cuda")
+    endpoint = dict(d.endpoint)
+    endpoint["cuda_ipc_handle"] = bytes.fromhex(endpoint["cuda_ipc_handle"])
+    p_kv = make_cache(GEOMETRY, P_SEED, shared=False, device="cuda")
+    initiator = create_initiator("ipc")
+    initiator.register(p_kv)
+    initiator.connect("d0", endpoint)
+    src, dst = [3, 4, 5, 9], [20, 21, 22, 2]
+    d.ask(op="expect", req_id="r", blocks=dst)
+    for layer in range(GEOMETRY.num_layers):
+        initiator.write_layer("d0", "r", layer, src, dst)
+    initiator.finish("d0", "r")
+    assert initiator.wait("r", 10.0).is_done
+    assert status_of(d.ask(op="wait", req_id="r", timeout_s=10.0)) is TransferState.DONE
+    expected = initial_kv(GEOMETRY, D_SEED)
+    expected[:, :, dst] = p_kv.tensor[:, :, src].cpu()
+    assert torch.equal(d.kv(), expected)
     initiator.close()

@@ -30,8 +30,9 @@ def initial_kv(geometry: KVCacheGeometry, seed: int) -> torch.Tensor:
     return torch.randn(geometry.shape, generator=generator).to(geometry.torch_dtype)
 
 
-def make_cache(geometry: KVCacheGeometry, seed: int, *, shared: bool) -> KVCache:
-    kv = KVCache(geometry, shm_name=default_shm_name("splitwise-test") if shared else None)
+def make_cache(geometry: KVCacheGeometry, seed: int, *, shared: bool, device: str = "cpu") -> KVCache:
+    shm_name = default_shm_name("splitwise-test") if shared and device == "cpu" else None
+    kv = KVCache(geometry, device=device, shm_name=shm_name)
     kv.tensor.copy_(initial_kv(geometry, seed))
     return kv
 
@@ -50,11 +51,14 @@ def wait_finished(side: Any, req_id: str, timeout_s: float) -> dict[str, Any]:
     return {"state": status.state.value, "reason": status.reason}
 
 
-def serve(role: str, protocol: str, geometry: KVCacheGeometry, seed: int) -> None:
-    kv = make_cache(geometry, seed, shared=(role == "target" and protocol == "ipc"))
+def serve(role: str, protocol: str, geometry: KVCacheGeometry, seed: int, device: str) -> None:
+    kv = make_cache(geometry, seed, shared=(role == "target" and protocol == "ipc"), device=device)
     side: Any = create_target(protocol) if role == "target" else create_initiator(protocol)
     side.register(kv)
-    reply(endpoint=side.endpoint() if role == "target" else None)
+    endpoint = side.endpoint() if role == "target" else None
+    if endpoint is not None and "cuda_ipc_handle" in endpoint:  # JSON carries no bytes
+        endpoint["cuda_ipc_handle"] = endpoint["cuda_ipc_handle"].hex()
+    reply(endpoint=endpoint)
     try:
         for line in sys.stdin:
             cmd = json.loads(line)
@@ -74,7 +78,7 @@ def serve(role: str, protocol: str, geometry: KVCacheGeometry, seed: int) -> Non
             elif op == "wait":
                 reply(**wait_finished(side, cmd["req_id"], cmd["timeout_s"]))
             elif op == "dump":
-                reply(hex=kv.as_bytes().numpy().tobytes().hex())
+                reply(hex=kv.as_bytes().cpu().numpy().tobytes().hex())
             elif op == "counters":
                 reply(**side.counters.snapshot())
             elif op == "exit":
@@ -92,8 +96,9 @@ def main() -> None:
     parser.add_argument("--protocol", required=True)
     parser.add_argument("--geometry", required=True)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    serve(args.role, args.protocol, geometry_from_dict(json.loads(args.geometry)), args.seed)
+    serve(args.role, args.protocol, geometry_from_dict(json.loads(args.geometry)), args.seed, args.device)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,180 @@
+"""`splitwise inspect`: what the Redis-coordinated scheduler sees — nodes with role, load and
+heartbeat age, queue depths, frontends, dead letters; ``--request ID`` shows one request's lifecycle.
+
+Read-only: it never writes to Redis. ``--json`` prints one JSON document (for scripts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import click
+
+from scheduler.config import SchedulerConfig, scheduler_options
+
+
+def _iso(ts_ms: int | str) -> str:
+    return datetime.fromtimestamp(int(ts_ms) / 1000, tz=timezone.utc).isoformat(timespec="milliseconds")
+
+
+async def _nodes(client: Any, keys: Any) -> list[dict[str, Any]]:
+    from scheduler.keys import WORK_GROUP
+    from scheduler.registry import read_cluster
+
+    states, bad = await read_cluster(client, keys)
+    booked_p = {k.decode(): int(v) for k, v in (await client.hgetall(keys.booked_prefill_tokens)).items()}
+    booked_d = {k.decode(): int(v) for k, v in (await client.hgetall(keys.booked_decode_requests)).items()}
+    now_ms = int(time.time() * 1000)
+    rows = []
+    for node_id, st in sorted(states.items()):
+        work_key = keys.work(node_id)
+        depth = await client.xlen(work_key)
+        pending = 0
+        if depth or await client.exists(work_key):
+            groups = await client.xinfo_groups(work_key)
+            pending = sum(int(g["pending"]) for g in groups if g["name"] in (WORK_GROUP, WORK_GROUP.encode()))
+        info = st.info
+        rows.append({
+            "node_id": node_id, "role": info.role, "alive": st.alive, "host": info.host,
+            "http_port": info.http_port, "pd_comm_port": info.pd_comm_port, "model_id": info.model_id,
+            "kv": dataclasses.asdict(info.kv),
+            "protocols": info.transfer_protocols, "incarnation": st.incarnation,
+            "heartbeat_age_s": round((now_ms - st.heartbeat_ms) / 1000, 3) if st.alive else None,
+            "load": st.load.to_fields(),
+            "booked_prefill_tokens": booked_p.get(node_id, 0), "booked_decode_requests": booked_d.get(node_id, 0),
+            "queue_depth": depth, "queue_pending": pending,
+        })
+    for node_id, reason in bad.items():
+        rows.append({"node_id": node_id, "role": "?", "alive": False, "error": reason})
+    return rows
+
+
+async def _frontends(client: Any, keys: Any) -> list[dict[str, Any]]:
+    rows = []
+    async for raw in client.scan_iter(match=keys.all_pattern()[:-1] + "fe:*", count=500):
+        frontend_id = raw.decode().rsplit(":", 1)[1]
+        inflight = await client.get(raw)
+        rows.append({"frontend_id": frontend_id, "inflight": int(inflight or 0),
+                     "results_backlog": await client.xlen(keys.results(frontend_id))})
+    return sorted(rows, key=lambda r: r["frontend_id"])
+
+
+async def _dead_letters(client: Any, keys: Any, limit: int) -> dict[str, Any]:
+    from scheduler.records import decode_fields
+
+    entries = await client.xrevrange(keys.dead_letters, count=limit)
+    recent = []
+    for entry_id, fields in entries:
+        payload = fields.get(b"payload", b"")
+        text = decode_fields({k: v for k, v in fields.items() if k != b"payload"})
+        recent.append({"id": entry_id.decode(), "source": text.get("source", ""), "reason": text.get("reason", ""),
+                       "time": _iso(text.get("ts_ms", 0)), "payload_hex": payload[:48].hex(),
+                       "payload_bytes": len(payload)})
+    return {"count": await client.xlen(keys.dead_letters), "recent": recent}
+
+
+async def _request(client: Any, keys: Any, req_id: str) -> dict[str, Any] | None:
+    from scheduler.records import decode_fields
+
+    state = decode_fields(await client.hgetall(keys.request(req_id)))
+    events = [decode_fields(fields) for _id, fields in await client.xrange(keys.request_events(req_id))]
+    if not state and not events:
+        return None
+    for event in events:
+        event["time"] = _iso(event.get("ts_ms", 0))
+    return {"req_id": req_id, "state": state, "ttl_s": max(0, await client.pttl(keys.request(req_id))) / 1000,
+            "events": events}
+
+
+async def collect(config: SchedulerConfig, *, req_id: str | None, dead_letter_limit: int) -> dict[str, Any]:
+    from scheduler.connection import check_server, make_client
+    from scheduler.keys import KeySchema
+
+    keys = KeySchema(config.scheduler_topic)
+    client = make_client(config)
+    try:
+        run_id = await check_server(client, config)
+        start = time.perf_counter()
+        await client.ping()
+        ping_ms = (time.perf_counter() - start) * 1000
+        report: dict[str, Any] = {
+            "topic": config.scheduler_topic,
+            "redis": {"address": f"{config.scheduler_host}:{config.scheduler_port}", "run_id": run_id,
+                      "ping_ms": round(ping_ms, 3)},
+        }
+        if req_id is not None:
+            report["request"] = await _request(client, keys, req_id)
+            return report
+        report["nodes"] = await _nodes(client, keys)
+        report["frontends"] = await _frontends(client, keys)
+        report["dead_letters"] = await _dead_letters(client, keys, dead_letter_limit)
+        return report
+    finally:
+        await client.aclose()
+
+
+def _print_text(report: dict[str, Any]) -> None:
+    echo = click.echo
+    echo(f"topic {report['topic']}  redis {report['redis']['address']}  ping {report['redis']['ping_ms']} ms")
+    if "request" in report:
+        _print_request(report["request"])
+        return
+    echo("\nNODES")
+    header = f"{'node':<16} {'role':<8} {'alive':<5} {'hb_age_s':>8} {'queue':>5} {'pend':>4} " \
+             f"{'q_prefill_tok':>13} {'running':>7} {'free_blk':>8} {'waiting':>7} {'booked_p':>8} {'booked_d':>8}  model"
+    echo(header)
+    for n in report["nodes"]:
+        if "error" in n:
+            echo(f"{n['node_id']:<16} undecodable: {n['error']}")
+            continue
+        load = n["load"]
+        age = "-" if n["heartbeat_age_s"] is None else f"{n['heartbeat_age_s']:.2f}"
+        echo(f"{n['node_id']:<16} {n['role']:<8} {'yes' if n['alive'] else 'NO':<5} {age:>8} {n['queue_depth']:>5} "
+             f"{n['queue_pending']:>4} {load['queued_prefill_tokens']:>13} {load['running_requests']:>7} "
+             f"{load['free_kv_blocks']:>8} {load['waiting_requests']:>7} {n['booked_prefill_tokens']:>8} "
+             f"{n['booked_decode_requests']:>8}  {n['model_id']}")
+    echo("\nFRONTENDS")
+    for f in report["frontends"]:
+        echo(f"{f['frontend_id']:<24} inflight {f['inflight']:>5}  results backlog {f['results_backlog']}")
+    dead = report["dead_letters"]
+    echo(f"\nDEAD LETTERS ({dead['count']})")
+    for d in dead["recent"]:
+        echo(f"{d['time']}  {d['source']:<28} {d['reason']}  ({d['payload_bytes']} bytes)")
+
+
+def _print_request(req: dict[str, Any] | None) -> None:
+    if req is None:
+        click.echo("no record of this request (never dispatched, or expired from Redis)")
+        return
+    click.echo(f"request {req['req_id']}  (record expires in {req['ttl_s']:.0f} s)")
+    for key, value in sorted(req["state"].items()):
+        click.echo(f"  {key:<14} {value}")
+    click.echo("lifecycle:")
+    for e in req["events"]:
+        click.echo(f"  {e['time']}  {e.get('event', ''):<13} {e.get('node', ''):<20} {e.get('detail', '')}")
+
+
+@click.command("inspect")
+@scheduler_options
+@click.option("--request", "req_id", default=None, help="Show one request's state and lifecycle.")
+@click.option("--dead-letters", "dead_letter_limit", type=int, default=20, show_default=True,
+              help="How many recent dead letters to show.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of tables.")
+def inspect_cmd(req_id: str | None, dead_letter_limit: int, as_json: bool, **options: Any) -> None:
+    """Show the splitwise scheduler's nodes, queues and dead letters (read-only)."""
+    try:
+        config = SchedulerConfig.from_options(options)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    report = asyncio.run(collect(config, req_id=req_id, dead_letter_limit=dead_letter_limit))
+    if as_json:
+        click.echo(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        _print_text(report)
+    if req_id is not None and report.get("request") is None:
+        raise SystemExit(1)

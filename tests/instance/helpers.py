@@ -1,0 +1,30 @@
+"""Helpers for instance tests: start local clusters, send completions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+from splitwise.cluster import ClusterSpec, LocalCluster
+from splitwise.engine.tiny_model import default_model_dir
+
+# Small blocks and a small step budget so short prompts already span many blocks and chunks.
+ENGINE_ARGS = ["--block-size", "4", "--max-num-batched-tokens", "32", "--num-kv-blocks", "512", "--transfer-timeout", "20"]
+
+
+def start_cluster(model: Path, *, extra: list[str] | None = None, **spec: object) -> LocalCluster:
+    cluster = LocalCluster(ClusterSpec(model=str(model), extra_args=ENGINE_ARGS + (extra or []), threads_per_instance=1, **spec))  # type: ignore[arg-type]
+    try:
+        cluster.start()
+        cluster.wait_ready(timeout_s=180)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+def complete(base_url: str, prompt: list[int] | str, *, max_tokens: int = 8, timeout: float = 60.0, **extra: object) -> dict:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True, "logprobs": 1, **extra}
+    resp = httpx.post(f"{base_url}/completions", json=body, timeout=timeout)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
