@@ -56,6 +56,8 @@ def _instance_config(opts: dict[str, Any]) -> Any:
         pd_fallback=opts["pd_fallback"],
         transfer_timeout_s=opts["transfer_timeout"],
         node_id=opts["node_id"],
+        debug_prefill_layer_delay_s=opts["debug_prefill_layer_delay_ms"] / 1000.0,
+        pipelined_transfer=not opts["debug_unpipelined_transfer"],
     )
 
 
@@ -91,6 +93,11 @@ def _instance_config(opts: dict[str, Any]) -> Any:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--torch-threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch (default: torch's choice).")
 @click.option("--node-id", default=None, help="Stable node id (default: role + random suffix).")
+# Hidden: tests and benchmarks only.
+@click.option("--debug-prefill-layer-delay-ms", type=click.FloatRange(min=0), default=0.0, hidden=True,
+              help="Prefill: sleep this long per layer of a batch holding a remote request (failure tests).")
+@click.option("--debug-unpipelined-transfer", is_flag=True, default=False, hidden=True,
+              help="Prefill: ship every layer only after the prefill finished (pipelining baseline).")
 @click.option("--ready-file", default=None, type=click.Path(dir_okay=False), help="Write a JSON line with the ports here once serving.")
 def serve(**opts: Any) -> None:
     """Serve the OpenAI API from one instance (`--splitwise-role mixed|prefill|decode`).

@@ -175,6 +175,7 @@ class Instance:
             self.prefill_flow = PrefillFlow(
                 self.worker, self.channel, self.initiators, self.counters,
                 release_booking=self._release_prefill_booking, transfer_timeout_s=cfg.transfer_timeout_s,
+                layer_delay_s=cfg.debug_prefill_layer_delay_s, pipelined=cfg.pipelined_transfer,
             )
 
     async def _start_scheduler(self) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
+import time
 from collections.abc import Sequence as SequenceOf
 from typing import Any
 
@@ -43,6 +44,8 @@ class _Remote:
     initiator: TransportInitiator
     dst_block_ids: list[int]
     cancelled: bool = False
+    # Unpipelined mode only: (layer, src, dst) writes held back until the prefill finished.
+    deferred: list[tuple[int, list[int], list[int]]] = dataclasses.field(default_factory=list)
 
 
 class PrefillFlow:
@@ -55,6 +58,8 @@ class PrefillFlow:
         *,
         release_booking: Any = None,  # async (req_id) -> None: the scheduler's release_prefill
         transfer_timeout_s: float = 60.0,
+        layer_delay_s: float = 0.0,
+        pipelined: bool = True,
     ) -> None:
         self.worker = worker
         self.channel = channel
@@ -62,6 +67,8 @@ class PrefillFlow:
         self.counters = counters
         self.release_booking = release_booking
         self.transfer_timeout_s = transfer_timeout_s
+        self.layer_delay_s = layer_delay_s  # debug: slow compute down (failure tests)
+        self.pipelined = pipelined  # False: ship every layer after the prefill (benchmark baseline)
         self.block_size = worker.engine.config.block_size
         self._lock = threading.Lock()
         self._remote: dict[str, _Remote] = {}
@@ -140,6 +147,7 @@ class PrefillFlow:
             initiator.forget(req_id)
             raise EngineError(out.error or f"prefill ended with {out.finish_reason}", req_id=req_id)
         try:
+            self._ship_deferred(req_id)
             initiator.finish(conn.peer_id, req_id)
             status = await loop.run_in_executor(None, lambda: initiator.wait(req_id, self.transfer_timeout_s))
         finally:
@@ -149,10 +157,22 @@ class PrefillFlow:
             raise EngineError(f"KV transfer to {conn.peer_id} {status.state.value}: {status.reason or 'timed out'}", req_id=req_id)
         return out.new_token_ids[0], out.new_logprobs[0]
 
+    def _ship_deferred(self, req_id: str) -> None:
+        """Unpipelined mode: issue the writes ``on_layer`` held back (P still holds the blocks)."""
+        with self._lock:
+            remote = self._remote.get(req_id)
+        if remote is None or not remote.deferred:
+            return
+        for layer, src, dst in remote.deferred:
+            remote.initiator.write_layer(remote.peer_id, req_id, layer, src, dst)
+        remote.deferred.clear()
+
     # -- engine thread ------------------------------------------------------------------------
 
     def on_layer(self, layer: int, chunks: SequenceOf[ScheduledChunk]) -> None:
         """Layer ``layer``'s KV of this batch is in the cache: ship the blocks of remote requests."""
+        if self.layer_delay_s and any(chunk.seq.req_id in self._remote for chunk in chunks):
+            time.sleep(self.layer_delay_s)  # debug only (--debug-prefill-layer-delay-ms)
         for chunk in chunks:
             seq = chunk.seq
             with self._lock:
@@ -161,12 +181,15 @@ class PrefillFlow:
                 continue
             start = seq.num_computed_tokens
             end = start + chunk.num_new_tokens
-            first_block = 0 if start == seq.num_cached_tokens else start // self.block_size
+            first_block = start // self.block_size
             last_block = min((end - 1) // self.block_size, len(remote.dst_block_ids) - 1)
             if last_block < first_block:
                 continue
             src = seq.block_table[first_block : last_block + 1]
             dst = remote.dst_block_ids[first_block : last_block + 1]
+            if not self.pipelined:
+                remote.deferred.append((layer, list(src), list(dst)))
+                continue
             try:
                 remote.initiator.write_layer(remote.peer_id, seq.req_id, layer, src, dst)
             except SplitwiseError as exc:

@@ -276,7 +276,9 @@ class TransportInitiator(abc.ABC):
         """Called from P's per-layer callback right after layer ``layer``'s K and V are written for
         these blocks. Validates, enqueues and returns (no network round trip; copies/sends run on the
         transport's thread in call order). A failure shows up in ``poll``; raises only for caller
-        errors (NotConnectedError, InvalidBlockIdsError, NotRegisteredError)."""
+        errors (NotConnectedError, InvalidBlockIdsError, NotRegisteredError), and then the request
+        also turns FAILED on both sides: a layer that was not shipped can never end up DONE.
+        A block may be written more than once (chunked prefill rewrites a partly filled block)."""
 
     @abc.abstractmethod
     def finish(self, peer_id: str, req_id: str) -> None:

@@ -64,6 +64,12 @@ class FinishJob:
 
 
 @dataclass
+class AbortJob:
+    req_id: str
+    reason: str
+
+
+@dataclass
 class Peer:
     """One connected target, as the initiator sees it."""
 
@@ -71,7 +77,7 @@ class Peer:
     sock: socket.socket
     geometry: KVCacheGeometry
     attachment: Any = None  # the subclass's handle on the peer's memory (ipc mapping)
-    jobs: queue.Queue[LayerJob | FinishJob | None] = field(default_factory=queue.Queue)
+    jobs: queue.Queue[LayerJob | FinishJob | AbortJob | None] = field(default_factory=queue.Queue)
     broken: threading.Event = field(default_factory=threading.Event)
     grants: dict[str, RequestGrant] = field(default_factory=dict)  # ipc: req_id -> D's answer to Begin
     grant_arrived: threading.Condition = field(default_factory=threading.Condition)
@@ -135,11 +141,19 @@ class StreamInitiator(TransportInitiator):
     ) -> None:
         kv = self._require_kv()
         peer = self._peer(peer_id, req_id)
-        if not 0 <= layer < kv.geometry.num_layers:
-            raise TransferError(f"layer {layer} outside 0..{kv.geometry.num_layers - 1}", req_id=req_id)
-        check_block_ids(src_block_ids, kv.geometry.num_blocks, side="source", req_id=req_id)
-        check_block_ids(dst_block_ids, peer.geometry.num_blocks, side="destination", req_id=req_id)
-        runs = coalesce_runs(src_block_ids, dst_block_ids)
+        try:
+            if not 0 <= layer < kv.geometry.num_layers:
+                raise TransferError(f"layer {layer} outside 0..{kv.geometry.num_layers - 1}", req_id=req_id)
+            check_block_ids(src_block_ids, kv.geometry.num_blocks, side="source", req_id=req_id)
+            check_block_ids(dst_block_ids, peer.geometry.num_blocks, side="destination", req_id=req_id)
+            runs = coalesce_runs(src_block_ids, dst_block_ids)
+        except TransferError as exc:
+            # A layer that is not shipped must never let D report the request DONE: fail it on both
+            # sides (the abort is queued behind the writes already accepted), then tell the caller.
+            self._start(peer, req_id)
+            self._requests.resolve(req_id, False, f"write_layer refused: {exc}")
+            peer.jobs.put(AbortJob(req_id, f"write_layer refused: {exc}"))
+            raise
         self._start(peer, req_id)
         peer.jobs.put(LayerJob(req_id, layer, runs, len(src_block_ids), self._ready_marker()))
 
@@ -203,6 +217,9 @@ class StreamInitiator(TransportInitiator):
             job = peer.jobs.get()
             if job is None:
                 return
+            if isinstance(job, AbortJob):
+                self._send_abort(peer, job.req_id, job.reason)
+                continue
             if peer.broken.is_set() or not self._requests.is_pending(job.req_id):
                 continue  # forgotten, failed, or the connection is gone: skip, already reported
             try:
@@ -223,11 +240,16 @@ class StreamInitiator(TransportInitiator):
     def _abort(self, peer: Peer, req_id: str, reason: str) -> None:
         self.counters.incr("write_errors")
         log.error("transfer write failed", protocol=self.protocol, req_id=req_id, peer=peer.peer_id, reason=reason)
-        try:  # tell D first, so D has failed it by the time P's caller sees FAILED
+        self._send_abort(peer, req_id, reason)  # first, so D has failed it when P's caller sees FAILED
+        self._requests.resolve(req_id, False, f"write failed: {reason}")
+
+    def _send_abort(self, peer: Peer, req_id: str, reason: str) -> None:
+        if peer.broken.is_set():
+            return  # D fails the request itself when the connection drops
+        try:
             wire.send_message(peer.sock, RequestAbort(req_id, reason))
         except ConnectionLostError as exc:
             self._peer_lost(peer, str(exc))
-        self._requests.resolve(req_id, False, f"write failed: {reason}")
 
     def _read_loop(self, peer: Peer) -> None:
         try:

@@ -12,7 +12,7 @@ from transfer_peer import GEOMETRY, initial_kv, make_cache
 from splitwise.engine.kv_cache import KVCache
 from splitwise.transfer import TransferState, TransferStatus, create_initiator, create_target
 from splitwise.transfer.base import TransportInitiator, TransportOptions, TransportTarget, geometry_to_dict
-from splitwise.transfer.errors import IncompatiblePeerError
+from splitwise.transfer.errors import IncompatiblePeerError, InvalidBlockIdsError
 
 PROTOCOLS = ["ipc", "tcp"]
 P_SEED, D_SEED = 2, 1
@@ -96,6 +96,23 @@ def test_write_to_unreserved_block_fails_both_sides_and_lands_nowhere(spawn_peer
     d_status = d.ask(op="wait", req_id="r", timeout_s=10.0)
     assert status_of(d_status) is TransferState.FAILED, d_status
     assert torch.equal(d.kv(), initial_kv(GEOMETRY, D_SEED))
+
+
+@pytest.mark.parametrize("local_p", PROTOCOLS, indirect=True)
+def test_refused_write_layer_fails_the_request_on_both_sides(spawn_peer, local_p) -> None:  # type: ignore[no-untyped-def]
+    initiator, _ = local_p
+    d = spawn_peer("target", initiator.protocol, seed=D_SEED)
+    initiator.connect("d0", d.endpoint)
+    d.ask(op="expect", req_id="r", blocks=[1, 2])
+    initiator.write_layer("d0", "r", 0, [5, 6], [1, 2])
+    with pytest.raises(InvalidBlockIdsError, match="out of range"):
+        initiator.write_layer("d0", "r", 1, [5, 6], [1, GEOMETRY.num_blocks])  # caller bug on layer 1
+    for layer in (2, 3):  # the caller carries on regardless: still never DONE
+        initiator.write_layer("d0", "r", layer, [5, 6], [1, 2])
+    initiator.finish("d0", "r")
+    assert initiator.wait("r", 10.0).state is TransferState.FAILED
+    d_status = d.ask(op="wait", req_id="r", timeout_s=10.0)
+    assert status_of(d_status) is TransferState.FAILED and "write_layer refused" in d_status["reason"]
 
 
 @pytest.mark.parametrize("local_d", PROTOCOLS, indirect=True)
