@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import click
 
 from splitwise.commands.options import resolve_model
+from splitwise.errors import SplitwiseError
 
 
 @click.group("bench")
@@ -39,3 +44,109 @@ def engine_cmd(model: str | None, batches: tuple[int, ...], prompt_len: int, dec
             f"{r['ratio_prefill']:>10.2f} {r['ratio_decode']:>9.2f}" if "ratio_prefill" in r else f"{'':>10} {'':>9}"
         )
         click.echo(f"{r['batch']:>5} {r['system']:>13} {r['prefill_tok_s']:>14.0f} {r['decode_tok_s']:>13.0f} {ratios}")
+
+
+def _fail_on_value_error(exc: ValueError) -> click.ClickException:
+    """A config error: BadParameter naming the flag when the message starts with one."""
+    message = str(exc)
+    if message.startswith("--"):
+        flag, _, rest = message.partition(":")
+        return click.BadParameter(rest.strip() or message, param_hint=flag)
+    return click.ClickException(message)
+
+
+def _rate(value: str) -> float:
+    try:
+        rate = float(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a number or 'inf'", param_hint="--request-rate") from None
+    if not rate > 0:
+        raise click.BadParameter(f"must be > 0 (or inf), got {value}", param_hint="--request-rate")
+    return rate
+
+
+def _workload_options(fn: Callable[..., None]) -> Callable[..., None]:
+    """Flags that describe the requests (shared by `serve` and `compare`)."""
+    for option in reversed([
+        click.option("--tokenizer", default=None, help="Model directory whose tokenizer builds the prompts (default: the built-in small model)."),
+        click.option("--random-input-len", default=1024, show_default=True, type=int, help="Prompt tokens (random dataset)."),
+        click.option("--random-output-len", default=128, show_default=True, type=int, help="Output tokens (random dataset)."),
+        click.option("--random-range-ratio", default=0.0, show_default=True, type=float,
+                     help="Lengths drawn uniformly from [L*(1-r), L*(1+r)]."),
+        click.option("--seed", default=0, show_default=True, type=int, help="Seed of the prompts and the arrival times."),
+        click.option("--ignore-eos/--no-ignore-eos", default=True, show_default=True,
+                     help="Send ignore_eos: true so every request generates exactly its max_tokens."),
+        click.option("--slo-ttft-ms", default=None, type=float, help="TTFT objective (ms) for SLO attainment and goodput."),
+        click.option("--slo-tpot-ms", default=None, type=float, help="TPOT objective (ms) for SLO attainment and goodput."),
+        click.option("--request-timeout", default=600.0, show_default=True, type=float, help="Seconds one request may take."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+@bench.command("serve")
+@click.option("--base-url", "base_urls", multiple=True, default=("http://127.0.0.1:8000/v1",), show_default=True,
+              help="OpenAI API base URL (repeat it to spread requests round-robin over several servers).")
+@click.option("--endpoint", type=click.Choice(["completions", "chat"]), default="completions", show_default=True)
+@click.option("--model", default=None, help="Model id sent in requests (default: the first id of GET /models).")
+@click.option("--dataset-name", type=click.Choice(["random", "sharegpt"]), default="random", show_default=True)
+@click.option("--dataset-path", default=None, type=click.Path(dir_okay=False), help="ShareGPT-format JSON file (implies --dataset-name sharegpt).")
+@click.option("--sharegpt-output-len", default=None, type=int, help="Output tokens per ShareGPT request (default: the reply's length).")
+@click.option("--num-prompts", default=100, show_default=True, type=int)
+@click.option("--request-rate", default="inf", show_default=True, help="Requests per second (Poisson arrivals), or inf.")
+@click.option("--max-concurrency", default=None, type=int, help="At most this many requests in flight.")
+@_workload_options
+@click.option("--result-file", default=None, type=click.Path(dir_okay=False), help="Write config, figures and every request's timings as JSON.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar on stderr.")
+def serve_cmd(**opts: Any) -> None:
+    """Load-test an OpenAI-compatible server: TTFT, TPOT, ITL, E2E, throughput, SLO attainment, goodput."""
+    from splitwise.bench.serve_bench import format_report, run_load, served_model_id
+
+    try:
+        requests = _build_workload(opts, num_prompts=opts["num_prompts"], seed=opts["seed"])
+        model = opts["model"] or asyncio.run(served_model_id(opts["base_urls"][0]))
+        config = _load_config(opts, base_urls=tuple(opts["base_urls"]), model=model, rate=_rate(opts["request_rate"]),
+                              max_concurrency=opts["max_concurrency"], progress=opts["progress"])
+    except ValueError as exc:
+        raise _fail_on_value_error(exc) from None
+    run = asyncio.run(run_load(config, requests))
+    click.echo(format_report(run))
+    if opts["result_file"]:
+        Path(opts["result_file"]).write_text(json.dumps(run.to_dict(), indent=2) + "\n")
+        click.echo(f"results written to {opts['result_file']}")
+
+
+def _build_workload(opts: dict[str, Any], *, num_prompts: int, seed: int) -> list[Any]:
+    from splitwise.bench.dataset import random_requests, sharegpt_requests
+    from splitwise.engine.tokenizer import Tokenizer
+
+    try:
+        model_dir = resolve_model(opts["tokenizer"], default_size="small")
+    except click.BadParameter as exc:
+        raise ValueError(f"--tokenizer: {exc.message}") from None
+    try:
+        tokenizer = Tokenizer.from_dir(model_dir)
+    except SplitwiseError as exc:
+        raise ValueError(f"--tokenizer: {str(exc).removeprefix('--model: ')}") from None
+    endpoint = opts.get("endpoint", "completions")
+    if opts.get("dataset_path") or opts.get("dataset_name") == "sharegpt":
+        if not opts.get("dataset_path"):
+            raise ValueError("--dataset-path: --dataset-name sharegpt needs a ShareGPT JSON file")
+        return sharegpt_requests(tokenizer, opts["dataset_path"], num_prompts=num_prompts, seed=seed,
+                                 output_len=opts.get("sharegpt_output_len"))
+    return random_requests(tokenizer, num_prompts=num_prompts, input_len=opts["random_input_len"],
+                           output_len=opts["random_output_len"], range_ratio=opts["random_range_ratio"],
+                           seed=seed, as_text=endpoint == "chat")
+
+
+def _load_config(opts: dict[str, Any], *, base_urls: tuple[str, ...], model: str, rate: float,
+                 max_concurrency: int | None, progress: bool) -> Any:
+    from splitwise.bench.metrics import SLO
+    from splitwise.bench.serve_bench import LoadConfig
+
+    return LoadConfig(
+        base_urls=base_urls, endpoint=opts.get("endpoint", "completions"), model=model, request_rate=rate,
+        max_concurrency=max_concurrency, seed=opts["seed"], ignore_eos=opts["ignore_eos"],
+        request_timeout_s=opts["request_timeout"], slo=SLO(opts["slo_ttft_ms"], opts["slo_tpot_ms"]),
+        show_progress=progress,
+    )

@@ -150,5 +150,37 @@ class KVCache:
             self._shm = None
 
 
-def default_shm_name(prefix: str = "splitwise-kv") -> str:
+SHM_PREFIX = "splitwise-kv"
+
+
+def default_shm_name(prefix: str = SHM_PREFIX) -> str:
+    """``<prefix>-<pid>-<random>``: the pid lets a later process find segments whose owner died."""
+    remove_stale_segments(prefix)
     return f"{prefix}-{os.getpid()}-{os.urandom(4).hex()}"
+
+
+def remove_stale_segments(prefix: str = SHM_PREFIX, shm_dir: str = "/dev/shm") -> list[str]:
+    """Unlink KV segments left by processes that died without cleaning up (SIGKILL, OOM).
+
+    Only names of the form ``<prefix>-<pid>-<hex>`` whose pid no longer exists are removed.
+    """
+    removed: list[str] = []
+    try:
+        names = os.listdir(shm_dir)
+    except OSError:
+        return removed
+    for name in names:
+        parts = name[len(prefix) + 1 :].split("-") if name.startswith(prefix + "-") else []
+        if len(parts) != 2 or not parts[0].isdigit():
+            continue
+        try:
+            os.kill(int(parts[0]), 0)
+        except ProcessLookupError:
+            try:
+                os.unlink(os.path.join(shm_dir, name))
+                removed.append(name)
+            except OSError:
+                pass
+        except PermissionError:
+            continue  # alive, owned by someone else
+    return removed

@@ -29,6 +29,9 @@ async def start_http_server(instance: Instance, sock: socket.socket) -> tuple[An
     instance.metrics = metrics  # type: ignore[attr-defined]
     metrics.add_counters_source("splitwise_transfer_events", instance.counters.snapshot,
                                 "P/D transfer events (transfers_ok, transfer_failures, fallbacks, reserve_waits, ...).")
+    if instance.channel is not None:
+        metrics.add_counters_source("splitwise_pd_control_events", instance.channel.server.counters.snapshot,
+                                    "P/D control channel events (connections_accepted, refused_auth, refused_incompatible, ...).")
     for name, side in (("splitwise_scheduler_frontend_events", instance.frontend), ("splitwise_scheduler_node_events", instance.node)):
         stats = getattr(side, "stats", None)
         if stats is not None and hasattr(stats, "snapshot"):

@@ -181,7 +181,7 @@ class PrefillFlow:
                 continue
             start = seq.num_computed_tokens
             end = start + chunk.num_new_tokens
-            first_block = start // self.block_size
+            first_block = 0 if start == seq.num_cached_tokens else start // self.block_size
             last_block = min((end - 1) // self.block_size, len(remote.dst_block_ids) - 1)
             if last_block < first_block:
                 continue

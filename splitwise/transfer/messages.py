@@ -7,8 +7,8 @@ another schema version is a ProtocolError, never a half-built message. Frames ar
 
 Data plane (P = initiator, D = target), one TCP connection per (P, D) pair::
 
-    P -> D  XferHello(initiator_id, geometry)        first frame
-    D -> P  XferHelloReply(ok, reason, geometry)     refuses a geometry/schema mismatch, then closes
+    P -> D  XferHello(initiator_id, geometry, access_key)   first frame
+    D -> P  XferHelloReply(ok, reason, geometry)     refuses a wrong key or geometry, then closes
     P -> D  LayerWrite(req_id, layer, runs, payload_bytes) + payload    tcp only
     P -> D  RequestBegin(req_id)                     ipc only: before the first copy of a request
     D -> P  RequestGrant(req_id, ok, reason, dst_block_ids)   ipc only: the blocks P may write
@@ -50,9 +50,13 @@ class Message:
 
 @dataclass(frozen=True)
 class XferHello(Message):
+    """``access_key`` is the one from the target's endpoint: only a peer that was handed the
+    endpoint (over the authenticated control channel, or from the cluster registry) may write."""
+
     TAG: ClassVar[str] = "xfer_hello"
     initiator_id: str
     geometry: dict[str, Any]
+    access_key: str
 
 
 @dataclass(frozen=True)

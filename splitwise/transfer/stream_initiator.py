@@ -120,7 +120,7 @@ class StreamInitiator(TransportInitiator):
         check_compatible(kv.geometry, remote, peer=peer_id)
         sock = wire.connect(str(endpoint["host"]), int(endpoint["port"]), self.options.connect_timeout_s)
         try:
-            reply = self._hello(sock, kv, peer_id)
+            reply = self._hello(sock, kv, peer_id, str(endpoint.get("access_key", "")))
             if not reply.ok:
                 raise IncompatiblePeerError(f"target refused the connection: {reply.reason}", peer=peer_id)
             attachment = self._attach_peer(peer_id, endpoint, remote)
@@ -287,10 +287,10 @@ class StreamInitiator(TransportInitiator):
         self._requests.fail_peer(peer.peer_id, "connection closed")
         self._detach_peer(peer)
 
-    def _hello(self, sock: socket.socket, kv: KVCache, peer_id: str) -> XferHelloReply:
+    def _hello(self, sock: socket.socket, kv: KVCache, peer_id: str, access_key: str) -> XferHelloReply:
         initiator_id = f"{socket.gethostname()}:{id(self):x}"
         try:
-            wire.send_message(sock, XferHello(initiator_id, geometry_to_dict(kv.geometry)))
+            wire.send_message(sock, XferHello(initiator_id, geometry_to_dict(kv.geometry), access_key))
             return expect_type(wire.recv_message(sock), XferHelloReply)  # type: ignore[no-any-return]
         finally:
             sock.settimeout(None)

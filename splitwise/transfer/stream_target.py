@@ -16,7 +16,9 @@ on D) and what the endpoint carries besides host/port/geometry.
 
 from __future__ import annotations
 
+import hmac
 import itertools
+import secrets
 import socket
 import threading
 import time
@@ -38,6 +40,7 @@ from splitwise.transfer.base import (
     geometry_to_dict,
 )
 from splitwise.transfer.errors import (
+    AuthenticationError,
     ConnectionLostError,
     IncompatiblePeerError,
     NotRegisteredError,
@@ -77,6 +80,7 @@ class StreamTarget(TransportTarget):
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._access_key = secrets.token_hex(16)  # a capability: handed out only inside endpoint()
 
     # ---- contract
     def register(self, kv_cache: KVCache) -> None:
@@ -95,6 +99,7 @@ class StreamTarget(TransportTarget):
             "host": self.options.host,
             "port": int(self._listener.getsockname()[1]),
             "geometry": geometry_to_dict(kv.geometry),
+            "access_key": self._access_key,
             **self._endpoint_extra(kv),
         }
 
@@ -181,6 +186,9 @@ class StreamTarget(TransportTarget):
         sock.settimeout(self.options.connect_timeout_s)
         hello = expect_type(wire.recv_message(sock), XferHello)
         local = geometry_to_dict(kv.geometry)
+        if not hmac.compare_digest(hello.access_key.encode(), self._access_key.encode()):
+            wire.send_message(sock, XferHelloReply(False, "wrong access key: endpoint not from this target", local))
+            raise AuthenticationError("wrong access key", peer=peer)
         try:
             check_compatible(kv.geometry, geometry_from_dict(hello.geometry), peer=hello.initiator_id)
         except (IncompatiblePeerError, KeyError, ValueError, TypeError) as exc:

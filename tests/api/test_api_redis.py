@@ -126,8 +126,8 @@ def test_disconnect_mid_stream_cancels_through_redis(pd_stack: RedisStack) -> No
         assert resp.status_code == 200
         first = next(line for line in resp.iter_lines() if line.startswith("data: "))
     req_id = json.loads(first[len("data: "):])["id"]
-    wait_until(lambda: len(pd_stack.backend.cancelled) > cancelled_before, what="backend.cancel")
-    assert pd_stack.backend.cancelled[-1] == req_id
+    wait_until(lambda: req_id in pd_stack.backend.cancel_results, what="backend.cancel(req_id) to return")
+    assert pd_stack.backend.cancelled[cancelled_before:] == [req_id]
     assert pd_stack.backend.cancel_results[req_id] is True  # it was in flight: CancelMessages went to P and D
 
 

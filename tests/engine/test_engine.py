@@ -213,3 +213,15 @@ def test_reservation_release_and_abort(engine: LLMEngine) -> None:
     engine.reserve("y", 5)
     engine.release_reservation("y")
     assert engine.block_manager.num_referenced_blocks == 0
+
+
+def test_stale_shared_memory_segments_are_removed(tmp_path: Path) -> None:
+    from splitwise.engine.kv_cache import remove_stale_segments
+
+    dead_pid = 2**22 + 12345  # above pid_max on default kernels: never alive
+    (tmp_path / f"splitwise-kv-{dead_pid}-abcd").write_bytes(b"x")
+    (tmp_path / f"splitwise-kv-{__import__('os').getpid()}-beef").write_bytes(b"x")  # ours: alive
+    (tmp_path / "unrelated").write_bytes(b"x")
+    removed = remove_stale_segments(shm_dir=str(tmp_path))
+    assert removed == [f"splitwise-kv-{dead_pid}-abcd"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"splitwise-kv-{__import__('os').getpid()}-beef", "unrelated"])

@@ -27,11 +27,13 @@ def target() -> Iterator[tuple[TransportTarget, KVCache]]:
     tcp.close()
 
 
-def raw_connection(target: TransportTarget, geometry: dict[str, object] | None = None) -> socket.socket:
+def raw_connection(target: TransportTarget, geometry: dict[str, object] | None = None,
+                   access_key: str | None = None) -> socket.socket:
     endpoint = target.endpoint()
     sock = wire.connect(endpoint["host"], endpoint["port"], 5.0)
     sock.settimeout(5.0)
-    wire.send_message(sock, XferHello("raw-test", geometry or geometry_to_dict(GEOMETRY)))
+    key = endpoint["access_key"] if access_key is None else access_key
+    wire.send_message(sock, XferHello("raw-test", geometry or geometry_to_dict(GEOMETRY), key))
     return sock
 
 
@@ -102,10 +104,15 @@ def test_garbage_and_mismatched_hello_are_refused_and_the_target_keeps_serving(t
     assert isinstance(reply, XferHelloReply) and not reply.ok and "head_dim" in reply.reason
     bad.close()
 
+    keyless = raw_connection(tcp, access_key="0" * 32)  # knows the port, was never handed the endpoint
+    reply = wire.recv_message(keyless)
+    assert isinstance(reply, XferHelloReply) and not reply.ok and "access key" in reply.reason
+    keyless.close()
+
     deadline = time.monotonic() + 5.0
-    while tcp.counters.get("connections_refused") < 2 and time.monotonic() < deadline:
+    while tcp.counters.get("connections_refused") < 3 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert tcp.counters.get("connections_refused") == 2
+    assert tcp.counters.get("connections_refused") == 3
 
     good = raw_connection(tcp)
     assert isinstance(wire.recv_message(good), XferHelloReply)

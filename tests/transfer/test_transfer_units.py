@@ -95,7 +95,7 @@ def test_registry_knows_builtins_and_refuses_unknown_names() -> None:
 
 
 SAMPLES: list[messages.Message] = [
-    messages.XferHello("p0", {"num_layers": 2, "dtype": "bfloat16"}),
+    messages.XferHello("p0", {"num_layers": 2, "dtype": "bfloat16"}, "9f" * 16),
     messages.XferHelloReply(False, "head_dim 64 != 128", {}),
     messages.LayerWrite("r-1", 3, [[0, 4], [9, 1]], 5 * 2 * 4096),
     messages.RequestBegin("r-1"),

@@ -1,0 +1,99 @@
+"""Helpers for the P/D failure, cancel and security tests: /metrics, polling, streaming."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from splitwise.cluster import Child, LocalCluster
+
+
+def metrics(child: Child) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of the instance's /metrics: (name, sorted labels) -> value."""
+    url = child.base_url.removesuffix("/v1") + "/metrics"
+    text = httpx.get(url, timeout=10).text
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = float(sample.value)
+    return samples
+
+
+def metric(child: Child, name: str, **labels: str) -> float:
+    """One sample (0.0 when absent: counters without events are not exported yet)."""
+    return metrics(child).get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def transfer_event(child: Child, event: str) -> float:
+    return metric(child, "splitwise_transfer_events_total", event=event)
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.2) -> bool:
+    """Poll ``predicate`` until it holds or the deadline passes (never asserts on speed)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return predicate()
+
+
+def log_text(child: Child) -> str:
+    return child.log_file.read_text(errors="replace")
+
+
+def decode_with_running_request(cluster: LocalCluster) -> Child | None:
+    for child in cluster.children:
+        if child.role == "decode" and child.process.poll() is None and metric(child, "splitwise_num_requests_running") > 0:
+            return child
+    return None
+
+
+@dataclass
+class StreamedCompletion:
+    text: str = ""
+    num_chunks: int = 0
+    finish_reason: str | None = None
+    usage: dict[str, int] = field(default_factory=dict)
+    done: bool = False
+
+
+def stream_completion(
+    base_url: str, prompt: list[int] | str, *, max_tokens: int, timeout_s: float = 120.0,
+    on_chunk: Callable[[StreamedCompletion], bool] | None = None,
+) -> StreamedCompletion:
+    """A streaming greedy completion. ``on_chunk`` sees the state after each content chunk; when it
+    returns False the client closes the connection right there (a cancel)."""
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    result = StreamedCompletion()
+    with httpx.stream("POST", f"{base_url}/completions", json=body, timeout=timeout_s) as resp:
+        assert resp.status_code == 200, resp.read().decode()
+        for data in _sse_data(resp.iter_lines()):
+            if data == "[DONE]":
+                result.done = True
+                break
+            event = json.loads(data)
+            assert "error" not in event, event
+            if event.get("usage"):
+                result.usage = event["usage"]
+            for choice in event.get("choices", []):
+                result.text += choice.get("text", "")
+                if choice.get("finish_reason"):
+                    result.finish_reason = choice["finish_reason"]
+                if choice.get("text"):
+                    result.num_chunks += 1
+                    if on_chunk is not None and not on_chunk(result):
+                        return result
+    return result
+
+
+def _sse_data(lines: Iterator[str]) -> Iterator[str]:
+    for line in lines:
+        if line.startswith("data:"):
+            yield line[5:].strip()
