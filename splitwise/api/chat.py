@@ -31,6 +31,7 @@ from splitwise.api.protocol import (
 )
 from splitwise.api.serving import MISSING_LOGPROB, Delta, Generation, ServingContext, TokenPiece
 from splitwise.api.streaming import collect, respond_streaming, unless_disconnected
+from splitwise.engine.errors import InvalidRequestError
 from splitwise.logging import bind_request
 
 ENDPOINT = "/v1/chat/completions"
@@ -53,7 +54,10 @@ def _flatten_content(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def chat_prompt_token_ids(ctx: ServingContext, messages: list[dict[str, Any]]) -> list[int]:
-    text = ctx.tokenizer.apply_chat_template(_flatten_content(messages), add_generation_prompt=True)
+    try:
+        text = ctx.tokenizer.apply_chat_template(_flatten_content(messages), add_generation_prompt=True)
+    except InvalidRequestError as exc:  # the template (or the tokenizer's checks) rejected the messages
+        raise BadRequestError(str(exc), param="messages") from None
     # The template writes its own special tokens (bos included, if the model wants one).
     return ctx.tokenizer.encode(text, add_special_tokens=False)
 

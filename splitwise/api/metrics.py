@@ -4,11 +4,12 @@ Each ``ApiMetrics`` owns its registry (no process-global state, so tests can run
 The HTTP layer updates the request metrics itself; the instance runtime updates the engine,
 cache and transfer ones (they are defined here so every name lives in one place).
 
-Request latency, as the client sees it (measured at the HTTP server, from the request's arrival):
-  TTFT  = first token received - request arrived
+Request latency as the HTTP server sees it, from the moment a request is submitted to the scheduler
+(after validation and tokenization) -- so it covers queueing, prefill, KV transfer and delivery:
+  TTFT  = first token received - request submitted
   ITL   = gap between successive token arrivals; a chunk of k tokens counts as k gaps of gap/k
   TPOT  = (last token - first token) / (completion tokens - 1), once per request with >= 2 tokens
-  E2E   = response complete - request arrived
+  E2E   = request ended (finished, failed or abandoned) - request submitted
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class ApiMetrics:
         self.requests_in_flight = Gauge("splitwise_requests_in_flight",
                                         "Generation requests accepted and not yet answered.", registry=r)
         self.time_to_first_token = Histogram("splitwise_time_to_first_token_seconds",
-                                             "Request arrival to first generated token.",
+                                             "Request submission to its first generated token.",
                                              buckets=_LATENCY_BUCKETS_S, registry=r)
         self.inter_token_latency = Histogram("splitwise_inter_token_latency_seconds",
                                              "Gap between successive generated tokens.",
@@ -63,7 +64,7 @@ class ApiMetrics:
                                                "Mean time per generated token after the first, per request.",
                                                buckets=_LATENCY_BUCKETS_S, registry=r)
         self.e2e_latency = Histogram("splitwise_e2e_request_latency_seconds",
-                                     "Request arrival to the end of its response.",
+                                     "Request submission to the end of its response.",
                                      buckets=_E2E_BUCKETS_S, registry=r)
         self.prompt_tokens = Counter("splitwise_prompt_tokens", "Prompt tokens of accepted requests.", registry=r)
         self.generation_tokens = Counter("splitwise_generation_tokens", "Tokens generated for clients.",
@@ -151,14 +152,14 @@ class RequestTimer:
 
     metrics: ApiMetrics
     clock: Callable[[], float] = time.monotonic
-    arrived_s: float = field(default=0.0)
+    submitted_s: float = field(default=0.0)
     first_token_s: float | None = None
     last_token_s: float | None = None
     num_tokens: int = 0
     _finished: bool = False
 
     def __post_init__(self) -> None:
-        self.arrived_s = self.clock()
+        self.submitted_s = self.clock()
 
     def on_tokens(self, count: int) -> None:
         if count <= 0:
@@ -166,7 +167,7 @@ class RequestTimer:
         now = self.clock()
         if self.last_token_s is None:
             self.first_token_s = now
-            self.metrics.time_to_first_token.observe(now - self.arrived_s)
+            self.metrics.time_to_first_token.observe(now - self.submitted_s)
         else:
             gap = (now - self.last_token_s) / count
             for _ in range(count):
@@ -179,7 +180,7 @@ class RequestTimer:
         if self._finished:
             return
         self._finished = True
-        self.metrics.e2e_latency.observe(self.clock() - self.arrived_s)
+        self.metrics.e2e_latency.observe(self.clock() - self.submitted_s)
         if not completed:
             return
         self.metrics.request_generation_tokens.observe(self.num_tokens)

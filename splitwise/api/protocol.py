@@ -12,7 +12,7 @@ Responses follow OpenAI's shapes (vLLM's where OpenAI has none, e.g. ``top_k``).
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
@@ -20,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 MIN_SEED = -(2**63)
 MAX_SEED = 2**64 - 1
 MAX_LOGPROBS = 20
+# Bounds for ints that are only passed through: they must fit the msgpack wire (and a C int on the node).
+MAX_INT32 = 2**31 - 1
 
 PromptInput = StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]]
 
@@ -32,17 +34,17 @@ class StreamOptions(_Request):
     include_usage: StrictBool = False
 
 
-class _SamplingRequest(_Request):
+class SamplingRequest(_Request):
     """Fields both endpoints share. ``None`` means "not given" (defaults differ per endpoint)."""
 
     model: StrictStr | None = None
     max_tokens: StrictInt | None = None
     temperature: StrictFloat | None = None
     top_p: StrictFloat | None = None
-    top_k: StrictInt | None = None  # vLLM extension; 0 or -1 disables it
+    top_k: StrictInt | None = Field(default=None, ge=-1, le=MAX_INT32)  # vLLM extension; 0 or -1 disables it
     seed: StrictInt | None = Field(default=None, ge=MIN_SEED, le=MAX_SEED)
     stop: StrictStr | list[StrictStr] | None = None
-    stop_token_ids: list[StrictInt] | None = None  # vLLM extension
+    stop_token_ids: list[Annotated[StrictInt, Field(ge=0, le=MAX_INT32)]] | None = None  # vLLM extension
     ignore_eos: StrictBool = False  # vLLM extension
     n: StrictInt = Field(default=1, ge=1, le=1)  # one choice per request
     stream: StrictBool = False
@@ -60,13 +62,13 @@ class _SamplingRequest(_Request):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
-class CompletionRequest(_SamplingRequest):
+class CompletionRequest(SamplingRequest):
     prompt: PromptInput
     logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: StrictBool = False
 
 
-class ChatCompletionRequest(_SamplingRequest):
+class ChatCompletionRequest(SamplingRequest):
     # Messages stay plain dicts: the chat template decides which roles and fields it understands,
     # and the tokenizer validates them (errors become 400s naming the message).
     messages: list[dict[str, Any]] = Field(min_length=1)

@@ -33,7 +33,7 @@ from splitwise.api.errors import (
     UnavailableError,
 )
 from splitwise.api.metrics import ApiMetrics, RequestTimer
-from splitwise.api.protocol import _SamplingRequest
+from splitwise.api.protocol import SamplingRequest
 from splitwise.engine.errors import InvalidRequestError
 from splitwise.engine.sampling_params import SamplingParams
 from splitwise.engine.stop_checker import StopChecker
@@ -105,7 +105,7 @@ class ServingContext:
         """One token as text, special tokens included (what logprobs report per token)."""
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
-    def sampling_params(self, request: _SamplingRequest, *, prompt_tokens: int, max_tokens: int | None,
+    def sampling_params(self, request: SamplingRequest, *, prompt_tokens: int, max_tokens: int | None,
                         default_max_tokens: int | None, logprobs: bool, max_tokens_param: str = "max_tokens",
                         prompt_param: str = "prompt") -> SamplingParams:
         """Validated engine parameters, with max_tokens resolved against the context (see module doc)."""
@@ -188,10 +188,6 @@ class Generation:
         self._timer = timer
         self._is_done = False  # the backend holds nothing more for this request
         self._is_closed = False
-
-    @property
-    def is_done(self) -> bool:
-        return self._is_done
 
     async def deltas(self) -> AsyncIterator[Delta]:
         """Text deltas until the request ends; then ``finish_reason`` is set. Raises ApiError when the

@@ -25,7 +25,7 @@ from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from splitwise.api.errors import ApiError, ClientDisconnectedError
+from splitwise.api.errors import ApiError, BackendError, ClientDisconnectedError
 from splitwise.api.serving import Delta, Generation
 from splitwise.logging import bind_request, get_logger
 
@@ -126,6 +126,11 @@ class SSEResponse(StreamingResponse):
                 self.outcome = exc.outcome
                 log.warning("stream_failed", status=exc.status_code, error_type=exc.error_type, message=exc.message)
                 yield sse_event(exc.to_body())
+            except Exception as exc:  # a bug: still answered, logged with its traceback and counted
+                self.outcome = "internal_error"
+                log.error("stream_crashed", exc_info=exc)
+                yield sse_event(BackendError(f"internal error: {type(exc).__name__}").to_body())
+                await self.generation.abort()
             yield DONE_EVENT
 
 

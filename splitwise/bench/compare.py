@@ -124,7 +124,7 @@ def _fmt(value: float | None, spec: str = ".0f") -> str:
 def markdown_table(rows: list[CompareRow]) -> str:
     header = ("| setup | rate (req/s) | done/failed | TTFT mean / p99 (ms) | TPOT mean / p99 (ms) | ITL p99 (ms) "
               "| SLO attainment | goodput (req/s) | output tok/s |")
-    lines = [header, "|" + "---|" * header.count("|")[:-1] if False else "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (r.request_rate, r.setup)):
         attain = "-" if r.slo_attainment is None else f"{r.slo_attainment * 100:.0f}%"
         lines.append(
@@ -167,8 +167,8 @@ def run_setup(config: CompareConfig, setup: str, workload: WorkloadFactory,
     log_dir.mkdir(parents=True, exist_ok=True)
     cluster = LocalCluster(config.spec(setup), log_dir=log_dir)
     load_before = os.getloadavg()
-    _say(f"{config.label(setup)}: starting {len(config.spec(setup).extra_args) and 'instances' or 'instances'} "
-         f"({config.torch_threads} torch thread(s) each), logs in {log_dir}")
+    _say(f"{config.label(setup)}: starting redis + instances ({config.torch_threads} torch thread(s) each), "
+         f"logs in {log_dir}")
     try:
         cluster.start()
         cluster.wait_ready(timeout_s=300)

@@ -150,3 +150,62 @@ def _load_config(opts: dict[str, Any], *, base_urls: tuple[str, ...], model: str
         request_timeout_s=opts["request_timeout"], slo=SLO(opts["slo_ttft_ms"], opts["slo_tpot_ms"]),
         show_progress=progress,
     )
+
+
+def _rates(value: str) -> tuple[float, ...]:
+    try:
+        rates = tuple(float(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma list of numbers", param_hint="--request-rates") from None
+    return rates
+
+
+@bench.command("compare")
+@click.option("--request-rates", default="0.25,0.5,0.75,1", show_default=True, help="Comma list of request rates (req/s) to sweep.")
+@click.option("--num-prompts", default=16, show_default=True, type=int, help="Requests per rate.")
+@click.option("--mixed", "num_mixed", default=2, show_default=True, type=int, help="Mixed instances in the colocated setup.")
+@click.option("--prefill", "num_prefill", default=1, show_default=True, type=int, help="Prefill instances (P + D must equal --mixed).")
+@click.option("--decode", "num_decode", default=1, show_default=True, type=int, help="Decode instances.")
+@click.option("--torch-threads", default=1, show_default=True, type=int, help="Torch CPU threads of every instance.")
+@click.option("--model", default=None, help="Model directory the instances serve (default: the built-in small model).")
+@click.option("--transfer", type=click.Choice(["ipc", "tcp"]), default="ipc", show_default=True, help="KV transfer of the disaggregated setup.")
+@click.option("--instance-args", default="", help="Extra `splitwise serve` flags for every instance, e.g. '--max-num-batched-tokens 512'.")
+@_workload_options
+@click.option("--output-dir", default="bench_results/compare", show_default=True, type=click.Path(file_okay=False),
+              help="Where compare.json, compare.md, compare.png and the instance logs go.")
+@click.option("--plot-file", default=None, type=click.Path(dir_okay=False), help="PNG path (default: OUTPUT_DIR/compare.png).")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def compare_cmd(**opts: Any) -> None:
+    """N mixed instances vs P+D=N disaggregated ones on this machine, same workload, sweeping request rates.
+
+    Default workload: 1024-token random prompts, 128 output tokens, on the built-in small model.
+    """
+    import shlex
+
+    from splitwise.bench.compare import CompareConfig, markdown_table, run_compare
+    from splitwise.bench.metrics import SLO
+
+    opts = {**opts, "endpoint": "completions", "tokenizer": opts["tokenizer"] or opts["model"]}
+    try:
+        config = CompareConfig(
+            request_rates=_rates(opts["request_rates"]), num_prompts=opts["num_prompts"], num_mixed=opts["num_mixed"],
+            num_prefill=opts["num_prefill"], num_decode=opts["num_decode"], torch_threads=opts["torch_threads"],
+            model=str(resolve_model(opts["model"], default_size="small")), transfer=opts["transfer"],
+            instance_args=tuple(shlex.split(opts["instance_args"])), seed=opts["seed"], ignore_eos=opts["ignore_eos"],
+            request_timeout_s=opts["request_timeout"], slo=SLO(opts["slo_ttft_ms"], opts["slo_tpot_ms"]),
+            output_dir=Path(opts["output_dir"]), show_progress=opts["progress"],
+        )
+        _build_workload(opts, num_prompts=1, seed=0)  # bad workload flags fail before any process starts
+    except ValueError as exc:
+        raise _fail_on_value_error(exc) from None
+
+    def workload(num_prompts: int, seed: int) -> list[Any]:
+        return _build_workload(opts, num_prompts=num_prompts, seed=seed)
+
+    def warmup(num_prompts: int, seed: int) -> list[Any]:
+        return _build_workload({**opts, "random_output_len": 4, "random_range_ratio": 0.0}, num_prompts=num_prompts, seed=seed)
+
+    rows, files = run_compare(config, workload, warmup, Path(opts["plot_file"]) if opts["plot_file"] else None)
+    click.echo(markdown_table(rows))
+    for kind, path in files.items():
+        click.echo(f"{kind}: {path}")

@@ -225,7 +225,7 @@ class LLMEngine:
             [s.num_output_tokens for s in seqs],
         )
         self.stats.num_generated_tokens += len(seqs)
-        return {s.req_id: (t, lp) for s, t, lp in zip(seqs, out.token_ids, out.logprobs)}
+        return {s.req_id: (t, lp) for s, t, lp in zip(seqs, out.token_ids, out.logprobs, strict=False)}
 
     def _emit(self, seq: Sequence, finished: bool) -> RequestOutput:
         token_id, logprob = seq.output_token_ids[-1], seq.output_logprobs[-1]
@@ -268,7 +268,7 @@ class LLMEngine:
         if len(param_list) != len(prompt_list):
             raise InvalidRequestError(f"{len(prompt_list)} prompts but {len(param_list)} sampling params")
         ids = [f"offline-{id(self)}-{i}" for i in range(len(prompt_list))]
-        for req_id, prompt, p in zip(ids, prompt_list, param_list):
+        for req_id, prompt, p in zip(ids, prompt_list, param_list, strict=False):
             self.add_request(req_id, prompt, p)
         acc: dict[str, dict[str, list]] = {i: {"tokens": [], "logprobs": [], "text": []} for i in ids}
         done: dict[str, RequestOutput] = {}
@@ -293,7 +293,7 @@ class LLMEngine:
                 num_cached_tokens=cached.get(i, 0),
                 error=done[i].error,
             )
-            for i, prompt in zip(ids, prompt_list)
+            for i, prompt in zip(ids, prompt_list, strict=False)
         ]
 
     def close(self) -> None:

@@ -99,7 +99,7 @@ class DecodeFlow:
     def cancel(self, req_id: str) -> None:
         pending = self._pending.get(req_id)
         if pending is not None and not pending.future.done():
-            pending.future.set_exception(PrefillUnavailable("cancelled", req_id=None))
+            pending.future.set_exception(PrefillUnavailable("cancelled"))
 
     # -- messages from P (event loop) ---------------------------------------------------------
 

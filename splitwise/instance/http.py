@@ -29,6 +29,13 @@ async def start_http_server(instance: Instance, sock: socket.socket) -> tuple[An
     instance.metrics = metrics  # type: ignore[attr-defined]
     metrics.add_counters_source("splitwise_transfer_events", instance.counters.snapshot,
                                 "P/D transfer events (transfers_ok, transfer_failures, fallbacks, reserve_waits, ...).")
+    transports = [*instance.targets.values(), *instance.initiators.values()]
+    if transports:
+        metrics.add_counters_source(
+            "splitwise_kv_transport_events",
+            lambda: {f"{t.protocol}_{event}": n for t in transports for event, n in t.counters.snapshot().items()},
+            "KV transport events by protocol (ipc_requests_begun, tcp_bytes_received, tcp_transfers_done, ...).",
+        )
     if instance.channel is not None:
         metrics.add_counters_source("splitwise_pd_control_events", instance.channel.server.counters.snapshot,
                                     "P/D control channel events (connections_accepted, refused_auth, refused_incompatible, ...).")
@@ -48,7 +55,9 @@ async def start_http_server(instance: Instance, sock: socket.socket) -> tuple[An
     )
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # the instance owns signals
+    # While serving, uvicorn captures SIGINT/SIGTERM itself (stops accepting, drains for up to
+    # timeout_graceful_shutdown), then restores and re-raises them, which reaches the instance's
+    # handler: so shutdown runs HTTP first, then the scheduler, transports and engine.
     task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]), name="http")
     asyncio.get_running_loop().create_task(_refresh_metrics(instance, metrics), name="metrics-refresh")
     metrics_port = None
@@ -80,6 +89,6 @@ async def _refresh_metrics(instance: Instance, metrics: ApiMetrics) -> None:
         metrics.kv_cache_usage.set(load.kv_usage)
         prompt, cached = stats.num_prompt_tokens, stats.num_cached_prompt_tokens
         if prompt > last_prompt:
-            metrics.set_prefix_cache(queried_tokens=prompt - last_prompt, hit_tokens=max(0, cached - last_cached))
+            metrics.record_prefix_cache_lookup(queried_tokens=prompt - last_prompt, hit_tokens=max(0, cached - last_cached))
             last_prompt, last_cached = prompt, cached
         await asyncio.sleep(_METRICS_REFRESH_S)

@@ -263,8 +263,10 @@ class Instance:
                     log.warning("scheduler close failed", error=str(exc) or type(exc).__name__)
         if self.channel is not None:
             self.channel.close()
-        for transport in [*self.targets.values(), *self.initiators.values()]:
-            transport.close()
+        for target in self.targets.values():
+            target.close()
+        for initiator in self.initiators.values():
+            initiator.close()
         if self.worker is not None:
             self.worker.stop()
         if self.engine is not None:

@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from scheduler.errors import SchedulerClosedError, SchedulerError
 from scheduler.messages import CancelMessage, Failed, Finished, ResultMessage, TokenChunk, WorkItem
-from splitwise.engine.errors import EngineError
+from splitwise.engine.errors import EngineError, InvalidRequestError
 from splitwise.engine.outputs import RequestOutput
 from splitwise.engine.sampling_params import SamplingParams
 from splitwise.engine.sequence import FinishReason
+from splitwise.errors import SplitwiseError
 from splitwise.instance.engine_worker import EngineWorker
 from splitwise.logging import bind_request, get_logger
 
@@ -100,7 +101,13 @@ class NodeRuntime:
                 return
             task = asyncio.create_task(self._serve(item), name=f"serve-{item.req_id}")
             self._tasks[item.req_id] = task
-            task.add_done_callback(lambda _t, rid=item.req_id: self._tasks.pop(rid, None))
+            task.add_done_callback(self._forget_task(item.req_id))
+
+    def _forget_task(self, req_id: str) -> Callable[[asyncio.Task[None]], None]:
+        def forget(_task: asyncio.Task[None]) -> None:
+            self._tasks.pop(req_id, None)
+
+        return forget
 
     async def _cancel_loop(self) -> None:
         async for cancel in self.node.cancellations():
@@ -118,9 +125,15 @@ class NodeRuntime:
             except asyncio.CancelledError:
                 self.worker.abort(item.req_id)
                 raise
-            except Exception as exc:  # noqa: BLE001 - this request's error boundary
-                log.exception("request failed", error=str(exc))
-                await self._terminal(item, Failed(req_id=item.req_id, attempt=item.attempt, code="internal", message=str(exc)))
+            except SplitwiseError as exc:  # deliberate: bad input, no capacity, remote prefill failed
+                log.warning("request failed", error=str(exc), retryable=exc.retryable)
+                code = "invalid_request" if isinstance(exc, InvalidRequestError) else _error_code(exc)
+                await self._terminal(item, Failed(req_id=item.req_id, attempt=item.attempt, code=code,
+                                                  message=str(exc), retryable=exc.retryable))
+            except Exception as exc:  # noqa: BLE001 - this request's error boundary: a bug
+                log.exception("request failed with an internal error", error=str(exc))
+                await self._terminal(item, Failed(req_id=item.req_id, attempt=item.attempt, code="internal",
+                                                  message=f"internal error: {type(exc).__name__}: {exc}"))
 
     async def _serve_inner(self, item: WorkItem) -> None:
         try:
@@ -181,3 +194,9 @@ class NodeRuntime:
         except SchedulerError as exc:
             # Redis stayed away past the dead-after time: the frontend re-dispatches or fails it.
             log.warning("could not report terminal result", error=str(exc))
+
+
+def _error_code(exc: BaseException) -> str:
+    """CamelCase class name -> snake_case code (``DecodeCapacityError`` -> ``decode_capacity``)."""
+    name = type(exc).__name__.removesuffix("Error")
+    return "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")

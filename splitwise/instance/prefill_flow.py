@@ -90,7 +90,8 @@ class PrefillFlow:
         if isinstance(message, PrefillTask):
             task = asyncio.get_running_loop().create_task(self._serve(conn, message), name=f"prefill-{message.req_id}")
             self._tasks[message.req_id] = task
-            task.add_done_callback(lambda _t, rid=message.req_id: self._tasks.pop(rid, None))
+            req_id = message.req_id
+            task.add_done_callback(lambda _task: self._tasks.pop(req_id, None) and None)
         elif isinstance(message, CancelRequest):
             self.cancel(message.req_id)
 
@@ -171,8 +172,7 @@ class PrefillFlow:
 
     def on_layer(self, layer: int, chunks: SequenceOf[ScheduledChunk]) -> None:
         """Layer ``layer``'s KV of this batch is in the cache: ship the blocks of remote requests."""
-        if self.layer_delay_s and any(chunk.seq.req_id in self._remote for chunk in chunks):
-            time.sleep(self.layer_delay_s)  # debug only (--debug-prefill-layer-delay-ms)
+        shipped = False
         for chunk in chunks:
             seq = chunk.seq
             with self._lock:
@@ -192,10 +192,15 @@ class PrefillFlow:
                 continue
             try:
                 remote.initiator.write_layer(remote.peer_id, seq.req_id, layer, src, dst)
+                shipped = True
             except SplitwiseError as exc:
                 # Shows up as FAILED in poll/wait too; stop shipping this request.
                 log.warning("write_layer refused", req_id=seq.req_id, layer=layer, error=str(exc))
                 remote.cancelled = True
+        if shipped and self.layer_delay_s:
+            # Debug only (--debug-prefill-layer-delay-ms): after the write was queued, so a test
+            # that sees the first bytes land knows the request is mid-transfer for a while.
+            time.sleep(self.layer_delay_s)
 
 
 def _params_from_wire(raw: dict[str, Any]) -> dict[str, Any]:

@@ -223,7 +223,8 @@ class TransportTarget(abc.ABC):
     @abc.abstractmethod
     def endpoint(self) -> Endpoint:
         """Addressing a peer needs for ``TransportInitiator.connect`` (host/port, shm name, IPC handle,
-        RDMA keys) plus this side's geometry; msgpack-able. Non-blocking; valid until ``close``."""
+        RDMA keys) plus this side's geometry and any access key; msgpack-able. Hand it out only to
+        authenticated peers (control channel, cluster registry). Non-blocking; valid until ``close``."""
 
     @abc.abstractmethod
     def expect(self, req_id: str, dst_block_ids: Sequence[int], timeout_s: float | None = None) -> None:

@@ -115,6 +115,8 @@ def _map_shm(name: str, geometry: KVCacheGeometry, peer_id: str) -> _Mapping:
 
 
 def _map_cuda(endpoint: Endpoint, geometry: KVCacheGeometry, device: torch.device) -> _Mapping:
+    # Opened in P's device context and tagged with P's device: D's memory (on D's GPU, whose index
+    # P need not know) is then reached through peer access, which the Lazy flag enables.
     cupy = _cupy()
     index = device.index if device.index is not None else torch.cuda.current_device()
     with cupy.cuda.Device(index):

@@ -46,6 +46,11 @@ def assert_error(resp: httpx.Response, status: int, *, param: str | None = None,
     ({"prompt": "x", "stop": [""]}, "stop"),
     ({"prompt": "x", "stop": 7}, "stop"),
     ({"prompt": "x", "seed": "abc"}, "seed"),
+    ({"prompt": "x", "seed": 2**70}, "seed"),
+    ({"prompt": "x", "top_k": 2**40}, "top_k"),
+    ({"prompt": "x", "stop_token_ids": [2**40]}, "stop_token_ids[0]"),
+    ({"prompt": "x", "max_tokens": True}, "max_tokens"),
+    ({"prompt": "x", "stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
     ({"prompt": "x", "n": 2}, "n"),
     ({"prompt": "x", "logprobs": 99}, "logprobs"),
     ({"prompt": "x", "stream": "yes"}, "stream"),
@@ -65,14 +70,17 @@ def test_bad_completion_parameters_are_400(local_stack: LocalStack, body: dict, 
 @pytest.mark.parametrize(("body", "param"), [
     ({"messages": []}, "messages"),
     ({"messages": "hi"}, "messages"),
-    ({"messages": [{"role": "robot", "content": "hi"}]}, None),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": {"a": 1}}]}, "messages"),
+    ({"messages": [{"content": "hi"}]}, "messages"),
+    ({"messages": [1]}, "messages[0]"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "messages[0].content[0]"),
     ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": "hi"}], "logprobs": 1}, "logprobs"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0}, "max_completion_tokens"),
 ])
-def test_bad_chat_parameters_are_400(local_stack: LocalStack, body: dict, param: str | None) -> None:
+def test_bad_chat_parameters_are_400(local_stack: LocalStack, body: dict, param: str) -> None:
     assert_error(post(local_stack, "/v1/chat/completions", body), 400, param=param)
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+
 from splitwise.cluster import ClusterSpec, LocalCluster
-from splitwise.engine.tiny_model import default_model_dir
 
 # Small blocks and a small step budget so short prompts already span many blocks and chunks.
 ENGINE_ARGS = ["--block-size", "4", "--max-num-batched-tokens", "32", "--num-kv-blocks", "512", "--transfer-timeout", "20"]

@@ -3,10 +3,9 @@ processes): completions, chat, streaming, stop strings, seeds, usage, logprobs, 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
-
-import time
 
 import httpx
 import openai

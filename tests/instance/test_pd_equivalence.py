@@ -52,9 +52,9 @@ def test_disaggregated_equals_mixed(cluster_factory, mixed_outputs, num_prefill:
     # Send through every instance's frontend in turn: any instance accepts requests.
     urls = [c.base_url for c in cluster.children]
     got = [_tokens(complete(urls[i % len(urls)], p)) for i, p in enumerate(PROMPTS)]
-    mismatches = [i for i, (a, b) in enumerate(zip(got, mixed_outputs)) if a[0] != b[0]]
+    mismatches = [i for i, (a, b) in enumerate(zip(got, mixed_outputs, strict=False)) if a[0] != b[0]]
     assert not mismatches, f"{len(mismatches)} prompts differ, first: #{mismatches[0]} len={len(PROMPTS[mismatches[0]])}"
-    for (_, got_lp), (_, want_lp) in zip(got, mixed_outputs):
+    for (_, got_lp), (_, want_lp) in zip(got, mixed_outputs, strict=False):
         assert got_lp == pytest.approx(want_lp, abs=1e-4)
     # Every request really went through a prefill node and a KV transfer (no silent local prefill).
     for child in cluster.children:

@@ -1,0 +1,205 @@
+"""Failure handling of disaggregated requests, on real clusters (redis-server + `splitwise serve`).
+
+- P dies mid-transfer -> D prefills locally (``--pd-fallback local``); the request completes with
+  the greedy tokens a mixed instance gives; D counts the fallback in /metrics and logs it.
+- D dies mid-stream -> the frontend re-dispatches with the tokens already delivered as a resume
+  prefix; the client's one stream completes with the full, correct text.
+- D has no free KV blocks -> the request waits in D's bounded queue, visible in D's load report in
+  Redis, and completes once blocks free up (backing off, never a busy loop).
+
+The reference ("a mixed instance") is the instance's own engine run in-process with the same
+engine flags (tests/instance/helpers.ENGINE_ARGS); test_pd_equivalence shows a mixed instance over
+HTTP gives exactly that. P is slowed with the hidden ``--debug-prefill-layer-delay-ms`` (a sleep
+after each layer's write was queued), so "mid-transfer" is a state we observe before acting on it.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from scheduler.keys import KeySchema
+from scheduler.messages import LoadReport
+from splitwise.cluster import Child, LocalCluster
+from splitwise.engine.config import EngineConfig
+from splitwise.engine.engine import LLMEngine
+from splitwise.engine.sampling_params import SamplingParams
+from tests.instance.helpers import complete
+from tests.instance.pd_helpers import (
+    StreamedCompletion,
+    log_text,
+    metric,
+    stream_completion,
+    transfer_event,
+    wait_until,
+)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model: Path) -> Iterator[LLMEngine]:
+    engine = LLMEngine(EngineConfig(model=str(tiny_model), block_size=4, max_num_batched_tokens=32, num_kv_blocks=512))
+    yield engine
+    engine.close()
+
+
+def greedy_text(engine: LLMEngine, prompt: list[int], max_tokens: int) -> str:
+    [result] = engine.generate([prompt], SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+    return result.text
+
+
+def make_prompt(num_tokens: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randint(3, 1000) for _ in range(num_tokens)]
+
+
+def by_role(cluster: LocalCluster, role: str) -> list[Child]:
+    return [c for c in cluster.children if c.role == role]
+
+
+class Background:
+    """Run one blocking client call on a thread; ``result()`` re-raises its error."""
+
+    def __init__(self, fn, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        self._value: object = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn, args, kwargs), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn, args, kwargs) -> None:  # type: ignore[no-untyped-def]
+        try:
+            self._value = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - handed to result()
+            self._error = exc
+
+    def result(self, timeout_s: float = 120.0) -> object:
+        self._thread.join(timeout_s)
+        assert not self._thread.is_alive(), "the client call did not return"
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+# --------------------------------------------------------------------------- P dies
+
+
+@pytest.mark.parametrize("transfer", ["ipc", "tcp"])
+def test_killing_prefill_mid_transfer_falls_back_to_local_prefill(cluster_factory, reference, transfer: str) -> None:  # type: ignore[no-untyped-def]
+    # 120 tokens = 4 chunks x 2 layers, each followed by a 400 ms pause: ~3 s mid-transfer.
+    cluster = cluster_factory(num_prefill=1, num_decode=1, transfer=transfer, extra=["--debug-prefill-layer-delay-ms", "400"])
+    [p], [d] = by_role(cluster, "prefill"), by_role(cluster, "decode")
+    prompt = make_prompt(120, seed=1)
+    want = greedy_text(reference, prompt, 8)
+
+    # Sent to D's frontend: it must outlive P.
+    call = Background(complete, d.base_url, prompt, max_tokens=8, timeout=120.0)
+    begun = f"{transfer}_requests_begun"  # D's target saw P start writing into the reserved blocks
+    assert wait_until(lambda: metric(d, "splitwise_kv_transport_events_total", event=begun) >= 1, 60, 0.05), \
+        cluster.log_tail(d)
+    assert transfer_event(d, "transfers_ok") == 0, "the transfer finished before P was killed"
+    cluster.kill(p)
+
+    resp = call.result()
+    assert isinstance(resp, dict)
+    assert resp["choices"][0]["text"] == want
+    assert resp["usage"]["completion_tokens"] == 8
+    # Counted and logged: the fallback, not a transfer, produced the KV.
+    assert transfer_event(d, "fallbacks") == 1
+    assert transfer_event(d, "transfer_failures") == 1
+    assert transfer_event(d, "transfers_ok") == 0
+    assert "prefilling locally" in log_text(d), cluster.log_tail(d)
+    # The failed transfer's reservation and the finished request's blocks are all free again.
+    assert wait_until(lambda: metric(d, "splitwise_kv_blocks_used") == 0, 15), cluster.log_tail(d)
+
+
+# --------------------------------------------------------------------------- D dies
+
+
+def test_killing_decode_mid_stream_redispatches(cluster_factory, reference) -> None:  # type: ignore[no-untyped-def]
+    cluster = cluster_factory(num_prefill=1, num_decode=2, transfer="ipc", extra=["--scheduler-heartbeat-interval", "0.5"])
+    [p] = by_role(cluster, "prefill")
+    decodes = by_role(cluster, "decode")
+    prompt = make_prompt(40, seed=2)
+    max_tokens = 48
+    want = greedy_text(reference, prompt, max_tokens)
+    killed: list[Child] = []
+
+    def kill_the_decoder(state: StreamedCompletion) -> bool:
+        if not killed:
+            # Exactly one request ran: the decode node holding it logged its landed transfer.
+            [victim] = [c for c in decodes if "remote prefill landed" in log_text(c)]
+            cluster.kill(victim)
+            killed.append(victim)
+            state_at_kill.append(len(state.text))
+        return True
+
+    state_at_kill: list[int] = []
+    # Sent to P's frontend, which survives; the stream is read to its end.
+    got = stream_completion(p.base_url, prompt, max_tokens=max_tokens, on_chunk=kill_the_decoder)
+    assert killed, "the stream produced no content chunk"
+    [survivor] = [c for c in decodes if c is not killed[0]]
+
+    assert got.done and got.finish_reason == "length"
+    assert got.text == want, f"killed after {state_at_kill[0]} characters"
+    assert got.usage["completion_tokens"] == max_tokens
+    assert metric(p, "splitwise_scheduler_frontend_events_total", event="redispatched") == 1
+    assert "redispatching" in log_text(p)
+    # The resumed attempt ran on the surviving decode node (again disaggregated through P).
+    assert "remote prefill landed" in log_text(survivor), cluster.log_tail(survivor)
+    for child in (p, survivor):
+        assert wait_until(lambda c=child: metric(c, "splitwise_kv_blocks_used") == 0, 15), cluster.log_tail(child)
+
+
+# --------------------------------------------------------------------------- D is full
+
+
+def _load_report(cluster: LocalCluster, node_id: str) -> LoadReport:
+    host, port = cluster.scheduler_address
+    client = redis.Redis(host=host, port=port, decode_responses=True)
+    try:
+        return LoadReport.from_fields(client.hgetall(KeySchema(cluster.spec.topic).heartbeat(node_id)))
+    finally:
+        client.close()
+
+
+def test_decode_without_free_blocks_queues_the_request_until_blocks_free(cluster_factory, reference) -> None:  # type: ignore[no-untyped-def]
+    # 40 blocks of 4 tokens on D: one 100-token prompt reserves 29 (prompt + 16 tokens headroom),
+    # so a second one cannot reserve until the first finishes. P is slowed so the first request
+    # holds its reservation for seconds.
+    cluster = cluster_factory(
+        num_prefill=1, num_decode=1, transfer="tcp",
+        extra=["--num-kv-blocks", "40", "--debug-prefill-layer-delay-ms", "300", "--scheduler-heartbeat-interval", "0.3"],
+    )
+    [p], [d] = by_role(cluster, "prefill"), by_role(cluster, "decode")
+    d_id = str(d.info["node_id"])
+    prompts = [make_prompt(100, seed=3), make_prompt(100, seed=4)]
+    wants = [greedy_text(reference, prompt, 12) for prompt in prompts]
+
+    first = Background(complete, d.base_url, prompts[0], max_tokens=12, timeout=120.0)
+    assert wait_until(lambda: metric(d, "splitwise_kv_blocks_used") > 0, 60, 0.05)
+    second_sent_s = time.monotonic()
+    second = Background(complete, d.base_url, prompts[1], max_tokens=12, timeout=120.0)
+
+    # Visible in D's load report in Redis (what the scheduler and `splitwise inspect` read).
+    assert wait_until(lambda: _load_report(cluster, d_id).waiting_requests >= 1, 30, 0.1), cluster.log_tail(d)
+    assert metric(d, "splitwise_num_requests_waiting") >= 1
+
+    for call, want in zip((first, second), wants):
+        resp = call.result()
+        assert isinstance(resp, dict)
+        assert resp["choices"][0]["text"] == want
+    waited_s = time.monotonic() - second_sent_s
+    assert transfer_event(d, "transfers_ok") == 2  # both were disaggregated: no fallback
+    assert transfer_event(d, "fallbacks") == 0
+    waits = transfer_event(d, "reserve_waits")
+    assert waits >= 1
+    # Backing off (5 ms doubling to 200 ms): at most ~5 retries a second after the first few,
+    # where a busy loop would count thousands.
+    assert waits <= 10 + 6 * waited_s, f"{waits} reservation retries in {waited_s:.1f} s: the wait is not backing off"
+    assert wait_until(lambda: _load_report(cluster, d_id).waiting_requests == 0, 30, 0.1)
+    assert wait_until(lambda: metric(d, "splitwise_kv_blocks_used") == 0, 15)
