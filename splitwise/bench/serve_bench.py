@@ -120,11 +120,15 @@ class _Progress:
             self._bar.close()
 
 
+def _quiet_httpx() -> None:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request drowns the bar
+
+
 async def run_load(config: LoadConfig, requests: list[SampleRequest]) -> BenchmarkRun:
     """Send ``requests`` per ``config`` and measure them (see the module doc)."""
     if not requests:
         raise ValueError("--num-prompts: the workload is empty")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request drowns the bar
+    _quiet_httpx()
     offsets = arrival_offsets_s(len(requests), config.request_rate, config.seed)
     options = RequestOptions(endpoint=config.endpoint, model=config.model, ignore_eos=config.ignore_eos)
     limit = config.max_concurrency or len(requests)
@@ -154,6 +158,7 @@ async def run_load(config: LoadConfig, requests: list[SampleRequest]) -> Benchma
 
 async def served_model_id(base_url: str, timeout_s: float = 30.0) -> str:
     """The first model id of GET {base_url}/models (what --model defaults to)."""
+    _quiet_httpx()
     async with httpx.AsyncClient(timeout=timeout_s, trust_env=False) as client:
         try:
             response = await client.get(base_url.rstrip("/") + "/models")
