@@ -28,7 +28,8 @@ PERCENTILES = (50, 90, 99)
 
 @dataclass
 class RequestResult:
-    """One request as the client saw it. Times are seconds from the request's send."""
+    """One request as the client saw it. Times are seconds from the request's send, except
+    ``sent_at_s``: when it was sent, seconds after the benchmark started."""
 
     success: bool = False
     prompt_tokens: int = 0
@@ -38,6 +39,7 @@ class RequestResult:
     last_token_s: float | None = None
     e2e_s: float | None = None
     error: str = ""
+    sent_at_s: float = 0.0
 
     @property
     def tpot_s(self) -> float | None:

@@ -144,7 +144,9 @@ async def run_load(config: LoadConfig, requests: list[SampleRequest]) -> Benchma
             await asyncio.sleep(max(0.0, start + offsets[i] - time.perf_counter()))
             async with gate:
                 base_url = config.base_urls[i % len(config.base_urls)]
+                sent_at_s = time.perf_counter() - start
                 result = await send_request(client, base_url, requests[i], options)
+            result.sent_at_s = sent_at_s
             progress.advance(not result.success)
             return result
 

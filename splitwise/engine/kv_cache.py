@@ -22,6 +22,7 @@ address from the peer's base address.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from multiprocessing import shared_memory
@@ -50,17 +51,18 @@ class KVCacheGeometry:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
-    @property
+    @functools.cached_property
     def itemsize(self) -> int:
+        # Cached: block_offset() is on the transports' hot path and torch.empty costs microseconds.
         return torch.empty((), dtype=self.torch_dtype).element_size()
+
+    @functools.cached_property
+    def bytes_per_block(self) -> int:
+        return self.block_size * self.num_kv_heads * self.head_dim * self.itemsize
 
     @property
     def shape(self) -> tuple[int, int, int, int, int, int]:
         return (self.num_layers, 2, self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
-
-    @property
-    def bytes_per_block(self) -> int:
-        return self.block_size * self.num_kv_heads * self.head_dim * self.itemsize
 
     @property
     def bytes_per_region(self) -> int:
