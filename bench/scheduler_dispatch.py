@@ -55,8 +55,7 @@ async def serve_nodes(config: SchedulerConfig, num_nodes: int) -> None:
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     await stop.wait()
-    for s in sims:
-        await s.agent.close()
+    await asyncio.gather(*(s.agent.close() for s in sims))
     for t in tasks:
         t.cancel()
 
@@ -128,14 +127,19 @@ def main() -> None:
                 topic = f"bench{num_nodes}x{num_frontends}"
                 config = SchedulerConfig(scheduler_port=server.port, scheduler_topic=topic, block_ms=500)
                 child = subprocess.Popen([sys.executable, __file__, "--serve-nodes", str(num_nodes), "--port",
-                                          str(server.port), "--topic", topic], stdout=subprocess.PIPE, text=True)
+                                          str(server.port), "--topic", topic], stdout=subprocess.PIPE, text=True,
+                                         stderr=subprocess.DEVNULL)
                 assert child.stdout is not None and child.stdout.readline().strip() == "READY"
                 try:
                     ping = asyncio.run(ping_rtt_ms(config))
                     r = asyncio.run(run_case(config, num_frontends, args.requests, args.inflight_per_frontend))
                 finally:
                     child.send_signal(signal.SIGTERM)
-                    child.wait(timeout=30)
+                    try:
+                        child.wait(timeout=30)
+                    except subprocess.TimeoutExpired:
+                        child.kill()
+                        child.wait()
                 print(f"{num_frontends:>9} {num_nodes:>5} {r['req_s']:>8.0f} {r['submit_p50']:>10.2f} "
                       f"{r['submit_p99']:>7.2f} {r['e2e_p50']:>8.2f} {r['e2e_p99']:>7.2f} {ping[0]:>8.3f} "
                       f"{ping[1]:>6.3f}" + (f"  FAILURES {r['failures']}" if r["failures"] else ""), flush=True)

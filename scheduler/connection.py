@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -35,6 +37,8 @@ def make_client(config: SchedulerConfig, *, max_connections: int = 64) -> aiored
         "health_check_interval": 30,
         "max_connections": max_connections,
         "decode_responses": False,
+        # redis-py's own retries would hide an outage (and loop on auth errors); ours back off.
+        "retry": Retry(NoBackoff(), 0),
     }
     if config.scheduler_tls:
         kwargs["ssl"] = True
@@ -57,6 +61,8 @@ async def check_server(client: aioredis.Redis, config: SchedulerConfig) -> str:
     try:
         info = await client.info("server")
     except AuthenticationError as exc:
+        if config.scheduler_password is None:
+            raise SchedulerConnectionError(f"Redis at {where} needs a password (--scheduler-password)") from None
         raise SchedulerConnectionError(f"Redis at {where} rejected the password (--scheduler-password): {exc}") from None
     except ResponseError as exc:
         if "NOAUTH" in str(exc):

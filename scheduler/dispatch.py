@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 
 from scheduler import scripts
 from scheduler.errors import NoCapacityError
@@ -83,6 +84,11 @@ class Dispatcher:
     async def release(self, req_id: str, kind: str, *, node_id: str = "", state: str = "", now_ms: int) -> int:
         """Release the request's ``pbook`` or ``dbook`` booking (idempotent). Returns the amount released."""
         return int(await self._release(keys=self._accounting_keys(req_id), args=[kind, node_id, state, now_ms]))
+
+    async def queue_release(self, pipe: Pipeline, req_id: str, kind: str, *, node_id: str = "", state: str = "",
+                            now_ms: int) -> None:
+        """Queue the same release on a pipeline (its reply is the amount released)."""
+        await self._release(keys=self._accounting_keys(req_id), args=[kind, node_id, state, now_ms], client=pipe)
 
     async def release_all(self, req_id: str, *, state: str = "", now_ms: int) -> None:
         await self.release(req_id, "pbook", state=state, now_ms=now_ms)

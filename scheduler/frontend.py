@@ -14,6 +14,7 @@ import uuid
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 
 from scheduler.clock import SYSTEM_CLOCK, Clock, ExponentialBackoff
 from scheduler.config import SchedulerConfig
@@ -88,6 +89,7 @@ class FrontendScheduler:
         self._run_id = ""
         self._last_id = b"0-0"
         self._stopping = False
+        self._dead_since: dict[str, float] = {}  # node_id -> monotonic time first seen dead
 
     # --- public API ---------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -213,11 +215,13 @@ class FrontendScheduler:
                 assert self._client is not None
                 answer = await self._client.xread({key: self._last_id}, count=512, block=self.config.block_ms)
                 entries = stream_entries(answer)
+                batch = self._client.pipeline(transaction=False)
                 for entry_id, fields in entries:
-                    await self._on_result(fields.get(b"m", b""))
+                    await self._on_result(fields.get(b"m", b""), batch)
                     self._last_id = entry_id
                 if entries:
-                    await self._client.xtrim(key, minid=self._last_id)
+                    batch.xtrim(key, minid=self._last_id)
+                    await batch.execute()
                 backoff.reset()
             except asyncio.CancelledError:
                 raise
@@ -230,7 +234,7 @@ class FrontendScheduler:
                 log.exception("results_loop_error")
                 await self._clock.sleep(backoff.next_delay_s())
 
-    async def _on_result(self, payload: bytes) -> None:
+    async def _on_result(self, payload: bytes, batch: Pipeline) -> None:
         try:
             msg: ResultMessage = decode(payload, RESULT_TYPES)
         except MessageDecodeError as exc:
@@ -245,7 +249,7 @@ class FrontendScheduler:
         elif isinstance(msg, Failed) and msg.retryable:
             await self._redispatch(fl, reason=f"node error {msg.code}: {msg.message}")
         else:
-            await self._finish(fl, msg, notify_nodes=None)
+            await self._finish(fl, msg, notify_nodes=None, batch=batch)
 
     def _deliver_tokens(self, fl: InFlight, chunk: TokenChunk) -> None:
         """Forward only tokens the client has not seen (a re-dispatched node resumes, never repeats)."""
@@ -264,17 +268,20 @@ class FrontendScheduler:
                                  token_ids=new_ids, logprobs=logprobs))
         fl.delivered.extend(new_ids)
 
-    async def _finish(self, fl: InFlight, terminal: ResultMessage, *, notify_nodes: str | None) -> None:
-        """Deliver the one terminal message, record it, and clean up what nodes may still hold."""
+    async def _finish(self, fl: InFlight, terminal: ResultMessage, *, notify_nodes: str | None,
+                      batch: Pipeline | None = None) -> None:
+        """Deliver the one terminal message, record it, and clean up what nodes may still hold.
+        With ``batch`` the Redis writes join that pipeline (the results loop sends one per read)."""
         if self._inflight.pop(fl.request.req_id, None) is None:
             return
         fl.stream.put(terminal)
         self.stats.inc("terminal_" + terminal.TYPE)
         if self._client is None:
             return
+        assert self._dispatcher is not None
         now = self._clock.time_ms()
         req_id = fl.request.req_id
-        pipe = self._client.pipeline(transaction=False)
+        pipe = batch if batch is not None else self._client.pipeline(transaction=False)
         if notify_nodes is not None:
             self._add_cancels(pipe, fl, notify_nodes)
         detail = getattr(terminal, "code", "") or getattr(terminal, "finish_reason", "")
@@ -282,16 +289,18 @@ class FrontendScheduler:
                   ttl_ms=self._request_ttl_ms(fl, now), detail=detail)
         pipe.hset(self.keys.request(req_id), mapping={"state": terminal.TYPE, "updated_ms": now})
         pipe.pexpire(self.keys.request(req_id), self._request_ttl_ms(fl, now))
+        if not isinstance(terminal, Finished):  # a finished request's nodes released already
+            await self._dispatcher.queue_release(pipe, req_id, "pbook", now_ms=now)
+            await self._dispatcher.queue_release(pipe, req_id, "dbook", now_ms=now)
+        if batch is not None:
+            return
         try:
             await pipe.execute()
-            if not isinstance(terminal, Finished):  # a finished request's nodes released already
-                assert self._dispatcher is not None
-                await self._dispatcher.release_all(req_id, now_ms=now)
         except REDIS_DOWN_ERRORS as exc:  # bookings then expire with the request TTL
             self.stats.inc("redis_errors")
             log.warning("finish_cleanup_failed", req_id=req_id, error=str(exc))
 
-    def _add_cancels(self, pipe: aioredis.client.Pipeline, fl: InFlight, reason: str) -> None:
+    def _add_cancels(self, pipe: Pipeline, fl: InFlight, reason: str) -> None:
         if fl.assignment is None:
             return
         msg = encode(CancelMessage(req_id=fl.request.req_id, attempt=fl.attempt, reason=reason))
@@ -403,12 +412,30 @@ class FrontendScheduler:
 
     # --- small helpers --------------------------------------------------------------------------------
     async def _refresh_view(self) -> None:
-        assert self._view is not None
+        assert self._view is not None and self._client is not None
         for node_id, reason in (await self._view.refresh()).items():
-            assert self._client is not None
             payload: bytes = await self._client.hget(self.keys.nodes, node_id) or b""  # type: ignore[assignment]
             await self._client.hdel(self.keys.nodes, node_id)
             await self._dead_letter("nodes:" + node_id, reason, payload)
+        await self._reap_dead_nodes()
+
+    async def _reap_dead_nodes(self) -> None:
+        """Forget registry entries of nodes dead for a whole TTL, so node churn cannot grow the hash.
+        (A node that comes back re-adds itself on its next heartbeat.)"""
+        assert self._view is not None and self._client is not None
+        now = self._clock.monotonic()
+        for node_id in set(self._dead_since) - set(self._view.nodes):
+            del self._dead_since[node_id]
+        for node_id, state in self._view.nodes.items():
+            if state.alive:
+                self._dead_since.pop(node_id, None)
+                continue
+            since = self._dead_since.setdefault(node_id, now)
+            if now - since >= self.config.scheduler_ttl_s:
+                await self._client.hdel(self.keys.nodes, node_id)
+                del self._dead_since[node_id]
+                self.stats.inc("nodes_reaped")
+                log.info("node_reaped", node_id=node_id, dead_for_s=round(now - since, 1))
 
     async def _beat(self) -> None:
         assert self._client is not None

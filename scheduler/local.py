@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 
 from scheduler.clock import SYSTEM_CLOCK, Clock
 from scheduler.config import SchedulerConfig
-from scheduler.errors import DuplicateRequestError, NoCapacityError, SchedulerClosedError, UnknownRequestError
+from scheduler.errors import DuplicateRequestError, NoCapacityError, SchedulerClosedError
 from scheduler.messages import (
     Assignment,
     Cancelled,
     CancelMessage,
     Expired,
+    Failed,
     NodeInfo,
     ResultMessage,
     SubmitRequest,
@@ -159,9 +160,13 @@ class LocalNode:
             self._s.finish(result.req_id, result, tell_node=None)
 
     async def ack(self, work: WorkItem) -> None:
+        """Done with ``work``. Acked without a terminal result, the request fails explicitly
+        (there is no other node to re-dispatch to)."""
         self._s.cancelled.discard(work.req_id)
         if work.req_id in self._s.requests:
-            raise UnknownRequestError(f"ack of {work.req_id} before its terminal result", req_id=work.req_id)
+            self._s.stats.inc("acked_without_terminal")
+            self._s.finish(work.req_id, Failed(req_id=work.req_id, attempt=0, code="dropped_by_node",
+                                               message="the node gave the request up"), tell_node=None)
 
     async def release_prefill(self, req_id: str, *, prefill_node_id: str | None = None) -> int:
         return 0  # nothing is booked in-process: the one node's own queue is the accounting

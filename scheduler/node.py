@@ -14,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
 
 from scheduler import scripts
@@ -36,6 +38,7 @@ from scheduler.keys import WORK_GROUP, KeySchema, check_id
 from scheduler.messages import (
     CancelMessage,
     Expired,
+    Failed,
     LoadReport,
     NodeInfo,
     ResultMessage,
@@ -58,6 +61,7 @@ T = TypeVar("T")
 class _Held:
     entry_id: bytes
     item: WorkItem
+    terminal_sent: bool = False
 
 
 class NodeAgent:
@@ -76,6 +80,8 @@ class NodeAgent:
         self._cancel_queue: asyncio.Queue[CancelMessage] = asyncio.Queue(maxsize=10_000)
         self._tasks: list[asyncio.Task[None]] = []
         self._read_pending = True  # first read drains entries delivered to an earlier incarnation
+        self._unread: deque[StreamEntry] = deque()
+        self._events: list[tuple[str, str, str, str, int]] = []  # lifecycle events not yet written
         self._closed = False
 
     @property
@@ -115,6 +121,7 @@ class NodeAgent:
         await stop_tasks(self._tasks, grace_s=self.config.block_ms / 1000 + self.config.heartbeat_interval_s + 1)
         if self._client is not None and self._info is not None:
             try:
+                await self._flush_events()
                 await self._deregister_script(keys=[self.keys.nodes, self.keys.heartbeat(self._info.node_id)],
                                               args=[self._info.node_id, self._info.incarnation])
             except REDIS_DOWN_ERRORS as exc:
@@ -129,8 +136,13 @@ class NodeAgent:
         ``expired``). Survives Redis outages (backs off and retries). Raises SchedulerClosedError."""
         backoff = ExponentialBackoff()
         while not self._closed:
+            while self._unread:  # entries already taken from Redis (in our pending list)
+                entry_id, fields = self._unread.popleft()
+                item = await self._accept(entry_id, fields)
+                if item is not None:
+                    return item
             try:
-                entries = await self._read_work()
+                self._unread.extend(await self._read_work())
                 backoff.reset()
             except REDIS_DOWN_ERRORS as exc:
                 self.stats.inc("redis_errors")
@@ -144,10 +156,6 @@ class NodeAgent:
                 await self._heartbeat_quietly()
                 await self._clock.sleep(backoff.next_delay_s())
                 continue
-            for entry_id, fields in entries:
-                item = await self._accept(entry_id, fields)
-                if item is not None:
-                    return item
         raise SchedulerClosedError("node agent closed")
 
     async def _read_work(self) -> list[StreamEntry]:
@@ -204,29 +212,50 @@ class NodeAgent:
 
     async def ack(self, work: WorkItem) -> None:
         """The request is done here (terminal published, or dropped after a cancel): remove it from the
-        work stream and release its decode booking (and prefill booking on a mixed node)."""
+        work stream and release its decode booking (and prefill booking on a mixed node). One round trip."""
         held = self._held.pop((work.req_id, work.attempt), None)
         if held is None:
             raise UnknownRequestError(f"ack of {work.req_id}, which this node does not hold", req_id=work.req_id)
+        if not held.terminal_sent and not self.is_cancelled(work.req_id, work.attempt):
+            # Acked without an answer: tell the frontend (it re-dispatches) instead of leaving it to the TTL.
+            self.stats.inc("acked_without_terminal")
+            log.warning("acked_without_terminal", req_id=work.req_id, attempt=work.attempt)
+            await self._publish_quietly(work, Failed(req_id=work.req_id, attempt=work.attempt, code="dropped_by_node",
+                                                     message=f"node {self.node_id} gave the request up",
+                                                     retryable=True))
         now = self._clock.time_ms()
-        await self._with_retry("ack", lambda: self._drop(held.entry_id))
-        await self._with_retry("ack", lambda: self._dispatcher.release(work.req_id, "dbook", node_id=self.node_id,
-                                                                       now_ms=now))
-        if work.assignment.mode == "mixed":
-            await self._with_retry("ack", lambda: self._dispatcher.release(work.req_id, "pbook",
-                                                                           node_id=self.node_id, now_ms=now))
+        key = self.keys.work(self.node_id)
+
+        async def send() -> None:
+            assert self._client is not None
+            pipe = self._client.pipeline(transaction=False)
+            self._drain_events(pipe)
+            pipe.xack(key, WORK_GROUP, held.entry_id)
+            pipe.xdel(key, held.entry_id)
+            await self._dispatcher.queue_release(pipe, work.req_id, "dbook", node_id=self.node_id, now_ms=now)
+            if work.assignment.mode == "mixed":
+                await self._dispatcher.queue_release(pipe, work.req_id, "pbook", node_id=self.node_id, now_ms=now)
+            await pipe.execute()
+
+        await self._with_retry("ack", send)
 
     async def release_prefill(self, req_id: str, *, prefill_node_id: str | None = None) -> int:
         """Prefill (and KV send) of ``req_id`` is done: release its queued-prefill-token booking and
-        record ``prefilled``. Called by the prefill node (``prefill_node_id`` lets a decode-side
-        simulator release on its peer's behalf). Returns the tokens released (0 if already released)."""
+        record ``prefilled`` (one round trip). Called by the prefill node (``prefill_node_id`` lets a
+        decode-side simulator release on its peer's behalf). Returns the tokens released (0 if already)."""
         node = prefill_node_id or self.node_id
         now = self._clock.time_ms()
-        released = await self._with_retry(
-            "release_prefill",
-            lambda: self._dispatcher.release(req_id, "pbook", node_id=node, state="prefilled", now_ms=now))
-        await self.mark(req_id, "prefilled", node=node)
-        return released
+
+        async def send() -> int:
+            assert self._client is not None
+            pipe = self._client.pipeline(transaction=False)
+            await self._dispatcher.queue_release(pipe, req_id, "pbook", node_id=node, state="prefilled", now_ms=now)
+            add_event(pipe, self.keys, req_id, "prefilled", node=node, now_ms=now, ttl_ms=self.config.ttl_ms)
+            self._drain_events(pipe)
+            released, *_ = await pipe.execute()
+            return int(released or 0)
+
+        return await self._with_retry("release_prefill", send)
 
     # --- results and lifecycle records ---------------------------------------------------------------
     async def publish(self, result: ResultMessage, *, frontend_id: str | None = None) -> None:
@@ -239,26 +268,40 @@ class NodeAgent:
         async def send() -> None:
             assert self._client is not None
             pipe = self._client.pipeline(transaction=False)
+            self._drain_events(pipe)
             pipe.xadd(key, {"m": encode(result)}, maxlen=self.config.stream_maxlen, approximate=True)
             pipe.pexpire(key, self.config.ttl_ms)
             await pipe.execute()
 
         await self._with_retry("publish", send)
+        held = self._held.get((result.req_id, result.attempt))
+        if held is not None and result.is_terminal:
+            held.terminal_sent = True
         if result.is_terminal:
             self.stats.inc("published_" + result.TYPE)
 
     async def mark(self, req_id: str, event: str, *, detail: str = "", node: str | None = None) -> None:
-        """Append a lifecycle event (prefilled, transferred, decoding, ...). Best effort: never raises."""
-        if self._client is None:
+        """Record a lifecycle event (prefilled, transferred, decoding, ...). No I/O here: events ride
+        along with this node's next publish/ack/release pipeline (or heartbeat), in order. Never raises."""
+        if self._info is None:
+            return
+        self._events.append((req_id, event, node or self._info.node_id, detail, self._clock.time_ms()))
+        if len(self._events) > 10_000:  # Redis away for long: keep the newest
+            del self._events[:1000]
+            self.stats.inc("events_dropped", 1000)
+
+    def _drain_events(self, pipe: Pipeline) -> None:
+        for req_id, event, node, detail, ts_ms in self._events:
+            add_event(pipe, self.keys, req_id, event, node=node, now_ms=ts_ms, ttl_ms=self.config.ttl_ms,
+                      detail=detail)
+        self._events.clear()
+
+    async def _flush_events(self) -> None:
+        if not self._events or self._client is None:
             return
         pipe = self._client.pipeline(transaction=False)
-        add_event(pipe, self.keys, req_id, event, node=node or self.node_id, now_ms=self._clock.time_ms(),
-                  ttl_ms=self.config.ttl_ms, detail=detail)
-        try:
-            await pipe.execute()
-        except REDIS_DOWN_ERRORS as exc:
-            self.stats.inc("redis_errors")
-            log.warning("mark_failed", req_id=req_id, lifecycle_event=event, error=str(exc))
+        self._drain_events(pipe)
+        await pipe.execute()
 
     def holds(self, req_id: str) -> bool:
         return any(key[0] == req_id for key in self._held)
@@ -359,6 +402,7 @@ class NodeAgent:
                 await self._clock.sleep(self.config.heartbeat_interval_s)
                 if not self._closed:
                     await self._heartbeat()
+                    await self._flush_events()
                 backoff.reset()
             except asyncio.CancelledError:
                 raise

@@ -76,10 +76,12 @@ class CompareConfig:
             raise ValueError(f"--torch-threads: must be at least 1, got {self.torch_threads}")
 
     def spec(self, setup: str) -> ClusterSpec:
-        counts = ({"num_prefill": 0, "num_decode": 0, "num_mixed": self.num_mixed} if setup == SETUP_MIXED
-                  else {"num_prefill": self.num_prefill, "num_decode": self.num_decode, "num_mixed": 0})
+        is_mixed = setup == SETUP_MIXED
         return ClusterSpec(model=self.model, transfer=self.transfer, threads_per_instance=self.torch_threads,
-                           extra_args=list(self.instance_args), **counts)
+                           extra_args=list(self.instance_args),
+                           num_prefill=0 if is_mixed else self.num_prefill,
+                           num_decode=0 if is_mixed else self.num_decode,
+                           num_mixed=self.num_mixed if is_mixed else 0)
 
     def label(self, setup: str) -> str:
         if setup == SETUP_MIXED:

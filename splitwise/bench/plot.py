@@ -1,5 +1,6 @@
-"""The `bench compare` figure: p99 TTFT, p99 TPOT and SLO attainment against request rate, one line
-per setup on shared axes, the SLOs drawn as dashed lines. Needs matplotlib (the ``bench`` extra);
+"""The `bench compare` figure: p99 TTFT, p99 TPOT, SLO attainment and p99 ITL (where prefill
+interference shows first) against request rate, one line per setup on shared axes, the SLOs drawn
+as dashed lines. Needs matplotlib (the ``bench`` extra);
 it renders off-screen (Agg), so it works without a display.
 """
 
@@ -32,9 +33,10 @@ def plot_compare(rows: list[CompareRow], path: Path, slo: SLO, title: str | None
         ("ttft_p99_ms", "p99 TTFT (ms)", slo.ttft_ms, 1.0),
         ("tpot_p99_ms", "p99 TPOT (ms)", slo.tpot_ms, 1.0),
         ("slo_attainment", "SLO attainment (%)", None, 100.0),
+        ("itl_p99_ms", "p99 inter-token latency (ms)", None, 1.0),
     ]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
-    for ax, (attr, ylabel, objective, scale) in zip(axes, panels, strict=True):
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    for ax, (attr, ylabel, objective, scale) in zip(axes.flat, panels, strict=True):
         for i, label in enumerate(labels):
             xs, ys = _series(rows, label, attr)
             ax.plot(xs, [y * scale for y in ys], marker=MARKERS[i % len(MARKERS)], label=label)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -65,8 +66,12 @@ def _rate(value: str) -> float:
     return rate
 
 
-def _workload_options(fn: Callable[..., None]) -> Callable[..., None]:
-    """Flags that describe the requests (shared by `serve` and `compare`)."""
+def _workload_options(slo_ttft_ms: float | None, slo_tpot_ms: float | None) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Flags that describe the requests and their SLOs (shared by `serve` and `compare`)."""
+    return lambda fn: _with_workload_options(fn, slo_ttft_ms, slo_tpot_ms)
+
+
+def _with_workload_options(fn: Callable[..., None], slo_ttft_ms: float | None, slo_tpot_ms: float | None) -> Callable[..., None]:
     for option in reversed([
         click.option("--tokenizer", default=None, help="Model directory whose tokenizer builds the prompts (default: the built-in small model)."),
         click.option("--random-input-len", default=1024, show_default=True, type=int, help="Prompt tokens (random dataset)."),
@@ -76,8 +81,10 @@ def _workload_options(fn: Callable[..., None]) -> Callable[..., None]:
         click.option("--seed", default=0, show_default=True, type=int, help="Seed of the prompts and the arrival times."),
         click.option("--ignore-eos/--no-ignore-eos", default=True, show_default=True,
                      help="Send ignore_eos: true so every request generates exactly its max_tokens."),
-        click.option("--slo-ttft-ms", default=None, type=float, help="TTFT objective (ms) for SLO attainment and goodput."),
-        click.option("--slo-tpot-ms", default=None, type=float, help="TPOT objective (ms) for SLO attainment and goodput."),
+        click.option("--slo-ttft-ms", default=slo_ttft_ms, show_default=True, type=float,
+                     help="TTFT objective (ms) for SLO attainment and goodput."),
+        click.option("--slo-tpot-ms", default=slo_tpot_ms, show_default=True, type=float,
+                     help="TPOT objective (ms) for SLO attainment and goodput."),
         click.option("--request-timeout", default=600.0, show_default=True, type=float, help="Seconds one request may take."),
     ]):
         fn = option(fn)
@@ -95,7 +102,7 @@ def _workload_options(fn: Callable[..., None]) -> Callable[..., None]:
 @click.option("--num-prompts", default=100, show_default=True, type=int)
 @click.option("--request-rate", default="inf", show_default=True, help="Requests per second (Poisson arrivals), or inf.")
 @click.option("--max-concurrency", default=None, type=int, help="At most this many requests in flight.")
-@_workload_options
+@_workload_options(slo_ttft_ms=None, slo_tpot_ms=None)
 @click.option("--result-file", default=None, type=click.Path(dir_okay=False), help="Write config, figures and every request's timings as JSON.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar on stderr.")
 def serve_cmd(**opts: Any) -> None:
@@ -103,10 +110,12 @@ def serve_cmd(**opts: Any) -> None:
     from splitwise.bench.serve_bench import format_report, run_load, served_model_id
 
     try:
+        config = _load_config(opts, base_urls=tuple(opts["base_urls"]), model=opts["model"] or "",
+                              rate=_rate(opts["request_rate"]), max_concurrency=opts["max_concurrency"],
+                              progress=opts["progress"])
         requests = _build_workload(opts, num_prompts=opts["num_prompts"], seed=opts["seed"])
-        model = opts["model"] or asyncio.run(served_model_id(opts["base_urls"][0]))
-        config = _load_config(opts, base_urls=tuple(opts["base_urls"]), model=model, rate=_rate(opts["request_rate"]),
-                              max_concurrency=opts["max_concurrency"], progress=opts["progress"])
+        if not config.model:
+            config = dataclasses.replace(config, model=asyncio.run(served_model_id(config.base_urls[0])))
     except ValueError as exc:
         raise _fail_on_value_error(exc) from None
     run = asyncio.run(run_load(config, requests))
@@ -152,6 +161,12 @@ def _load_config(opts: dict[str, Any], *, base_urls: tuple[str, ...], model: str
     )
 
 
+# Default SLOs of `bench compare`, about 3x (TTFT) and 4x (TPOT) one request's unloaded latency with
+# the default workload on one core: loose enough that a lightly loaded setup meets them.
+COMPARE_SLO_TTFT_MS = 5000.0
+COMPARE_SLO_TPOT_MS = 150.0
+
+
 def _rates(value: str) -> tuple[float, ...]:
     try:
         rates = tuple(float(v) for v in value.split(",") if v.strip())
@@ -161,7 +176,7 @@ def _rates(value: str) -> tuple[float, ...]:
 
 
 @bench.command("compare")
-@click.option("--request-rates", default="0.25,0.5,0.75,1", show_default=True, help="Comma list of request rates (req/s) to sweep.")
+@click.option("--request-rates", default="0.25,0.5,0.75", show_default=True, help="Comma list of request rates (req/s) to sweep.")
 @click.option("--num-prompts", default=16, show_default=True, type=int, help="Requests per rate.")
 @click.option("--mixed", "num_mixed", default=2, show_default=True, type=int, help="Mixed instances in the colocated setup.")
 @click.option("--prefill", "num_prefill", default=1, show_default=True, type=int, help="Prefill instances (P + D must equal --mixed).")
@@ -170,7 +185,7 @@ def _rates(value: str) -> tuple[float, ...]:
 @click.option("--model", default=None, help="Model directory the instances serve (default: the built-in small model).")
 @click.option("--transfer", type=click.Choice(["ipc", "tcp"]), default="ipc", show_default=True, help="KV transfer of the disaggregated setup.")
 @click.option("--instance-args", default="", help="Extra `splitwise serve` flags for every instance, e.g. '--max-num-batched-tokens 512'.")
-@_workload_options
+@_workload_options(slo_ttft_ms=COMPARE_SLO_TTFT_MS, slo_tpot_ms=COMPARE_SLO_TPOT_MS)
 @click.option("--output-dir", default="bench_results/compare", show_default=True, type=click.Path(file_okay=False),
               help="Where compare.json, compare.md, compare.png and the instance logs go.")
 @click.option("--plot-file", default=None, type=click.Path(dir_okay=False), help="PNG path (default: OUTPUT_DIR/compare.png).")
@@ -178,7 +193,9 @@ def _rates(value: str) -> tuple[float, ...]:
 def compare_cmd(**opts: Any) -> None:
     """N mixed instances vs P+D=N disaggregated ones on this machine, same workload, sweeping request rates.
 
-    Default workload: 1024-token random prompts, 128 output tokens, on the built-in small model.
+    Default workload (docs/benchmarks.md says why): 1024-token random prompts with 128 output tokens
+    on the built-in small model, 16 requests per rate, one torch thread per instance, SLO TTFT <= 5 s
+    and TPOT <= 150 ms (about 3x and 4x one request's unloaded latency on one core).
     """
     import shlex
 

@@ -21,6 +21,7 @@ from scheduler.messages import WorkItem
 from splitwise.engine.errors import EngineError, OutOfBlocksError
 from splitwise.engine.outputs import RequestOutput
 from splitwise.engine.sampling_params import SamplingParams
+from splitwise.engine.sequence import FinishReason
 from splitwise.errors import SplitwiseError
 from splitwise.instance.config import InstanceConfig
 from splitwise.instance.engine_worker import EngineWorker
@@ -39,6 +40,18 @@ class PrefillUnavailable(SplitwiseError):
     """The remote prefill did not produce usable KV (P lost, refused, failed, or transfer failed)."""
 
     retryable = True
+
+
+class RequestCancelled(SplitwiseError):
+    """The frontend cancelled the request before it entered the running batch."""
+
+    retryable = False
+
+
+class PromptTooLargeError(EngineError):
+    """The prompt cannot fit this decode node's whole KV cache, however long it waits."""
+
+    retryable = False
 
 
 class DecodeCapacityError(EngineError):
@@ -69,6 +82,11 @@ class DecodeFlow:
         self.targets = targets
         self.counters = counters
         self._pending: dict[str, _Pending] = {}
+        # Requests between work item and admission (reserving, remote prefill): this flow owns their
+        # cleanup, because P may still write into their reserved blocks. ``_cancelled``: of those,
+        # the ones the frontend cancelled.
+        self._starting: set[str] = set()
+        self._cancelled: set[str] = set()
         self.num_waiting_for_blocks = 0
         self._background: set[asyncio.Task[None]] = set()
 
@@ -76,30 +94,63 @@ class DecodeFlow:
 
     async def start_request(self, item: WorkItem, prompt: list[int], params: SamplingParams) -> asyncio.Queue[RequestOutput]:
         req_id = item.req_id
+        self._starting.add(req_id)
+        try:
+            return await self._start(item, prompt, params)
+        except RequestCancelled:
+            log.info("request cancelled before decoding; nothing runs for it here")
+            out_q: asyncio.Queue[RequestOutput] = asyncio.Queue()
+            out_q.put_nowait(RequestOutput(req_id=req_id, finish_reason=FinishReason.ABORT))
+            return out_q
+        finally:
+            self._starting.discard(req_id)
+            self._cancelled.discard(req_id)
+
+    async def _start(self, item: WorkItem, prompt: list[int], params: SamplingParams) -> asyncio.Queue[RequestOutput]:
+        req_id = item.req_id
         await self.worker.call(lambda e: e.validate_prompt(prompt, req_id=req_id))
-        block_ids = await self._reserve(req_id, len(prompt) + self.config.decode_headroom_tokens)
+        block_ids = await self._reserve(req_id, self._reservation_tokens(req_id, len(prompt)))
+        if req_id in self._cancelled:  # cancelled while reserving: nobody was told about the blocks
+            await self.worker.call(lambda e: e.release_reservation(req_id))
+            raise RequestCancelled("cancelled while waiting for KV blocks")
         started = time.monotonic()
         try:
             first = await self._remote_prefill(item, prompt, params, block_ids)
+        except RequestCancelled:
+            raise  # _remote_prefill retires the reservation once P stopped writing
         except (PrefillUnavailable, SplitwiseError) as exc:
+            if req_id in self._cancelled:
+                raise RequestCancelled("cancelled during the remote prefill") from None
+            self._starting.discard(req_id)  # from the submit on, the engine owns it (abort works)
             return await self._fallback(item, prompt, params, exc)
         self.counters.incr("transfers_ok")
         self.counters.incr("transfer_latency_ms", int((time.monotonic() - started) * 1000))
         log.info("remote prefill landed", peer=item.assignment.prefill_node_id, protocol=item.assignment.protocol,
                  num_blocks=len(block_ids), ms=round((time.monotonic() - started) * 1000, 1))
+        if req_id in self._cancelled:  # every write landed, so the blocks can go back at once
+            await self.worker.call(lambda e: e.release_reservation(req_id))
+            raise RequestCancelled("cancelled once the remote prefill had landed")
         out_q = self.worker.attach(req_id)
 
         def admit(engine: Any) -> None:
             first_out = engine.add_prefilled_request(req_id, prompt, params, first.first_token_id, first.logprob)
             self.worker.deliver_from_engine_thread([first_out])
 
+        # No await between these two: a cancel from now on is an engine abort, queued after admit.
+        self._starting.discard(req_id)
         await self.worker.call(admit)
         return out_q
 
-    def cancel(self, req_id: str) -> None:
+    def cancel(self, req_id: str) -> bool:
+        """The frontend cancelled ``req_id``. True when this flow owns its cleanup (not admitted
+        yet); False when the engine has it and an engine abort frees its blocks."""
+        if req_id not in self._starting:
+            return False
+        self._cancelled.add(req_id)
         pending = self._pending.get(req_id)
         if pending is not None and not pending.future.done():
-            pending.future.set_exception(PrefillUnavailable("cancelled"))
+            pending.future.set_exception(RequestCancelled("cancelled by the frontend"))
+        return True
 
     # -- messages from P (event loop) ---------------------------------------------------------
 
@@ -120,6 +171,19 @@ class DecodeFlow:
 
     # -- steps --------------------------------------------------------------------------------
 
+    def _reservation_tokens(self, req_id: str, num_prompt_tokens: int) -> int:
+        """Prompt + headroom, capped at the whole cache. A prompt that can never fit fails now
+        instead of waiting for blocks forever."""
+        bm = self.worker.engine.block_manager  # its size never changes: safe to read off the engine thread
+        capacity_tokens = bm.num_blocks * bm.block_size
+        if num_prompt_tokens + 1 > capacity_tokens:  # the prompt and the first token's slot
+            raise PromptTooLargeError(
+                f"request needs {bm.num_blocks_for(num_prompt_tokens + 1)} KV blocks but this decode node's whole "
+                f"cache has {bm.num_blocks}; raise --num-kv-blocks / KV cache memory or shorten the request",
+                req_id=req_id,
+            )
+        return min(num_prompt_tokens + self.config.decode_headroom_tokens, capacity_tokens)
+
     async def _reserve(self, req_id: str, num_tokens: int) -> list[int]:
         """Reserve KV blocks, waiting (bounded queue, backing off) while the node is full."""
         if self.num_waiting_for_blocks >= self.config.max_waiting_for_blocks:
@@ -130,6 +194,8 @@ class DecodeFlow:
         self.num_waiting_for_blocks += 1
         try:
             while True:
+                if req_id in self._cancelled:
+                    raise RequestCancelled("cancelled while waiting for KV blocks")
                 try:
                     return await self.worker.call(lambda e: e.reserve(req_id, num_tokens))
                 except OutOfBlocksError:

@@ -12,6 +12,7 @@ import uvicorn
 from splitwise.api.app import create_app
 from splitwise.api.metrics import ApiMetrics
 from splitwise.logging import get_logger
+from splitwise.transfer.base import TransportInitiator, TransportTarget
 
 if TYPE_CHECKING:
     from splitwise.instance.instance import Instance
@@ -29,7 +30,7 @@ async def start_http_server(instance: Instance, sock: socket.socket) -> tuple[An
     instance.metrics = metrics  # type: ignore[attr-defined]
     metrics.add_counters_source("splitwise_transfer_events", instance.counters.snapshot,
                                 "P/D transfer events (transfers_ok, transfer_failures, fallbacks, reserve_waits, ...).")
-    transports = [*instance.targets.values(), *instance.initiators.values()]
+    transports: list[TransportTarget | TransportInitiator] = [*instance.targets.values(), *instance.initiators.values()]
     if transports:
         metrics.add_counters_source(
             "splitwise_kv_transport_events",

@@ -42,7 +42,7 @@ class DisaggDecoder(Protocol):
     """The decode-side P/D flow (splitwise/instance/decode_flow.py)."""
 
     async def start_request(self, item: WorkItem, prompt: list[int], params: SamplingParams) -> asyncio.Queue[RequestOutput]: ...
-    def cancel(self, req_id: str) -> None: ...
+    def cancel(self, req_id: str) -> bool: ...  # True: the flow frees the request's blocks itself
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,8 +112,10 @@ class NodeRuntime:
     async def _cancel_loop(self) -> None:
         async for cancel in self.node.cancellations():
             log.info("request cancelled by frontend", req_id=cancel.req_id, reason=cancel.reason)
-            if self.decoder is not None:
-                self.decoder.cancel(cancel.req_id)
+            # Before admission a prefill node may still write into the request's reserved blocks:
+            # the decode flow releases them once it cannot (an engine abort would free them now).
+            if self.decoder is not None and self.decoder.cancel(cancel.req_id):
+                continue
             self.worker.abort(cancel.req_id)
 
     # -- one request --------------------------------------------------------------------------

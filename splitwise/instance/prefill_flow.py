@@ -78,8 +78,11 @@ class PrefillFlow:
     # -- control messages ---------------------------------------------------------------------
 
     def validate(self, conn: ControlConnection, message: CallMessage) -> None:
-        """Reader thread, before the Ack: refuse what we cannot serve, so D falls back at once."""
-        if isinstance(message, PrefillTask):
+        """Reader thread, before the Ack: refuse what we cannot serve, so D falls back at once; stop
+        shipping a cancelled request, so D's "cancel confirmed" means no new write is issued."""
+        if isinstance(message, CancelRequest):
+            self.cancel(message.req_id)
+        elif isinstance(message, PrefillTask):
             if message.protocol not in self.initiators:
                 raise InvalidRequestError(f"this prefill node offers no {message.protocol!r} transport", req_id=message.req_id)
             with self._lock:
@@ -92,8 +95,6 @@ class PrefillFlow:
             self._tasks[message.req_id] = task
             req_id = message.req_id
             task.add_done_callback(lambda _task: self._tasks.pop(req_id, None) and None)
-        elif isinstance(message, CancelRequest):
-            self.cancel(message.req_id)
 
     def cancel(self, req_id: str) -> None:
         """D gave up, or the client went away: stop shipping and drop the request."""

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from splitwise.bench.compare import SETUP_DISAGG, SETUP_MIXED, CompareConfig, CompareRow, markdown_table
 from splitwise.bench.metrics import SLO
 from splitwise.bench.plot import plot_compare
-from splitwise.cli import main as cli
+from splitwise.cli import cli
 from splitwise.engine.tiny_model import default_model_dir
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import random
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -97,3 +99,31 @@ def _sse_data(lines: Iterator[str]) -> Iterator[str]:
     for line in lines:
         if line.startswith("data:"):
             yield line[5:].strip()
+
+
+def make_prompt(num_tokens: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randint(3, 1000) for _ in range(num_tokens)]
+
+
+class Background:
+    """One blocking client call on a thread; ``result()`` returns its value or re-raises its error."""
+
+    def __init__(self, fn: Callable[..., object], *args: object, **kwargs: object) -> None:
+        self._out: list[object] = []
+        self._thread = threading.Thread(target=lambda: self._out.append(_call(fn, args, kwargs)), daemon=True)
+        self._thread.start()
+
+    def result(self, timeout_s: float = 120.0) -> object:
+        self._thread.join(timeout_s)
+        assert not self._thread.is_alive() and self._out, "the client call did not return"
+        if isinstance(self._out[0], BaseException):
+            raise self._out[0]
+        return self._out[0]
+
+
+def _call(fn: Callable[..., object], args: tuple[object, ...], kwargs: dict[str, object]) -> object:
+    try:
+        return fn(*args, **kwargs)
+    except BaseException as exc:  # noqa: BLE001 - handed to Background.result
+        return exc

@@ -37,7 +37,7 @@ from splitwise.instance.prefill_flow import PrefillFlow
 from splitwise.transfer.base import TransferCounters, TransportOptions
 from splitwise.transfer.control import connect_control
 from splitwise.transfer.control_connection import Compatibility, ControlConnection
-from splitwise.transfer.messages import CallMessage, PrefillFailed, PrefillResult, PrefillTask
+from splitwise.transfer.messages import CallMessage, PrefillResult, PrefillTask
 from splitwise.transfer.registry import create_initiator, create_target
 
 BLOCK_SIZE = 4

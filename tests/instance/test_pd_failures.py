@@ -15,12 +15,12 @@ after each layer's write was queued), so "mid-transfer" is a state we observe be
 
 from __future__ import annotations
 
-import random
-import threading
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 
@@ -32,8 +32,10 @@ from splitwise.engine.engine import LLMEngine
 from splitwise.engine.sampling_params import SamplingParams
 from tests.instance.helpers import complete
 from tests.instance.pd_helpers import (
+    Background,
     StreamedCompletion,
     log_text,
+    make_prompt,
     metric,
     stream_completion,
     transfer_event,
@@ -53,36 +55,8 @@ def greedy_text(engine: LLMEngine, prompt: list[int], max_tokens: int) -> str:
     return result.text
 
 
-def make_prompt(num_tokens: int, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randint(3, 1000) for _ in range(num_tokens)]
-
-
 def by_role(cluster: LocalCluster, role: str) -> list[Child]:
     return [c for c in cluster.children if c.role == role]
-
-
-class Background:
-    """Run one blocking client call on a thread; ``result()`` re-raises its error."""
-
-    def __init__(self, fn, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
-        self._value: object = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(fn, args, kwargs), daemon=True)
-        self._thread.start()
-
-    def _run(self, fn, args, kwargs) -> None:  # type: ignore[no-untyped-def]
-        try:
-            self._value = fn(*args, **kwargs)
-        except BaseException as exc:  # noqa: BLE001 - handed to result()
-            self._error = exc
-
-    def result(self, timeout_s: float = 120.0) -> object:
-        self._thread.join(timeout_s)
-        assert not self._thread.is_alive(), "the client call did not return"
-        if self._error is not None:
-            raise self._error
-        return self._value
 
 
 # --------------------------------------------------------------------------- P dies
@@ -98,8 +72,10 @@ def test_killing_prefill_mid_transfer_falls_back_to_local_prefill(cluster_factor
 
     # Sent to D's frontend: it must outlive P.
     call = Background(complete, d.base_url, prompt, max_tokens=8, timeout=120.0)
-    begun = f"{transfer}_requests_begun"  # D's target saw P start writing into the reserved blocks
-    assert wait_until(lambda: metric(d, "splitwise_kv_transport_events_total", event=begun) >= 1, 60, 0.05), \
+    # D's target saw P start writing into the reserved blocks (ipc: P announced its one-sided
+    # copies; tcp: layer bytes arrived).
+    begun = {"ipc": "ipc_requests_begun", "tcp": "tcp_bytes_received"}[transfer]
+    assert wait_until(lambda: metric(d, "splitwise_kv_transport_events_total", event=begun) > 0, 60, 0.05), \
         cluster.log_tail(d)
     assert transfer_event(d, "transfers_ok") == 0, "the transfer finished before P was killed"
     cluster.kill(p)
@@ -152,7 +128,11 @@ def test_killing_decode_mid_stream_redispatches(cluster_factory, reference) -> N
     # The resumed attempt ran on the surviving decode node (again disaggregated through P).
     assert "remote prefill landed" in log_text(survivor), cluster.log_tail(survivor)
     for child in (p, survivor):
-        assert wait_until(lambda c=child: metric(c, "splitwise_kv_blocks_used") == 0, 15), cluster.log_tail(child)
+        assert wait_until(partial(_no_blocks_used, child), 15), cluster.log_tail(child)
+
+
+def _no_blocks_used(child: Child) -> bool:
+    return metric(child, "splitwise_kv_blocks_used") == 0
 
 
 # --------------------------------------------------------------------------- D is full
@@ -162,7 +142,8 @@ def _load_report(cluster: LocalCluster, node_id: str) -> LoadReport:
     host, port = cluster.scheduler_address
     client = redis.Redis(host=host, port=port, decode_responses=True)
     try:
-        return LoadReport.from_fields(client.hgetall(KeySchema(cluster.spec.topic).heartbeat(node_id)))
+        fields: dict[str, str] = client.hgetall(KeySchema(cluster.spec.topic).heartbeat(node_id))  # type: ignore[assignment]
+        return LoadReport.from_fields(fields)
     finally:
         client.close()
 
@@ -187,14 +168,15 @@ def test_decode_without_free_blocks_queues_the_request_until_blocks_free(cluster
 
     # Visible in D's load report in Redis (what the scheduler and `splitwise inspect` read).
     assert wait_until(lambda: _load_report(cluster, d_id).waiting_requests >= 1, 30, 0.1), cluster.log_tail(d)
-    assert metric(d, "splitwise_num_requests_waiting") >= 1
+    assert wait_until(lambda: metric(d, "splitwise_num_requests_waiting") >= 1, 10, 0.1)  # refreshed every second
 
-    for call, want in zip((first, second), wants):
+    for call, want in zip((first, second), wants, strict=True):
         resp = call.result()
         assert isinstance(resp, dict)
         assert resp["choices"][0]["text"] == want
     waited_s = time.monotonic() - second_sent_s
     assert transfer_event(d, "transfers_ok") == 2  # both were disaggregated: no fallback
+    assert transfer_event(p, "prefills_shipped") == 2
     assert transfer_event(d, "fallbacks") == 0
     waits = transfer_event(d, "reserve_waits")
     assert waits >= 1
@@ -203,3 +185,11 @@ def test_decode_without_free_blocks_queues_the_request_until_blocks_free(cluster
     assert waits <= 10 + 6 * waited_s, f"{waits} reservation retries in {waited_s:.1f} s: the wait is not backing off"
     assert wait_until(lambda: _load_report(cluster, d_id).waiting_requests == 0, 30, 0.1)
     assert wait_until(lambda: metric(d, "splitwise_kv_blocks_used") == 0, 15)
+
+    # A prompt larger than D's whole cache (170 tokens > 40 x 4) can never get its blocks: it
+    # fails at once with the reason instead of waiting forever.
+    resp = httpx.post(f"{d.base_url}/completions", json={"prompt": make_prompt(170, seed=5), "max_tokens": 4}, timeout=60)
+    assert resp.status_code >= 400
+    assert "whole cache has 40" in resp.text, resp.text
+    assert transfer_event(d, "reserve_waits") == waits  # no retry for it
+    assert transfer_event(p, "prefills_shipped") == 2  # P never saw it

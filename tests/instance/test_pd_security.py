@@ -47,7 +47,7 @@ def _redis_token(cluster: LocalCluster) -> str:
         value = client.get(KeySchema(cluster.spec.topic).cluster_token)
     finally:
         client.close()
-    assert value, "the instances did not store a cluster token in Redis"
+    assert isinstance(value, bytes) and value, "the instances did not store a cluster token in Redis"
     return value.decode()
 
 

@@ -110,23 +110,9 @@ import ctypes  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 
 from rdma.connection import QPPolicy, RcConnection  # noqa: E402
-from rdma.errors import NoRdmaDeviceError, PyverbsUnavailableError  # noqa: E402
 from rdma.fake import FakeBackend, FakeFabric  # noqa: E402
+from rdma.testing import pyverbs_backend_or_skip  # noqa: E402
 from rdma.verbs import PortInfo, QPCaps, VerbsBackend, VerbsDevice  # noqa: E402
-
-
-def pyverbs_backend_or_skip() -> tuple[VerbsBackend, str]:
-    """The pyverbs backend and its first device with an active port, or pytest.skip with why not."""
-    from rdma.pyverbs_backend import PyverbsBackend
-
-    try:
-        backend = PyverbsBackend()
-        names = backend.list_devices()
-    except (PyverbsUnavailableError, NoRdmaDeviceError) as exc:
-        pytest.skip(f"no RDMA device for the pyverbs backend: {exc}")
-    if not names:
-        pytest.skip("no RDMA device with an active port (pyverbs get_device_list() found none active)")
-    return backend, names[0]
 
 
 @pytest.fixture(params=["fake", pytest.param("pyverbs", marks=pytest.mark.rdma)])

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from rdma.fake import FakeBackend, FakeFabric
+from rdma.testing import pyverbs_backend_or_skip
 from rdma.transport import RdmaInitiator, RdmaTarget
 from splitwise.engine.kv_cache import KVCache, KVCacheGeometry
 from splitwise.transfer.base import TransportOptions
@@ -138,8 +139,6 @@ def test_closing_the_target_fails_pending_initiator_requests(pair: Pair) -> None
 @pytest.mark.rdma
 def test_transport_over_pyverbs_loopback() -> None:
     """Same as the fake end-to-end test, on a real device (P and D share it: loopback)."""
-    from conftest import pyverbs_backend_or_skip
-
     backend, name = pyverbs_backend_or_skip()
     options = TransportOptions(host="127.0.0.1", port=0)
     target, initiator = RdmaTarget(options, backend=backend, nics=[name]), RdmaInitiator(options, backend=backend, nics=[name])

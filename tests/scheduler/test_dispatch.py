@@ -171,3 +171,19 @@ def test_transfer_protocol_choice(config: SchedulerConfig) -> None:
             assert work.assignment.decode_incarnation == d0.agent.info.incarnation
 
     run(body())
+
+
+def test_node_takes_every_queued_item_in_order(config: SchedulerConfig) -> None:
+    """Work read in one batch is handed out one item at a time, none skipped."""
+
+    async def body() -> None:
+        async with cluster(config) as c:
+            m0 = await c.add_node("m0", "mixed", serve=False)
+            fe = await c.add_frontend()
+            for i in range(20):
+                await fe.submit(SubmitRequest(req_id=f"r{i}", prompt_token_ids=[1]))
+            got = [(await m0.agent.next_work()).req_id for _ in range(20)]
+            assert got == [f"r{i}" for i in range(20)]
+            assert all(m0.agent.holds(f"r{i}") for i in range(20))
+
+    run(body())

@@ -175,3 +175,22 @@ def test_cancel_iterator_yields_cancel_messages(config: SchedulerConfig) -> None
             assert await eventually(lambda: fe._client.hgetall(fe.keys.booked_decode_requests), {}) == {}
 
     run(body())
+
+
+def test_ack_without_terminal_is_redispatched_not_left_to_the_ttl(config: SchedulerConfig) -> None:
+    async def body() -> None:
+        async with cluster(config) as c:
+            m0 = await c.add_node("m0", "mixed", serve=False)
+            fe = await c.add_frontend()
+            stream = await fe.submit(SubmitRequest(req_id="r0", prompt_token_ids=[1, 2]))
+            first = await m0.agent.next_work()
+            await m0.agent.ack(first)  # the engine gave up without publishing anything
+            second = await m0.agent.next_work()  # the frontend re-dispatched it
+            assert (second.req_id, second.attempt) == ("r0", 1)
+            await m0.agent.publish(Finished(req_id="r0", attempt=1, finish_reason="stop", prompt_tokens=2,
+                                            completion_tokens=0))
+            await m0.agent.ack(second)
+            assert isinstance((await stream.collect())[-1], Finished)
+            assert m0.agent.stats.get("acked_without_terminal") == 1
+
+    run(body())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from conftest import cluster, run
+from conftest import cluster, eventually, run
 
 from scheduler.config import SchedulerConfig
 from scheduler.keys import OWNED_WITHOUT_TTL, KeySchema
@@ -58,5 +58,20 @@ def test_every_key_has_a_ttl_and_is_in_the_schema(config: SchedulerConfig) -> No
                 assert await _audit(probe, keys) == {}
             finally:
                 await probe.aclose()
+
+    run(body())
+
+
+def test_crashed_node_is_reaped_from_the_registry_after_a_ttl(config: SchedulerConfig, sim_processes) -> None:  # type: ignore[no-untyped-def]
+    config = dataclasses.replace(config, scheduler_ttl_s=1.0)
+    proc = sim_processes("m-crash", "mixed")
+
+    async def body() -> None:
+        async with cluster(config) as c:
+            fe = await c.add_frontend()
+            assert await fe._client.hexists(fe.keys.nodes, "m-crash")
+            proc.kill()  # no deregistration: only its heartbeat stops
+            await eventually(lambda: fe._client.hexists(fe.keys.nodes, "m-crash"), False)
+            assert fe.stats.get("nodes_reaped") == 1
 
     run(body())

@@ -10,7 +10,7 @@ from conftest import run
 from scheduler.config import SchedulerConfig
 from scheduler.errors import NoCapacityError
 from scheduler.local import LocalScheduler
-from scheduler.messages import Cancelled, Expired, Finished, SubmitRequest
+from scheduler.messages import Cancelled, Expired, Finished, SubmitRequest, TokenChunk
 from scheduler.sim_node import SimBehavior, SimNode, make_node_info, sim_token
 
 
@@ -26,7 +26,7 @@ def test_local_scheduler_serves_expires_and_cancels() -> None:
         sim = SimNode(sched.node, SimBehavior(num_tokens=3))  # type: ignore[arg-type]
         runner = asyncio.create_task(sim.run())
         msgs = await (await sched.frontend.submit(SubmitRequest(req_id="r1", prompt_token_ids=[4, 5]))).collect()
-        assert [t for m in msgs[:-1] for t in m.token_ids] == [sim_token([4, 5], i) for i in range(3)]
+        assert [t for m in msgs if isinstance(m, TokenChunk) for t in m.token_ids] == [sim_token([4, 5], i) for i in range(3)]
         assert isinstance(msgs[-1], Finished)
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
@@ -46,3 +46,17 @@ def test_local_scheduler_serves_expires_and_cancels() -> None:
         await sched.node.close()
 
     run(body())
+
+
+def test_both_implementations_satisfy_the_protocols() -> None:
+    from scheduler.frontend import FrontendScheduler
+    from scheduler.interfaces import FrontendSide, NodeSide
+    from scheduler.node import NodeAgent
+
+    config = SchedulerConfig()
+    local = LocalScheduler(config)
+    frontends: list[FrontendSide] = [FrontendScheduler(config, model_id="m"), local.frontend]
+    nodes: list[NodeSide] = [NodeAgent(config), local.node]
+    for side, proto in [(f, FrontendSide) for f in frontends] + [(n, NodeSide) for n in nodes]:
+        missing = [name for name in proto.__dict__ if not name.startswith("_") and not hasattr(side, name)]
+        assert missing == [], (type(side).__name__, missing)
