@@ -55,6 +55,8 @@ def _instance_config(opts: dict[str, Any]) -> Any:
         served_model_name=opts["served_model_name"],
         pd_fallback=opts["pd_fallback"],
         transfer_timeout_s=opts["transfer_timeout"],
+        max_waiting_for_blocks=opts["max_waiting_for_blocks"],
+        decode_headroom_tokens=opts["decode_headroom_tokens"],
         node_id=opts["node_id"],
         debug_prefill_layer_delay_s=opts["debug_prefill_layer_delay_ms"] / 1000.0,
         pipelined_transfer=not opts["debug_unpipelined_transfer"],
@@ -80,6 +82,10 @@ def _instance_config(opts: dict[str, Any]) -> Any:
 @click.option("--api-key", default=None, envvar="SPLITWISE_API_KEY", help="Require 'Authorization: Bearer KEY' (or env SPLITWISE_API_KEY).")
 @click.option("--pd-fallback", type=click.Choice(["local", "fail"]), default="local", show_default=True,
               help="When the remote prefill fails: prefill on the decode node, or fail the request.")
+@click.option("--max-waiting-for-blocks", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Decode: requests that may wait for free KV blocks; beyond it a request fails with a retryable error (503).")
+@click.option("--decode-headroom-tokens", type=click.IntRange(min=0), default=16, show_default=True,
+              help="Decode: KV reserved beyond the prompt when a request arrives.")
 @click.option("--transfer-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True, help="Seconds for a remote prefill + KV transfer.")
 @click.option("--max-model-len", type=click.IntRange(min=1), default=None, help="Context length (default: the model's).")
 @click.option("--block-size", type=click.IntRange(min=1), default=16, show_default=True, help="Tokens per KV block (power of two).")

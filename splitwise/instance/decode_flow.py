@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from scheduler.messages import WorkItem
-from splitwise.engine.errors import EngineError, OutOfBlocksError
+from splitwise.engine.errors import EngineError, InvalidRequestError, OutOfBlocksError
 from splitwise.engine.outputs import RequestOutput
 from splitwise.engine.sampling_params import SamplingParams
 from splitwise.engine.sequence import FinishReason
@@ -48,8 +48,9 @@ class RequestCancelled(SplitwiseError):
     retryable = False
 
 
-class PromptTooLargeError(EngineError):
-    """The prompt cannot fit this decode node's whole KV cache, however long it waits."""
+class PromptTooLargeError(InvalidRequestError):
+    """The prompt cannot fit this decode node's whole KV cache, however long it waits (HTTP 400:
+    like a prompt past max_model_len, no retry can help)."""
 
     retryable = False
 

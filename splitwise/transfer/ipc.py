@@ -163,6 +163,8 @@ class IpcInitiator(StreamInitiator):
 
     def _write_layer(self, peer: Peer, job: LayerJob) -> None:
         allowed = self._grant(peer, job.req_id)
+        if not self._requests.is_pending(job.req_id):
+            return  # forgotten while we waited for the grant: copy nothing
         stray = sorted({run.dst_start + i for run in job.runs for i in range(run.num_blocks)} - allowed)
         if stray:
             raise UnexpectedBlocksError("write to blocks not reserved for the request", req_id=job.req_id,

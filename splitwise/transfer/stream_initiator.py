@@ -6,7 +6,7 @@ from __future__ import annotations
 import queue
 import socket
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +82,16 @@ class Peer:
     grants: dict[str, RequestGrant] = field(default_factory=dict)  # ipc: req_id -> D's answer to Begin
     grant_arrived: threading.Condition = field(default_factory=threading.Condition)
     threads: list[threading.Thread] = field(default_factory=list)
+    # The request whose job the sender thread is executing right now (``forget`` waits for it).
+    busy_req: str | None = None
+    idle: threading.Condition = field(default_factory=threading.Condition)
+
+
+_FORGET_WAIT_S = 5.0  # bound on how long forget() waits for a copy already under way
+
+
+def _not_busy_with(peer: Peer, req_id: str) -> Callable[[], bool]:
+    return lambda: peer.busy_req != req_id
 
 
 class StreamInitiator(TransportInitiator):
@@ -175,12 +185,21 @@ class StreamInitiator(TransportInitiator):
         return self._requests.wait(req_id, timeout_s)
 
     def forget(self, req_id: str) -> None:
+        """Queued jobs of ``req_id`` are skipped from now on, and a job of it already running on a
+        sender thread is waited for (bounded): once this returns, no more of its bytes land on the
+        peer, so D may reuse those blocks when P acknowledges a cancel."""
         self._requests.forget(req_id)
         with self._lock:
             peers = list(self._peers.values())
         for peer in peers:
             with peer.grant_arrived:
                 peer.grants.pop(req_id, None)
+            if any(t is threading.current_thread() for t in peer.threads):
+                continue  # called from this peer's own sender/reader: nothing else can be running
+            with peer.idle:
+                if not peer.idle.wait_for(_not_busy_with(peer, req_id), timeout=_FORGET_WAIT_S):
+                    self.counters.incr("forget_wait_timeouts")
+                    log.warning("forget: a copy is still running", protocol=self.protocol, req_id=req_id, peer=peer.peer_id)
 
     def close(self) -> None:
         with self._lock:
@@ -220,8 +239,18 @@ class StreamInitiator(TransportInitiator):
             if isinstance(job, AbortJob):
                 self._send_abort(peer, job.req_id, job.reason)
                 continue
-            if peer.broken.is_set() or not self._requests.is_pending(job.req_id):
-                continue  # forgotten, failed, or the connection is gone: skip, already reported
+            with peer.idle:
+                if peer.broken.is_set() or not self._requests.is_pending(job.req_id):
+                    continue  # forgotten, failed, or the connection is gone: skip, already reported
+                peer.busy_req = job.req_id  # under the lock: forget() either sees it or we see the forget
+            try:
+                self._run_job(peer, job)
+            finally:
+                with peer.idle:
+                    peer.busy_req = None
+                    peer.idle.notify_all()
+
+    def _run_job(self, peer: Peer, job: LayerJob | FinishJob) -> None:
             try:
                 if isinstance(job, LayerJob):
                     self._write_layer(peer, job)

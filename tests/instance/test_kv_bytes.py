@@ -12,7 +12,8 @@ prompts are prefilled in chunks and shipped layer by layer per chunk):
        prefix-cache hits and chunk boundaries are P's: the bytes must then be identical)
 
 For every prompt: every layer, K and V, every slot that holds a prompt token, byte for byte; the
-first token P reports equals R's; the reserved headroom blocks on D stay untouched (zero).
+first token P reports equals R's; the reserved headroom blocks on D stay untouched (zero). Also
+with P's hidden unpipelined mode (every layer shipped after the prefill; bench/pd_ttft.py's baseline).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ class Landed:
 class PrefillSide:
     """P: the real PrefillFlow behind a real control server, on this test's event loop."""
 
-    def __init__(self, engine: LLMEngine, protocol: str, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, engine: LLMEngine, protocol: str, loop: asyncio.AbstractEventLoop, *, pipelined: bool) -> None:
         self.engine = engine
         self.worker = EngineWorker(engine, loop)
         self.worker.start()
@@ -101,7 +102,8 @@ class PrefillSide:
             on_message=lambda conn, msg: self._flow().on_message(conn, msg),
             validate=lambda conn, msg: self._flow().validate(conn, msg),
         )
-        self.flow = PrefillFlow(self.worker, self.channel, {protocol: self.initiator}, self.counters, transfer_timeout_s=20.0)
+        self.flow = PrefillFlow(self.worker, self.channel, {protocol: self.initiator}, self.counters,
+                                transfer_timeout_s=20.0, pipelined=pipelined)
 
     def _flow(self) -> PrefillFlow:
         assert self.flow is not None
@@ -169,15 +171,16 @@ def _prompt_slots(kv: torch.Tensor, block_ids: list[int], num_tokens: int) -> to
     return torch.stack(rows, dim=2)
 
 
+@pytest.mark.parametrize("pipelined", [True, False], ids=["layer-pipelined", "unpipelined"])
 @pytest.mark.parametrize("engines", ["ipc", "tcp"], indirect=True)
-def test_transferred_kv_bytes_equal_local_prefill(engines: tuple[LLMEngine, LLMEngine, LLMEngine]) -> None:
+def test_transferred_kv_bytes_equal_local_prefill(engines: tuple[LLMEngine, LLMEngine, LLMEngine], pipelined: bool) -> None:
     p_engine, d_engine, r_engine = engines
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     protocol = "ipc" if d_engine.kv_cache.shm_name else "tcp"
 
     async def run() -> dict[str, tuple[Landed, list[int], int, int]]:
         loop = asyncio.get_running_loop()
-        p_side = PrefillSide(p_engine, protocol, loop)
+        p_side = PrefillSide(p_engine, protocol, loop, pipelined=pipelined)
         d_side = await loop.run_in_executor(None, DecodeSide, d_engine, protocol, p_side.channel.port)
         results = {}
         try:

@@ -5,7 +5,8 @@
 - D dies mid-stream -> the frontend re-dispatches with the tokens already delivered as a resume
   prefix; the client's one stream completes with the full, correct text.
 - D has no free KV blocks -> the request waits in D's bounded queue, visible in D's load report in
-  Redis, and completes once blocks free up (backing off, never a busy loop).
+  Redis, and completes once blocks free up (backing off, never a busy loop); a prompt larger than
+  D's whole cache fails at once with the reason (never a silent wait).
 
 The reference ("a mixed instance") is the instance's own engine run in-process with the same
 engine flags (tests/instance/helpers.ENGINE_ARGS); test_pd_equivalence shows a mixed instance over
