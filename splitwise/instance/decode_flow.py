@@ -26,6 +26,7 @@ from splitwise.errors import SplitwiseError
 from splitwise.instance.config import InstanceConfig
 from splitwise.instance.engine_worker import EngineWorker
 from splitwise.instance.pd_channel import PDChannel
+from splitwise.instance.transfer_metrics import TransferMetrics
 from splitwise.logging import get_logger
 from splitwise.transfer.base import TransferCounters, TransportTarget
 from splitwise.transfer.control_connection import ControlConnection
@@ -76,12 +77,14 @@ class DecodeFlow:
         channel: PDChannel,
         targets: dict[str, TransportTarget],
         counters: TransferCounters,
+        transfer_metrics: TransferMetrics | None = None,
     ) -> None:
         self.config = config
         self.worker = worker
         self.channel = channel
         self.targets = targets
         self.counters = counters
+        self.transfer_metrics = transfer_metrics
         self._pending: dict[str, _Pending] = {}
         # Requests between work item and admission (reserving, remote prefill): this flow owns their
         # cleanup, because P may still write into their reserved blocks. ``_cancelled``: of those,
@@ -126,6 +129,9 @@ class DecodeFlow:
             return await self._fallback(item, prompt, params, exc)
         self.counters.incr("transfers_ok")
         self.counters.incr("transfer_latency_ms", int((time.monotonic() - started) * 1000))
+        if self.transfer_metrics is not None:
+            num_prompt_blocks = -(-len(prompt) // self.worker.engine.config.block_size)
+            self.transfer_metrics.landed(item.assignment.protocol or "tcp", time.monotonic() - started, num_prompt_blocks)
         log.info("remote prefill landed", peer=item.assignment.prefill_node_id, protocol=item.assignment.protocol,
                  num_blocks=len(block_ids), ms=round((time.monotonic() - started) * 1000, 1))
         if req_id in self._cancelled:  # every write landed, so the blocks can go back at once
@@ -243,10 +249,15 @@ class DecodeFlow:
 
     async def _fallback(self, item: WorkItem, prompt: list[int], params: SamplingParams, exc: BaseException) -> asyncio.Queue[RequestOutput]:
         self.counters.incr("transfer_failures")
+        protocol = item.assignment.protocol or "tcp"
+        if self.transfer_metrics is not None:
+            self.transfer_metrics.failed(protocol, type(exc).__name__)
         if self.config.pd_fallback == "fail":
             log.warning("remote prefill failed; failing the request (--pd-fallback fail)", error=str(exc))
             raise PrefillUnavailable(f"remote prefill failed: {exc}") from None
         self.counters.incr("fallbacks")
+        if self.transfer_metrics is not None:
+            self.transfer_metrics.fell_back(protocol)
         log.warning("remote prefill failed; prefilling locally (--pd-fallback local)", error=str(exc),
                     peer=item.assignment.prefill_node_id)
         return self.worker.submit(item.req_id, prompt, params)

@@ -26,8 +26,7 @@ async def start_http_server(instance: Instance, sock: socket.socket) -> tuple[An
     """Serve the app on ``sock``; returns (uvicorn server, its task, metrics port or None)."""
     assert instance.engine is not None
     engine = instance.engine
-    metrics = ApiMetrics()
-    instance.metrics = metrics  # type: ignore[attr-defined]
+    metrics = instance.metrics
     metrics.add_counters_source("splitwise_transfer_events", instance.counters.snapshot,
                                 "P/D transfer events (transfers_ok, transfer_failures, fallbacks, reserve_waits, ...).")
     transports: list[TransportTarget | TransportInitiator] = [*instance.targets.values(), *instance.initiators.values()]
@@ -78,8 +77,14 @@ async def start_http_server(instance: Instance, sock: socket.socket) -> tuple[An
 async def _refresh_metrics(instance: Instance, metrics: ApiMetrics) -> None:
     assert instance.worker is not None and instance.engine is not None
     stats = instance.engine.stats
-    last_prompt, last_cached = 0, 0
+    last_prompt, last_cached, last_redispatched = 0, 0, 0
+    frontend_stats = getattr(instance.frontend, "stats", None)
     while True:
+        if frontend_stats is not None:
+            redispatched = frontend_stats.get("redispatched")
+            if redispatched > last_redispatched:
+                metrics.redispatches.inc(redispatched - last_redispatched)
+                last_redispatched = redispatched
         load = instance.worker.load
         metrics.num_requests_running.set(load.running_requests)
         waiting = load.waiting_requests + (instance.decode_flow.num_waiting_for_blocks if instance.decode_flow else 0)

@@ -22,6 +22,7 @@ from scheduler.keys import KeySchema
 from scheduler.local import LocalScheduler
 from scheduler.messages import KVGeometry, LoadReport, NodeInfo
 from scheduler.node import NodeAgent
+from splitwise.api.metrics import ApiMetrics
 from splitwise.engine.engine import LLMEngine
 from splitwise.engine.kv_cache import default_shm_name
 from splitwise.instance.cluster_token import explicit_token, token_from_redis
@@ -31,6 +32,7 @@ from splitwise.instance.engine_worker import EngineWorker
 from splitwise.instance.node_runtime import NodeRuntime
 from splitwise.instance.pd_channel import PDChannel
 from splitwise.instance.prefill_flow import PrefillFlow
+from splitwise.instance.transfer_metrics import TransferMetrics
 from splitwise.logging import get_logger
 from splitwise.transfer.base import TransferCounters, TransportInitiator, TransportOptions, TransportTarget
 from splitwise.transfer.control_connection import Compatibility, ControlConnection
@@ -57,6 +59,7 @@ class Instance:
         self.node_id = config.node_id or f"{config.role}-{uuid.uuid4().hex[:8]}"
         self.ports = Ports()
         self.counters = TransferCounters()  # transfers_ok/failures/fallbacks, reserve waits, ...
+        self.metrics = ApiMetrics()  # one Prometheus registry per instance, served on /metrics
         self.engine: LLMEngine | None = None
         self.worker: EngineWorker | None = None
         self.frontend: Any = None
@@ -170,13 +173,19 @@ class Instance:
         )
         self.ports.pd_comm = self.channel.port
         if cfg.role == "decode":
-            self.decode_flow = DecodeFlow(cfg, self.worker, self.channel, self.targets, self.counters)
+            self.decode_flow = DecodeFlow(cfg, self.worker, self.channel, self.targets, self.counters,
+                                          transfer_metrics=self._transfer_metrics())
         else:
             self.prefill_flow = PrefillFlow(
                 self.worker, self.channel, self.initiators, self.counters,
                 release_booking=self._release_prefill_booking, transfer_timeout_s=cfg.transfer_timeout_s,
                 layer_delay_s=cfg.debug_prefill_layer_delay_s, pipelined=cfg.pipelined_transfer,
+                transfer_metrics=self._transfer_metrics(),
             )
+
+    def _transfer_metrics(self) -> TransferMetrics:
+        assert self.engine is not None
+        return TransferMetrics(self.metrics, self.engine.kv_cache.geometry)
 
     async def _start_scheduler(self) -> None:
         assert self.engine is not None

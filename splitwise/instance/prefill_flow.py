@@ -30,6 +30,7 @@ from splitwise.engine.sequence import FinishReason
 from splitwise.errors import SplitwiseError
 from splitwise.instance.engine_worker import EngineWorker
 from splitwise.instance.pd_channel import PDChannel
+from splitwise.instance.transfer_metrics import TransferMetrics
 from splitwise.logging import bind_request, get_logger
 from splitwise.transfer.base import TransferCounters, TransportInitiator
 from splitwise.transfer.control_connection import ControlConnection
@@ -58,6 +59,7 @@ class PrefillFlow:
         *,
         release_booking: Any = None,  # async (req_id) -> None: the scheduler's release_prefill
         transfer_timeout_s: float = 60.0,
+        transfer_metrics: TransferMetrics | None = None,
         layer_delay_s: float = 0.0,
         pipelined: bool = True,
     ) -> None:
@@ -67,6 +69,7 @@ class PrefillFlow:
         self.counters = counters
         self.release_booking = release_booking
         self.transfer_timeout_s = transfer_timeout_s
+        self.transfer_metrics = transfer_metrics
         self.layer_delay_s = layer_delay_s  # debug: slow compute down (failure tests)
         self.pipelined = pipelined  # False: ship every layer after the prefill (benchmark baseline)
         self.block_size = worker.engine.config.block_size
@@ -115,8 +118,12 @@ class PrefillFlow:
                 first = await self._prefill_and_ship(conn, task)
                 reply: CallMessage = PrefillResult(call_id=0, req_id=req_id, first_token_id=first[0], logprob=first[1])
                 self.counters.incr("prefills_shipped")
+                if self.transfer_metrics is not None:
+                    self.transfer_metrics.shipped(task.protocol, len(task.dst_block_ids))
             except (SplitwiseError, asyncio.TimeoutError) as exc:
                 self.counters.incr("prefill_failures")
+                if self.transfer_metrics is not None:
+                    self.transfer_metrics.failed(task.protocol, type(exc).__name__)
                 log.warning("prefill for a decode node failed", error=str(exc))
                 reply = PrefillFailed(call_id=0, req_id=req_id, reason=str(exc) or type(exc).__name__, retryable=True)
             finally:

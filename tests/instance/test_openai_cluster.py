@@ -133,3 +133,26 @@ def test_no_decode_node_gives_503(tiny_model: Path) -> None:
         assert unavailable.response.json()["error"]["message"]
     finally:
         c.stop()
+
+
+def _scrape(base_url: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(base_url.removesuffix("/v1") + "/metrics", timeout=10).text
+    return {
+        s.name + "{" + ",".join(f"{k}={v}" for k, v in sorted(s.labels.items())) + "}": s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_transfer_metrics_count_real_transfers(cluster: LocalCluster, client: openai.OpenAI, model_id: str) -> None:
+    client.completions.create(model=model_id, prompt="metrics " * 20, max_tokens=2, extra_body={"ignore_eos": True})
+    decode = next(c for c in cluster.children if c.role == "decode")
+    prefill = next(c for c in cluster.children if c.role == "prefill")
+    d, p = _scrape(decode.base_url), _scrape(prefill.base_url)
+    assert d["splitwise_kv_transfer_bytes_total{direction=in,protocol=ipc}"] > 0
+    assert d["splitwise_kv_transfer_latency_seconds_count{protocol=ipc}"] >= 1
+    assert p["splitwise_kv_transfer_bytes_total{direction=out,protocol=ipc}"] == d["splitwise_kv_transfer_bytes_total{direction=in,protocol=ipc}"]
+    assert d["splitwise_transfer_events_total{event=transfers_ok}"] >= 1
+    assert d["splitwise_kv_blocks_total{}"] > 0
