@@ -52,6 +52,7 @@ def bench_splitwise(model_dir: Path, batch: int, prompt_len: int, decode_prompt_
             max_num_seqs=max(batch, 1),
             max_num_batched_tokens=max(batch * prompt_len, 2048),
             enable_prefix_caching=False,
+            detokenize=False,  # like generate(): token ids only (serving instances run this way too)
             kv_cache_memory_bytes=512 * 1024 * 1024,
         )
     )

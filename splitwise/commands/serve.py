@@ -38,6 +38,7 @@ def _instance_config(opts: dict[str, Any]) -> Any:
         max_num_batched_tokens=opts["max_num_batched_tokens"],
         enable_prefix_caching=opts["enable_prefix_caching"],
         seed=opts["seed"],
+        detokenize=False,  # the HTTP frontend detokenizes; the engine only checks stop strings
     )
     return InstanceConfig(
         engine=engine,

@@ -141,6 +141,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0
     kv_cache_shm_name: str | None = None  # allocate the CPU KV cache in POSIX shared memory (ipc transfer)
+    # Produce output text. Serving instances turn it off (their frontend detokenizes); the engine
+    # then decodes text only for requests with stop strings, which it must check.
+    detokenize: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

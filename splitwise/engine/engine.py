@@ -37,7 +37,7 @@ from splitwise.engine.sampling_params import SamplingParams
 from splitwise.engine.scheduler import Scheduler, SchedulerOutput
 from splitwise.engine.sequence import FinishReason, Sequence
 from splitwise.engine.stop_checker import StopChecker
-from splitwise.engine.text_stream import TextStream
+from splitwise.engine.text_stream import TextDelta, TextStream
 from splitwise.engine.tokenizer import Tokenizer
 from splitwise.logging import get_logger
 
@@ -102,8 +102,12 @@ class LLMEngine:
         self.validate_prompt(prompt_token_ids, req_id=req_id)
         seq = Sequence(req_id=req_id, prompt_token_ids=list(prompt_token_ids), params=params, prefill_only=prefill_only)
         self.scheduler.add(seq)
-        self._texts[req_id] = TextStream(self.tokenizer, seq.prompt_token_ids, params)
+        if self._wants_text(params):
+            self._texts[req_id] = TextStream(self.tokenizer, seq.prompt_token_ids, params)
         self.stats.num_prompt_tokens += seq.num_prompt_tokens
+
+    def _wants_text(self, params: SamplingParams) -> bool:
+        return self.config.detokenize or bool(params.stop)
 
     def validate_prompt(self, prompt_token_ids: list[int], *, req_id: str | None = None) -> None:
         if not prompt_token_ids:
@@ -175,8 +179,8 @@ class LLMEngine:
         seq.num_computed_tokens = seq.num_prompt_tokens
         seq.output_token_ids.append(first_token_id)
         seq.output_logprobs.append(first_logprob)
-        text = TextStream(self.tokenizer, seq.prompt_token_ids, params)
-        delta = text.push(first_token_id, self.stop_checker)
+        text = TextStream(self.tokenizer, seq.prompt_token_ids, params) if self._wants_text(params) else None
+        delta = text.push(first_token_id, self.stop_checker) if text is not None else TextDelta("")
         reason = FinishReason.STOP if delta.stop is not None else self.stop_checker.check_token(seq)
         self.stats.num_prompt_tokens += seq.num_prompt_tokens
         self.stats.num_generated_tokens += 1
@@ -184,11 +188,12 @@ class LLMEngine:
             self.block_manager.release(req_id)
             seq.finish_reason = reason
             seq.stop_text = delta.stop
-            tail = "" if delta.stop is not None else text.finish()
+            tail = "" if delta.stop is not None or text is None else text.finish()
             self.stats.num_finished += 1
             return _output(seq, [first_token_id], [first_logprob], delta.text + tail, reason)
         self.scheduler.add_prefilled(seq)
-        self._texts[req_id] = text
+        if text is not None:
+            self._texts[req_id] = text
         return _output(seq, [first_token_id], [first_logprob], delta.text, None)
 
     # -- the step -----------------------------------------------------------------------------
@@ -229,8 +234,8 @@ class LLMEngine:
 
     def _emit(self, seq: Sequence, finished: bool) -> RequestOutput:
         token_id, logprob = seq.output_token_ids[-1], seq.output_logprobs[-1]
-        text = self._texts[seq.req_id]
-        delta = text.push(token_id, self.stop_checker)
+        text = self._texts.get(seq.req_id)
+        delta = text.push(token_id, self.stop_checker) if text is not None else TextDelta("")
         if delta.stop is not None and not finished:
             self.scheduler.finish(seq.req_id, FinishReason.STOP, stop_text=delta.stop)
             finished = True
@@ -238,7 +243,7 @@ class LLMEngine:
             return _output(seq, [token_id], [logprob], delta.text, None)
         reason = seq.finish_reason
         assert reason is not None
-        new_text = delta.text if delta.stop is not None else delta.text + text.finish()
+        new_text = delta.text if delta.stop is not None or text is None else delta.text + text.finish()
         self._texts.pop(seq.req_id, None)  # (PREFILL_DONE: the decode node detokenizes from here on)
         self.stats.num_finished += 1
         return _output(seq, [token_id], [logprob], new_text, reason)

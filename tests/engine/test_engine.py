@@ -225,3 +225,16 @@ def test_stale_shared_memory_segments_are_removed(tmp_path: Path) -> None:
     removed = remove_stale_segments(shm_dir=str(tmp_path))
     assert removed == [f"splitwise-kv-{dead_pid}-abcd"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"splitwise-kv-{__import__('os').getpid()}-beef", "unrelated"])
+
+
+def test_detokenize_off_gives_same_tokens_and_still_honours_stop_strings(model_dir: Path) -> None:
+    p = prompts(1, seed=10)[0]
+    with_text = make_engine(model_dir)
+    without = make_engine(model_dir, detokenize=False)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    a, b = with_text.generate([p], params)[0], without.generate([p], params)[0]
+    assert a.token_ids == b.token_ids and b.text == "" and a.text
+    stop = next(a.text[i : i + 3] for i in range(2, len(a.text) - 3) if "\ufffd" not in a.text[i : i + 3])
+    stopped = without.generate([p], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, stop=(stop,)))[0]
+    assert stopped.finish_reason is FinishReason.STOP
+    assert stopped.text == a.text[: a.text.index(stop)]
