@@ -8,23 +8,10 @@ from dataclasses import dataclass, field
 
 from scheduler.config import SchedulerConfig
 from splitwise.engine.config import EngineConfig
+from splitwise.transfer.registry import KNOWN_PROTOCOLS as TRANSFER_PROTOCOLS
 
 ROLES = ("mixed", "prefill", "decode")
-TRANSFER_PROTOCOLS = ("ipc", "rdma", "tcp")
 PD_FALLBACKS = ("local", "fail")
-
-
-def parse_protocols(value: str) -> tuple[str, ...]:
-    """`--cache-transfer-protocol rdma,ipc` -> ("rdma", "ipc"): a preference list, as in FastDeploy."""
-    names = tuple(p.strip() for p in value.split(",") if p.strip())
-    if not names:
-        raise ValueError("--cache-transfer-protocol: give at least one of ipc, rdma, tcp")
-    unknown = [p for p in names if p not in TRANSFER_PROTOCOLS]
-    if unknown:
-        raise ValueError(f"--cache-transfer-protocol: unknown {unknown}; expected a comma list of {list(TRANSFER_PROTOCOLS)}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"--cache-transfer-protocol: {value!r} repeats a protocol")
-    return names
 
 
 def parse_ports(value: str | None, flag: str) -> tuple[int, ...]:
