@@ -85,6 +85,8 @@ class DecodeFlow:
         self.targets = targets
         self.counters = counters
         self.transfer_metrics = transfer_metrics
+        # req_id -> what the transfer did (for the request's lifecycle record); read once by the runtime.
+        self.last_transfer: dict[str, str] = {}
         self._pending: dict[str, _Pending] = {}
         # Requests between work item and admission (reserving, remote prefill): this flow owns their
         # cleanup, because P may still write into their reserved blocks. ``_cancelled``: of those,
@@ -132,8 +134,10 @@ class DecodeFlow:
         if self.transfer_metrics is not None:
             num_prompt_blocks = -(-len(prompt) // self.worker.engine.config.block_size)
             self.transfer_metrics.landed(item.assignment.protocol or "tcp", time.monotonic() - started, num_prompt_blocks)
+        landed_ms = round((time.monotonic() - started) * 1000, 1)
         log.info("remote prefill landed", peer=item.assignment.prefill_node_id, protocol=item.assignment.protocol,
-                 num_blocks=len(block_ids), ms=round((time.monotonic() - started) * 1000, 1))
+                 num_blocks=len(block_ids), ms=landed_ms)
+        self.last_transfer[req_id] = f"protocol={item.assignment.protocol} blocks={len(block_ids)} ms={landed_ms}"
         if req_id in self._cancelled:  # every write landed, so the blocks can go back at once
             await self.worker.call(lambda e: e.release_reservation(req_id))
             raise RequestCancelled("cancelled once the remote prefill had landed")

@@ -44,6 +44,8 @@ class DisaggDecoder(Protocol):
     async def start_request(self, item: WorkItem, prompt: list[int], params: SamplingParams) -> asyncio.Queue[RequestOutput]: ...
     def cancel(self, req_id: str) -> bool: ...  # True: the flow frees the request's blocks itself
 
+    last_transfer: dict[str, str]  # req_id -> what the KV transfer did, taken once by the runtime
+
 
 @dataclasses.dataclass(frozen=True)
 class PreparedRequest:
@@ -147,6 +149,10 @@ class NodeRuntime:
             if self.decoder is None:
                 raise EngineError("this node cannot decode disaggregated requests (role is not decode)")
             outputs = await self.decoder.start_request(item, req.prompt_token_ids, req.params)
+            transferred = self.decoder.last_transfer.pop(item.req_id, None)
+            if transferred is not None:
+                await self.node.mark(item.req_id, "transferred", detail=transferred)
+            await self.node.mark(item.req_id, "decoding", detail="remote prefill" if transferred else "local prefill (fallback)")
         else:
             outputs = self.worker.submit(item.req_id, req.prompt_token_ids, req.params)
             await self.node.mark(item.req_id, "running")

@@ -156,3 +156,19 @@ def test_transfer_metrics_count_real_transfers(cluster: LocalCluster, client: op
     assert p["splitwise_kv_transfer_bytes_total{direction=out,protocol=ipc}"] == d["splitwise_kv_transfer_bytes_total{direction=in,protocol=ipc}"]
     assert d["splitwise_transfer_events_total{event=transfers_ok}"] >= 1
     assert d["splitwise_kv_blocks_total{}"] > 0
+
+
+def test_inspect_shows_the_whole_lifecycle(cluster: LocalCluster, client: openai.OpenAI, model_id: str) -> None:
+    import json
+    import subprocess
+    import sys
+
+    assert cluster.redis is not None
+    resp = client.completions.create(model=model_id, prompt="lifecycle", max_tokens=3, extra_body={"ignore_eos": True})
+    out = subprocess.run(
+        [sys.executable, "-m", "splitwise.cli", "inspect", "--scheduler-port", str(cluster.redis.port), "--request", resp.id, "--json"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )
+    events = [e["event"] for e in json.loads(out.stdout)["events"]]
+    for stage in ("dispatched", "received", "prefilled", "transferred", "decoding", "finished"):
+        assert stage in events, (stage, events)
