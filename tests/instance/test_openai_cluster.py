@@ -169,6 +169,6 @@ def test_inspect_shows_the_whole_lifecycle(cluster: LocalCluster, client: openai
         [sys.executable, "-m", "splitwise.cli", "inspect", "--scheduler-port", str(cluster.redis.port), "--request", resp.id, "--json"],
         capture_output=True, text=True, timeout=60, check=True,
     )
-    events = [e["event"] for e in json.loads(out.stdout)["events"]]
+    events = [e["event"] for e in json.loads(out.stdout)["request"]["events"]]
     for stage in ("dispatched", "received", "prefilled", "transferred", "decoding", "finished"):
         assert stage in events, (stage, events)
