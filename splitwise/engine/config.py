@@ -74,6 +74,7 @@ class ModelConfig:
     qk_norm: bool  # per-head RMSNorm on q and k before rope (Qwen3)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    sliding_window: int | None = None  # Mistral v0.1: a query sees only the last `sliding_window` keys
     torch_dtype: str | None = None
 
     @classmethod
@@ -106,6 +107,7 @@ class ModelConfig:
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 attention_bias=bool(cfg.get("attention_bias", family == "qwen2")),
                 qk_norm=family == "qwen3",
+                sliding_window=_sliding_window(cfg, family),
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=tuple(int(e) for e in eos_ids),
                 torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
@@ -164,3 +166,21 @@ class EngineConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return parse_dtype(self.dtype)
+
+
+def _sliding_window(cfg: dict[str, Any], family: str) -> int | None:
+    """Mistral's ``sliding_window`` applies to every layer; Qwen's per-layer windows are not supported."""
+    if family in ("qwen2", "qwen3"):
+        if cfg.get("use_sliding_window"):
+            raise UnsupportedArchitectureError(
+                "use_sliding_window=true (Qwen sliding-window layers) is not supported; full-attention Qwen checkpoints are"
+            )
+        return None
+    if family != "mistral":
+        return None
+    window = cfg.get("sliding_window")
+    if window is None:
+        return None
+    if not isinstance(window, int) or window < 1:
+        raise ModelLoadError(f"config.json: sliding_window must be a positive integer or null, got {window!r}")
+    return window

@@ -138,6 +138,7 @@ class ModelRunner:
             block_tables=[c.seq.block_table[: _num_blocks_needed(c, self.block_size)] for c in chunks],
             block_size=self.block_size,
             device=self.device,
+            sliding_window=self.model_config.sliding_window,
         )
         return torch.tensor(token_ids, dtype=torch.int64, device=self.device), meta
 

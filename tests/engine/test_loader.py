@@ -174,3 +174,15 @@ def test_model_config_reads_both_rope_config_formats() -> None:
     assert (new.rope_theta, new.rope_scaling) == (500000.0, llama3)
     assert (old.rope_theta, old.rope_scaling) == (500000.0, llama3)
     assert (plain.rope_theta, plain.rope_scaling) == (123.0, None)
+
+
+def test_qwen_sliding_window_layers_are_refused() -> None:
+    from splitwise.engine.config import ModelConfig
+    from splitwise.engine.errors import UnsupportedArchitectureError
+
+    cfg = {"architectures": ["Qwen2ForCausalLM"], "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8,
+           "num_hidden_layers": 1, "num_attention_heads": 2, "use_sliding_window": True, "sliding_window": 4}
+    with pytest.raises(UnsupportedArchitectureError, match="use_sliding_window"):
+        ModelConfig.from_dict(cfg)
+    cfg["use_sliding_window"] = False
+    assert ModelConfig.from_dict(cfg).sliding_window is None

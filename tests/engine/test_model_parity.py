@@ -54,6 +54,8 @@ CASES: dict[str, Callable[[], transformers.PreTrainedConfig]] = {
         rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
     ),
     "mistral": lambda: transformers.MistralConfig(**TINY, sliding_window=None),
+    # Window 6 < the 19-token prompt and the 14 decode steps: the window is exercised both ways.
+    "mistral-sliding-window": lambda: transformers.MistralConfig(**TINY, sliding_window=6),
     "qwen2": lambda: transformers.Qwen2Config(**TINY),
     "qwen3": lambda: transformers.Qwen3Config(**TINY),
 }

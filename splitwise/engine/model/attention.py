@@ -57,6 +57,7 @@ class AttentionGroup:
         first_tokens: Sequence[int],
         block_tables: Sequence[Sequence[int]],
         block_size: int,
+        sliding_window: int | None = None,
     ) -> AttentionGroup:
         tables = _pad_tables(block_tables)
         start = torch.tensor(starts, dtype=torch.int64)[:, None]
@@ -67,6 +68,8 @@ class AttentionGroup:
         key_pos = torch.arange(tables.shape[1] * block_size, dtype=torch.int64)[None, None, :]
         query_pos = (start + offset)[:, :, None]
         attn_mask = (key_pos <= query_pos) & (key_pos < (start + count)[:, :, None])
+        if sliding_window is not None:  # as HF: a query at q sees keys k with q - k < window
+            attn_mask &= key_pos > query_pos - sliding_window
         return AttentionGroup(token_index, valid, tables, attn_mask[:, None])
 
     def to(self, device: torch.device | str) -> AttentionGroup:
@@ -98,6 +101,7 @@ class AttentionMetadata:
         block_tables: Sequence[Sequence[int]],
         block_size: int,
         device: torch.device | str,
+        sliding_window: int | None = None,
     ) -> AttentionMetadata:
         """``block_tables[b]`` must cover positions [0, starts[b] + num_new_tokens[b])."""
         count = torch.tensor(num_new_tokens, dtype=torch.int64)
@@ -116,6 +120,7 @@ class AttentionMetadata:
                 first_tokens=[int(first_token[b]) for b in members],
                 block_tables=[block_tables[b] for b in members],
                 block_size=block_size,
+                sliding_window=sliding_window,
             )
             groups.append(group.to(device))
         return AttentionMetadata(positions.to(device), slot_mapping.to(device), tuple(groups))
