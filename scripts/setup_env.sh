@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Shared set-up for the README's two commands: a virtualenv in .venv with torch 2.13.0 (CPU build,
 # installed FIRST so no looser requirement pulls a multi-GB CUDA build), the project, and
-# redis-server (apt-get when missing; CI runs as root). Exits non-zero on any failure.
+# redis-server (and openssl for the tests) with apt-get when missing (CI runs as root). Exits
+# non-zero on any failure.
 # Usage: source scripts/setup_env.sh [extras]   e.g. "test"
 set -euo pipefail
 
@@ -12,11 +13,15 @@ command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 "$PYTHON" -c 'import sys; assert sys.version_info >= (3, 10), sys.version' \
   || { echo "error: Python >= 3.10 is required (found $("$PYTHON" --version 2>&1))" >&2; exit 1; }
 
-if ! command -v redis-server >/dev/null 2>&1; then
-  echo "==> installing redis-server"
+APT_PACKAGES=()
+command -v redis-server >/dev/null 2>&1 || APT_PACKAGES+=(redis-server)
+# The test suite makes TLS certificates for its TLS-Redis test.
+if [[ "$EXTRAS" == *test* ]] && ! command -v openssl >/dev/null 2>&1; then APT_PACKAGES+=(openssl); fi
+if [ ${#APT_PACKAGES[@]} -gt 0 ]; then
+  echo "==> installing ${APT_PACKAGES[*]}"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${APT_PACKAGES[@]}" >/dev/null
 fi
 if ! "$PYTHON" -m venv --help >/dev/null 2>&1 || ! "$PYTHON" -c 'import ensurepip' >/dev/null 2>&1; then
   echo "==> installing python3-venv"
