@@ -6,6 +6,9 @@ Modules (one concept each):
     verbs         the verbs-level backend interface the transport is written against
     fake          a protocol-level test double of that interface (byte-exact, enforces verbs rules)
     pyverbs_backend  the real backend (imports pyverbs lazily)
+    gpu_memory    a CUDA tensor's allocation as a dma-buf: range, alignment, IOVA arithmetic
+    cuda_driver   the CUDA driver calls behind gpu_memory (cuda-python, else libcuda via ctypes)
+    resources     per-NIC device, port and KV registration (host, dma-buf, or nvidia-peermem)
     plan          block runs -> RDMA WRITE work requests, batching within the send-queue depth
     connection    connection info message, QP attribute policy, the RESET->INIT->RTR->RTS machine
     transport     the KV Transport plug-in registered as "rdma"

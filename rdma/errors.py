@@ -83,3 +83,31 @@ class CompletionTimeoutError(RdmaError):
     """No completion arrived within the deadline; the QP state is unknown, so it is re-created too."""
 
     retryable = True
+
+
+class GpuMemoryError(RdmaError):
+    """CUDA memory could not be prepared for RDMA (rdma.gpu_memory); the subclasses say why."""
+
+
+class CudaUnavailableError(GpuMemoryError):
+    """No CUDA driver binding loads: neither cuda-python (``cuda.bindings.driver``) nor libcuda.so.1."""
+
+
+class CudaCallError(GpuMemoryError):
+    """A CUDA driver call failed: ``call`` names it, ``result`` is the CUresult name, ``code`` its value."""
+
+    def __init__(self, message: str, *, call: str, code: int, result: str, **context: str | None) -> None:
+        super().__init__(message, **context)
+        self.call = call
+        self.code = code
+        self.result = result
+
+
+class DmaBufUnsupportedError(GpuMemoryError):
+    """dma-buf cannot carry this GPU memory here: the device attribute says no, the driver refused the
+    export, or the NIC/kernel refused ``ibv_reg_dmabuf_mr`` (EOPNOTSUPP/EINVAL). The registration
+    policy may fall back to nvidia-peermem (rdma.resources)."""
+
+
+class GpuRegistrationError(GpuMemoryError):
+    """The GPU KV cache could not be registered by any allowed path; the message names each cause."""

@@ -15,18 +15,28 @@ an RDMA WRITE as ``ctypes.memmove`` after the checks a NIC makes:
 The first failing WR completes with its status (signaled or not), the QP goes to ERROR, and every
 later WR (same chain or later posts) and every posted receive completes with WR_FLUSH_ERR.
 Execution is synchronous at post time; completions wait in the CQs until polled.
+
+GPU memory is simulated with host buffers: ``FakeCudaDriver`` announces them as CUDA allocations
+and exports them as dma-bufs (fake fd numbers, not OS fds). ``register_dmabuf`` then registers a
+range of one at an IOVA (default: the offset, as pyverbs does), and every WRITE translates
+MR-space addresses to host addresses, so a wrong IOVA/VA mix-up lands bytes in the wrong place or
+fails with LOC_PROT_ERR / REM_ACCESS_ERR, as on a NIC. A plain ``register_memory`` of simulated GPU
+memory fails with EFAULT unless ``FakeFabric.peermem_loaded`` (nvidia-peermem), and a device with
+``FakePort.supports_dmabuf = False`` (like rxe) refuses dma-buf MRs with EOPNOTSUPP.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import itertools
 import threading
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from rdma.errors import NoRdmaDeviceError, QueuePairStateError, VerbsCallError
+from rdma.errors import CudaCallError, NoRdmaDeviceError, QueuePairStateError, VerbsCallError
+from rdma.gpu_memory import CUDA_ERROR_INVALID_VALUE, CUDA_ERROR_NOT_FOUND
 from rdma.verbs import (
     Access,
     Completion,
@@ -58,6 +68,7 @@ class FakePort:
     max_msg_bytes: int = 1 << 30
     is_active: bool = True
     rate_gbps: float = 100.0
+    supports_dmabuf: bool = True  # ibv_reg_dmabuf_mr works on this device (rxe: no)
 
 
 class FakeFabric:
@@ -69,6 +80,10 @@ class FakeFabric:
         self._qps: dict[tuple[str, int], FakeQueuePair] = {}
         self._qpn = itertools.count(0x100)
         self._key = itertools.count(0x1000)
+        self.peermem_loaded = True  # nvidia-peermem: plain ibv_reg_mr accepts GPU memory
+        self.gpu_allocations: list[tuple[int, int]] = []  # simulated CUDA allocations (host addr, bytes)
+        self.dmabufs: dict[int, tuple[int, int]] = {}  # open fake fd -> (host addr, bytes) it exports
+        self._fd = itertools.count(1000)
 
     def add_device(self, name: str, port: FakePort | None = None) -> FakeFabric:
         self.ports[name] = port or FakePort(gid=f"0000:0000:0000:0000:0000:ffff:0a00:{len(self.ports) + 1:04x}")
@@ -79,6 +94,19 @@ class FakeFabric:
 
     def next_key(self) -> int:
         return next(self._key)
+
+    def is_gpu_memory(self, addr: int, length: int) -> bool:
+        return any(base < addr + length and addr < base + size for base, size in self.gpu_allocations)
+
+    def export_dmabuf(self, addr: int, length: int) -> int:
+        with self.lock:
+            fd = next(self._fd)
+            self.dmabufs[fd] = (addr, length)
+        return fd
+
+    def close_dmabuf(self, fd: int) -> None:
+        with self.lock:
+            self.dmabufs.pop(fd, None)
 
     @staticmethod
     def address(port: FakePort, qpn: int) -> tuple[str, int]:
@@ -118,6 +146,7 @@ class FakeDevice(VerbsDevice):
         self.name = name
         self.port = fabric.ports[name]
         self.mrs: dict[int, MemoryRegion] = {}  # by key (lkey == rkey here)
+        self.host_addrs: dict[int, int] = {}  # by key: the host address of the MR's first byte
 
     def query_port(self, port_num: int) -> PortInfo:
         if port_num != 1:
@@ -128,17 +157,52 @@ class FakeDevice(VerbsDevice):
     def register_memory(self, addr: int, length: int, access: Access) -> MemoryRegion:
         if addr <= 0 or length <= 0:
             raise VerbsCallError(f"cannot register {length} bytes at {addr:#x}", device=self.name)
+        self._check_access(access)
+        if self.fabric.is_gpu_memory(addr, length) and not self.fabric.peermem_loaded:
+            raise VerbsCallError(f"ibv_reg_mr of GPU memory at {addr:#x} without nvidia-peermem (EFAULT)",
+                                 errno_code=errno.EFAULT, device=self.name)
+        return self._add(MemoryRegion(addr, length, 0, 0, access), host_addr=addr)
+
+    def register_dmabuf(
+        self, fd: int, offset: int, length: int, access: Access, *, iova: int | None = None
+    ) -> MemoryRegion:
+        self._check_access(access)
+        if not self.port.supports_dmabuf:
+            raise VerbsCallError("ibv_reg_dmabuf_mr: not supported by this device (EOPNOTSUPP)",
+                                 errno_code=errno.EOPNOTSUPP, device=self.name)
+        with self.fabric.lock:
+            exported = self.fabric.dmabufs.get(fd)
+        if exported is None:
+            raise VerbsCallError(f"ibv_reg_dmabuf_mr: fd {fd} is not an open dma-buf (EBADF)",
+                                 errno_code=errno.EBADF, device=self.name)
+        host_addr, size = exported
+        if offset < 0 or length <= 0 or offset + length > size:
+            raise VerbsCallError(f"ibv_reg_dmabuf_mr: [{offset:#x}, +{length}) is outside the {size}-byte dma-buf "
+                                 "(EINVAL)", errno_code=errno.EINVAL, device=self.name)
+        mr = MemoryRegion(offset if iova is None else iova, length, 0, 0, access)
+        return self._add(mr, host_addr=host_addr + offset)
+
+    def _check_access(self, access: Access) -> None:
         if access & (Access.REMOTE_WRITE | Access.REMOTE_READ) and not access & Access.LOCAL_WRITE:
-            raise VerbsCallError("REMOTE_WRITE needs LOCAL_WRITE (EINVAL)", device=self.name)
+            raise VerbsCallError("REMOTE_WRITE needs LOCAL_WRITE (EINVAL)", errno_code=errno.EINVAL,
+                                 device=self.name)
+
+    def _add(self, template: MemoryRegion, *, host_addr: int) -> MemoryRegion:
         with self.fabric.lock:
             key = self.fabric.next_key()
-            mr = MemoryRegion(addr, length, key, key, access)
+            mr = MemoryRegion(template.addr, template.length, key, key, template.access)
             self.mrs[key] = mr
+            self.host_addrs[key] = host_addr
         return mr
+
+    def host_address(self, key: int, addr: int) -> int:
+        """Where MR-space ``addr`` of the MR with ``key`` lives in host memory."""
+        return self.host_addrs[key] + (addr - self.mrs[key].addr)
 
     def deregister_memory(self, mr: MemoryRegion) -> None:
         with self.fabric.lock:
             self.mrs.pop(mr.lkey, None)
+            self.host_addrs.pop(mr.lkey, None)
 
     def create_qp(self, port_num: int, caps: QPCaps) -> FakeQueuePair:
         with self.fabric.lock:
@@ -148,6 +212,7 @@ class FakeDevice(VerbsDevice):
 
     def close(self) -> None:
         self.mrs.clear()
+        self.host_addrs.clear()
 
 
 class FakeQueuePair(QueuePair):
@@ -275,7 +340,8 @@ class FakeQueuePair(QueuePair):
         if wr.imm_data is not None and not peer._posted_recvs:
             return WcStatus.RNR_RETRY_EXC_ERR
         if wr.length:
-            ctypes.memmove(wr.remote_addr, wr.local_addr, wr.length)
+            dst = peer.device.host_address(wr.rkey, wr.remote_addr)
+            ctypes.memmove(dst, self.device.host_address(wr.lkey, wr.local_addr), wr.length)
         packets = max(1, -(-wr.length // self.rtr.path_mtu_bytes))
         self.next_send_psn = (self.next_send_psn + packets) % (1 << 24)
         peer.expected_recv_psn = (peer.expected_recv_psn + packets) % (1 << 24)
@@ -290,3 +356,56 @@ class FakeQueuePair(QueuePair):
         self.state = QPState.ERROR
         self._recv_cq.extend(Completion(w, WcStatus.WR_FLUSH_ERR, None, self.qpn) for w in self._posted_recvs)
         self._posted_recvs.clear()
+
+
+class FakeCudaDriver:
+    """A ``rdma.gpu_memory.CudaDriver`` over host buffers the test owns, announced as CUDA allocations
+    with ``add_allocation``; its dma-buf fds are registered with the fabric for ``register_dmabuf``.
+
+    ``dmabuf_supported`` is the device attribute; ``export_result`` a CUresult the export fails with.
+    Like the real driver, the export takes only page-aligned ranges inside one allocation.
+    """
+
+    name = "fake-cuda"
+
+    def __init__(
+        self, fabric: FakeFabric, *, dmabuf_supported: bool = True, export_result: int | None = None,
+        page_bytes: int = 4096,
+    ) -> None:
+        self.fabric = fabric
+        self.dmabuf_supported_value = dmabuf_supported
+        self.export_result = export_result
+        self.page_bytes = page_bytes
+        self.num_exports = 0
+
+    def add_allocation(self, base: int, num_bytes: int) -> None:
+        self.fabric.gpu_allocations.append((base, num_bytes))
+
+    @staticmethod
+    def _fail(call: str, code: int, result: str) -> CudaCallError:
+        return CudaCallError(f"{call} failed: {result} ({code})", call=call, code=code, result=result)
+
+    def address_range(self, device_index: int, ptr: int) -> tuple[int, int]:
+        for base, size in self.fabric.gpu_allocations:
+            if base <= ptr < base + size:
+                return base, size
+        raise self._fail("cuMemGetAddressRange", CUDA_ERROR_NOT_FOUND, "CUDA_ERROR_NOT_FOUND")
+
+    def dmabuf_supported(self, device_index: int) -> bool:
+        return self.dmabuf_supported_value
+
+    def export_dmabuf(self, device_index: int, base: int, size: int) -> int:
+        if self.export_result is not None:
+            raise self._fail("cuMemGetHandleForAddressRange", self.export_result, f"CUresult {self.export_result}")
+        inside = any(b <= base and base + size <= b + s for b, s in self.fabric.gpu_allocations)
+        if not inside or base % self.page_bytes or size % self.page_bytes:
+            raise self._fail("cuMemGetHandleForAddressRange", CUDA_ERROR_INVALID_VALUE, "CUDA_ERROR_INVALID_VALUE")
+        self.num_exports += 1
+        return self.fabric.export_dmabuf(base, size)
+
+    def close_dmabuf(self, fd: int) -> None:
+        self.fabric.close_dmabuf(fd)
+
+    @property
+    def num_open_fds(self) -> int:
+        return len(self.fabric.dmabufs)

@@ -24,10 +24,11 @@ from dataclasses import dataclass, field
 from rdma import messages
 from rdma.connection import QPPolicy, RcConnection
 from rdma.errors import RdmaError
+from rdma.gpu_memory import CudaDriver
 from rdma.lane import Lane
 from rdma.messages import Hello, HelloReply, RequestResult
 from rdma.plan import plan_layer, stripe
-from rdma.resources import NicResources, choose_nics, default_backend, open_nics
+from rdma.resources import GpuPolicy, NicResources, choose_nics, default_backend, open_nics
 from rdma.verbs import Access, QPCaps, VerbsBackend
 from splitwise.engine.kv_cache import KVCache, KVCacheGeometry
 from splitwise.transfer.base import (
@@ -89,10 +90,12 @@ class RdmaInitiator(TransportInitiator):
         initiator_id: str = "prefill",
         send_queue_depth: int = SEND_QUEUE_DEPTH,
         completion_timeout_s: float = 30.0,
+        cuda_driver: CudaDriver | None = None,
     ) -> None:
         self.options = options
         self.counters = TransferCounters()
         self._backend = backend
+        self._gpu_policy = GpuPolicy.from_options(options, cuda_driver)
         self._nic_names = list(nics) if nics else None
         self._policy = policy or QPPolicy()
         self._initiator_id = initiator_id
@@ -110,7 +113,8 @@ class RdmaInitiator(TransportInitiator):
     def register(self, kv_cache: KVCache) -> None:
         backend = self._backend or default_backend(self.options)
         names = self._nic_names or choose_nics(kv_cache, self.options)
-        self._nics = open_nics(backend, names, kv_cache, Access.LOCAL_WRITE)
+        self._nics = open_nics(backend, names, kv_cache, Access.LOCAL_WRITE, gpu=self._gpu_policy,
+                               counters=self.counters)
         self._kv_cache = kv_cache
 
     def connect(self, peer_id: str, endpoint: Endpoint) -> None:
@@ -161,7 +165,8 @@ class RdmaInitiator(TransportInitiator):
                 conn.close()
             raise
         lanes = [
-            Lane(conn, nic.kv, nic.doorbell, remote, peer=peer_id, completion_timeout_s=self._completion_timeout_s)
+            Lane(conn, nic.kv, nic.doorbell, remote, local_kv_addr=nic.kv_addr, peer=peer_id,
+                 completion_timeout_s=self._completion_timeout_s)
             for conn, nic, remote in zip(conns, self._nics, reply.lanes, strict=True)
         ]
         self.counters.incr("peers_connected")

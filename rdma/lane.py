@@ -52,6 +52,7 @@ class Lane:
         local_doorbell: MemoryRegion,
         remote: TargetLane,
         *,
+        local_kv_addr: int,
         peer: str,
         completion_timeout_s: float = 30.0,
         backoff: Backoff | None = None,
@@ -60,6 +61,7 @@ class Lane:
     ) -> None:
         self.conn = conn
         self.local_kv = local_kv
+        self.local_kv_addr = local_kv_addr  # the KV's first byte in local_kv's space (VA, or dma-buf IOVA)
         self.local_doorbell = local_doorbell
         self.remote = remote
         self.peer = peer
@@ -77,7 +79,7 @@ class Lane:
     def write(self, ops: Sequence[WriteOp], req_id: str) -> None:
         """Post ``ops`` (offsets from the KV base on both sides) in batches; one signaled per batch."""
         wrs = to_work_requests(
-            ops, local_base=self.local_kv.addr, lkey=self.local_kv.lkey,
+            ops, local_base=self.local_kv_addr, lkey=self.local_kv.lkey,
             remote_base=self.remote.kv_addr, rkey=self.remote.kv_rkey, first_wr_id=next(self._wr_ids),
         )
         if wrs:

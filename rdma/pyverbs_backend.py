@@ -7,11 +7,14 @@ Works with Debian 12's python3-pyverbs (rdma-core 44, ``pyverbs.enums``) and rdm
 - chained SendWRs are not kept alive by pyverbs, and SGE/SendWR leak unless closed: we hold them
   until post_send returns, then close each exactly once;
 - RecvWR needs an SGE on rdma-core 44: receives point at a 64-byte scratch MR;
-- get_device_list() raises (errno dropped) without kernel support: explained from sysfs.
+- get_device_list() raises (errno dropped) without kernel support: explained from sysfs;
+- DmaBufMR registers with iova = the dma-buf offset (not the GPU VA) and reports buf = 0: the
+  MemoryRegion we return carries that offset as its address (rdma.verbs, rdma.gpu_memory).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 from collections.abc import Sequence
@@ -89,6 +92,12 @@ def explain_no_devices(sysfs_root: str = "/sys") -> str:
     if not os.path.isdir(os.path.join(sysfs_root, "class", "infiniband_verbs")):
         return "RDMA devices exist but user-space verbs are unavailable (ib_uverbs not loaded, or /dev/infiniband not passed into the container)"
     return "libibverbs could not list the devices (check /dev/infiniband permissions and the provider library)"
+
+
+def errno_of(exc: BaseException) -> int | None:
+    """The errno a PyverbsRDMAError carries, when it carries one (some calls report -1)."""
+    code = getattr(exc, "error_code", -1)
+    return code if isinstance(code, int) and code > 0 else None
 
 
 def build_qp_attr(pv: Any, target: QPState, fields: dict[str, Any], mask_names: Sequence[str]) -> tuple[Any, int]:
@@ -186,9 +195,33 @@ class PyverbsDevice(VerbsDevice):
         try:
             mr = self.pv.mr.MR(self.pd, length, int(access), address=addr)
         except self.pv.Error as exc:
-            raise VerbsCallError(f"ibv_reg_mr of {length} bytes at {addr:#x} failed: {exc}", device=self.name) from None
+            raise VerbsCallError(f"ibv_reg_mr of {length} bytes at {addr:#x} failed: {exc}",
+                                 errno_code=errno_of(exc), device=self.name) from None
         self._mrs[mr.lkey] = mr
         return MemoryRegion(mr.buf, length, mr.lkey, mr.rkey, access)
+
+    def register_dmabuf(
+        self, fd: int, offset: int, length: int, access: Access, *, iova: int | None = None
+    ) -> MemoryRegion:
+        unsupported = errno.EOPNOTSUPP
+        if iova is not None and iova != offset:
+            raise VerbsCallError(f"pyverbs' DmaBufMR registers at iova = offset ({offset:#x}), not {iova:#x}; "
+                                 "a VA-addressed dma-buf MR needs ibv_reg_mr_ex (rdma-core 60+)",
+                                 errno_code=unsupported, device=self.name)
+        dmabuf_mr = getattr(self.pv.mr, "DmaBufMR", None)
+        if dmabuf_mr is None:
+            raise VerbsCallError("this pyverbs has no DmaBufMR (rdma-core < 34)", errno_code=unsupported,
+                                 device=self.name)
+        try:
+            mr = dmabuf_mr(self.pd, length, int(access), dmabuf=fd, offset=offset)
+        except TypeError:  # builds whose DmaBufMR takes only pyverbs' own (DRM) DmaBuf objects
+            raise VerbsCallError("this pyverbs' DmaBufMR does not accept a dma-buf fd", errno_code=unsupported,
+                                 device=self.name) from None
+        except self.pv.Error as exc:
+            raise VerbsCallError(f"ibv_reg_dmabuf_mr of {length} bytes at offset {offset:#x} of fd {fd} failed: {exc}",
+                                 errno_code=errno_of(exc), device=self.name) from None
+        self._mrs[mr.lkey] = mr
+        return MemoryRegion(offset, length, mr.lkey, mr.rkey, access)  # mr.buf is 0: the IOVA is the offset
 
     def deregister_memory(self, mr: MemoryRegion) -> None:
         handle = self._mrs.pop(mr.lkey, None)

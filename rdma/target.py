@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 from rdma import messages
 from rdma.connection import QPPolicy, RcConnection
 from rdma.errors import RdmaError
+from rdma.gpu_memory import CudaDriver
 from rdma.lane import Backoff
 from rdma.messages import Hello, HelloReply, RequestResult, TargetLane
-from rdma.resources import NicResources, choose_nics, default_backend, open_nics
+from rdma.resources import GpuPolicy, NicResources, choose_nics, default_backend, open_nics
 from rdma.verbs import Access, QPCaps, VerbsBackend
 from splitwise.engine.kv_cache import KVCache
 from splitwise.transfer.base import (
@@ -78,10 +79,12 @@ class RdmaTarget(TransportTarget):
         nics: Sequence[str] | None = None,
         policy: QPPolicy | None = None,
         backoff: Backoff | None = None,
+        cuda_driver: CudaDriver | None = None,
     ) -> None:
         self.options = options
         self.counters = TransferCounters()
         self._backend = backend
+        self._gpu_policy = GpuPolicy.from_options(options, cuda_driver)
         self._nic_names = list(nics) if nics else None
         self._policy = policy or QPPolicy()
         self._backoff = backoff or Backoff(max_s=0.0005)
@@ -101,7 +104,8 @@ class RdmaTarget(TransportTarget):
     def register(self, kv_cache: KVCache) -> None:
         backend = self._backend or default_backend(self.options)
         names = self._nic_names or choose_nics(kv_cache, self.options)
-        self._nics = open_nics(backend, names, kv_cache, Access.LOCAL_WRITE | Access.REMOTE_WRITE)
+        self._nics = open_nics(backend, names, kv_cache, Access.LOCAL_WRITE | Access.REMOTE_WRITE,
+                               gpu=self._gpu_policy, counters=self.counters)
         self._kv_cache = kv_cache
         listener = socket.create_server((self.options.host, self.options.port))
         listener.settimeout(0.2)
@@ -226,7 +230,8 @@ class RdmaTarget(TransportTarget):
                 conn.qp.post_recv([next(self._recv_ids) for _ in range(RECV_DEPTH)])
                 local_end = conn.local_endpoint()
                 conn.connect(peer_end)
-                replies.append(TargetLane(local_end, nic.kv.addr, nic.kv.length, nic.kv.rkey,
+                # kv_addr is in the MR's address space: the VA, or the IOVA of a dma-buf MR.
+                replies.append(TargetLane(local_end, nic.kv_addr, self._kv_cache.geometry.total_bytes, nic.kv.rkey,
                                           nic.doorbell.addr, nic.doorbell.rkey))
         except Exception:
             for conn in lanes:

@@ -5,7 +5,9 @@
 (imported only when a transport registers its KV cache), the fake fabric in tests.
 
 Options (``TransportOptions.extra``): ``rdma_nics`` ("mlx5_0,mlx5_1"; default KVCACHE_RDMA_NICS or
-detection), ``rdma_gid_index`` (RoCE source GID index; default: the first RoCE v2 IPv4 GID).
+detection), ``rdma_gid_index`` (RoCE source GID index; default: the first RoCE v2 IPv4 GID),
+``rdma_gpu_registration`` (CUDA KV cache: ``auto`` = dma-buf, else nvidia-peermem; ``dmabuf``;
+``peermem``; see rdma.resources).
 """
 
 from __future__ import annotations

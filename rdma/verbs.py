@@ -6,6 +6,7 @@ Two implementations honour it, checked by ONE contract-test suite (tests/rdma/te
     VerbsBackend.open_device(name) -> VerbsDevice
         query_port(port) -> PortInfo
         register_memory(addr, length, access) -> MemoryRegion      deregister_memory(mr)
+        register_dmabuf(fd, offset, length, access) -> MemoryRegion  (GPU memory; addressed by IOVA)
         create_qp(port, caps) -> QueuePair                        close()
     QueuePair (RC; one send CQ and one receive CQ of its own)
         to_init(InitAttrs) -> to_rtr(RtrAttrs) -> to_rts(RtsAttrs)   to_reset()   destroy()
@@ -17,6 +18,11 @@ Rules both backends enforce (in Python, before verbs sees them, so real and fake
 - at most ``caps.max_send_wr`` send WRs outstanding; a WR's slot frees when a later-or-same
   signaled WR's completion is polled, or any error completion is polled (``SendQueueSlots``).
 Values mirror libibverbs' numbers so a pyverbs completion maps 1:1.
+
+Addresses: every SGE and remote address is in the MR's own address space, ``MemoryRegion.addr``
+onwards. For ``register_memory`` that is the virtual address; for ``register_dmabuf`` it is the
+IOVA, by default the dma-buf offset (pyverbs' DmaBufMR can do nothing else), so byte k of a
+dma-buf MR registered at ``offset`` is at address ``offset + k``, whatever its virtual address.
 """
 
 from __future__ import annotations
@@ -118,7 +124,8 @@ class PortInfo:
 
 @dataclass(frozen=True)
 class MemoryRegion:
-    """``addr`` is the address SGEs and peers use (the VA for host memory)."""
+    """``addr`` is the address SGEs and peers use: the VA for ``register_memory``, the IOVA for
+    ``register_dmabuf`` (see the module docstring)."""
 
     addr: int
     length: int
@@ -304,6 +311,17 @@ class VerbsDevice(abc.ABC):
     @abc.abstractmethod
     def register_memory(self, addr: int, length: int, access: Access) -> MemoryRegion:
         """Register caller-owned memory; the caller keeps it alive until ``deregister_memory``."""
+
+    @abc.abstractmethod
+    def register_dmabuf(
+        self, fd: int, offset: int, length: int, access: Access, *, iova: int | None = None
+    ) -> MemoryRegion:
+        """Register ``length`` bytes of the dma-buf ``fd`` from ``offset`` (ibv_reg_dmabuf_mr): the
+        path for GPU memory without nvidia-peermem. The MR is reached at ``iova`` (default: ``offset``,
+        the only IOVA pyverbs' DmaBufMR offers; a backend that cannot honour another one raises).
+        The fd may be closed once every device registered it: the MR holds the dma-buf itself.
+        Raises VerbsCallError; ``errno_code`` EOPNOTSUPP or EINVAL means dma-buf MRs are not
+        supported by this NIC/kernel (a caller may fall back to ``register_memory``)."""
 
     @abc.abstractmethod
     def deregister_memory(self, mr: MemoryRegion) -> None: ...
