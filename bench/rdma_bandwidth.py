@@ -45,17 +45,24 @@ def open_backend(args: argparse.Namespace) -> tuple[VerbsBackend, str]:
     return backend, args.device or names[0]
 
 
-def wait(conn: RcConnection, count: int) -> None:
-    seen = 0
-    deadline = time.monotonic() + 30
-    while seen < count:
-        for completion in conn.qp.poll_send(64):
-            if not completion.ok:
-                raise CompletionError(f"WRITE failed: {completion.status.name}", status=completion.status.name,
-                                      wr_id=completion.wr_id, qpn=completion.qpn)
-            seen += 1
-        if time.monotonic() > deadline:
-            raise TimeoutError("no completion within 30 s")
+class Completions:
+    """Cumulative count of polled send completions. A poll may return completions of chains posted
+    after the one being waited for, so waits compare totals instead of counting per call."""
+
+    def __init__(self, conn: RcConnection) -> None:
+        self.conn = conn
+        self.seen = 0
+
+    def wait_total(self, total: int) -> None:
+        deadline = time.monotonic() + 30
+        while self.seen < total:
+            for completion in self.conn.qp.poll_send(64):
+                if not completion.ok:
+                    raise CompletionError(f"WRITE failed: {completion.status.name}", status=completion.status.name,
+                                          wr_id=completion.wr_id, qpn=completion.qpn)
+                self.seen += 1
+            if time.monotonic() > deadline:
+                raise TimeoutError("no completion within 30 s")
 
 
 def measure(device: VerbsDevice, sizes: Sequence[int], iters: int, latency_iters: int) -> None:
@@ -76,15 +83,13 @@ def measure(device: VerbsDevice, sizes: Sequence[int], iters: int, latency_iters
         ops = [WriteOp((i % 16) * size, (i % 16) * size, size) for i in range(iters)]
         wrs = to_work_requests(ops, local_base=smr.addr, lkey=smr.lkey, remote_base=dmr.addr, rkey=dmr.rkey, first_wr_id=1)
         chains = batches(wrs, max_batch=SEND_QUEUE_DEPTH // 2)
+        done = Completions(a)  # one signaled WR per chain
         start = time.perf_counter()
-        in_flight = 0
-        for chain in chains:
-            if in_flight == 2:  # two chains fill the queue: wait for the oldest
-                wait(a, 1)
-                in_flight -= 1
+        for posted, chain in enumerate(chains):
+            if posted >= 2:  # two chains fill the queue: wait for the oldest
+                done.wait_total(posted - 1)
             a.qp.post_send(chain)
-            in_flight += 1
-        wait(a, in_flight)
+        done.wait_total(len(chains))
         gbps = size * iters / (time.perf_counter() - start) / 1e9
         latencies = []
         for i in range(latency_iters):
@@ -93,7 +98,7 @@ def measure(device: VerbsDevice, sizes: Sequence[int], iters: int, latency_iters
             wr = batches(single, max_batch=1)[0][0]  # signaled
             t0 = time.perf_counter()
             a.qp.post_send([wr])
-            wait(a, 1)
+            done.wait_total(len(chains) + i + 1)
             latencies.append((time.perf_counter() - t0) * 1e6)
         share = f"{100 * gbps * 8 / port.rate_gbps:6.1f}%" if port.rate_gbps else "      -"
         p99 = statistics.quantiles(latencies, n=100)[98] if len(latencies) >= 2 else latencies[0]
