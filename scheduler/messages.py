@@ -1,9 +1,10 @@
 """Every message that crosses a process boundary through Redis, and its one encoder/decoder.
 
-Wire format: msgpack map ``{"v": SCHEMA_VERSION, "t": <type tag>, "f": {field: value}}``.
-Decoding checks the version, the tag, the exact field set and each field's type, and raises
-``MessageDecodeError`` (with the reason) for anything else: callers send such payloads to the
-dead-letter stream. No pickle: a payload can only ever become one of the classes below.
+Wire format: msgpack map ``{"v": SCHEMA_VERSION, "t": <type tag>, "f": {field: value}}``, encoded
+and decoded by ``splitwise.wire_codec``. Decoding checks the version, the tag, the exact field set
+and each field's type, and raises ``MessageDecodeError`` (with the reason) for anything else:
+callers send such payloads to the dead-letter stream. No pickle: a payload can only ever become
+one of the classes below.
 
 Token positions: ``TokenChunk.index`` is the position of ``token_ids[0]`` in the completion
 (0-based over the whole generation, resume tokens included), which is what lets the frontend
@@ -13,14 +14,11 @@ drop duplicates after a re-dispatch.
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Union
-
-import msgpack
+from typing import Any, ClassVar
 
 from scheduler.errors import MessageDecodeError
+from splitwise.wire_codec import MessageCodec
 
 SCHEMA_VERSION = 1
 ROLES = ("mixed", "prefill", "decode")
@@ -181,9 +179,13 @@ class CancelMessage:
 
 ResultMessage = TokenChunk | Finished | Failed | Expired | Cancelled
 Message = NodeInfo | WorkItem | TokenChunk | Finished | Failed | Expired | Cancelled | CancelMessage
-_BY_TAG: dict[str, type] = {
-    cls.TYPE: cls for cls in (NodeInfo, WorkItem, TokenChunk, Finished, Failed, Expired, Cancelled, CancelMessage)
-}
+CODEC = MessageCodec(
+    (NodeInfo, WorkItem, TokenChunk, Finished, Failed, Expired, Cancelled, CancelMessage),
+    schema_version=SCHEMA_VERSION,
+    error=MessageDecodeError,
+    tag_attr="TYPE",
+    fields_key="f",
+)
 RESULT_TYPES = (TokenChunk, Finished, Failed, Expired, Cancelled)
 
 
@@ -199,85 +201,9 @@ class SubmitRequest:
 
 
 def encode(msg: Message) -> bytes:
-    body = {"v": SCHEMA_VERSION, "t": msg.TYPE, "f": dataclasses.asdict(msg)}
-    return msgpack.packb(body, use_bin_type=True)
+    return CODEC.encode(msg)
 
 
 def decode(payload: bytes, expect: type | tuple[type, ...] | None = None) -> Any:
     """Decode one payload; ``expect`` restricts the accepted classes. Raises MessageDecodeError."""
-    try:
-        body = msgpack.unpackb(payload, raw=False, strict_map_key=True)
-    except Exception as exc:  # msgpack raises several unrelated types for garbage
-        raise MessageDecodeError(f"not msgpack: {type(exc).__name__}: {exc}") from None
-    if not isinstance(body, dict) or set(body) != {"v", "t", "f"}:
-        raise MessageDecodeError("not a message envelope {v, t, f}")
-    if body["v"] != SCHEMA_VERSION:
-        raise MessageDecodeError(f"unsupported schema version {body['v']!r} (this build speaks {SCHEMA_VERSION})")
-    cls = _BY_TAG.get(body["t"]) if isinstance(body["t"], str) else None
-    if cls is None:
-        raise MessageDecodeError(f"unknown message type {body['t']!r}")
-    if expect is not None and not issubclass(cls, expect):
-        raise MessageDecodeError(f"unexpected message type {body['t']!r} here")
-    try:
-        return _build(cls, body["f"], body["t"])
-    except MessageDecodeError:
-        raise
-    except (TypeError, ValueError) as exc:
-        raise MessageDecodeError(f"invalid {body['t']!r}: {exc}") from None
-
-
-def _build(cls: type, data: Any, where: str) -> Any:
-    if not isinstance(data, dict):
-        raise MessageDecodeError(f"{where}: fields must be a map")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    if set(data) - names:
-        raise MessageDecodeError(f"{where}: unknown fields {sorted(set(data) - names)}")
-    required = {f.name for f in dataclasses.fields(cls)
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
-    if required - set(data):
-        raise MessageDecodeError(f"{where}: missing fields {sorted(required - set(data))}")
-    values = {name: _check(hints[name], value, f"{where}.{name}") for name, value in data.items()}
-    return cls(**values)
-
-
-def _check(hint: Any, value: Any, where: str) -> Any:
-    """Check ``value`` against a type hint (the small subset our messages use); build nested dataclasses."""
-    origin = typing.get_origin(hint)
-    if hint is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        errors = []
-        for option in typing.get_args(hint):
-            try:
-                return _check(option, value, where)
-            except MessageDecodeError as exc:
-                errors.append(str(exc))
-        raise MessageDecodeError(f"{where}: {type(value).__name__} matches no option of {hint}")
-    if hint is type(None):
-        if value is not None:
-            raise MessageDecodeError(f"{where}: expected nil")
-        return value
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, where)  # type: ignore[arg-type]
-    if origin is list:
-        if not isinstance(value, list):
-            raise MessageDecodeError(f"{where}: expected array, got {type(value).__name__}")
-        (item,) = typing.get_args(hint)
-        return [_check(item, v, where) for v in value]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise MessageDecodeError(f"{where}: expected map, got {type(value).__name__}")
-        key_t, val_t = typing.get_args(hint)
-        return {_check(key_t, k, where): _check(val_t, v, where) for k, v in value.items()}
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise MessageDecodeError(f"{where}: expected float, got {type(value).__name__}")
-        return float(value)
-    if hint is int and isinstance(value, bool):
-        raise MessageDecodeError(f"{where}: expected int, got bool")
-    if hint in (int, str, bool, bytes):
-        if not isinstance(value, hint):
-            raise MessageDecodeError(f"{where}: expected {hint.__name__}, got {type(value).__name__}")
-        return value
-    raise MessageDecodeError(f"{where}: unsupported hint {hint}")  # a bug in this module, not in the payload
+    return CODEC.decode(payload, expect)

@@ -1,8 +1,8 @@
 """Every message the transfer package puts on a wire, and their one encoding.
 
-Encoding: a msgpack map ``{"v": SCHEMA_VERSION, "t": <type tag>, <field>: <value>, ...}``. Decoding
-checks the version, the tag, the exact field set and each field's type, so garbage or a peer of
-another schema version is a ProtocolError, never a half-built message. Frames are length-prefixed
+Encoding (``splitwise.wire_codec``): a msgpack map ``{"v": SCHEMA_VERSION, "t": <type tag>, <field>:
+<value>, ...}``. Decoding checks the version, the tag, the exact field set and each field's type,
+so garbage or a peer of another schema version is a ProtocolError, never a half-built message. Frames are length-prefixed
 (see ``wire``); a LayerWrite header is followed by ``payload_bytes`` raw KV bytes.
 
 Data plane (P = initiator, D = target), one TCP connection per (P, D) pair::
@@ -27,15 +27,12 @@ Control channel (``--pd-comm-port``; either side may call, replies carry the cal
 
 from __future__ import annotations
 
-import dataclasses
 import typing
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import msgpack
-
 from splitwise.transfer.errors import ProtocolError
+from splitwise.wire_codec import MessageCodec
 
 SCHEMA_VERSION = 1
 
@@ -218,74 +215,24 @@ class ErrorReply(Message):
 CallMessage = PrefillTask | PrefillResult | PrefillFailed | CancelRequest
 ReplyMessage = Ack | ErrorReply
 
-_TYPES: dict[str, type[Message]] = {
-    cls.TAG: cls
-    for cls in (
+CODEC = MessageCodec(
+    (
         XferHello, XferHelloReply, LayerWrite, RequestBegin, RequestGrant, RequestAbort, RequestFinish, RequestResult,
         AuthChallenge, AuthHello, AuthWelcome, Refused,
         PrefillTask, PrefillResult, PrefillFailed, CancelRequest, Ack, ErrorReply,
-    )
-}
-Check = Callable[[Any], bool]
-
-
-def _check_for(hint: Any) -> Check:
-    """Compile a field's type hint into a checker once (a LayerWrite lists thousands of ints)."""
-    if hint is bool:
-        return lambda v: isinstance(v, bool)
-    if hint is int:
-        return lambda v: isinstance(v, int) and not isinstance(v, bool)
-    if hint is float:
-        return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-    if hint in (str, bytes):
-        return lambda v: isinstance(v, hint)
-    origin = typing.get_origin(hint)
-    if origin is list:
-        item = _check_for(typing.get_args(hint)[0])
-        return lambda v: isinstance(v, list) and all(map(item, v))
-    if origin is dict:
-        return lambda v: isinstance(v, dict)
-    raise AssertionError(f"unsupported field type {hint}")
-
-
-_FIELDS: dict[type[Message], dict[str, tuple[Any, Check]]] = {
-    cls: {
-        f.name: (typing.get_type_hints(cls)[f.name], _check_for(typing.get_type_hints(cls)[f.name]))
-        for f in dataclasses.fields(cls)
-    }
-    for cls in _TYPES.values()
-}
+    ),
+    schema_version=SCHEMA_VERSION,
+    error=ProtocolError,
+)
 
 
 def encode(message: Message) -> bytes:
-    body: dict[str, Any] = {"v": SCHEMA_VERSION, "t": message.TAG}
-    for name in _FIELDS[type(message)]:
-        body[name] = getattr(message, name)
-    return msgpack.packb(body, use_bin_type=True)
+    return CODEC.encode(message)
 
 
 def decode(data: bytes) -> Message:
     """Parse one message; raises ProtocolError on anything but a well-formed known message."""
-    try:
-        body = msgpack.unpackb(data, raw=False, strict_map_key=True)
-    except Exception as exc:  # msgpack raises several unrelated types on garbage
-        raise ProtocolError(f"undecodable frame ({type(exc).__name__}: {exc})") from None
-    if not isinstance(body, dict):
-        raise ProtocolError(f"frame is a {type(body).__name__}, not a map")
-    version = body.pop("v", None)
-    if version != SCHEMA_VERSION:
-        raise ProtocolError(f"schema version {version!r}, expected {SCHEMA_VERSION}")
-    tag = body.pop("t", None)
-    cls = _TYPES.get(tag) if isinstance(tag, str) else None
-    if cls is None:
-        raise ProtocolError(f"unknown message type {tag!r}")
-    hints = _FIELDS[cls]
-    if set(body) != set(hints):
-        raise ProtocolError(f"{tag}: fields {sorted(body)} != {sorted(hints)}")
-    for name, (hint, check) in hints.items():
-        if not check(body[name]):
-            raise ProtocolError(f"{tag}.{name}: {type(body[name]).__name__} is not {hint}")
-    return cls(**body)
+    return typing.cast(Message, CODEC.decode(data))
 
 
 def expect_type(message: Message, cls: type[Message]) -> Any:

@@ -1,4 +1,5 @@
-"""Length-prefixed frames over a blocking TCP socket, and zero-copy payload send/receive.
+"""Length-prefixed frames (``splitwise.framing``) over a blocking TCP socket, and zero-copy payload
+send/receive.
 
 Frame layout::
 
@@ -14,14 +15,13 @@ memoryviews of the destination blocks: no copy through Python bytes on either si
 from __future__ import annotations
 
 import socket
-import struct
 from collections.abc import Sequence
 
+from splitwise.framing import pack_frame, recv_frame
 from splitwise.transfer.errors import ConnectionLostError, ProtocolError, TransferTimeoutError
 from splitwise.transfer.messages import Message, decode, encode
 
 MAX_HEADER_BYTES = 16 * 1024 * 1024  # a header lists runs, never KV bytes; larger means garbage
-_LENGTH = struct.Struct(">I")
 _IOV_MAX = 512  # below every platform's IOV_MAX (1024 on Linux)
 # Bytes offered to one sendmsg/recvmsg_into call. Each call costs Python a buffer export per iovec,
 # but moves only about a socket buffer's worth, so offering many more iovecs than that makes the
@@ -30,8 +30,7 @@ _WINDOW_BYTES = 512 * 1024
 
 
 def frame_bytes(message: Message) -> bytes:
-    body = encode(message)
-    return _LENGTH.pack(len(body)) + body
+    return pack_frame(encode(message))
 
 
 def send_message(sock: socket.socket, message: Message) -> None:
@@ -115,14 +114,7 @@ def recv_into_buffers(sock: socket.socket, views: Sequence[memoryview]) -> None:
 
 def recv_message(sock: socket.socket) -> Message:
     """Read one framed message. ProtocolError on a bad length or a malformed header."""
-    prefix = bytearray(_LENGTH.size)
-    recv_into_exact(sock, memoryview(prefix))
-    (length,) = _LENGTH.unpack(prefix)
-    if not 0 < length <= MAX_HEADER_BYTES:
-        raise ProtocolError(f"frame header length {length} outside 1..{MAX_HEADER_BYTES}")
-    body = bytearray(length)
-    recv_into_exact(sock, memoryview(body))
-    return decode(bytes(body))
+    return decode(recv_frame(sock, max_bytes=MAX_HEADER_BYTES, error=ProtocolError, fill=recv_into_exact))
 
 
 def discard(sock: socket.socket, num_bytes: int, scratch_bytes: int = 1 << 20) -> None:
