@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import openai
 import pytest
-from conftest import MAX_MODEL_LEN, MODEL_ID, SCRIPT_TEXT, LocalStack
+from api_support import MAX_MODEL_LEN, MODEL_ID, SCRIPT_TEXT, LocalStack
 from openai.types.chat import ChatCompletionChunk
 
 from splitwise.engine.tokenizer import Tokenizer

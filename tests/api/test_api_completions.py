@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-from conftest import MODEL_ID, SCRIPT_TEXT, LocalStack
+from api_support import MODEL_ID, SCRIPT_TEXT, LocalStack
 
 from splitwise.engine.tokenizer import Tokenizer
 

@@ -6,7 +6,7 @@ import json
 
 import httpx
 import pytest
-from conftest import MODEL_ID, LocalStack, wait_until
+from api_support import MODEL_ID, LocalStack, wait_until
 
 
 def _outcome_count(stack: LocalStack, endpoint: str, outcome: str) -> float:

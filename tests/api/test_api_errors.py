@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from conftest import MAX_MODEL_LEN, MODEL_ID, TTL_S, LocalStack, start_local_stack, wait_until
+from api_support import MAX_MODEL_LEN, MODEL_ID, TTL_S, LocalStack, start_local_stack, wait_until
 
 from splitwise.engine.tokenizer import Tokenizer
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-from conftest import MAX_MODEL_LEN, MODEL_ID, LocalStack, wait_until
+from api_support import MAX_MODEL_LEN, MODEL_ID, LocalStack, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from splitwise.api import ApiMetrics

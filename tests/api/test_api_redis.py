@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import httpx
 import openai
 import pytest
-from conftest import MAX_MODEL_LEN, MODEL_ID, REPO_ROOT, RecordingBackend, ServerThread, wait_until
+from api_support import MAX_MODEL_LEN, MODEL_ID, REPO_ROOT, RecordingBackend, ServerThread, wait_until
 from fastapi import FastAPI
 
 from scheduler.config import SchedulerConfig

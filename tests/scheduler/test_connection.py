@@ -7,7 +7,7 @@ import dataclasses
 from collections.abc import Iterator
 
 import pytest
-from conftest import cluster, run
+from scheduler_support import cluster, run
 
 from scheduler.config import SchedulerConfig
 from scheduler.connection import MIN_REDIS_VERSION, parse_version

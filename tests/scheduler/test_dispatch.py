@@ -6,7 +6,7 @@ import asyncio
 from collections import Counter
 
 import pytest
-from conftest import cluster, eventually, run
+from scheduler_support import cluster, eventually, run
 
 from scheduler.config import SchedulerConfig
 from scheduler.errors import NoCapacityError

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
-from conftest import cluster, eventually, run, wait_for
+from scheduler_support import cluster, eventually, run, wait_for
 
 from scheduler.config import SchedulerConfig
 from scheduler.messages import Cancelled, Expired, Failed, Finished, SubmitRequest, TokenChunk

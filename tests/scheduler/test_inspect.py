@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from conftest import REPO_ROOT, cluster, run
+from scheduler_support import REPO_ROOT, cluster, run
 
 from scheduler.config import SchedulerConfig
 from scheduler.messages import Finished, SubmitRequest

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from conftest import cluster, eventually, run
+from scheduler_support import cluster, eventually, run
 
 from scheduler.config import SchedulerConfig
 from scheduler.keys import OWNED_WITHOUT_TTL, KeySchema

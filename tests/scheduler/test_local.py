@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from conftest import run
+from scheduler_support import run
 
 from scheduler.config import SchedulerConfig
 from scheduler.errors import NoCapacityError
