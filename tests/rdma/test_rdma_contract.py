@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 
 import pytest
-from conftest import Buffer, connected_pair
+from rdma_test_support import Buffer, connected_pair
 
 from rdma.connection import QPPolicy, RcConnection
 from rdma.errors import QueuePairStateError, SendQueueFullError

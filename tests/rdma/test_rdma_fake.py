@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from conftest import Buffer, connected_pair
+from rdma_test_support import Buffer, connected_pair
 
 from rdma.connection import RcConnection, rtr_attrs
 from rdma.errors import VerbsCallError

@@ -269,7 +269,7 @@ def test_pyverbs_errno_is_kept_for_the_fallback_decision() -> None:
 
 def test_a_dma_buf_mr_is_reached_by_iova_and_the_gpu_va_is_refused() -> None:
     """The pyverbs pitfall, made executable: remote addresses of a DmaBufMR are dma-buf offsets."""
-    from conftest import Buffer, connected_pair
+    from rdma_test_support import Buffer, connected_pair
 
     fabric = fabric_with("nic0")
     driver = FakeCudaDriver(fabric)

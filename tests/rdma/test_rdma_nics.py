@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import ZERO_GID, SysfsTree
+from rdma_test_support import ZERO_GID, SysfsTree
 
 from rdma import nics
 from rdma.errors import NicDetectionError

@@ -24,7 +24,7 @@ if sys.path[0] != REPO_ROOT:
 
 from scheduler.config import SchedulerConfig  # noqa: E402
 from scheduler.frontend import FrontendScheduler  # noqa: E402
-from scheduler.messages import KVGeometry, NodeInfo  # noqa: E402
+from scheduler.messages import KVGeometry  # noqa: E402
 from scheduler.node import NodeAgent  # noqa: E402
 from scheduler.sim_node import DEFAULT_KV, SimBehavior, SimNode, make_node_info  # noqa: E402
 from scheduler.tasks import stop_tasks  # noqa: E402
