@@ -350,7 +350,7 @@ class FrontendScheduler:
             if now >= fl.deadline_ms:
                 await self._finish(fl, Expired(req_id=fl.request.req_id, attempt=fl.attempt), notify_nodes="expired")
             elif restarted:
-                await self._redispatch(fl, reason="redis restarted")
+                await self._redispatch(fl, reason="Redis restarted")
             elif fl.pending_since_ms is not None:
                 await self._retry_pending(fl, now)
             elif fl.assignment is None:

@@ -3,6 +3,7 @@ peer. See ``stream_target`` for the picture of both sides."""
 
 from __future__ import annotations
 
+import abc
 import queue
 import socket
 import threading
@@ -224,8 +225,10 @@ class StreamInitiator(TransportInitiator):
         """Called on the caller's thread in write_layer: a marker the copy must wait for (CUDA event)."""
         return None
 
+    @abc.abstractmethod
     def _write_layer(self, peer: Peer, job: LayerJob) -> None:
-        raise NotImplementedError
+        """Move one layer's runs to the peer (sender thread): copy into its mapped memory (ipc) or
+        send a frame (tcp)."""
 
     def _before_finish(self, peer: Peer, req_id: str) -> None:
         """Make every earlier write of ``req_id`` visible to the peer before the finish notice."""
