@@ -60,6 +60,7 @@ def _instance_config(opts: dict[str, Any]) -> Any:
         decode_headroom_tokens=opts["decode_headroom_tokens"],
         node_id=opts["node_id"],
         debug_prefill_layer_delay_s=opts["debug_prefill_layer_delay_ms"] / 1000.0,
+        debug_step_delay_s=opts["debug_step_delay_ms"] / 1000.0,
         pipelined_transfer=not opts["debug_unpipelined_transfer"],
     )
 
@@ -103,6 +104,8 @@ def _instance_config(opts: dict[str, Any]) -> Any:
 # Hidden: tests and benchmarks only.
 @click.option("--debug-prefill-layer-delay-ms", type=click.FloatRange(min=0), default=0.0, hidden=True,
               help="Prefill: sleep this long per layer of a batch holding a remote request (failure tests).")
+@click.option("--debug-step-delay-ms", type=click.FloatRange(min=0), default=0.0, hidden=True,
+              help="Any role: sleep this long after every engine step (failure tests act mid-decode).")
 @click.option("--debug-unpipelined-transfer", is_flag=True, default=False, hidden=True,
               help="Prefill: ship every layer only after the prefill finished (pipelining baseline).")
 @click.option("--ready-file", default=None, type=click.Path(dir_okay=False), help="Write a JSON line with the ports here once serving.")

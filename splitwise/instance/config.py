@@ -50,6 +50,7 @@ class InstanceConfig:
     # request down (failure tests hit "mid-transfer" reliably), and ship all layers only after the
     # prefill finished instead of layer by layer (bench/pd_ttft.py measures what pipelining hides).
     debug_prefill_layer_delay_s: float = 0.0
+    debug_step_delay_s: float = 0.0  # any role: pause after every engine step (decode failure tests)
     pipelined_transfer: bool = True
     node_id: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
@@ -77,6 +78,8 @@ class InstanceConfig:
             raise ValueError(f"--max-waiting-for-blocks: {self.max_waiting_for_blocks} must be >= 1")
         if self.debug_prefill_layer_delay_s < 0:
             raise ValueError(f"--debug-prefill-layer-delay-ms: {self.debug_prefill_layer_delay_s * 1000} must be >= 0")
+        if self.debug_step_delay_s < 0:
+            raise ValueError(f"--debug-step-delay-ms: {self.debug_step_delay_s * 1000} must be >= 0")
         if self.decode_headroom_tokens < 0:
             raise ValueError(f"--decode-headroom-tokens: {self.decode_headroom_tokens} must be >= 0")
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -47,8 +48,11 @@ class LoadSnapshot:
 
 
 class EngineWorker:
-    def __init__(self, engine: LLMEngine, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, engine: LLMEngine, loop: asyncio.AbstractEventLoop, *, step_delay_s: float = 0.0) -> None:
         self.engine = engine
+        # Debug only (--debug-step-delay-ms): a pause after every step, so failure tests can act
+        # while a request is observably mid-decode.
+        self._step_delay_s = step_delay_s
         self._loop = loop
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._queues: dict[str, asyncio.Queue[RequestOutput]] = {}
@@ -140,6 +144,8 @@ class EngineWorker:
                 outputs = self._fail_all(f"internal engine error: {exc}")
             self._deliver(outputs)
             self.load = self._snapshot()
+            if self._step_delay_s:
+                time.sleep(self._step_delay_s)
 
     def _drain_commands(self, *, block: bool) -> None:
         try:

@@ -86,7 +86,7 @@ class Instance:
             cfg = cfg.with_engine(kv_cache_shm_name=default_shm_name())
         log.info("loading model", model=cfg.engine.model, role=cfg.role)
         self.engine = await loop.run_in_executor(None, LLMEngine, cfg.engine)
-        self.worker = EngineWorker(self.engine, loop)
+        self.worker = EngineWorker(self.engine, loop, step_delay_s=cfg.debug_step_delay_s)
         self.worker.start()
         self._start_transports()
         token = await self._cluster_token()

@@ -11,7 +11,9 @@
 The reference ("a mixed instance") is the instance's own engine run in-process with the same
 engine flags (tests/instance/helpers.ENGINE_ARGS); test_pd_equivalence shows a mixed instance over
 HTTP gives exactly that. P is slowed with the hidden ``--debug-prefill-layer-delay-ms`` (a sleep
-after each layer's write was queued), so "mid-transfer" is a state we observe before acting on it.
+after each layer's write was queued), so "mid-transfer" is a state we observe before acting on it;
+D is slowed with the hidden ``--debug-step-delay-ms`` (a sleep after each engine step), so
+"mid-stream" is one too.
 """
 
 from __future__ import annotations
@@ -98,7 +100,12 @@ def test_killing_prefill_mid_transfer_falls_back_to_local_prefill(cluster_factor
 
 
 def test_killing_decode_mid_stream_redispatches(cluster_factory, reference) -> None:  # type: ignore[no-untyped-def]
-    cluster = cluster_factory(num_prefill=1, num_decode=2, transfer="ipc", extra=["--scheduler-heartbeat-interval", "0.5"])
+    # 48 decode steps x 40 ms: the decode node is killed while it still has tokens to produce
+    # (without the pause a tiny-model decode may finish before the first chunk reaches the client).
+    cluster = cluster_factory(
+        num_prefill=1, num_decode=2, transfer="ipc",
+        extra=["--scheduler-heartbeat-interval", "0.5", "--debug-step-delay-ms", "40"],
+    )
     [p] = by_role(cluster, "prefill")
     decodes = by_role(cluster, "decode")
     prompt = make_prompt(40, seed=2)
