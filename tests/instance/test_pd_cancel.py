@@ -1,7 +1,9 @@
 """Abort/cancel at any stage frees KV blocks on both sides (no block leaks).
 
 A real 1P1D cluster; P is slowed (hidden ``--debug-prefill-layer-delay-ms``) so a request closed
-right after it was sent is cancelled while P prefills and ships its KV into D's reserved blocks.
+right after it was sent is cancelled while P prefills and ships its KV into D's reserved blocks,
+and every step pauses (hidden ``--debug-step-delay-ms``) so a stream closed mid-decode is cancelled
+before D finishes it.
 Streaming requests are cancelled by closing the client connection at three points: right after
 sending (mid-prefill/mid-transfer), after the first token, and mid-stream; others complete
 normally. Afterwards every instance's /metrics shows no KV block in use and nothing running,
@@ -55,7 +57,11 @@ def wait_quiet(cluster: LocalCluster, child_name: str) -> bool:
 
 
 def test_cancel_at_every_stage_frees_blocks_on_both_sides(cluster_factory) -> None:  # type: ignore[no-untyped-def]
-    cluster = cluster_factory(num_prefill=1, num_decode=1, transfer="ipc", extra=["--debug-prefill-layer-delay-ms", "150"])
+    # D's 20 ms pause per step: a 64-token decode outlives the client's hang-up even on a fast machine.
+    cluster = cluster_factory(
+        num_prefill=1, num_decode=1, transfer="ipc",
+        extra=["--debug-prefill-layer-delay-ms", "150", "--debug-step-delay-ms", "20"],
+    )
     p = next(c for c in cluster.children if c.role == "prefill")
     d = next(c for c in cluster.children if c.role == "decode")
     entry = p.base_url  # the frontend on P; cancels travel through Redis to both nodes
