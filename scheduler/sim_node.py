@@ -12,9 +12,13 @@ node releases its prefill peer's booking itself (a real D learns that from P ove
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import subprocess
+import sys
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import click
@@ -108,6 +112,25 @@ def make_node_info(node_id: str, role: str, *, host: str = "127.0.0.1", model_id
                                             for i, p in enumerate(protocols)}
     return NodeInfo(node_id=node_id, role=role, host=host, http_port=http_port, pd_comm_port=pd_comm_port,
                     model_id=model_id, kv=kv, transfer_protocols=protocols, transfer_endpoints=endpoints)
+
+
+def spawn_sim_node(config: SchedulerConfig, node_id: str, role: str, *extra: str) -> subprocess.Popen[str]:
+    """Start ``python -m scheduler.sim_node`` as a real process (tests SIGKILL it) against
+    ``config``'s Redis and topic; returns once it printed ``READY <node_id>``."""
+    repo_root = str(Path(__file__).resolve().parents[1])
+    args = [sys.executable, "-m", "scheduler.sim_node", "--node-id", node_id, "--role", role,
+            "--scheduler-host", config.scheduler_host, "--scheduler-port", str(config.scheduler_port),
+            "--scheduler-topic", config.scheduler_topic,
+            "--scheduler-heartbeat-interval", str(config.heartbeat_interval_s), *extra]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=repo_root)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=repo_root)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if line.strip() != f"READY {node_id}":
+        proc.kill()
+        proc.wait()
+        raise SchedulerError(f"sim node {node_id} did not start: {line!r}")
+    return proc
 
 
 async def _main(config: SchedulerConfig, info: NodeInfo, behavior: SimBehavior) -> None:

@@ -9,20 +9,19 @@ while the text itself is checked against the scripted node in the other modules.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import httpx
 import openai
 import pytest
-from api_support import MAX_MODEL_LEN, MODEL_ID, REPO_ROOT, RecordingBackend, ServerThread, wait_until
+from api_support import MAX_MODEL_LEN, MODEL_ID, RecordingBackend, ServerThread, wait_until
 from fastapi import FastAPI
 
 from scheduler.config import SchedulerConfig
 from scheduler.frontend import FrontendScheduler
+from scheduler.sim_node import spawn_sim_node
 from splitwise.api import ApiMetrics, create_app
 from splitwise.engine.tokenizer import Tokenizer
 from splitwise.testing.redis_server import RedisServer
@@ -38,21 +37,6 @@ class RedisStack:
     @property
     def base_url(self) -> str:
         return self.server.base_url
-
-
-def start_sim_node(config: SchedulerConfig, node_id: str, role: str, *extra: str) -> subprocess.Popen[str]:
-    args = [sys.executable, "-m", "scheduler.sim_node", "--node-id", node_id, "--role", role, "--model-id", MODEL_ID,
-            "--scheduler-port", str(config.scheduler_port), "--scheduler-topic", config.scheduler_topic,
-            "--scheduler-heartbeat-interval", str(HEARTBEAT_S), *extra]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=REPO_ROOT)
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
-                            cwd=REPO_ROOT)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if line.strip() != f"READY {node_id}":
-        proc.kill()
-        raise AssertionError(f"sim node {node_id} did not start: {line!r}")
-    return proc
 
 
 def start_redis_stack(config: SchedulerConfig, tokenizer: Tokenizer, *, model_id: str) -> RedisStack:
@@ -85,8 +69,8 @@ def redis_config() -> Iterator[SchedulerConfig]:
 
 @pytest.fixture(scope="module")
 def pd_stack(redis_config: SchedulerConfig, tokenizer: Tokenizer) -> Iterator[RedisStack]:
-    procs = [start_sim_node(redis_config, "p0", "prefill"),
-             start_sim_node(redis_config, "d0", "decode", "--token-delay-ms", "20")]
+    procs = [spawn_sim_node(redis_config, "p0", "prefill", "--model-id", MODEL_ID),
+             spawn_sim_node(redis_config, "d0", "decode", "--model-id", MODEL_ID, "--token-delay-ms", "20")]
     stack = start_redis_stack(redis_config, tokenizer, model_id=MODEL_ID)
     try:
         yield stack

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Iterator
@@ -26,7 +25,7 @@ from scheduler.config import SchedulerConfig  # noqa: E402
 from scheduler.frontend import FrontendScheduler  # noqa: E402
 from scheduler.messages import KVGeometry  # noqa: E402
 from scheduler.node import NodeAgent  # noqa: E402
-from scheduler.sim_node import DEFAULT_KV, SimBehavior, SimNode, make_node_info  # noqa: E402
+from scheduler.sim_node import DEFAULT_KV, SimBehavior, SimNode, make_node_info, spawn_sim_node  # noqa: E402
 from scheduler.tasks import stop_tasks  # noqa: E402
 from splitwise.testing.redis_server import RedisServer  # noqa: E402
 
@@ -134,17 +133,7 @@ def sim_processes(config: SchedulerConfig) -> Iterator[Callable[..., SimProcess]
     started: list[SimProcess] = []
 
     def start(node_id: str, role: str, *extra: str) -> SimProcess:
-        args = [sys.executable, "-m", "scheduler.sim_node", "--node-id", node_id, "--role", role,
-                "--scheduler-port", str(config.scheduler_port), "--scheduler-topic", config.scheduler_topic,
-                "--scheduler-heartbeat-interval", str(config.heartbeat_interval_s), *extra]
-        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=REPO_ROOT)
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
-                                cwd=REPO_ROOT)
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if line.strip() != f"READY {node_id}":
-            proc.kill()
-            raise AssertionError(f"sim node {node_id} did not start: {line!r}")
+        proc = spawn_sim_node(config, node_id, role, *extra)
         sp = SimProcess(node_id, proc)
         started.append(sp)
         return sp
