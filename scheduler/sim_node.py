@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -114,9 +115,11 @@ def make_node_info(node_id: str, role: str, *, host: str = "127.0.0.1", model_id
                     model_id=model_id, kv=kv, transfer_protocols=protocols, transfer_endpoints=endpoints)
 
 
-def spawn_sim_node(config: SchedulerConfig, node_id: str, role: str, *extra: str) -> subprocess.Popen[str]:
+def spawn_sim_node(config: SchedulerConfig, node_id: str, role: str, *extra: str,
+                   ready_timeout_s: float = 30.0) -> subprocess.Popen[str]:
     """Start ``python -m scheduler.sim_node`` as a real process (tests SIGKILL it) against
-    ``config``'s Redis and topic; returns once it printed ``READY <node_id>``."""
+    ``config``'s Redis and topic; returns once it printed ``READY <node_id>``, or kills it and
+    raises if it exits or stays silent for ``ready_timeout_s``."""
     repo_root = str(Path(__file__).resolve().parents[1])
     args = [sys.executable, "-m", "scheduler.sim_node", "--node-id", node_id, "--role", role,
             "--scheduler-host", config.scheduler_host, "--scheduler-port", str(config.scheduler_port),
@@ -125,7 +128,8 @@ def spawn_sim_node(config: SchedulerConfig, node_id: str, role: str, *extra: str
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=repo_root)
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=repo_root)
     assert proc.stdout is not None
-    line = proc.stdout.readline()
+    ready, _, _ = select.select([proc.stdout], [], [], ready_timeout_s)
+    line = proc.stdout.readline() if ready else f"<nothing within {ready_timeout_s} s>"
     if line.strip() != f"READY {node_id}":
         proc.kill()
         proc.wait()
