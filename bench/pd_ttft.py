@@ -65,11 +65,23 @@ def run_setup(setup: Setup, args: argparse.Namespace, rng: random.Random) -> dic
     if not setup.pipelined:
         extra.append("--debug-unpipelined-transfer")
     if setup.transfer is None:
-        spec = ClusterSpec(model=args.model, num_prefill=0, num_decode=0, num_mixed=1, extra_args=extra,
-                           threads_per_instance=args.threads)
+        spec = ClusterSpec(
+            model=args.model,
+            num_prefill=0,
+            num_decode=0,
+            num_mixed=1,
+            extra_args=extra,
+            threads_per_instance=args.threads,
+        )
     else:
-        spec = ClusterSpec(model=args.model, num_prefill=1, num_decode=1, transfer=setup.transfer, extra_args=extra,
-                           threads_per_instance=args.threads)
+        spec = ClusterSpec(
+            model=args.model,
+            num_prefill=1,
+            num_decode=1,
+            transfer=setup.transfer,
+            extra_args=extra,
+            threads_per_instance=args.threads,
+        )
     cluster = LocalCluster(spec)
     try:
         cluster.start()
@@ -79,24 +91,35 @@ def run_setup(setup: Setup, args: argparse.Namespace, rng: random.Random) -> dic
         time_to_first_chunk(url, [rng.randrange(3, vocab) for _ in range(min(args.lengths))])  # warm-up
         medians = {}
         for length in args.lengths:
-            samples = [time_to_first_chunk(url, [rng.randrange(3, vocab) for _ in range(length)])
-                       for _ in range(args.repeats)]
+            samples = [
+                time_to_first_chunk(url, [rng.randrange(3, vocab) for _ in range(length)])
+                for _ in range(args.repeats)
+            ]
             medians[length] = statistics.median(samples)
-            print(f"  {setup.name:<22} {length:>5} tokens: " + " ".join(f"{s * 1000:.0f}" for s in samples) + " ms",
-                  file=sys.stderr, flush=True)
+            print(
+                f"  {setup.name:<22} {length:>5} tokens: "
+                + " ".join(f"{s * 1000:.0f}" for s in samples)
+                + " ms",
+                file=sys.stderr,
+                flush=True,
+            )
         if setup.transfer is not None:
             log = next(c for c in cluster.children if c.role == "decode").log_file.read_text()
             num_landed = log.count("remote prefill landed")
             expected = 1 + len(args.lengths) * args.repeats
             if num_landed != expected or "prefilling locally" in log:
-                raise RuntimeError(f"{setup.name}: {num_landed}/{expected} requests went through a KV transfer")
+                raise RuntimeError(
+                    f"{setup.name}: {num_landed}/{expected} requests went through a KV transfer"
+                )
         return medians
     finally:
         cluster.stop()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--lengths", default="128,1024,4096", help="Prompt lengths in tokens.")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--transfers", default="ipc,tcp")
@@ -111,24 +134,37 @@ def main() -> None:
     rng = random.Random(0)
     setups = [Setup("mixed", None)]
     for transfer in args.transfers.split(","):
-        setups += [Setup(f"1P1D-{transfer}", transfer), Setup(f"1P1D-{transfer}-unpipelined", transfer, False)]
+        setups += [
+            Setup(f"1P1D-{transfer}", transfer),
+            Setup(f"1P1D-{transfer}-unpipelined", transfer, False),
+        ]
     results = {}
     for setup in setups:
         print(f"setup {setup.name} ...", file=sys.stderr, flush=True)
         results[setup.name] = run_setup(setup, args, rng)
 
     mixed = results["mixed"]
-    print(f"\nTTFT at idle, median of {args.repeats} (ms); model {args.model}, {args.threads} torch thread(s) per instance")
+    print(
+        f"\nTTFT at idle, median of {args.repeats} (ms); model {args.model}, {args.threads} torch thread(s) per instance"
+    )
     header = f"{'setup':<24}" + "".join(f"{n:>9}" for n in args.lengths)
     print(header)
     print("-" * len(header))
     for name, medians in results.items():
         print(f"{name:<24}" + "".join(f"{medians[n] * 1000:>9.0f}" for n in args.lengths))
-    print("\noverhead of disaggregation = 1P1D - mixed (ms); hidden by layer pipelining = unpipelined - pipelined (ms)")
+    print(
+        "\noverhead of disaggregation = 1P1D - mixed (ms); hidden by layer pipelining = unpipelined - pipelined (ms)"
+    )
     for transfer in args.transfers.split(","):
         piped, unpiped = results[f"1P1D-{transfer}"], results[f"1P1D-{transfer}-unpipelined"]
-        print(f"{transfer + ' overhead':<24}" + "".join(f"{(piped[n] - mixed[n]) * 1000:>+9.0f}" for n in args.lengths))
-        print(f"{transfer + ' hidden':<24}" + "".join(f"{(unpiped[n] - piped[n]) * 1000:>+9.0f}" for n in args.lengths))
+        print(
+            f"{transfer + ' overhead':<24}"
+            + "".join(f"{(piped[n] - mixed[n]) * 1000:>+9.0f}" for n in args.lengths)
+        )
+        print(
+            f"{transfer + ' hidden':<24}"
+            + "".join(f"{(unpiped[n] - piped[n]) * 1000:>+9.0f}" for n in args.lengths)
+        )
 
 
 if __name__ == "__main__":

@@ -58,8 +58,12 @@ class Completions:
         while self.seen < total:
             for completion in self.conn.qp.poll_send(64):
                 if not completion.ok:
-                    raise CompletionError(f"WRITE failed: {completion.status.name}", status=completion.status.name,
-                                          wr_id=completion.wr_id, qpn=completion.qpn)
+                    raise CompletionError(
+                        f"WRITE failed: {completion.status.name}",
+                        status=completion.status.name,
+                        wr_id=completion.wr_id,
+                        qpn=completion.qpn,
+                    )
                 self.seen += 1
             if time.monotonic() > deadline:
                 raise TimeoutError("no completion within 30 s")
@@ -77,11 +81,15 @@ def measure(device: VerbsDevice, sizes: Sequence[int], iters: int, latency_iters
     smr = device.register_memory(ctypes.addressof(src), span, Access.LOCAL_WRITE)
     dmr = device.register_memory(ctypes.addressof(dst), span, Access.LOCAL_WRITE | Access.REMOTE_WRITE)
     rate = f"{port.rate_gbps:g} Gb/s = {port.rate_gbps / 8:.2f} GB/s" if port.rate_gbps else "unknown"
-    print(f"device {device.name} port 1: {port.link_layer.value}, MTU {port.active_mtu_bytes}, line rate {rate}")
+    print(
+        f"device {device.name} port 1: {port.link_layer.value}, MTU {port.active_mtu_bytes}, line rate {rate}"
+    )
     print(f"{'size':>9} {'GB/s':>8} {'% line':>7} {'lat p50 us':>11} {'lat p99 us':>11}")
     for size in sizes:
         ops = [WriteOp((i % 16) * size, (i % 16) * size, size) for i in range(iters)]
-        wrs = to_work_requests(ops, local_base=smr.addr, lkey=smr.lkey, remote_base=dmr.addr, rkey=dmr.rkey, first_wr_id=1)
+        wrs = to_work_requests(
+            ops, local_base=smr.addr, lkey=smr.lkey, remote_base=dmr.addr, rkey=dmr.rkey, first_wr_id=1
+        )
         chains = batches(wrs, max_batch=SEND_QUEUE_DEPTH // 2)
         done = Completions(a)  # one signaled WR per chain
         start = time.perf_counter()
@@ -93,8 +101,14 @@ def measure(device: VerbsDevice, sizes: Sequence[int], iters: int, latency_iters
         gbps = size * iters / (time.perf_counter() - start) / 1e9
         latencies = []
         for i in range(latency_iters):
-            single = to_work_requests([ops[i % 16]], local_base=smr.addr, lkey=smr.lkey, remote_base=dmr.addr,
-                                      rkey=dmr.rkey, first_wr_id=10**6 + i)
+            single = to_work_requests(
+                [ops[i % 16]],
+                local_base=smr.addr,
+                lkey=smr.lkey,
+                remote_base=dmr.addr,
+                rkey=dmr.rkey,
+                first_wr_id=10**6 + i,
+            )
             wr = batches(single, max_batch=1)[0][0]  # signaled
             t0 = time.perf_counter()
             a.qp.post_send([wr])
@@ -116,7 +130,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--latency-iters", type=int, default=200, help="single WRITEs per size for latency")
     parser.add_argument("--min-kib", type=int, default=4)
     parser.add_argument("--max-kib", type=int, default=4096)
-    parser.add_argument("--fake", action="store_true", help="run on the test double (smoke test; not RDMA numbers)")
+    parser.add_argument(
+        "--fake", action="store_true", help="run on the test double (smoke test; not RDMA numbers)"
+    )
     args = parser.parse_args(argv)
     if args.iters < 1 or args.latency_iters < 1 or not 0 < args.min_kib <= args.max_kib:
         parser.error("--iters/--latency-iters must be >= 1 and 0 < --min-kib <= --max-kib")

@@ -71,7 +71,9 @@ async def ping_rtt_ms(config: SchedulerConfig, n: int = 300) -> tuple[float, flo
     return statistics.median(samples), pct(samples, 0.99)
 
 
-async def run_case(config: SchedulerConfig, num_frontends: int, total: int, inflight: int) -> dict[str, float]:
+async def run_case(
+    config: SchedulerConfig, num_frontends: int, total: int, inflight: int
+) -> dict[str, float]:
     fes = [FrontendScheduler(config, model_id="sim-model") for _ in range(num_frontends)]
     for fe in fes:
         await fe.start()
@@ -84,8 +86,9 @@ async def run_case(config: SchedulerConfig, num_frontends: int, total: int, infl
         nonlocal failures
         for i in counter:
             start = time.perf_counter()
-            stream = await fe.submit(SubmitRequest(req_id=f"b{i}", prompt_token_ids=[1] * 32,
-                                                   sampling_params={"max_tokens": 1}))
+            stream = await fe.submit(
+                SubmitRequest(req_id=f"b{i}", prompt_token_ids=[1] * 32, sampling_params={"max_tokens": 1})
+            )
             submit_ms.append((time.perf_counter() - start) * 1000)
             msgs = await stream.collect()
             e2e_ms.append((time.perf_counter() - start) * 1000)
@@ -96,12 +99,20 @@ async def run_case(config: SchedulerConfig, num_frontends: int, total: int, infl
     elapsed = time.perf_counter() - start
     for fe in fes:
         await fe.close()
-    return {"req_s": total / elapsed, "submit_p50": statistics.median(submit_ms), "submit_p99": pct(submit_ms, 0.99),
-            "e2e_p50": statistics.median(e2e_ms), "e2e_p99": pct(e2e_ms, 0.99), "failures": failures}
+    return {
+        "req_s": total / elapsed,
+        "submit_p50": statistics.median(submit_ms),
+        "submit_p99": pct(submit_ms, 0.99),
+        "e2e_p50": statistics.median(e2e_ms),
+        "e2e_p99": pct(e2e_ms, 0.99),
+        "failures": failures,
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--requests", type=int, default=400, help="requests per case")
     parser.add_argument("--inflight-per-frontend", type=int, default=8)
     parser.add_argument("--frontends", default="1,4,16")
@@ -117,22 +128,40 @@ def main() -> None:
         return
 
     server = RedisServer().start()
-    print(f"redis-server {server.port}; {os.cpu_count()} CPUs; {args.requests} requests per case, "
-          f"{args.inflight_per_frontend} in flight per frontend; 1-token requests, instant simulated nodes")
-    print(f"{'frontends':>9} {'nodes':>5} {'req/s':>8} {'submit p50':>10} {'p99':>7} {'e2e p50':>8} {'p99':>7} "
-          f"{'PING p50':>8} {'p99':>6}  (ms)")
+    print(
+        f"redis-server {server.port}; {os.cpu_count()} CPUs; {args.requests} requests per case, "
+        f"{args.inflight_per_frontend} in flight per frontend; 1-token requests, instant simulated nodes"
+    )
+    print(
+        f"{'frontends':>9} {'nodes':>5} {'req/s':>8} {'submit p50':>10} {'p99':>7} {'e2e p50':>8} {'p99':>7} "
+        f"{'PING p50':>8} {'p99':>6}  (ms)"
+    )
     try:
         for num_nodes in [int(n) for n in args.nodes.split(",")]:
             for num_frontends in [int(f) for f in args.frontends.split(",")]:
                 topic = f"bench{num_nodes}x{num_frontends}"
                 config = SchedulerConfig(scheduler_port=server.port, scheduler_topic=topic, block_ms=500)
-                child = subprocess.Popen([sys.executable, __file__, "--serve-nodes", str(num_nodes), "--port",
-                                          str(server.port), "--topic", topic], stdout=subprocess.PIPE, text=True,
-                                         stderr=subprocess.DEVNULL)
+                child = subprocess.Popen(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--serve-nodes",
+                        str(num_nodes),
+                        "--port",
+                        str(server.port),
+                        "--topic",
+                        topic,
+                    ],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                    stderr=subprocess.DEVNULL,
+                )
                 assert child.stdout is not None and child.stdout.readline().strip() == "READY"
                 try:
                     ping = asyncio.run(ping_rtt_ms(config))
-                    r = asyncio.run(run_case(config, num_frontends, args.requests, args.inflight_per_frontend))
+                    r = asyncio.run(
+                        run_case(config, num_frontends, args.requests, args.inflight_per_frontend)
+                    )
                 finally:
                     child.send_signal(signal.SIGTERM)
                     try:
@@ -140,9 +169,12 @@ def main() -> None:
                     except subprocess.TimeoutExpired:
                         child.kill()
                         child.wait()
-                print(f"{num_frontends:>9} {num_nodes:>5} {r['req_s']:>8.0f} {r['submit_p50']:>10.2f} "
-                      f"{r['submit_p99']:>7.2f} {r['e2e_p50']:>8.2f} {r['e2e_p99']:>7.2f} {ping[0]:>8.3f} "
-                      f"{ping[1]:>6.3f}" + (f"  FAILURES {r['failures']}" if r["failures"] else ""), flush=True)
+                print(
+                    f"{num_frontends:>9} {num_nodes:>5} {r['req_s']:>8.0f} {r['submit_p50']:>10.2f} "
+                    f"{r['submit_p99']:>7.2f} {r['e2e_p50']:>8.2f} {r['e2e_p99']:>7.2f} {ping[0]:>8.3f} "
+                    f"{ping[1]:>6.3f}" + (f"  FAILURES {r['failures']}" if r["failures"] else ""),
+                    flush=True,
+                )
     finally:
         server.stop()
 

@@ -73,7 +73,10 @@ def measure_transport(protocol: str, geometry: KVCacheGeometry, repeats: int) ->
     initiator.register(kv)
     initiator.connect("d", endpoint)
     n = geometry.num_blocks
-    layouts = {"contig": list(range(n)), "scatter": torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()}
+    layouts = {
+        "contig": list(range(n)),
+        "scatter": torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist(),
+    }
     results: dict[str, float] = {}
     for name, dst in layouts.items():
         best = float("inf")
@@ -151,16 +154,24 @@ def measure_socket(num_bytes: int, repeats: int, chunk_bytes: int = 4 << 20) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--total-mib", type=int, default=64, help="KV bytes per measurement (all layers, K+V)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--total-mib", type=int, default=64, help="KV bytes per measurement (all layers, K+V)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="best of N")
     args = parser.parse_args()
     total = args.total_mib << 20
-    print(f"{args.total_mib} MiB per measurement, {NUM_LAYERS} layers, best of {args.repeats}; GB/s = 1e9 B/s")
+    print(
+        f"{args.total_mib} MiB per measurement, {NUM_LAYERS} layers, best of {args.repeats}; GB/s = 1e9 B/s"
+    )
     print("memcpy = torch copy_ of the same bytes; socket = raw loopback TCP to another process, same bytes;")
     print("both re-measured on every row, since the machine is shared")
-    header = (f"{'block':>8} {'blocks':>7} | {'memcpy':>6} {'ipc contig':>10} {'ipc scatter':>11} | "
-              f"{'socket':>6} {'tcp contig':>10} {'tcp scatter':>11}")
+    header = (
+        f"{'block':>8} {'blocks':>7} | {'memcpy':>6} {'ipc contig':>10} {'ipc scatter':>11} | "
+        f"{'socket':>6} {'tcp contig':>10} {'tcp scatter':>11}"
+    )
     print(header)
     print("-" * len(header))
     for tokens in BLOCK_TOKENS:
@@ -170,9 +181,12 @@ def main() -> None:
         row: dict[str, Any] = {p: measure_transport(p, geometry, args.repeats) for p in ("ipc", "tcp")}
         size = geometry.bytes_per_block
         label = f"{size >> 10} KiB" if size < 1 << 20 else f"{size >> 20} MiB"
-        print(f"{label:>8} {geometry.num_blocks:>7} | {memcpy:>6.2f} {row['ipc']['contig']:>10.2f} "
-              f"{row['ipc']['scatter']:>11.2f} | {raw_socket:>6.2f} {row['tcp']['contig']:>10.2f} "
-              f"{row['tcp']['scatter']:>11.2f}", flush=True)
+        print(
+            f"{label:>8} {geometry.num_blocks:>7} | {memcpy:>6.2f} {row['ipc']['contig']:>10.2f} "
+            f"{row['ipc']['scatter']:>11.2f} | {raw_socket:>6.2f} {row['tcp']['contig']:>10.2f} "
+            f"{row['tcp']['scatter']:>11.2f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -55,8 +55,9 @@ class CudaPythonDriver:
         if int(err) != 0:
             _, name = self.cu.cuGetErrorName(err)
             result_name = name.decode() if isinstance(name, bytes) else str(err)
-            raise CudaCallError(f"{call} failed: {result_name} ({int(err)})", call=call, code=int(err),
-                                result=result_name)
+            raise CudaCallError(
+                f"{call} failed: {result_name} ({int(err)})", call=call, code=int(err), result=result_name
+            )
         return result[1:]
 
     @contextlib.contextmanager
@@ -86,7 +87,9 @@ class CudaPythonDriver:
     def export_dmabuf(self, device_index: int, base: int, size: int) -> int:
         export = getattr(self.cu, "cuMemGetHandleForAddressRange", None)
         if export is None:
-            raise DmaBufUnsupportedError("this cuda-python has no cuMemGetHandleForAddressRange (CUDA >= 11.7)")
+            raise DmaBufUnsupportedError(
+                "this cuda-python has no cuMemGetHandleForAddressRange (CUDA >= 11.7)"
+            )
         handle_type = self.cu.CUmemRangeHandleType.CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD
         with self._context(device_index):
             (fd,) = self._check("cuMemGetHandleForAddressRange", export(base, size, handle_type, 0))
@@ -134,22 +137,33 @@ class CtypesCudaDriver:
     def address_range(self, device_index: int, ptr: int) -> tuple[int, int]:
         base, size = ctypes.c_uint64(), ctypes.c_size_t()
         with self._context(device_index):
-            self._call("cuMemGetAddressRange_v2", ctypes.byref(base), ctypes.byref(size), ctypes.c_uint64(ptr))
+            self._call(
+                "cuMemGetAddressRange_v2", ctypes.byref(base), ctypes.byref(size), ctypes.c_uint64(ptr)
+            )
         return int(base.value), int(size.value)
 
     def dmabuf_supported(self, device_index: int) -> bool:
         device, value = ctypes.c_int(), ctypes.c_int()
         self._call("cuDeviceGet", ctypes.byref(device), ctypes.c_int(device_index))
-        self._call("cuDeviceGetAttribute", ctypes.byref(value), ctypes.c_int(CU_DEVICE_ATTRIBUTE_DMA_BUF_SUPPORTED),
-                   device)
+        self._call(
+            "cuDeviceGetAttribute",
+            ctypes.byref(value),
+            ctypes.c_int(CU_DEVICE_ATTRIBUTE_DMA_BUF_SUPPORTED),
+            device,
+        )
         return bool(value.value)
 
     def export_dmabuf(self, device_index: int, base: int, size: int) -> int:
         fd = ctypes.c_int(-1)  # for DMA_BUF_FD the handle is an int
         with self._context(device_index):
-            self._call("cuMemGetHandleForAddressRange", ctypes.byref(fd), ctypes.c_uint64(base),
-                       ctypes.c_size_t(size), ctypes.c_int(CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD),
-                       ctypes.c_ulonglong(0))
+            self._call(
+                "cuMemGetHandleForAddressRange",
+                ctypes.byref(fd),
+                ctypes.c_uint64(base),
+                ctypes.c_size_t(size),
+                ctypes.c_int(CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD),
+                ctypes.c_ulonglong(0),
+            )
         return int(fd.value)
 
     def close_dmabuf(self, fd: int) -> None:

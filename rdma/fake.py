@@ -86,7 +86,9 @@ class FakeFabric:
         self._fd = itertools.count(1000)
 
     def add_device(self, name: str, port: FakePort | None = None) -> FakeFabric:
-        self.ports[name] = port or FakePort(gid=f"0000:0000:0000:0000:0000:ffff:0a00:{len(self.ports) + 1:04x}")
+        self.ports[name] = port or FakePort(
+            gid=f"0000:0000:0000:0000:0000:ffff:0a00:{len(self.ports) + 1:04x}"
+        )
         return self
 
     def next_qpn(self) -> int:
@@ -119,7 +121,11 @@ class FakeFabric:
         self._qps.pop(self.address(qp.device.port, qp.qpn), None)
 
     def lookup(self, rtr: RtrAttrs) -> FakeQueuePair | None:
-        key = (rtr.dgid or "", rtr.dest_qpn) if rtr.is_global and rtr.dlid == 0 else (f"lid:{rtr.dlid}", rtr.dest_qpn)
+        key = (
+            (rtr.dgid or "", rtr.dest_qpn)
+            if rtr.is_global and rtr.dlid == 0
+            else (f"lid:{rtr.dlid}", rtr.dest_qpn)
+        )
         return self._qps.get(key)
 
 
@@ -152,15 +158,20 @@ class FakeDevice(VerbsDevice):
         if port_num != 1:
             raise VerbsCallError(f"port {port_num} does not exist", device=self.name)
         p = self.port
-        return PortInfo(1, p.is_active, p.link_layer, p.active_mtu_bytes, p.lid, p.gid, 0, p.max_msg_bytes, p.rate_gbps)
+        return PortInfo(
+            1, p.is_active, p.link_layer, p.active_mtu_bytes, p.lid, p.gid, 0, p.max_msg_bytes, p.rate_gbps
+        )
 
     def register_memory(self, addr: int, length: int, access: Access) -> MemoryRegion:
         if addr <= 0 or length <= 0:
             raise VerbsCallError(f"cannot register {length} bytes at {addr:#x}", device=self.name)
         self._check_access(access)
         if self.fabric.is_gpu_memory(addr, length) and not self.fabric.peermem_loaded:
-            raise VerbsCallError(f"ibv_reg_mr of GPU memory at {addr:#x} without nvidia-peermem (EFAULT)",
-                                 errno_code=errno.EFAULT, device=self.name)
+            raise VerbsCallError(
+                f"ibv_reg_mr of GPU memory at {addr:#x} without nvidia-peermem (EFAULT)",
+                errno_code=errno.EFAULT,
+                device=self.name,
+            )
         return self._add(MemoryRegion(addr, length, 0, 0, access), host_addr=addr)
 
     def register_dmabuf(
@@ -168,24 +179,34 @@ class FakeDevice(VerbsDevice):
     ) -> MemoryRegion:
         self._check_access(access)
         if not self.port.supports_dmabuf:
-            raise VerbsCallError("ibv_reg_dmabuf_mr: not supported by this device (EOPNOTSUPP)",
-                                 errno_code=errno.EOPNOTSUPP, device=self.name)
+            raise VerbsCallError(
+                "ibv_reg_dmabuf_mr: not supported by this device (EOPNOTSUPP)",
+                errno_code=errno.EOPNOTSUPP,
+                device=self.name,
+            )
         with self.fabric.lock:
             exported = self.fabric.dmabufs.get(fd)
         if exported is None:
-            raise VerbsCallError(f"ibv_reg_dmabuf_mr: fd {fd} is not an open dma-buf (EBADF)",
-                                 errno_code=errno.EBADF, device=self.name)
+            raise VerbsCallError(
+                f"ibv_reg_dmabuf_mr: fd {fd} is not an open dma-buf (EBADF)",
+                errno_code=errno.EBADF,
+                device=self.name,
+            )
         host_addr, size = exported
         if offset < 0 or length <= 0 or offset + length > size:
-            raise VerbsCallError(f"ibv_reg_dmabuf_mr: [{offset:#x}, +{length}) is outside the {size}-byte dma-buf "
-                                 "(EINVAL)", errno_code=errno.EINVAL, device=self.name)
+            raise VerbsCallError(
+                f"ibv_reg_dmabuf_mr: [{offset:#x}, +{length}) is outside the {size}-byte dma-buf (EINVAL)",
+                errno_code=errno.EINVAL,
+                device=self.name,
+            )
         mr = MemoryRegion(offset if iova is None else iova, length, 0, 0, access)
         return self._add(mr, host_addr=host_addr + offset)
 
     def _check_access(self, access: Access) -> None:
         if access & (Access.REMOTE_WRITE | Access.REMOTE_READ) and not access & Access.LOCAL_WRITE:
-            raise VerbsCallError("REMOTE_WRITE needs LOCAL_WRITE (EINVAL)", errno_code=errno.EINVAL,
-                                 device=self.name)
+            raise VerbsCallError(
+                "REMOTE_WRITE needs LOCAL_WRITE (EINVAL)", errno_code=errno.EINVAL, device=self.name
+            )
 
     def _add(self, template: MemoryRegion, *, host_addr: int) -> MemoryRegion:
         with self.fabric.lock:
@@ -245,7 +266,8 @@ class FakeQueuePair(QueuePair):
             check_transition(self.state, QPState.RTR, self.qpn)
             if attrs.path_mtu_bytes > self.device.port.active_mtu_bytes:
                 raise VerbsCallError(
-                    f"path MTU {attrs.path_mtu_bytes} above the port's active MTU (EINVAL)", device=self.device.name
+                    f"path MTU {attrs.path_mtu_bytes} above the port's active MTU (EINVAL)",
+                    device=self.device.name,
                 )
             if self.device.port.link_layer is LinkLayer.ETHERNET and not (attrs.is_global and attrs.dgid):
                 raise VerbsCallError("RoCE needs a GRH (is_global, dgid) (EINVAL)", device=self.device.name)
@@ -348,7 +370,9 @@ class FakeQueuePair(QueuePair):
         if wr.imm_data is not None:
             recv_id = peer._posted_recvs.popleft()
             peer._recv_cq.append(
-                Completion(recv_id, WcStatus.SUCCESS, WcOpcode.RECV_RDMA_WITH_IMM, peer.qpn, wr.imm_data & 0xFFFFFFFF)
+                Completion(
+                    recv_id, WcStatus.SUCCESS, WcOpcode.RECV_RDMA_WITH_IMM, peer.qpn, wr.imm_data & 0xFFFFFFFF
+                )
             )
         return WcStatus.SUCCESS
 
@@ -369,7 +393,11 @@ class FakeCudaDriver:
     name = "fake-cuda"
 
     def __init__(
-        self, fabric: FakeFabric, *, dmabuf_supported: bool = True, export_result: int | None = None,
+        self,
+        fabric: FakeFabric,
+        *,
+        dmabuf_supported: bool = True,
+        export_result: int | None = None,
         page_bytes: int = 4096,
     ) -> None:
         self.fabric = fabric
@@ -396,10 +424,14 @@ class FakeCudaDriver:
 
     def export_dmabuf(self, device_index: int, base: int, size: int) -> int:
         if self.export_result is not None:
-            raise self._fail("cuMemGetHandleForAddressRange", self.export_result, f"CUresult {self.export_result}")
+            raise self._fail(
+                "cuMemGetHandleForAddressRange", self.export_result, f"CUresult {self.export_result}"
+            )
         inside = any(b <= base and base + size <= b + s for b, s in self.fabric.gpu_allocations)
         if not inside or base % self.page_bytes or size % self.page_bytes:
-            raise self._fail("cuMemGetHandleForAddressRange", CUDA_ERROR_INVALID_VALUE, "CUDA_ERROR_INVALID_VALUE")
+            raise self._fail(
+                "cuMemGetHandleForAddressRange", CUDA_ERROR_INVALID_VALUE, "CUDA_ERROR_INVALID_VALUE"
+            )
         self.num_exports += 1
         return self.fabric.export_dmabuf(base, size)
 

@@ -113,8 +113,9 @@ class RdmaInitiator(TransportInitiator):
     def register(self, kv_cache: KVCache) -> None:
         backend = self._backend or default_backend(self.options)
         names = self._nic_names or choose_nics(kv_cache, self.options)
-        self._nics = open_nics(backend, names, kv_cache, Access.LOCAL_WRITE, gpu=self._gpu_policy,
-                               counters=self.counters)
+        self._nics = open_nics(
+            backend, names, kv_cache, Access.LOCAL_WRITE, gpu=self._gpu_policy, counters=self.counters
+        )
         self._kv_cache = kv_cache
 
     def connect(self, peer_id: str, endpoint: Endpoint) -> None:
@@ -129,20 +130,34 @@ class RdmaInitiator(TransportInitiator):
         peer = self._handshake(peer_id, endpoint)
         with self._lock:
             self._peers[peer_id] = peer
-        peer.worker = threading.Thread(target=self._work_loop, args=(peer,), name=f"rdma-work-{peer_id}", daemon=True)
+        peer.worker = threading.Thread(
+            target=self._work_loop, args=(peer,), name=f"rdma-work-{peer_id}", daemon=True
+        )
         peer.worker.start()
-        threading.Thread(target=self._read_loop, args=(peer,), name=f"rdma-read-{peer_id}", daemon=True).start()
+        threading.Thread(
+            target=self._read_loop, args=(peer,), name=f"rdma-read-{peer_id}", daemon=True
+        ).start()
 
     def _handshake(self, peer_id: str, endpoint: Endpoint) -> _Peer:
         assert self._kv_cache is not None
         if endpoint.get("protocol") != "rdma" or endpoint.get("schema") != messages.SCHEMA_VERSION:
-            raise IncompatiblePeerError(f"not an rdma endpoint of schema {messages.SCHEMA_VERSION}", peer=peer_id)
+            raise IncompatiblePeerError(
+                f"not an rdma endpoint of schema {messages.SCHEMA_VERSION}", peer=peer_id
+            )
         check_compatible(self._kv_cache.geometry, geometry_from_dict(endpoint["geometry"]), peer=peer_id)
-        conns = [RcConnection(nic.device, nic.port, caps=self._caps, policy=self._policy) for nic in self._nics]
+        conns = [
+            RcConnection(nic.device, nic.port, caps=self._caps, policy=self._policy) for nic in self._nics
+        ]
         try:
-            sock = socket.create_connection((endpoint["host"], endpoint["port"]), timeout=self.options.connect_timeout_s)
+            sock = socket.create_connection(
+                (endpoint["host"], endpoint["port"]), timeout=self.options.connect_timeout_s
+            )
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            hello = Hello(self._initiator_id, geometry_to_dict(self._kv_cache.geometry), [c.local_endpoint() for c in conns])
+            hello = Hello(
+                self._initiator_id,
+                geometry_to_dict(self._kv_cache.geometry),
+                [c.local_endpoint() for c in conns],
+            )
             messages.send_message(sock, hello)
             reply = messages.recv_message(sock)
             if not isinstance(reply, HelloReply) or not reply.ok:
@@ -151,22 +166,32 @@ class RdmaInitiator(TransportInitiator):
                 raise IncompatiblePeerError(f"rdma target refused the connection: {reason}", peer=peer_id)
             if len(reply.lanes) != len(conns):
                 sock.close()
-                raise IncompatiblePeerError(f"{len(reply.lanes)} lanes offered for {len(conns)} asked", peer=peer_id)
+                raise IncompatiblePeerError(
+                    f"{len(reply.lanes)} lanes offered for {len(conns)} asked", peer=peer_id
+                )
             for conn, lane in zip(conns, reply.lanes, strict=True):
                 conn.connect(lane.qp)
             sock.settimeout(None)
         except (OSError, ConnectionError) as exc:
             for conn in conns:
                 conn.close()
-            raise ConnectionLostError(f"rdma side channel to {endpoint.get('host')}:{endpoint.get('port')}: {exc}",
-                                      peer=peer_id) from None
+            raise ConnectionLostError(
+                f"rdma side channel to {endpoint.get('host')}:{endpoint.get('port')}: {exc}", peer=peer_id
+            ) from None
         except Exception:
             for conn in conns:
                 conn.close()
             raise
         lanes = [
-            Lane(conn, nic.kv, nic.doorbell, remote, local_kv_addr=nic.kv_addr, peer=peer_id,
-                 completion_timeout_s=self._completion_timeout_s)
+            Lane(
+                conn,
+                nic.kv,
+                nic.doorbell,
+                remote,
+                local_kv_addr=nic.kv_addr,
+                peer=peer_id,
+                completion_timeout_s=self._completion_timeout_s,
+            )
             for conn, nic, remote in zip(conns, self._nics, reply.lanes, strict=True)
         ]
         self.counters.incr("peers_connected")
@@ -175,7 +200,12 @@ class RdmaInitiator(TransportInitiator):
     # ------------------------------------------------------------------ per request
 
     def write_layer(
-        self, peer_id: str, req_id: str, layer: int, src_block_ids: Sequence[int], dst_block_ids: Sequence[int]
+        self,
+        peer_id: str,
+        req_id: str,
+        layer: int,
+        src_block_ids: Sequence[int],
+        dst_block_ids: Sequence[int],
     ) -> None:
         if self._kv_cache is None:
             raise NotRegisteredError("rdma initiator: write_layer() before register()", req_id=req_id)
@@ -235,8 +265,14 @@ class RdmaInitiator(TransportInitiator):
                 continue  # forgotten or already failed: skip its queued work
             try:
                 if job.kind == "write":
-                    ops = plan_layer(peer.geometry, job.layer, job.runs, local_base=0, remote_base=0,
-                                     max_msg_bytes=max_msg_bytes)
+                    ops = plan_layer(
+                        peer.geometry,
+                        job.layer,
+                        job.runs,
+                        local_base=0,
+                        remote_base=0,
+                        max_msg_bytes=max_msg_bytes,
+                    )
                     for lane, lane_ops in zip(peer.lanes, stripe(ops, len(peer.lanes)), strict=True):
                         lane.write(lane_ops, req_id)
                     self.counters.incr("layers_posted")
@@ -267,7 +303,9 @@ class RdmaInitiator(TransportInitiator):
         with self._lock:
             peer = self._peers.get(peer_id)
         if peer is None or peer.broken is not None:
-            reason = "not connected" if peer is None else f"connection broken ({peer.broken}); connect() again"
+            reason = (
+                "not connected" if peer is None else f"connection broken ({peer.broken}); connect() again"
+            )
             raise NotConnectedError(f"rdma initiator: {reason}", req_id=req_id, peer=peer_id)
         return peer
 
@@ -306,4 +344,3 @@ class RdmaInitiator(TransportInitiator):
                 return  # still inside a verbs call: leaking its QPs beats destroying them under it
         for lane in peer.lanes:
             lane.conn.close()
-

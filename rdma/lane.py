@@ -79,8 +79,12 @@ class Lane:
     def write(self, ops: Sequence[WriteOp], req_id: str) -> None:
         """Post ``ops`` (offsets from the KV base on both sides) in batches; one signaled per batch."""
         wrs = to_work_requests(
-            ops, local_base=self.local_kv_addr, lkey=self.local_kv.lkey,
-            remote_base=self.remote.kv_addr, rkey=self.remote.kv_rkey, first_wr_id=next(self._wr_ids),
+            ops,
+            local_base=self.local_kv_addr,
+            lkey=self.local_kv.lkey,
+            remote_base=self.remote.kv_addr,
+            rkey=self.remote.kv_rkey,
+            first_wr_id=next(self._wr_ids),
         )
         if wrs:
             self._wr_ids = itertools.count(wrs[-1].wr_id + 1)
@@ -91,8 +95,14 @@ class Lane:
         """Tell D this lane's part of the request has landed: RC executes WRs in order, so the
         immediate's completion at D implies every earlier WRITE on this QP is placed."""
         wr = WorkRequest(
-            next(self._wr_ids), self.local_doorbell.addr, NOTICE_BYTES, self.local_doorbell.lkey,
-            self.remote.doorbell_addr, self.remote.doorbell_rkey, signaled=True, imm_data=tag,
+            next(self._wr_ids),
+            self.local_doorbell.addr,
+            NOTICE_BYTES,
+            self.local_doorbell.lkey,
+            self.remote.doorbell_addr,
+            self.remote.doorbell_rkey,
+            signaled=True,
+            imm_data=tag,
         )
         self._post([wr], req_id)
 
@@ -124,14 +134,20 @@ class Lane:
         if not completion.ok:
             raise CompletionError(
                 f"RDMA WRITE completed with {completion.status.name} on QP {completion.qpn}",
-                status=completion.status.name, wr_id=completion.wr_id, qpn=completion.qpn,
-                req_id=req_id, peer=self.peer, device=self.conn.device.name,
+                status=completion.status.name,
+                wr_id=completion.wr_id,
+                qpn=completion.qpn,
+                req_id=req_id,
+                peer=self.peer,
+                device=self.conn.device.name,
             )
 
     def _wait(self, deadline: float, delay: Callable[[], float], req_id: str) -> None:
         if self._clock() > deadline:
             raise CompletionTimeoutError(
                 f"no send completion within {self.completion_timeout_s}s on QP {self.conn.qp.qpn}",
-                req_id=req_id, peer=self.peer, device=self.conn.device.name,
+                req_id=req_id,
+                peer=self.peer,
+                device=self.conn.device.name,
             )
         self._sleep(delay())

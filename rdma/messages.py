@@ -90,7 +90,9 @@ class RequestResult(Message):
     reason: str
 
 
-CODEC = MessageCodec((Hello, HelloReply, RequestResult), schema_version=SCHEMA_VERSION, error=InvalidConnectionInfoError)
+CODEC = MessageCodec(
+    (Hello, HelloReply, RequestResult), schema_version=SCHEMA_VERSION, error=InvalidConnectionInfoError
+)
 
 
 def encode(message: Message) -> bytes:

@@ -197,7 +197,9 @@ def parse_nic_list(value: str) -> list[str]:
     return names
 
 
-def resolve_nics(mode: Mode = "gpu", *, env: Mapping[str, str] | None = None, sysfs_root: Path | None = None) -> list[str]:
+def resolve_nics(
+    mode: Mode = "gpu", *, env: Mapping[str, str] | None = None, sysfs_root: Path | None = None
+) -> list[str]:
     """``KVCACHE_RDMA_NICS`` when set and non-empty; otherwise ``detect_nics(mode)``."""
     environ = os.environ if env is None else env
     value = environ.get(ENV_NICS, "").strip()

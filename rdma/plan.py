@@ -102,8 +102,14 @@ def to_work_requests(
     its own keys (and, for GPU memory, possibly its own MR address space), so one plan serves all.
     """
     return [
-        WorkRequest(wr_id=first_wr_id + i, local_addr=local_base + op.local_addr, length=op.length, lkey=lkey,
-                    remote_addr=remote_base + op.remote_addr, rkey=rkey)
+        WorkRequest(
+            wr_id=first_wr_id + i,
+            local_addr=local_base + op.local_addr,
+            length=op.length,
+            lkey=lkey,
+            remote_addr=remote_base + op.remote_addr,
+            rkey=rkey,
+        )
         for i, op in enumerate(ops)
     ]
 
@@ -121,7 +127,14 @@ def batches(wrs: Sequence[WorkRequest], *, max_batch: int) -> list[list[WorkRequ
         chunk = list(wrs[start : start + max_batch])
         last = chunk[-1]
         chunk[-1] = WorkRequest(
-            last.wr_id, last.local_addr, last.length, last.lkey, last.remote_addr, last.rkey, True, last.imm_data
+            last.wr_id,
+            last.local_addr,
+            last.length,
+            last.lkey,
+            last.remote_addr,
+            last.rkey,
+            True,
+            last.imm_data,
         )
         out.append(chunk)
     return out

@@ -46,7 +46,17 @@ from rdma.verbs import (
 
 ZERO_GID = "0000:0000:0000:0000:0000:0000:0000:0000"
 # Per-lane Gb/s of ibv_port_attr.active_speed, times lanes of active_width: the line rate.
-_SPEED_GBPS = {1: 2.5, 2: 5.0, 4: 10.0, 8: 10.3125, 16: 14.0625, 32: 25.78125, 64: 53.125, 128: 106.25, 256: 212.5}
+_SPEED_GBPS = {
+    1: 2.5,
+    2: 5.0,
+    4: 10.0,
+    8: 10.3125,
+    16: 14.0625,
+    32: 25.78125,
+    64: 53.125,
+    128: 106.25,
+    256: 212.5,
+}
 _WIDTH_LANES = {1: 1, 2: 4, 4: 8, 8: 12, 16: 2}
 
 
@@ -91,7 +101,9 @@ def explain_no_devices(sysfs_root: str = "/sys") -> str:
         return f"no RDMA devices ({ib} is empty)"
     if not os.path.isdir(os.path.join(sysfs_root, "class", "infiniband_verbs")):
         return "RDMA devices exist but user-space verbs are unavailable (ib_uverbs not loaded, or /dev/infiniband not passed into the container)"
-    return "libibverbs could not list the devices (check /dev/infiniband permissions and the provider library)"
+    return (
+        "libibverbs could not list the devices (check /dev/infiniband permissions and the provider library)"
+    )
 
 
 def errno_of(exc: BaseException) -> int | None:
@@ -100,7 +112,9 @@ def errno_of(exc: BaseException) -> int | None:
     return code if isinstance(code, int) and code > 0 else None
 
 
-def build_qp_attr(pv: Any, target: QPState, fields: dict[str, Any], mask_names: Sequence[str]) -> tuple[Any, int]:
+def build_qp_attr(
+    pv: Any, target: QPState, fields: dict[str, Any], mask_names: Sequence[str]
+) -> tuple[Any, int]:
     """A pyverbs QPAttr with ``fields`` set and the ibv_modify_qp mask naming exactly them."""
     attr = pv.qp.QPAttr()
     attr.qp_state = int(target)
@@ -130,7 +144,10 @@ class PyverbsBackend(VerbsBackend):
             name = dev.name.decode()
             with pv.device.Context(name=name) as ctx:
                 num_ports = ctx.query_device().phys_port_cnt
-                if any(ctx.query_port(p).state == pv.e.ibv_port_state.IBV_PORT_ACTIVE for p in range(1, num_ports + 1)):
+                if any(
+                    ctx.query_port(p).state == pv.e.ibv_port_state.IBV_PORT_ACTIVE
+                    for p in range(1, num_ports + 1)
+                ):
                     names.append(name)
         return sorted(names)
 
@@ -138,7 +155,9 @@ class PyverbsBackend(VerbsBackend):
         try:
             return PyverbsDevice(self.pv, name, self.gid_index)
         except self.pv.Error as exc:
-            raise NoRdmaDeviceError(f"cannot open RDMA device {name}: {explain_no_devices()} [{exc}]", device=name) from None
+            raise NoRdmaDeviceError(
+                f"cannot open RDMA device {name}: {explain_no_devices()} [{exc}]", device=name
+            ) from None
 
 
 class PyverbsDevice(VerbsDevice):
@@ -162,7 +181,10 @@ class PyverbsDevice(VerbsDevice):
         for index in range(min(attr.gid_tbl_len, 32)):
             try:
                 gid = str(self.ctx.query_gid(port_num, index))
-                v2 = self.ctx.query_gid_type(port_num, index) == e.ibv_gid_type_sysfs.IBV_GID_TYPE_SYSFS_ROCE_V2
+                v2 = (
+                    self.ctx.query_gid_type(port_num, index)
+                    == e.ibv_gid_type_sysfs.IBV_GID_TYPE_SYSFS_ROCE_V2
+                )
             except self.pv.Error:
                 continue
             if gid == ZERO_GID:
@@ -171,7 +193,9 @@ class PyverbsDevice(VerbsDevice):
             if best is None or score > best[0]:
                 best = (score, index, gid)
         if best is None:
-            raise NoRdmaDeviceError(f"port {port_num} has no usable GID (no IP on its netdev?)", device=self.name)
+            raise NoRdmaDeviceError(
+                f"port {port_num} has no usable GID (no IP on its netdev?)", device=self.name
+            )
         return best[1], best[2]
 
     def query_port(self, port_num: int) -> PortInfo:
@@ -182,7 +206,9 @@ class PyverbsDevice(VerbsDevice):
         return PortInfo(
             port_num=port_num,
             is_active=attr.state == e.ibv_port_state.IBV_PORT_ACTIVE,
-            link_layer=LinkLayer.ETHERNET if attr.link_layer == e.IBV_LINK_LAYER_ETHERNET else LinkLayer.INFINIBAND,
+            link_layer=LinkLayer.ETHERNET
+            if attr.link_layer == e.IBV_LINK_LAYER_ETHERNET
+            else LinkLayer.INFINIBAND,
             active_mtu_bytes=mtu_from_enum(attr.active_mtu),
             lid=attr.lid,
             gid=gid,
@@ -195,8 +221,11 @@ class PyverbsDevice(VerbsDevice):
         try:
             mr = self.pv.mr.MR(self.pd, length, int(access), address=addr)
         except self.pv.Error as exc:
-            raise VerbsCallError(f"ibv_reg_mr of {length} bytes at {addr:#x} failed: {exc}",
-                                 errno_code=errno_of(exc), device=self.name) from None
+            raise VerbsCallError(
+                f"ibv_reg_mr of {length} bytes at {addr:#x} failed: {exc}",
+                errno_code=errno_of(exc),
+                device=self.name,
+            ) from None
         self._mrs[mr.lkey] = mr
         return MemoryRegion(mr.buf, length, mr.lkey, mr.rkey, access)
 
@@ -205,21 +234,31 @@ class PyverbsDevice(VerbsDevice):
     ) -> MemoryRegion:
         unsupported = errno.EOPNOTSUPP
         if iova is not None and iova != offset:
-            raise VerbsCallError(f"pyverbs' DmaBufMR registers at iova = offset ({offset:#x}), not {iova:#x}; "
-                                 "a VA-addressed dma-buf MR needs ibv_reg_mr_ex (rdma-core 60+)",
-                                 errno_code=unsupported, device=self.name)
+            raise VerbsCallError(
+                f"pyverbs' DmaBufMR registers at iova = offset ({offset:#x}), not {iova:#x}; "
+                "a VA-addressed dma-buf MR needs ibv_reg_mr_ex (rdma-core 60+)",
+                errno_code=unsupported,
+                device=self.name,
+            )
         dmabuf_mr = getattr(self.pv.mr, "DmaBufMR", None)
         if dmabuf_mr is None:
-            raise VerbsCallError("this pyverbs has no DmaBufMR (rdma-core < 34)", errno_code=unsupported,
-                                 device=self.name)
+            raise VerbsCallError(
+                "this pyverbs has no DmaBufMR (rdma-core < 34)", errno_code=unsupported, device=self.name
+            )
         try:
             mr = dmabuf_mr(self.pd, length, int(access), dmabuf=fd, offset=offset)
         except TypeError:  # builds whose DmaBufMR takes only pyverbs' own (DRM) DmaBuf objects
-            raise VerbsCallError("this pyverbs' DmaBufMR does not accept a dma-buf fd", errno_code=unsupported,
-                                 device=self.name) from None
+            raise VerbsCallError(
+                "this pyverbs' DmaBufMR does not accept a dma-buf fd",
+                errno_code=unsupported,
+                device=self.name,
+            ) from None
         except self.pv.Error as exc:
-            raise VerbsCallError(f"ibv_reg_dmabuf_mr of {length} bytes at offset {offset:#x} of fd {fd} failed: {exc}",
-                                 errno_code=errno_of(exc), device=self.name) from None
+            raise VerbsCallError(
+                f"ibv_reg_dmabuf_mr of {length} bytes at offset {offset:#x} of fd {fd} failed: {exc}",
+                errno_code=errno_of(exc),
+                device=self.name,
+            ) from None
         self._mrs[mr.lkey] = mr
         return MemoryRegion(offset, length, mr.lkey, mr.rkey, access)  # mr.buf is 0: the IOVA is the offset
 
@@ -244,26 +283,57 @@ Fields = tuple[dict[str, Any], tuple[str, ...]]
 
 
 def init_fields(attrs: InitAttrs) -> Fields:
-    fields = {"pkey_index": attrs.pkey_index, "port_num": attrs.port_num, "qp_access_flags": int(attrs.access)}
+    fields = {
+        "pkey_index": attrs.pkey_index,
+        "port_num": attrs.port_num,
+        "qp_access_flags": int(attrs.access),
+    }
     return fields, ("IBV_QP_PKEY_INDEX", "IBV_QP_PORT", "IBV_QP_ACCESS_FLAGS")
 
 
 def rtr_fields(pv: Any, attrs: RtrAttrs) -> Fields:
     gr = None
     if attrs.is_global:
-        gr = pv.addr.GlobalRoute(dgid=pv.addr.GID(attrs.dgid), sgid_index=attrs.sgid_index,
-                                 hop_limit=attrs.hop_limit, traffic_class=attrs.traffic_class)
+        gr = pv.addr.GlobalRoute(
+            dgid=pv.addr.GID(attrs.dgid),
+            sgid_index=attrs.sgid_index,
+            hop_limit=attrs.hop_limit,
+            traffic_class=attrs.traffic_class,
+        )
     ah = pv.addr.AHAttr(gr=gr, is_global=int(attrs.is_global), dlid=attrs.dlid, port_num=attrs.port_num)
-    fields = {"path_mtu": mtu_to_enum(attrs.path_mtu_bytes), "dest_qp_num": attrs.dest_qpn, "rq_psn": attrs.rq_psn,
-              "max_dest_rd_atomic": attrs.max_dest_rd_atomic, "min_rnr_timer": attrs.min_rnr_timer, "ah_attr": ah}
-    return fields, ("IBV_QP_AV", "IBV_QP_PATH_MTU", "IBV_QP_DEST_QPN", "IBV_QP_RQ_PSN",
-                    "IBV_QP_MAX_DEST_RD_ATOMIC", "IBV_QP_MIN_RNR_TIMER")
+    fields = {
+        "path_mtu": mtu_to_enum(attrs.path_mtu_bytes),
+        "dest_qp_num": attrs.dest_qpn,
+        "rq_psn": attrs.rq_psn,
+        "max_dest_rd_atomic": attrs.max_dest_rd_atomic,
+        "min_rnr_timer": attrs.min_rnr_timer,
+        "ah_attr": ah,
+    }
+    return fields, (
+        "IBV_QP_AV",
+        "IBV_QP_PATH_MTU",
+        "IBV_QP_DEST_QPN",
+        "IBV_QP_RQ_PSN",
+        "IBV_QP_MAX_DEST_RD_ATOMIC",
+        "IBV_QP_MIN_RNR_TIMER",
+    )
 
 
 def rts_fields(attrs: RtsAttrs) -> Fields:
-    fields = {"sq_psn": attrs.sq_psn, "timeout": attrs.timeout, "retry_cnt": attrs.retry_cnt,
-              "rnr_retry": attrs.rnr_retry, "max_rd_atomic": attrs.max_rd_atomic}
-    return fields, ("IBV_QP_SQ_PSN", "IBV_QP_TIMEOUT", "IBV_QP_RETRY_CNT", "IBV_QP_RNR_RETRY", "IBV_QP_MAX_QP_RD_ATOMIC")
+    fields = {
+        "sq_psn": attrs.sq_psn,
+        "timeout": attrs.timeout,
+        "retry_cnt": attrs.retry_cnt,
+        "rnr_retry": attrs.rnr_retry,
+        "max_rd_atomic": attrs.max_rd_atomic,
+    }
+    return fields, (
+        "IBV_QP_SQ_PSN",
+        "IBV_QP_TIMEOUT",
+        "IBV_QP_RETRY_CNT",
+        "IBV_QP_RNR_RETRY",
+        "IBV_QP_MAX_QP_RD_ATOMIC",
+    )
 
 
 class PyverbsQueuePair(QueuePair):
@@ -273,8 +343,12 @@ class PyverbsQueuePair(QueuePair):
         try:
             self.send_cq = pv.cq.CQ(device.ctx, caps.max_send_wr)
             self.recv_cq = pv.cq.CQ(device.ctx, caps.max_recv_wr)
-            cap = pv.qp.QPCap(max_send_wr=caps.max_send_wr, max_recv_wr=caps.max_recv_wr, max_send_sge=1, max_recv_sge=1)
-            init = pv.qp.QPInitAttr(qp_type=e.ibv_qp_type.IBV_QPT_RC, scq=self.send_cq, rcq=self.recv_cq, cap=cap, sq_sig_all=0)
+            cap = pv.qp.QPCap(
+                max_send_wr=caps.max_send_wr, max_recv_wr=caps.max_recv_wr, max_send_sge=1, max_recv_sge=1
+            )
+            init = pv.qp.QPInitAttr(
+                qp_type=e.ibv_qp_type.IBV_QPT_RC, scq=self.send_cq, rcq=self.recv_cq, cap=cap, sq_sig_all=0
+            )
             self.qp = pv.qp.QP(device.pd, init)
         except pv.Error as exc:
             raise VerbsCallError(f"creating an RC QP failed: {exc}", device=device.name) from None
@@ -289,7 +363,9 @@ class PyverbsQueuePair(QueuePair):
         try:
             self.qp.modify(attr, mask)
         except self.pv.Error as exc:
-            raise VerbsCallError(f"QP {self.qpn} -> {target.name} failed: {exc}", device=self.device.name) from None
+            raise VerbsCallError(
+                f"QP {self.qpn} -> {target.name} failed: {exc}", device=self.device.name
+            ) from None
         self.state = target
 
     def to_init(self, attrs: InitAttrs) -> None:
@@ -308,7 +384,9 @@ class PyverbsQueuePair(QueuePair):
 
     def post_send(self, wrs: Sequence[WorkRequest]) -> None:
         if self.state not in (QPState.RTS, QPState.ERROR):
-            raise QueuePairStateError(f"QP {self.qpn}: post_send in {self.state.name}", device=self.device.name)
+            raise QueuePairStateError(
+                f"QP {self.qpn}: post_send in {self.state.name}", device=self.device.name
+            )
         if not wrs:
             return
         e, wr_mod = self.pv.e, self.pv.wr
@@ -317,24 +395,39 @@ class PyverbsQueuePair(QueuePair):
         head = None
         for wr in reversed(wrs):
             sge = wr_mod.SGE(wr.local_addr, wr.length, wr.lkey)
-            opcode = e.ibv_wr_opcode.IBV_WR_RDMA_WRITE if wr.imm_data is None else e.ibv_wr_opcode.IBV_WR_RDMA_WRITE_WITH_IMM
+            opcode = (
+                e.ibv_wr_opcode.IBV_WR_RDMA_WRITE
+                if wr.imm_data is None
+                else e.ibv_wr_opcode.IBV_WR_RDMA_WRITE_WITH_IMM
+            )
             flags = int(e.ibv_send_flags.IBV_SEND_SIGNALED) if wr.signaled else 0
-            send = wr_mod.SendWR(wr_id=wr.wr_id, opcode=opcode, num_sge=1, sg=[sge], send_flags=flags,
-                                 imm_data=socket.htonl(wr.imm_data or 0), next_wr=head)
+            send = wr_mod.SendWR(
+                wr_id=wr.wr_id,
+                opcode=opcode,
+                num_sge=1,
+                sg=[sge],
+                send_flags=flags,
+                imm_data=socket.htonl(wr.imm_data or 0),
+                next_wr=head,
+            )
             send.set_wr_rdma(wr.rkey, wr.remote_addr)
             keep += [sge, send]
             head = send
         try:
             self.qp.post_send(head)
         except self.pv.Error as exc:
-            raise VerbsCallError(f"QP {self.qpn}: ibv_post_send failed: {exc}", device=self.device.name) from None
+            raise VerbsCallError(
+                f"QP {self.qpn}: ibv_post_send failed: {exc}", device=self.device.name
+            ) from None
         finally:
             for obj in keep:
                 obj.close()
 
     def post_recv(self, wr_ids: Sequence[int]) -> None:
         if self.state not in (QPState.INIT, QPState.RTR, QPState.RTS, QPState.ERROR):
-            raise QueuePairStateError(f"QP {self.qpn}: post_recv in {self.state.name}", device=self.device.name)
+            raise QueuePairStateError(
+                f"QP {self.qpn}: post_recv in {self.state.name}", device=self.device.name
+            )
         if self._num_posted_recvs + len(wr_ids) > self.caps.max_recv_wr:
             raise VerbsCallError(f"QP {self.qpn}: receive queue full", device=self.device.name)
         scratch = self.device.scratch
@@ -344,7 +437,9 @@ class PyverbsQueuePair(QueuePair):
             try:
                 self.qp.post_recv(recv)
             except self.pv.Error as exc:
-                raise VerbsCallError(f"QP {self.qpn}: ibv_post_recv failed: {exc}", device=self.device.name) from None
+                raise VerbsCallError(
+                    f"QP {self.qpn}: ibv_post_recv failed: {exc}", device=self.device.name
+                ) from None
             finally:
                 sge.close()
                 recv.close()

@@ -156,7 +156,9 @@ def open_nics(
         opened: list[NicResources] = []
         for device, port, region in zip(devices, ports, regions, strict=True):
             buffer = ctypes.create_string_buffer(DOORBELL_BYTES)
-            doorbell = device.register_memory(ctypes.addressof(buffer), DOORBELL_BYTES, Access.LOCAL_WRITE | Access.REMOTE_WRITE)
+            doorbell = device.register_memory(
+                ctypes.addressof(buffer), DOORBELL_BYTES, Access.LOCAL_WRITE | Access.REMOTE_WRITE
+            )
             opened.append(NicResources(device, port, region.mr, doorbell, buffer, region.addr, region.memory))
     except Exception:
         for device in devices:
@@ -171,7 +173,10 @@ def register_host_kv(device: VerbsDevice, kv_cache: KVCache, access: Access) -> 
 
 
 def register_gpu_kv(
-    devices: Sequence[VerbsDevice], kv_cache: KVCache, access: Access, policy: GpuPolicy,
+    devices: Sequence[VerbsDevice],
+    kv_cache: KVCache,
+    access: Access,
+    policy: GpuPolicy,
     counters: TransferCounters | None,
 ) -> list[KvRegion]:
     """dma-buf first (unless the policy says peermem), then nvidia-peermem (unless it says dmabuf)."""
@@ -186,8 +191,10 @@ def register_gpu_kv(
                     f"{OPTION_GPU_REGISTRATION}=dmabuf forbids the nvidia-peermem fallback"
                 ) from None
             dmabuf_reason = cause(exc)
-            log.warning("GPU KV cache: dma-buf registration unavailable (%s); falling back to nvidia-peermem",
-                        dmabuf_reason)
+            log.warning(
+                "GPU KV cache: dma-buf registration unavailable (%s); falling back to nvidia-peermem",
+                dmabuf_reason,
+            )
             if counters is not None:
                 counters.incr("gpu_dmabuf_fallbacks")
     regions: list[KvRegion] = []
@@ -226,7 +233,9 @@ def register_dmabuf_kv(
         from rdma.cuda_driver import load_cuda_driver  # lazy: CUDA bindings are optional
 
         driver = load_cuda_driver()
-    export = export_dmabuf(driver, cuda_device_index(kv_cache), kv_cache.base_address, kv_cache.geometry.total_bytes)
+    export = export_dmabuf(
+        driver, cuda_device_index(kv_cache), kv_cache.base_address, kv_cache.geometry.total_bytes
+    )
     planned = export.range
     regions: list[KvRegion] = []
     try:
@@ -245,5 +254,7 @@ def register_dmabuf_kv(
         raise
     finally:
         driver.close_dmabuf(export.fd)
-    log.info("GPU KV cache registered through dma-buf (%s) on %s", driver.name, ", ".join(d.name for d in devices))
+    log.info(
+        "GPU KV cache registered through dma-buf (%s) on %s", driver.name, ", ".join(d.name for d in devices)
+    )
     return regions

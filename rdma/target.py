@@ -104,8 +104,14 @@ class RdmaTarget(TransportTarget):
     def register(self, kv_cache: KVCache) -> None:
         backend = self._backend or default_backend(self.options)
         names = self._nic_names or choose_nics(kv_cache, self.options)
-        self._nics = open_nics(backend, names, kv_cache, Access.LOCAL_WRITE | Access.REMOTE_WRITE,
-                               gpu=self._gpu_policy, counters=self.counters)
+        self._nics = open_nics(
+            backend,
+            names,
+            kv_cache,
+            Access.LOCAL_WRITE | Access.REMOTE_WRITE,
+            gpu=self._gpu_policy,
+            counters=self.counters,
+        )
         self._kv_cache = kv_cache
         listener = socket.create_server((self.options.host, self.options.port))
         listener.settimeout(0.2)
@@ -186,7 +192,9 @@ class RdmaTarget(TransportTarget):
                 continue
             except OSError:
                 return
-            threading.Thread(target=self._serve, args=(sock, f"{address[0]}:{address[1]}"), daemon=True).start()
+            threading.Thread(
+                target=self._serve, args=(sock, f"{address[0]}:{address[1]}"), daemon=True
+            ).start()
 
     def _serve(self, sock: socket.socket, name: str) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -224,15 +232,27 @@ class RdmaTarget(TransportTarget):
         try:
             for index, peer_end in enumerate(hello.lanes):
                 nic = self._nics[index % len(self._nics)]
-                conn = RcConnection(nic.device, nic.port, caps=QPCaps(max_send_wr=4, max_recv_wr=RECV_DEPTH),
-                                    policy=self._policy)
+                conn = RcConnection(
+                    nic.device,
+                    nic.port,
+                    caps=QPCaps(max_send_wr=4, max_recv_wr=RECV_DEPTH),
+                    policy=self._policy,
+                )
                 lanes.append(conn)
                 conn.qp.post_recv([next(self._recv_ids) for _ in range(RECV_DEPTH)])
                 local_end = conn.local_endpoint()
                 conn.connect(peer_end)
                 # kv_addr is in the MR's address space: the VA, or the IOVA of a dma-buf MR.
-                replies.append(TargetLane(local_end, nic.kv_addr, self._kv_cache.geometry.total_bytes, nic.kv.rkey,
-                                          nic.doorbell.addr, nic.doorbell.rkey))
+                replies.append(
+                    TargetLane(
+                        local_end,
+                        nic.kv_addr,
+                        self._kv_cache.geometry.total_bytes,
+                        nic.kv.rkey,
+                        nic.doorbell.addr,
+                        nic.doorbell.rkey,
+                    )
+                )
         except Exception:
             for conn in lanes:
                 conn.close()

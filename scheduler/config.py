@@ -37,24 +37,32 @@ class SchedulerConfig:
 
     def __post_init__(self) -> None:
         if self.scheduler_name not in SCHEDULER_NAMES:
-            raise ValueError(f"--scheduler-name: {self.scheduler_name!r} is not one of {list(SCHEDULER_NAMES)}")
+            raise ValueError(
+                f"--scheduler-name: {self.scheduler_name!r} is not one of {list(SCHEDULER_NAMES)}"
+            )
         if not 0 < self.scheduler_port < 65536:
             raise ValueError(f"--scheduler-port: {self.scheduler_port} is not a TCP port")
         if self.scheduler_db < 0:
             raise ValueError(f"--scheduler-db: must be >= 0, got {self.scheduler_db}")
         topic = self.scheduler_topic
         if not topic or any(c in topic for c in "{}: \t\n*?[]"):
-            raise ValueError(f"--scheduler-topic: {topic!r} must be non-empty without braces, colons, spaces or glob chars")
+            raise ValueError(
+                f"--scheduler-topic: {topic!r} must be non-empty without braces, colons, spaces or glob chars"
+            )
         if self.scheduler_ttl_s <= 0:
             raise ValueError(f"--scheduler-ttl: must be > 0 seconds, got {self.scheduler_ttl_s}")
         if self.heartbeat_interval_s <= 0:
-            raise ValueError(f"--scheduler-heartbeat-interval: must be > 0 seconds, got {self.heartbeat_interval_s}")
+            raise ValueError(
+                f"--scheduler-heartbeat-interval: must be > 0 seconds, got {self.heartbeat_interval_s}"
+            )
         if self.dead_after_missed < 1:
             raise ValueError(f"--scheduler-dead-after-missed: must be >= 1, got {self.dead_after_missed}")
         if self.max_redispatch < 0:
             raise ValueError(f"--max-redispatch: must be >= 0, got {self.max_redispatch}")
         if self.dead_letter_ttl_s <= 0:
-            raise ValueError(f"--scheduler-dead-letter-ttl: must be > 0 seconds, got {self.dead_letter_ttl_s}")
+            raise ValueError(
+                f"--scheduler-dead-letter-ttl: must be > 0 seconds, got {self.dead_letter_ttl_s}"
+            )
         if self.block_ms < 1:
             raise ValueError(f"block_ms: must be >= 1, got {self.block_ms}")
         if self.scheduler_tls_ca_certs and not self.scheduler_tls:
@@ -99,19 +107,37 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 # (flag, click kwargs). Defaults repeat the dataclass defaults so --help shows them.
 _OPTIONS: list[tuple[str, dict[str, Any]]] = [
-    ("--scheduler-name", {"type": click.Choice(SCHEDULER_NAMES), "default": "splitwise",
-                          "help": "splitwise: Redis-coordinated P/D; local: in-process, one mixed instance."}),
+    (
+        "--scheduler-name",
+        {
+            "type": click.Choice(SCHEDULER_NAMES),
+            "default": "splitwise",
+            "help": "splitwise: Redis-coordinated P/D; local: in-process, one mixed instance.",
+        },
+    ),
     ("--scheduler-host", {"default": "127.0.0.1", "help": "Redis host."}),
     ("--scheduler-port", {"type": int, "default": 6379, "help": "Redis port."}),
     ("--scheduler-db", {"type": int, "default": 0, "help": "Redis database number."}),
-    ("--scheduler-password", {"default": None, "envvar": "SPLITWISE_SCHEDULER_PASSWORD",
-                              "help": "Redis password (or env SPLITWISE_SCHEDULER_PASSWORD)."}),
+    (
+        "--scheduler-password",
+        {
+            "default": None,
+            "envvar": "SPLITWISE_SCHEDULER_PASSWORD",
+            "help": "Redis password (or env SPLITWISE_SCHEDULER_PASSWORD).",
+        },
+    ),
     ("--scheduler-topic", {"default": "splitwise", "help": "Key prefix; one topic = one cluster."}),
     ("--scheduler-ttl", {"type": float, "default": 900.0, "help": "Request TTL and key expiry, seconds."}),
     ("--scheduler-tls/--no-scheduler-tls", {"default": False, "help": "Connect to Redis over TLS."}),
     ("--scheduler-tls-ca-certs", {"default": None, "help": "CA bundle for --scheduler-tls."}),
-    ("--scheduler-heartbeat-interval", {"type": float, "default": 1.0, "help": "Node heartbeat period, seconds."}),
-    ("--scheduler-dead-after-missed", {"type": int, "default": 3, "help": "Missed heartbeats before a node is dead."}),
+    (
+        "--scheduler-heartbeat-interval",
+        {"type": float, "default": 1.0, "help": "Node heartbeat period, seconds."},
+    ),
+    (
+        "--scheduler-dead-after-missed",
+        {"type": int, "default": 3, "help": "Missed heartbeats before a node is dead."},
+    ),
     ("--max-redispatch", {"type": int, "default": 2, "help": "Re-dispatches of a request after node loss."}),
 ]
 

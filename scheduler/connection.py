@@ -62,11 +62,17 @@ async def check_server(client: aioredis.Redis, config: SchedulerConfig) -> str:
         info = await client.info("server")
     except AuthenticationError as exc:
         if config.scheduler_password is None:
-            raise SchedulerConnectionError(f"Redis at {where} needs a password (--scheduler-password)") from None
-        raise SchedulerConnectionError(f"Redis at {where} rejected the password (--scheduler-password): {exc}") from None
+            raise SchedulerConnectionError(
+                f"Redis at {where} needs a password (--scheduler-password)"
+            ) from None
+        raise SchedulerConnectionError(
+            f"Redis at {where} rejected the password (--scheduler-password): {exc}"
+        ) from None
     except ResponseError as exc:
         if "NOAUTH" in str(exc):
-            raise SchedulerConnectionError(f"Redis at {where} needs a password (--scheduler-password)") from None
+            raise SchedulerConnectionError(
+                f"Redis at {where} needs a password (--scheduler-password)"
+            ) from None
         raise
     except REDIS_DOWN_ERRORS as exc:
         raise SchedulerConnectionError(
@@ -74,7 +80,9 @@ async def check_server(client: aioredis.Redis, config: SchedulerConfig) -> str:
         ) from None
     version = str(info.get("redis_version", "0"))
     if parse_version(version) < MIN_REDIS_VERSION:
-        raise RedisVersionError(f"Redis at {where} is {version}; splitwise needs >= 6.2 (streams XAUTOCLAIM, GETDEL)")
+        raise RedisVersionError(
+            f"Redis at {where} is {version}; splitwise needs >= 6.2 (streams XAUTOCLAIM, GETDEL)"
+        )
     return str(info.get("run_id", ""))
 
 

@@ -47,14 +47,32 @@ class Dispatcher:
         k = self._keys
         return [k.bookings, k.booked_prefill_tokens, k.booked_decode_requests, k.request(req_id)]
 
-    async def pick(self, req_id: str, candidates: list[NodeInfo], *, prompt_tokens: int, frontend_id: str,
-                   attempt: int, now_ms: int, expire_at_ms: int, ttl_ms: int) -> Assignment | None:
+    async def pick(
+        self,
+        req_id: str,
+        candidates: list[NodeInfo],
+        *,
+        prompt_tokens: int,
+        frontend_id: str,
+        attempt: int,
+        now_ms: int,
+        expire_at_ms: int,
+        ttl_ms: int,
+    ) -> Assignment | None:
         """Pick and book a pair among ``candidates`` (one compatibility group). None: nobody alive."""
         if not candidates:
             return None
         keys = self._accounting_keys(req_id) + [self._keys.heartbeat(n.node_id) for n in candidates]
-        args: list[str | int] = [now_ms, expire_at_ms, req_id, prompt_tokens,
-                                 self._rng.randrange(len(candidates)), frontend_id, attempt, ttl_ms]
+        args: list[str | int] = [
+            now_ms,
+            expire_at_ms,
+            req_id,
+            prompt_tokens,
+            self._rng.randrange(len(candidates)),
+            frontend_id,
+            attempt,
+            ttl_ms,
+        ]
         for node in candidates:
             args += [node.node_id, _ROLE_LETTER[node.role]]
         answer = await self._dispatch(keys=keys, args=args)
@@ -64,31 +82,51 @@ class Dispatcher:
         by_id = {n.node_id: n for n in candidates}
         prefill, decode = by_id[p_id], by_id[d_id]
         if mode == "mixed":
-            return Assignment(mode="mixed", prefill_node_id=p_id, decode_node_id=d_id,
-                              prefill_host=prefill.host, prefill_pd_comm_port=prefill.pd_comm_port,
-                              prefill_incarnation=p_inc, decode_incarnation=d_inc)
+            return Assignment(
+                mode="mixed",
+                prefill_node_id=p_id,
+                decode_node_id=d_id,
+                prefill_host=prefill.host,
+                prefill_pd_comm_port=prefill.pd_comm_port,
+                prefill_incarnation=p_inc,
+                decode_incarnation=d_inc,
+            )
         protocol = choose_protocol(prefill, decode)
         if protocol is None:
             await self.release_all(req_id, now_ms=now_ms)
             raise NoCapacityError(
                 f"prefill {p_id} {prefill.transfer_protocols} and decode {d_id} {decode.transfer_protocols} "
-                "share no transfer protocol (--cache-transfer-protocol)", req_id=req_id)
+                "share no transfer protocol (--cache-transfer-protocol)",
+                req_id=req_id,
+            )
         return Assignment(
-            mode="disagg", prefill_node_id=p_id, decode_node_id=d_id, protocol=protocol,
+            mode="disagg",
+            prefill_node_id=p_id,
+            decode_node_id=d_id,
+            protocol=protocol,
             prefill_endpoint=prefill.transfer_endpoints.get(protocol, {}),
             decode_endpoint=decode.transfer_endpoints.get(protocol, {}),
-            prefill_host=prefill.host, prefill_pd_comm_port=prefill.pd_comm_port,
-            prefill_incarnation=p_inc, decode_incarnation=d_inc,
+            prefill_host=prefill.host,
+            prefill_pd_comm_port=prefill.pd_comm_port,
+            prefill_incarnation=p_inc,
+            decode_incarnation=d_inc,
         )
 
-    async def release(self, req_id: str, kind: str, *, node_id: str = "", state: str = "", now_ms: int) -> int:
+    async def release(
+        self, req_id: str, kind: str, *, node_id: str = "", state: str = "", now_ms: int
+    ) -> int:
         """Release the request's ``pbook`` or ``dbook`` booking (idempotent). Returns the amount released."""
-        return int(await self._release(keys=self._accounting_keys(req_id), args=[kind, node_id, state, now_ms]))
+        return int(
+            await self._release(keys=self._accounting_keys(req_id), args=[kind, node_id, state, now_ms])
+        )
 
-    async def queue_release(self, pipe: Pipeline, req_id: str, kind: str, *, node_id: str = "", state: str = "",
-                            now_ms: int) -> None:
+    async def queue_release(
+        self, pipe: Pipeline, req_id: str, kind: str, *, node_id: str = "", state: str = "", now_ms: int
+    ) -> None:
         """Queue the same release on a pipeline (its reply is the amount released)."""
-        await self._release(keys=self._accounting_keys(req_id), args=[kind, node_id, state, now_ms], client=pipe)
+        await self._release(
+            keys=self._accounting_keys(req_id), args=[kind, node_id, state, now_ms], client=pipe
+        )
 
     async def release_all(self, req_id: str, *, state: str = "", now_ms: int) -> None:
         await self.release(req_id, "pbook", state=state, now_ms=now_ms)

@@ -72,8 +72,15 @@ class InFlight:
 
 
 class FrontendScheduler:
-    def __init__(self, config: SchedulerConfig, *, model_id: str, kv: KVGeometry | None = None,
-                 frontend_id: str | None = None, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        *,
+        model_id: str,
+        kv: KVGeometry | None = None,
+        frontend_id: str | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
         self.config = config
         self.model_id = model_id
         self.kv = kv
@@ -100,8 +107,10 @@ class FrontendScheduler:
         self._view = ClusterView(self._client, self.keys)
         await self._refresh_view()
         await self._beat()
-        self._tasks = [asyncio.create_task(self._results_loop(), name="frontend-results"),
-                       asyncio.create_task(self._monitor_loop(), name="frontend-monitor")]
+        self._tasks = [
+            asyncio.create_task(self._results_loop(), name="frontend-results"),
+            asyncio.create_task(self._monitor_loop(), name="frontend-monitor"),
+        ]
         log.info("frontend_started", frontend_id=self.frontend_id, nodes=len(self._view.nodes))
 
     async def submit(self, request: SubmitRequest) -> ResultStream:
@@ -112,11 +121,18 @@ class FrontendScheduler:
             raise SchedulerClosedError("frontend scheduler is not started", req_id=request.req_id)
         check_id("req_id", request.req_id)
         if request.req_id in self._inflight:
-            raise DuplicateRequestError(f"request {request.req_id} is already in flight", req_id=request.req_id)
+            raise DuplicateRequestError(
+                f"request {request.req_id} is already in flight", req_id=request.req_id
+            )
         now = self._clock.time_ms()
         ttl_s = request.ttl_s if request.ttl_s is not None else self.config.scheduler_ttl_s
-        fl = InFlight(request=request, model_id=request.model_id or self.model_id,
-                      stream=ResultStream(request.req_id), created_ms=now, deadline_ms=now + int(ttl_s * 1000))
+        fl = InFlight(
+            request=request,
+            model_id=request.model_id or self.model_id,
+            stream=ResultStream(request.req_id),
+            created_ms=now,
+            deadline_ms=now + int(ttl_s * 1000),
+        )
         self._inflight[request.req_id] = fl
         try:
             await self._dispatch(fl)
@@ -143,18 +159,29 @@ class FrontendScheduler:
     async def close(self) -> None:
         """Stop the loops, fail what is still in flight (``scheduler_closed``), delete our keys."""
         self._stopping = True
-        await stop_tasks(self._tasks, grace_s=self.config.block_ms / 1000 + self.config.heartbeat_interval_s + 1)
+        await stop_tasks(
+            self._tasks, grace_s=self.config.block_ms / 1000 + self.config.heartbeat_interval_s + 1
+        )
         self._tasks = []
         for fl in list(self._inflight.values()):
             try:
-                await self._finish(fl, Failed(req_id=fl.request.req_id, attempt=fl.attempt, code="scheduler_closed",
-                                              message="the frontend scheduler shut down"), notify_nodes="closed")
+                await self._finish(
+                    fl,
+                    Failed(
+                        req_id=fl.request.req_id,
+                        attempt=fl.attempt,
+                        code="scheduler_closed",
+                        message="the frontend scheduler shut down",
+                    ),
+                    notify_nodes="closed",
+                )
             except REDIS_DOWN_ERRORS:
                 self._inflight.pop(fl.request.req_id, None)
         if self._client is not None:
             try:
-                await self._client.delete(self.keys.results(self.frontend_id),
-                                          self.keys.frontend_heartbeat(self.frontend_id))
+                await self._client.delete(
+                    self.keys.results(self.frontend_id), self.keys.frontend_heartbeat(self.frontend_id)
+                )
             except REDIS_DOWN_ERRORS as exc:
                 log.warning("frontend_close_cleanup_failed", error=str(exc))
             await self._client.aclose()
@@ -175,30 +202,59 @@ class FrontendScheduler:
             await self._refresh_view()  # a node may have just joined
             assignment = await self._pick(fl, now)
         if assignment is None:
-            raise NoCapacityError(f"no live prefill/decode pair or mixed node serves model {fl.model_id!r}",
-                                  req_id=req.req_id)
-        item = WorkItem(req_id=req.req_id, prompt_token_ids=list(req.prompt_token_ids),
-                        sampling_params=dict(req.sampling_params), frontend_id=self.frontend_id,
-                        created_ms=fl.created_ms, deadline_ms=fl.deadline_ms, attempt=fl.attempt,
-                        resume_token_ids=list(fl.delivered), assignment=assignment)
+            raise NoCapacityError(
+                f"no live prefill/decode pair or mixed node serves model {fl.model_id!r}", req_id=req.req_id
+            )
+        item = WorkItem(
+            req_id=req.req_id,
+            prompt_token_ids=list(req.prompt_token_ids),
+            sampling_params=dict(req.sampling_params),
+            frontend_id=self.frontend_id,
+            created_ms=fl.created_ms,
+            deadline_ms=fl.deadline_ms,
+            attempt=fl.attempt,
+            resume_token_ids=list(fl.delivered),
+            assignment=assignment,
+        )
         work_key = self.keys.work(assignment.decode_node_id)
         pipe = self._client.pipeline(transaction=False)
         pipe.xadd(work_key, {"m": encode(item)})
         pipe.pexpire(work_key, self.config.ttl_ms)
-        detail = f"{assignment.mode} p={assignment.prefill_node_id} d={assignment.decode_node_id} " \
-                 f"protocol={assignment.protocol} attempt={fl.attempt}"
-        add_event(pipe, self.keys, req.req_id, "dispatched", node=self.frontend_id, now_ms=now,
-                  ttl_ms=self._request_ttl_ms(fl, now), detail=detail)
+        detail = (
+            f"{assignment.mode} p={assignment.prefill_node_id} d={assignment.decode_node_id} "
+            f"protocol={assignment.protocol} attempt={fl.attempt}"
+        )
+        add_event(
+            pipe,
+            self.keys,
+            req.req_id,
+            "dispatched",
+            node=self.frontend_id,
+            now_ms=now,
+            ttl_ms=self._request_ttl_ms(fl, now),
+            detail=detail,
+        )
         entry_id, *_ = await pipe.execute()
-        fl.assignment, fl.entry_id, fl.first_token_seen, fl.pending_since_ms = assignment, entry_id, False, None
+        fl.assignment, fl.entry_id, fl.first_token_seen, fl.pending_since_ms = (
+            assignment,
+            entry_id,
+            False,
+            None,
+        )
 
     async def _pick(self, fl: InFlight, now: int) -> Assignment | None:
         assert self._dispatcher is not None and self._view is not None
         for group in self._view.candidate_groups(fl.model_id, self.kv):
             assignment = await self._dispatcher.pick(
-                fl.request.req_id, group, prompt_tokens=len(fl.request.prompt_token_ids) + len(fl.delivered),
-                frontend_id=self.frontend_id, attempt=fl.attempt, now_ms=now, expire_at_ms=fl.deadline_ms,
-                ttl_ms=self.config.ttl_ms)
+                fl.request.req_id,
+                group,
+                prompt_tokens=len(fl.request.prompt_token_ids) + len(fl.delivered),
+                frontend_id=self.frontend_id,
+                attempt=fl.attempt,
+                now_ms=now,
+                expire_at_ms=fl.deadline_ms,
+                ttl_ms=self.config.ttl_ms,
+            )
             if assignment is not None:
                 return assignment
         return None
@@ -257,19 +313,34 @@ class FrontendScheduler:
         skip = len(fl.delivered) - chunk.index
         if skip < 0:
             self.stats.inc("token_gaps")
-            log.error("token_gap", req_id=chunk.req_id, expected_index=len(fl.delivered), got_index=chunk.index)
+            log.error(
+                "token_gap", req_id=chunk.req_id, expected_index=len(fl.delivered), got_index=chunk.index
+            )
             skip = 0
         new_ids = chunk.token_ids[skip:]
         if not new_ids:
             self.stats.inc("duplicate_tokens")
             return
         logprobs = chunk.logprobs[skip:] if chunk.logprobs is not None else None
-        fl.stream.put(TokenChunk(req_id=chunk.req_id, attempt=chunk.attempt, index=len(fl.delivered),
-                                 token_ids=new_ids, logprobs=logprobs))
+        fl.stream.put(
+            TokenChunk(
+                req_id=chunk.req_id,
+                attempt=chunk.attempt,
+                index=len(fl.delivered),
+                token_ids=new_ids,
+                logprobs=logprobs,
+            )
+        )
         fl.delivered.extend(new_ids)
 
-    async def _finish(self, fl: InFlight, terminal: ResultMessage, *, notify_nodes: str | None,
-                      batch: Pipeline | None = None) -> None:
+    async def _finish(
+        self,
+        fl: InFlight,
+        terminal: ResultMessage,
+        *,
+        notify_nodes: str | None,
+        batch: Pipeline | None = None,
+    ) -> None:
         """Deliver the one terminal message, record it, and clean up what nodes may still hold.
         With ``batch`` the Redis writes join that pipeline (the results loop sends one per read)."""
         if self._inflight.pop(fl.request.req_id, None) is None:
@@ -285,8 +356,16 @@ class FrontendScheduler:
         if notify_nodes is not None:
             self._add_cancels(pipe, fl, notify_nodes)
         detail = getattr(terminal, "code", "") or getattr(terminal, "finish_reason", "")
-        add_event(pipe, self.keys, req_id, terminal.TYPE, node=self.frontend_id, now_ms=now,
-                  ttl_ms=self._request_ttl_ms(fl, now), detail=detail)
+        add_event(
+            pipe,
+            self.keys,
+            req_id,
+            terminal.TYPE,
+            node=self.frontend_id,
+            now_ms=now,
+            ttl_ms=self._request_ttl_ms(fl, now),
+            detail=detail,
+        )
         pipe.hset(self.keys.request(req_id), mapping={"state": terminal.TYPE, "updated_ms": now})
         pipe.pexpire(self.keys.request(req_id), self._request_ttl_ms(fl, now))
         if not isinstance(terminal, Finished):  # a finished request's nodes released already
@@ -348,7 +427,9 @@ class FrontendScheduler:
         now = self._clock.time_ms()
         for fl in list(self._inflight.values()):
             if now >= fl.deadline_ms:
-                await self._finish(fl, Expired(req_id=fl.request.req_id, attempt=fl.attempt), notify_nodes="expired")
+                await self._finish(
+                    fl, Expired(req_id=fl.request.req_id, attempt=fl.attempt), notify_nodes="expired"
+                )
             elif restarted:
                 await self._redispatch(fl, reason="Redis restarted")
             elif fl.pending_since_ms is not None:
@@ -365,28 +446,51 @@ class FrontendScheduler:
         if not self._view.is_serving(a.decode_node_id, a.decode_incarnation):
             return False
         # The prefill node matters until the first token shows prefill and KV transfer are done.
-        return (a.mode == "mixed" or fl.first_token_seen
-                or self._view.is_serving(a.prefill_node_id, a.prefill_incarnation))
+        return (
+            a.mode == "mixed"
+            or fl.first_token_seen
+            or self._view.is_serving(a.prefill_node_id, a.prefill_incarnation)
+        )
 
     async def _redispatch(self, fl: InFlight, *, reason: str) -> None:
         req_id = fl.request.req_id
         if fl.attempt >= self.config.max_redispatch:
             self.stats.inc("redispatch_exhausted")
             log.error("redispatch_exhausted", req_id=req_id, attempts=fl.attempt + 1, reason=reason)
-            await self._finish(fl, Failed(req_id=req_id, attempt=fl.attempt, code="node_lost",
-                                          message=f"{reason}; gave up after {fl.attempt + 1} attempts "
-                                                  f"(--max-redispatch {self.config.max_redispatch})"),
-                               notify_nodes="failed")
+            await self._finish(
+                fl,
+                Failed(
+                    req_id=req_id,
+                    attempt=fl.attempt,
+                    code="node_lost",
+                    message=f"{reason}; gave up after {fl.attempt + 1} attempts "
+                    f"(--max-redispatch {self.config.max_redispatch})",
+                ),
+                notify_nodes="failed",
+            )
             return
         assert self._client is not None and self._dispatcher is not None
         now = self._clock.time_ms()
-        log.warning("redispatching", req_id=req_id, attempt=fl.attempt + 1, reason=reason,
-                    resume_tokens=len(fl.delivered))
+        log.warning(
+            "redispatching",
+            req_id=req_id,
+            attempt=fl.attempt + 1,
+            reason=reason,
+            resume_tokens=len(fl.delivered),
+        )
         self.stats.inc("redispatched")
         pipe = self._client.pipeline(transaction=False)
         self._add_cancels(pipe, fl, "redispatched")  # the old attempt may still run somewhere
-        add_event(pipe, self.keys, req_id, "redispatched", node=self.frontend_id, now_ms=now,
-                  ttl_ms=self._request_ttl_ms(fl, now), detail=f"{reason}; resume_tokens={len(fl.delivered)}")
+        add_event(
+            pipe,
+            self.keys,
+            req_id,
+            "redispatched",
+            node=self.frontend_id,
+            now_ms=now,
+            ttl_ms=self._request_ttl_ms(fl, now),
+            detail=f"{reason}; resume_tokens={len(fl.delivered)}",
+        )
         await pipe.execute()
         await self._dispatcher.release_all(req_id, now_ms=now)
         fl.attempt += 1
@@ -407,8 +511,13 @@ class FrontendScheduler:
             since = fl.pending_since_ms if fl.pending_since_ms is not None else now
             if now - since >= 2 * self.config.dead_after_ms:
                 self.stats.inc("no_capacity")
-                await self._finish(fl, Failed(req_id=fl.request.req_id, attempt=fl.attempt, code="no_capacity",
-                                              message=str(exc)), notify_nodes=None)
+                await self._finish(
+                    fl,
+                    Failed(
+                        req_id=fl.request.req_id, attempt=fl.attempt, code="no_capacity", message=str(exc)
+                    ),
+                    notify_nodes=None,
+                )
 
     # --- small helpers --------------------------------------------------------------------------------
     async def _refresh_view(self) -> None:
@@ -440,7 +549,9 @@ class FrontendScheduler:
     async def _beat(self) -> None:
         assert self._client is not None
         pipe = self._client.pipeline(transaction=False)
-        pipe.set(self.keys.frontend_heartbeat(self.frontend_id), len(self._inflight), px=self.config.dead_after_ms)
+        pipe.set(
+            self.keys.frontend_heartbeat(self.frontend_id), len(self._inflight), px=self.config.dead_after_ms
+        )
         pipe.pexpire(self.keys.results(self.frontend_id), self.config.ttl_ms)
         await pipe.execute()
 
@@ -449,8 +560,15 @@ class FrontendScheduler:
         log.error("dead_letter", source=source, reason=reason, size_bytes=len(payload))
         assert self._client is not None
         pipe = self._client.pipeline(transaction=False)
-        add_dead_letter(pipe, self.keys, source=source, reason=reason, payload=payload,
-                        now_ms=self._clock.time_ms(), ttl_ms=self.config.dead_letter_ttl_ms)
+        add_dead_letter(
+            pipe,
+            self.keys,
+            source=source,
+            reason=reason,
+            payload=payload,
+            now_ms=self._clock.time_ms(),
+            ttl_ms=self.config.dead_letter_ttl_ms,
+        )
         try:
             await pipe.execute()
         except REDIS_DOWN_ERRORS as exc:

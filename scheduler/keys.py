@@ -108,8 +108,15 @@ class KeySchema:
         """Which schema entry a key belongs to, or None when it is not ours (used by the TTL audit)."""
         if not key.startswith(self.prefix):
             return None
-        rest = key[len(self.prefix):]
-        fixed = {"nodes", "cluster_token", "bookings", "booked:prefill_tokens", "booked:decode_requests", "dead"}
+        rest = key[len(self.prefix) :]
+        fixed = {
+            "nodes",
+            "cluster_token",
+            "bookings",
+            "booked:prefill_tokens",
+            "booked:decode_requests",
+            "dead",
+        }
         if rest in fixed:
             return rest
         kind, _, ident = rest.partition(":")

@@ -85,17 +85,30 @@ class LocalFrontend:
         if s.node is None or s.node.role != "mixed":
             raise NoCapacityError("the local scheduler needs one started mixed node", req_id=request.req_id)
         if request.req_id in s.requests:
-            raise DuplicateRequestError(f"request {request.req_id} is already in flight", req_id=request.req_id)
+            raise DuplicateRequestError(
+                f"request {request.req_id} is already in flight", req_id=request.req_id
+            )
         now = s.clock.time_ms()
         ttl_s = request.ttl_s if request.ttl_s is not None else s.config.scheduler_ttl_s
         node = s.node
-        work = WorkItem(req_id=request.req_id, prompt_token_ids=list(request.prompt_token_ids),
-                        sampling_params=dict(request.sampling_params), frontend_id=self.frontend_id,
-                        created_ms=now, deadline_ms=now + int(ttl_s * 1000), attempt=0, resume_token_ids=[],
-                        assignment=Assignment(mode="mixed", prefill_node_id=node.node_id,
-                                              decode_node_id=node.node_id, prefill_host=node.host,
-                                              prefill_incarnation=node.incarnation,
-                                              decode_incarnation=node.incarnation))
+        work = WorkItem(
+            req_id=request.req_id,
+            prompt_token_ids=list(request.prompt_token_ids),
+            sampling_params=dict(request.sampling_params),
+            frontend_id=self.frontend_id,
+            created_ms=now,
+            deadline_ms=now + int(ttl_s * 1000),
+            attempt=0,
+            resume_token_ids=[],
+            assignment=Assignment(
+                mode="mixed",
+                prefill_node_id=node.node_id,
+                decode_node_id=node.node_id,
+                prefill_host=node.host,
+                prefill_incarnation=node.incarnation,
+                decode_incarnation=node.incarnation,
+            ),
+        )
         stream = ResultStream(request.req_id)
         s.requests[request.req_id] = _Request(stream, work)
         s.work.put_nowait(work)
@@ -137,9 +150,12 @@ class LocalNode:
 
     async def start(self, node_info: NodeInfo) -> None:
         if node_info.role != "mixed":
-            raise ValueError(f"--splitwise-role: the local scheduler serves one mixed node, got {node_info.role!r}")
-        self._s.node = dataclasses.replace(node_info, incarnation=uuid.uuid4().hex[:16],
-                                           started_ms=self._s.clock.time_ms())
+            raise ValueError(
+                f"--splitwise-role: the local scheduler serves one mixed node, got {node_info.role!r}"
+            )
+        self._s.node = dataclasses.replace(
+            node_info, incarnation=uuid.uuid4().hex[:16], started_ms=self._s.clock.time_ms()
+        )
 
     async def next_work(self) -> WorkItem:
         while True:
@@ -165,8 +181,16 @@ class LocalNode:
         self._s.cancelled.discard(work.req_id)
         if work.req_id in self._s.requests:
             self._s.stats.inc("acked_without_terminal")
-            self._s.finish(work.req_id, Failed(req_id=work.req_id, attempt=0, code="dropped_by_node",
-                                               message="the node gave the request up"), tell_node=None)
+            self._s.finish(
+                work.req_id,
+                Failed(
+                    req_id=work.req_id,
+                    attempt=0,
+                    code="dropped_by_node",
+                    message="the node gave the request up",
+                ),
+                tell_node=None,
+            )
 
     async def release_prefill(self, req_id: str, *, prefill_node_id: str | None = None) -> int:
         return 0  # nothing is booked in-process: the one node's own queue is the accounting
@@ -188,8 +212,9 @@ class LocalNode:
 class LocalScheduler:
     """Both sides of the scheduler in one process: ``.frontend`` and ``.node``."""
 
-    def __init__(self, config: SchedulerConfig | None = None, *, model_id: str = "local",
-                 clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(
+        self, config: SchedulerConfig | None = None, *, model_id: str = "local", clock: Clock = SYSTEM_CLOCK
+    ) -> None:
         self.config = config or SchedulerConfig(scheduler_name="local")
         self._state = _State(config=self.config, model_id=model_id, clock=clock)
         self.frontend = LocalFrontend(self._state)

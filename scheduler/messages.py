@@ -58,7 +58,9 @@ class NodeInfo:
             raise ValueError(f"--splitwise-role: {self.role!r} is not one of {list(ROLES)}")
         unknown = [p for p in self.transfer_protocols if p not in PROTOCOLS]
         if unknown:
-            raise ValueError(f"--cache-transfer-protocol: unknown {unknown}, expected some of {list(PROTOCOLS)}")
+            raise ValueError(
+                f"--cache-transfer-protocol: unknown {unknown}, expected some of {list(PROTOCOLS)}"
+            )
 
     @property
     def compat_key(self) -> tuple[str, KVGeometry]:

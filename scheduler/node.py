@@ -65,8 +65,13 @@ class _Held:
 
 
 class NodeAgent:
-    def __init__(self, config: SchedulerConfig, *, load_provider: LoadProvider | None = None,
-                 clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        *,
+        load_provider: LoadProvider | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
         self.config = config
         self.keys = KeySchema(config.scheduler_topic)
         self.stats = Counters()
@@ -101,8 +106,9 @@ class NodeAgent:
         """Register (a fresh incarnation) and start heartbeating. Raises SchedulerConnectionError or
         RedisVersionError with a clear message when Redis is unusable."""
         check_id("node id", node_info.node_id)
-        self._info = dataclasses.replace(node_info, incarnation=uuid.uuid4().hex[:16],
-                                         started_ms=self._clock.time_ms())
+        self._info = dataclasses.replace(
+            node_info, incarnation=uuid.uuid4().hex[:16], started_ms=self._clock.time_ms()
+        )
         self._info_payload = encode(self._info)
         self._client = make_client(self.config)
         await check_server(self._client, self.config)
@@ -110,20 +116,30 @@ class NodeAgent:
         self._deregister_script = self._client.register_script(scripts.DEREGISTER)
         self._dispatcher = Dispatcher(self._client, self.keys)
         await self._heartbeat()
-        self._tasks = [asyncio.create_task(self._heartbeat_loop(), name="node-heartbeat"),
-                       asyncio.create_task(self._control_loop(), name="node-control")]
-        log.info("node_registered", node_id=self._info.node_id, role=self._info.role,
-                 incarnation=self._info.incarnation)
+        self._tasks = [
+            asyncio.create_task(self._heartbeat_loop(), name="node-heartbeat"),
+            asyncio.create_task(self._control_loop(), name="node-control"),
+        ]
+        log.info(
+            "node_registered",
+            node_id=self._info.node_id,
+            role=self._info.role,
+            incarnation=self._info.incarnation,
+        )
 
     async def close(self) -> None:
         """Deregister at once (frontends re-dispatch what we held) and disconnect."""
         self._closed = True
-        await stop_tasks(self._tasks, grace_s=self.config.block_ms / 1000 + self.config.heartbeat_interval_s + 1)
+        await stop_tasks(
+            self._tasks, grace_s=self.config.block_ms / 1000 + self.config.heartbeat_interval_s + 1
+        )
         if self._client is not None and self._info is not None:
             try:
                 await self._flush_events()
-                await self._deregister_script(keys=[self.keys.nodes, self.keys.heartbeat(self._info.node_id)],
-                                              args=[self._info.node_id, self._info.incarnation])
+                await self._deregister_script(
+                    keys=[self.keys.nodes, self.keys.heartbeat(self._info.node_id)],
+                    args=[self._info.node_id, self._info.incarnation],
+                )
             except REDIS_DOWN_ERRORS as exc:
                 log.warning("deregister_failed", error=str(exc))
             await self._client.aclose()
@@ -162,8 +178,13 @@ class NodeAgent:
         assert self._client is not None
         key = self.keys.work(self.node_id)
         start = "0" if self._read_pending else ">"
-        answer = await self._client.xreadgroup(WORK_GROUP, self.node_id, {key: start}, count=16,
-                                               block=None if self._read_pending else self.config.block_ms)
+        answer = await self._client.xreadgroup(
+            WORK_GROUP,
+            self.node_id,
+            {key: start},
+            count=16,
+            block=None if self._read_pending else self.config.block_ms,
+        )
         entries = stream_entries(answer)
         if self._read_pending and not entries:
             self._read_pending = False
@@ -215,14 +236,23 @@ class NodeAgent:
         work stream and release its decode booking (and prefill booking on a mixed node). One round trip."""
         held = self._held.pop((work.req_id, work.attempt), None)
         if held is None:
-            raise UnknownRequestError(f"ack of {work.req_id}, which this node does not hold", req_id=work.req_id)
+            raise UnknownRequestError(
+                f"ack of {work.req_id}, which this node does not hold", req_id=work.req_id
+            )
         if not held.terminal_sent and not self.is_cancelled(work.req_id, work.attempt):
             # Acked without an answer: tell the frontend (it re-dispatches) instead of leaving it to the TTL.
             self.stats.inc("acked_without_terminal")
             log.warning("acked_without_terminal", req_id=work.req_id, attempt=work.attempt)
-            await self._publish_quietly(work, Failed(req_id=work.req_id, attempt=work.attempt, code="dropped_by_node",
-                                                     message=f"node {self.node_id} gave the request up",
-                                                     retryable=True))
+            await self._publish_quietly(
+                work,
+                Failed(
+                    req_id=work.req_id,
+                    attempt=work.attempt,
+                    code="dropped_by_node",
+                    message=f"node {self.node_id} gave the request up",
+                    retryable=True,
+                ),
+            )
         now = self._clock.time_ms()
         key = self.keys.work(self.node_id)
 
@@ -234,7 +264,9 @@ class NodeAgent:
             pipe.xdel(key, held.entry_id)
             await self._dispatcher.queue_release(pipe, work.req_id, "dbook", node_id=self.node_id, now_ms=now)
             if work.assignment.mode == "mixed":
-                await self._dispatcher.queue_release(pipe, work.req_id, "pbook", node_id=self.node_id, now_ms=now)
+                await self._dispatcher.queue_release(
+                    pipe, work.req_id, "pbook", node_id=self.node_id, now_ms=now
+                )
             await pipe.execute()
 
         await self._with_retry("ack", send)
@@ -249,7 +281,9 @@ class NodeAgent:
         async def send() -> int:
             assert self._client is not None
             pipe = self._client.pipeline(transaction=False)
-            await self._dispatcher.queue_release(pipe, req_id, "pbook", node_id=node, state="prefilled", now_ms=now)
+            await self._dispatcher.queue_release(
+                pipe, req_id, "pbook", node_id=node, state="prefilled", now_ms=now
+            )
             add_event(pipe, self.keys, req_id, "prefilled", node=node, now_ms=now, ttl_ms=self.config.ttl_ms)
             self._drain_events(pipe)
             released, *_ = await pipe.execute()
@@ -292,8 +326,16 @@ class NodeAgent:
 
     def _drain_events(self, pipe: Pipeline) -> None:
         for req_id, event, node, detail, ts_ms in self._events:
-            add_event(pipe, self.keys, req_id, event, node=node, now_ms=ts_ms, ttl_ms=self.config.ttl_ms,
-                      detail=detail)
+            add_event(
+                pipe,
+                self.keys,
+                req_id,
+                event,
+                node=node,
+                now_ms=ts_ms,
+                ttl_ms=self.config.ttl_ms,
+                detail=detail,
+            )
         self._events.clear()
 
     async def _flush_events(self) -> None:
@@ -309,8 +351,9 @@ class NodeAgent:
     def _held_item(self, req_id: str, attempt: int) -> WorkItem:
         held = self._held.get((req_id, attempt))
         if held is None:
-            raise UnknownRequestError(f"{req_id} attempt {attempt} is not held by this node; pass frontend_id",
-                                      req_id=req_id)
+            raise UnknownRequestError(
+                f"{req_id} attempt {attempt} is not held by this node; pass frontend_id", req_id=req_id
+            )
         return held.item
 
     async def _publish_quietly(self, item: WorkItem, result: ResultMessage) -> None:
@@ -381,9 +424,23 @@ class NodeAgent:
         fields: list[str | int] = [v for pair in load.to_fields().items() for v in pair]
         node_id = self._info.node_id
         registered = await self._heartbeat_script(
-            keys=[self.keys.nodes, self.keys.heartbeat(node_id), self.keys.work(node_id), self.keys.control(node_id)],
-            args=[node_id, self._info_payload, self._info.incarnation, self._clock.time_ms(),
-                  self.config.dead_after_ms, self.config.ttl_ms, WORK_GROUP, *fields])
+            keys=[
+                self.keys.nodes,
+                self.keys.heartbeat(node_id),
+                self.keys.work(node_id),
+                self.keys.control(node_id),
+            ],
+            args=[
+                node_id,
+                self._info_payload,
+                self._info.incarnation,
+                self._clock.time_ms(),
+                self.config.dead_after_ms,
+                self.config.ttl_ms,
+                WORK_GROUP,
+                *fields,
+            ],
+        )
         if registered and self._tasks:
             self.stats.inc("reregistered")
             log.warning("node_reregistered", node_id=node_id)
@@ -436,8 +493,15 @@ class NodeAgent:
         log.error("dead_letter", source=source, reason=reason, size_bytes=len(payload))
         assert self._client is not None
         pipe = self._client.pipeline(transaction=False)
-        add_dead_letter(pipe, self.keys, source=source, reason=reason, payload=payload,
-                        now_ms=self._clock.time_ms(), ttl_ms=self.config.dead_letter_ttl_ms)
+        add_dead_letter(
+            pipe,
+            self.keys,
+            source=source,
+            reason=reason,
+            payload=payload,
+            now_ms=self._clock.time_ms(),
+            ttl_ms=self.config.dead_letter_ttl_ms,
+        )
         try:
             await pipe.execute()
         except REDIS_DOWN_ERRORS as exc:

@@ -13,24 +13,52 @@ from redis.asyncio.client import Pipeline
 from scheduler.keys import KeySchema
 
 # The lifecycle, in order; `inspect --request` prints what was recorded with timestamps.
-EVENTS = ("dispatched", "received", "prefilled", "transferred", "decoding", "redispatched",
-          "finished", "error", "expired", "cancelled")
+EVENTS = (
+    "dispatched",
+    "received",
+    "prefilled",
+    "transferred",
+    "decoding",
+    "redispatched",
+    "finished",
+    "error",
+    "expired",
+    "cancelled",
+)
 EVENTS_MAXLEN = 256
 DEAD_LETTERS_MAXLEN = 10_000
 
 
-def add_event(pipe: Pipeline, keys: KeySchema, req_id: str, event: str, *, node: str, now_ms: int,
-              ttl_ms: int, detail: str = "") -> None:
+def add_event(
+    pipe: Pipeline,
+    keys: KeySchema,
+    req_id: str,
+    event: str,
+    *,
+    node: str,
+    now_ms: int,
+    ttl_ms: int,
+    detail: str = "",
+) -> None:
     key = keys.request_events(req_id)
-    pipe.xadd(key, {"event": event, "node": node, "detail": detail, "ts_ms": now_ms},
-              maxlen=EVENTS_MAXLEN, approximate=True)
+    pipe.xadd(
+        key,
+        {"event": event, "node": node, "detail": detail, "ts_ms": now_ms},
+        maxlen=EVENTS_MAXLEN,
+        approximate=True,
+    )
     pipe.pexpire(key, ttl_ms)
 
 
-def add_dead_letter(pipe: Pipeline, keys: KeySchema, *, source: str, reason: str, payload: bytes,
-                    now_ms: int, ttl_ms: int) -> None:
-    pipe.xadd(keys.dead_letters, {"source": source, "reason": reason, "payload": payload, "ts_ms": now_ms},
-              maxlen=DEAD_LETTERS_MAXLEN, approximate=True)
+def add_dead_letter(
+    pipe: Pipeline, keys: KeySchema, *, source: str, reason: str, payload: bytes, now_ms: int, ttl_ms: int
+) -> None:
+    pipe.xadd(
+        keys.dead_letters,
+        {"source": source, "reason": reason, "payload": payload, "ts_ms": now_ms},
+        maxlen=DEAD_LETTERS_MAXLEN,
+        approximate=True,
+    )
     pipe.pexpire(keys.dead_letters, ttl_ms)
 
 

@@ -34,11 +34,18 @@ class NodeState:
 def parse_heartbeat(info: NodeInfo, values: list[bytes | None]) -> NodeState:
     fields = {name: (v.decode() if v is not None else "") for name, v in zip(_HB_FIELDS, values, strict=True)}
     alive = bool(fields["incarnation"])
-    return NodeState(info=info, alive=alive, incarnation=fields["incarnation"],
-                     heartbeat_ms=int(fields["ts_ms"] or 0), load=LoadReport.from_fields(fields))
+    return NodeState(
+        info=info,
+        alive=alive,
+        incarnation=fields["incarnation"],
+        heartbeat_ms=int(fields["ts_ms"] or 0),
+        load=LoadReport.from_fields(fields),
+    )
 
 
-async def read_cluster(client: aioredis.Redis, keys: KeySchema) -> tuple[dict[str, NodeState], dict[str, str]]:
+async def read_cluster(
+    client: aioredis.Redis, keys: KeySchema
+) -> tuple[dict[str, NodeState], dict[str, str]]:
     """All registered nodes with their heartbeat state, plus {node_id: reason} for undecodable entries."""
     raw: dict[bytes, bytes] = await client.hgetall(keys.nodes)  # type: ignore[assignment]
     infos: dict[str, NodeInfo] = {}
@@ -53,7 +60,10 @@ async def read_cluster(client: aioredis.Redis, keys: KeySchema) -> tuple[dict[st
     for node_id in infos:
         pipe.hmget(keys.heartbeat(node_id), list(_HB_FIELDS))
     results = await pipe.execute() if infos else []
-    states = {node_id: parse_heartbeat(info, values) for (node_id, info), values in zip(infos.items(), results, strict=True)}
+    states = {
+        node_id: parse_heartbeat(info, values)
+        for (node_id, info), values in zip(infos.items(), results, strict=True)
+    }
     return states, bad
 
 

@@ -23,7 +23,9 @@ local function release_member(bookings, booked_p, booked_d, member)
 end
 """
 
-DISPATCH = _RELEASE_MEMBER + """
+DISPATCH = (
+    _RELEASE_MEMBER
+    + """
 -- Pick the least-loaded live prefill/decode pair (or mixed node) and book it, atomically, so every
 -- concurrent frontend sees the booking at once (no herd onto the same node).
 -- KEYS[1] bookings ZSET          KEYS[2] booked prefill tokens HASH
@@ -89,8 +91,11 @@ redis.call('HSET', req, 'frontend', ARGV[6], 'attempt', ARGV[7], 'mode', mode, '
 redis.call('PEXPIREAT', req, expire_at + 60000)  -- history outlives the request by a minute
 return {mode, p_node, inc[p_node], d_node, inc[d_node]}
 """
+)
 
-RELEASE = _RELEASE_MEMBER + """
+RELEASE = (
+    _RELEASE_MEMBER
+    + """
 -- Release one request's booking (idempotent).
 -- KEYS[1] bookings ZSET  KEYS[2] booked prefill tokens HASH  KEYS[3] booked decode reqs HASH
 -- KEYS[4] request HASH
@@ -109,6 +114,7 @@ end
 redis.call('HDEL', KEYS[4], ARGV[1])
 return release_member(KEYS[1], KEYS[2], KEYS[3], member)
 """
+)
 
 HEARTBEAT = """
 -- A node's heartbeat: (re-)register when its info is missing (first start, Redis restart, reaped),

@@ -88,12 +88,29 @@ class SimNode:
                     return
                 if b.token_delay_s:
                     await asyncio.sleep(b.token_delay_s)
-                ids = [sim_token(work.prompt_token_ids, i) for i in range(index, min(total, index + b.chunk_tokens))]
-                await agent.publish(TokenChunk(req_id=work.req_id, attempt=work.attempt, index=index,
-                                               token_ids=ids, logprobs=[-0.5] * len(ids)))
+                ids = [
+                    sim_token(work.prompt_token_ids, i)
+                    for i in range(index, min(total, index + b.chunk_tokens))
+                ]
+                await agent.publish(
+                    TokenChunk(
+                        req_id=work.req_id,
+                        attempt=work.attempt,
+                        index=index,
+                        token_ids=ids,
+                        logprobs=[-0.5] * len(ids),
+                    )
+                )
                 index += len(ids)
-            await agent.publish(Finished(req_id=work.req_id, attempt=work.attempt, finish_reason="length",
-                                         prompt_tokens=len(work.prompt_token_ids), completion_tokens=total))
+            await agent.publish(
+                Finished(
+                    req_id=work.req_id,
+                    attempt=work.attempt,
+                    finish_reason="length",
+                    prompt_tokens=len(work.prompt_token_ids),
+                    completion_tokens=total,
+                )
+            )
             await agent.ack(work)
         except SchedulerError as exc:
             log.warning("sim_request_failed", req_id=work.req_id, error=str(exc))
@@ -105,28 +122,63 @@ class SimNode:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-def make_node_info(node_id: str, role: str, *, host: str = "127.0.0.1", model_id: str = "sim-model",
-                   kv: KVGeometry = DEFAULT_KV, protocols: list[str] | None = None, pd_comm_port: int = 0,
-                   http_port: int = 0) -> NodeInfo:
+def make_node_info(
+    node_id: str,
+    role: str,
+    *,
+    host: str = "127.0.0.1",
+    model_id: str = "sim-model",
+    kv: KVGeometry = DEFAULT_KV,
+    protocols: list[str] | None = None,
+    pd_comm_port: int = 0,
+    http_port: int = 0,
+) -> NodeInfo:
     protocols = protocols or ["ipc", "rdma", "tcp"]
-    endpoints: dict[str, dict[str, Any]] = {p: {"host": host, "port": 7000 + i, "node": node_id}
-                                            for i, p in enumerate(protocols)}
-    return NodeInfo(node_id=node_id, role=role, host=host, http_port=http_port, pd_comm_port=pd_comm_port,
-                    model_id=model_id, kv=kv, transfer_protocols=protocols, transfer_endpoints=endpoints)
+    endpoints: dict[str, dict[str, Any]] = {
+        p: {"host": host, "port": 7000 + i, "node": node_id} for i, p in enumerate(protocols)
+    }
+    return NodeInfo(
+        node_id=node_id,
+        role=role,
+        host=host,
+        http_port=http_port,
+        pd_comm_port=pd_comm_port,
+        model_id=model_id,
+        kv=kv,
+        transfer_protocols=protocols,
+        transfer_endpoints=endpoints,
+    )
 
 
-def spawn_sim_node(config: SchedulerConfig, node_id: str, role: str, *extra: str,
-                   ready_timeout_s: float = 30.0) -> subprocess.Popen[str]:
+def spawn_sim_node(
+    config: SchedulerConfig, node_id: str, role: str, *extra: str, ready_timeout_s: float = 30.0
+) -> subprocess.Popen[str]:
     """Start ``python -m scheduler.sim_node`` as a real process (tests SIGKILL it) against
     ``config``'s Redis and topic; returns once it printed ``READY <node_id>``, or kills it and
     raises if it exits or stays silent for ``ready_timeout_s``."""
     repo_root = str(Path(__file__).resolve().parents[1])
-    args = [sys.executable, "-m", "scheduler.sim_node", "--node-id", node_id, "--role", role,
-            "--scheduler-host", config.scheduler_host, "--scheduler-port", str(config.scheduler_port),
-            "--scheduler-topic", config.scheduler_topic,
-            "--scheduler-heartbeat-interval", str(config.heartbeat_interval_s), *extra]
+    args = [
+        sys.executable,
+        "-m",
+        "scheduler.sim_node",
+        "--node-id",
+        node_id,
+        "--role",
+        role,
+        "--scheduler-host",
+        config.scheduler_host,
+        "--scheduler-port",
+        str(config.scheduler_port),
+        "--scheduler-topic",
+        config.scheduler_topic,
+        "--scheduler-heartbeat-interval",
+        str(config.heartbeat_interval_s),
+        *extra,
+    ]
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=repo_root)
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=repo_root)
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=repo_root
+    )
     assert proc.stdout is not None
     ready, _, _ = select.select([proc.stdout], [], [], ready_timeout_s)
     line = proc.stdout.readline() if ready else f"<nothing within {ready_timeout_s} s>"
@@ -163,8 +215,16 @@ async def _main(config: SchedulerConfig, info: NodeInfo, behavior: SimBehavior) 
 @click.option("--protocols", default="ipc,rdma,tcp", help="--cache-transfer-protocol preference list.")
 @click.option("--num-tokens", type=int, default=4)
 @click.option("--token-delay-ms", type=float, default=0.0)
-def main(node_id: str, role: str, host: str, model_id: str, protocols: str, num_tokens: int,
-         token_delay_ms: float, **options: Any) -> None:
+def main(
+    node_id: str,
+    role: str,
+    host: str,
+    model_id: str,
+    protocols: str,
+    num_tokens: int,
+    token_delay_ms: float,
+    **options: Any,
+) -> None:
     config = SchedulerConfig.from_options(options)
     info = make_node_info(node_id, role, host=host, model_id=model_id, protocols=protocols.split(","))
     asyncio.run(_main(config, info, SimBehavior(num_tokens=num_tokens, token_delay_s=token_delay_ms / 1000)))

@@ -66,7 +66,9 @@ class ClusterSpec:
         if self.num_prefill < 0 or self.num_decode < 0 or self.num_mixed < 0:
             raise ValueError("--prefill/--decode: counts must be >= 0")
         if self.num_mixed == 0 and (self.num_prefill < 1 or self.num_decode < 1):
-            raise ValueError("--prefill/--decode: a disaggregated cluster needs at least 1 prefill and 1 decode instance")
+            raise ValueError(
+                "--prefill/--decode: a disaggregated cluster needs at least 1 prefill and 1 decode instance"
+            )
         if self.transfer not in ("ipc", "tcp", "rdma"):
             raise ValueError(f"--transfer: {self.transfer!r} is not one of ipc, tcp, rdma")
 
@@ -97,7 +99,11 @@ class LocalCluster:
     def start(self) -> None:
         if self.spec.scheduler_host is None:
             self.redis = RedisServer().start()
-        roles = ["prefill"] * self.spec.num_prefill + ["decode"] * self.spec.num_decode + ["mixed"] * self.spec.num_mixed
+        roles = (
+            ["prefill"] * self.spec.num_prefill
+            + ["decode"] * self.spec.num_decode
+            + ["mixed"] * self.spec.num_mixed
+        )
         threads = self.spec.threads_per_instance or max(1, (os.cpu_count() or 1) // max(1, len(roles)))
         counts: dict[str, int] = {}
         entry_assigned = False
@@ -114,18 +120,41 @@ class LocalCluster:
         ready = self.log_dir / f"{name}.ready.json"
         log_path = self.log_dir / f"{name}.log"
         args = [
-            sys.executable, "-m", "splitwise.cli", "--log-level", "INFO", "serve",
-            "--splitwise-role", role, "--port", str(port), "--node-id", name,
-            "--scheduler-name", "splitwise", "--scheduler-host", host, "--scheduler-port", str(sport),
-            "--scheduler-topic", self.spec.topic, "--cache-transfer-protocol", _protocols(self.spec.transfer),
-            "--torch-threads", str(threads), "--ready-file", str(ready),
+            sys.executable,
+            "-m",
+            "splitwise.cli",
+            "--log-level",
+            "INFO",
+            "serve",
+            "--splitwise-role",
+            role,
+            "--port",
+            str(port),
+            "--node-id",
+            name,
+            "--scheduler-name",
+            "splitwise",
+            "--scheduler-host",
+            host,
+            "--scheduler-port",
+            str(sport),
+            "--scheduler-topic",
+            self.spec.topic,
+            "--cache-transfer-protocol",
+            _protocols(self.spec.transfer),
+            "--torch-threads",
+            str(threads),
+            "--ready-file",
+            str(ready),
         ]
         if self.spec.model:
             args += ["--model", self.spec.model]
         args += self.spec.extra_args
         env = {**os.environ, **self.spec.env, "OMP_NUM_THREADS": str(threads)}
         with open(log_path, "wb") as log_fh:
-            process = subprocess.Popen(args, stdout=log_fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+            process = subprocess.Popen(
+                args, stdout=log_fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+            )
         return Child(name, role, process, ready, log_path)
 
     def wait_ready(
@@ -144,7 +173,9 @@ class LocalCluster:
             for child in list(pending):
                 code = child.process.poll()
                 if code is not None:
-                    raise ClusterError(f"{child.name} exited with {code} while starting:\n{self.log_tail(child)}")
+                    raise ClusterError(
+                        f"{child.name} exited with {code} while starting:\n{self.log_tail(child)}"
+                    )
                 if child.ready_file.exists() and not child.info:
                     child.info = json.loads(child.ready_file.read_text())
                 if child.info and _healthy(child.info):
@@ -153,7 +184,10 @@ class LocalCluster:
                         progress(child, time.monotonic() - start)
             if time.monotonic() - start > timeout_s:
                 names = ", ".join(c.name for c in pending)
-                raise ClusterError(f"{names} not healthy after {timeout_s:.0f}s:\n" + "\n".join(self.log_tail(c) for c in pending))
+                raise ClusterError(
+                    f"{names} not healthy after {timeout_s:.0f}s:\n"
+                    + "\n".join(self.log_tail(c) for c in pending)
+                )
             time.sleep(0.1)
         return True
 

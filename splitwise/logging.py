@@ -40,7 +40,9 @@ def configure_logging(level: str = "INFO", *, json: bool | None = None) -> None:
         cache_logger_on_first_use=False,
     )
     # Libraries that use stdlib logging (pyverbs calls basicConfig at import) go to stderr too.
-    logging.basicConfig(level=numeric, stream=sys.stderr, force=True, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=numeric, stream=sys.stderr, force=True, format="%(levelname)s %(name)s: %(message)s"
+    )
     _configured = True
 
 

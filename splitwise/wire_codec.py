@@ -74,7 +74,9 @@ class MessageCodec:
             if not isinstance(tag, str) or not tag or tag in by_tag:
                 raise ValueError(f"{cls.__name__}.{tag_attr}: {tag!r} is empty, not a str or already taken")
             by_tag[tag] = cls
-            spec = self._specs[cls] = dataclasses.replace(self._spec(cls, tag), tag=tag)  # also if met nested first
+            spec = self._specs[cls] = dataclasses.replace(
+                self._spec(cls, tag), tag=tag
+            )  # also if met nested first
             if fields_key is None and {"v", "t"} & spec.name_set:
                 raise ValueError(f"{cls.__name__}: fields 'v' and 't' collide with the flat envelope")
         self.by_tag: Mapping[str, type] = types.MappingProxyType(by_tag)  # read-only tag table
@@ -105,11 +107,15 @@ class MessageCodec:
         if self.fields_key is None:
             version, tag, fields = body.pop("v", None), body.pop("t", None), body
         elif body.keys() != self._envelope_keys:
-            raise self.error(f"not a message envelope {{v, t, {self.fields_key}}}: keys {sorted(map(str, body))}")
+            raise self.error(
+                f"not a message envelope {{v, t, {self.fields_key}}}: keys {sorted(map(str, body))}"
+            )
         else:
             version, tag, fields = body["v"], body["t"], body[self.fields_key]
         if version != self.schema_version:
-            raise self.error(f"unsupported schema version {version!r} (this side speaks {self.schema_version})")
+            raise self.error(
+                f"unsupported schema version {version!r} (this side speaks {self.schema_version})"
+            )
         cls = self.by_tag.get(tag) if isinstance(tag, str) else None
         if cls is None:
             raise self.error(f"unknown message type {tag!r}")
@@ -127,7 +133,9 @@ class MessageCodec:
             if unknown or missing:
                 problem = f"unknown fields {unknown}" if unknown else f"missing fields {missing}"
                 raise self.error(f"{where}: {problem} (expected fields {sorted(spec.names)})")
-        values = {name: convert(data[name], f"{where}.{name}") for name, convert in spec.converts if name in data}
+        values = {
+            name: convert(data[name], f"{where}.{name}") for name, convert in spec.converts if name in data
+        }
         try:
             return cls(**values)
         except (TypeError, ValueError) as exc:  # __post_init__ validation of a decoded value
@@ -145,7 +153,9 @@ class MessageCodec:
         fields = dataclasses.fields(cls)
         names = tuple(f.name for f in fields)
         required = frozenset(
-            f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            f.name
+            for f in fields
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         )
         # Registered before its fields compile, so a class may refer to itself.
         spec = _ClassSpec(tag, names, frozenset(names), required, ())
@@ -231,7 +241,10 @@ class MessageCodec:
         def rebuild(value: Any, where: str) -> Any:
             if not isinstance(value, dict):
                 self._fail(hint, value, where)
-            return {key.convert(k, f"{where} key {k!r}"): val.convert(v, f"{where}[{k!r}]") for k, v in value.items()}
+            return {
+                key.convert(k, f"{where} key {k!r}"): val.convert(v, f"{where}[{k!r}]")
+                for k, v in value.items()
+            }
 
         key_check, val_check = key.check, val.check
         if key_check is not None and val_check is not None:

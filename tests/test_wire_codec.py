@@ -138,7 +138,10 @@ def test_expect_accepts_a_listed_class() -> None:
         (_shape_body(weights=[True]), r"shape.weights\[0\]: expected float, got bool"),
         (_shape_body(origin=[5, 6]), "shape.origin: fields must be a map"),
         (_shape_body(origin={"x": 5}), r"shape.origin: missing fields \['y'\]"),
-        (_shape_body(points=[{"x": 0, "y": 0}, {"x": 1, "y": "2"}]), r"shape.points\[1\].y: expected int, got str"),
+        (
+            _shape_body(points=[{"x": 0, "y": 0}, {"x": 1, "y": "2"}]),
+            r"shape.points\[1\].y: expected int, got str",
+        ),
         (_shape_body(meta={b"k": 1}), "shape.meta key b'k': expected str, got bytes"),
         (_shape_body(meta=[]), r"shape.meta: expected dict\[str, typing.Any\], got list"),
         (_shape_body(label=3), r"shape.label: expected str \| None, got int"),
@@ -157,8 +160,10 @@ def test_flat_rejects(data: bytes, match: str) -> None:
         (msgpack.packb({"v": 1, "t": "note", "f": {}, "x": 1}), "not a message envelope"),
         (msgpack.packb({"v": 2, "t": "note", "f": {"text": "x"}}), "unsupported schema version 2"),
         (msgpack.packb({"v": 1, "t": "note", "f": [1]}), "note: fields must be a map"),
-        (msgpack.packb({"v": 1, "t": "note", "f": {"text": "x", "tags": {"a": ["1"]}}}),
-         r"note.tags\['a'\]\[0\]: expected int, got str"),
+        (
+            msgpack.packb({"v": 1, "t": "note", "f": {"text": "x", "tags": {"a": ["1"]}}}),
+            r"note.tags\['a'\]\[0\]: expected int, got str",
+        ),
     ],
 )
 def test_nested_rejects(data: bytes, match: str) -> None:

@@ -37,15 +37,24 @@ def _auth_dependency(api_key: str | None) -> Callable[[Request], None]:
             return
         given = request.headers.get("authorization", "").encode()
         if not hmac.compare_digest(given, expected):
-            raise AuthenticationError("Incorrect or missing API key: send 'Authorization: Bearer <key>'",
-                                      code="invalid_api_key")
+            raise AuthenticationError(
+                "Incorrect or missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key"
+            )
 
     return check_api_key
 
 
-def create_app(*, frontend: FrontendBackend, tokenizer: Tokenizer, model_id: str, max_model_len: int,
-               is_ready: Callable[[], bool], metrics: ApiMetrics | None = None, api_key: str | None = None,
-               eos_token_ids: Iterable[int] | None = None) -> FastAPI:
+def create_app(
+    *,
+    frontend: FrontendBackend,
+    tokenizer: Tokenizer,
+    model_id: str,
+    max_model_len: int,
+    is_ready: Callable[[], bool],
+    metrics: ApiMetrics | None = None,
+    api_key: str | None = None,
+    eos_token_ids: Iterable[int] | None = None,
+) -> FastAPI:
     """Build the app. ``eos_token_ids`` defaults to the tokenizer's (pass the engine's when it adds more);
     ``metrics`` defaults to a fresh registry (pass the runtime's to share engine gauges)."""
     if max_model_len < 1:
@@ -54,8 +63,14 @@ def create_app(*, frontend: FrontendBackend, tokenizer: Tokenizer, model_id: str
         raise ValueError("--api-key: must not be empty")
     metrics = metrics if metrics is not None else ApiMetrics()
     eos = tuple(tokenizer.eos_token_ids if eos_token_ids is None else eos_token_ids)
-    ctx = ServingContext(backend=frontend, tokenizer=tokenizer, model_id=model_id, max_model_len=max_model_len,
-                         stop_checker=StopChecker(eos_token_ids=eos, max_model_len=max_model_len), metrics=metrics)
+    ctx = ServingContext(
+        backend=frontend,
+        tokenizer=tokenizer,
+        model_id=model_id,
+        max_model_len=max_model_len,
+        stop_checker=StopChecker(eos_token_ids=eos, max_model_len=max_model_len),
+        metrics=metrics,
+    )
     app = FastAPI(title="splitwise", summary="OpenAI-compatible API of a splitwise instance")
     app.state.serving = ctx
     install_error_handlers(app, metrics)

@@ -44,9 +44,15 @@ def _flatten_content(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if isinstance(content, list):
             texts = []
             for j, part in enumerate(content):
-                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise BadRequestError("only text content parts ({'type': 'text', 'text': ...}) are supported",
-                                          param=f"messages[{i}].content[{j}]")
+                if (
+                    not isinstance(part, dict)
+                    or part.get("type") != "text"
+                    or not isinstance(part.get("text"), str)
+                ):
+                    raise BadRequestError(
+                        "only text content parts ({'type': 'text', 'text': ...}) are supported",
+                        param=f"messages[{i}].content[{j}]",
+                    )
                 texts.append(part["text"])
             message = {**message, "content": "".join(texts)}
         out.append(message)
@@ -97,17 +103,24 @@ class ChatChunks:
             yield self._chunk([], Usage.of(generation.num_prompt_tokens, generation.num_completion_tokens))
 
 
-async def create_chat_completion(ctx: ServingContext, request: Request, body: ChatCompletionRequest) -> Response:
+async def create_chat_completion(
+    ctx: ServingContext, request: Request, body: ChatCompletionRequest
+) -> Response:
     ctx.check_model(body.model)
     if body.top_logprobs is not None and not body.logprobs:
         raise BadRequestError("top_logprobs needs logprobs: true", param="top_logprobs")
     ids = chat_prompt_token_ids(ctx, body.messages)
     # max_completion_tokens replaced max_tokens in OpenAI's API; either works, the new one wins.
     use_new = body.max_completion_tokens is not None
-    params = ctx.sampling_params(body, prompt_tokens=len(ids),
-                                 max_tokens=body.max_completion_tokens if use_new else body.max_tokens,
-                                 max_tokens_param="max_completion_tokens" if use_new else "max_tokens",
-                                 prompt_param="messages", default_max_tokens=None, logprobs=body.logprobs)
+    params = ctx.sampling_params(
+        body,
+        prompt_tokens=len(ids),
+        max_tokens=body.max_completion_tokens if use_new else body.max_tokens,
+        max_tokens_param="max_completion_tokens" if use_new else "max_tokens",
+        prompt_param="messages",
+        default_max_tokens=None,
+        logprobs=body.logprobs,
+    )
     req_id = f"chatcmpl-{uuid.uuid4().hex}"
     with bind_request(req_id):
         generation = await ctx.start(req_id=req_id, prompt_token_ids=ids, params=params)
@@ -116,9 +129,16 @@ async def create_chat_completion(ctx: ServingContext, request: Request, body: Ch
         deltas = await unless_disconnected(request, collect(generation), generation)
         pieces = [piece for delta in deltas for piece in delta.tokens]
         logprobs = chat_logprobs(ctx, pieces, body.top_logprobs or 0) if body.logprobs else None
-        choice = ChatChoice(message=ChatMessage(content="".join(d.text for d in deltas)), logprobs=logprobs,
-                            finish_reason=generation.finish_reason)
-        response = ChatCompletionResponse(id=req_id, model=ctx.model_id, choices=[choice],
-                                          usage=Usage.of(generation.num_prompt_tokens, generation.num_completion_tokens))
+        choice = ChatChoice(
+            message=ChatMessage(content="".join(d.text for d in deltas)),
+            logprobs=logprobs,
+            finish_reason=generation.finish_reason,
+        )
+        response = ChatCompletionResponse(
+            id=req_id,
+            model=ctx.model_id,
+            choices=[choice],
+            usage=Usage.of(generation.num_prompt_tokens, generation.num_completion_tokens),
+        )
         ctx.record_outcome(ENDPOINT, "success", generation)
         return JSONResponse(response.model_dump())

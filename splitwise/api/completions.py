@@ -34,8 +34,10 @@ def prompt_token_ids(ctx: ServingContext, prompt: PromptInput) -> list[int]:
     """The one prompt of a request as token ids ([text] and [[ids]] unwrap; several prompts are a 400)."""
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         if len(prompt) != 1:
-            raise BadRequestError(f"one prompt per request is supported, got {len(prompt)}; send them separately",
-                                  param="prompt")
+            raise BadRequestError(
+                f"one prompt per request is supported, got {len(prompt)}; send them separately",
+                param="prompt",
+            )
         prompt = prompt[0]  # type: ignore[assignment]
     if isinstance(prompt, str):
         ids = ctx.tokenizer.encode(prompt)
@@ -92,8 +94,13 @@ async def create_completion(ctx: ServingContext, request: Request, body: Complet
     if body.echo:
         raise BadRequestError("echo is not supported", param="echo")
     ids = prompt_token_ids(ctx, body.prompt)
-    params = ctx.sampling_params(body, prompt_tokens=len(ids), max_tokens=body.max_tokens,
-                                 default_max_tokens=COMPLETION_DEFAULT_MAX_TOKENS, logprobs=body.logprobs is not None)
+    params = ctx.sampling_params(
+        body,
+        prompt_tokens=len(ids),
+        max_tokens=body.max_tokens,
+        default_max_tokens=COMPLETION_DEFAULT_MAX_TOKENS,
+        logprobs=body.logprobs is not None,
+    )
     req_id = f"cmpl-{uuid.uuid4().hex}"
     with bind_request(req_id):
         generation = await ctx.start(req_id=req_id, prompt_token_ids=ids, params=params)
@@ -102,9 +109,14 @@ async def create_completion(ctx: ServingContext, request: Request, body: Complet
         deltas = await unless_disconnected(request, collect(generation), generation)
         pieces = [piece for delta in deltas for piece in delta.tokens]
         logprobs = CompletionLogprobsBuilder(ctx).build(pieces) if body.logprobs is not None else None
-        choice = CompletionChoice(text="".join(d.text for d in deltas), logprobs=logprobs,
-                                  finish_reason=generation.finish_reason)
-        response = CompletionResponse(id=req_id, model=ctx.model_id, choices=[choice],
-                                      usage=Usage.of(generation.num_prompt_tokens, generation.num_completion_tokens))
+        choice = CompletionChoice(
+            text="".join(d.text for d in deltas), logprobs=logprobs, finish_reason=generation.finish_reason
+        )
+        response = CompletionResponse(
+            id=req_id,
+            model=ctx.model_id,
+            choices=[choice],
+            usage=Usage.of(generation.num_prompt_tokens, generation.num_completion_tokens),
+        )
         ctx.record_outcome(ENDPOINT, "success", generation)
         return JSONResponse(response.model_dump())

@@ -120,11 +120,15 @@ def validation_error(exc: RequestValidationError) -> BadRequestError:
     first = errors[0]
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
     if first.get("type") == "json_invalid":
-        return BadRequestError(f"request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}",
-                               code="invalid_json")
+        return BadRequestError(
+            f"request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}",
+            code="invalid_json",
+        )
     if not loc:  # the body itself: not an object, or not sent as application/json
-        return BadRequestError(f"the request body must be a JSON object sent as application/json ({first['msg']})",
-                               code="invalid_body")
+        return BadRequestError(
+            f"the request body must be a JSON object sent as application/json ({first['msg']})",
+            code="invalid_body",
+        )
     # Union members show up as extra loc parts ("prompt", "str"); the client named only "prompt".
     param = loc[0]
     for part in loc[1:]:
@@ -143,8 +147,14 @@ def install_error_handlers(app: FastAPI, metrics: ApiMetrics) -> None:
     def answer(request: Request, error: ApiError) -> JSONResponse:
         metrics.count_request(endpoint_label(request.url.path), error.outcome)
         level = "warning" if error.status_code < 500 else "error"
-        getattr(log, level)("request_rejected", path=request.url.path, status=error.status_code,
-                            error_type=error.error_type, param=error.param, message=error.message)
+        getattr(log, level)(
+            "request_rejected",
+            path=request.url.path,
+            status=error.status_code,
+            error_type=error.error_type,
+            param=error.param,
+            message=error.message,
+        )
         return error.to_response()
 
     async def on_api_error(request: Request, exc: Exception) -> JSONResponse:

@@ -92,38 +92,59 @@ class ServingContext:
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_id:
-            raise NotFoundError(f"The model `{model}` does not exist; this server serves `{self.model_id}`",
-                                param="model", code="model_not_found")
+            raise NotFoundError(
+                f"The model `{model}` does not exist; this server serves `{self.model_id}`",
+                param="model",
+                code="model_not_found",
+            )
 
     def record_outcome(self, endpoint: str, outcome: str, generation: Generation) -> None:
         """Count and log how an accepted request ended (the error boundary does this for the others)."""
         self.metrics.count_request(endpoint, outcome)
-        log.info("request_done", outcome=outcome, finish_reason=generation.finish_reason,
-                 prompt_tokens=generation.num_prompt_tokens, completion_tokens=generation.num_completion_tokens)
+        log.info(
+            "request_done",
+            outcome=outcome,
+            finish_reason=generation.finish_reason,
+            prompt_tokens=generation.num_prompt_tokens,
+            completion_tokens=generation.num_completion_tokens,
+        )
 
     def token_text(self, token_id: int) -> str:
         """One token as text, special tokens included (what logprobs report per token)."""
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
-    def sampling_params(self, request: SamplingRequest, *, prompt_tokens: int, max_tokens: int | None,
-                        default_max_tokens: int | None, logprobs: bool, max_tokens_param: str = "max_tokens",
-                        prompt_param: str = "prompt") -> SamplingParams:
+    def sampling_params(
+        self,
+        request: SamplingRequest,
+        *,
+        prompt_tokens: int,
+        max_tokens: int | None,
+        default_max_tokens: int | None,
+        logprobs: bool,
+        max_tokens_param: str = "max_tokens",
+        prompt_param: str = "prompt",
+    ) -> SamplingParams:
         """Validated engine parameters, with max_tokens resolved against the context (see module doc)."""
         if max_tokens is not None and max_tokens < 1:
-            raise BadRequestError(f"{max_tokens_param} must be at least 1, got {max_tokens}", param=max_tokens_param)
+            raise BadRequestError(
+                f"{max_tokens_param} must be at least 1, got {max_tokens}", param=max_tokens_param
+            )
         room = self.max_model_len - prompt_tokens
         if room < 1:
             raise BadRequestError(
                 f"This model's maximum context length is {self.max_model_len} tokens; the prompt has "
                 f"{prompt_tokens} tokens, leaving no room to generate. Shorten the prompt.",
                 param=prompt_param,
-                code="context_length_exceeded")
+                code="context_length_exceeded",
+            )
         if max_tokens is not None and max_tokens > room:
             raise BadRequestError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
                 f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} for the "
                 f"completion). Reduce the prompt or {max_tokens_param}.",
-                param=max_tokens_param, code="context_length_exceeded")
+                param=max_tokens_param,
+                code="context_length_exceeded",
+            )
         resolved = max_tokens if max_tokens is not None else min(default_max_tokens or room, room)
         top_k = request.top_k
         try:
@@ -151,16 +172,23 @@ class ServingContext:
     async def start(self, *, req_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Generation:
         """Submit the request; the returned Generation is in flight until its deltas end or it is aborted."""
         timer = RequestTimer(self.metrics)
-        request = SubmitRequest(req_id=req_id, prompt_token_ids=prompt_token_ids,
-                                sampling_params=dataclasses.asdict(params), model_id=None)
+        request = SubmitRequest(
+            req_id=req_id,
+            prompt_token_ids=prompt_token_ids,
+            sampling_params=dataclasses.asdict(params),
+            model_id=None,
+        )
         try:
             stream = await self.backend.submit(request)
         except NoCapacityError as exc:
-            raise UnavailableError(f"no prefill/decode pair is available right now: {exc}",
-                                   code="no_capacity") from None
+            raise UnavailableError(
+                f"no prefill/decode pair is available right now: {exc}", code="no_capacity"
+            ) from None
         except SchedulerError as exc:
             if exc.retryable:
-                raise UnavailableError(f"the scheduler is unavailable: {exc}", code="scheduler_unavailable") from None
+                raise UnavailableError(
+                    f"the scheduler is unavailable: {exc}", code="scheduler_unavailable"
+                ) from None
             raise BackendError(f"the scheduler refused the request: {exc}", code="scheduler_error") from None
         self.metrics.requests_in_flight.inc()
         self.metrics.prompt_tokens.inc(len(prompt_token_ids))
@@ -175,8 +203,15 @@ _SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 class Generation:
     """One submitted request: turns its result stream into text deltas and knows how it ended."""
 
-    def __init__(self, ctx: ServingContext, req_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 stream: AsyncIterator[ResultMessage], timer: RequestTimer) -> None:
+    def __init__(
+        self,
+        ctx: ServingContext,
+        req_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        stream: AsyncIterator[ResultMessage],
+        timer: RequestTimer,
+    ) -> None:
         self.ctx = ctx
         self.req_id = req_id
         self.params = params
@@ -247,11 +282,15 @@ class Generation:
 
     def _error_of(self, msg: ResultMessage) -> ApiError:
         if isinstance(msg, Expired):
-            return ExpiredError("the request expired before it finished (--scheduler-ttl)", code="request_expired")
+            return ExpiredError(
+                "the request expired before it finished (--scheduler-ttl)", code="request_expired"
+            )
         if isinstance(msg, Cancelled):
             return ClientDisconnectedError("the request was cancelled", code="cancelled")
         assert isinstance(msg, Failed)
-        log.error("request_failed", req_id=self.req_id, code=msg.code, message=msg.message, retryable=msg.retryable)
+        log.error(
+            "request_failed", req_id=self.req_id, code=msg.code, message=msg.message, retryable=msg.retryable
+        )
         if msg.code in _BAD_REQUEST_CODES:
             return BadRequestError(msg.message, code=msg.code)
         if msg.code in _UNAVAILABLE_CODES or msg.retryable:

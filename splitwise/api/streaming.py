@@ -87,13 +87,22 @@ class SSEResponse(StreamingResponse):
     """A StreamingResponse that settles its Generation however the body ended: it counts the outcome
     exactly once and aborts the request on the nodes if the client left before the end."""
 
-    def __init__(self, generation: Generation, first: Delta | None, rest: AsyncIterator[Delta],
-                 formatter: ChunkFormatter, endpoint: str) -> None:
+    def __init__(
+        self,
+        generation: Generation,
+        first: Delta | None,
+        rest: AsyncIterator[Delta],
+        formatter: ChunkFormatter,
+        endpoint: str,
+    ) -> None:
         self.generation = generation
         self.endpoint = endpoint
         self.outcome = "cancelled"  # until the body says otherwise
-        super().__init__(self._events(first, rest, formatter), media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        super().__init__(
+            self._events(first, rest, formatter),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -107,8 +116,9 @@ class SSEResponse(StreamingResponse):
             await self.generation.abort()
         self.generation.ctx.record_outcome(self.endpoint, self.outcome, self.generation)
 
-    async def _events(self, first: Delta | None, rest: AsyncIterator[Delta],
-                      formatter: ChunkFormatter) -> AsyncIterator[str]:
+    async def _events(
+        self, first: Delta | None, rest: AsyncIterator[Delta], formatter: ChunkFormatter
+    ) -> AsyncIterator[str]:
         with bind_request(self.generation.req_id):
             try:
                 for chunk in formatter.opening():
@@ -124,7 +134,9 @@ class SSEResponse(StreamingResponse):
                 self.outcome = "success"
             except ApiError as exc:  # the status line is gone: the error becomes an event
                 self.outcome = exc.outcome
-                log.warning("stream_failed", status=exc.status_code, error_type=exc.error_type, message=exc.message)
+                log.warning(
+                    "stream_failed", status=exc.status_code, error_type=exc.error_type, message=exc.message
+                )
                 yield sse_event(exc.to_body())
             except Exception as exc:  # a bug: still answered, logged with its traceback and counted
                 self.outcome = "internal_error"
@@ -134,8 +146,9 @@ class SSEResponse(StreamingResponse):
             yield DONE_EVENT
 
 
-async def respond_streaming(request: Request, generation: Generation, formatter: ChunkFormatter,
-                            endpoint: str) -> SSEResponse:
+async def respond_streaming(
+    request: Request, generation: Generation, formatter: ChunkFormatter, endpoint: str
+) -> SSEResponse:
     """Wait for the first delta (an early failure still gets its HTTP status), then stream the rest."""
     deltas = generation.deltas()
     first = await unless_disconnected(request, first_delta(deltas), generation)

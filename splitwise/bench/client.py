@@ -46,7 +46,9 @@ def request_body(sample: SampleRequest, options: RequestOptions) -> dict[str, An
         body["ignore_eos"] = True
     if options.endpoint == "chat":
         if not isinstance(sample.prompt, str):
-            raise ValueError("--endpoint chat: prompts must be text (token-id prompts need --endpoint completions)")
+            raise ValueError(
+                "--endpoint chat: prompts must be text (token-id prompts need --endpoint completions)"
+            )
         body["messages"] = [{"role": "user", "content": sample.prompt}]
     else:
         body["prompt"] = sample.prompt
@@ -70,7 +72,7 @@ async def sse_events(lines: AsyncIterator[str]) -> AsyncIterator[dict[str, Any]]
     async for line in lines:
         if not line.startswith("data:"):
             continue
-        data = line[len("data:"):].strip()
+        data = line[len("data:") :].strip()
         if data == "[DONE]":
             return
         event = json.loads(data)
@@ -85,8 +87,9 @@ def _error_text(event: dict[str, Any]) -> str:
     return f"server error event: {message}"[:MAX_ERROR_CHARS]
 
 
-async def send_request(client: httpx.AsyncClient, base_url: str, sample: SampleRequest,
-                       options: RequestOptions) -> RequestResult:
+async def send_request(
+    client: httpx.AsyncClient, base_url: str, sample: SampleRequest, options: RequestOptions
+) -> RequestResult:
     """Send one streamed request and time it (see the module doc); never raises for server failures."""
     result = RequestResult(prompt_tokens=sample.prompt_tokens)
     url = base_url.rstrip("/") + ENDPOINT_PATHS[options.endpoint]

@@ -102,7 +102,9 @@ def random_requests(
             # Decoding then re-encoding merges or splits tokens; cut back to the drawn length.
             ids = tokenizer.encode(tokenizer.decode(ids), add_special_tokens=False)[:num_in]
             text = tokenizer.decode(ids)
-            requests.append(SampleRequest(text, len(tokenizer.encode(text, add_special_tokens=False)), num_out))
+            requests.append(
+                SampleRequest(text, len(tokenizer.encode(text, add_special_tokens=False)), num_out)
+            )
         else:
             requests.append(SampleRequest(ids, num_in, num_out))
     return requests
@@ -134,7 +136,9 @@ def load_sharegpt(path: str | Path) -> list[tuple[str, str]]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"--dataset-path: {file} is not a readable JSON file ({exc})") from None
     if not isinstance(data, list):
-        raise ValueError(f"--dataset-path: {file} must hold a JSON list of conversations, got {type(data).__name__}")
+        raise ValueError(
+            f"--dataset-path: {file} must hold a JSON list of conversations, got {type(data).__name__}"
+        )
     return [pair for pair in (_first_pair(e) for e in data) if pair is not None]
 
 
@@ -159,7 +163,9 @@ def sharegpt_requests(
         if len(requests) == num_prompts:
             break
         num_in = len(tokenizer.encode(prompt, add_special_tokens=False))
-        num_out = output_len if output_len is not None else len(tokenizer.encode(reply, add_special_tokens=False))
+        num_out = (
+            output_len if output_len is not None else len(tokenizer.encode(reply, add_special_tokens=False))
+        )
         if num_in < SHAREGPT_MIN_TOKENS or (output_len is None and num_out < SHAREGPT_MIN_TOKENS):
             continue
         if num_in > SHAREGPT_MAX_PROMPT_TOKENS or num_in + num_out > SHAREGPT_MAX_TOTAL_TOKENS:
@@ -169,5 +175,6 @@ def sharegpt_requests(
         raise ValueError(
             f"--dataset-path: {path} has {len(requests)} usable conversations "
             f"(first turn {SHAREGPT_MIN_TOKENS}..{SHAREGPT_MAX_PROMPT_TOKENS} tokens, with its reply at most "
-            f"{SHAREGPT_MAX_TOTAL_TOKENS}), fewer than --num-prompts {num_prompts}")
+            f"{SHAREGPT_MAX_TOTAL_TOKENS}), fewer than --num-prompts {num_prompts}"
+        )
     return requests

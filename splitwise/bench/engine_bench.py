@@ -45,7 +45,9 @@ def _time(fn: Callable[[], object], repeats: int = 3) -> float:
     return best
 
 
-def bench_splitwise(model_dir: Path, batch: int, prompt_len: int, decode_prompt_len: int, decode_tokens: int) -> EngineBenchRow:
+def bench_splitwise(
+    model_dir: Path, batch: int, prompt_len: int, decode_prompt_len: int, decode_tokens: int
+) -> EngineBenchRow:
     engine = LLMEngine(
         EngineConfig(
             model=str(model_dir),
@@ -67,10 +69,14 @@ def bench_splitwise(model_dir: Path, batch: int, prompt_len: int, decode_prompt_
     finally:
         engine.close()
     decode_s = max(t_total - t_short_prefill, 1e-9)
-    return EngineBenchRow(batch, "splitwise", batch * prompt_len / t_prefill, batch * (decode_tokens - 1) / decode_s)
+    return EngineBenchRow(
+        batch, "splitwise", batch * prompt_len / t_prefill, batch * (decode_tokens - 1) / decode_s
+    )
 
 
-def bench_transformers(model_dir: Path, batch: int, prompt_len: int, decode_prompt_len: int, decode_tokens: int) -> EngineBenchRow:
+def bench_transformers(
+    model_dir: Path, batch: int, prompt_len: int, decode_prompt_len: int, decode_tokens: int
+) -> EngineBenchRow:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
@@ -80,7 +86,11 @@ def bench_transformers(model_dir: Path, batch: int, prompt_len: int, decode_prom
         ids = torch.tensor(prompts)
         with torch.inference_mode():
             model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
                 pad_token_id=0,
             )
 
@@ -88,7 +98,9 @@ def bench_transformers(model_dir: Path, batch: int, prompt_len: int, decode_prom
     t_short_prefill = _time(lambda: run(_prompts(batch, decode_prompt_len, vocab, 2), 1))
     t_total = _time(lambda: run(_prompts(batch, decode_prompt_len, vocab, 3), decode_tokens))
     decode_s = max(t_total - t_short_prefill, 1e-9)
-    return EngineBenchRow(batch, "transformers", batch * prompt_len / t_prefill, batch * (decode_tokens - 1) / decode_s)
+    return EngineBenchRow(
+        batch, "transformers", batch * prompt_len / t_prefill, batch * (decode_tokens - 1) / decode_s
+    )
 
 
 def run_engine_bench(
@@ -98,6 +110,12 @@ def run_engine_bench(
     for batch in batches:
         ours = bench_splitwise(model_dir, batch, prompt_len, decode_prompt_len, decode_tokens)
         ref = bench_transformers(model_dir, batch, prompt_len, decode_prompt_len, decode_tokens)
-        rows.append(asdict(ours) | {"ratio_prefill": ours.prefill_tok_s / ref.prefill_tok_s, "ratio_decode": ours.decode_tok_s / ref.decode_tok_s})
+        rows.append(
+            asdict(ours)
+            | {
+                "ratio_prefill": ours.prefill_tok_s / ref.prefill_tok_s,
+                "ratio_decode": ours.decode_tok_s / ref.decode_tok_s,
+            }
+        )
         rows.append(asdict(ref))
     return rows

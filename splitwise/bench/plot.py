@@ -15,7 +15,9 @@ MARKERS = ("o", "s", "^", "D")
 
 
 def _series(rows: list[CompareRow], label: str, attr: str) -> tuple[list[float], list[float]]:
-    points = sorted((r.request_rate, getattr(r, attr)) for r in rows if r.label == label and getattr(r, attr) is not None)
+    points = sorted(
+        (r.request_rate, getattr(r, attr)) for r in rows if r.label == label and getattr(r, attr) is not None
+    )
     return [x for x, _ in points], [y for _, y in points]
 
 
@@ -50,7 +52,11 @@ def plot_compare(rows: list[CompareRow], path: Path, slo: SLO, title: str | None
         else:
             ax.set_ylim(bottom=0)
         ax.legend()
-    slo_text = f"SLO: TTFT <= {slo.ttft_ms:g} ms and TPOT <= {slo.tpot_ms:g} ms" if slo.ttft_ms and slo.tpot_ms else ""
+    slo_text = (
+        f"SLO: TTFT <= {slo.ttft_ms:g} ms and TPOT <= {slo.tpot_ms:g} ms"
+        if slo.ttft_ms and slo.tpot_ms
+        else ""
+    )
     fig.suptitle(title or f"splitwise: {' vs '.join(labels)}. {slo_text}")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -91,7 +91,11 @@ class BenchmarkRun:
             "config": self.config.to_dict(),
             "metrics": self.metrics.to_dict(),
             "requests": [
-                {"requested_prompt_tokens": s.prompt_tokens, "requested_output_tokens": s.output_tokens, **r.to_dict()}
+                {
+                    "requested_prompt_tokens": s.prompt_tokens,
+                    "requested_output_tokens": s.output_tokens,
+                    **r.to_dict(),
+                }
                 for s, r in zip(self.requests, self.results, strict=True)
             ],
         }
@@ -167,7 +171,9 @@ async def served_model_id(base_url: str, timeout_s: float = 30.0) -> str:
             response.raise_for_status()
             models = response.json().get("data") or []
         except (httpx.HTTPError, ValueError) as exc:
-            raise ValueError(f"--base-url: cannot list models at {base_url}/models ({exc}); pass --model") from None
+            raise ValueError(
+                f"--base-url: cannot list models at {base_url}/models ({exc}); pass --model"
+            ) from None
     if not models or not isinstance(models[0], dict) or "id" not in models[0]:
         raise ValueError(f"--base-url: {base_url}/models lists no model; pass --model")
     return str(models[0]["id"])
@@ -199,7 +205,9 @@ def format_report(run: BenchmarkRun) -> str:
         ]
     lines.append(f"{'latency (ms)':<14}{'mean':>10}{'p50':>10}{'p90':>10}{'p99':>10}{'max':>10}")
     for name, dist in (("TTFT", m.ttft), ("TPOT", m.tpot), ("ITL", m.itl), ("E2E", m.e2e)):
-        cells = "".join(f"{_ms(v):>10}" for v in (dist.mean_ms, dist.p50_ms, dist.p90_ms, dist.p99_ms, dist.max_ms))
+        cells = "".join(
+            f"{_ms(v):>10}" for v in (dist.mean_ms, dist.p50_ms, dist.p90_ms, dist.p99_ms, dist.max_ms)
+        )
         lines.append(f"{name:<14}{cells}")
     errors = sorted({r.error for r in run.results if r.error})
     if errors:

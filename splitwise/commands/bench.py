@@ -22,29 +22,46 @@ def bench() -> None:
 
 @bench.command("engine")
 @click.option("--model", default=None, help="Model directory (default: built-in tiny model).")
-@click.option("--batch", "batches", multiple=True, type=click.IntRange(min=1), default=(1, 8, 32), show_default=True)
+@click.option(
+    "--batch", "batches", multiple=True, type=click.IntRange(min=1), default=(1, 8, 32), show_default=True
+)
 @click.option("--prompt-len", default=128, show_default=True, type=click.IntRange(min=1))
 @click.option("--decode-prompt-len", default=16, show_default=True, type=click.IntRange(min=1))
 @click.option("--decode-tokens", default=64, show_default=True, type=click.IntRange(min=2))
 @click.option("--json", "as_json", is_flag=True)
-def engine_cmd(model: str | None, batches: tuple[int, ...], prompt_len: int, decode_prompt_len: int, decode_tokens: int, as_json: bool) -> None:
+def engine_cmd(
+    model: str | None,
+    batches: tuple[int, ...],
+    prompt_len: int,
+    decode_prompt_len: int,
+    decode_tokens: int,
+    as_json: bool,
+) -> None:
     """Prefill/decode tokens/s at several batch sizes vs transformers generate() on the same weights."""
     from splitwise.bench.engine_bench import run_engine_bench
 
     try:
         import transformers  # noqa: F401
     except ImportError:
-        raise click.ClickException("the engine benchmark needs transformers (pip install -e .[test])") from None
+        raise click.ClickException(
+            "the engine benchmark needs transformers (pip install -e .[test])"
+        ) from None
     rows = run_engine_bench(resolve_model(model), list(batches), prompt_len, decode_prompt_len, decode_tokens)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    click.echo(f"{'batch':>5} {'system':>13} {'prefill tok/s':>14} {'decode tok/s':>13} {'x prefill':>10} {'x decode':>9}")
+    click.echo(
+        f"{'batch':>5} {'system':>13} {'prefill tok/s':>14} {'decode tok/s':>13} {'x prefill':>10} {'x decode':>9}"
+    )
     for r in rows:
         ratios = (
-            f"{r['ratio_prefill']:>10.2f} {r['ratio_decode']:>9.2f}" if "ratio_prefill" in r else f"{'':>10} {'':>9}"
+            f"{r['ratio_prefill']:>10.2f} {r['ratio_decode']:>9.2f}"
+            if "ratio_prefill" in r
+            else f"{'':>10} {'':>9}"
         )
-        click.echo(f"{r['batch']:>5} {r['system']:>13} {r['prefill_tok_s']:>14.0f} {r['decode_tok_s']:>13.0f} {ratios}")
+        click.echo(
+            f"{r['batch']:>5} {r['system']:>13} {r['prefill_tok_s']:>14.0f} {r['decode_tok_s']:>13.0f} {ratios}"
+        )
 
 
 def _fail_on_value_error(exc: ValueError) -> click.ClickException:
@@ -66,53 +83,142 @@ def _rate(value: str) -> float:
     return rate
 
 
-def _workload_options(slo_ttft_ms: float | None, slo_tpot_ms: float | None) -> Callable[[Callable[..., None]], Callable[..., None]]:
+def _workload_options(
+    slo_ttft_ms: float | None, slo_tpot_ms: float | None
+) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """Flags that describe the requests and their SLOs (shared by `serve` and `compare`)."""
     return lambda fn: _with_workload_options(fn, slo_ttft_ms, slo_tpot_ms)
 
 
-def _with_workload_options(fn: Callable[..., None], slo_ttft_ms: float | None, slo_tpot_ms: float | None) -> Callable[..., None]:
-    for option in reversed([
-        click.option("--tokenizer", default=None, help="Model directory whose tokenizer builds the prompts (default: the built-in small model)."),
-        click.option("--random-input-len", default=1024, show_default=True, type=int, help="Prompt tokens (random dataset)."),
-        click.option("--random-output-len", default=128, show_default=True, type=int, help="Output tokens (random dataset)."),
-        click.option("--random-range-ratio", default=0.0, show_default=True, type=float,
-                     help="Lengths drawn uniformly from [L*(1-r), L*(1+r)]."),
-        click.option("--seed", default=0, show_default=True, type=int, help="Seed of the prompts and the arrival times."),
-        click.option("--ignore-eos/--no-ignore-eos", default=True, show_default=True,
-                     help="Send ignore_eos: true so every request generates exactly its max_tokens."),
-        click.option("--slo-ttft-ms", default=slo_ttft_ms, show_default=True, type=float,
-                     help="TTFT objective (ms) for SLO attainment and goodput."),
-        click.option("--slo-tpot-ms", default=slo_tpot_ms, show_default=True, type=float,
-                     help="TPOT objective (ms) for SLO attainment and goodput."),
-        click.option("--request-timeout", default=600.0, show_default=True, type=float, help="Seconds one request may take."),
-    ]):
+def _with_workload_options(
+    fn: Callable[..., None], slo_ttft_ms: float | None, slo_tpot_ms: float | None
+) -> Callable[..., None]:
+    for option in reversed(
+        [
+            click.option(
+                "--tokenizer",
+                default=None,
+                help="Model directory whose tokenizer builds the prompts (default: the built-in small model).",
+            ),
+            click.option(
+                "--random-input-len",
+                default=1024,
+                show_default=True,
+                type=int,
+                help="Prompt tokens (random dataset).",
+            ),
+            click.option(
+                "--random-output-len",
+                default=128,
+                show_default=True,
+                type=int,
+                help="Output tokens (random dataset).",
+            ),
+            click.option(
+                "--random-range-ratio",
+                default=0.0,
+                show_default=True,
+                type=float,
+                help="Lengths drawn uniformly from [L*(1-r), L*(1+r)].",
+            ),
+            click.option(
+                "--seed",
+                default=0,
+                show_default=True,
+                type=int,
+                help="Seed of the prompts and the arrival times.",
+            ),
+            click.option(
+                "--ignore-eos/--no-ignore-eos",
+                default=True,
+                show_default=True,
+                help="Send ignore_eos: true so every request generates exactly its max_tokens.",
+            ),
+            click.option(
+                "--slo-ttft-ms",
+                default=slo_ttft_ms,
+                show_default=True,
+                type=float,
+                help="TTFT objective (ms) for SLO attainment and goodput.",
+            ),
+            click.option(
+                "--slo-tpot-ms",
+                default=slo_tpot_ms,
+                show_default=True,
+                type=float,
+                help="TPOT objective (ms) for SLO attainment and goodput.",
+            ),
+            click.option(
+                "--request-timeout",
+                default=600.0,
+                show_default=True,
+                type=float,
+                help="Seconds one request may take.",
+            ),
+        ]
+    ):
         fn = option(fn)
     return fn
 
 
 @bench.command("serve")
-@click.option("--base-url", "base_urls", multiple=True, default=("http://127.0.0.1:8000/v1",), show_default=True,
-              help="OpenAI API base URL (repeat it to spread requests round-robin over several servers).")
-@click.option("--endpoint", type=click.Choice(["completions", "chat"]), default="completions", show_default=True)
-@click.option("--model", default=None, help="Model id sent in requests (default: the first id of GET /models).")
-@click.option("--dataset-name", type=click.Choice(["random", "sharegpt"]), default="random", show_default=True)
-@click.option("--dataset-path", default=None, type=click.Path(dir_okay=False), help="ShareGPT-format JSON file (implies --dataset-name sharegpt).")
-@click.option("--sharegpt-output-len", default=None, type=int, help="Output tokens per ShareGPT request (default: the reply's length).")
+@click.option(
+    "--base-url",
+    "base_urls",
+    multiple=True,
+    default=("http://127.0.0.1:8000/v1",),
+    show_default=True,
+    help="OpenAI API base URL (repeat it to spread requests round-robin over several servers).",
+)
+@click.option(
+    "--endpoint", type=click.Choice(["completions", "chat"]), default="completions", show_default=True
+)
+@click.option(
+    "--model", default=None, help="Model id sent in requests (default: the first id of GET /models)."
+)
+@click.option(
+    "--dataset-name", type=click.Choice(["random", "sharegpt"]), default="random", show_default=True
+)
+@click.option(
+    "--dataset-path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="ShareGPT-format JSON file (implies --dataset-name sharegpt).",
+)
+@click.option(
+    "--sharegpt-output-len",
+    default=None,
+    type=int,
+    help="Output tokens per ShareGPT request (default: the reply's length).",
+)
 @click.option("--num-prompts", default=100, show_default=True, type=int)
-@click.option("--request-rate", default="inf", show_default=True, help="Requests per second (Poisson arrivals), or inf.")
+@click.option(
+    "--request-rate", default="inf", show_default=True, help="Requests per second (Poisson arrivals), or inf."
+)
 @click.option("--max-concurrency", default=None, type=int, help="At most this many requests in flight.")
 @_workload_options(slo_ttft_ms=None, slo_tpot_ms=None)
-@click.option("--result-file", default=None, type=click.Path(dir_okay=False), help="Write config, figures and every request's timings as JSON.")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar on stderr.")
+@click.option(
+    "--result-file",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Write config, figures and every request's timings as JSON.",
+)
+@click.option(
+    "--progress/--no-progress", default=True, show_default=True, help="Show a progress bar on stderr."
+)
 def serve_cmd(**opts: Any) -> None:
     """Load-test an OpenAI-compatible server: TTFT, TPOT, ITL, E2E, throughput, SLO attainment, goodput."""
     from splitwise.bench.serve_bench import format_report, run_load, served_model_id
 
     try:
-        config = _load_config(opts, base_urls=tuple(opts["base_urls"]), model=opts["model"] or "",
-                              rate=_rate(opts["request_rate"]), max_concurrency=opts["max_concurrency"],
-                              progress=opts["progress"])
+        config = _load_config(
+            opts,
+            base_urls=tuple(opts["base_urls"]),
+            model=opts["model"] or "",
+            rate=_rate(opts["request_rate"]),
+            max_concurrency=opts["max_concurrency"],
+            progress=opts["progress"],
+        )
         requests = _build_workload(opts, num_prompts=opts["num_prompts"], seed=opts["seed"])
         if not config.model:
             config = dataclasses.replace(config, model=asyncio.run(served_model_id(config.base_urls[0])))
@@ -141,22 +247,46 @@ def _build_workload(opts: dict[str, Any], *, num_prompts: int, seed: int) -> lis
     if opts.get("dataset_path") or opts.get("dataset_name") == "sharegpt":
         if not opts.get("dataset_path"):
             raise ValueError("--dataset-path: --dataset-name sharegpt needs a ShareGPT JSON file")
-        return sharegpt_requests(tokenizer, opts["dataset_path"], num_prompts=num_prompts, seed=seed,
-                                 output_len=opts.get("sharegpt_output_len"))
-    return random_requests(tokenizer, num_prompts=num_prompts, input_len=opts["random_input_len"],
-                           output_len=opts["random_output_len"], range_ratio=opts["random_range_ratio"],
-                           seed=seed, as_text=endpoint == "chat")
+        return sharegpt_requests(
+            tokenizer,
+            opts["dataset_path"],
+            num_prompts=num_prompts,
+            seed=seed,
+            output_len=opts.get("sharegpt_output_len"),
+        )
+    return random_requests(
+        tokenizer,
+        num_prompts=num_prompts,
+        input_len=opts["random_input_len"],
+        output_len=opts["random_output_len"],
+        range_ratio=opts["random_range_ratio"],
+        seed=seed,
+        as_text=endpoint == "chat",
+    )
 
 
-def _load_config(opts: dict[str, Any], *, base_urls: tuple[str, ...], model: str, rate: float,
-                 max_concurrency: int | None, progress: bool) -> Any:
+def _load_config(
+    opts: dict[str, Any],
+    *,
+    base_urls: tuple[str, ...],
+    model: str,
+    rate: float,
+    max_concurrency: int | None,
+    progress: bool,
+) -> Any:
     from splitwise.bench.metrics import SLO
     from splitwise.bench.serve_bench import LoadConfig
 
     return LoadConfig(
-        base_urls=base_urls, endpoint=opts.get("endpoint", "completions"), model=model, request_rate=rate,
-        max_concurrency=max_concurrency, seed=opts["seed"], ignore_eos=opts["ignore_eos"],
-        request_timeout_s=opts["request_timeout"], slo=SLO(opts["slo_ttft_ms"], opts["slo_tpot_ms"]),
+        base_urls=base_urls,
+        endpoint=opts.get("endpoint", "completions"),
+        model=model,
+        request_rate=rate,
+        max_concurrency=max_concurrency,
+        seed=opts["seed"],
+        ignore_eos=opts["ignore_eos"],
+        request_timeout_s=opts["request_timeout"],
+        slo=SLO(opts["slo_ttft_ms"], opts["slo_tpot_ms"]),
         show_progress=progress,
     )
 
@@ -171,24 +301,69 @@ def _rates(value: str) -> tuple[float, ...]:
     try:
         rates = tuple(float(v) for v in value.split(",") if v.strip())
     except ValueError:
-        raise click.BadParameter(f"{value!r} is not a comma list of numbers", param_hint="--request-rates") from None
+        raise click.BadParameter(
+            f"{value!r} is not a comma list of numbers", param_hint="--request-rates"
+        ) from None
     return rates
 
 
 @bench.command("compare")
-@click.option("--request-rates", default="0.25,0.5,0.75", show_default=True, help="Comma list of request rates (req/s) to sweep.")
+@click.option(
+    "--request-rates",
+    default="0.25,0.5,0.75",
+    show_default=True,
+    help="Comma list of request rates (req/s) to sweep.",
+)
 @click.option("--num-prompts", default=16, show_default=True, type=int, help="Requests per rate.")
-@click.option("--mixed", "num_mixed", default=2, show_default=True, type=int, help="Mixed instances in the colocated setup.")
-@click.option("--prefill", "num_prefill", default=1, show_default=True, type=int, help="Prefill instances (P + D must equal --mixed).")
+@click.option(
+    "--mixed",
+    "num_mixed",
+    default=2,
+    show_default=True,
+    type=int,
+    help="Mixed instances in the colocated setup.",
+)
+@click.option(
+    "--prefill",
+    "num_prefill",
+    default=1,
+    show_default=True,
+    type=int,
+    help="Prefill instances (P + D must equal --mixed).",
+)
 @click.option("--decode", "num_decode", default=1, show_default=True, type=int, help="Decode instances.")
-@click.option("--torch-threads", default=1, show_default=True, type=int, help="Torch CPU threads of every instance.")
-@click.option("--model", default=None, help="Model directory the instances serve (default: the built-in small model).")
-@click.option("--transfer", type=click.Choice(["ipc", "tcp"]), default="ipc", show_default=True, help="KV transfer of the disaggregated setup.")
-@click.option("--instance-args", default="", help="Extra `splitwise serve` flags for every instance, e.g. '--max-num-batched-tokens 512'.")
+@click.option(
+    "--torch-threads", default=1, show_default=True, type=int, help="Torch CPU threads of every instance."
+)
+@click.option(
+    "--model", default=None, help="Model directory the instances serve (default: the built-in small model)."
+)
+@click.option(
+    "--transfer",
+    type=click.Choice(["ipc", "tcp"]),
+    default="ipc",
+    show_default=True,
+    help="KV transfer of the disaggregated setup.",
+)
+@click.option(
+    "--instance-args",
+    default="",
+    help="Extra `splitwise serve` flags for every instance, e.g. '--max-num-batched-tokens 512'.",
+)
 @_workload_options(slo_ttft_ms=COMPARE_SLO_TTFT_MS, slo_tpot_ms=COMPARE_SLO_TPOT_MS)
-@click.option("--output-dir", default="bench_results/compare", show_default=True, type=click.Path(file_okay=False),
-              help="Where compare.json, compare.md, compare.png and the instance logs go.")
-@click.option("--plot-file", default=None, type=click.Path(dir_okay=False), help="PNG path (default: OUTPUT_DIR/compare.png).")
+@click.option(
+    "--output-dir",
+    default="bench_results/compare",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Where compare.json, compare.md, compare.png and the instance logs go.",
+)
+@click.option(
+    "--plot-file",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="PNG path (default: OUTPUT_DIR/compare.png).",
+)
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def compare_cmd(**opts: Any) -> None:
     """N mixed instances vs P+D=N disaggregated ones on this machine, same workload, sweeping request rates.
@@ -205,12 +380,21 @@ def compare_cmd(**opts: Any) -> None:
     opts = {**opts, "endpoint": "completions", "tokenizer": opts["tokenizer"] or opts["model"]}
     try:
         config = CompareConfig(
-            request_rates=_rates(opts["request_rates"]), num_prompts=opts["num_prompts"], num_mixed=opts["num_mixed"],
-            num_prefill=opts["num_prefill"], num_decode=opts["num_decode"], torch_threads=opts["torch_threads"],
-            model=str(resolve_model(opts["model"], default_size="small")), transfer=opts["transfer"],
-            instance_args=tuple(shlex.split(opts["instance_args"])), seed=opts["seed"], ignore_eos=opts["ignore_eos"],
-            request_timeout_s=opts["request_timeout"], slo=SLO(opts["slo_ttft_ms"], opts["slo_tpot_ms"]),
-            output_dir=Path(opts["output_dir"]), show_progress=opts["progress"],
+            request_rates=_rates(opts["request_rates"]),
+            num_prompts=opts["num_prompts"],
+            num_mixed=opts["num_mixed"],
+            num_prefill=opts["num_prefill"],
+            num_decode=opts["num_decode"],
+            torch_threads=opts["torch_threads"],
+            model=str(resolve_model(opts["model"], default_size="small")),
+            transfer=opts["transfer"],
+            instance_args=tuple(shlex.split(opts["instance_args"])),
+            seed=opts["seed"],
+            ignore_eos=opts["ignore_eos"],
+            request_timeout_s=opts["request_timeout"],
+            slo=SLO(opts["slo_ttft_ms"], opts["slo_tpot_ms"]),
+            output_dir=Path(opts["output_dir"]),
+            show_progress=opts["progress"],
         )
         _build_workload(opts, num_prompts=1, seed=0)  # bad workload flags fail before any process starts
     except ValueError as exc:
@@ -220,9 +404,13 @@ def compare_cmd(**opts: Any) -> None:
         return _build_workload(opts, num_prompts=num_prompts, seed=seed)
 
     def warmup(num_prompts: int, seed: int) -> list[Any]:
-        return _build_workload({**opts, "random_output_len": 4, "random_range_ratio": 0.0}, num_prompts=num_prompts, seed=seed)
+        return _build_workload(
+            {**opts, "random_output_len": 4, "random_range_ratio": 0.0}, num_prompts=num_prompts, seed=seed
+        )
 
-    rows, files = run_compare(config, workload, warmup, Path(opts["plot_file"]) if opts["plot_file"] else None)
+    rows, files = run_compare(
+        config, workload, warmup, Path(opts["plot_file"]) if opts["plot_file"] else None
+    )
     click.echo(markdown_table(rows))
     for kind, path in files.items():
         click.echo(f"{kind}: {path}")

@@ -11,18 +11,31 @@ from splitwise.commands.options import resolve_model
 
 
 @click.command("generate")
-@click.option("--model", "model", default=None, help="Local Hugging Face model directory (default: built-in tiny model).")
+@click.option(
+    "--model",
+    "model",
+    default=None,
+    help="Local Hugging Face model directory (default: built-in tiny model).",
+)
 @click.option("--prompt", required=True, help="Prompt text.")
 @click.option("--max-tokens", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0.0))
-@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(min=0.0, max=1.0, min_open=True))
+@click.option(
+    "--top-p", default=1.0, show_default=True, type=click.FloatRange(min=0.0, max=1.0, min_open=True)
+)
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--seed", default=None, type=int, help="Per-request seed: the same seed gives the same output.")
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
-@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
+@click.option(
+    "--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"])
+)
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--chat", is_flag=True, help="Wrap the prompt as a user message with the model's chat template.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: prompt_token_ids, token_ids, text.")
+@click.option(
+    "--chat", is_flag=True, help="Wrap the prompt as a user message with the model's chat template."
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON object: prompt_token_ids, token_ids, text."
+)
 def generate(
     model: str | None,
     prompt: str,
@@ -52,7 +65,12 @@ def generate(
         text = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
         prompt_ids = engine.tokenizer.encode(text, add_special_tokens=not chat)
         params = SamplingParams(
-            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=tuple(stop)
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=tuple(stop),
         )
         result = engine.generate([prompt_ids], params)[0]
     finally:

@@ -39,16 +39,26 @@ async def _nodes(client: Any, keys: Any) -> list[dict[str, Any]]:
             groups = await client.xinfo_groups(work_key)
             pending = sum(int(g["pending"]) for g in groups if g["name"] in (WORK_GROUP, WORK_GROUP.encode()))
         info = st.info
-        rows.append({
-            "node_id": node_id, "role": info.role, "alive": st.alive, "host": info.host,
-            "http_port": info.http_port, "pd_comm_port": info.pd_comm_port, "model_id": info.model_id,
-            "kv": dataclasses.asdict(info.kv),
-            "protocols": info.transfer_protocols, "incarnation": st.incarnation,
-            "heartbeat_age_s": round((now_ms - st.heartbeat_ms) / 1000, 3) if st.alive else None,
-            "load": st.load.to_fields(),
-            "booked_prefill_tokens": booked_p.get(node_id, 0), "booked_decode_requests": booked_d.get(node_id, 0),
-            "queue_depth": depth, "queue_pending": pending,
-        })
+        rows.append(
+            {
+                "node_id": node_id,
+                "role": info.role,
+                "alive": st.alive,
+                "host": info.host,
+                "http_port": info.http_port,
+                "pd_comm_port": info.pd_comm_port,
+                "model_id": info.model_id,
+                "kv": dataclasses.asdict(info.kv),
+                "protocols": info.transfer_protocols,
+                "incarnation": st.incarnation,
+                "heartbeat_age_s": round((now_ms - st.heartbeat_ms) / 1000, 3) if st.alive else None,
+                "load": st.load.to_fields(),
+                "booked_prefill_tokens": booked_p.get(node_id, 0),
+                "booked_decode_requests": booked_d.get(node_id, 0),
+                "queue_depth": depth,
+                "queue_pending": pending,
+            }
+        )
     for node_id, reason in bad.items():
         rows.append({"node_id": node_id, "role": "?", "alive": False, "error": reason})
     return rows
@@ -59,8 +69,13 @@ async def _frontends(client: Any, keys: Any) -> list[dict[str, Any]]:
     async for raw in client.scan_iter(match=keys.all_pattern()[:-1] + "fe:*", count=500):
         frontend_id = raw.decode().rsplit(":", 1)[1]
         inflight = await client.get(raw)
-        rows.append({"frontend_id": frontend_id, "inflight": int(inflight or 0),
-                     "results_backlog": await client.xlen(keys.results(frontend_id))})
+        rows.append(
+            {
+                "frontend_id": frontend_id,
+                "inflight": int(inflight or 0),
+                "results_backlog": await client.xlen(keys.results(frontend_id)),
+            }
+        )
     return sorted(rows, key=lambda r: r["frontend_id"])
 
 
@@ -72,9 +87,16 @@ async def _dead_letters(client: Any, keys: Any, limit: int) -> dict[str, Any]:
     for entry_id, fields in entries:
         payload = fields.get(b"payload", b"")
         text = decode_fields({k: v for k, v in fields.items() if k != b"payload"})
-        recent.append({"id": entry_id.decode(), "source": text.get("source", ""), "reason": text.get("reason", ""),
-                       "time": _iso(text.get("ts_ms", 0)), "payload_hex": payload[:48].hex(),
-                       "payload_bytes": len(payload)})
+        recent.append(
+            {
+                "id": entry_id.decode(),
+                "source": text.get("source", ""),
+                "reason": text.get("reason", ""),
+                "time": _iso(text.get("ts_ms", 0)),
+                "payload_hex": payload[:48].hex(),
+                "payload_bytes": len(payload),
+            }
+        )
     return {"count": await client.xlen(keys.dead_letters), "recent": recent}
 
 
@@ -87,8 +109,12 @@ async def _request(client: Any, keys: Any, req_id: str) -> dict[str, Any] | None
         return None
     for event in events:
         event["time"] = _iso(event.get("ts_ms", 0))
-    return {"req_id": req_id, "state": state, "ttl_s": max(0, await client.pttl(keys.request(req_id))) / 1000,
-            "events": events}
+    return {
+        "req_id": req_id,
+        "state": state,
+        "ttl_s": max(0, await client.pttl(keys.request(req_id))) / 1000,
+        "events": events,
+    }
 
 
 async def collect(config: SchedulerConfig, *, req_id: str | None, dead_letter_limit: int) -> dict[str, Any]:
@@ -104,8 +130,11 @@ async def collect(config: SchedulerConfig, *, req_id: str | None, dead_letter_li
         ping_ms = (time.perf_counter() - start) * 1000
         report: dict[str, Any] = {
             "topic": config.scheduler_topic,
-            "redis": {"address": f"{config.scheduler_host}:{config.scheduler_port}", "run_id": run_id,
-                      "ping_ms": round(ping_ms, 3)},
+            "redis": {
+                "address": f"{config.scheduler_host}:{config.scheduler_port}",
+                "run_id": run_id,
+                "ping_ms": round(ping_ms, 3),
+            },
         }
         if req_id is not None:
             report["request"] = await _request(client, keys, req_id)
@@ -125,8 +154,10 @@ def _print_text(report: dict[str, Any]) -> None:
         _print_request(report["request"])
         return
     echo("\nNODES")
-    header = f"{'node':<16} {'role':<8} {'alive':<5} {'hb_age_s':>8} {'queue':>5} {'pend':>4} " \
-             f"{'q_prefill_tok':>13} {'running':>7} {'free_blk':>8} {'waiting':>7} {'booked_p':>8} {'booked_d':>8}  model"
+    header = (
+        f"{'node':<16} {'role':<8} {'alive':<5} {'hb_age_s':>8} {'queue':>5} {'pend':>4} "
+        f"{'q_prefill_tok':>13} {'running':>7} {'free_blk':>8} {'waiting':>7} {'booked_p':>8} {'booked_d':>8}  model"
+    )
     echo(header)
     for n in report["nodes"]:
         if "error" in n:
@@ -134,10 +165,12 @@ def _print_text(report: dict[str, Any]) -> None:
             continue
         load = n["load"]
         age = "-" if n["heartbeat_age_s"] is None else f"{n['heartbeat_age_s']:.2f}"
-        echo(f"{n['node_id']:<16} {n['role']:<8} {'yes' if n['alive'] else 'NO':<5} {age:>8} {n['queue_depth']:>5} "
-             f"{n['queue_pending']:>4} {load['queued_prefill_tokens']:>13} {load['running_requests']:>7} "
-             f"{load['free_kv_blocks']:>8} {load['waiting_requests']:>7} {n['booked_prefill_tokens']:>8} "
-             f"{n['booked_decode_requests']:>8}  {n['model_id']}")
+        echo(
+            f"{n['node_id']:<16} {n['role']:<8} {'yes' if n['alive'] else 'NO':<5} {age:>8} {n['queue_depth']:>5} "
+            f"{n['queue_pending']:>4} {load['queued_prefill_tokens']:>13} {load['running_requests']:>7} "
+            f"{load['free_kv_blocks']:>8} {load['waiting_requests']:>7} {n['booked_prefill_tokens']:>8} "
+            f"{n['booked_decode_requests']:>8}  {n['model_id']}"
+        )
     echo("\nFRONTENDS")
     for f in report["frontends"]:
         echo(f"{f['frontend_id']:<24} inflight {f['inflight']:>5}  results backlog {f['results_backlog']}")
@@ -162,8 +195,14 @@ def _print_request(req: dict[str, Any] | None) -> None:
 @click.command("inspect")
 @scheduler_options
 @click.option("--request", "req_id", default=None, help="Show one request's state and lifecycle.")
-@click.option("--dead-letters", "dead_letter_limit", type=int, default=20, show_default=True,
-              help="How many recent dead letters to show.")
+@click.option(
+    "--dead-letters",
+    "dead_letter_limit",
+    type=int,
+    default=20,
+    show_default=True,
+    help="How many recent dead letters to show.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of tables.")
 def inspect_cmd(req_id: str | None, dead_letter_limit: int, as_json: bool, **options: Any) -> None:
     """Show the splitwise scheduler's nodes, queues and dead letters (read-only)."""

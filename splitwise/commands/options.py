@@ -17,5 +17,7 @@ def resolve_model(model: str | None, *, default_size: str = "tiny") -> Path:
     if not path.is_dir():
         raise click.BadParameter(f"{model} is not a directory", param_hint="--model")
     if not (path / "config.json").is_file():
-        raise click.BadParameter(f"{model} has no config.json (expected a Hugging Face model directory)", param_hint="--model")
+        raise click.BadParameter(
+            f"{model} has no config.json (expected a Hugging Face model directory)", param_hint="--model"
+        )
     return path

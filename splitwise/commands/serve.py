@@ -66,49 +66,163 @@ def _instance_config(opts: dict[str, Any]) -> Any:
 
 
 @click.command("serve")
-@click.option("--model", default=None, help="Local Hugging Face model directory (default: the built-in model).")
-@click.option("--default-model-size", type=click.Choice(["tiny", "small"]), default="small", show_default=True,
-              help="Which built-in model to use when --model is left out.")
+@click.option(
+    "--model", default=None, help="Local Hugging Face model directory (default: the built-in model)."
+)
+@click.option(
+    "--default-model-size",
+    type=click.Choice(["tiny", "small"]),
+    default="small",
+    show_default=True,
+    help="Which built-in model to use when --model is left out.",
+)
 @click.option("--served-model-name", default=None, help="Model id clients use (default: the directory name).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind and advertised address.")
-@click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True, help="HTTP port (0: a free port, reported).")
-@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None, help="Separate Prometheus port (default: /metrics on --port).")
-@click.option("--splitwise-role", type=click.Choice(["mixed", "prefill", "decode"]), default="mixed", show_default=True)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    show_default=True,
+    help="HTTP port (0: a free port, reported).",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Separate Prometheus port (default: /metrics on --port).",
+)
+@click.option(
+    "--splitwise-role", type=click.Choice(["mixed", "prefill", "decode"]), default="mixed", show_default=True
+)
 @scheduler_options
-@click.option("--cache-transfer-protocol", default="ipc,tcp", show_default=True,
-              help="Preference list of KV transfer protocols (ipc, rdma, tcp), as in FastDeploy.")
+@click.option(
+    "--cache-transfer-protocol",
+    default="ipc,tcp",
+    show_default=True,
+    help="Preference list of KV transfer protocols (ipc, rdma, tcp), as in FastDeploy.",
+)
 @click.option("--rdma-comm-ports", default=None, help="Comma list of RDMA listener ports (decode).")
-@click.option("--pd-comm-port", type=click.IntRange(0, 65535), default=0, show_default=True, help="P<->D control channel port.")
-@click.option("--kv-transfer-port", type=click.IntRange(0, 65535), default=0, show_default=True, help="tcp transport listener port (decode).")
-@click.option("--cluster-token", default=None, help="Shared secret for P<->D connections (or env SPLITWISE_CLUSTER_TOKEN; default: a random per-topic token in Redis).")
-@click.option("--api-key", default=None, envvar="SPLITWISE_API_KEY", help="Require 'Authorization: Bearer KEY' (or env SPLITWISE_API_KEY).")
-@click.option("--pd-fallback", type=click.Choice(["local", "fail"]), default="local", show_default=True,
-              help="When the remote prefill fails: prefill on the decode node, or fail the request.")
-@click.option("--max-waiting-for-blocks", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Decode: requests that may wait for free KV blocks; beyond it a request fails with a retryable error (503).")
-@click.option("--decode-headroom-tokens", type=click.IntRange(min=0), default=16, show_default=True,
-              help="Decode: KV reserved beyond the prompt when a request arrives.")
-@click.option("--transfer-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True, help="Seconds for a remote prefill + KV transfer.")
-@click.option("--max-model-len", type=click.IntRange(min=1), default=None, help="Context length (default: the model's).")
-@click.option("--block-size", type=click.IntRange(min=1), default=16, show_default=True, help="Tokens per KV block (power of two).")
-@click.option("--num-kv-blocks", type=click.IntRange(min=1), default=None, help="KV blocks (default: from --kv-cache-memory-gb).")
-@click.option("--kv-cache-memory-gb", type=click.FloatRange(min=0, min_open=True), default=0.5, show_default=True)
+@click.option(
+    "--pd-comm-port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    show_default=True,
+    help="P<->D control channel port.",
+)
+@click.option(
+    "--kv-transfer-port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    show_default=True,
+    help="tcp transport listener port (decode).",
+)
+@click.option(
+    "--cluster-token",
+    default=None,
+    help="Shared secret for P<->D connections (or env SPLITWISE_CLUSTER_TOKEN; default: a random per-topic token in Redis).",
+)
+@click.option(
+    "--api-key",
+    default=None,
+    envvar="SPLITWISE_API_KEY",
+    help="Require 'Authorization: Bearer KEY' (or env SPLITWISE_API_KEY).",
+)
+@click.option(
+    "--pd-fallback",
+    type=click.Choice(["local", "fail"]),
+    default="local",
+    show_default=True,
+    help="When the remote prefill fails: prefill on the decode node, or fail the request.",
+)
+@click.option(
+    "--max-waiting-for-blocks",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Decode: requests that may wait for free KV blocks; beyond it a request fails with a retryable error (503).",
+)
+@click.option(
+    "--decode-headroom-tokens",
+    type=click.IntRange(min=0),
+    default=16,
+    show_default=True,
+    help="Decode: KV reserved beyond the prompt when a request arrives.",
+)
+@click.option(
+    "--transfer-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=60.0,
+    show_default=True,
+    help="Seconds for a remote prefill + KV transfer.",
+)
+@click.option(
+    "--max-model-len", type=click.IntRange(min=1), default=None, help="Context length (default: the model's)."
+)
+@click.option(
+    "--block-size",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="Tokens per KV block (power of two).",
+)
+@click.option(
+    "--num-kv-blocks",
+    type=click.IntRange(min=1),
+    default=None,
+    help="KV blocks (default: from --kv-cache-memory-gb).",
+)
+@click.option(
+    "--kv-cache-memory-gb", type=click.FloatRange(min=0, min_open=True), default=0.5, show_default=True
+)
 @click.option("--max-num-seqs", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--max-num-batched-tokens", type=click.IntRange(min=1), default=2048, show_default=True, help="Token budget per step (the prefill chunk size).")
+@click.option(
+    "--max-num-batched-tokens",
+    type=click.IntRange(min=1),
+    default=2048,
+    show_default=True,
+    help="Token budget per step (the prefill chunk size).",
+)
 @click.option("--enable-prefix-caching/--no-enable-prefix-caching", default=True, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option(
+    "--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True
+)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--torch-threads", type=click.IntRange(min=1), default=None, help="CPU threads for torch (default: torch's choice).")
+@click.option(
+    "--torch-threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="CPU threads for torch (default: torch's choice).",
+)
 @click.option("--node-id", default=None, help="Stable node id (default: role + random suffix).")
 # Hidden: tests and benchmarks only.
-@click.option("--debug-prefill-layer-delay-ms", type=click.FloatRange(min=0), default=0.0, hidden=True,
-              help="Prefill: sleep this long per layer of a batch holding a remote request (failure tests).")
-@click.option("--debug-step-delay-ms", type=click.FloatRange(min=0), default=0.0, hidden=True,
-              help="Any role: sleep this long after every engine step (failure tests act mid-decode).")
-@click.option("--debug-unpipelined-transfer", is_flag=True, default=False, hidden=True,
-              help="Prefill: ship every layer only after the prefill finished (pipelining baseline).")
-@click.option("--ready-file", default=None, type=click.Path(dir_okay=False), help="Write a JSON line with the ports here once serving.")
+@click.option(
+    "--debug-prefill-layer-delay-ms",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    hidden=True,
+    help="Prefill: sleep this long per layer of a batch holding a remote request (failure tests).",
+)
+@click.option(
+    "--debug-step-delay-ms",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    hidden=True,
+    help="Any role: sleep this long after every engine step (failure tests act mid-decode).",
+)
+@click.option(
+    "--debug-unpipelined-transfer",
+    is_flag=True,
+    default=False,
+    hidden=True,
+    help="Prefill: ship every layer only after the prefill finished (pipelining baseline).",
+)
+@click.option(
+    "--ready-file",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Write a JSON line with the ports here once serving.",
+)
 def serve(**opts: Any) -> None:
     """Serve the OpenAI API from one instance (`--splitwise-role mixed|prefill|decode`).
 

@@ -20,20 +20,70 @@ from splitwise.cluster import Child, ClusterError, ClusterSpec, LocalCluster
 
 @click.command("up")
 @click.option("--model", default=None, help="Local model directory (default: the built-in `small` model).")
-@click.option("--prefill", "num_prefill", type=click.IntRange(min=1), default=1, show_default=True, help="Prefill instances.")
-@click.option("--decode", "num_decode", type=click.IntRange(min=1), default=1, show_default=True, help="Decode instances.")
-@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="HTTP port of the entry (first decode) instance.")
-@click.option("--transfer", type=click.Choice(["ipc", "tcp", "rdma"]), default="ipc", show_default=True, help="KV transfer protocol between P and D.")
+@click.option(
+    "--prefill",
+    "num_prefill",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Prefill instances.",
+)
+@click.option(
+    "--decode",
+    "num_decode",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Decode instances.",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8000,
+    show_default=True,
+    help="HTTP port of the entry (first decode) instance.",
+)
+@click.option(
+    "--transfer",
+    type=click.Choice(["ipc", "tcp", "rdma"]),
+    default="ipc",
+    show_default=True,
+    help="KV transfer protocol between P and D.",
+)
 @click.option("--scheduler-host", default=None, help="Use this Redis instead of starting one.")
 @click.option("--scheduler-port", type=click.IntRange(1, 65535), default=6379, show_default=True)
 @click.option("--scheduler-topic", default="splitwise", show_default=True)
-@click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=900.0, show_default=True, help="Seconds to wait for every instance.")
-def up(model: str | None, num_prefill: int, num_decode: int, port: int, transfer: str, scheduler_host: str | None,
-       scheduler_port: int, scheduler_topic: str, timeout_s: float) -> None:
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(min=1),
+    default=900.0,
+    show_default=True,
+    help="Seconds to wait for every instance.",
+)
+def up(
+    model: str | None,
+    num_prefill: int,
+    num_decode: int,
+    port: int,
+    transfer: str,
+    scheduler_host: str | None,
+    scheduler_port: int,
+    scheduler_topic: str,
+    timeout_s: float,
+) -> None:
     """Start a local cluster: redis-server, N prefill and M decode instances."""
     try:
-        spec = ClusterSpec(model=model, num_prefill=num_prefill, num_decode=num_decode, port=port, transfer=transfer,
-                           scheduler_host=scheduler_host, scheduler_port=scheduler_port, topic=scheduler_topic)
+        spec = ClusterSpec(
+            model=model,
+            num_prefill=num_prefill,
+            num_decode=num_decode,
+            port=port,
+            transfer=transfer,
+            scheduler_host=scheduler_host,
+            scheduler_port=scheduler_port,
+            topic=scheduler_topic,
+        )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     if model is None:
@@ -66,14 +116,20 @@ def up(model: str | None, num_prefill: int, num_decode: int, port: int, transfer
             return
         entry = cluster.entry
         click.echo(f"OpenAI base URL: {entry.base_url}")
-        click.echo(f"try: curl {entry.base_url}/completions -H 'Content-Type: application/json' "
-                   f"-d '{{\"prompt\": \"Hello\", \"max_tokens\": 16}}'", err=True)
+        click.echo(
+            f"try: curl {entry.base_url}/completions -H 'Content-Type: application/json' "
+            f'-d \'{{"prompt": "Hello", "max_tokens": 16}}\'',
+            err=True,
+        )
         sys.stdout.flush()
         while not stop.is_set():
             dead = cluster.dead_children()
             if dead:
                 for child in dead:
-                    click.echo(f"{child.name} exited unexpectedly with {child.process.returncode}\n{cluster.log_tail(child)}", err=True)
+                    click.echo(
+                        f"{child.name} exited unexpectedly with {child.process.returncode}\n{cluster.log_tail(child)}",
+                        err=True,
+                    )
                 code = 1
                 break
             stop.wait(0.5)
@@ -87,4 +143,3 @@ def up(model: str | None, num_prefill: int, num_decode: int, port: int, transfer
         click.echo(f"stopped ({time.monotonic() - started:.1f}s)", err=True)
     if code:
         sys.exit(code)
-

@@ -161,7 +161,9 @@ class EngineConfig:
         if self.max_num_seqs < 1:
             raise ValueError(f"--max-num-seqs: {self.max_num_seqs} must be >= 1")
         if self.max_num_batched_tokens < self.block_size:
-            raise ValueError(f"--max-num-batched-tokens: {self.max_num_batched_tokens} must be >= --block-size")
+            raise ValueError(
+                f"--max-num-batched-tokens: {self.max_num_batched_tokens} must be >= --block-size"
+            )
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -182,5 +184,7 @@ def _sliding_window(cfg: dict[str, Any], family: str) -> int | None:
     if window is None:
         return None
     if not isinstance(window, int) or window < 1:
-        raise ModelLoadError(f"config.json: sliding_window must be a positive integer or null, got {window!r}")
+        raise ModelLoadError(
+            f"config.json: sliding_window must be a positive integer or null, got {window!r}"
+        )
     return window

@@ -67,7 +67,9 @@ class LLMEngine:
         self.kv_cache = kv_cache if kv_cache is not None else build_kv_cache(self.model_config, config)
         self.runner = ModelRunner(self.model_config, config, self.kv_cache)
         self.block_manager = BlockManager(
-            self.kv_cache.geometry.num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching
+            self.kv_cache.geometry.num_blocks,
+            config.block_size,
+            enable_prefix_caching=config.enable_prefix_caching,
         )
         eos = set(self.tokenizer.eos_token_ids) | set(self.model_config.eos_token_ids)
         self.stop_checker = StopChecker(eos_token_ids=eos, max_model_len=self.max_model_len)
@@ -100,7 +102,9 @@ class LLMEngine:
     ) -> None:
         """Queue a request. Raises InvalidRequestError for bad input (nothing is queued then)."""
         self.validate_prompt(prompt_token_ids, req_id=req_id)
-        seq = Sequence(req_id=req_id, prompt_token_ids=list(prompt_token_ids), params=params, prefill_only=prefill_only)
+        seq = Sequence(
+            req_id=req_id, prompt_token_ids=list(prompt_token_ids), params=params, prefill_only=prefill_only
+        )
         self.scheduler.add(seq)
         if self._wants_text(params):
             self._texts[req_id] = TextStream(self.tokenizer, seq.prompt_token_ids, params)
@@ -121,7 +125,9 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab]
         if bad:
-            raise InvalidRequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})", req_id=req_id)
+            raise InvalidRequestError(
+                f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})", req_id=req_id
+            )
 
     def abort(self, req_id: str) -> None:
         """Cancel a request at any stage (queued, prefilling, decoding, held for transfer, or a

@@ -93,9 +93,14 @@ class KVCacheGeometry:
     def blocks_for_memory(
         memory_bytes: int, *, num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: str
     ) -> int:
-        per_block_all_layers = 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty(
-            (), dtype=DTYPES[dtype]
-        ).element_size()
+        per_block_all_layers = (
+            2
+            * num_layers
+            * block_size
+            * num_kv_heads
+            * head_dim
+            * torch.empty((), dtype=DTYPES[dtype]).element_size()
+        )
         return max(1, memory_bytes // per_block_all_layers)
 
 
@@ -108,7 +113,9 @@ class KVCache:
     creator unlinks it on ``close()``.
     """
 
-    def __init__(self, geometry: KVCacheGeometry, *, device: str = "cpu", shm_name: str | None = None) -> None:
+    def __init__(
+        self, geometry: KVCacheGeometry, *, device: str = "cpu", shm_name: str | None = None
+    ) -> None:
         self.geometry = geometry
         self.device = torch.device(device)
         self.shm_name = shm_name

@@ -62,14 +62,20 @@ class InstanceConfig:
             raise ValueError(
                 f"--splitwise-role {self.role} needs --scheduler-name splitwise (the local scheduler serves one mixed instance)"
             )
-        for flag, port in (("--port", self.port), ("--pd-comm-port", self.pd_comm_port), ("--kv-transfer-port", self.kv_transfer_port)):
+        for flag, port in (
+            ("--port", self.port),
+            ("--pd-comm-port", self.pd_comm_port),
+            ("--kv-transfer-port", self.kv_transfer_port),
+        ):
             if not 0 <= port < 65536:
                 raise ValueError(f"{flag}: {port} is not a TCP port")
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
             raise ValueError(f"--metrics-port: {self.metrics_port} is not a TCP port")
         bad = [p for p in self.cache_transfer_protocols if p not in TRANSFER_PROTOCOLS]
         if bad or not self.cache_transfer_protocols:
-            raise ValueError(f"--cache-transfer-protocol: {list(self.cache_transfer_protocols)} must be some of {list(TRANSFER_PROTOCOLS)}")
+            raise ValueError(
+                f"--cache-transfer-protocol: {list(self.cache_transfer_protocols)} must be some of {list(TRANSFER_PROTOCOLS)}"
+            )
         if self.pd_fallback not in PD_FALLBACKS:
             raise ValueError(f"--pd-fallback: {self.pd_fallback!r} is not one of {list(PD_FALLBACKS)}")
         if self.transfer_timeout_s <= 0:
@@ -77,7 +83,9 @@ class InstanceConfig:
         if self.max_waiting_for_blocks < 1:
             raise ValueError(f"--max-waiting-for-blocks: {self.max_waiting_for_blocks} must be >= 1")
         if self.debug_prefill_layer_delay_s < 0:
-            raise ValueError(f"--debug-prefill-layer-delay-ms: {self.debug_prefill_layer_delay_s * 1000} must be >= 0")
+            raise ValueError(
+                f"--debug-prefill-layer-delay-ms: {self.debug_prefill_layer_delay_s * 1000} must be >= 0"
+            )
         if self.debug_step_delay_s < 0:
             raise ValueError(f"--debug-step-delay-ms: {self.debug_step_delay_s * 1000} must be >= 0")
         if self.decode_headroom_tokens < 0:

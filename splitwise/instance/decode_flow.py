@@ -98,7 +98,9 @@ class DecodeFlow:
 
     # -- NodeRuntime's DisaggDecoder ----------------------------------------------------------
 
-    async def start_request(self, item: WorkItem, prompt: list[int], params: SamplingParams) -> asyncio.Queue[RequestOutput]:
+    async def start_request(
+        self, item: WorkItem, prompt: list[int], params: SamplingParams
+    ) -> asyncio.Queue[RequestOutput]:
         req_id = item.req_id
         self._starting.add(req_id)
         try:
@@ -112,7 +114,9 @@ class DecodeFlow:
             self._starting.discard(req_id)
             self._cancelled.discard(req_id)
 
-    async def _start(self, item: WorkItem, prompt: list[int], params: SamplingParams) -> asyncio.Queue[RequestOutput]:
+    async def _start(
+        self, item: WorkItem, prompt: list[int], params: SamplingParams
+    ) -> asyncio.Queue[RequestOutput]:
         req_id = item.req_id
         await self.worker.call(lambda e: e.validate_prompt(prompt, req_id=req_id))
         block_ids = await self._reserve(req_id, self._reservation_tokens(req_id, len(prompt)))
@@ -133,18 +137,29 @@ class DecodeFlow:
         self.counters.incr("transfer_latency_ms", int((time.monotonic() - started) * 1000))
         if self.transfer_metrics is not None:
             num_prompt_blocks = -(-len(prompt) // self.worker.engine.config.block_size)
-            self.transfer_metrics.landed(item.assignment.protocol or "tcp", time.monotonic() - started, num_prompt_blocks)
+            self.transfer_metrics.landed(
+                item.assignment.protocol or "tcp", time.monotonic() - started, num_prompt_blocks
+            )
         landed_ms = round((time.monotonic() - started) * 1000, 1)
-        log.info("remote prefill landed", peer=item.assignment.prefill_node_id, protocol=item.assignment.protocol,
-                 num_blocks=len(block_ids), ms=landed_ms)
-        self.last_transfer[req_id] = f"protocol={item.assignment.protocol} blocks={len(block_ids)} ms={landed_ms}"
+        log.info(
+            "remote prefill landed",
+            peer=item.assignment.prefill_node_id,
+            protocol=item.assignment.protocol,
+            num_blocks=len(block_ids),
+            ms=landed_ms,
+        )
+        self.last_transfer[req_id] = (
+            f"protocol={item.assignment.protocol} blocks={len(block_ids)} ms={landed_ms}"
+        )
         if req_id in self._cancelled:  # every write landed, so the blocks can go back at once
             await self.worker.call(lambda e: e.release_reservation(req_id))
             raise RequestCancelled("cancelled once the remote prefill had landed")
         out_q = self.worker.attach(req_id)
 
         def admit(engine: Any) -> None:
-            first_out = engine.add_prefilled_request(req_id, prompt, params, first.first_token_id, first.logprob)
+            first_out = engine.add_prefilled_request(
+                req_id, prompt, params, first.first_token_id, first.logprob
+            )
             self.worker.deliver_from_engine_thread([first_out])
 
         # No await between these two: a cancel from now on is an engine abort, queued after admit.
@@ -178,7 +193,9 @@ class DecodeFlow:
     def on_peer_lost(self, peer_id: str) -> None:
         for pending in self._pending.values():
             if pending.peer_id == peer_id and not pending.future.done():
-                pending.future.set_exception(PrefillUnavailable(f"lost the control connection to prefill node {peer_id}"))
+                pending.future.set_exception(
+                    PrefillUnavailable(f"lost the control connection to prefill node {peer_id}")
+                )
 
     # -- steps --------------------------------------------------------------------------------
 
@@ -199,7 +216,8 @@ class DecodeFlow:
         """Reserve KV blocks, waiting (bounded queue, backing off) while the node is full."""
         if self.num_waiting_for_blocks >= self.config.max_waiting_for_blocks:
             raise DecodeCapacityError(
-                f"{self.num_waiting_for_blocks} requests already wait for KV blocks on this decode node", req_id=req_id
+                f"{self.num_waiting_for_blocks} requests already wait for KV blocks on this decode node",
+                req_id=req_id,
             )
         delay = _RESERVE_POLL_S[0]
         self.num_waiting_for_blocks += 1
@@ -234,14 +252,21 @@ class DecodeFlow:
         try:
             conn = await self.channel.connection_to(a.prefill_node_id, a.prefill_host, a.prefill_pd_comm_port)
             task = PrefillTask(
-                call_id=0, req_id=req_id, prompt_token_ids=prompt, sampling_params=_params_dict(params),
-                dst_block_ids=dst, protocol=protocol, endpoint=target.endpoint(),
+                call_id=0,
+                req_id=req_id,
+                prompt_token_ids=prompt,
+                sampling_params=_params_dict(params),
+                dst_block_ids=dst,
+                protocol=protocol,
+                endpoint=target.endpoint(),
             )
             await self.channel.call(conn, task)
             result = await asyncio.wait_for(future, self.config.transfer_timeout_s)
             status = target.poll(req_id)
             if not status.is_done:
-                raise PrefillUnavailable(f"KV transfer not complete: {status.state.value} {status.reason or ''}".strip())
+                raise PrefillUnavailable(
+                    f"KV transfer not complete: {status.state.value} {status.reason or ''}".strip()
+                )
             target.forget(req_id)
             return result
         except BaseException:
@@ -251,7 +276,9 @@ class DecodeFlow:
         finally:
             self._pending.pop(req_id, None)
 
-    async def _fallback(self, item: WorkItem, prompt: list[int], params: SamplingParams, exc: BaseException) -> asyncio.Queue[RequestOutput]:
+    async def _fallback(
+        self, item: WorkItem, prompt: list[int], params: SamplingParams, exc: BaseException
+    ) -> asyncio.Queue[RequestOutput]:
         self.counters.incr("transfer_failures")
         protocol = item.assignment.protocol or "tcp"
         if self.transfer_metrics is not None:
@@ -262,8 +289,11 @@ class DecodeFlow:
         self.counters.incr("fallbacks")
         if self.transfer_metrics is not None:
             self.transfer_metrics.fell_back(protocol)
-        log.warning("remote prefill failed; prefilling locally (--pd-fallback local)", error=str(exc),
-                    peer=item.assignment.prefill_node_id)
+        log.warning(
+            "remote prefill failed; prefilling locally (--pd-fallback local)",
+            error=str(exc),
+            peer=item.assignment.prefill_node_id,
+        )
         return self.worker.submit(item.req_id, prompt, params)
 
     def _retire_reservation(self, req_id: str, conn: ControlConnection | None) -> None:
@@ -272,10 +302,14 @@ class DecodeFlow:
         async def retire() -> None:
             if conn is not None and not conn.is_closed:
                 try:
-                    await self.channel.call(conn, CancelRequest(call_id=0, req_id=req_id, reason="decode gave up"))
+                    await self.channel.call(
+                        conn, CancelRequest(call_id=0, req_id=req_id, reason="decode gave up")
+                    )
                 except SplitwiseError as exc:
                     # No answer: P is gone or wedged. Closing the connection is what makes P stop.
-                    log.warning("prefill node did not confirm the cancel; closing its connection", error=str(exc))
+                    log.warning(
+                        "prefill node did not confirm the cancel; closing its connection", error=str(exc)
+                    )
                     conn.close("cancel not confirmed")
             try:
                 await self.worker.call(lambda e: e.release_reservation(req_id))

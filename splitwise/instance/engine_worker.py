@@ -48,7 +48,9 @@ class LoadSnapshot:
 
 
 class EngineWorker:
-    def __init__(self, engine: LLMEngine, loop: asyncio.AbstractEventLoop, *, step_delay_s: float = 0.0) -> None:
+    def __init__(
+        self, engine: LLMEngine, loop: asyncio.AbstractEventLoop, *, step_delay_s: float = 0.0
+    ) -> None:
         self.engine = engine
         # Debug only (--debug-step-delay-ms): a pause after every step, so failure tests can act
         # while a request is observably mid-decode.
@@ -88,7 +90,9 @@ class EngineWorker:
             try:
                 self.engine.add_request(req_id, prompt_token_ids, params, prefill_only=prefill_only)
             except EngineError as exc:
-                self._deliver([RequestOutput(req_id=req_id, finish_reason=FinishReason.ABORT, error=str(exc))])
+                self._deliver(
+                    [RequestOutput(req_id=req_id, finish_reason=FinishReason.ABORT, error=str(exc))]
+                )
 
         self._commands.put(add)
         return out_q

@@ -22,27 +22,45 @@ log = get_logger(__name__)
 _METRICS_REFRESH_S = 1.0
 
 
-async def start_http_server(instance: Instance, sock: socket.socket) -> tuple[Any, asyncio.Task[None], int | None]:
+async def start_http_server(
+    instance: Instance, sock: socket.socket
+) -> tuple[Any, asyncio.Task[None], int | None]:
     """Serve the app on ``sock``; returns (uvicorn server, its task, metrics port or None)."""
     assert instance.engine is not None
     engine = instance.engine
     metrics = instance.metrics
-    metrics.add_counters_source("splitwise_transfer_events", instance.counters.snapshot,
-                                "P/D transfer events (transfers_ok, transfer_failures, fallbacks, reserve_waits, ...).")
-    transports: list[TransportTarget | TransportInitiator] = [*instance.targets.values(), *instance.initiators.values()]
+    metrics.add_counters_source(
+        "splitwise_transfer_events",
+        instance.counters.snapshot,
+        "P/D transfer events (transfers_ok, transfer_failures, fallbacks, reserve_waits, ...).",
+    )
+    transports: list[TransportTarget | TransportInitiator] = [
+        *instance.targets.values(),
+        *instance.initiators.values(),
+    ]
     if transports:
         metrics.add_counters_source(
             "splitwise_kv_transport_events",
-            lambda: {f"{t.protocol}_{event}": n for t in transports for event, n in t.counters.snapshot().items()},
+            lambda: {
+                f"{t.protocol}_{event}": n for t in transports for event, n in t.counters.snapshot().items()
+            },
             "KV transport events by protocol (ipc_requests_begun, tcp_bytes_received, tcp_transfers_done, ...).",
         )
     if instance.channel is not None:
-        metrics.add_counters_source("splitwise_pd_control_events", instance.channel.server.counters.snapshot,
-                                    "P/D control channel events (connections_accepted, refused_auth, refused_incompatible, ...).")
-    for name, side in (("splitwise_scheduler_frontend_events", instance.frontend), ("splitwise_scheduler_node_events", instance.node)):
+        metrics.add_counters_source(
+            "splitwise_pd_control_events",
+            instance.channel.server.counters.snapshot,
+            "P/D control channel events (connections_accepted, refused_auth, refused_incompatible, ...).",
+        )
+    for name, side in (
+        ("splitwise_scheduler_frontend_events", instance.frontend),
+        ("splitwise_scheduler_node_events", instance.node),
+    ):
         stats = getattr(side, "stats", None)
         if stats is not None and hasattr(stats, "snapshot"):
-            metrics.add_counters_source(name, stats.snapshot, "Scheduler events (submitted, redispatched, expired, ...).")
+            metrics.add_counters_source(
+                name, stats.snapshot, "Scheduler events (submitted, redispatched, expired, ...)."
+            )
     app = create_app(
         frontend=instance.frontend,
         tokenizer=engine.tokenizer,
@@ -53,7 +71,9 @@ async def start_http_server(instance: Instance, sock: socket.socket) -> tuple[An
         api_key=instance.config.api_key,
         eos_token_ids=sorted(engine.stop_checker.eos_token_ids),
     )
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=5
+    )
     server = uvicorn.Server(config)
     # While serving, uvicorn captures SIGINT/SIGTERM itself (stops accepting, drains for up to
     # timeout_graceful_shutdown), then restores and re-raises them, which reaches the instance's
@@ -87,7 +107,9 @@ async def _refresh_metrics(instance: Instance, metrics: ApiMetrics) -> None:
                 last_redispatched = redispatched
         load = instance.worker.load
         metrics.num_requests_running.set(load.running_requests)
-        waiting = load.waiting_requests + (instance.decode_flow.num_waiting_for_blocks if instance.decode_flow else 0)
+        waiting = load.waiting_requests + (
+            instance.decode_flow.num_waiting_for_blocks if instance.decode_flow else 0
+        )
         metrics.num_requests_waiting.set(waiting)
         metrics.queued_prefill_tokens.set(load.queued_prefill_tokens)
         metrics.kv_blocks_total.set(load.total_kv_blocks)
@@ -95,6 +117,8 @@ async def _refresh_metrics(instance: Instance, metrics: ApiMetrics) -> None:
         metrics.kv_cache_usage.set(load.kv_usage)
         prompt, cached = stats.num_prompt_tokens, stats.num_cached_prompt_tokens
         if prompt > last_prompt:
-            metrics.record_prefix_cache_lookup(queried_tokens=prompt - last_prompt, hit_tokens=max(0, cached - last_cached))
+            metrics.record_prefix_cache_lookup(
+                queried_tokens=prompt - last_prompt, hit_tokens=max(0, cached - last_cached)
+            )
             last_prompt, last_cached = prompt, cached
         await asyncio.sleep(_METRICS_REFRESH_S)

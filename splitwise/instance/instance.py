@@ -81,7 +81,9 @@ class Instance:
         cfg = self.config
         loop = asyncio.get_running_loop()
         engine_cfg = cfg.engine
-        wants_shm = cfg.role == "decode" and "ipc" in cfg.cache_transfer_protocols and engine_cfg.device == "cpu"
+        wants_shm = (
+            cfg.role == "decode" and "ipc" in cfg.cache_transfer_protocols and engine_cfg.device == "cpu"
+        )
         if wants_shm and engine_cfg.kv_cache_shm_name is None:
             cfg = cfg.with_engine(kv_cache_shm_name=default_shm_name())
         log.info("loading model", model=cfg.engine.model, role=cfg.role)
@@ -131,10 +133,17 @@ class Instance:
                 usable.append(protocol)
             except (UnknownProtocolError, OSError, ValueError) as exc:
                 self.counters.incr("transports_unavailable")
-                log.warning("transfer protocol unavailable on this node; skipping it", protocol=protocol, error=str(exc), preference=index)
+                log.warning(
+                    "transfer protocol unavailable on this node; skipping it",
+                    protocol=protocol,
+                    error=str(exc),
+                    preference=index,
+                )
             except Exception as exc:  # noqa: BLE001 - e.g. pyverbs errors: a protocol we cannot use
                 self.counters.incr("transports_unavailable")
-                log.warning("transfer protocol failed to start; skipping it", protocol=protocol, error=str(exc))
+                log.warning(
+                    "transfer protocol failed to start; skipping it", protocol=protocol, error=str(exc)
+                )
         if not usable:
             raise ValueError(
                 f"--cache-transfer-protocol: none of {list(cfg.cache_transfer_protocols)} can be used on this node (see the log)"
@@ -158,7 +167,9 @@ class Instance:
     def _compat(self) -> Compatibility:
         assert self.engine is not None
         g = self.engine.kv_cache.geometry
-        return Compatibility(self.config.model_id, g.dtype, g.block_size, g.num_layers, g.num_kv_heads, g.head_dim)
+        return Compatibility(
+            self.config.model_id, g.dtype, g.block_size, g.num_layers, g.num_kv_heads, g.head_dim
+        )
 
     def _start_channel(self, token: str) -> None:
         assert self.worker is not None
@@ -167,19 +178,36 @@ class Instance:
             return
         loop = asyncio.get_running_loop()
         self.channel = PDChannel(
-            loop, node_id=self.node_id, token=token, compat=self._compat(), host=cfg.host, port=cfg.pd_comm_port,
-            on_message=self._on_control_message, validate=self._validate_control_message,
+            loop,
+            node_id=self.node_id,
+            token=token,
+            compat=self._compat(),
+            host=cfg.host,
+            port=cfg.pd_comm_port,
+            on_message=self._on_control_message,
+            validate=self._validate_control_message,
             on_disconnect=self._on_peer_lost,
         )
         self.ports.pd_comm = self.channel.port
         if cfg.role == "decode":
-            self.decode_flow = DecodeFlow(cfg, self.worker, self.channel, self.targets, self.counters,
-                                          transfer_metrics=self._transfer_metrics())
+            self.decode_flow = DecodeFlow(
+                cfg,
+                self.worker,
+                self.channel,
+                self.targets,
+                self.counters,
+                transfer_metrics=self._transfer_metrics(),
+            )
         else:
             self.prefill_flow = PrefillFlow(
-                self.worker, self.channel, self.initiators, self.counters,
-                release_booking=self._release_prefill_booking, transfer_timeout_s=cfg.transfer_timeout_s,
-                layer_delay_s=cfg.debug_prefill_layer_delay_s, pipelined=cfg.pipelined_transfer,
+                self.worker,
+                self.channel,
+                self.initiators,
+                self.counters,
+                release_booking=self._release_prefill_booking,
+                transfer_timeout_s=cfg.transfer_timeout_s,
+                layer_delay_s=cfg.debug_prefill_layer_delay_s,
+                pipelined=cfg.pipelined_transfer,
                 transfer_metrics=self._transfer_metrics(),
             )
 
@@ -199,8 +227,13 @@ class Instance:
             self.frontend = FrontendScheduler(cfg.scheduler, model_id=cfg.model_id, kv=kv)
             self.node = NodeAgent(cfg.scheduler, load_provider=self._load_report)
         info = NodeInfo(
-            node_id=self.node_id, role=cfg.role, host=cfg.host, http_port=self.ports.http, pd_comm_port=self.ports.pd_comm,
-            model_id=cfg.model_id, kv=kv,
+            node_id=self.node_id,
+            role=cfg.role,
+            host=cfg.host,
+            http_port=self.ports.http,
+            pd_comm_port=self.ports.pd_comm,
+            model_id=cfg.model_id,
+            kv=kv,
             transfer_protocols=list(getattr(self, "_usable_protocols", ["tcp"])),
             transfer_endpoints=dict(self.ports.transfer),
         )
@@ -222,7 +255,9 @@ class Instance:
     async def _start_http(self) -> None:
         from splitwise.instance.http import start_http_server
 
-        self._http_server, self._http_task, self.ports.metrics = await start_http_server(self, self._http_sock)
+        self._http_server, self._http_task, self.ports.metrics = await start_http_server(
+            self, self._http_sock
+        )
 
     # -- control channel plumbing -------------------------------------------------------------
 

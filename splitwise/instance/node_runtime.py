@@ -41,7 +41,9 @@ class NodeSide(Protocol):
 class DisaggDecoder(Protocol):
     """The decode-side P/D flow (splitwise/instance/decode_flow.py)."""
 
-    async def start_request(self, item: WorkItem, prompt: list[int], params: SamplingParams) -> asyncio.Queue[RequestOutput]: ...
+    async def start_request(
+        self, item: WorkItem, prompt: list[int], params: SamplingParams
+    ) -> asyncio.Queue[RequestOutput]: ...
     def cancel(self, req_id: str) -> bool: ...  # True: the flow frees the request's blocks itself
 
     last_transfer: dict[str, str]  # req_id -> what the KV transfer did, taken once by the runtime
@@ -132,18 +134,36 @@ class NodeRuntime:
             except SplitwiseError as exc:  # deliberate: bad input, no capacity, remote prefill failed
                 log.warning("request failed", error=str(exc), retryable=exc.retryable)
                 code = "invalid_request" if isinstance(exc, InvalidRequestError) else _error_code(exc)
-                await self._terminal(item, Failed(req_id=item.req_id, attempt=item.attempt, code=code,
-                                                  message=str(exc), retryable=exc.retryable))
+                await self._terminal(
+                    item,
+                    Failed(
+                        req_id=item.req_id,
+                        attempt=item.attempt,
+                        code=code,
+                        message=str(exc),
+                        retryable=exc.retryable,
+                    ),
+                )
             except Exception as exc:  # noqa: BLE001 - this request's error boundary: a bug
                 log.exception("request failed with an internal error", error=str(exc))
-                await self._terminal(item, Failed(req_id=item.req_id, attempt=item.attempt, code="internal",
-                                                  message=f"internal error: {type(exc).__name__}: {exc}"))
+                await self._terminal(
+                    item,
+                    Failed(
+                        req_id=item.req_id,
+                        attempt=item.attempt,
+                        code="internal",
+                        message=f"internal error: {type(exc).__name__}: {exc}",
+                    ),
+                )
 
     async def _serve_inner(self, item: WorkItem) -> None:
         try:
             req = prepare(item)
         except EngineError as exc:
-            await self._terminal(item, Failed(req_id=item.req_id, attempt=item.attempt, code="invalid_request", message=str(exc)))
+            await self._terminal(
+                item,
+                Failed(req_id=item.req_id, attempt=item.attempt, code="invalid_request", message=str(exc)),
+            )
             return
         if item.assignment.mode == "disagg":
             if self.decoder is None:
@@ -152,13 +172,19 @@ class NodeRuntime:
             transferred = self.decoder.last_transfer.pop(item.req_id, None)
             if transferred is not None:
                 await self.node.mark(item.req_id, "transferred", detail=transferred)
-            await self.node.mark(item.req_id, "decoding", detail="remote prefill" if transferred else "local prefill (fallback)")
+            await self.node.mark(
+                item.req_id,
+                "decoding",
+                detail="remote prefill" if transferred else "local prefill (fallback)",
+            )
         else:
             outputs = self.worker.submit(item.req_id, req.prompt_token_ids, req.params)
             await self.node.mark(item.req_id, "running")
         await self._stream(item, req, outputs)
 
-    async def _stream(self, item: WorkItem, req: PreparedRequest, outputs: asyncio.Queue[RequestOutput]) -> None:
+    async def _stream(
+        self, item: WorkItem, req: PreparedRequest, outputs: asyncio.Queue[RequestOutput]
+    ) -> None:
         index = req.first_index
         while True:
             batch = [await outputs.get()]
@@ -168,7 +194,13 @@ class NodeRuntime:
             logprobs = [lp for out in batch for lp in out.new_logprobs]
             if tokens:
                 await self.node.publish(
-                    TokenChunk(req_id=item.req_id, attempt=item.attempt, index=index, token_ids=tokens, logprobs=logprobs),
+                    TokenChunk(
+                        req_id=item.req_id,
+                        attempt=item.attempt,
+                        index=index,
+                        token_ids=tokens,
+                        logprobs=logprobs,
+                    ),
                     frontend_id=item.frontend_id,
                 )
                 index += len(tokens)
@@ -179,7 +211,9 @@ class NodeRuntime:
 
     async def _finish(self, item: WorkItem, out: RequestOutput, *, completion_tokens: int) -> None:
         if out.error is not None:
-            result: ResultMessage | None = Failed(req_id=item.req_id, attempt=item.attempt, code="engine_error", message=out.error)
+            result: ResultMessage | None = Failed(
+                req_id=item.req_id, attempt=item.attempt, code="engine_error", message=out.error
+            )
         elif out.finish_reason is FinishReason.ABORT:
             result = None  # cancelled by the frontend: it already ended the stream
         else:

@@ -55,8 +55,13 @@ class PDChannel:
         self._peers: dict[str, ControlConnection] = {}
         self._connecting: dict[str, asyncio.Lock] = {}
         self.server = ControlServer(
-            node_id=node_id, token=token, compat=compat, handler=self._handle, on_disconnect=self._disconnected,
-            host=host, port=port,
+            node_id=node_id,
+            token=token,
+            compat=compat,
+            handler=self._handle,
+            on_disconnect=self._disconnected,
+            host=host,
+            port=port,
         )
 
     @property
@@ -74,8 +79,13 @@ class PDChannel:
             conn = await asyncio.get_running_loop().run_in_executor(
                 None,
                 lambda: connect_control(
-                    host, port, node_id=self.node_id, token=self._token, compat=self._compat,
-                    handler=self._handle, on_disconnect=self._disconnected,
+                    host,
+                    port,
+                    node_id=self.node_id,
+                    token=self._token,
+                    compat=self._compat,
+                    handler=self._handle,
+                    on_disconnect=self._disconnected,
                 ),
             )
             with self._lock:
@@ -83,10 +93,14 @@ class PDChannel:
             log.info("pd control connected", peer=peer_id, address=f"{host}:{port}")
             return conn
 
-    async def call(self, conn: ControlConnection, message: CallMessage, timeout_s: float | None = None) -> None:
+    async def call(
+        self, conn: ControlConnection, message: CallMessage, timeout_s: float | None = None
+    ) -> None:
         """Send and wait for the peer's Ack (raises RemoteError / TransferTimeoutError / ConnectionLostError)."""
         if conn.is_closed:
-            raise ConnectionLostError("control connection is closed", req_id=message.req_id, peer=conn.peer_id)
+            raise ConnectionLostError(
+                "control connection is closed", req_id=message.req_id, peer=conn.peer_id
+            )
         await asyncio.get_running_loop().run_in_executor(
             None, lambda: conn.call(message, timeout_s or self.call_timeout_s)
         )

@@ -87,14 +87,20 @@ class PrefillFlow:
             self.cancel(message.req_id)
         elif isinstance(message, PrefillTask):
             if message.protocol not in self.initiators:
-                raise InvalidRequestError(f"this prefill node offers no {message.protocol!r} transport", req_id=message.req_id)
+                raise InvalidRequestError(
+                    f"this prefill node offers no {message.protocol!r} transport", req_id=message.req_id
+                )
             with self._lock:
                 if message.req_id in self._remote:
-                    raise InvalidRequestError("request is already being prefilled here", req_id=message.req_id)
+                    raise InvalidRequestError(
+                        "request is already being prefilled here", req_id=message.req_id
+                    )
 
     def on_message(self, conn: ControlConnection, message: CallMessage) -> None:
         if isinstance(message, PrefillTask):
-            task = asyncio.get_running_loop().create_task(self._serve(conn, message), name=f"prefill-{message.req_id}")
+            task = asyncio.get_running_loop().create_task(
+                self._serve(conn, message), name=f"prefill-{message.req_id}"
+            )
             self._tasks[message.req_id] = task
             req_id = message.req_id
             task.add_done_callback(lambda _task: self._tasks.pop(req_id, None) and None)
@@ -116,7 +122,9 @@ class PrefillFlow:
         with bind_request(req_id, peer=conn.peer_id):
             try:
                 first = await self._prefill_and_ship(conn, task)
-                reply: CallMessage = PrefillResult(call_id=0, req_id=req_id, first_token_id=first[0], logprob=first[1])
+                reply: CallMessage = PrefillResult(
+                    call_id=0, req_id=req_id, first_token_id=first[0], logprob=first[1]
+                )
                 self.counters.incr("prefills_shipped")
                 if self.transfer_metrics is not None:
                     self.transfer_metrics.shipped(task.protocol, len(task.dst_block_ids))
@@ -125,7 +133,9 @@ class PrefillFlow:
                 if self.transfer_metrics is not None:
                     self.transfer_metrics.failed(task.protocol, type(exc).__name__)
                 log.warning("prefill for a decode node failed", error=str(exc))
-                reply = PrefillFailed(call_id=0, req_id=req_id, reason=str(exc) or type(exc).__name__, retryable=True)
+                reply = PrefillFailed(
+                    call_id=0, req_id=req_id, reason=str(exc) or type(exc).__name__, retryable=True
+                )
             finally:
                 with self._lock:
                     self._remote.pop(req_id, None)
@@ -163,7 +173,10 @@ class PrefillFlow:
             initiator.forget(req_id)
             await self.worker.call(lambda e: e.release_prefill(req_id))
         if not status.is_done:
-            raise EngineError(f"KV transfer to {conn.peer_id} {status.state.value}: {status.reason or 'timed out'}", req_id=req_id)
+            raise EngineError(
+                f"KV transfer to {conn.peer_id} {status.state.value}: {status.reason or 'timed out'}",
+                req_id=req_id,
+            )
         return out.new_token_ids[0], out.new_logprobs[0]
 
     def _ship_deferred(self, req_id: str) -> None:

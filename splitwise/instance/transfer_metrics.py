@@ -18,11 +18,15 @@ class TransferMetrics:
     def landed(self, protocol: str, seconds: float, num_blocks: int) -> None:
         """D: every layer of a request landed (from sending the task to P to P's result)."""
         self.metrics.kv_transfer_latency.labels(protocol=protocol).observe(seconds)
-        self.metrics.kv_transfer_bytes.labels(protocol=protocol, direction="in").inc(self.request_bytes(num_blocks))
+        self.metrics.kv_transfer_bytes.labels(protocol=protocol, direction="in").inc(
+            self.request_bytes(num_blocks)
+        )
 
     def shipped(self, protocol: str, num_blocks: int) -> None:
         """P: D confirmed a request's blocks landed."""
-        self.metrics.kv_transfer_bytes.labels(protocol=protocol, direction="out").inc(self.request_bytes(num_blocks))
+        self.metrics.kv_transfer_bytes.labels(protocol=protocol, direction="out").inc(
+            self.request_bytes(num_blocks)
+        )
 
     def failed(self, protocol: str, reason: str) -> None:
         self.metrics.kv_transfer_failures.labels(protocol=protocol, reason=reason).inc()

@@ -50,8 +50,19 @@ class RedisServer:
         if self.port == 0:
             self.port = free_port(self.host)
         args = [
-            exe, "--port", str(self.port), "--bind", self.host, "--save", "", "--appendonly", "no",
-            "--dir", str(self.workdir), "--protected-mode", "no",
+            exe,
+            "--port",
+            str(self.port),
+            "--bind",
+            self.host,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.workdir),
+            "--protected-mode",
+            "no",
         ]
         if self.password:
             args += ["--requirepass", self.password]
@@ -67,7 +78,9 @@ class RedisServer:
             except OSError:
                 time.sleep(0.02)
         self.stop()
-        raise RedisServerError(f"redis-server did not accept connections on {self.host}:{self.port} in {timeout_s}s")
+        raise RedisServerError(
+            f"redis-server did not accept connections on {self.host}:{self.port} in {timeout_s}s"
+        )
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

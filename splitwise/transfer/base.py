@@ -163,11 +163,15 @@ def coalesce_runs(src_block_ids: Sequence[int], dst_block_ids: Sequence[int]) ->
     return runs
 
 
-def check_block_ids(block_ids: Sequence[int], num_blocks: int, *, side: str, req_id: str | None = None) -> None:
+def check_block_ids(
+    block_ids: Sequence[int], num_blocks: int, *, side: str, req_id: str | None = None
+) -> None:
     """Raise InvalidBlockIdsError unless every id is in [0, num_blocks) and none repeats."""
     bad = [b for b in block_ids if not 0 <= b < num_blocks]
     if bad:
-        raise InvalidBlockIdsError(f"{side} block ids out of range [0, {num_blocks})", req_id=req_id, block_ids=bad)
+        raise InvalidBlockIdsError(
+            f"{side} block ids out of range [0, {num_blocks})", req_id=req_id, block_ids=bad
+        )
     if len(set(block_ids)) != len(block_ids):
         raise InvalidBlockIdsError(f"{side} block ids repeat", req_id=req_id, block_ids=list(block_ids))
 
@@ -202,8 +206,11 @@ def check_compatible(local: KVCacheGeometry, remote: KVCacheGeometry, *, peer: s
     if local.compatible_with(remote):
         return
     fields = ("num_layers", "block_size", "num_kv_heads", "head_dim", "dtype")
-    diffs = [f"{name} {getattr(local, name)} != {getattr(remote, name)}" for name in fields
-             if getattr(local, name) != getattr(remote, name)]
+    diffs = [
+        f"{name} {getattr(local, name)} != {getattr(remote, name)}"
+        for name in fields
+        if getattr(local, name) != getattr(remote, name)
+    ]
     raise IncompatiblePeerError(f"KV geometry mismatch (local != peer): {'; '.join(diffs)}", peer=peer)
 
 
@@ -272,7 +279,12 @@ class TransportInitiator(abc.ABC):
 
     @abc.abstractmethod
     def write_layer(
-        self, peer_id: str, req_id: str, layer: int, src_block_ids: Sequence[int], dst_block_ids: Sequence[int]
+        self,
+        peer_id: str,
+        req_id: str,
+        layer: int,
+        src_block_ids: Sequence[int],
+        dst_block_ids: Sequence[int],
     ) -> None:
         """Called from P's per-layer callback right after layer ``layer``'s K and V are written for
         these blocks. Validates, enqueues and returns (no network round trip; copies/sends run on the

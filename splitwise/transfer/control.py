@@ -66,9 +66,18 @@ def _token_bytes(token: str | bytes) -> bytes:
 class ControlServer:
     """Accepts control connections on ``host:port`` (0 = any free port; see ``port`` after start)."""
 
-    def __init__(self, *, node_id: str, token: str | bytes, compat: Compatibility, handler: Handler,
-                 on_disconnect: DisconnectHandler | None = None, host: str = "0.0.0.0", port: int = 0,
-                 handshake_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        token: str | bytes,
+        compat: Compatibility,
+        handler: Handler,
+        on_disconnect: DisconnectHandler | None = None,
+        host: str = "0.0.0.0",
+        port: int = 0,
+        handshake_timeout_s: float = 5.0,
+    ) -> None:
         self.node_id = node_id
         self.compat = compat
         self.counters = TransferCounters()
@@ -115,8 +124,9 @@ class ControlServer:
                     log.error("control accept failed", error=str(exc))
                 continue
             # The handshake runs on its own thread so a silent client cannot stall accepting others.
-            threading.Thread(target=self._admit, args=(sock, f"{addr[0]}:{addr[1]}"), daemon=True,
-                             name="control-handshake").start()
+            threading.Thread(
+                target=self._admit, args=(sock, f"{addr[0]}:{addr[1]}"), daemon=True, name="control-handshake"
+            ).start()
 
     def _admit(self, sock: socket.socket, address: str) -> None:
         try:
@@ -126,8 +136,14 @@ class ControlServer:
             log.warning("control connection refused", peer=address, code=_refusal_code(exc), reason=str(exc))
             sock.close()
             return
-        connection = ControlConnection(sock, peer_id=peer_id, peer_compat=peer_compat, handler=self._handler,
-                                       on_disconnect=self._on_disconnect, counters=self.counters)
+        connection = ControlConnection(
+            sock,
+            peer_id=peer_id,
+            peer_compat=peer_compat,
+            handler=self._handler,
+            on_disconnect=self._on_disconnect,
+            counters=self.counters,
+        )
         with self._lock:
             self._connections.append(connection)
         self.counters.incr("connections_accepted")
@@ -164,9 +180,17 @@ class ControlServer:
         return hello.client_id, peer_compat
 
 
-def connect_control(host: str, port: int, *, node_id: str, token: str | bytes, compat: Compatibility,
-                    handler: Handler, on_disconnect: DisconnectHandler | None = None,
-                    timeout_s: float = 5.0) -> ControlConnection:
+def connect_control(
+    host: str,
+    port: int,
+    *,
+    node_id: str,
+    token: str | bytes,
+    compat: Compatibility,
+    handler: Handler,
+    on_disconnect: DisconnectHandler | None = None,
+    timeout_s: float = 5.0,
+) -> ControlConnection:
     """Connect, authenticate both ways, check compatibility. Raises AuthenticationError,
     IncompatiblePeerError (with the server's reason), ConnectionLostError, ProtocolError."""
     raw_token = _token_bytes(token)
@@ -193,8 +217,14 @@ def connect_control(host: str, port: int, *, node_id: str, token: str | bytes, c
         raise
     sock.settimeout(None)
     counters = TransferCounters()
-    return ControlConnection(sock, peer_id=welcome.server_id, peer_compat=peer_compat, handler=handler,
-                             on_disconnect=on_disconnect, counters=counters).start()
+    return ControlConnection(
+        sock,
+        peer_id=welcome.server_id,
+        peer_compat=peer_compat,
+        handler=handler,
+        on_disconnect=on_disconnect,
+        counters=counters,
+    ).start()
 
 
 def _refusal_error(refused: Refused, address: str) -> TransferError:

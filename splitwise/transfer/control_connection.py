@@ -60,8 +60,11 @@ class Compatibility:
         return cls(**data)
 
     def mismatches(self, other: Compatibility) -> list[str]:
-        return [f"{f.name}: ours {getattr(self, f.name)!r}, peer {getattr(other, f.name)!r}"
-                for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+        return [
+            f"{f.name}: ours {getattr(self, f.name)!r}, peer {getattr(other, f.name)!r}"
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != getattr(other, f.name)
+        ]
 
 
 Handler = Callable[["ControlConnection", CallMessage], None]
@@ -73,8 +76,16 @@ class ControlConnection:
     calls run ``handler`` on this connection's reader thread (so it must not block, and must not
     ``call`` back on the same connection: that would wait for a reply only this thread can read)."""
 
-    def __init__(self, sock: socket.socket, *, peer_id: str, peer_compat: Compatibility, handler: Handler,
-                 on_disconnect: DisconnectHandler | None, counters: TransferCounters) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        peer_id: str,
+        peer_compat: Compatibility,
+        handler: Handler,
+        on_disconnect: DisconnectHandler | None,
+        counters: TransferCounters,
+    ) -> None:
         self.peer_id = peer_id
         self.peer_compat = peer_compat
         self._sock = sock
@@ -107,23 +118,28 @@ class ControlConnection:
         slot: tuple[threading.Event, list[Message]] = (threading.Event(), [])
         with self._lock:
             if self._closed_reason is not None:
-                raise ConnectionLostError(f"control connection closed: {self._closed_reason}", req_id=req_id,
-                                          peer=self.peer_id)
+                raise ConnectionLostError(
+                    f"control connection closed: {self._closed_reason}", req_id=req_id, peer=self.peer_id
+                )
             self._pending[call_id] = slot
         try:
             self._send(dataclasses.replace(message, call_id=call_id))
             if not slot[0].wait(timeout_s):
-                raise TransferTimeoutError(f"no reply to {message.TAG} within {timeout_s}s", req_id=req_id,
-                                           peer=self.peer_id)
+                raise TransferTimeoutError(
+                    f"no reply to {message.TAG} within {timeout_s}s", req_id=req_id, peer=self.peer_id
+                )
         finally:
             with self._lock:
                 self._pending.pop(call_id, None)
         if not slot[1]:
-            raise ConnectionLostError(f"control connection closed: {self._closed_reason}", req_id=req_id,
-                                      peer=self.peer_id)
+            raise ConnectionLostError(
+                f"control connection closed: {self._closed_reason}", req_id=req_id, peer=self.peer_id
+            )
         reply = slot[1][0]
         if isinstance(reply, ErrorReply):
-            error = RemoteError(f"peer refused {message.TAG}: {reply.reason}", req_id=req_id, peer=self.peer_id)
+            error = RemoteError(
+                f"peer refused {message.TAG}: {reply.reason}", req_id=req_id, peer=self.peer_id
+            )
             error.retryable = reply.retryable
             raise error
 
@@ -166,8 +182,13 @@ class ControlConnection:
             self._handler(self, message)
         except SplitwiseError as exc:
             self._counters.incr("control_calls_refused")
-            log.warning("control call refused", peer=self.peer_id, req_id=message.req_id, tag=message.TAG,
-                        reason=str(exc))
+            log.warning(
+                "control call refused",
+                peer=self.peer_id,
+                req_id=message.req_id,
+                tag=message.TAG,
+                reason=str(exc),
+            )
             return ErrorReply(message.call_id, str(exc), exc.retryable)
         except Exception as exc:  # a handler bug must reach the caller, not kill the connection
             self._counters.incr("control_handler_errors")

@@ -32,7 +32,9 @@ class TransferError(SplitwiseError):
         self.block_ids = list(block_ids) if block_ids is not None else None
 
     def __str__(self) -> str:
-        context = [f"{name}={value}" for name, value in (("req_id", self.req_id), ("peer", self.peer)) if value]
+        context = [
+            f"{name}={value}" for name, value in (("req_id", self.req_id), ("peer", self.peer)) if value
+        ]
         if self.block_ids is not None:
             shown = self.block_ids[:8]
             more = "" if len(self.block_ids) <= 8 else f"+{len(self.block_ids) - 8}"

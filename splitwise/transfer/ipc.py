@@ -100,13 +100,15 @@ def _map_shm(name: str, geometry: KVCacheGeometry, peer_id: str) -> _Mapping:
     try:
         fd = os.open(path, os.O_RDWR)
     except FileNotFoundError:
-        raise ConnectionLostError(f"shared memory {path} not found: peer not on this host, or gone",
-                                  peer=peer_id) from None
+        raise ConnectionLostError(
+            f"shared memory {path} not found: peer not on this host, or gone", peer=peer_id
+        ) from None
     try:
         size = os.fstat(fd).st_size
         if size < geometry.total_bytes:
-            raise IncompatiblePeerError(f"shared memory {path} is {size} bytes, geometry needs "
-                                        f"{geometry.total_bytes}", peer=peer_id)
+            raise IncompatiblePeerError(
+                f"shared memory {path} is {size} bytes, geometry needs {geometry.total_bytes}", peer=peer_id
+            )
         mapped = mmap.mmap(fd, geometry.total_bytes)
     finally:
         os.close(fd)
@@ -126,7 +128,7 @@ def _map_cuda(endpoint: Endpoint, geometry: KVCacheGeometry, device: torch.devic
         nbytes = int(endpoint["cuda_offset_bytes"]) + geometry.total_bytes
         memory = cupy.cuda.UnownedMemory(base, nbytes, owner=None, device_id=index)
         flat = cupy.ndarray((nbytes,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(memory, 0))
-        view = torch.as_tensor(flat, device=torch.device("cuda", index))[int(endpoint["cuda_offset_bytes"]):]
+        view = torch.as_tensor(flat, device=torch.device("cuda", index))[int(endpoint["cuda_offset_bytes"]) :]
     return _Mapping(view.view(geometry.torch_dtype).view(geometry.shape), cuda_ptr=int(base))
 
 
@@ -144,8 +146,9 @@ class IpcInitiator(StreamInitiator):
     def _attach_peer(self, peer_id: str, endpoint: Endpoint, geometry: KVCacheGeometry) -> Any:
         local = self._require_kv()
         if endpoint.get("device") != local.device.type:
-            raise IncompatiblePeerError(f"peer KV cache is on {endpoint.get('device')}, ours on {local.device.type}",
-                                        peer=peer_id)
+            raise IncompatiblePeerError(
+                f"peer KV cache is on {endpoint.get('device')}, ours on {local.device.type}", peer=peer_id
+            )
         if local.device.type == "cpu":
             return _map_shm(str(endpoint["shm_name"]), geometry, peer_id)
         return _map_cuda(endpoint, geometry, local.device)
@@ -167,8 +170,12 @@ class IpcInitiator(StreamInitiator):
             return  # forgotten while we waited for the grant: copy nothing
         stray = sorted({run.dst_start + i for run in job.runs for i in range(run.num_blocks)} - allowed)
         if stray:
-            raise UnexpectedBlocksError("write to blocks not reserved for the request", req_id=job.req_id,
-                                        peer=peer.peer_id, block_ids=stray)
+            raise UnexpectedBlocksError(
+                "write to blocks not reserved for the request",
+                req_id=job.req_id,
+                peer=peer.peer_id,
+                block_ids=stray,
+            )
         local = self._require_kv().tensor[job.layer]
         remote = peer.attachment.tensor[job.layer]
         if self._copy_stream is None:
@@ -197,14 +204,19 @@ class IpcInitiator(StreamInitiator):
                 while req_id not in peer.grants and not peer.broken.is_set():
                     left = deadline - time.monotonic()
                     if left <= 0:
-                        raise TransferTimeoutError("no grant from the target", req_id=req_id, peer=peer.peer_id)
+                        raise TransferTimeoutError(
+                            "no grant from the target", req_id=req_id, peer=peer.peer_id
+                        )
                     peer.grant_arrived.wait(left)
                 grant = peer.grants.get(req_id)
             if grant is None:
-                raise ConnectionLostError("connection lost waiting for the grant", req_id=req_id, peer=peer.peer_id)
+                raise ConnectionLostError(
+                    "connection lost waiting for the grant", req_id=req_id, peer=peer.peer_id
+                )
         if not grant.ok:
-            raise UnexpectedBlocksError(f"target refused the request: {grant.reason}", req_id=req_id,
-                                        peer=peer.peer_id)
+            raise UnexpectedBlocksError(
+                f"target refused the request: {grant.reason}", req_id=req_id, peer=peer.peer_id
+            )
         return frozenset(grant.dst_block_ids)
 
     def _before_finish(self, peer: Peer, req_id: str) -> None:

@@ -217,9 +217,24 @@ ReplyMessage = Ack | ErrorReply
 
 CODEC = MessageCodec(
     (
-        XferHello, XferHelloReply, LayerWrite, RequestBegin, RequestGrant, RequestAbort, RequestFinish, RequestResult,
-        AuthChallenge, AuthHello, AuthWelcome, Refused,
-        PrefillTask, PrefillResult, PrefillFailed, CancelRequest, Ack, ErrorReply,
+        XferHello,
+        XferHelloReply,
+        LayerWrite,
+        RequestBegin,
+        RequestGrant,
+        RequestAbort,
+        RequestFinish,
+        RequestResult,
+        AuthChallenge,
+        AuthHello,
+        AuthWelcome,
+        Refused,
+        PrefillTask,
+        PrefillResult,
+        PrefillFailed,
+        CancelRequest,
+        Ack,
+        ErrorReply,
     ),
     schema_version=SCHEMA_VERSION,
     error=ProtocolError,
@@ -240,4 +255,3 @@ def expect_type(message: Message, cls: type[Message]) -> Any:
     if not isinstance(message, cls):
         raise ProtocolError(f"expected {cls.TAG}, got {message.TAG}")
     return message
-

@@ -52,7 +52,9 @@ def get_transport(name: str) -> TransportClasses:
     try:
         importlib.import_module(module)
     except ImportError as exc:
-        raise UnknownProtocolError(f"transport {name!r} unavailable: importing {module} failed: {exc}") from exc
+        raise UnknownProtocolError(
+            f"transport {name!r} unavailable: importing {module} failed: {exc}"
+        ) from exc
     with _lock:
         found = _registry.get(name)
     if found is None:
@@ -118,4 +120,3 @@ def select_protocol(local: NodeTransferInfo, peer: NodeTransferInfo) -> str:
         f"peer offers {list(peer.protocols)} (ipc needs both on one host)",
         peer=peer.host,
     )
-

@@ -125,8 +125,9 @@ class StreamInitiator(TransportInitiator):
         if existing is not None:
             self._drop_peer(existing)
         if endpoint.get("protocol") != self.protocol:
-            raise IncompatiblePeerError(f"endpoint is for {endpoint.get('protocol')!r}, not {self.protocol!r}",
-                                        peer=peer_id)
+            raise IncompatiblePeerError(
+                f"endpoint is for {endpoint.get('protocol')!r}, not {self.protocol!r}", peer=peer_id
+            )
         remote = geometry_from_dict(endpoint["geometry"])
         check_compatible(kv.geometry, remote, peer=peer_id)
         sock = wire.connect(str(endpoint["host"]), int(endpoint["port"]), self.options.connect_timeout_s)
@@ -140,7 +141,9 @@ class StreamInitiator(TransportInitiator):
             raise
         peer = Peer(peer_id, sock, remote, attachment)
         for loop, name in ((self._send_loop, "send"), (self._read_loop, "read")):
-            thread = threading.Thread(target=loop, args=(peer,), name=f"{self.protocol}-{name}-{peer_id}", daemon=True)
+            thread = threading.Thread(
+                target=loop, args=(peer,), name=f"{self.protocol}-{name}-{peer_id}", daemon=True
+            )
             peer.threads.append(thread)
         with self._lock:
             self._peers[peer_id] = peer
@@ -148,7 +151,12 @@ class StreamInitiator(TransportInitiator):
             thread.start()
 
     def write_layer(
-        self, peer_id: str, req_id: str, layer: int, src_block_ids: Sequence[int], dst_block_ids: Sequence[int]
+        self,
+        peer_id: str,
+        req_id: str,
+        layer: int,
+        src_block_ids: Sequence[int],
+        dst_block_ids: Sequence[int],
     ) -> None:
         kv = self._require_kv()
         peer = self._peer(peer_id, req_id)
@@ -200,7 +208,12 @@ class StreamInitiator(TransportInitiator):
             with peer.idle:
                 if not peer.idle.wait_for(_not_busy_with(peer, req_id), timeout=_FORGET_WAIT_S):
                     self.counters.incr("forget_wait_timeouts")
-                    log.warning("forget: a copy is still running", protocol=self.protocol, req_id=req_id, peer=peer.peer_id)
+                    log.warning(
+                        "forget: a copy is still running",
+                        protocol=self.protocol,
+                        req_id=req_id,
+                        peer=peer.peer_id,
+                    )
 
     def close(self) -> None:
         with self._lock:
@@ -254,24 +267,26 @@ class StreamInitiator(TransportInitiator):
                     peer.idle.notify_all()
 
     def _run_job(self, peer: Peer, job: LayerJob | FinishJob) -> None:
-            try:
-                if isinstance(job, LayerJob):
-                    self._write_layer(peer, job)
-                    self._requests.count(job.req_id, job.num_blocks)
-                else:
-                    self._before_finish(peer, job.req_id)
-                    with peer.grant_arrived:
-                        peer.grants.pop(job.req_id, None)
-                    total = self._requests.count(job.req_id, 0)
-                    wire.send_message(peer.sock, RequestFinish(job.req_id, total))
-            except ConnectionLostError as exc:
-                self._peer_lost(peer, str(exc))
-            except Exception as exc:  # a failed copy must fail the request, never pass silently
-                self._abort(peer, job.req_id, f"{type(exc).__name__}: {exc}")
+        try:
+            if isinstance(job, LayerJob):
+                self._write_layer(peer, job)
+                self._requests.count(job.req_id, job.num_blocks)
+            else:
+                self._before_finish(peer, job.req_id)
+                with peer.grant_arrived:
+                    peer.grants.pop(job.req_id, None)
+                total = self._requests.count(job.req_id, 0)
+                wire.send_message(peer.sock, RequestFinish(job.req_id, total))
+        except ConnectionLostError as exc:
+            self._peer_lost(peer, str(exc))
+        except Exception as exc:  # a failed copy must fail the request, never pass silently
+            self._abort(peer, job.req_id, f"{type(exc).__name__}: {exc}")
 
     def _abort(self, peer: Peer, req_id: str, reason: str) -> None:
         self.counters.incr("write_errors")
-        log.error("transfer write failed", protocol=self.protocol, req_id=req_id, peer=peer.peer_id, reason=reason)
+        log.error(
+            "transfer write failed", protocol=self.protocol, req_id=req_id, peer=peer.peer_id, reason=reason
+        )
         self._send_abort(peer, req_id, reason)  # first, so D has failed it when P's caller sees FAILED
         self._requests.resolve(req_id, False, f"write failed: {reason}")
 

@@ -104,7 +104,9 @@ class StreamTarget(TransportTarget):
         }
 
     def expect(self, req_id: str, dst_block_ids: Sequence[int], timeout_s: float | None = None) -> None:
-        check_block_ids(dst_block_ids, self._require_kv().geometry.num_blocks, side="destination", req_id=req_id)
+        check_block_ids(
+            dst_block_ids, self._require_kv().geometry.num_blocks, side="destination", req_id=req_id
+        )
         self._requests.expect(req_id, dst_block_ids, timeout_s)
 
     def poll(self, req_id: str) -> TransferStatus:
@@ -187,7 +189,9 @@ class StreamTarget(TransportTarget):
         hello = expect_type(wire.recv_message(sock), XferHello)
         local = geometry_to_dict(kv.geometry)
         if not hmac.compare_digest(hello.access_key.encode(), self._access_key.encode()):
-            wire.send_message(sock, XferHelloReply(False, "wrong access key: endpoint not from this target", local))
+            wire.send_message(
+                sock, XferHelloReply(False, "wrong access key: endpoint not from this target", local)
+            )
             raise AuthenticationError("wrong access key", peer=peer)
         try:
             check_compatible(kv.geometry, geometry_from_dict(hello.geometry), peer=hello.initiator_id)
@@ -212,8 +216,9 @@ class StreamTarget(TransportTarget):
         elif isinstance(message, RequestAbort):
             self._requests.fail(message.req_id, f"initiator aborted: {message.reason}")
         elif isinstance(message, RequestFinish):
-            status = self._requests.finish(message.req_id, conn_id, message.num_block_writes,
-                                           count_writes=self.count_writes)
+            status = self._requests.finish(
+                message.req_id, conn_id, message.num_block_writes, count_writes=self.count_writes
+            )
             wire.send_message(sock, RequestResult(message.req_id, status.is_done, status.reason or ""))
         else:
             raise ProtocolError(f"unexpected {message.TAG} frame from an initiator")
@@ -229,6 +234,8 @@ class StreamTarget(TransportTarget):
         return self._kv
 
     def _spawn(self, target: Any, name: str, *args: Any) -> None:
-        thread = threading.Thread(target=target, args=args, name=f"{self.protocol}-target-{name}", daemon=True)
+        thread = threading.Thread(
+            target=target, args=args, name=f"{self.protocol}-target-{name}", daemon=True
+        )
         self._threads = [t for t in self._threads if t.is_alive()] + [thread]
         thread.start()

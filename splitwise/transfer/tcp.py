@@ -35,7 +35,9 @@ def _byte_view(kv_cache: KVCache) -> memoryview:
     return memoryview(kv_cache.as_bytes().numpy()).cast("B")  # type: ignore[arg-type]
 
 
-def _run_views(buffer: memoryview, geometry: KVCacheGeometry, layer: int, runs: list[list[int]]) -> list[memoryview]:
+def _run_views(
+    buffer: memoryview, geometry: KVCacheGeometry, layer: int, runs: list[list[int]]
+) -> list[memoryview]:
     """Views of [start, start + n) blocks of ``layer``: K of every run, then V of every run.
 
     Offsets computed here rather than with ``geometry.block_offset`` per run: that recomputes the
@@ -96,10 +98,15 @@ class TcpInitiator(StreamInitiator):
         block_bytes = geometry.bytes_per_block
         num_blocks = sum(run.num_blocks for run in job.runs)
         header = LayerWrite(
-            job.req_id, job.layer, [[run.dst_start, run.num_blocks] for run in job.runs], 2 * num_blocks * block_bytes
+            job.req_id,
+            job.layer,
+            [[run.dst_start, run.num_blocks] for run in job.runs],
+            2 * num_blocks * block_bytes,
         )
         runs = [[run.src_start, run.num_blocks] for run in job.runs]
-        wire.send_buffers(peer.sock, [wire.frame_bytes(header), *_run_views(self._bytes, geometry, job.layer, runs)])
+        wire.send_buffers(
+            peer.sock, [wire.frame_bytes(header), *_run_views(self._bytes, geometry, job.layer, runs)]
+        )
         self.counters.incr("bytes_sent", header.payload_bytes)
 
 

@@ -81,7 +81,9 @@ class TargetRequests:
             if entry is not None and entry.status is PENDING:
                 entry.num_block_writes += num_blocks
 
-    def finish(self, req_id: str, conn_id: int, num_block_writes: int, *, count_writes: bool) -> TransferStatus:
+    def finish(
+        self, req_id: str, conn_id: int, num_block_writes: int, *, count_writes: bool
+    ) -> TransferStatus:
         """P's completion notice. ``count_writes``: the transport saw every write (tcp) and the count
         must match; one-sided transports (ipc) cannot count and trust P's ordered notice."""
         with self._lock:
@@ -117,7 +119,9 @@ class TargetRequests:
     def poll(self, req_id: str) -> TransferStatus:
         with self._lock:
             entry = self._live(req_id)
-            return entry.status if entry is not None else failed("unknown request (never expected or forgotten)")
+            return (
+                entry.status if entry is not None else failed("unknown request (never expected or forgotten)")
+            )
 
     def forget(self, req_id: str) -> None:
         with self._lock:
@@ -191,8 +195,14 @@ class InitiatorRequests:
             self._counters.incr("transfers_done")
         else:
             self._counters.incr("transfers_failed")
-            log.warning("transfer failed", side="initiator", protocol=self._protocol, req_id=req_id,
-                        peer=entry.peer_id, reason=reason)
+            log.warning(
+                "transfer failed",
+                side="initiator",
+                protocol=self._protocol,
+                req_id=req_id,
+                peer=entry.peer_id,
+                reason=reason,
+            )
 
     def fail_peer(self, peer_id: str, reason: str) -> None:
         with self._lock:
@@ -209,7 +219,9 @@ class InitiatorRequests:
     def poll(self, req_id: str) -> TransferStatus:
         with self._lock:
             entry = self._requests.get(req_id)
-            return entry.status if entry is not None else failed("unknown request (never written or forgotten)")
+            return (
+                entry.status if entry is not None else failed("unknown request (never written or forgotten)")
+            )
 
     def wait(self, req_id: str, timeout_s: float) -> TransferStatus:
         with self._lock:

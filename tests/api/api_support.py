@@ -89,8 +89,16 @@ class ScriptedNode:
         if "[hang]" in prompt:
             return
         if "[fail" in prompt and "[fail-late]" not in prompt:
-            await self._end(work, Failed(req_id=work.req_id, attempt=work.attempt, code="engine_error",
-                                         message="simulated failure", retryable="[fail-retry]" in prompt))
+            await self._end(
+                work,
+                Failed(
+                    req_id=work.req_id,
+                    attempt=work.attempt,
+                    code="engine_error",
+                    message="simulated failure",
+                    retryable="[fail-retry]" in prompt,
+                ),
+            )
             return
         max_tokens = int(work.sampling_params["max_tokens"])
         script = self.script[:3] + [self.tokenizer.eos_token_ids[0]] if "[eos]" in prompt else self.script
@@ -100,17 +108,39 @@ class ScriptedNode:
                 self.stopped_by_cancel.append(work.req_id)
                 return
             if "[fail-late]" in prompt and index == 2:
-                await self._end(work, Failed(req_id=work.req_id, attempt=work.attempt, code="engine_error",
-                                             message="simulated failure mid-stream"))
+                await self._end(
+                    work,
+                    Failed(
+                        req_id=work.req_id,
+                        attempt=work.attempt,
+                        code="engine_error",
+                        message="simulated failure mid-stream",
+                    ),
+                )
                 return
             if "[slow]" in prompt:
                 await asyncio.sleep(SLOW_TOKEN_DELAY_S)
-            await self.node.publish(TokenChunk(req_id=work.req_id, attempt=work.attempt, index=index,
-                                               token_ids=[script[index]], logprobs=[-(index + 1) / 10]))
+            await self.node.publish(
+                TokenChunk(
+                    req_id=work.req_id,
+                    attempt=work.attempt,
+                    index=index,
+                    token_ids=[script[index]],
+                    logprobs=[-(index + 1) / 10],
+                )
+            )
             index += 1
         reason = "length" if index == max_tokens else "stop"
-        await self._end(work, Finished(req_id=work.req_id, attempt=work.attempt, finish_reason=reason,
-                                       prompt_tokens=len(work.prompt_token_ids), completion_tokens=index))
+        await self._end(
+            work,
+            Finished(
+                req_id=work.req_id,
+                attempt=work.attempt,
+                finish_reason=reason,
+                prompt_tokens=len(work.prompt_token_ids),
+                completion_tokens=index,
+            ),
+        )
 
     async def _end(self, work: WorkItem, terminal: ResultMessage) -> None:
         await self.node.publish(terminal)
@@ -140,7 +170,9 @@ class ServerThread:
         return self._started.result(timeout=0)
 
     def start(self, timeout_s: float = 30.0) -> ServerThread:
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), name="api-server", daemon=True)
+        self._thread = threading.Thread(
+            target=lambda: asyncio.run(self._main()), name="api-server", daemon=True
+        )
         self._thread.start()
         self._started.result(timeout=timeout_s)
         return self
@@ -195,7 +227,9 @@ class LocalStack:
         return self.server.base_url
 
 
-def start_local_stack(tokenizer: Tokenizer, *, api_key: str | None = None, with_node: bool = True) -> LocalStack:
+def start_local_stack(
+    tokenizer: Tokenizer, *, api_key: str | None = None, with_node: bool = True
+) -> LocalStack:
     """Without a node the LocalScheduler has no capacity: every submit raises NoCapacityError."""
     holder: dict[str, Any] = {}
     ready = {"value": True}
@@ -221,10 +255,18 @@ def start_local_stack(tokenizer: Tokenizer, *, api_key: str | None = None, with_
         server.cleanup.append(close)
         backend = RecordingBackend(sched.frontend)
         holder.update(backend=backend, node=node)
-        metrics.add_counters_source("splitwise_scheduler_events", sched.stats.snapshot,
-                                    "Scheduler events and failures.")
-        return create_app(frontend=backend, tokenizer=tokenizer, model_id=MODEL_ID, max_model_len=MAX_MODEL_LEN,
-                          api_key=api_key, is_ready=lambda: ready["value"], metrics=metrics)
+        metrics.add_counters_source(
+            "splitwise_scheduler_events", sched.stats.snapshot, "Scheduler events and failures."
+        )
+        return create_app(
+            frontend=backend,
+            tokenizer=tokenizer,
+            model_id=MODEL_ID,
+            max_model_len=MAX_MODEL_LEN,
+            api_key=api_key,
+            is_ready=lambda: ready["value"],
+            metrics=metrics,
+        )
 
     server = ServerThread(build)  # bound before start(): build() runs in the server thread
     server.start()

@@ -18,12 +18,14 @@ def client(local_stack: LocalStack) -> openai.OpenAI:
 
 
 def chat_prompt(tokenizer: Tokenizer) -> list[int]:
-    return tokenizer.encode(tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True),
-                            add_special_tokens=False)
+    return tokenizer.encode(
+        tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True), add_special_tokens=False
+    )
 
 
-def test_chat_uses_the_template_and_answers(client: openai.OpenAI, local_stack: LocalStack,
-                                            tokenizer: Tokenizer) -> None:
+def test_chat_uses_the_template_and_answers(
+    client: openai.OpenAI, local_stack: LocalStack, tokenizer: Tokenizer
+) -> None:
     out = client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, max_tokens=6)  # type: ignore[arg-type]
     assert out.id.startswith("chatcmpl-") and out.object == "chat.completion"
     script = tokenizer.encode(SCRIPT_TEXT, add_special_tokens=False)
@@ -36,8 +38,9 @@ def test_chat_uses_the_template_and_answers(client: openai.OpenAI, local_stack: 
     assert out.usage.completion_tokens == 6 and out.usage.total_tokens == out.usage.prompt_tokens + 6
 
 
-def test_chat_default_max_tokens_is_the_rest_of_the_context(client: openai.OpenAI, local_stack: LocalStack,
-                                                            tokenizer: Tokenizer) -> None:
+def test_chat_default_max_tokens_is_the_rest_of_the_context(
+    client: openai.OpenAI, local_stack: LocalStack, tokenizer: Tokenizer
+) -> None:
     out = client.chat.completions.create(model=MODEL_ID, messages=MESSAGES)  # type: ignore[arg-type]
     params = next(r for r in local_stack.backend.submitted if r.req_id == out.id).sampling_params
     assert params["max_tokens"] == MAX_MODEL_LEN - len(chat_prompt(tokenizer))
@@ -46,8 +49,12 @@ def test_chat_default_max_tokens_is_the_rest_of_the_context(client: openai.OpenA
 
 
 def test_max_completion_tokens_wins(client: openai.OpenAI) -> None:
-    out = client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, max_tokens=9,  # type: ignore[arg-type]
-                                         max_completion_tokens=2)
+    out = client.chat.completions.create(
+        model=MODEL_ID,
+        messages=MESSAGES,
+        max_tokens=9,  # type: ignore[arg-type]
+        max_completion_tokens=2,
+    )
     assert out.usage is not None and out.usage.completion_tokens == 2
 
 
@@ -57,17 +64,27 @@ def test_chat_stop_string(client: openai.OpenAI) -> None:
     assert out.choices[0].finish_reason == "stop"
 
 
-def test_text_content_parts_are_joined(client: openai.OpenAI, local_stack: LocalStack, tokenizer: Tokenizer) -> None:
-    parts = [{"role": "system", "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]},
-             MESSAGES[1]]
+def test_text_content_parts_are_joined(
+    client: openai.OpenAI, local_stack: LocalStack, tokenizer: Tokenizer
+) -> None:
+    parts = [
+        {"role": "system", "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]},
+        MESSAGES[1],
+    ]
     out = client.chat.completions.create(model=MODEL_ID, messages=parts, max_tokens=1)  # type: ignore[arg-type]
-    assert next(r for r in local_stack.backend.submitted if r.req_id == out.id).prompt_token_ids == \
-        chat_prompt(tokenizer)
+    assert next(
+        r for r in local_stack.backend.submitted if r.req_id == out.id
+    ).prompt_token_ids == chat_prompt(tokenizer)
 
 
 def test_chat_logprobs(client: openai.OpenAI, tokenizer: Tokenizer) -> None:
-    out = client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, max_tokens=3,  # type: ignore[arg-type]
-                                         logprobs=True, top_logprobs=1)
+    out = client.chat.completions.create(
+        model=MODEL_ID,
+        messages=MESSAGES,
+        max_tokens=3,  # type: ignore[arg-type]
+        logprobs=True,
+        top_logprobs=1,
+    )
     content = out.choices[0].logprobs.content  # type: ignore[union-attr]
     assert content is not None and len(content) == 3
     script = tokenizer.encode(SCRIPT_TEXT, add_special_tokens=False)
@@ -85,16 +102,24 @@ def test_no_logprobs_unless_asked(client: openai.OpenAI) -> None:
 
 def test_chat_streaming(client: openai.OpenAI) -> None:
     whole = client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, max_tokens=7)  # type: ignore[arg-type]
-    chunks = list(client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, max_tokens=7,  # type: ignore
-                                                 stream=True, stream_options={"include_usage": True},
-                                                 logprobs=True))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL_ID,
+            messages=MESSAGES,
+            max_tokens=7,  # type: ignore
+            stream=True,
+            stream_options={"include_usage": True},
+            logprobs=True,
+        )
+    )
     assert all(c.object == "chat.completion.chunk" and c.id.startswith("chatcmpl-") for c in chunks)
     assert chunks[0].choices[0].delta.role == "assistant"
     with_choices = [c for c in chunks if c.choices]
     assert "".join(c.choices[0].delta.content or "" for c in with_choices) == whole.choices[0].message.content
     assert with_choices[-1].choices[0].finish_reason == "length"
-    streamed_logprobs = [e.logprob for c in with_choices if c.choices[0].logprobs
-                         for e in c.choices[0].logprobs.content or []]
+    streamed_logprobs = [
+        e.logprob for c in with_choices if c.choices[0].logprobs for e in c.choices[0].logprobs.content or []
+    ]
     assert streamed_logprobs == pytest.approx([-(i + 1) / 10 for i in range(7)])
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
     assert chunks[-1].usage.completion_tokens == 7
@@ -102,7 +127,8 @@ def test_chat_streaming(client: openai.OpenAI) -> None:
 
 
 def test_streaming_without_include_usage_sends_no_usage(client: openai.OpenAI) -> None:
-    chunks: list[ChatCompletionChunk] = list(client.chat.completions.create(
-        model=MODEL_ID, messages=MESSAGES, max_tokens=2, stream=True))  # type: ignore[arg-type]
+    chunks: list[ChatCompletionChunk] = list(
+        client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, max_tokens=2, stream=True)
+    )  # type: ignore[arg-type]
     assert all(c.usage is None for c in chunks)
     assert chunks[-1].choices[0].finish_reason == "length"

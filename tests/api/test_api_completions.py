@@ -19,8 +19,9 @@ def script_ids(tokenizer: Tokenizer) -> list[int]:
     return tokenizer.encode(SCRIPT_TEXT, add_special_tokens=False)
 
 
-def test_completion_text_usage_and_finish_reason(client: openai.OpenAI, local_stack: LocalStack,
-                                                 tokenizer: Tokenizer) -> None:
+def test_completion_text_usage_and_finish_reason(
+    client: openai.OpenAI, local_stack: LocalStack, tokenizer: Tokenizer
+) -> None:
     out = client.completions.create(model=MODEL_ID, prompt="Say hi", max_tokens=5)
     assert out.id.startswith("cmpl-")
     assert out.model == MODEL_ID
@@ -28,8 +29,11 @@ def test_completion_text_usage_and_finish_reason(client: openai.OpenAI, local_st
     assert out.choices[0].finish_reason == "length"
     prompt_tokens = len(tokenizer.encode("Say hi"))
     assert out.usage is not None
-    assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.total_tokens) == \
-        (prompt_tokens, 5, prompt_tokens + 5)
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.total_tokens) == (
+        prompt_tokens,
+        5,
+        prompt_tokens + 5,
+    )
     submitted = next(r for r in local_stack.backend.submitted if r.req_id == out.id)
     assert submitted.prompt_token_ids == tokenizer.encode("Say hi")
     assert submitted.sampling_params["max_tokens"] == 5
@@ -43,8 +47,16 @@ def test_token_id_prompt_is_used_as_is(client: openai.OpenAI, local_stack: Local
 
 
 def test_sampling_fields_reach_the_backend(client: openai.OpenAI, local_stack: LocalStack) -> None:
-    out = client.completions.create(model=MODEL_ID, prompt="x", max_tokens=3, temperature=0.5, top_p=0.9, seed=1234,
-                                    stop=["zzz", "qqq"], extra_body={"top_k": 7, "ignore_eos": True})
+    out = client.completions.create(
+        model=MODEL_ID,
+        prompt="x",
+        max_tokens=3,
+        temperature=0.5,
+        top_p=0.9,
+        seed=1234,
+        stop=["zzz", "qqq"],
+        extra_body={"top_k": 7, "ignore_eos": True},
+    )
     params = next(r for r in local_stack.backend.submitted if r.req_id == out.id).sampling_params
     assert params["temperature"] == 0.5 and params["top_p"] == 0.9 and params["top_k"] == 7
     assert params["seed"] == 1234 and list(params["stop"]) == ["zzz", "qqq"] and params["ignore_eos"] is True
@@ -80,7 +92,9 @@ def test_eos_ends_with_stop(client: openai.OpenAI, tokenizer: Tokenizer) -> None
     assert out.usage is not None and out.usage.completion_tokens == 4  # eos counts as generated
 
 
-def test_logprobs_of_chosen_tokens(client: openai.OpenAI, local_stack: LocalStack, tokenizer: Tokenizer) -> None:
+def test_logprobs_of_chosen_tokens(
+    client: openai.OpenAI, local_stack: LocalStack, tokenizer: Tokenizer
+) -> None:
     out = client.completions.create(model=MODEL_ID, prompt="x", max_tokens=4, logprobs=1)
     lp = out.choices[0].logprobs
     assert lp is not None
@@ -88,14 +102,27 @@ def test_logprobs_of_chosen_tokens(client: openai.OpenAI, local_stack: LocalStac
     assert lp.tokens == tokens
     assert lp.token_logprobs == pytest.approx([-0.1, -0.2, -0.3, -0.4])
     assert lp.text_offset == [sum(len(t) for t in tokens[:i]) for i in range(4)]
-    assert lp.top_logprobs == [{t: pytest.approx(v)} for t, v in zip(tokens, [-0.1, -0.2, -0.3, -0.4], strict=True)]
-    assert next(r for r in local_stack.backend.submitted if r.req_id == out.id).sampling_params["logprobs"] is True
+    assert lp.top_logprobs == [
+        {t: pytest.approx(v)} for t, v in zip(tokens, [-0.1, -0.2, -0.3, -0.4], strict=True)
+    ]
+    assert (
+        next(r for r in local_stack.backend.submitted if r.req_id == out.id).sampling_params["logprobs"]
+        is True
+    )
 
 
 def test_streaming_matches_whole_and_reports_usage(client: openai.OpenAI) -> None:
     whole = client.completions.create(model=MODEL_ID, prompt="x", max_tokens=8, stop=["brown"])
-    chunks = list(client.completions.create(model=MODEL_ID, prompt="x", max_tokens=8, stop=["brown"], stream=True,
-                                            stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(
+            model=MODEL_ID,
+            prompt="x",
+            max_tokens=8,
+            stop=["brown"],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert len({c.id for c in chunks}) == 1 and chunks[0].id.startswith("cmpl-")
     text_chunks = [c for c in chunks if c.choices]
     assert "".join(c.choices[0].text for c in text_chunks) == whole.choices[0].text
@@ -106,9 +133,15 @@ def test_streaming_matches_whole_and_reports_usage(client: openai.OpenAI) -> Non
 
 
 def test_streaming_logprobs_per_chunk(client: openai.OpenAI) -> None:
-    chunks = list(client.completions.create(model=MODEL_ID, prompt="x", max_tokens=3, logprobs=0, stream=True))
-    logprobs = [v for c in chunks if c.choices and c.choices[0].logprobs
-                for v in c.choices[0].logprobs.token_logprobs or []]
+    chunks = list(
+        client.completions.create(model=MODEL_ID, prompt="x", max_tokens=3, logprobs=0, stream=True)
+    )
+    logprobs = [
+        v
+        for c in chunks
+        if c.choices and c.choices[0].logprobs
+        for v in c.choices[0].logprobs.token_logprobs or []
+    ]
     assert logprobs == pytest.approx([-0.1, -0.2, -0.3])
 
 
@@ -125,5 +158,7 @@ def test_raw_sse_framing_ends_with_done(local_stack: LocalStack) -> None:
 
 
 def test_model_may_be_omitted(local_stack: LocalStack) -> None:
-    resp = httpx.post(local_stack.base_url + "/v1/completions", json={"prompt": "x", "max_tokens": 1}, timeout=20)
+    resp = httpx.post(
+        local_stack.base_url + "/v1/completions", json={"prompt": "x", "max_tokens": 1}, timeout=20
+    )
     assert resp.status_code == 200 and resp.json()["model"] == MODEL_ID

@@ -10,8 +10,9 @@ from api_support import MODEL_ID, LocalStack, wait_until
 
 
 def _outcome_count(stack: LocalStack, endpoint: str, outcome: str) -> float:
-    value = stack.metrics.registry.get_sample_value("splitwise_requests_total",
-                                                    {"endpoint": endpoint, "outcome": outcome})
+    value = stack.metrics.registry.get_sample_value(
+        "splitwise_requests_total", {"endpoint": endpoint, "outcome": outcome}
+    )
     return value or 0.0
 
 
@@ -28,7 +29,7 @@ def test_disconnect_mid_stream_cancels(local_stack: LocalStack, path: str) -> No
         assert resp.status_code == 200
         for num_events, line in enumerate(resp.iter_lines()):
             if line.startswith("data: "):
-                req_id = json.loads(line[len("data: "):])["id"]
+                req_id = json.loads(line[len("data: ") :])["id"]
             if num_events >= 6:
                 break  # leaving the block closes the connection mid-stream
     assert req_id is not None
@@ -41,8 +42,11 @@ def test_disconnect_mid_stream_cancels(local_stack: LocalStack, path: str) -> No
 def test_disconnect_while_waiting_for_a_whole_response_cancels(local_stack: LocalStack) -> None:
     submitted_before = len(local_stack.backend.submitted)
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(local_stack.base_url + "/v1/completions", json={"prompt": "[slow]", "max_tokens": 40},
-                   timeout=httpx.Timeout(20, read=0.3))
+        httpx.post(
+            local_stack.base_url + "/v1/completions",
+            json={"prompt": "[slow]", "max_tokens": 40},
+            timeout=httpx.Timeout(20, read=0.3),
+        )
     wait_until(lambda: len(local_stack.backend.submitted) > submitted_before, what="the submit")
     req_id = local_stack.backend.submitted[-1].req_id
     wait_until(lambda: req_id in local_stack.backend.cancelled, what="backend.cancel(req_id)")
@@ -53,7 +57,7 @@ def test_finished_stream_is_not_cancelled(local_stack: LocalStack) -> None:
     body = {"model": MODEL_ID, "prompt": "x", "max_tokens": 3, "stream": True}
     with httpx.stream("POST", local_stack.base_url + "/v1/completions", json=body, timeout=20) as resp:
         lines = [line for line in resp.iter_lines() if line]
-    req_id = json.loads(lines[0][len("data: "):])["id"]
+    req_id = json.loads(lines[0][len("data: ") :])["id"]
     assert lines[-1] == "data: [DONE]"
     assert req_id not in local_stack.backend.cancelled
 

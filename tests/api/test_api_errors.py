@@ -21,7 +21,9 @@ def post(stack: LocalStack, path: str, body: Any, **kwargs: Any) -> httpx.Respon
     return httpx.post(stack.base_url + path, json=body, timeout=20, **kwargs)
 
 
-def assert_error(resp: httpx.Response, status: int, *, param: str | None = None, code: str | None = None) -> dict:
+def assert_error(
+    resp: httpx.Response, status: int, *, param: str | None = None, code: str | None = None
+) -> dict:
     assert resp.status_code == status, resp.text
     body = resp.json()
     assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
@@ -33,86 +35,114 @@ def assert_error(resp: httpx.Response, status: int, *, param: str | None = None,
     return body["error"]
 
 
-@pytest.mark.parametrize(("body", "param"), [
-    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
-    ({"prompt": "x", "max_tokens": -3}, "max_tokens"),
-    ({"prompt": "x", "max_tokens": "five"}, "max_tokens"),
-    ({"prompt": "x", "max_tokens": 2.5}, "max_tokens"),
-    ({"prompt": "x", "temperature": True}, "temperature"),
-    ({"prompt": "x", "temperature": "hot"}, "temperature"),
-    ({"prompt": "x", "temperature": -1}, "temperature"),
-    ({"prompt": "x", "top_p": 0}, "top_p"),
-    ({"prompt": "x", "top_k": -2}, "top_k"),
-    ({"prompt": "x", "stop": [""]}, "stop"),
-    ({"prompt": "x", "stop": 7}, "stop"),
-    ({"prompt": "x", "seed": "abc"}, "seed"),
-    ({"prompt": "x", "seed": 2**70}, "seed"),
-    ({"prompt": "x", "top_k": 2**40}, "top_k"),
-    ({"prompt": "x", "stop_token_ids": [2**40]}, "stop_token_ids[0]"),
-    ({"prompt": "x", "max_tokens": True}, "max_tokens"),
-    ({"prompt": "x", "stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
-    ({"prompt": "x", "n": 2}, "n"),
-    ({"prompt": "x", "logprobs": 99}, "logprobs"),
-    ({"prompt": "x", "stream": "yes"}, "stream"),
-    ({"prompt": 5}, "prompt"),
-    ({"prompt": [1, "a"]}, "prompt"),
-    ({"max_tokens": 3}, "prompt"),
-    ({"prompt": ["one", "two"]}, "prompt"),
-    ({"prompt": [1, 99999]}, "prompt"),
-    ({"prompt": []}, "prompt"),
-    ({"prompt": [[]]}, "prompt"),
-    ({"prompt": "x", "echo": True}, "echo"),
-])
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "x", "max_tokens": -3}, "max_tokens"),
+        ({"prompt": "x", "max_tokens": "five"}, "max_tokens"),
+        ({"prompt": "x", "max_tokens": 2.5}, "max_tokens"),
+        ({"prompt": "x", "temperature": True}, "temperature"),
+        ({"prompt": "x", "temperature": "hot"}, "temperature"),
+        ({"prompt": "x", "temperature": -1}, "temperature"),
+        ({"prompt": "x", "top_p": 0}, "top_p"),
+        ({"prompt": "x", "top_k": -2}, "top_k"),
+        ({"prompt": "x", "stop": [""]}, "stop"),
+        ({"prompt": "x", "stop": 7}, "stop"),
+        ({"prompt": "x", "seed": "abc"}, "seed"),
+        ({"prompt": "x", "seed": 2**70}, "seed"),
+        ({"prompt": "x", "top_k": 2**40}, "top_k"),
+        ({"prompt": "x", "stop_token_ids": [2**40]}, "stop_token_ids[0]"),
+        ({"prompt": "x", "max_tokens": True}, "max_tokens"),
+        ({"prompt": "x", "stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
+        ({"prompt": "x", "n": 2}, "n"),
+        ({"prompt": "x", "logprobs": 99}, "logprobs"),
+        ({"prompt": "x", "stream": "yes"}, "stream"),
+        ({"prompt": 5}, "prompt"),
+        ({"prompt": [1, "a"]}, "prompt"),
+        ({"max_tokens": 3}, "prompt"),
+        ({"prompt": ["one", "two"]}, "prompt"),
+        ({"prompt": [1, 99999]}, "prompt"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": [[]]}, "prompt"),
+        ({"prompt": "x", "echo": True}, "echo"),
+    ],
+)
 def test_bad_completion_parameters_are_400(local_stack: LocalStack, body: dict, param: str) -> None:
     assert_error(post(local_stack, "/v1/completions", body), 400, param=param)
 
 
-@pytest.mark.parametrize(("body", "param"), [
-    ({"messages": []}, "messages"),
-    ({"messages": "hi"}, "messages"),
-    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages"),
-    ({"messages": [{"role": "user", "content": {"a": 1}}]}, "messages"),
-    ({"messages": [{"content": "hi"}]}, "messages"),
-    ({"messages": [1]}, "messages[0]"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-     "messages[0].content[0]"),
-    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
-    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": 1}, "logprobs"),
-    ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0}, "max_completion_tokens"),
-])
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"messages": []}, "messages"),
+        ({"messages": "hi"}, "messages"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "messages"),
+        ({"messages": [{"role": "user", "content": {"a": 1}}]}, "messages"),
+        ({"messages": [{"content": "hi"}]}, "messages"),
+        ({"messages": [1]}, "messages[0]"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            "messages[0].content[0]",
+        ),
+        ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
+        ({"messages": [{"role": "user", "content": "hi"}], "logprobs": 1}, "logprobs"),
+        (
+            {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0},
+            "max_completion_tokens",
+        ),
+    ],
+)
 def test_bad_chat_parameters_are_400(local_stack: LocalStack, body: dict, param: str) -> None:
     assert_error(post(local_stack, "/v1/chat/completions", body), 400, param=param)
 
 
 def test_malformed_json_is_400(local_stack: LocalStack) -> None:
     for path in ("/v1/completions", "/v1/chat/completions"):
-        resp = httpx.post(local_stack.base_url + path, content=b'{"prompt": "x",', timeout=20,
-                          headers={"Content-Type": "application/json"})
+        resp = httpx.post(
+            local_stack.base_url + path,
+            content=b'{"prompt": "x",',
+            timeout=20,
+            headers={"Content-Type": "application/json"},
+        )
         assert_error(resp, 400, code="invalid_json")
-        resp = httpx.post(local_stack.base_url + path, content=b"[1, 2]", timeout=20,
-                          headers={"Content-Type": "application/json"})
+        resp = httpx.post(
+            local_stack.base_url + path,
+            content=b"[1, 2]",
+            timeout=20,
+            headers={"Content-Type": "application/json"},
+        )
         assert_error(resp, 400)
-        resp = httpx.post(local_stack.base_url + path, content=b"prompt=x", timeout=20)  # no JSON content type
+        resp = httpx.post(
+            local_stack.base_url + path, content=b"prompt=x", timeout=20
+        )  # no JSON content type
         assert_error(resp, 400)
 
 
 def test_prompt_longer_than_context_is_400(local_stack: LocalStack) -> None:
-    error = assert_error(post(local_stack, "/v1/completions", {"prompt": [5] * MAX_MODEL_LEN}), 400,
-                         param="prompt", code="context_length_exceeded")
+    error = assert_error(
+        post(local_stack, "/v1/completions", {"prompt": [5] * MAX_MODEL_LEN}),
+        400,
+        param="prompt",
+        code="context_length_exceeded",
+    )
     assert str(MAX_MODEL_LEN) in error["message"]
 
 
 def test_prompt_plus_max_tokens_beyond_context_is_400(local_stack: LocalStack) -> None:
     body = {"prompt": [5] * (MAX_MODEL_LEN - 10), "max_tokens": 11}
-    assert_error(post(local_stack, "/v1/completions", body), 400, param="max_tokens", code="context_length_exceeded")
+    assert_error(
+        post(local_stack, "/v1/completions", body), 400, param="max_tokens", code="context_length_exceeded"
+    )
     body["max_tokens"] = 10  # exactly fills the context: accepted
     assert post(local_stack, "/v1/completions", body).status_code == 200
 
 
 def test_long_chat_is_400(local_stack: LocalStack) -> None:
     body = {"messages": [{"role": "user", "content": "word " * MAX_MODEL_LEN}]}
-    assert_error(post(local_stack, "/v1/chat/completions", body), 400, param="messages",
-                 code="context_length_exceeded")
+    assert_error(
+        post(local_stack, "/v1/chat/completions", body), 400, param="messages", code="context_length_exceeded"
+    )
 
 
 def test_unknown_model_is_404(local_stack: LocalStack) -> None:
@@ -135,7 +165,11 @@ def test_unknown_fields_are_ignored(local_stack: LocalStack) -> None:
 
 def test_expired_request_is_504(local_stack: LocalStack) -> None:
     for stream in (False, True):
-        resp = post(local_stack, "/v1/completions", {"prompt": "[hang]", "stream": stream}, )
+        resp = post(
+            local_stack,
+            "/v1/completions",
+            {"prompt": "[hang]", "stream": stream},
+        )
         assert_error(resp, 504, code="request_expired")
     assert resp.elapsed.total_seconds() < TTL_S + 5
 
@@ -143,8 +177,11 @@ def test_expired_request_is_504(local_stack: LocalStack) -> None:
 def test_node_failures(local_stack: LocalStack) -> None:
     assert_error(post(local_stack, "/v1/completions", {"prompt": "[fail]"}), 500, code="engine_error")
     assert_error(post(local_stack, "/v1/completions", {"prompt": "[fail-retry]"}), 503, code="engine_error")
-    resp = post(local_stack, "/v1/chat/completions", {"messages": [{"role": "user", "content": "[fail]"}],
-                                                       "stream": True})
+    resp = post(
+        local_stack,
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "[fail]"}], "stream": True},
+    )
     assert_error(resp, 500, code="engine_error")  # before the first token: still a real status
 
 
@@ -156,16 +193,24 @@ def keyed_stack(tokenizer: Tokenizer) -> Iterator[LocalStack]:
 
 
 def test_wrong_or_missing_api_key_is_401(keyed_stack: LocalStack) -> None:
-    wrong = openai.OpenAI(base_url=keyed_stack.base_url + "/v1", api_key="sk-wrong", max_retries=0, timeout=20)
+    wrong = openai.OpenAI(
+        base_url=keyed_stack.base_url + "/v1", api_key="sk-wrong", max_retries=0, timeout=20
+    )
     with pytest.raises(openai.AuthenticationError) as info:
         wrong.completions.create(model=MODEL_ID, prompt="x", max_tokens=1)
     assert info.value.status_code == 401
     with pytest.raises(openai.AuthenticationError):
         wrong.models.list()
-    assert_error(post(keyed_stack, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}), 401,
-                 code="invalid_api_key")
+    assert_error(
+        post(keyed_stack, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}),
+        401,
+        code="invalid_api_key",
+    )
     right = openai.OpenAI(base_url=keyed_stack.base_url + "/v1", api_key=API_KEY, max_retries=0, timeout=20)
-    assert right.completions.create(model=MODEL_ID, prompt="x", max_tokens=1).choices[0].finish_reason == "length"
+    assert (
+        right.completions.create(model=MODEL_ID, prompt="x", max_tokens=1).choices[0].finish_reason
+        == "length"
+    )
     assert httpx.get(keyed_stack.base_url + "/health", timeout=20).status_code == 200  # probes need no key
     assert keyed_stack.backend.submitted and all(r.prompt_token_ids for r in keyed_stack.backend.submitted)
     assert len(keyed_stack.backend.submitted) == 1  # the rejected requests never reached the backend
@@ -184,21 +229,33 @@ def test_no_capacity_is_503(empty_stack: LocalStack) -> None:
         client.completions.create(model=MODEL_ID, prompt="x")
     assert info.value.status_code == 503
     assert info.value.body["code"] == "no_capacity"  # type: ignore[index]
-    resp = post(empty_stack, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "stream": True})
+    resp = post(
+        empty_stack, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "stream": True}
+    )
     assert_error(resp, 503, code="no_capacity")
 
 
 def test_failure_mid_stream_is_an_error_event_then_done(local_stack: LocalStack) -> None:
-    before = local_stack.metrics.registry.get_sample_value(
-        "splitwise_requests_total", {"endpoint": "/v1/completions", "outcome": "failed"}) or 0.0
+    before = (
+        local_stack.metrics.registry.get_sample_value(
+            "splitwise_requests_total", {"endpoint": "/v1/completions", "outcome": "failed"}
+        )
+        or 0.0
+    )
     body = {"model": MODEL_ID, "prompt": "[fail-late]", "max_tokens": 10, "stream": True}
     with httpx.stream("POST", local_stack.base_url + "/v1/completions", json=body, timeout=20) as resp:
         assert resp.status_code == 200  # the headers went out with the first token
-        events = [line[len("data: "):] for line in resp.iter_lines() if line.startswith("data: ")]
+        events = [line[len("data: ") :] for line in resp.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     error = json.loads(events[-2])["error"]
     assert error["code"] == "engine_error" and error["type"] == "internal_error"
     assert len(events) == 2 + 1 + 1  # two tokens, the error, [DONE]
-    wait_until(lambda: local_stack.metrics.registry.get_sample_value(
-        "splitwise_requests_total", {"endpoint": "/v1/completions", "outcome": "failed"}) == before + 1,
-        what="the failure counted")
+    wait_until(
+        lambda: (
+            local_stack.metrics.registry.get_sample_value(
+                "splitwise_requests_total", {"endpoint": "/v1/completions", "outcome": "failed"}
+            )
+            == before + 1
+        ),
+        what="the failure counted",
+    )

@@ -14,8 +14,11 @@ from splitwise.api import ApiMetrics
 def scrape(stack: LocalStack) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     resp = httpx.get(stack.base_url + "/metrics", timeout=20)
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(resp.text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(resp.text)
+        for s in family.samples
+    }
 
 
 def requests_total(samples: dict, endpoint: str, outcome: str) -> float:
@@ -43,24 +46,41 @@ def test_metrics_count_requests_and_latencies(local_stack: LocalStack) -> None:
     client = openai.OpenAI(base_url=local_stack.base_url + "/v1", api_key="unused", max_retries=0, timeout=20)
     before = scrape(local_stack)
     client.completions.create(model=MODEL_ID, prompt="x", max_tokens=4)
-    list(client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "x"}], max_tokens=3,
-                                        stream=True))
+    list(
+        client.chat.completions.create(
+            model=MODEL_ID, messages=[{"role": "user", "content": "x"}], max_tokens=3, stream=True
+        )
+    )
     httpx.post(local_stack.base_url + "/v1/completions", json={"prompt": "x", "max_tokens": 0}, timeout=20)
     httpx.post(local_stack.base_url + "/v1/completions", json={"prompt": "x", "model": "nope"}, timeout=20)
     # A stream is counted when its response ends, just after the client saw [DONE].
-    wait_until(lambda: requests_total(scrape(local_stack), "/v1/chat/completions", "success")
-               == requests_total(before, "/v1/chat/completions", "success") + 1, what="stream counted")
+    wait_until(
+        lambda: (
+            requests_total(scrape(local_stack), "/v1/chat/completions", "success")
+            == requests_total(before, "/v1/chat/completions", "success") + 1
+        ),
+        what="stream counted",
+    )
     after = scrape(local_stack)
 
     def delta(name: str, labels: tuple[tuple[str, str], ...] = ()) -> float:
         return after.get((name, labels), 0.0) - before.get((name, labels), 0.0)
 
-    assert requests_total(after, "/v1/completions", "success") - requests_total(before, "/v1/completions",
-                                                                                "success") == 1
-    assert requests_total(after, "/v1/completions", "invalid_request") - \
-        requests_total(before, "/v1/completions", "invalid_request") == 1
-    assert requests_total(after, "/v1/completions", "not_found") - requests_total(before, "/v1/completions",
-                                                                                  "not_found") == 1
+    assert (
+        requests_total(after, "/v1/completions", "success")
+        - requests_total(before, "/v1/completions", "success")
+        == 1
+    )
+    assert (
+        requests_total(after, "/v1/completions", "invalid_request")
+        - requests_total(before, "/v1/completions", "invalid_request")
+        == 1
+    )
+    assert (
+        requests_total(after, "/v1/completions", "not_found")
+        - requests_total(before, "/v1/completions", "not_found")
+        == 1
+    )
     assert delta("splitwise_time_to_first_token_seconds_count") == 2
     assert delta("splitwise_e2e_request_latency_seconds_count") == 2
     assert delta("splitwise_time_per_output_token_seconds_count") == 2
@@ -72,9 +92,16 @@ def test_metrics_count_requests_and_latencies(local_stack: LocalStack) -> None:
 
 def test_runtime_metrics_are_exposed(local_stack: LocalStack) -> None:
     names = {name for name, _ in scrape(local_stack)}
-    for name in ("splitwise_num_requests_waiting", "splitwise_num_requests_running", "splitwise_kv_cache_usage_ratio",
-                 "splitwise_kv_blocks_used", "splitwise_kv_blocks_total", "splitwise_prefix_cache_hit_rate",
-                 "splitwise_queued_prefill_tokens", "splitwise_redispatches_total"):
+    for name in (
+        "splitwise_num_requests_waiting",
+        "splitwise_num_requests_running",
+        "splitwise_kv_cache_usage_ratio",
+        "splitwise_kv_blocks_used",
+        "splitwise_kv_blocks_total",
+        "splitwise_prefix_cache_hit_rate",
+        "splitwise_queued_prefill_tokens",
+        "splitwise_redispatches_total",
+    ):
         assert name in names, name
 
 

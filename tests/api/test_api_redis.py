@@ -48,9 +48,17 @@ def start_redis_stack(config: SchedulerConfig, tokenizer: Tokenizer, *, model_id
         server.cleanup.append(frontend.close)
         holder["backend"] = RecordingBackend(frontend)
         metrics = ApiMetrics()
-        metrics.add_counters_source("splitwise_scheduler_events", frontend.stats.snapshot, "Scheduler events.")
-        return create_app(frontend=holder["backend"], tokenizer=tokenizer, model_id=model_id,
-                          max_model_len=MAX_MODEL_LEN, is_ready=lambda: True, metrics=metrics)
+        metrics.add_counters_source(
+            "splitwise_scheduler_events", frontend.stats.snapshot, "Scheduler events."
+        )
+        return create_app(
+            frontend=holder["backend"],
+            tokenizer=tokenizer,
+            model_id=model_id,
+            max_model_len=MAX_MODEL_LEN,
+            is_ready=lambda: True,
+            metrics=metrics,
+        )
 
     server = ServerThread(build)
     server.start()
@@ -61,16 +69,23 @@ def start_redis_stack(config: SchedulerConfig, tokenizer: Tokenizer, *, model_id
 def redis_config() -> Iterator[SchedulerConfig]:
     redis = RedisServer().start()
     try:
-        yield SchedulerConfig(scheduler_port=redis.port, scheduler_topic="api", heartbeat_interval_s=HEARTBEAT_S,
-                              block_ms=100, scheduler_ttl_s=30.0)
+        yield SchedulerConfig(
+            scheduler_port=redis.port,
+            scheduler_topic="api",
+            heartbeat_interval_s=HEARTBEAT_S,
+            block_ms=100,
+            scheduler_ttl_s=30.0,
+        )
     finally:
         redis.stop()
 
 
 @pytest.fixture(scope="module")
 def pd_stack(redis_config: SchedulerConfig, tokenizer: Tokenizer) -> Iterator[RedisStack]:
-    procs = [spawn_sim_node(redis_config, "p0", "prefill", "--model-id", MODEL_ID),
-             spawn_sim_node(redis_config, "d0", "decode", "--model-id", MODEL_ID, "--token-delay-ms", "20")]
+    procs = [
+        spawn_sim_node(redis_config, "p0", "prefill", "--model-id", MODEL_ID),
+        spawn_sim_node(redis_config, "d0", "decode", "--model-id", MODEL_ID, "--token-delay-ms", "20"),
+    ]
     stack = start_redis_stack(redis_config, tokenizer, model_id=MODEL_ID)
     try:
         yield stack
@@ -97,8 +112,15 @@ def test_completion_through_a_pd_pair(pd_stack: RedisStack) -> None:
 
 def test_chat_stream_through_a_pd_pair(pd_stack: RedisStack) -> None:
     client = openai.OpenAI(base_url=pd_stack.base_url + "/v1", api_key="unused", max_retries=0, timeout=30)
-    chunks = list(client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "hi"}],
-                                                 max_tokens=5, stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL_ID,
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=5,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 5
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
 
@@ -109,14 +131,15 @@ def test_disconnect_mid_stream_cancels_through_redis(pd_stack: RedisStack) -> No
     with httpx.stream("POST", pd_stack.base_url + "/v1/completions", json=body, timeout=30) as resp:
         assert resp.status_code == 200
         first = next(line for line in resp.iter_lines() if line.startswith("data: "))
-    req_id = json.loads(first[len("data: "):])["id"]
+    req_id = json.loads(first[len("data: ") :])["id"]
     wait_until(lambda: req_id in pd_stack.backend.cancel_results, what="backend.cancel(req_id) to return")
     assert pd_stack.backend.cancelled[cancelled_before:] == [req_id]
     assert pd_stack.backend.cancel_results[req_id] is True  # it was in flight: CancelMessages went to P and D
 
 
-def test_no_pair_for_the_model_is_503(redis_config: SchedulerConfig, tokenizer: Tokenizer,
-                                      pd_stack: RedisStack) -> None:
+def test_no_pair_for_the_model_is_503(
+    redis_config: SchedulerConfig, tokenizer: Tokenizer, pd_stack: RedisStack
+) -> None:
     other = start_redis_stack(redis_config, tokenizer, model_id="unserved-model")
     try:
         client = openai.OpenAI(base_url=other.base_url + "/v1", api_key="unused", max_retries=0, timeout=30)

@@ -19,10 +19,22 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _row(setup: str, label: str, rate: float, ttft_p99: float, tpot_p99: float, attain: float) -> CompareRow:
-    return CompareRow(setup=setup, label=label, request_rate=rate, num_completed=8, num_failed=0,
-                      request_throughput=rate, output_throughput=rate * 64, ttft_mean_ms=ttft_p99 / 2,
-                      ttft_p99_ms=ttft_p99, tpot_mean_ms=tpot_p99 / 2, tpot_p99_ms=tpot_p99, itl_p99_ms=tpot_p99 * 2,
-                      slo_attainment=attain, goodput=rate * attain)
+    return CompareRow(
+        setup=setup,
+        label=label,
+        request_rate=rate,
+        num_completed=8,
+        num_failed=0,
+        request_throughput=rate,
+        output_throughput=rate * 64,
+        ttft_mean_ms=ttft_p99 / 2,
+        ttft_p99_ms=ttft_p99,
+        tpot_mean_ms=tpot_p99 / 2,
+        tpot_p99_ms=tpot_p99,
+        itl_p99_ms=tpot_p99 * 2,
+        slo_attainment=attain,
+        goodput=rate * attain,
+    )
 
 
 ROWS = [
@@ -45,8 +57,15 @@ def test_config_needs_equal_instance_counts() -> None:
 
 
 def test_config_gives_both_setups_the_same_threads() -> None:
-    config = CompareConfig(request_rates=(1.0,), num_prompts=1, num_mixed=3, num_prefill=1, num_decode=2,
-                           torch_threads=2, instance_args=("--block-size", "8"))
+    config = CompareConfig(
+        request_rates=(1.0,),
+        num_prompts=1,
+        num_mixed=3,
+        num_prefill=1,
+        num_decode=2,
+        torch_threads=2,
+        instance_args=("--block-size", "8"),
+    )
     mixed, disagg = config.spec(SETUP_MIXED), config.spec(SETUP_DISAGG)
     assert (mixed.num_mixed, mixed.num_prefill, mixed.num_decode) == (3, 0, 0)
     assert (disagg.num_mixed, disagg.num_prefill, disagg.num_decode) == (0, 1, 2)
@@ -73,16 +92,37 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
 def test_compare_end_to_end_tiny(tmp_path: Path) -> None:
     """Two real clusters one after the other; every request of both setups completes."""
     out = tmp_path / "cmp"
-    args = ["bench", "compare", "--model", str(default_model_dir("tiny")), "--request-rates", "4",
-            "--num-prompts", "2", "--random-input-len", "32", "--random-output-len", "4",
-            "--slo-ttft-ms", "60000", "--slo-tpot-ms", "60000", "--output-dir", str(out), "--no-progress",
-            "--instance-args", "--num-kv-blocks 256 --max-num-batched-tokens 256"]
+    args = [
+        "bench",
+        "compare",
+        "--model",
+        str(default_model_dir("tiny")),
+        "--request-rates",
+        "4",
+        "--num-prompts",
+        "2",
+        "--random-input-len",
+        "32",
+        "--random-output-len",
+        "4",
+        "--slo-ttft-ms",
+        "60000",
+        "--slo-tpot-ms",
+        "60000",
+        "--output-dir",
+        str(out),
+        "--no-progress",
+        "--instance-args",
+        "--num-kv-blocks 256 --max-num-batched-tokens 256",
+    ]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     data = json.loads((out / "compare.json").read_text())
     rows = {(r["label"], r["request_rate"]): r for r in data["rows"]}
     assert set(rows) == {("2 mixed", 4.0), ("1P1D", 4.0)}
-    assert all(r["num_completed"] == 2 and r["num_failed"] == 0 and r["slo_attainment"] == 1.0 for r in rows.values())
+    assert all(
+        r["num_completed"] == 2 and r["num_failed"] == 0 and r["slo_attainment"] == 1.0 for r in rows.values()
+    )
     assert [len(s["base_urls"]) for s in data["setups"]] == [2, 2]  # load spread over both instances
     assert (out / "compare.png").read_bytes().startswith(PNG_MAGIC)
     assert "| 1P1D | 4 | 2/0 |" in (out / "compare.md").read_text()

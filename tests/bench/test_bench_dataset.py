@@ -51,7 +51,9 @@ def test_length_bounds() -> None:
 
 def test_random_token_prompts_have_the_drawn_lengths_and_no_special_tokens() -> None:
     tok = WordTokenizer()
-    reqs = random_requests(tok, num_prompts=50, input_len=20, output_len=8, range_ratio=0.5, seed=3, as_text=False)
+    reqs = random_requests(
+        tok, num_prompts=50, input_len=20, output_len=8, range_ratio=0.5, seed=3, as_text=False
+    )
     assert len(reqs) == 50
     for r in reqs:
         assert isinstance(r.prompt, list)
@@ -72,7 +74,9 @@ def test_random_prompts_are_reproducible_by_seed() -> None:
 
 def test_random_text_prompts_with_the_real_tokenizer() -> None:
     tok = Tokenizer.from_dir(default_model_dir("tiny"))
-    reqs = random_requests(tok, num_prompts=4, input_len=64, output_len=8, range_ratio=0.0, seed=0, as_text=True)
+    reqs = random_requests(
+        tok, num_prompts=4, input_len=64, output_len=8, range_ratio=0.0, seed=0, as_text=True
+    )
     for r in reqs:
         assert isinstance(r.prompt, str) and r.prompt
         assert r.prompt_tokens == len(tok.encode(r.prompt, add_special_tokens=False))
@@ -80,16 +84,26 @@ def test_random_text_prompts_with_the_real_tokenizer() -> None:
         assert r.output_tokens == 8
 
 
-@pytest.mark.parametrize(("kwargs", "flag"), [
-    ({"num_prompts": 0}, "--num-prompts"),
-    ({"input_len": 0}, "--random-input-len"),
-    ({"output_len": 0}, "--random-output-len"),
-    ({"range_ratio": 1.0}, "--random-range-ratio"),
-    ({"range_ratio": -0.1}, "--random-range-ratio"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "flag"),
+    [
+        ({"num_prompts": 0}, "--num-prompts"),
+        ({"input_len": 0}, "--random-input-len"),
+        ({"output_len": 0}, "--random-output-len"),
+        ({"range_ratio": 1.0}, "--random-range-ratio"),
+        ({"range_ratio": -0.1}, "--random-range-ratio"),
+    ],
+)
 def test_random_rejects_bad_flags(kwargs: dict[str, float], flag: str) -> None:
-    args: dict[str, object] = {"num_prompts": 2, "input_len": 8, "output_len": 4, "range_ratio": 0.0, "seed": 0,
-                               "as_text": False, **kwargs}
+    args: dict[str, object] = {
+        "num_prompts": 2,
+        "input_len": 8,
+        "output_len": 4,
+        "range_ratio": 0.0,
+        "seed": 0,
+        "as_text": False,
+        **kwargs,
+    }
     with pytest.raises(ValueError, match=flag):
         random_requests(WordTokenizer(), **args)  # type: ignore[arg-type]
 
@@ -98,8 +112,10 @@ def test_load_sharegpt_keeps_first_human_gpt_pairs() -> None:
     pairs = load_sharegpt(FIXTURE)
     # 8 entries: "one-turn", "not-text" and the bare string have no (prompt, reply) pair.
     assert len(pairs) == 5
-    assert pairs[0] == ("please explain how a paged kv cache works in practice",
-                        "a paged cache splits the keys and values into fixed size blocks")
+    assert pairs[0] == (
+        "please explain how a paged kv cache works in practice",
+        "a paged cache splits the keys and values into fixed size blocks",
+    )
 
 
 def test_sharegpt_requests_filter_short_turns_and_measure_lengths() -> None:
@@ -122,14 +138,23 @@ def test_sharegpt_fixed_output_len_keeps_short_replies() -> None:
 
 def test_sharegpt_order_follows_the_seed() -> None:
     tok = WordTokenizer()
-    orders = {tuple(r.prompt for r in sharegpt_requests(tok, FIXTURE, num_prompts=3, seed=s)) for s in range(6)}
+    orders = {
+        tuple(r.prompt for r in sharegpt_requests(tok, FIXTURE, num_prompts=3, seed=s)) for s in range(6)
+    }
     assert len(orders) > 1
 
 
 def test_sharegpt_drops_prompts_past_the_limit(tmp_path: Path) -> None:
     long_prompt = " ".join(["w5"] * (SHAREGPT_MAX_PROMPT_TOKENS + 1))
-    data = [{"conversations": [{"from": "human", "value": long_prompt}, {"from": "gpt", "value": "w1 w2 w3 w4"}]},
-            {"conversations": [{"from": "human", "value": "w1 w2 w3 w4"}, {"from": "gpt", "value": "w1 w2 w3 w4"}]}]
+    data = [
+        {"conversations": [{"from": "human", "value": long_prompt}, {"from": "gpt", "value": "w1 w2 w3 w4"}]},
+        {
+            "conversations": [
+                {"from": "human", "value": "w1 w2 w3 w4"},
+                {"from": "gpt", "value": "w1 w2 w3 w4"},
+            ]
+        },
+    ]
     path = tmp_path / "long.json"
     path.write_text(json.dumps(data))
     assert [r.prompt_tokens for r in sharegpt_requests(WordTokenizer(), path, num_prompts=1, seed=0)] == [4]
@@ -146,7 +171,9 @@ def test_sharegpt_errors_name_the_flag(tmp_path: Path) -> None:
     obj.write_text('{"conversations": []}')
     with pytest.raises(ValueError, match="--dataset-path: .* JSON list"):
         load_sharegpt(obj)
-    with pytest.raises(ValueError, match=r"--dataset-path: .* has 3 usable conversations .*fewer than --num-prompts 10"):
+    with pytest.raises(
+        ValueError, match=r"--dataset-path: .* has 3 usable conversations .*fewer than --num-prompts 10"
+    ):
         sharegpt_requests(WordTokenizer(), FIXTURE, num_prompts=10, seed=0)
     with pytest.raises(ValueError, match="--sharegpt-output-len"):
         sharegpt_requests(WordTokenizer(), FIXTURE, num_prompts=1, seed=0, output_len=0)

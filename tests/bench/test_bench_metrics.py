@@ -9,10 +9,23 @@ import pytest
 from splitwise.bench.metrics import SLO, Distribution, RequestResult, compute_metrics
 
 
-def _ok(ttft_s: float, last_token_s: float, output_tokens: int, itl_s: list[float], e2e_s: float,
-        prompt_tokens: int = 10) -> RequestResult:
-    return RequestResult(success=True, prompt_tokens=prompt_tokens, output_tokens=output_tokens, ttft_s=ttft_s,
-                         itl_s=itl_s, last_token_s=last_token_s, e2e_s=e2e_s)
+def _ok(
+    ttft_s: float,
+    last_token_s: float,
+    output_tokens: int,
+    itl_s: list[float],
+    e2e_s: float,
+    prompt_tokens: int = 10,
+) -> RequestResult:
+    return RequestResult(
+        success=True,
+        prompt_tokens=prompt_tokens,
+        output_tokens=output_tokens,
+        ttft_s=ttft_s,
+        itl_s=itl_s,
+        last_token_s=last_token_s,
+        e2e_s=e2e_s,
+    )
 
 
 def test_tpot_excludes_the_first_token() -> None:
@@ -77,7 +90,9 @@ def test_slo_boundary_is_inclusive() -> None:
     assert not SLO(ttft_ms=999.9, tpot_ms=100).is_met(exact)
 
 
-@pytest.mark.parametrize(("kwargs", "flag"), [({"ttft_ms": 0}, "--slo-ttft-ms"), ({"tpot_ms": -5}, "--slo-tpot-ms")])
+@pytest.mark.parametrize(
+    ("kwargs", "flag"), [({"ttft_ms": 0}, "--slo-ttft-ms"), ({"tpot_ms": -5}, "--slo-tpot-ms")]
+)
 def test_slo_rejects_non_positive_objectives(kwargs: dict[str, float], flag: str) -> None:
     with pytest.raises(ValueError, match=flag):
         SLO(**kwargs)

@@ -55,7 +55,9 @@ def _collect(*lines: str) -> list[dict[str, object]]:
 
 
 def test_sse_events_stop_at_done_and_skip_other_fields() -> None:
-    events = _collect(": keep-alive", "", 'data: {"a": 1}', "event: x", 'data:{"b": 2}', "data: [DONE]", 'data: {"c": 3}')
+    events = _collect(
+        ": keep-alive", "", 'data: {"a": 1}', "event: x", 'data:{"b": 2}', "data: [DONE]", 'data: {"c": 3}'
+    )
     assert events == [{"a": 1}, {"b": 2}]
     with pytest.raises(ValueError, match="not a JSON object"):
         _collect("data: [1, 2]")
@@ -74,22 +76,27 @@ def test_request_body_forces_output_length_unless_told_not_to() -> None:
     body = request_body(sample, RequestOptions(endpoint="completions", model="m"))
     assert body["prompt"] == [5, 6, 7] and body["max_tokens"] == 9 and body["ignore_eos"] is True
     assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
-    assert "ignore_eos" not in request_body(sample, RequestOptions(endpoint="completions", model="m", ignore_eos=False))
+    assert "ignore_eos" not in request_body(
+        sample, RequestOptions(endpoint="completions", model="m", ignore_eos=False)
+    )
     chat = request_body(SampleRequest("hello", 1, 2), RequestOptions(endpoint="chat", model="m"))
     assert chat["messages"] == [{"role": "user", "content": "hello"}]
     with pytest.raises(ValueError, match="--endpoint chat"):
         request_body(sample, RequestOptions(endpoint="chat", model="m"))
 
 
-@pytest.mark.parametrize(("kwargs", "flag"), [
-    ({"base_urls": ()}, "--base-url"),
-    ({"base_urls": ("localhost:8000/v1",)}, "--base-url"),
-    ({"endpoint": "embeddings"}, "--endpoint"),
-    ({"request_rate": 0.0}, "--request-rate"),
-    ({"request_rate": math.nan}, "--request-rate"),
-    ({"max_concurrency": 0}, "--max-concurrency"),
-    ({"request_timeout_s": 0.0}, "--request-timeout"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "flag"),
+    [
+        ({"base_urls": ()}, "--base-url"),
+        ({"base_urls": ("localhost:8000/v1",)}, "--base-url"),
+        ({"endpoint": "embeddings"}, "--endpoint"),
+        ({"request_rate": 0.0}, "--request-rate"),
+        ({"request_rate": math.nan}, "--request-rate"),
+        ({"max_concurrency": 0}, "--max-concurrency"),
+        ({"request_timeout_s": 0.0}, "--request-timeout"),
+    ],
+)
 def test_load_config_errors_name_the_flag(kwargs: dict[str, object], flag: str) -> None:
     args: dict[str, object] = {"base_urls": ("http://127.0.0.1:1/v1",), **kwargs}
     with pytest.raises(ValueError, match=flag):
@@ -115,8 +122,14 @@ def test_cli_bad_flags_exit_2_naming_the_flag(tmp_path: Path) -> None:
 # --- against a real instance ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def mixed_url() -> Iterator[str]:
-    spec = ClusterSpec(model=str(default_model_dir("tiny")), num_prefill=0, num_decode=0, num_mixed=1,
-                       threads_per_instance=1, extra_args=TINY_ARGS)
+    spec = ClusterSpec(
+        model=str(default_model_dir("tiny")),
+        num_prefill=0,
+        num_decode=0,
+        num_mixed=1,
+        threads_per_instance=1,
+        extra_args=TINY_ARGS,
+    )
     cluster = LocalCluster(spec)
     try:
         cluster.start()
@@ -134,13 +147,13 @@ def tokenizer() -> Tokenizer:
 def _config(url: str, **kwargs: object) -> LoadConfig:
     model = asyncio.run(served_model_id(url))
     # A bounded request time: a stuck request fails the test with its reason instead of hanging it.
-    return LoadConfig(base_urls=(url,), model=model, show_progress=False, request_timeout_s=90,
-                      **kwargs)  # type: ignore[arg-type]
+    return LoadConfig(base_urls=(url,), model=model, show_progress=False, request_timeout_s=90, **kwargs)  # type: ignore[arg-type]
 
 
 def test_token_id_prompts_get_exactly_the_requested_output(mixed_url: str, tokenizer: Tokenizer) -> None:
-    requests = random_requests(tokenizer, num_prompts=3, input_len=40, output_len=6, range_ratio=0.5, seed=1,
-                               as_text=False)
+    requests = random_requests(
+        tokenizer, num_prompts=3, input_len=40, output_len=6, range_ratio=0.5, seed=1, as_text=False
+    )
     run = asyncio.run(run_load(_config(mixed_url, slo=SLO(ttft_ms=60_000, tpot_ms=60_000)), requests))
     assert [r.error for r in run.results] == ["", "", ""]
     for sample, result in zip(requests, run.results, strict=True):
@@ -152,7 +165,9 @@ def test_token_id_prompts_get_exactly_the_requested_output(mixed_url: str, token
         # and they add up to the first-to-last chunk time that TPOT divides by n - 1.
         assert len(result.itl_s) <= sample.output_tokens - 1
         assert sum(result.itl_s) == pytest.approx(result.last_token_s - result.ttft_s)
-        assert result.tpot_s == pytest.approx((result.last_token_s - result.ttft_s) / (sample.output_tokens - 1))
+        assert result.tpot_s == pytest.approx(
+            (result.last_token_s - result.ttft_s) / (sample.output_tokens - 1)
+        )
     m = run.metrics
     assert m.num_completed == 3 and m.total_output_tokens == sum(r.output_tokens for r in requests)
     assert m.slo_attainment == 1.0 and m.num_slo_met == 3
@@ -160,9 +175,12 @@ def test_token_id_prompts_get_exactly_the_requested_output(mixed_url: str, token
 
 
 def test_chat_with_max_concurrency_one_never_overlaps(mixed_url: str, tokenizer: Tokenizer) -> None:
-    requests = random_requests(tokenizer, num_prompts=3, input_len=24, output_len=5, range_ratio=0.0, seed=2,
-                               as_text=True)
-    run = asyncio.run(run_load(_config(mixed_url, endpoint="chat", request_rate=50.0, max_concurrency=1), requests))
+    requests = random_requests(
+        tokenizer, num_prompts=3, input_len=24, output_len=5, range_ratio=0.0, seed=2, as_text=True
+    )
+    run = asyncio.run(
+        run_load(_config(mixed_url, endpoint="chat", request_rate=50.0, max_concurrency=1), requests)
+    )
     assert all(r.success for r in run.results), [r.error for r in run.results]
     assert [r.output_tokens for r in run.results] == [5, 5, 5]
     ordered = sorted(run.results, key=lambda r: r.sent_at_s)
@@ -172,7 +190,9 @@ def test_chat_with_max_concurrency_one_never_overlaps(mixed_url: str, tokenizer:
 
 
 def test_server_errors_are_recorded_not_raised(mixed_url: str) -> None:
-    config = LoadConfig(base_urls=(mixed_url,), model="no-such-model", show_progress=False, slo=SLO(ttft_ms=1000))
+    config = LoadConfig(
+        base_urls=(mixed_url,), model="no-such-model", show_progress=False, slo=SLO(ttft_ms=1000)
+    )
     run = asyncio.run(run_load(config, [SampleRequest([5, 6, 7], 3, 2)] * 2))
     assert run.metrics.num_failed == 2 and run.metrics.num_completed == 0
     assert all(r.error.startswith("HTTP 404") for r in run.results)
@@ -181,16 +201,38 @@ def test_server_errors_are_recorded_not_raised(mixed_url: str) -> None:
 
 
 def test_unreachable_server_is_a_failed_request() -> None:
-    config = LoadConfig(base_urls=("http://127.0.0.1:9/v1",), model="m", show_progress=False, request_timeout_s=5)
+    config = LoadConfig(
+        base_urls=("http://127.0.0.1:9/v1",), model="m", show_progress=False, request_timeout_s=5
+    )
     run = asyncio.run(run_load(config, [SampleRequest([5], 1, 1)]))
     assert not run.results[0].success and "ConnectError" in run.results[0].error
 
 
 def test_cli_writes_the_result_file(mixed_url: str, tmp_path: Path) -> None:
     out = tmp_path / "result.json"
-    args = ["bench", "serve", "--base-url", mixed_url, "--tokenizer", str(default_model_dir("tiny")),
-            "--num-prompts", "2", "--random-input-len", "16", "--random-output-len", "4", "--request-rate", "10",
-            "--slo-ttft-ms", "60000", "--slo-tpot-ms", "60000", "--no-progress", "--result-file", str(out)]
+    args = [
+        "bench",
+        "serve",
+        "--base-url",
+        mixed_url,
+        "--tokenizer",
+        str(default_model_dir("tiny")),
+        "--num-prompts",
+        "2",
+        "--random-input-len",
+        "16",
+        "--random-output-len",
+        "4",
+        "--request-rate",
+        "10",
+        "--slo-ttft-ms",
+        "60000",
+        "--slo-tpot-ms",
+        "60000",
+        "--no-progress",
+        "--result-file",
+        str(out),
+    ]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert "SLO attainment                      100.0% (2/2)" in result.output
@@ -204,9 +246,23 @@ def test_cli_writes_the_result_file(mixed_url: str, tmp_path: Path) -> None:
 
 def test_cli_sharegpt_dataset(mixed_url: str) -> None:
     fixture = Path(__file__).parent / "data" / "sharegpt_small.json"
-    args = ["bench", "serve", "--base-url", mixed_url, "--tokenizer", str(default_model_dir("tiny")),
-            "--endpoint", "chat", "--dataset-path", str(fixture), "--sharegpt-output-len", "3",
-            "--num-prompts", "2", "--no-progress"]
+    args = [
+        "bench",
+        "serve",
+        "--base-url",
+        mixed_url,
+        "--tokenizer",
+        str(default_model_dir("tiny")),
+        "--endpoint",
+        "chat",
+        "--dataset-path",
+        str(fixture),
+        "--sharegpt-output-len",
+        "3",
+        "--num-prompts",
+        "2",
+        "--no-progress",
+    ]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert "Successful / failed requests        2 / 0" in result.output

@@ -25,7 +25,12 @@ def model_dir() -> Path:
 
 
 def make_engine(model_dir: Path, **overrides: object) -> LLMEngine:
-    cfg: dict[str, object] = {"model": str(model_dir), "block_size": 4, "num_kv_blocks": 128, "max_num_batched_tokens": 64}
+    cfg: dict[str, object] = {
+        "model": str(model_dir),
+        "block_size": 4,
+        "num_kv_blocks": 128,
+        "max_num_batched_tokens": 64,
+    }
     cfg.update(overrides)
     return LLMEngine(EngineConfig(**cfg))  # type: ignore[arg-type]
 
@@ -58,7 +63,9 @@ def test_chunked_prefill_equals_unchunked(model_dir: Path) -> None:
     ps = prompts(4, seed=1, lo=30, hi=60)
     small = make_engine(model_dir, max_num_batched_tokens=8, enable_prefix_caching=False)
     big = make_engine(model_dir, max_num_batched_tokens=256, enable_prefix_caching=False)
-    assert [r.token_ids for r in small.generate(ps, GREEDY)] == [r.token_ids for r in big.generate(ps, GREEDY)]
+    assert [r.token_ids for r in small.generate(ps, GREEDY)] == [
+        r.token_ids for r in big.generate(ps, GREEDY)
+    ]
     assert small.stats.num_steps > big.stats.num_steps  # it really was chunked
 
 
@@ -78,7 +85,9 @@ def test_preemption_by_recompute_keeps_outputs(model_dir: Path) -> None:
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     tight = make_engine(model_dir, num_kv_blocks=24, enable_prefix_caching=False)
     roomy = make_engine(model_dir, num_kv_blocks=512, enable_prefix_caching=False)
-    assert [r.token_ids for r in tight.generate(ps, params)] == [r.token_ids for r in roomy.generate(ps, params)]
+    assert [r.token_ids for r in tight.generate(ps, params)] == [
+        r.token_ids for r in roomy.generate(ps, params)
+    ]
     assert tight.stats.num_preemptions > 0
     assert tight.block_manager.num_referenced_blocks == 0
 
@@ -109,7 +118,9 @@ def test_abort_at_every_stage_frees_blocks(engine: LLMEngine) -> None:
 def test_seed_reproducible_and_sampling_varies(engine: LLMEngine) -> None:
     p = prompts(1, seed=5)[0]
     a = engine.generate([p], SamplingParams(max_tokens=12, temperature=1.0, seed=42, ignore_eos=True))[0]
-    b = engine.generate([p, p[:3]], [SamplingParams(max_tokens=12, temperature=1.0, seed=42, ignore_eos=True)] * 2)[0]
+    b = engine.generate(
+        [p, p[:3]], [SamplingParams(max_tokens=12, temperature=1.0, seed=42, ignore_eos=True)] * 2
+    )[0]
     c = engine.generate([p], SamplingParams(max_tokens=12, temperature=1.0, seed=43, ignore_eos=True))[0]
     assert a.token_ids == b.token_ids
     assert a.token_ids != c.token_ids
@@ -117,7 +128,9 @@ def test_seed_reproducible_and_sampling_varies(engine: LLMEngine) -> None:
 
 
 def test_greedy_logprob_is_max(engine: LLMEngine) -> None:
-    out = engine.generate(prompts(1, seed=6), SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))[0]
+    out = engine.generate(prompts(1, seed=6), SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))[
+        0
+    ]
     assert len(out.logprobs) == 3 and all(-30.0 < lp <= 0.0 for lp in out.logprobs)
 
 
@@ -125,12 +138,16 @@ def test_stop_token_ids_and_stop_strings(engine: LLMEngine) -> None:
     p = prompts(1, seed=7)[0]
     full = engine.generate([p], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))[0]
     stop_id = full.token_ids[4]
-    by_id = engine.generate([p], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, stop_token_ids=(stop_id,)))[0]
+    by_id = engine.generate(
+        [p], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, stop_token_ids=(stop_id,))
+    )[0]
     assert by_id.finish_reason is FinishReason.STOP
     assert by_id.token_ids == full.token_ids[: full.token_ids.index(stop_id) + 1]
     text = full.text
     stop = next(text[i : i + 3] for i in range(2, len(text) - 3) if "\ufffd" not in text[i : i + 3])
-    by_str = engine.generate([p], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, stop=(stop,)))[0]
+    by_str = engine.generate(
+        [p], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, stop=(stop,))
+    )[0]
     assert by_str.finish_reason is FinishReason.STOP
     assert by_str.text == text[: text.index(stop)]
 
@@ -139,7 +156,9 @@ def test_eos_stops(engine: LLMEngine) -> None:
     p = prompts(1, seed=8)[0]
     full = engine.generate([p], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))[0]
     eng_eos = full.token_ids[2]
-    engine.stop_checker = type(engine.stop_checker)(eos_token_ids={eng_eos}, max_model_len=engine.max_model_len)
+    engine.stop_checker = type(engine.stop_checker)(
+        eos_token_ids={eng_eos}, max_model_len=engine.max_model_len
+    )
     engine.scheduler.stop_checker = engine.stop_checker
     out = engine.generate([p], SamplingParams(max_tokens=6, temperature=0.0))[0]
     assert out.finish_reason is FinishReason.STOP and out.token_ids[-1] == eng_eos
@@ -193,7 +212,9 @@ def test_disaggregated_prefill_then_decode_equals_mixed(model_dir: Path) -> None
         for layer in range(p_eng.model_config.num_layers):
             d_eng.kv_cache.tensor[layer, :, dst[:n]] = p_eng.kv_cache.tensor[layer, :, src[:n]]
         p_eng.release_prefill(f"p{i}")
-        first = d_eng.add_prefilled_request(f"p{i}", prompt, params, out.new_token_ids[0], out.new_logprobs[0])
+        first = d_eng.add_prefilled_request(
+            f"p{i}", prompt, params, out.new_token_ids[0], out.new_logprobs[0]
+        )
         assert first.new_token_ids == [mixed[i].token_ids[0]]
     tokens: dict[str, list[int]] = {f"p{i}": [mixed[i].token_ids[0]] for i in range(len(ps))}
     while d_eng.has_unfinished():
@@ -224,7 +245,9 @@ def test_stale_shared_memory_segments_are_removed(tmp_path: Path) -> None:
     (tmp_path / "unrelated").write_bytes(b"x")
     removed = remove_stale_segments(shm_dir=str(tmp_path))
     assert removed == [f"splitwise-kv-{dead_pid}-abcd"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"splitwise-kv-{__import__('os').getpid()}-beef", "unrelated"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"splitwise-kv-{__import__('os').getpid()}-beef", "unrelated"]
+    )
 
 
 def test_detokenize_off_gives_same_tokens_and_still_honours_stop_strings(model_dir: Path) -> None:
@@ -235,6 +258,8 @@ def test_detokenize_off_gives_same_tokens_and_still_honours_stop_strings(model_d
     a, b = with_text.generate([p], params)[0], without.generate([p], params)[0]
     assert a.token_ids == b.token_ids and b.text == "" and a.text
     stop = next(a.text[i : i + 3] for i in range(2, len(a.text) - 3) if "\ufffd" not in a.text[i : i + 3])
-    stopped = without.generate([p], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, stop=(stop,)))[0]
+    stopped = without.generate(
+        [p], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, stop=(stop,))
+    )[0]
     assert stopped.finish_reason is FinishReason.STOP
     assert stopped.text == a.text[: a.text.index(stop)]

@@ -180,8 +180,16 @@ def test_qwen_sliding_window_layers_are_refused() -> None:
     from splitwise.engine.config import ModelConfig
     from splitwise.engine.errors import UnsupportedArchitectureError
 
-    cfg = {"architectures": ["Qwen2ForCausalLM"], "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8,
-           "num_hidden_layers": 1, "num_attention_heads": 2, "use_sliding_window": True, "sliding_window": 4}
+    cfg = {
+        "architectures": ["Qwen2ForCausalLM"],
+        "vocab_size": 8,
+        "hidden_size": 8,
+        "intermediate_size": 8,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "use_sliding_window": True,
+        "sliding_window": 4,
+    }
     with pytest.raises(UnsupportedArchitectureError, match="use_sliding_window"):
         ModelConfig.from_dict(cfg)
     cfg["use_sliding_window"] = False

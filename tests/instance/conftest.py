@@ -27,5 +27,3 @@ def cluster_factory(tiny_model: Path) -> Iterator[object]:
     yield make
     for cluster in started:
         cluster.stop()
-
-

@@ -9,11 +9,22 @@ import httpx
 from splitwise.cluster import ClusterSpec, LocalCluster
 
 # Small blocks and a small step budget so short prompts already span many blocks and chunks.
-ENGINE_ARGS = ["--block-size", "4", "--max-num-batched-tokens", "32", "--num-kv-blocks", "512", "--transfer-timeout", "20"]
+ENGINE_ARGS = [
+    "--block-size",
+    "4",
+    "--max-num-batched-tokens",
+    "32",
+    "--num-kv-blocks",
+    "512",
+    "--transfer-timeout",
+    "20",
+]
 
 
 def start_cluster(model: Path, *, extra: list[str] | None = None, **spec: object) -> LocalCluster:
-    cluster = LocalCluster(ClusterSpec(model=str(model), extra_args=ENGINE_ARGS + (extra or []), threads_per_instance=1, **spec))  # type: ignore[arg-type]
+    cluster = LocalCluster(
+        ClusterSpec(model=str(model), extra_args=ENGINE_ARGS + (extra or []), threads_per_instance=1, **spec)
+    )  # type: ignore[arg-type]
     try:
         cluster.start()
         cluster.wait_ready(timeout_s=180)
@@ -23,8 +34,17 @@ def start_cluster(model: Path, *, extra: list[str] | None = None, **spec: object
     return cluster
 
 
-def complete(base_url: str, prompt: list[int] | str, *, max_tokens: int = 8, timeout: float = 60.0, **extra: object) -> dict:
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True, "logprobs": 1, **extra}
+def complete(
+    base_url: str, prompt: list[int] | str, *, max_tokens: int = 8, timeout: float = 60.0, **extra: object
+) -> dict:
+    body = {
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "logprobs": 1,
+        **extra,
+    }
     resp = httpx.post(f"{base_url}/completions", json=body, timeout=timeout)
     assert resp.status_code == 200, resp.text
     return resp.json()

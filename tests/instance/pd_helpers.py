@@ -51,7 +51,11 @@ def log_text(child: Child) -> str:
 
 def decode_with_running_request(cluster: LocalCluster) -> Child | None:
     for child in cluster.children:
-        if child.role == "decode" and child.process.poll() is None and metric(child, "splitwise_num_requests_running") > 0:
+        if (
+            child.role == "decode"
+            and child.process.poll() is None
+            and metric(child, "splitwise_num_requests_running") > 0
+        ):
             return child
     return None
 
@@ -66,13 +70,23 @@ class StreamedCompletion:
 
 
 def stream_completion(
-    base_url: str, prompt: list[int] | str, *, max_tokens: int, timeout_s: float = 120.0,
+    base_url: str,
+    prompt: list[int] | str,
+    *,
+    max_tokens: int,
+    timeout_s: float = 120.0,
     on_chunk: Callable[[StreamedCompletion], bool] | None = None,
 ) -> StreamedCompletion:
     """A streaming greedy completion. ``on_chunk`` sees the state after each content chunk; when it
     returns False the client closes the connection right there (a cancel)."""
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     result = StreamedCompletion()
     with httpx.stream("POST", f"{base_url}/completions", json=body, timeout=timeout_s) as resp:
         assert resp.status_code == 200, resp.read().decode()

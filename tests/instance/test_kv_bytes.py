@@ -59,8 +59,13 @@ PROMPTS = {
 
 
 def _engine_config(model: Path, **changes: object) -> EngineConfig:
-    base = EngineConfig(model=str(model), block_size=BLOCK_SIZE, max_num_batched_tokens=CHUNK_TOKENS,
-                        num_kv_blocks=96, enable_prefix_caching=True)
+    base = EngineConfig(
+        model=str(model),
+        block_size=BLOCK_SIZE,
+        max_num_batched_tokens=CHUNK_TOKENS,
+        num_kv_blocks=96,
+        enable_prefix_caching=True,
+    )
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
 
 
@@ -69,7 +74,9 @@ def _compat(engine: LLMEngine) -> Compatibility:
     return Compatibility("tiny", g.dtype, g.block_size, g.num_layers, g.num_kv_heads, g.head_dim)
 
 
-def _local_prefill(engine: LLMEngine, req_id: str, prompt: list[int], params: SamplingParams) -> tuple[list[int], int, int]:
+def _local_prefill(
+    engine: LLMEngine, req_id: str, prompt: list[int], params: SamplingParams
+) -> tuple[list[int], int, int]:
     """Prefill on R the way a mixed instance does (prefill-only keeps the blocks for reading)."""
     engine.add_request(req_id, prompt, params, prefill_only=True)
     while True:
@@ -89,7 +96,9 @@ class Landed:
 class PrefillSide:
     """P: the real PrefillFlow behind a real control server, on this test's event loop."""
 
-    def __init__(self, engine: LLMEngine, protocol: str, loop: asyncio.AbstractEventLoop, *, pipelined: bool) -> None:
+    def __init__(
+        self, engine: LLMEngine, protocol: str, loop: asyncio.AbstractEventLoop, *, pipelined: bool
+    ) -> None:
         self.engine = engine
         self.worker = EngineWorker(engine, loop)
         self.worker.start()
@@ -98,12 +107,23 @@ class PrefillSide:
         self.counters = TransferCounters()
         self.flow: PrefillFlow | None = None
         self.channel = PDChannel(
-            loop, node_id="p0", token=TOKEN, compat=_compat(engine), host="127.0.0.1", port=0,
+            loop,
+            node_id="p0",
+            token=TOKEN,
+            compat=_compat(engine),
+            host="127.0.0.1",
+            port=0,
             on_message=lambda conn, msg: self._flow().on_message(conn, msg),
             validate=lambda conn, msg: self._flow().validate(conn, msg),
         )
-        self.flow = PrefillFlow(self.worker, self.channel, {protocol: self.initiator}, self.counters,
-                                transfer_timeout_s=20.0, pipelined=pipelined)
+        self.flow = PrefillFlow(
+            self.worker,
+            self.channel,
+            {protocol: self.initiator},
+            self.counters,
+            transfer_timeout_s=20.0,
+            pipelined=pipelined,
+        )
 
     def _flow(self) -> PrefillFlow:
         assert self.flow is not None
@@ -125,7 +145,11 @@ class DecodeSide:
         self.target.register(engine.kv_cache)
         self.replies: queue.Queue[CallMessage] = queue.Queue()
         self.conn: ControlConnection = connect_control(
-            "127.0.0.1", p_port, node_id="d0", token=TOKEN, compat=_compat(engine),
+            "127.0.0.1",
+            p_port,
+            node_id="d0",
+            token=TOKEN,
+            compat=_compat(engine),
             handler=lambda _conn, msg: self.replies.put(msg),
         )
 
@@ -136,8 +160,18 @@ class DecodeSide:
         self.target.expect(req_id, dst, timeout_s=20.0)
         raw_params = dataclasses.asdict(params)
         raw_params["stop"], raw_params["stop_token_ids"] = list(params.stop), list(params.stop_token_ids)
-        self.conn.call(PrefillTask(call_id=0, req_id=req_id, prompt_token_ids=prompt, sampling_params=raw_params,
-                                   dst_block_ids=dst, protocol=self.protocol, endpoint=self.target.endpoint()), 10.0)
+        self.conn.call(
+            PrefillTask(
+                call_id=0,
+                req_id=req_id,
+                prompt_token_ids=prompt,
+                sampling_params=raw_params,
+                dst_block_ids=dst,
+                protocol=self.protocol,
+                endpoint=self.target.endpoint(),
+            ),
+            10.0,
+        )
         reply = self.replies.get(timeout=30.0)
         assert isinstance(reply, PrefillResult), f"P answered {reply!r}"
         assert reply.req_id == req_id
@@ -152,10 +186,14 @@ class DecodeSide:
 
 
 @pytest.fixture()
-def engines(tiny_model: Path, request: pytest.FixtureRequest) -> Iterator[tuple[LLMEngine, LLMEngine, LLMEngine]]:
+def engines(
+    tiny_model: Path, request: pytest.FixtureRequest
+) -> Iterator[tuple[LLMEngine, LLMEngine, LLMEngine]]:
     protocol = request.param
     p = LLMEngine(_engine_config(tiny_model))
-    d = LLMEngine(_engine_config(tiny_model, kv_cache_shm_name=default_shm_name() if protocol == "ipc" else None))
+    d = LLMEngine(
+        _engine_config(tiny_model, kv_cache_shm_name=default_shm_name() if protocol == "ipc" else None)
+    )
     r = LLMEngine(_engine_config(tiny_model))
     yield p, d, r
     for engine in (p, d, r):
@@ -173,7 +211,9 @@ def _prompt_slots(kv: torch.Tensor, block_ids: list[int], num_tokens: int) -> to
 
 @pytest.mark.parametrize("pipelined", [True, False], ids=["layer-pipelined", "unpipelined"])
 @pytest.mark.parametrize("engines", ["ipc", "tcp"], indirect=True)
-def test_transferred_kv_bytes_equal_local_prefill(engines: tuple[LLMEngine, LLMEngine, LLMEngine], pipelined: bool) -> None:
+def test_transferred_kv_bytes_equal_local_prefill(
+    engines: tuple[LLMEngine, LLMEngine, LLMEngine], pipelined: bool
+) -> None:
     p_engine, d_engine, r_engine = engines
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     protocol = "ipc" if d_engine.kv_cache.shm_name else "tcp"
@@ -204,7 +244,9 @@ def test_transferred_kv_bytes_equal_local_prefill(engines: tuple[LLMEngine, LLME
         got = _prompt_slots(d_kv, landed.dst_block_ids, len(prompt))
         want = _prompt_slots(r_kv, r_blocks, len(prompt))
         assert bool(want.abs().sum() > 0), f"{name}: the reference KV is all zeros (nothing was prefilled)"
-        mismatched = (got.view(torch.uint8) != want.view(torch.uint8)).flatten(2).any(dim=2).nonzero().tolist()
+        mismatched = (
+            (got.view(torch.uint8) != want.view(torch.uint8)).flatten(2).any(dim=2).nonzero().tolist()
+        )
         assert not mismatched, f"{name}: (layer, kind) pairs whose prompt KV differs on D: {mismatched}"
         assert landed.first_token_id == r_first, name
         for block in landed.headroom_block_ids:

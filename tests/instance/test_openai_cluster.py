@@ -35,26 +35,48 @@ def model_id(client: openai.OpenAI) -> str:
 
 
 def test_completion_usage_and_logprobs(client: openai.OpenAI, model_id: str) -> None:
-    resp = client.completions.create(model=model_id, prompt="The quick brown fox", max_tokens=7, temperature=0,
-                                     logprobs=1, extra_body={"ignore_eos": True})
+    resp = client.completions.create(
+        model=model_id,
+        prompt="The quick brown fox",
+        max_tokens=7,
+        temperature=0,
+        logprobs=1,
+        extra_body={"ignore_eos": True},
+    )
     choice = resp.choices[0]
     assert choice.finish_reason == "length"
     assert resp.usage is not None and resp.usage.completion_tokens == 7
     assert resp.usage.total_tokens == resp.usage.prompt_tokens + 7
     assert choice.logprobs is not None and len(choice.logprobs.token_logprobs) == 7
     assert all(lp <= 0 for lp in choice.logprobs.token_logprobs)
-    again = client.completions.create(model=model_id, prompt="The quick brown fox", max_tokens=7, temperature=0,
-                                      extra_body={"ignore_eos": True})
+    again = client.completions.create(
+        model=model_id,
+        prompt="The quick brown fox",
+        max_tokens=7,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     assert again.choices[0].text == choice.text  # greedy is deterministic across P/D
 
 
 def test_chat_and_streaming_agree(client: openai.OpenAI, model_id: str) -> None:
     messages = [{"role": "user", "content": "Say something about KV caches."}]
-    full = client.chat.completions.create(model=model_id, messages=messages, max_tokens=12, temperature=0,  # type: ignore[arg-type]
-                                          extra_body={"ignore_eos": True})
-    stream = client.chat.completions.create(model=model_id, messages=messages, max_tokens=12, temperature=0,  # type: ignore[arg-type]
-                                            stream=True, stream_options={"include_usage": True},
-                                            extra_body={"ignore_eos": True})
+    full = client.chat.completions.create(
+        model=model_id,
+        messages=messages,
+        max_tokens=12,
+        temperature=0,  # type: ignore[arg-type]
+        extra_body={"ignore_eos": True},
+    )
+    stream = client.chat.completions.create(
+        model=model_id,
+        messages=messages,
+        max_tokens=12,
+        temperature=0,  # type: ignore[arg-type]
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
     pieces, usage, reasons = [], None, []
     for chunk in stream:
         if chunk.usage is not None:
@@ -71,19 +93,44 @@ def test_chat_and_streaming_agree(client: openai.OpenAI, model_id: str) -> None:
 
 
 def test_stop_string_cuts_text(client: openai.OpenAI, model_id: str) -> None:
-    base = client.completions.create(model=model_id, prompt="stop test", max_tokens=16, temperature=0,
-                                     extra_body={"ignore_eos": True}).choices[0].text
-    stop = next(base[i : i + 2] for i in range(3, len(base) - 2) if base[i : i + 2].strip() and "\ufffd" not in base[i : i + 2])
-    cut = client.completions.create(model=model_id, prompt="stop test", max_tokens=16, temperature=0, stop=[stop],
-                                    extra_body={"ignore_eos": True}).choices[0]
+    base = (
+        client.completions.create(
+            model=model_id, prompt="stop test", max_tokens=16, temperature=0, extra_body={"ignore_eos": True}
+        )
+        .choices[0]
+        .text
+    )
+    stop = next(
+        base[i : i + 2]
+        for i in range(3, len(base) - 2)
+        if base[i : i + 2].strip() and "\ufffd" not in base[i : i + 2]
+    )
+    cut = client.completions.create(
+        model=model_id,
+        prompt="stop test",
+        max_tokens=16,
+        temperature=0,
+        stop=[stop],
+        extra_body={"ignore_eos": True},
+    ).choices[0]
     assert cut.finish_reason == "stop"
     assert cut.text == base[: base.index(stop)]
 
 
 def test_seed_reproducible(client: openai.OpenAI, model_id: str) -> None:
     def sample(seed: int) -> str:
-        return client.completions.create(model=model_id, prompt="Once upon a time", max_tokens=10, temperature=1.0,
-                                         seed=seed, extra_body={"ignore_eos": True}).choices[0].text
+        return (
+            client.completions.create(
+                model=model_id,
+                prompt="Once upon a time",
+                max_tokens=10,
+                temperature=1.0,
+                seed=seed,
+                extra_body={"ignore_eos": True},
+            )
+            .choices[0]
+            .text
+        )
 
     assert sample(11) == sample(11)
     assert sample(11) != sample(12)
@@ -98,21 +145,32 @@ def test_errors_have_openai_shape(client: openai.OpenAI, model_id: str, cluster:
     with pytest.raises(openai.BadRequestError) as too_long:
         client.completions.create(model=model_id, prompt=[5] * 5000, max_tokens=2)
     assert too_long.value.status_code == 400
-    raw = httpx.post(f"{cluster.entry.base_url}/completions", content=b"{not json", headers={"Content-Type": "application/json"})
+    raw = httpx.post(
+        f"{cluster.entry.base_url}/completions",
+        content=b"{not json",
+        headers={"Content-Type": "application/json"},
+    )
     assert raw.status_code == 400 and "error" in raw.json()
 
 
 def test_every_instance_accepts_requests(cluster: LocalCluster, model_id: str) -> None:
     for child in cluster.children:
         c = openai.OpenAI(base_url=child.base_url, api_key="unused", max_retries=0, timeout=60)
-        out = c.completions.create(model=model_id, prompt="hello", max_tokens=3, temperature=0, extra_body={"ignore_eos": True})
+        out = c.completions.create(
+            model=model_id, prompt="hello", max_tokens=3, temperature=0, extra_body={"ignore_eos": True}
+        )
         assert out.usage is not None and out.usage.completion_tokens == 3
 
 
 def test_no_decode_node_gives_503(tiny_model: Path) -> None:
     """With every decode node gone, a prefill node's frontend answers 503, never hangs."""
-    c = start_cluster(tiny_model, num_prefill=1, num_decode=1, transfer="tcp",
-                      extra=["--scheduler-heartbeat-interval", "0.3"])
+    c = start_cluster(
+        tiny_model,
+        num_prefill=1,
+        num_decode=1,
+        transfer="tcp",
+        extra=["--scheduler-heartbeat-interval", "0.3"],
+    )
     try:
         prefill = next(ch for ch in c.children if ch.role == "prefill")
         decode = next(ch for ch in c.children if ch.role == "decode")
@@ -146,28 +204,52 @@ def _scrape(base_url: str) -> dict[str, float]:
     }
 
 
-def test_transfer_metrics_count_real_transfers(cluster: LocalCluster, client: openai.OpenAI, model_id: str) -> None:
-    client.completions.create(model=model_id, prompt="metrics " * 20, max_tokens=2, extra_body={"ignore_eos": True})
+def test_transfer_metrics_count_real_transfers(
+    cluster: LocalCluster, client: openai.OpenAI, model_id: str
+) -> None:
+    client.completions.create(
+        model=model_id, prompt="metrics " * 20, max_tokens=2, extra_body={"ignore_eos": True}
+    )
     decode = next(c for c in cluster.children if c.role == "decode")
     prefill = next(c for c in cluster.children if c.role == "prefill")
     d, p = _scrape(decode.base_url), _scrape(prefill.base_url)
     assert d["splitwise_kv_transfer_bytes_total{direction=in,protocol=ipc}"] > 0
     assert d["splitwise_kv_transfer_latency_seconds_count{protocol=ipc}"] >= 1
-    assert p["splitwise_kv_transfer_bytes_total{direction=out,protocol=ipc}"] == d["splitwise_kv_transfer_bytes_total{direction=in,protocol=ipc}"]
+    assert (
+        p["splitwise_kv_transfer_bytes_total{direction=out,protocol=ipc}"]
+        == d["splitwise_kv_transfer_bytes_total{direction=in,protocol=ipc}"]
+    )
     assert d["splitwise_transfer_events_total{event=transfers_ok}"] >= 1
     assert d["splitwise_kv_blocks_total{}"] > 0
 
 
-def test_inspect_shows_the_whole_lifecycle(cluster: LocalCluster, client: openai.OpenAI, model_id: str) -> None:
+def test_inspect_shows_the_whole_lifecycle(
+    cluster: LocalCluster, client: openai.OpenAI, model_id: str
+) -> None:
     import json
     import subprocess
     import sys
 
     assert cluster.redis is not None
-    resp = client.completions.create(model=model_id, prompt="lifecycle", max_tokens=3, extra_body={"ignore_eos": True})
+    resp = client.completions.create(
+        model=model_id, prompt="lifecycle", max_tokens=3, extra_body={"ignore_eos": True}
+    )
     out = subprocess.run(
-        [sys.executable, "-m", "splitwise.cli", "inspect", "--scheduler-port", str(cluster.redis.port), "--request", resp.id, "--json"],
-        capture_output=True, text=True, timeout=60, check=True,
+        [
+            sys.executable,
+            "-m",
+            "splitwise.cli",
+            "inspect",
+            "--scheduler-port",
+            str(cluster.redis.port),
+            "--request",
+            resp.id,
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
     events = [e["event"] for e in json.loads(out.stdout)["request"]["events"]]
     for stage in ("dispatched", "received", "prefilled", "transferred", "decoding", "finished"):

@@ -36,7 +36,9 @@ def close_right_after_sending(base_url: str, prompt: list[int]) -> None:
     with its first token): the client gives up reading after half a second."""
     body = {"prompt": prompt, "max_tokens": 32, "temperature": 0.0, "ignore_eos": True, "stream": True}
     with pytest.raises(httpx.ReadTimeout):
-        with httpx.stream("POST", f"{base_url}/completions", json=body, timeout=httpx.Timeout(30.0, read=0.5)):
+        with httpx.stream(
+            "POST", f"{base_url}/completions", json=body, timeout=httpx.Timeout(30.0, read=0.5)
+        ):
             pass
 
 
@@ -50,7 +52,10 @@ def close_after(num_chunks: int):  # type: ignore[no-untyped-def]
 def wait_quiet(cluster: LocalCluster, child_name: str) -> bool:
     child = next(c for c in cluster.children if c.name == child_name)
     return wait_until(
-        lambda: metric(child, "splitwise_kv_blocks_used") == 0 and metric(child, "splitwise_num_requests_running") == 0,
+        lambda: (
+            metric(child, "splitwise_kv_blocks_used") == 0
+            and metric(child, "splitwise_num_requests_running") == 0
+        ),
         30,
         0.25,
     )
@@ -59,7 +64,9 @@ def wait_quiet(cluster: LocalCluster, child_name: str) -> bool:
 def test_cancel_at_every_stage_frees_blocks_on_both_sides(cluster_factory) -> None:  # type: ignore[no-untyped-def]
     # D's 20 ms pause per step: a 64-token decode outlives the client's hang-up even on a fast machine.
     cluster = cluster_factory(
-        num_prefill=1, num_decode=1, transfer="ipc",
+        num_prefill=1,
+        num_decode=1,
+        transfer="ipc",
         extra=["--debug-prefill-layer-delay-ms", "150", "--debug-step-delay-ms", "20"],
     )
     p = next(c for c in cluster.children if c.role == "prefill")
@@ -77,8 +84,11 @@ def test_cancel_at_every_stage_frees_blocks_on_both_sides(cluster_factory) -> No
     # 4. Completed normally, streaming and not, through both frontends.
     done = stream_completion(entry, make_prompt(20, seed=4), max_tokens=8)
     assert done.done and done.usage["completion_tokens"] == 8
-    resp = httpx.post(f"{d.base_url}/completions", json={"prompt": make_prompt(9, seed=5), "max_tokens": 6,
-                                                         "temperature": 0.0, "ignore_eos": True}, timeout=60)
+    resp = httpx.post(
+        f"{d.base_url}/completions",
+        json={"prompt": make_prompt(9, seed=5), "max_tokens": 6, "temperature": 0.0, "ignore_eos": True},
+        timeout=60,
+    )
     assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 6
 
     for child in cluster.children:
@@ -87,7 +97,8 @@ def test_cancel_at_every_stage_frees_blocks_on_both_sides(cluster_factory) -> No
             f"{metric(child, 'splitwise_num_requests_running')} running\n" + cluster.log_tail(child)
         )
     assert wait_until(
-        lambda: metric(p, "splitwise_requests_total", endpoint="/v1/completions", outcome="cancelled") == 3, 10
+        lambda: metric(p, "splitwise_requests_total", endpoint="/v1/completions", outcome="cancelled") == 3,
+        10,
     ), cluster.log_tail(p)
     # Each cancel reached D; a cancel is not a failed prefill: nothing fell back to a local prefill.
     assert log_text(d).count("request cancelled by frontend") == 3, cluster.log_tail(d)
@@ -105,7 +116,8 @@ def open_raw_stream(base_url: str, body: dict) -> socket.socket:
     sock = socket.create_connection((url.host, url.port), timeout=30)
     sock.sendall(
         f"POST {url.raw_path.decode()} HTTP/1.1\r\nHost: {url.host}:{url.port}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload
+        f"Content-Length: {len(payload)}\r\n\r\n".encode()
+        + payload
     )
     return sock
 
@@ -114,17 +126,27 @@ def test_cancel_while_waiting_for_decode_blocks_frees_everything(cluster_factory
     # D has 40 blocks of 4 tokens: the first 100-token request reserves 29 of them (prompt + 16
     # tokens headroom) while P (slowed) prefills it, so the second one waits in D's queue.
     cluster = cluster_factory(
-        num_prefill=1, num_decode=1, transfer="tcp",
+        num_prefill=1,
+        num_decode=1,
+        transfer="tcp",
         extra=["--num-kv-blocks", "40", "--debug-prefill-layer-delay-ms", "300"],
     )
     p = next(c for c in cluster.children if c.role == "prefill")
     d = next(c for c in cluster.children if c.role == "decode")
     first = Background(stream_completion, d.base_url, make_prompt(100, seed=6), max_tokens=12)
     assert wait_until(lambda: metric(d, "splitwise_kv_blocks_used") > 0, 60, 0.05)
-    body = {"prompt": make_prompt(100, seed=7), "max_tokens": 12, "temperature": 0.0, "ignore_eos": True, "stream": True}
+    body = {
+        "prompt": make_prompt(100, seed=7),
+        "max_tokens": 12,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": True,
+    }
     sock = open_raw_stream(d.base_url, body)
     try:
-        assert wait_until(lambda: metric(d, "splitwise_num_requests_waiting") >= 1, 30, 0.1), cluster.log_tail(d)
+        assert wait_until(lambda: metric(d, "splitwise_num_requests_waiting") >= 1, 30, 0.1), (
+            cluster.log_tail(d)
+        )
     finally:
         sock.close()  # the client hangs up while its request waits for KV blocks on D
 

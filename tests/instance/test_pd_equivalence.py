@@ -20,7 +20,15 @@ CHUNK_TOKENS = 32
 def prompt_set(n: int = 50, seed: int = 0) -> list[list[int]]:
     """Varied lengths: one token, exactly one block, block multiples, many blocks, longer than a chunk."""
     rng = random.Random(seed)
-    lengths = [1, BLOCK_SIZE, 2 * BLOCK_SIZE, BLOCK_SIZE + 1, CHUNK_TOKENS, CHUNK_TOKENS + 1, 3 * CHUNK_TOKENS + 5]
+    lengths = [
+        1,
+        BLOCK_SIZE,
+        2 * BLOCK_SIZE,
+        BLOCK_SIZE + 1,
+        CHUNK_TOKENS,
+        CHUNK_TOKENS + 1,
+        3 * CHUNK_TOKENS + 5,
+    ]
     lengths += [rng.randint(1, 120) for _ in range(n - len(lengths))]
     return [[rng.randint(3, 1000) for _ in range(k)] for k in lengths]
 
@@ -47,13 +55,17 @@ def _tokens(resp: dict) -> tuple[list[int], list[float]]:
     [(1, 1, "ipc"), (1, 1, "tcp"), (2, 2, "ipc"), (1, 3, "tcp")],
     ids=["1P1D-ipc", "1P1D-tcp", "2P2D-ipc", "1P3D-tcp"],
 )
-def test_disaggregated_equals_mixed(cluster_factory, mixed_outputs, num_prefill: int, num_decode: int, transfer: str) -> None:  # type: ignore[no-untyped-def]
+def test_disaggregated_equals_mixed(
+    cluster_factory, mixed_outputs, num_prefill: int, num_decode: int, transfer: str
+) -> None:  # type: ignore[no-untyped-def]
     cluster = cluster_factory(num_prefill=num_prefill, num_decode=num_decode, transfer=transfer)
     # Send through every instance's frontend in turn: any instance accepts requests.
     urls = [c.base_url for c in cluster.children]
     got = [_tokens(complete(urls[i % len(urls)], p)) for i, p in enumerate(PROMPTS)]
     mismatches = [i for i, (a, b) in enumerate(zip(got, mixed_outputs, strict=False)) if a[0] != b[0]]
-    assert not mismatches, f"{len(mismatches)} prompts differ, first: #{mismatches[0]} len={len(PROMPTS[mismatches[0]])}"
+    assert not mismatches, (
+        f"{len(mismatches)} prompts differ, first: #{mismatches[0]} len={len(PROMPTS[mismatches[0]])}"
+    )
     for (_, got_lp), (_, want_lp) in zip(got, mixed_outputs, strict=False):
         assert got_lp == pytest.approx(want_lp, abs=1e-4)
     # Every request really went through a prefill node and a KV transfer (no silent local prefill).
@@ -61,4 +73,6 @@ def test_disaggregated_equals_mixed(cluster_factory, mixed_outputs, num_prefill:
         if child.role == "decode":
             text = child.log_file.read_text()
             assert "prefilling locally" not in text, cluster.log_tail(child)
-    assert sum(c.log_file.read_text().count("remote prefill landed") for c in cluster.children if c.role == "decode") == len(PROMPTS)
+    assert sum(
+        c.log_file.read_text().count("remote prefill landed") for c in cluster.children if c.role == "decode"
+    ) == len(PROMPTS)

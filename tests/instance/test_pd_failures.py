@@ -48,13 +48,17 @@ from tests.instance.pd_helpers import (
 
 @pytest.fixture(scope="module")
 def reference(tiny_model: Path) -> Iterator[LLMEngine]:
-    engine = LLMEngine(EngineConfig(model=str(tiny_model), block_size=4, max_num_batched_tokens=32, num_kv_blocks=512))
+    engine = LLMEngine(
+        EngineConfig(model=str(tiny_model), block_size=4, max_num_batched_tokens=32, num_kv_blocks=512)
+    )
     yield engine
     engine.close()
 
 
 def greedy_text(engine: LLMEngine, prompt: list[int], max_tokens: int) -> str:
-    [result] = engine.generate([prompt], SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+    [result] = engine.generate(
+        [prompt], SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    )
     return result.text
 
 
@@ -66,9 +70,13 @@ def by_role(cluster: LocalCluster, role: str) -> list[Child]:
 
 
 @pytest.mark.parametrize("transfer", ["ipc", "tcp"])
-def test_killing_prefill_mid_transfer_falls_back_to_local_prefill(cluster_factory, reference, transfer: str) -> None:  # type: ignore[no-untyped-def]
+def test_killing_prefill_mid_transfer_falls_back_to_local_prefill(
+    cluster_factory, reference, transfer: str
+) -> None:  # type: ignore[no-untyped-def]
     # 120 tokens = 4 chunks x 2 layers, each followed by a 400 ms pause: ~3 s mid-transfer.
-    cluster = cluster_factory(num_prefill=1, num_decode=1, transfer=transfer, extra=["--debug-prefill-layer-delay-ms", "400"])
+    cluster = cluster_factory(
+        num_prefill=1, num_decode=1, transfer=transfer, extra=["--debug-prefill-layer-delay-ms", "400"]
+    )
     [p], [d] = by_role(cluster, "prefill"), by_role(cluster, "decode")
     prompt = make_prompt(120, seed=1)
     want = greedy_text(reference, prompt, 8)
@@ -78,8 +86,9 @@ def test_killing_prefill_mid_transfer_falls_back_to_local_prefill(cluster_factor
     # D's target saw P start writing into the reserved blocks (ipc: P announced its one-sided
     # copies; tcp: layer bytes arrived).
     begun = {"ipc": "ipc_requests_begun", "tcp": "tcp_bytes_received"}[transfer]
-    assert wait_until(lambda: metric(d, "splitwise_kv_transport_events_total", event=begun) > 0, 60, 0.05), \
+    assert wait_until(lambda: metric(d, "splitwise_kv_transport_events_total", event=begun) > 0, 60, 0.05), (
         cluster.log_tail(d)
+    )
     assert transfer_event(d, "transfers_ok") == 0, "the transfer finished before P was killed"
     cluster.kill(p)
 
@@ -103,7 +112,9 @@ def test_killing_decode_mid_stream_redispatches(cluster_factory, reference) -> N
     # 48 decode steps x 40 ms: the decode node is killed while it still has tokens to produce
     # (without the pause a tiny-model decode may finish before the first chunk reaches the client).
     cluster = cluster_factory(
-        num_prefill=1, num_decode=2, transfer="ipc",
+        num_prefill=1,
+        num_decode=2,
+        transfer="ipc",
         extra=["--scheduler-heartbeat-interval", "0.5", "--debug-step-delay-ms", "40"],
     )
     [p] = by_role(cluster, "prefill")
@@ -161,8 +172,17 @@ def test_decode_without_free_blocks_queues_the_request_until_blocks_free(cluster
     # so a second one cannot reserve until the first finishes. P is slowed so the first request
     # holds its reservation for seconds.
     cluster = cluster_factory(
-        num_prefill=1, num_decode=1, transfer="tcp",
-        extra=["--num-kv-blocks", "40", "--debug-prefill-layer-delay-ms", "300", "--scheduler-heartbeat-interval", "0.3"],
+        num_prefill=1,
+        num_decode=1,
+        transfer="tcp",
+        extra=[
+            "--num-kv-blocks",
+            "40",
+            "--debug-prefill-layer-delay-ms",
+            "300",
+            "--scheduler-heartbeat-interval",
+            "0.3",
+        ],
     )
     [p], [d] = by_role(cluster, "prefill"), by_role(cluster, "decode")
     d_id = str(d.info["node_id"])
@@ -176,7 +196,9 @@ def test_decode_without_free_blocks_queues_the_request_until_blocks_free(cluster
 
     # Visible in D's load report in Redis (what the scheduler and `splitwise inspect` read).
     assert wait_until(lambda: _load_report(cluster, d_id).waiting_requests >= 1, 30, 0.1), cluster.log_tail(d)
-    assert wait_until(lambda: metric(d, "splitwise_num_requests_waiting") >= 1, 10, 0.1)  # refreshed every second
+    assert wait_until(
+        lambda: metric(d, "splitwise_num_requests_waiting") >= 1, 10, 0.1
+    )  # refreshed every second
 
     for call, want in zip((first, second), wants, strict=True):
         resp = call.result()
@@ -190,13 +212,17 @@ def test_decode_without_free_blocks_queues_the_request_until_blocks_free(cluster
     assert waits >= 1
     # Backing off (5 ms doubling to 200 ms): at most ~5 retries a second after the first few,
     # where a busy loop would count thousands.
-    assert waits <= 10 + 6 * waited_s, f"{waits} reservation retries in {waited_s:.1f} s: the wait is not backing off"
+    assert waits <= 10 + 6 * waited_s, (
+        f"{waits} reservation retries in {waited_s:.1f} s: the wait is not backing off"
+    )
     assert wait_until(lambda: _load_report(cluster, d_id).waiting_requests == 0, 30, 0.1)
     assert wait_until(lambda: metric(d, "splitwise_kv_blocks_used") == 0, 15)
 
     # A prompt larger than D's whole cache (170 tokens > 40 x 4) can never get its blocks: it
     # fails at once with the reason instead of waiting forever.
-    resp = httpx.post(f"{d.base_url}/completions", json={"prompt": make_prompt(170, seed=5), "max_tokens": 4}, timeout=60)
+    resp = httpx.post(
+        f"{d.base_url}/completions", json={"prompt": make_prompt(170, seed=5), "max_tokens": 4}, timeout=60
+    )
     assert resp.status_code >= 400
     assert "whole cache has 40" in resp.text, resp.text
     assert transfer_event(d, "reserve_waits") == waits  # no retry for it

@@ -85,7 +85,9 @@ def test_pd_comm_port_refuses_bad_peers_and_keeps_serving(cluster_factory, tiny_
 
     # 1. A wrong token: refused as an authentication failure.
     with pytest.raises(AuthenticationError, match="wrong or missing cluster token"):
-        connect_control("127.0.0.1", port, node_id="intruder", token="not-the-" + token, compat=compat, handler=_ignore)
+        connect_control(
+            "127.0.0.1", port, node_id="intruder", token="not-the-" + token, compat=compat, handler=_ignore
+        )
 
     # 2. No token at all (an empty MAC).
     refused = _raw_hello(port, b"", compat)
@@ -100,7 +102,9 @@ def test_pd_comm_port_refuses_bad_peers_and_keeps_serving(cluster_factory, tiny_
         assert _closed_by_peer(sock)
 
     # 4. The right token but another KV geometry and model: refused, naming every field.
-    other = dataclasses.replace(compat, model_id="other-model", block_size=BLOCK_SIZE * 2, head_dim=compat.head_dim * 2)
+    other = dataclasses.replace(
+        compat, model_id="other-model", block_size=BLOCK_SIZE * 2, head_dim=compat.head_dim * 2
+    )
     with pytest.raises(IncompatiblePeerError) as excinfo:
         connect_control("127.0.0.1", port, node_id="odd-peer", token=token, compat=other, handler=_ignore)
     for name in ("model_id", "block_size", "head_dim"):

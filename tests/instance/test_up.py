@@ -20,7 +20,9 @@ def _pids_mentioning(text: str) -> list[int]:
         if not entry.isdigit():
             continue
         try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cmdline = (
+                Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            )
         except OSError:
             continue
         if text in cmdline:
@@ -39,8 +41,21 @@ def test_up_serves_and_cleans_up(tiny_model: Path, tmp_path: Path) -> None:
     out_path, err_path = tmp_path / "up.out", tmp_path / "up.err"
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "splitwise.cli", "up", "--model", str(tiny_model), "--port", "0", "--transfer", "tcp"],
-            stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "splitwise.cli",
+                "up",
+                "--model",
+                str(tiny_model),
+                "--port",
+                "0",
+                "--transfer",
+                "tcp",
+            ],
+            stdout=out,
+            stderr=err,
+            stdin=subprocess.DEVNULL,
         )
     try:
         base_url = ""
@@ -55,7 +70,9 @@ def test_up_serves_and_cleans_up(tiny_model: Path, tmp_path: Path) -> None:
         assert "prefill-0" in progress and "decode-0" in progress and "ready in" in progress
         log_dir = re.search(r"logs in (\S+)\)", progress).group(1)  # type: ignore[union-attr]
         redis_port = int(re.search(r"redis-server on 127\.0\.0\.1:(\d+)", progress).group(1))  # type: ignore[union-attr]
-        resp = httpx.post(f"{base_url}/completions", json={"prompt": "Hi", "max_tokens": 4, "ignore_eos": True}, timeout=60)
+        resp = httpx.post(
+            f"{base_url}/completions", json={"prompt": "Hi", "max_tokens": 4, "ignore_eos": True}, timeout=60
+        )
         assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 4
         assert len(_pids_mentioning(log_dir)) == 2  # the two instances
         proc.send_signal(signal.SIGTERM)

@@ -21,8 +21,8 @@ ZERO_GID = "0000:0000:0000:0000:0000:0000:0000:0000"
 class SysfsTree:
     """Builds <root>/devices/pci.../<bdf> directories with the same symlinks the kernel makes:
 
-        class/infiniband/<dev>/device -> ../../../devices/pci0000:00/0000:00:01.0/0000:01:00.0
-        bus/pci/devices/<bdf>         -> ../../../devices/pci0000:00/0000:00:01.0/0000:01:00.0
+    class/infiniband/<dev>/device -> ../../../devices/pci0000:00/0000:00:01.0/0000:01:00.0
+    bus/pci/devices/<bdf>         -> ../../../devices/pci0000:00/0000:00:01.0/0000:01:00.0
     """
 
     def __init__(self, root: Path) -> None:

@@ -46,10 +46,30 @@ def settle(fn: Callable[[int], list[Completion]], wait_s: float = 0.05) -> list[
     return fn(64)
 
 
-def write(src: Buffer, dst: Buffer, src_mr: MemoryRegion, dst_mr: MemoryRegion, *, wr_id: int = 1, off: int = 0,
-          length: int = 64, signaled: bool = True, imm: int | None = None, rkey: int | None = None, lkey: int | None = None) -> WorkRequest:
-    return WorkRequest(wr_id, src_mr.addr + off, length, src_mr.lkey if lkey is None else lkey,
-                       dst_mr.addr + off, dst_mr.rkey if rkey is None else rkey, signaled, imm)
+def write(
+    src: Buffer,
+    dst: Buffer,
+    src_mr: MemoryRegion,
+    dst_mr: MemoryRegion,
+    *,
+    wr_id: int = 1,
+    off: int = 0,
+    length: int = 64,
+    signaled: bool = True,
+    imm: int | None = None,
+    rkey: int | None = None,
+    lkey: int | None = None,
+) -> WorkRequest:
+    return WorkRequest(
+        wr_id,
+        src_mr.addr + off,
+        length,
+        src_mr.lkey if lkey is None else lkey,
+        dst_mr.addr + off,
+        dst_mr.rkey if rkey is None else rkey,
+        signaled,
+        imm,
+    )
 
 
 Verbs = tuple[VerbsDevice, PortInfo]
@@ -108,7 +128,12 @@ def test_write_with_imm_consumes_a_posted_receive(verbs: Verbs) -> None:
     [sent] = poll(a.qp.poll_send, 1)
     [got] = poll(b.qp.poll_recv, 1)
     assert sent.ok
-    assert (got.wr_id, got.status, got.opcode, got.imm_data) == (42, WcStatus.SUCCESS, WcOpcode.RECV_RDMA_WITH_IMM, 0xDEADBEEF)
+    assert (got.wr_id, got.status, got.opcode, got.imm_data) == (
+        42,
+        WcStatus.SUCCESS,
+        WcOpcode.RECV_RDMA_WITH_IMM,
+        0xDEADBEEF,
+    )
     assert dst.read(0, 8) == b"\xab" * 8
 
 
@@ -125,9 +150,16 @@ def test_remote_access_errors_put_the_qp_in_error_and_flush_what_follows(verbs: 
     a, _, src, dst, src_mr, dst_mr = setup(verbs)
     if fault == "no_remote_write":
         dst_mr = device.register_memory(dst.addr, dst.length, Access.LOCAL_WRITE)
-    bad = write(src, dst, src_mr, dst_mr, wr_id=1, signaled=False,
-                rkey=(dst_mr.rkey ^ 0x5A5A00) if fault == "bad_rkey" else None,
-                length=8192 if fault == "out_of_bounds" else 64)
+    bad = write(
+        src,
+        dst,
+        src_mr,
+        dst_mr,
+        wr_id=1,
+        signaled=False,
+        rkey=(dst_mr.rkey ^ 0x5A5A00) if fault == "bad_rkey" else None,
+        length=8192 if fault == "out_of_bounds" else 64,
+    )
     if fault == "out_of_bounds":  # the local side is fine: only the remote range is too long
         src_big = Buffer(8192)
         big_mr = device.register_memory(src_big.addr, 8192, Access.LOCAL_WRITE)

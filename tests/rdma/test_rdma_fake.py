@@ -24,7 +24,12 @@ def device(port: FakePort | None = None):  # noqa: ANN201
 
 def buffers(dev):  # noqa: ANN001, ANN201
     src, dst = Buffer(256, b"\x11"), Buffer(256)
-    return src, dst, dev.register_memory(src.addr, 256, Access.LOCAL_WRITE), dev.register_memory(dst.addr, 256, RW)
+    return (
+        src,
+        dst,
+        dev.register_memory(src.addr, 256, Access.LOCAL_WRITE),
+        dev.register_memory(dst.addr, 256, RW),
+    )
 
 
 def test_psn_mismatch_is_a_retry_error() -> None:
@@ -55,7 +60,10 @@ def test_remote_access_error_also_errors_the_responder_and_flushes_its_receives(
     src, dst, smr, dmr = buffers(dev)
     a.qp.post_send([WorkRequest(1, smr.addr, 8, smr.lkey, dmr.addr, dmr.rkey + 99, True)])
     assert b.state is QPState.ERROR
-    assert [(c.wr_id, c.status) for c in b.qp.poll_recv(8)] == [(1, WcStatus.WR_FLUSH_ERR), (2, WcStatus.WR_FLUSH_ERR)]
+    assert [(c.wr_id, c.status) for c in b.qp.poll_recv(8)] == [
+        (1, WcStatus.WR_FLUSH_ERR),
+        (2, WcStatus.WR_FLUSH_ERR),
+    ]
 
 
 def test_posting_on_an_errored_qp_flushes() -> None:

@@ -38,7 +38,9 @@ from splitwise.engine.kv_cache import KVCache, KVCacheGeometry
 from splitwise.transfer.base import TransferCounters, TransportOptions
 
 PAGE = 4096
-GEOMETRY = KVCacheGeometry(num_layers=3, num_blocks=16, block_size=4, num_kv_heads=2, head_dim=8, dtype="float16")
+GEOMETRY = KVCacheGeometry(
+    num_layers=3, num_blocks=16, block_size=4, num_kv_heads=2, head_dim=8, dtype="float16"
+)
 KV_BYTES = GEOMETRY.total_bytes  # 12288: three pages
 RW = Access.LOCAL_WRITE | Access.REMOTE_WRITE
 CUDA_ERROR_OUT_OF_MEMORY = 2
@@ -86,7 +88,9 @@ class FakeGpuKv:
     """A KV cache that reads as CUDA device 0 while living in host memory at byte ``offset_bytes``
     of a larger page-aligned buffer that the fake driver calls one CUDA allocation."""
 
-    def __init__(self, driver: FakeCudaDriver, *, offset_bytes: int = PAGE + 768, seed: int | None = None) -> None:
+    def __init__(
+        self, driver: FakeCudaDriver, *, offset_bytes: int = PAGE + 768, seed: int | None = None
+    ) -> None:
         self.alloc_bytes = -(-(offset_bytes + KV_BYTES) // PAGE) * PAGE + 2 * PAGE
         raw = torch.zeros(self.alloc_bytes + PAGE, dtype=torch.uint8)
         start = (-raw.data_ptr()) % PAGE
@@ -94,28 +98,39 @@ class FakeGpuKv:
         self.base = self.arena.data_ptr()
         self.offset_bytes = offset_bytes
         self.cache = KVCache(GEOMETRY)
-        self.cache.tensor = self.arena[offset_bytes : offset_bytes + KV_BYTES].view(GEOMETRY.torch_dtype).view(GEOMETRY.shape)
+        self.cache.tensor = (
+            self.arena[offset_bytes : offset_bytes + KV_BYTES].view(GEOMETRY.torch_dtype).view(GEOMETRY.shape)
+        )
         self.cache.device = torch.device("cuda", 0)
         if seed is not None:
             generator = torch.Generator().manual_seed(seed)
-            self.cache.as_bytes().copy_(torch.randint(0, 256, (KV_BYTES,), dtype=torch.uint8, generator=generator))
+            self.cache.as_bytes().copy_(
+                torch.randint(0, 256, (KV_BYTES,), dtype=torch.uint8, generator=generator)
+            )
         driver.add_allocation(self.base, self.alloc_bytes)
 
 
 def fabric_with(*names: str, dmabuf: bool = True) -> FakeFabric:
     fabric = FakeFabric()
     for index, name in enumerate(names):
-        fabric.add_device(name, FakePort(gid=f"0000:0000:0000:0000:0000:ffff:0a00:{index + 1:04x}",
-                                         supports_dmabuf=dmabuf))
+        fabric.add_device(
+            name, FakePort(gid=f"0000:0000:0000:0000:0000:ffff:0a00:{index + 1:04x}", supports_dmabuf=dmabuf)
+        )
     return fabric
 
 
 def register(
-    fabric: FakeFabric, driver: FakeCudaDriver, kv: KVCache, mode: str = "auto", names: tuple[str, ...] = ("nic0",)
+    fabric: FakeFabric,
+    driver: FakeCudaDriver,
+    kv: KVCache,
+    mode: str = "auto",
+    names: tuple[str, ...] = ("nic0",),
 ) -> tuple[list[NicResources], TransferCounters]:
     counters = TransferCounters()
     options = TransportOptions(extra={OPTION_GPU_REGISTRATION: mode})
-    nics = open_nics(FakeBackend(fabric), names, kv, RW, gpu=GpuPolicy.from_options(options, driver), counters=counters)
+    nics = open_nics(
+        FakeBackend(fabric), names, kv, RW, gpu=GpuPolicy.from_options(options, driver), counters=counters
+    )
     return nics, counters
 
 
@@ -153,8 +168,10 @@ def test_auto_falls_back_to_peermem_logged_and_counted(
     case: str, cause: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     fabric = fabric_with("nic0", dmabuf=case != "nic_eopnotsupp")
-    export_result = {"export_not_supported": CUDA_ERROR_NOT_SUPPORTED,
-                     "export_invalid_value": CUDA_ERROR_INVALID_VALUE}.get(case)
+    export_result = {
+        "export_not_supported": CUDA_ERROR_NOT_SUPPORTED,
+        "export_invalid_value": CUDA_ERROR_INVALID_VALUE,
+    }.get(case)
     driver = FakeCudaDriver(fabric, dmabuf_supported=case != "attribute", export_result=export_result)
     gpu = FakeGpuKv(driver)
     with caplog.at_level(logging.WARNING, logger="rdma.resources"):
@@ -170,7 +187,9 @@ def test_dmabuf_mode_refuses_the_fallback_and_names_the_cause() -> None:
     fabric = fabric_with("nic0")
     driver = FakeCudaDriver(fabric, dmabuf_supported=False)
     gpu = FakeGpuKv(driver)
-    with pytest.raises(GpuRegistrationError, match="DMA_BUF_SUPPORTED = 0.*forbids the nvidia-peermem fallback"):
+    with pytest.raises(
+        GpuRegistrationError, match="DMA_BUF_SUPPORTED = 0.*forbids the nvidia-peermem fallback"
+    ):
         register(fabric, driver, gpu.cache, mode="dmabuf")
 
 
@@ -212,14 +231,19 @@ def test_a_pointer_in_no_allocation_is_a_cuda_error() -> None:
 
 
 def test_one_nic_refusing_dma_buf_sends_every_nic_to_peermem() -> None:
-    fabric = FakeFabric().add_device("nic0").add_device("nic1", FakePort(gid="0000:0000:0000:0000:0000:ffff:0a00:0009",
-                                                                         supports_dmabuf=False))
+    fabric = (
+        FakeFabric()
+        .add_device("nic0")
+        .add_device("nic1", FakePort(gid="0000:0000:0000:0000:0000:ffff:0a00:0009", supports_dmabuf=False))
+    )
     driver = FakeCudaDriver(fabric)
     gpu = FakeGpuKv(driver)
     nics, _ = register(fabric, driver, gpu.cache, names=("nic0", "nic1"))
     assert [n.kv_memory for n in nics] == [KvMemory.PEERMEM, KvMemory.PEERMEM]
     nic0 = nics[0].device
-    assert sorted(mr.addr for mr in nic0.mrs.values()) == sorted([gpu.cache.base_address, nics[0].doorbell.addr])  # type: ignore[attr-defined]
+    assert sorted(mr.addr for mr in nic0.mrs.values()) == sorted(
+        [gpu.cache.base_address, nics[0].doorbell.addr]
+    )  # type: ignore[attr-defined]
 
 
 def test_a_missing_cuda_binding_falls_back_in_auto_mode(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -290,9 +314,11 @@ def test_a_dma_buf_mr_is_reached_by_iova_and_the_gpu_va_is_refused() -> None:
     assert done.ok
     landed = bytes(gpu.arena[target_offset : target_offset + 256].numpy())
     assert landed == b"\x5a" * 256
-    assert bytes(gpu.arena[: target_offset].numpy()) == bytes(target_offset)  # nothing else touched
+    assert bytes(gpu.arena[:target_offset].numpy()) == bytes(target_offset)  # nothing else touched
 
-    a.qp.post_send([WorkRequest(2, src.addr, 256, src_mr.lkey, gpu.base + target_offset, dst_mr.rkey, signaled=True)])
+    a.qp.post_send(
+        [WorkRequest(2, src.addr, 256, src_mr.lkey, gpu.base + target_offset, dst_mr.rkey, signaled=True)]
+    )
     [refused] = a.qp.poll_send(1)
     assert refused.status is WcStatus.REM_ACCESS_ERR  # the GPU VA is outside the MR's IOVA range
 
@@ -316,7 +342,9 @@ def test_register_dmabuf_checks_the_fd_and_the_range() -> None:
 
 
 def blocks(cache: KVCache, layer: int, kind: int, block_ids: list[int]) -> bytes:
-    return b"".join(bytes(cache.tensor[layer, kind, b].contiguous().view(torch.uint8).numpy()) for b in block_ids)
+    return b"".join(
+        bytes(cache.tensor[layer, kind, b].contiguous().view(torch.uint8).numpy()) for b in block_ids
+    )
 
 
 @pytest.fixture()
@@ -325,7 +353,9 @@ def fake_gpus() -> Iterator[tuple[FakeFabric, FakeCudaDriver]]:
     yield fabric, FakeCudaDriver(fabric)
 
 
-@pytest.mark.parametrize(("d_mode", "p_mode"), [("dmabuf", "dmabuf"), ("dmabuf", "peermem"), ("peermem", "dmabuf")])
+@pytest.mark.parametrize(
+    ("d_mode", "p_mode"), [("dmabuf", "dmabuf"), ("dmabuf", "peermem"), ("peermem", "dmabuf")]
+)
 def test_gpu_kv_transfer_lands_in_the_right_blocks(
     fake_gpus: tuple[FakeFabric, FakeCudaDriver], d_mode: str, p_mode: str
 ) -> None:
@@ -333,11 +363,19 @@ def test_gpu_kv_transfer_lands_in_the_right_blocks(
     backend = FakeBackend(fabric)
     d_gpu = FakeGpuKv(driver, offset_bytes=2 * PAGE + 512)
     p_gpu = FakeGpuKv(driver, offset_bytes=PAGE + 768, seed=0)
-    d_options = TransportOptions(host="127.0.0.1", port=0, connect_timeout_s=5, extra={OPTION_GPU_REGISTRATION: d_mode})
+    d_options = TransportOptions(
+        host="127.0.0.1", port=0, connect_timeout_s=5, extra={OPTION_GPU_REGISTRATION: d_mode}
+    )
     p_options = TransportOptions(connect_timeout_s=5, extra={OPTION_GPU_REGISTRATION: p_mode})
     target = RdmaTarget(d_options, backend=backend, nics=["fake_d0"], cuda_driver=driver)
-    initiator = RdmaInitiator(p_options, backend=backend, nics=["fake_p0", "fake_p1"], send_queue_depth=4,
-                              completion_timeout_s=5, cuda_driver=driver)
+    initiator = RdmaInitiator(
+        p_options,
+        backend=backend,
+        nics=["fake_p0", "fake_p1"],
+        send_queue_depth=4,
+        completion_timeout_s=5,
+        cuda_driver=driver,
+    )
     try:
         target.register(d_gpu.cache)
         initiator.register(p_gpu.cache)
@@ -357,7 +395,9 @@ def test_gpu_kv_transfer_lands_in_the_right_blocks(
         for layer in range(GEOMETRY.num_layers):
             for kind in (0, 1):
                 assert blocks(d_gpu.cache, layer, kind, dst) == blocks(p_gpu.cache, layer, kind, src)
-                assert blocks(d_gpu.cache, layer, kind, untouched) == bytes(len(untouched) * GEOMETRY.bytes_per_block)
+                assert blocks(d_gpu.cache, layer, kind, untouched) == bytes(
+                    len(untouched) * GEOMETRY.bytes_per_block
+                )
         outside = torch.cat([d_gpu.arena[: d_gpu.offset_bytes], d_gpu.arena[d_gpu.offset_bytes + KV_BYTES :]])
         assert not outside.any()  # not a byte outside D's KV tensor
     finally:
@@ -379,7 +419,9 @@ def test_without_any_cuda_binding_the_error_names_both_attempts(monkeypatch: pyt
 
     monkeypatch.setattr(cuda_driver, "CudaPythonDriver", no_cuda_python)
     monkeypatch.setattr(cuda_driver, "CtypesCudaDriver", no_libcuda)
-    with pytest.raises(CudaUnavailableError, match="cuda-python is not importable.*libcuda.so.1 does not load"):
+    with pytest.raises(
+        CudaUnavailableError, match="cuda-python is not importable.*libcuda.so.1 does not load"
+    ):
         cuda_driver.load_cuda_driver()
 
 
@@ -422,7 +464,10 @@ def test_gpu_kv_transfer_over_pyverbs_loopback(mode: str) -> None:
     cuda_or_skip()
     backend, name = pyverbs_backend_or_skip()
     options = TransportOptions(host="127.0.0.1", port=0, extra={OPTION_GPU_REGISTRATION: mode})
-    target, initiator = RdmaTarget(options, backend=backend, nics=[name]), RdmaInitiator(options, backend=backend, nics=[name])
+    target, initiator = (
+        RdmaTarget(options, backend=backend, nics=[name]),
+        RdmaInitiator(options, backend=backend, nics=[name]),
+    )
     p_cache, d_cache = KVCache(GEOMETRY, device="cuda"), KVCache(GEOMETRY, device="cuda")
     p_cache.as_bytes().copy_(torch.randint(0, 256, (KV_BYTES,), dtype=torch.uint8, device="cuda"))
     try:
@@ -441,7 +486,9 @@ def test_gpu_kv_transfer_over_pyverbs_loopback(mode: str) -> None:
         torch.cuda.synchronize()
         for layer in range(GEOMETRY.num_layers):
             for kind in (0, 1):
-                assert torch.equal(d_cache.tensor[layer, kind, dst].cpu(), p_cache.tensor[layer, kind, src].cpu())
+                assert torch.equal(
+                    d_cache.tensor[layer, kind, dst].cpu(), p_cache.tensor[layer, kind, src].cpu()
+                )
     finally:
         initiator.close()
         target.close()

@@ -38,7 +38,12 @@ def tree_kernel_layout(t: SysfsTree) -> None:
     # class/infiniband/<dev> symlinked into the PCI device, as on a real machine; mixed with the
     # plain-directory layout to show both resolve to the same PCI path.
     t.nic("mlx5_0", "pci0000:00/0000:00:01.0/0000:01:00.0", numa_node=0, kernel_layout=True)
-    t.nic("mlx5_1", "pci0000:00/0000:00:02.0/0000:02:00.0/0000:03:00.0/0000:04:00.0", numa_node=0, kernel_layout=True)
+    t.nic(
+        "mlx5_1",
+        "pci0000:00/0000:00:02.0/0000:02:00.0/0000:03:00.0/0000:04:00.0",
+        numa_node=0,
+        kernel_layout=True,
+    )
     t.gpu("pci0000:00/0000:00:02.0/0000:02:00.0/0000:03:01.0/0000:05:00.0", numa_node=0)
 
 
@@ -110,7 +115,9 @@ def run_script(root: Path, mode: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["bash", str(SCRIPT), mode], env=env, capture_output=True, text=True, timeout=30)
 
 
-def run_python(root: Path, mode: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> tuple[int, str, str]:
+def run_python(
+    root: Path, mode: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> tuple[int, str, str]:
     monkeypatch.setenv("SYSFS_ROOT", str(root))
     rc = nics.main([mode])
     out, err = capsys.readouterr()
@@ -120,7 +127,11 @@ def run_python(root: Path, mode: str, capsys: pytest.CaptureFixture[str], monkey
 @pytest.mark.parametrize("mode", ["cpu", "gpu"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_script_and_module_agree_with_expected(
-    case: str, mode: str, sysfs: SysfsTree, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    case: str,
+    mode: str,
+    sysfs: SysfsTree,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     build, cpu_answer, gpu_answer = CASES[case]
     build(sysfs)
@@ -147,7 +158,13 @@ def test_bad_mode_is_usage_error(sysfs: SysfsTree) -> None:
 def test_module_reports_topology_details(sysfs: SysfsTree) -> None:
     tree_pcie_switch(sysfs)
     found = {nic.name: nic for nic in nics.list_nics(sysfs.root)}
-    assert found["mlx5_1"].pci_path == ("pci0000:00", "0000:00:01.0", "0000:01:00.0", "0000:02:01.0", "0000:04:00.0")
+    assert found["mlx5_1"].pci_path == (
+        "pci0000:00",
+        "0000:00:01.0",
+        "0000:01:00.0",
+        "0000:02:01.0",
+        "0000:04:00.0",
+    )
     assert found["mlx5_1"].numa_node == 0 and found["mlx5_1"].active_ports == (1,)
     gpus = nics.list_gpus(sysfs.root)
     assert [g.pci_address for g in gpus] == ["0000:03:00.0", "0000:84:00.0"]  # audio functions excluded

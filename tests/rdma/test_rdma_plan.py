@@ -17,7 +17,9 @@ from splitwise.engine.kv_cache import KVCacheGeometry
 from splitwise.transfer.base import BlockRun, coalesce_runs
 
 # 2 layers, 8 blocks of 4 tokens x 2 heads x 8 dims x 2 bytes = 128 bytes per block, 1 KiB region.
-GEOMETRY = KVCacheGeometry(num_layers=2, num_blocks=8, block_size=4, num_kv_heads=2, head_dim=8, dtype="float16")
+GEOMETRY = KVCacheGeometry(
+    num_layers=2, num_blocks=8, block_size=4, num_kv_heads=2, head_dim=8, dtype="float16"
+)
 BPB = GEOMETRY.bytes_per_block
 LOCAL, REMOTE = 0x10000, 0x90000
 
@@ -40,15 +42,19 @@ def test_remote_address_is_peer_base_plus_block_offset() -> None:
     runs = [BlockRun(0, 7, 1), BlockRun(3, 2, 1)]
     ops = plan_layer(GEOMETRY, 0, runs, local_base=LOCAL, remote_base=REMOTE, max_msg_bytes=1 << 30)
     assert [op.remote_addr - REMOTE for op in ops] == [
-        GEOMETRY.block_offset(0, 0, 7), GEOMETRY.block_offset(0, 0, 2),
-        GEOMETRY.block_offset(0, 1, 7), GEOMETRY.block_offset(0, 1, 2),
+        GEOMETRY.block_offset(0, 0, 7),
+        GEOMETRY.block_offset(0, 0, 2),
+        GEOMETRY.block_offset(0, 1, 7),
+        GEOMETRY.block_offset(0, 1, 2),
     ]
     assert [op.local_addr - LOCAL for op in ops] == [0, 3 * BPB, 1024, 1024 + 3 * BPB]
 
 
 def test_runs_longer_than_max_message_split_at_block_boundaries() -> None:
     assert max_chunk_bytes(128, 300) == 256
-    ops = plan_layer(GEOMETRY, 0, [BlockRun(0, 0, 5)], local_base=LOCAL, remote_base=REMOTE, max_msg_bytes=300)
+    ops = plan_layer(
+        GEOMETRY, 0, [BlockRun(0, 0, 5)], local_base=LOCAL, remote_base=REMOTE, max_msg_bytes=300
+    )
     assert [op.length for op in ops] == [256, 256, 128] * 2
     assert ops[1].local_addr == LOCAL + 256 and ops[1].remote_addr == REMOTE + 256
 
@@ -76,7 +82,14 @@ def test_stripe_balances_bytes_and_keeps_order() -> None:
 
 
 def test_batches_signal_only_the_last_wr_and_fit_the_queue() -> None:
-    wrs = to_work_requests([WriteOp(i, i, 8) for i in range(5)], local_base=0x1000, lkey=1, remote_base=0x2000, rkey=2, first_wr_id=100)
+    wrs = to_work_requests(
+        [WriteOp(i, i, 8) for i in range(5)],
+        local_base=0x1000,
+        lkey=1,
+        remote_base=0x2000,
+        rkey=2,
+        first_wr_id=100,
+    )
     cut = batches(wrs, max_batch=2)
     assert [[w.wr_id for w in b] for b in cut] == [[100, 101], [102, 103], [104]]
     assert [[w.signaled for w in b] for b in cut] == [[False, True], [False, True], [True]]
@@ -100,7 +113,9 @@ IB = PortInfo(1, True, LinkLayer.INFINIBAND, 4096, 7, "fe80:0000:0000:0000:0002:
 
 
 def peer(link_layer: str, mtu: int = 1024) -> QpEndpoint:
-    return QpEndpoint("mlx5_1", 1, link_layer, 9, "0000:0000:0000:0000:0000:ffff:0a00:0002", 0x77, 0xABCDE, mtu)
+    return QpEndpoint(
+        "mlx5_1", 1, link_layer, 9, "0000:0000:0000:0000:0000:ffff:0a00:0002", 0x77, 0xABCDE, mtu
+    )
 
 
 def test_roce_rtr_uses_the_grh_with_a_routable_hop_limit_and_min_mtu() -> None:
@@ -125,13 +140,22 @@ def test_rts_attributes_are_not_pyverbs_defaults() -> None:
     assert (rts.sq_psn, rts.timeout, rts.retry_cnt, rts.rnr_retry, rts.max_rd_atomic) == (0x123, 14, 7, 6, 1)
 
 
-@pytest.mark.parametrize("field,value", [("timeout", 0), ("rnr_retry", 8), ("hop_limit", 1), ("max_rd_atomic", 0)])
+@pytest.mark.parametrize(
+    "field,value", [("timeout", 0), ("rnr_retry", 8), ("hop_limit", 1), ("max_rd_atomic", 0)]
+)
 def test_policy_validation_names_the_field(field: str, value: int) -> None:
     with pytest.raises(ValueError, match=field):
         QPPolicy(**{field: value})
 
 
-LANE = TargetLane(peer("Ethernet"), kv_addr=0x7F00_0000_0000, kv_length=4096, kv_rkey=0x1234, doorbell_addr=0x10, doorbell_rkey=5)
+LANE = TargetLane(
+    peer("Ethernet"),
+    kv_addr=0x7F00_0000_0000,
+    kv_length=4096,
+    kv_rkey=0x1234,
+    doorbell_addr=0x10,
+    doorbell_rkey=5,
+)
 
 
 @pytest.mark.parametrize(

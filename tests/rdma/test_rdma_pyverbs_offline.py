@@ -63,13 +63,28 @@ def test_qp_attributes_and_masks_build_offline() -> None:
     from rdma.verbs import LinkLayer, PortInfo, QPState
 
     pv = load_pyverbs()
-    port = PortInfo(1, True, LinkLayer.ETHERNET, 4096, 0, "0000:0000:0000:0000:0000:ffff:0a00:0001", 3, 1 << 30)
-    peer = QpEndpoint("mlx5_1", 1, "Ethernet", 0, "0000:0000:0000:0000:0000:ffff:0a00:0002", 0x99, 0x1234, 1024)
+    port = PortInfo(
+        1, True, LinkLayer.ETHERNET, 4096, 0, "0000:0000:0000:0000:0000:ffff:0a00:0001", 3, 1 << 30
+    )
+    peer = QpEndpoint(
+        "mlx5_1", 1, "Ethernet", 0, "0000:0000:0000:0000:0000:ffff:0a00:0002", 0x99, 0x1234, 1024
+    )
     policy = QPPolicy()
     attr, mask = build_qp_attr(pv, QPState.INIT, *init_fields(init_attrs(port)))
     assert (attr.qp_access_flags, attr.port_num, mask) == (3, 1, 1 | 16 | 8 | 32)  # STATE|PKEY|PORT|ACCESS
     attr, mask = build_qp_attr(pv, QPState.RTR, *rtr_fields(pv, rtr_attrs(port, peer, policy)))
-    assert (attr.path_mtu, attr.dest_qp_num, attr.rq_psn, attr.min_rnr_timer) == (3, 0x99, 0x1234, 12)  # IBV_MTU_1024
+    assert (attr.path_mtu, attr.dest_qp_num, attr.rq_psn, attr.min_rnr_timer) == (
+        3,
+        0x99,
+        0x1234,
+        12,
+    )  # IBV_MTU_1024
     assert (attr.ah_attr.is_global, attr.ah_attr.hop_limit, attr.ah_attr.sgid_index) == (1, 64, 3)
     attr, mask = build_qp_attr(pv, QPState.RTS, *rts_fields(rts_attrs(0x42, policy)))
-    assert (attr.sq_psn, attr.timeout, attr.retry_cnt, attr.rnr_retry, attr.max_rd_atomic) == (0x42, 14, 7, 6, 1)
+    assert (attr.sq_psn, attr.timeout, attr.retry_cnt, attr.rnr_retry, attr.max_rd_atomic) == (
+        0x42,
+        14,
+        7,
+        6,
+        1,
+    )

@@ -18,13 +18,17 @@ from splitwise.transfer.base import TransportOptions
 from splitwise.transfer.errors import NotConnectedError
 from splitwise.transfer.registry import get_transport
 
-GEOMETRY = KVCacheGeometry(num_layers=3, num_blocks=16, block_size=4, num_kv_heads=2, head_dim=8, dtype="float16")
+GEOMETRY = KVCacheGeometry(
+    num_layers=3, num_blocks=16, block_size=4, num_kv_heads=2, head_dim=8, dtype="float16"
+)
 
 
 def caches() -> tuple[KVCache, KVCache]:
     p_cache, d_cache = KVCache(GEOMETRY), KVCache(GEOMETRY)
     generator = torch.Generator().manual_seed(0)
-    p_cache.as_bytes().copy_(torch.randint(0, 256, (GEOMETRY.total_bytes,), dtype=torch.uint8, generator=generator))
+    p_cache.as_bytes().copy_(
+        torch.randint(0, 256, (GEOMETRY.total_bytes,), dtype=torch.uint8, generator=generator)
+    )
     return p_cache, d_cache
 
 
@@ -38,8 +42,9 @@ def pair() -> Iterator[Pair]:
     backend = FakeBackend(fabric)
     options = TransportOptions(host="127.0.0.1", port=0, connect_timeout_s=5)
     target = RdmaTarget(options, backend=backend, nics=["fake_d0"])
-    initiator = RdmaInitiator(options, backend=backend, nics=["fake_p0", "fake_p1"], send_queue_depth=4,
-                              completion_timeout_s=5)
+    initiator = RdmaInitiator(
+        options, backend=backend, nics=["fake_p0", "fake_p1"], send_queue_depth=4, completion_timeout_s=5
+    )
     p_cache, d_cache = caches()
     target.register(d_cache)
     initiator.register(p_cache)
@@ -52,7 +57,9 @@ def pair() -> Iterator[Pair]:
 
 
 def blocks(cache: KVCache, layer: int, kind: int, block_ids: list[int]) -> bytes:
-    return b"".join(bytes(cache.tensor[layer, kind, b].contiguous().view(torch.uint8).numpy()) for b in block_ids)
+    return b"".join(
+        bytes(cache.tensor[layer, kind, b].contiguous().view(torch.uint8).numpy()) for b in block_ids
+    )
 
 
 def transfer(initiator: RdmaInitiator, req_id: str, src: list[int], dst: list[int]) -> None:
@@ -109,7 +116,9 @@ def test_completion_error_fails_the_request_and_reconnect_recreates_the_qps(pair
 
     from rdma.verbs import Access
 
-    nic.kv = nic.device.register_memory(d_cache.base_address, GEOMETRY.total_bytes, Access.LOCAL_WRITE | Access.REMOTE_WRITE)
+    nic.kv = nic.device.register_memory(
+        d_cache.base_address, GEOMETRY.total_bytes, Access.LOCAL_WRITE | Access.REMOTE_WRITE
+    )
     old_qpns = [lane.conn.qp.qpn for lane in initiator._peers["d"].lanes]
     initiator.connect("d", target.endpoint())
     assert [lane.conn.qp.qpn for lane in initiator._peers["d"].lanes] != old_qpns
@@ -141,7 +150,10 @@ def test_transport_over_pyverbs_loopback() -> None:
     """Same as the fake end-to-end test, on a real device (P and D share it: loopback)."""
     backend, name = pyverbs_backend_or_skip()
     options = TransportOptions(host="127.0.0.1", port=0)
-    target, initiator = RdmaTarget(options, backend=backend, nics=[name]), RdmaInitiator(options, backend=backend, nics=[name])
+    target, initiator = (
+        RdmaTarget(options, backend=backend, nics=[name]),
+        RdmaInitiator(options, backend=backend, nics=[name]),
+    )
     p_cache, d_cache = caches()
     try:
         target.register(d_cache)

@@ -40,8 +40,13 @@ def run(coro: Awaitable[T], timeout_s: float = 30.0) -> T:
 
 @pytest.fixture()
 def config(redis_server: RedisServer) -> SchedulerConfig:
-    return SchedulerConfig(scheduler_port=redis_server.port, scheduler_topic=f"t{next(_topics)}",
-                           heartbeat_interval_s=0.1, block_ms=100, scheduler_ttl_s=30.0)
+    return SchedulerConfig(
+        scheduler_port=redis_server.port,
+        scheduler_topic=f"t{next(_topics)}",
+        heartbeat_interval_s=0.1,
+        block_ms=100,
+        scheduler_ttl_s=30.0,
+    )
 
 
 @dataclass
@@ -53,11 +58,22 @@ class Cluster:
     frontends: list[FrontendScheduler] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
-    async def add_node(self, node_id: str, role: str, *, serve: bool = True, behavior: SimBehavior | None = None,
-                       model_id: str = "sim-model", kv: KVGeometry = DEFAULT_KV, host: str = "127.0.0.1",
-                       protocols: list[str] | None = None) -> SimNode:
+    async def add_node(
+        self,
+        node_id: str,
+        role: str,
+        *,
+        serve: bool = True,
+        behavior: SimBehavior | None = None,
+        model_id: str = "sim-model",
+        kv: KVGeometry = DEFAULT_KV,
+        host: str = "127.0.0.1",
+        protocols: list[str] | None = None,
+    ) -> SimNode:
         agent = NodeAgent(self.config)
-        await agent.start(make_node_info(node_id, role, model_id=model_id, kv=kv, host=host, protocols=protocols))
+        await agent.start(
+            make_node_info(node_id, role, model_id=model_id, kv=kv, host=host, protocols=protocols)
+        )
         sim = SimNode(agent, behavior or SimBehavior())
         self.nodes[node_id] = sim
         if serve and role != "prefill":
@@ -141,5 +157,3 @@ def sim_processes(config: SchedulerConfig) -> Iterator[Callable[..., SimProcess]
     yield start
     for sp in started:
         sp.stop()
-
-

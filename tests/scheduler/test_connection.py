@@ -31,7 +31,9 @@ def test_password_required_and_used(password_server: RedisServer) -> None:
 
     async def body() -> None:
         for password, message in [(None, "needs a password"), ("wrong", "rejected the password")]:
-            fe = FrontendScheduler(dataclasses.replace(base, scheduler_password=password), model_id="sim-model")
+            fe = FrontendScheduler(
+                dataclasses.replace(base, scheduler_password=password), model_id="sim-model"
+            )
             with pytest.raises(SchedulerConnectionError, match=message):
                 await fe.start()
         async with cluster(dataclasses.replace(base, scheduler_password="s3cret")) as c:

@@ -29,8 +29,16 @@ def test_xpyd_from_several_frontends(config: SchedulerConfig) -> None:
             streams = []
             for i in range(30):
                 prompt = [i + 1] * (5 + i)
-                streams.append((prompt, await fes[i % 3].submit(
-                    SubmitRequest(req_id=f"r{i}", prompt_token_ids=prompt, sampling_params={"max_tokens": 5}))))
+                streams.append(
+                    (
+                        prompt,
+                        await fes[i % 3].submit(
+                            SubmitRequest(
+                                req_id=f"r{i}", prompt_token_ids=prompt, sampling_params={"max_tokens": 5}
+                            )
+                        ),
+                    )
+                )
             for prompt, stream in streams:
                 msgs = await stream.collect()
                 assert isinstance(msgs[-1], Finished), msgs[-1]
@@ -55,8 +63,9 @@ def test_mixed_only_cluster(config: SchedulerConfig) -> None:
             await c.add_node("m0", "mixed")
             await c.add_node("m1", "mixed")
             fe = await c.add_frontend()
-            streams = [await fe.submit(SubmitRequest(req_id=f"r{i}", prompt_token_ids=[1, 2, 3]))
-                       for i in range(10)]
+            streams = [
+                await fe.submit(SubmitRequest(req_id=f"r{i}", prompt_token_ids=[1, 2, 3])) for i in range(10)
+            ]
             for stream in streams:
                 msgs = await stream.collect()
                 assert isinstance(msgs[-1], Finished)
@@ -97,7 +106,9 @@ def test_mismatched_model_or_geometry_never_paired(config: SchedulerConfig) -> N
             await c.add_node("p-b", "prefill", kv=other_kv)
             await c.add_node("d-a", "decode")
             for i in range(12):
-                msgs = await (await fe.submit(SubmitRequest(req_id=f"r{i + 1}", prompt_token_ids=[1]))).collect()
+                msgs = await (
+                    await fe.submit(SubmitRequest(req_id=f"r{i + 1}", prompt_token_ids=[1]))
+                ).collect()
                 assert isinstance(msgs[-1], Finished)
             events = await fe._client.xrange(fe.keys.request_events("r1"))
             pairs = Counter()
@@ -146,8 +157,12 @@ def test_concurrent_frontends_stay_balanced(config: SchedulerConfig) -> None:
             await c.add_node("d0", "decode", serve=False)
             fes = [await c.add_frontend() for _ in range(4)]
             sizes = [1000 if i % 7 == 0 else 50 + (i * 37) % 200 for i in range(60)]
-            await asyncio.gather(*(fes[i % 4].submit(SubmitRequest(req_id=f"r{i}", prompt_token_ids=[3] * n))
-                                   for i, n in enumerate(sizes)))
+            await asyncio.gather(
+                *(
+                    fes[i % 4].submit(SubmitRequest(req_id=f"r{i}", prompt_token_ids=[3] * n))
+                    for i, n in enumerate(sizes)
+                )
+            )
             booked = await fes[0]._client.hgetall(fes[0].keys.booked_prefill_tokens)
             loads = [int(v) for v in booked.values()]
             assert sum(loads) == sum(sizes) and len(loads) == 3

@@ -28,15 +28,20 @@ def test_node_killed_mid_request_is_redispatched_and_finishes(config: SchedulerC
         async with cluster(config) as c:
             fe = await c.add_frontend()
             prompts = {f"r{i}": [i + 1, 2, 3] for i in range(4)}
-            streams = {rid: await fe.submit(SubmitRequest(req_id=rid, prompt_token_ids=p,
-                                                           sampling_params={"max_tokens": 20}))
-                       for rid, p in prompts.items()}
+            streams = {
+                rid: await fe.submit(
+                    SubmitRequest(req_id=rid, prompt_token_ids=p, sampling_params={"max_tokens": 20})
+                )
+                for rid, p in prompts.items()
+            }
             first = await streams["r0"].__anext__()  # r0 is running: it has produced a token
             assert isinstance(first, TokenChunk)
             victim = (await fe._client.hget(fe.keys.request("r0"), "decode")).decode()
             procs[victim].kill()
-            results = {rid: [first] + await s.collect() if rid == "r0" else await s.collect()
-                       for rid, s in streams.items()}
+            results = {
+                rid: [first] + await s.collect() if rid == "r0" else await s.collect()
+                for rid, s in streams.items()
+            }
             for rid, msgs in results.items():
                 assert isinstance(msgs[-1], Finished), (rid, msgs[-1])
                 assert _tokens(msgs) == [sim_token(prompts[rid], i) for i in range(20)], rid
@@ -57,7 +62,9 @@ def test_redispatch_budget_exhausted_fails_explicitly(config: SchedulerConfig, s
     async def body() -> None:
         async with cluster(config) as c:
             fe = await c.add_frontend()
-            stream = await fe.submit(SubmitRequest(req_id="r0", prompt_token_ids=[1], sampling_params={"max_tokens": 50}))
+            stream = await fe.submit(
+                SubmitRequest(req_id="r0", prompt_token_ids=[1], sampling_params={"max_tokens": 50})
+            )
             assert isinstance(await stream.__anext__(), TokenChunk)
             proc.kill()
             msgs = await stream.collect()
@@ -67,7 +74,9 @@ def test_redispatch_budget_exhausted_fails_explicitly(config: SchedulerConfig, s
     run(body())
 
 
-def test_redis_restart_nodes_reregister_and_requests_flow(config: SchedulerConfig, redis_server: RedisServer) -> None:
+def test_redis_restart_nodes_reregister_and_requests_flow(
+    config: SchedulerConfig, redis_server: RedisServer
+) -> None:
     async def body() -> None:
         async with cluster(config) as c:
             await c.add_node("p0", "prefill")
@@ -78,16 +87,23 @@ def test_redis_restart_nodes_reregister_and_requests_flow(config: SchedulerConfi
             inflight = await fe.submit(SubmitRequest(req_id="during", prompt_token_ids=[5, 6]))
             assert isinstance(await inflight.__anext__(), TokenChunk)
             redis_server.restart()  # same port, empty data set
-            await wait_for(lambda: all(n.agent.stats.get("reregistered") >= 1 for n in c.nodes.values()),
-                           what="nodes to re-register")
+            await wait_for(
+                lambda: all(n.agent.stats.get("reregistered") >= 1 for n in c.nodes.values()),
+                what="nodes to re-register",
+            )
             rest = await inflight.collect()  # re-dispatched with its resume tokens, or an explicit error
             assert rest[-1].is_terminal
             if isinstance(rest[-1], Finished):
                 assert len(_tokens(rest)) + 1 == 30
             assert fe.stats.get("redis_restarts") == 1
             for i in range(3):
-                after = await (await fe.submit(SubmitRequest(req_id=f"after{i}", prompt_token_ids=[2],
-                                                             sampling_params={"max_tokens": 2}))).collect()
+                after = await (
+                    await fe.submit(
+                        SubmitRequest(
+                            req_id=f"after{i}", prompt_token_ids=[2], sampling_params={"max_tokens": 2}
+                        )
+                    )
+                ).collect()
                 assert isinstance(after[-1], Finished), after[-1]
 
     run(body())
@@ -119,8 +135,10 @@ def test_poison_messages_go_to_dead_letters_and_loops_survive(config: SchedulerC
             await r.xadd(fe.keys.control("m0"), {"m": b"junk"})
             await r.hset(fe.keys.nodes, "ghost", b"\x00")
             await eventually(lambda: r.xlen(fe.keys.dead_letters), 4)
-            letters = {e[b"source"].decode().split(":")[0]: e[b"reason"].decode()
-                       for _id, e in await r.xrange(fe.keys.dead_letters)}
+            letters = {
+                e[b"source"].decode().split(":")[0]: e[b"reason"].decode()
+                for _id, e in await r.xrange(fe.keys.dead_letters)
+            }
             assert set(letters) == {"work", "results", "ctl", "nodes"}, letters
             assert "not a message envelope" in letters["results"] or "not msgpack" in letters["results"]
             assert await r.hget(fe.keys.nodes, "ghost") is None
@@ -145,7 +163,9 @@ def test_cancellation_reaches_prefill_and_decode_nodes(config: SchedulerConfig) 
             msgs = await stream.collect()
             assert isinstance(msgs[-1], Cancelled) and len(msgs) >= 1
             await wait_for(lambda: not d0.agent.holds("r0"), what="decode node to drop r0")
-            await wait_for(lambda: p0.agent.stats.get("cancels_received") == 1, what="prefill node to hear it")
+            await wait_for(
+                lambda: p0.agent.stats.get("cancels_received") == 1, what="prefill node to hear it"
+            )
             assert d0.agent.is_cancelled("r0", 0)
             assert await fe.cancel("r0") is False  # already over
             # cancelled before any node took it: the queued entry is removed, never run
@@ -187,8 +207,9 @@ def test_ack_without_terminal_is_redispatched_not_left_to_the_ttl(config: Schedu
             await m0.agent.ack(first)  # the engine gave up without publishing anything
             second = await m0.agent.next_work()  # the frontend re-dispatched it
             assert (second.req_id, second.attempt) == ("r0", 1)
-            await m0.agent.publish(Finished(req_id="r0", attempt=1, finish_reason="stop", prompt_tokens=2,
-                                            completion_tokens=0))
+            await m0.agent.publish(
+                Finished(req_id="r0", attempt=1, finish_reason="stop", prompt_tokens=2, completion_tokens=0)
+            )
             await m0.agent.ack(second)
             assert isinstance((await stream.collect())[-1], Finished)
             assert m0.agent.stats.get("acked_without_terminal") == 1

@@ -17,9 +17,17 @@ SPLITWISE = str(Path(sys.executable).with_name("splitwise"))
 
 async def _inspect(config: SchedulerConfig, *args: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        SPLITWISE, "inspect", "--scheduler-port", str(config.scheduler_port),
-        "--scheduler-topic", config.scheduler_topic, *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO_ROOT)
+        SPLITWISE,
+        "inspect",
+        "--scheduler-port",
+        str(config.scheduler_port),
+        "--scheduler-topic",
+        config.scheduler_topic,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=REPO_ROOT,
+    )
     out, err = await proc.communicate()
     return proc.returncode or 0, out.decode(), err.decode()
 
@@ -31,7 +39,9 @@ def test_inspect_shows_nodes_queues_dead_letters_and_a_request(config: Scheduler
             await c.add_node("d0", "decode")
             await c.add_node("m-idle", "mixed", serve=False, model_id="other-model")
             fe = await c.add_frontend()
-            msgs = await (await fe.submit(SubmitRequest(req_id="req-1", prompt_token_ids=[1, 2, 3]))).collect()
+            msgs = await (
+                await fe.submit(SubmitRequest(req_id="req-1", prompt_token_ids=[1, 2, 3]))
+            ).collect()
             assert isinstance(msgs[-1], Finished)
             idle_fe = await c.add_frontend(model_id="other-model")
             await idle_fe.submit(SubmitRequest(req_id="queued-1", prompt_token_ids=[1] * 40))
@@ -42,7 +52,11 @@ def test_inspect_shows_nodes_queues_dead_letters_and_a_request(config: Scheduler
             assert code == 0, err
             report = json.loads(out)
             nodes = {n["node_id"]: n for n in report["nodes"]}
-            assert {nid: n["role"] for nid, n in nodes.items()} == {"p0": "prefill", "d0": "decode", "m-idle": "mixed"}
+            assert {nid: n["role"] for nid, n in nodes.items()} == {
+                "p0": "prefill",
+                "d0": "decode",
+                "m-idle": "mixed",
+            }
             assert all(n["alive"] and n["heartbeat_age_s"] < 5 for n in nodes.values())
             assert nodes["m-idle"]["queue_depth"] == 1 and nodes["m-idle"]["booked_prefill_tokens"] == 40
             assert nodes["d0"]["queue_depth"] == 0

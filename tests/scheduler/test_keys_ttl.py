@@ -35,7 +35,9 @@ def test_every_key_has_a_ttl_and_is_in_the_schema(config: SchedulerConfig) -> No
             await c.add_node("m0", "mixed")
             fe = await c.add_frontend()
             for i in range(20):
-                msgs = await (await fe.submit(SubmitRequest(req_id=f"r{i}", prompt_token_ids=[1, i]))).collect()
+                msgs = await (
+                    await fe.submit(SubmitRequest(req_id=f"r{i}", prompt_token_ids=[1, i]))
+                ).collect()
                 assert isinstance(msgs[-1], Finished)
             stream = await fe.submit(SubmitRequest(req_id="x", prompt_token_ids=[1], ttl_s=0.2))
             await fe.cancel("x")
@@ -54,7 +56,12 @@ def test_every_key_has_a_ttl_and_is_in_the_schema(config: SchedulerConfig) -> No
 
             probe = make_client(config)
             try:
-                assert await probe.exists(keys.results(other.frontend_id), keys.frontend_heartbeat(other.frontend_id)) == 0
+                assert (
+                    await probe.exists(
+                        keys.results(other.frontend_id), keys.frontend_heartbeat(other.frontend_id)
+                    )
+                    == 0
+                )
                 assert await _audit(probe, keys) == {}
             finally:
                 await probe.aclose()

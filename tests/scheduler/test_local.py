@@ -16,7 +16,9 @@ from scheduler.sim_node import SimBehavior, SimNode, make_node_info, sim_token
 
 def test_local_scheduler_serves_expires_and_cancels() -> None:
     async def body() -> None:
-        sched = LocalScheduler(SchedulerConfig(scheduler_name="local", heartbeat_interval_s=0.05), model_id="sim-model")
+        sched = LocalScheduler(
+            SchedulerConfig(scheduler_name="local", heartbeat_interval_s=0.05), model_id="sim-model"
+        )
         await sched.frontend.start()
         with pytest.raises(NoCapacityError):
             await sched.frontend.submit(SubmitRequest(req_id="r0", prompt_token_ids=[1]))
@@ -25,8 +27,12 @@ def test_local_scheduler_serves_expires_and_cancels() -> None:
         await sched.node.start(make_node_info("local", "mixed"))
         sim = SimNode(sched.node, SimBehavior(num_tokens=3))  # type: ignore[arg-type]
         runner = asyncio.create_task(sim.run())
-        msgs = await (await sched.frontend.submit(SubmitRequest(req_id="r1", prompt_token_ids=[4, 5]))).collect()
-        assert [t for m in msgs if isinstance(m, TokenChunk) for t in m.token_ids] == [sim_token([4, 5], i) for i in range(3)]
+        msgs = await (
+            await sched.frontend.submit(SubmitRequest(req_id="r1", prompt_token_ids=[4, 5]))
+        ).collect()
+        assert [t for m in msgs if isinstance(m, TokenChunk) for t in m.token_ids] == [
+            sim_token([4, 5], i) for i in range(3)
+        ]
         assert isinstance(msgs[-1], Finished)
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)

@@ -26,17 +26,44 @@ from scheduler.messages import (
 )
 
 KV = KVGeometry(dtype="bfloat16", block_size=16, num_layers=28, num_kv_heads=8, head_dim=128)
-NODE = NodeInfo(node_id="d0", role="decode", host="10.0.0.2", http_port=8000, pd_comm_port=8100, model_id="qwen",
-                kv=KV, transfer_protocols=["rdma", "tcp"],
-                transfer_endpoints={"rdma": {"ports": [9000, 9001], "nic": "mlx5_0"}, "tcp": {"port": 9100}},
-                incarnation="abc", started_ms=12)
-ASSIGN = Assignment(mode="disagg", prefill_node_id="p0", decode_node_id="d0", protocol="rdma",
-                    prefill_endpoint={"ports": [1]}, decode_endpoint={"ports": [2]}, prefill_host="10.0.0.1",
-                    prefill_pd_comm_port=8100, prefill_incarnation="i1", decode_incarnation="i2")
+NODE = NodeInfo(
+    node_id="d0",
+    role="decode",
+    host="10.0.0.2",
+    http_port=8000,
+    pd_comm_port=8100,
+    model_id="qwen",
+    kv=KV,
+    transfer_protocols=["rdma", "tcp"],
+    transfer_endpoints={"rdma": {"ports": [9000, 9001], "nic": "mlx5_0"}, "tcp": {"port": 9100}},
+    incarnation="abc",
+    started_ms=12,
+)
+ASSIGN = Assignment(
+    mode="disagg",
+    prefill_node_id="p0",
+    decode_node_id="d0",
+    protocol="rdma",
+    prefill_endpoint={"ports": [1]},
+    decode_endpoint={"ports": [2]},
+    prefill_host="10.0.0.1",
+    prefill_pd_comm_port=8100,
+    prefill_incarnation="i1",
+    decode_incarnation="i2",
+)
 MESSAGES = [
     NODE,
-    WorkItem(req_id="r1", prompt_token_ids=[1, 2, 3], sampling_params={"temperature": 0.7, "stop": ["\n"], "n": 1},
-             frontend_id="fe1", created_ms=1, deadline_ms=2, attempt=1, resume_token_ids=[9, 8], assignment=ASSIGN),
+    WorkItem(
+        req_id="r1",
+        prompt_token_ids=[1, 2, 3],
+        sampling_params={"temperature": 0.7, "stop": ["\n"], "n": 1},
+        frontend_id="fe1",
+        created_ms=1,
+        deadline_ms=2,
+        attempt=1,
+        resume_token_ids=[9, 8],
+        assignment=ASSIGN,
+    ),
     TokenChunk(req_id="r1", attempt=0, index=5, token_ids=[4, 5], logprobs=[-0.1, -2.0]),
     TokenChunk(req_id="r1", attempt=0, index=0, token_ids=[4]),
     Finished(req_id="r1", attempt=2, finish_reason="stop", prompt_tokens=3, completion_tokens=7),
@@ -60,18 +87,24 @@ def _envelope(**overrides: object) -> bytes:
     return msgpack.packb(body)
 
 
-@pytest.mark.parametrize(("payload", "reason"), [
-    (b"\xc1garbage", "not msgpack"),
-    (msgpack.packb([1, 2]), "envelope"),
-    (_envelope(v=SCHEMA_VERSION + 1), "unsupported schema version"),
-    (_envelope(v=0), "unsupported schema version"),
-    (_envelope(t="pickle"), "unknown message type"),
-    (_envelope(f={"req_id": "r"}), "missing fields"),
-    (_envelope(f={"req_id": "r", "attempt": 0, "index": 0, "token_ids": [1], "evil": 1}), "unknown fields"),
-    (_envelope(f={"req_id": "r", "attempt": "0", "index": 0, "token_ids": [1]}), "expected int"),
-    (_envelope(f={"req_id": "r", "attempt": 0, "index": 0, "token_ids": ["x"]}), "expected int"),
-    (_envelope(f={"req_id": "r", "attempt": True, "index": 0, "token_ids": [1]}), "got bool"),
-])
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"\xc1garbage", "not msgpack"),
+        (msgpack.packb([1, 2]), "envelope"),
+        (_envelope(v=SCHEMA_VERSION + 1), "unsupported schema version"),
+        (_envelope(v=0), "unsupported schema version"),
+        (_envelope(t="pickle"), "unknown message type"),
+        (_envelope(f={"req_id": "r"}), "missing fields"),
+        (
+            _envelope(f={"req_id": "r", "attempt": 0, "index": 0, "token_ids": [1], "evil": 1}),
+            "unknown fields",
+        ),
+        (_envelope(f={"req_id": "r", "attempt": "0", "index": 0, "token_ids": [1]}), "expected int"),
+        (_envelope(f={"req_id": "r", "attempt": 0, "index": 0, "token_ids": ["x"]}), "expected int"),
+        (_envelope(f={"req_id": "r", "attempt": True, "index": 0, "token_ids": [1]}), "got bool"),
+    ],
+)
 def test_rejects_bad_payloads(payload: bytes, reason: str) -> None:
     with pytest.raises(MessageDecodeError, match=reason):
         decode(payload)
@@ -90,8 +123,16 @@ def test_node_info_validates_role_and_protocols() -> None:
     with pytest.raises(ValueError, match="--splitwise-role"):
         NodeInfo(node_id="x", role="router", host="h", http_port=1, pd_comm_port=2, model_id="m", kv=KV)
     with pytest.raises(ValueError, match="--cache-transfer-protocol"):
-        NodeInfo(node_id="x", role="decode", host="h", http_port=1, pd_comm_port=2, model_id="m", kv=KV,
-                 transfer_protocols=["nvlink"])
+        NodeInfo(
+            node_id="x",
+            role="decode",
+            host="h",
+            http_port=1,
+            pd_comm_port=2,
+            model_id="m",
+            kv=KV,
+            transfer_protocols=["nvlink"],
+        )
 
 
 def test_load_report_fields() -> None:
@@ -100,11 +141,15 @@ def test_load_report_fields() -> None:
 
 
 def test_config_errors_name_the_flag() -> None:
-    for kwargs, flag in [({"scheduler_name": "global"}, "--scheduler-name"), ({"scheduler_port": 0}, "--scheduler-port"),
-                         ({"scheduler_topic": "a{b}"}, "--scheduler-topic"), ({"scheduler_ttl_s": 0}, "--scheduler-ttl"),
-                         ({"heartbeat_interval_s": -1}, "--scheduler-heartbeat-interval"),
-                         ({"max_redispatch": -1}, "--max-redispatch"),
-                         ({"scheduler_tls_ca_certs": "/ca.pem"}, "--scheduler-tls-ca-certs")]:
+    for kwargs, flag in [
+        ({"scheduler_name": "global"}, "--scheduler-name"),
+        ({"scheduler_port": 0}, "--scheduler-port"),
+        ({"scheduler_topic": "a{b}"}, "--scheduler-topic"),
+        ({"scheduler_ttl_s": 0}, "--scheduler-ttl"),
+        ({"heartbeat_interval_s": -1}, "--scheduler-heartbeat-interval"),
+        ({"max_redispatch": -1}, "--max-redispatch"),
+        ({"scheduler_tls_ca_certs": "/ca.pem"}, "--scheduler-tls-ca-certs"),
+    ]:
         with pytest.raises(ValueError, match=flag):
             SchedulerConfig(**kwargs)  # type: ignore[arg-type]
     config = SchedulerConfig(heartbeat_interval_s=0.5, dead_after_missed=3)
@@ -113,9 +158,20 @@ def test_config_errors_name_the_flag() -> None:
 
 def test_key_schema_is_hash_tagged_and_classified() -> None:
     keys = KeySchema("prod")
-    made = [keys.nodes, keys.heartbeat("n"), keys.work("n"), keys.control("n"), keys.results("fe"),
-            keys.request("r"), keys.request_events("r"), keys.bookings, keys.booked_prefill_tokens,
-            keys.booked_decode_requests, keys.dead_letters, keys.frontend_heartbeat("fe")]
+    made = [
+        keys.nodes,
+        keys.heartbeat("n"),
+        keys.work("n"),
+        keys.control("n"),
+        keys.results("fe"),
+        keys.request("r"),
+        keys.request_events("r"),
+        keys.bookings,
+        keys.booked_prefill_tokens,
+        keys.booked_decode_requests,
+        keys.dead_letters,
+        keys.frontend_heartbeat("fe"),
+    ]
     assert all(k.startswith("{prod}:") for k in made)
     assert all(keys.classify(k) is not None for k in made)
     assert keys.classify("{prod}:other") is None and keys.classify("{dev}:nodes") is None

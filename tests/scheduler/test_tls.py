@@ -30,19 +30,80 @@ def _openssl(*args: str, cwd: Path) -> None:
 def tls_redis(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     assert shutil.which("openssl"), "openssl is needed to make test certificates (apt-get install openssl)"
     assert shutil.which("redis-server"), "redis-server is not installed (apt-get install redis-server)"
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "1",
-             "-subj", "/CN=splitwise-test-ca", cwd=tmp_path)
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
-             "-subj", "/CN=127.0.0.1", cwd=tmp_path)
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=splitwise-test-ca",
+        cwd=tmp_path,
+    )
+    _openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+        cwd=tmp_path,
+    )
     (tmp_path / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-             "-out", "server.crt", "-days", "1", "-extfile", "ext.cnf", cwd=tmp_path)
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+        cwd=tmp_path,
+    )
     port = free_port()
     proc = subprocess.Popen(
-        ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--tls-cert-file", "server.crt", "--tls-key-file", "server.key", "--tls-ca-cert-file", "ca.crt",
-         "--tls-auth-clients", "no", "--dir", str(tmp_path)],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            "redis-server",
+            "--port",
+            "0",
+            "--tls-port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--tls-cert-file",
+            "server.crt",
+            "--tls-key-file",
+            "server.key",
+            "--tls-ca-cert-file",
+            "ca.crt",
+            "--tls-auth-clients",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 10
     while True:
@@ -60,14 +121,26 @@ def tls_redis(tmp_path: Path) -> Iterator[tuple[int, Path]]:
 
 def test_node_registers_over_tls_and_plain_tcp_is_refused(tls_redis: tuple[int, Path]) -> None:
     port, ca = tls_redis
-    tls = SchedulerConfig(scheduler_port=port, scheduler_topic="tls", scheduler_tls=True, scheduler_tls_ca_certs=str(ca),
-                          heartbeat_interval_s=0.2)
+    tls = SchedulerConfig(
+        scheduler_port=port,
+        scheduler_topic="tls",
+        scheduler_tls=True,
+        scheduler_tls_ca_certs=str(ca),
+        heartbeat_interval_s=0.2,
+    )
     plain = SchedulerConfig(scheduler_port=port, scheduler_topic="tls")
 
     async def scenario() -> str:
         agent = NodeAgent(tls)
-        info = NodeInfo(node_id="tls-node", role="mixed", host="127.0.0.1", http_port=1, pd_comm_port=2,
-                        model_id="m", kv=KVGeometry("float32", 16, 2, 2, 16))
+        info = NodeInfo(
+            node_id="tls-node",
+            role="mixed",
+            host="127.0.0.1",
+            http_port=1,
+            pd_comm_port=2,
+            model_id="m",
+            kv=KVGeometry("float32", 16, 2, 2, 16),
+        )
         await agent.start(info)
         try:
             client = make_client(plain)
@@ -75,9 +148,20 @@ def test_node_registers_over_tls_and_plain_tcp_is_refused(tls_redis: tuple[int, 
                 await check_server(client, plain)
             await client.aclose()
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "splitwise.cli", "inspect", "--scheduler-port", str(port),
-                "--scheduler-topic", "tls", "--scheduler-tls", "--scheduler-tls-ca-certs", str(ca), "--json",
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                sys.executable,
+                "-m",
+                "splitwise.cli",
+                "inspect",
+                "--scheduler-port",
+                str(port),
+                "--scheduler-topic",
+                "tls",
+                "--scheduler-tls",
+                "--scheduler-tls-ca-certs",
+                str(ca),
+                "--json",
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
             )
             stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
             assert proc.returncode == 0, stderr.decode()

@@ -23,11 +23,28 @@ PEER_SCRIPT = Path(__file__).with_name("transfer_peer.py")
 class PeerProcess:
     """A transfer peer (transfer_peer.py) in its own process; ``ask`` sends one command."""
 
-    def __init__(self, role: str, protocol: str, geometry: KVCacheGeometry, seed: int, device: str = "cpu") -> None:
+    def __init__(
+        self, role: str, protocol: str, geometry: KVCacheGeometry, seed: int, device: str = "cpu"
+    ) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, str(PEER_SCRIPT), "--role", role, "--protocol", protocol,
-             "--geometry", json.dumps(geometry_to_dict(geometry)), "--seed", str(seed), "--device", device],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+            [
+                sys.executable,
+                str(PEER_SCRIPT),
+                "--role",
+                role,
+                "--protocol",
+                protocol,
+                "--geometry",
+                json.dumps(geometry_to_dict(geometry)),
+                "--seed",
+                str(seed),
+                "--device",
+                device,
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
         )
         self.geometry = geometry
         self.killed = False
@@ -74,8 +91,9 @@ class PeerProcess:
 def spawn_peer() -> Iterator[Any]:
     peers: list[PeerProcess] = []
 
-    def spawn(role: str, protocol: str, seed: int = 1, geometry: KVCacheGeometry = GEOMETRY,
-              device: str = "cpu") -> PeerProcess:
+    def spawn(
+        role: str, protocol: str, seed: int = 1, geometry: KVCacheGeometry = GEOMETRY, device: str = "cpu"
+    ) -> PeerProcess:
         peer = PeerProcess(role, protocol, geometry, seed, device)
         peers.append(peer)
         return peer

@@ -32,8 +32,15 @@ from splitwise.transfer.messages import (
 
 TOKEN = "s3cret-cluster-token"
 COMPAT = Compatibility("qwen3-0.6b", "bfloat16", block_size=16, num_layers=28, num_kv_heads=8, head_dim=128)
-TASK = PrefillTask(0, "r-1", [1, 2, 3], {"temperature": 0.0, "max_tokens": 8}, [4, 5], "tcp",
-                   {"protocol": "tcp", "host": "127.0.0.1", "port": 9})
+TASK = PrefillTask(
+    0,
+    "r-1",
+    [1, 2, 3],
+    {"temperature": 0.0, "max_tokens": 8},
+    [4, 5],
+    "tcp",
+    {"protocol": "tcp", "host": "127.0.0.1", "port": 9},
+)
 
 
 class Inbox:
@@ -64,17 +71,32 @@ def p_inbox() -> Inbox:
 
 @pytest.fixture()
 def server(p_inbox: Inbox) -> Iterator[ControlServer]:
-    srv = ControlServer(node_id="P0", token=TOKEN, compat=COMPAT, handler=p_inbox,
-                        on_disconnect=p_inbox.on_disconnect, host="127.0.0.1", handshake_timeout_s=1.0)
+    srv = ControlServer(
+        node_id="P0",
+        token=TOKEN,
+        compat=COMPAT,
+        handler=p_inbox,
+        on_disconnect=p_inbox.on_disconnect,
+        host="127.0.0.1",
+        handshake_timeout_s=1.0,
+    )
     yield srv
     srv.close()
 
 
-def connect(server: ControlServer, *, token: str = TOKEN, compat: Compatibility = COMPAT,
-            inbox: Inbox | None = None) -> ControlConnection:
+def connect(
+    server: ControlServer, *, token: str = TOKEN, compat: Compatibility = COMPAT, inbox: Inbox | None = None
+) -> ControlConnection:
     inbox = inbox or Inbox()
-    return connect_control("127.0.0.1", server.port, node_id="D0", token=token, compat=compat, handler=inbox,
-                           on_disconnect=inbox.on_disconnect)
+    return connect_control(
+        "127.0.0.1",
+        server.port,
+        node_id="D0",
+        token=token,
+        compat=compat,
+        handler=inbox,
+        on_disconnect=inbox.on_disconnect,
+    )
 
 
 def wait_count(server: ControlServer, name: str, value: int) -> int:
@@ -115,8 +137,9 @@ def test_authenticated_rpc_both_ways(server: ControlServer, p_inbox: Inbox) -> N
     d_side.close()
 
 
-def test_handler_bug_is_reported_to_the_caller_and_the_connection_survives(server: ControlServer,
-                                                                            p_inbox: Inbox) -> None:
+def test_handler_bug_is_reported_to_the_caller_and_the_connection_survives(
+    server: ControlServer, p_inbox: Inbox
+) -> None:
     connection = connect(server)
     p_inbox.fail = KeyError("boom")
     with pytest.raises(RemoteError, match="internal error: KeyError"):
@@ -164,8 +187,9 @@ def test_incompatible_peer_is_refused_with_every_difference(server: ControlServe
     other = dataclasses.replace(COMPAT, block_size=32, dtype="float16")
     with pytest.raises(IncompatiblePeerError) as info:
         connect(server, compat=other)
-    assert "block_size: ours 16, peer 32" in str(info.value) and "dtype: ours 'bfloat16', peer 'float16'" in str(
-        info.value)
+    assert "block_size: ours 16, peer 32" in str(
+        info.value
+    ) and "dtype: ours 'bfloat16', peer 'float16'" in str(info.value)
     assert wait_count(server, "refused_incompatible", 1) == 1
     assert_server_still_serves(server, p_inbox)
 
@@ -184,14 +208,16 @@ def test_client_refuses_a_server_that_does_not_know_the_token() -> None:
     thread = threading.Thread(target=impostor, daemon=True)
     thread.start()
     with pytest.raises(AuthenticationError, match="server failed to prove"):
-        connect_control("127.0.0.1", listener.getsockname()[1], node_id="D0", token=TOKEN, compat=COMPAT,
-                        handler=Inbox())
+        connect_control(
+            "127.0.0.1", listener.getsockname()[1], node_id="D0", token=TOKEN, compat=COMPAT, handler=Inbox()
+        )
     thread.join(5.0)
     listener.close()
 
 
-def test_peer_closing_fails_pending_calls_and_reports_the_disconnect(server: ControlServer,
-                                                                     p_inbox: Inbox) -> None:
+def test_peer_closing_fails_pending_calls_and_reports_the_disconnect(
+    server: ControlServer, p_inbox: Inbox
+) -> None:
     d_inbox = Inbox()
     d_side = connect(server, inbox=d_inbox)
     d_side.call(TASK)
@@ -208,7 +234,9 @@ def test_call_from_a_handler_on_its_own_connection_is_refused(server: ControlSer
     def reentrant(connection: ControlConnection, message: CallMessage) -> None:
         connection.call(CancelRequest(0, message.req_id, "nested"))  # would wait for a reply it must read
 
-    d_side = connect_control("127.0.0.1", server.port, node_id="D0", token=TOKEN, compat=COMPAT, handler=reentrant)
+    d_side = connect_control(
+        "127.0.0.1", server.port, node_id="D0", token=TOKEN, compat=COMPAT, handler=reentrant
+    )
     d_side.call(TASK)
     p_side = p_inbox.connections[0]
     with pytest.raises(RemoteError, match="would deadlock"):

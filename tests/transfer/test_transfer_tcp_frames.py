@@ -27,8 +27,9 @@ def target() -> Iterator[tuple[TransportTarget, KVCache]]:
     tcp.close()
 
 
-def raw_connection(target: TransportTarget, geometry: dict[str, object] | None = None,
-                   access_key: str | None = None) -> socket.socket:
+def raw_connection(
+    target: TransportTarget, geometry: dict[str, object] | None = None, access_key: str | None = None
+) -> socket.socket:
     endpoint = target.endpoint()
     sock = wire.connect(endpoint["host"], endpoint["port"], 5.0)
     sock.settimeout(5.0)
@@ -73,7 +74,9 @@ def test_frames_for_unexpected_blocks_are_refused_and_the_stream_stays_usable(ta
     wire.send_message(sock, RequestFinish("ok", GEOMETRY.num_layers))
     assert wire.recv_message(sock) == RequestResult("ok", True, "")
     assert tcp.poll("ok").is_done
-    assert bool((kv.as_bytes().view(-1).numpy()[GEOMETRY.block_offset(0, 0, 7):][:BLOCK_BYTES] == 0x3C).all())
+    assert bool(
+        (kv.as_bytes().view(-1).numpy()[GEOMETRY.block_offset(0, 0, 7) :][:BLOCK_BYTES] == 0x3C).all()
+    )
     sock.close()
 
 

@@ -34,7 +34,9 @@ from splitwise.transfer.registry import NodeTransferInfo, get_transport, parse_p
 def test_coalesce_runs(src: list[int], dst: list[int], runs: list[tuple[int, int, int]]) -> None:
     assert coalesce_runs(src, dst) == [BlockRun(*run) for run in runs]
     # Expanding the runs gives back the pairs, in order.
-    expanded = [(r.src_start + i, r.dst_start + i) for r in coalesce_runs(src, dst) for i in range(r.num_blocks)]
+    expanded = [
+        (r.src_start + i, r.dst_start + i) for r in coalesce_runs(src, dst) for i in range(r.num_blocks)
+    ]
     assert expanded == list(zip(src, dst, strict=True))
 
 
@@ -107,8 +109,15 @@ SAMPLES: list[messages.Message] = [
     messages.AuthHello("d0", b"\x01" * 32, b"\x02" * 32, {"model_id": "m"}),
     messages.AuthWelcome("p0", b"\x03" * 32, {"model_id": "m"}),
     messages.Refused("auth", "authentication failed"),
-    messages.PrefillTask(7, "r-1", [1, 2, 3], {"temperature": 0.0, "stop": ["\n"]}, [4, 5], "tcp",
-                         {"host": "h", "port": 1, "blob": b"\xff"}),
+    messages.PrefillTask(
+        7,
+        "r-1",
+        [1, 2, 3],
+        {"temperature": 0.0, "stop": ["\n"]},
+        [4, 5],
+        "tcp",
+        {"host": "h", "port": 1, "blob": b"\xff"},
+    ),
     messages.PrefillResult(8, "r-1", 42, -0.25),
     messages.PrefillFailed(9, "r-1", "out of blocks", True),
     messages.CancelRequest(10, "r-1", "client went away"),

@@ -22,7 +22,9 @@ from splitwise.transfer import create_initiator, create_target
 from splitwise.transfer.base import TransferState, geometry_from_dict
 
 # 4 layers x 2 x 32 blocks x 256 B = 64 KiB: small enough to dump and compare byte for byte.
-GEOMETRY = KVCacheGeometry(num_layers=4, num_blocks=32, block_size=4, num_kv_heads=2, head_dim=8, dtype="float32")
+GEOMETRY = KVCacheGeometry(
+    num_layers=4, num_blocks=32, block_size=4, num_kv_heads=2, head_dim=8, dtype="float32"
+)
 
 
 def initial_kv(geometry: KVCacheGeometry, seed: int) -> torch.Tensor:
