@@ -46,7 +46,7 @@ class CudaPythonDriver:
         try:
             from cuda.bindings import driver  # cuda-python >= 12.6 (the only layout in 13)
         except ImportError:
-            from cuda import cuda as driver  # type: ignore[no-redef]  # cuda-python 12.0 - 12.5
+            from cuda import cuda as driver  # cuda-python 12.0 - 12.5
         self.cu: Any = driver
         self._check("cuInit", self.cu.cuInit(0))
 

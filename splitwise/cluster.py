@@ -44,7 +44,7 @@ class Child:
 
     @property
     def http_port(self) -> int:
-        return int(self.info.get("http_port", 0))  # type: ignore[call-overload]
+        return int(str(self.info.get("http_port", 0)))
 
 
 @dataclass

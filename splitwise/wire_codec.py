@@ -92,7 +92,8 @@ class MessageCodec:
             body = {"v": self.schema_version, "t": spec.tag, **fields}
         else:
             body = {"v": self.schema_version, "t": spec.tag, self.fields_key: fields}
-        return msgpack.packb(body, use_bin_type=True, default=_dataclass_to_map)
+        packed: bytes = msgpack.packb(body, use_bin_type=True, default=_dataclass_to_map)
+        return packed
 
     # ------------------------------------------------------------------------------ decode
 

@@ -38,7 +38,7 @@ def prompt_token_ids(ctx: ServingContext, prompt: PromptInput) -> list[int]:
                 f"one prompt per request is supported, got {len(prompt)}; send them separately",
                 param="prompt",
             )
-        prompt = prompt[0]  # type: ignore[assignment]
+        prompt = prompt[0]
     if isinstance(prompt, str):
         ids = ctx.tokenizer.encode(prompt)
     else:

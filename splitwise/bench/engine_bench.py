@@ -79,7 +79,8 @@ def bench_transformers(
 ) -> EngineBenchRow:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model.eval()  # type: ignore[no-untyped-call]
     vocab = model.config.vocab_size
 
     def run(prompts: list[list[int]], n: int) -> None:

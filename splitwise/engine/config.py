@@ -46,7 +46,8 @@ def _rope_theta(cfg: dict[str, Any]) -> float:
 def _rope_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:
     """The rope scaling dict, or None for plain rope (both config.json generations)."""
     if cfg.get("rope_scaling") is not None:
-        return cfg["rope_scaling"]
+        scaling: dict[str, Any] | None = cfg["rope_scaling"]
+        return scaling
     params = cfg.get("rope_parameters") or {}
     if params.get("rope_type", params.get("type", "default")) == "default":
         return None

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -281,7 +282,7 @@ class LLMEngine:
         ids = [f"offline-{id(self)}-{i}" for i in range(len(prompt_list))]
         for req_id, prompt, p in zip(ids, prompt_list, param_list, strict=False):
             self.add_request(req_id, prompt, p)
-        acc: dict[str, dict[str, list]] = {i: {"tokens": [], "logprobs": [], "text": []} for i in ids}
+        acc: dict[str, dict[str, list[Any]]] = {i: {"tokens": [], "logprobs": [], "text": []} for i in ids}
         done: dict[str, RequestOutput] = {}
         cached: dict[str, int] = {}
         while len(done) < len(ids):

@@ -118,7 +118,10 @@ class ModelRunner:
             logits_indices = torch.cumsum(counts, 0) - 1  # flat index of each chunk's last token
         callback = None if layer_callback is None else (lambda layer: layer_callback(layer, chunks))
         with torch.inference_mode():
-            return self.model(input_ids, meta, self.kv_cache, logits_indices.to(self.device), callback)
+            logits: torch.Tensor = self.model(
+                input_ids, meta, self.kv_cache, logits_indices.to(self.device), callback
+            )
+            return logits
 
     def _prepare(self, chunks: SequenceOf[ScheduledChunk]) -> tuple[torch.Tensor, AttentionMetadata]:
         token_ids: list[int] = []

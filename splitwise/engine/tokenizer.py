@@ -66,7 +66,8 @@ def _token_str(value: Any) -> str | None:
     if isinstance(value, str):
         return value
     if isinstance(value, dict) and isinstance(value.get("content"), str):
-        return value["content"]
+        content: str | None = value["content"]
+        return content
     return None
 
 

@@ -127,7 +127,8 @@ class EngineWorker:
                 self._loop.call_soon_threadsafe(_set_result, future, result)
 
         self._commands.put(run)
-        return await future
+        result: T = await future
+        return result
 
     def deliver_from_engine_thread(self, outputs: list[RequestOutput]) -> None:
         """For code running inside ``call``: hand outputs to their queues."""

@@ -47,7 +47,7 @@ from splitwise.transfer.stream_target import StreamTarget
 
 def _cupy() -> Any:
     try:
-        import cupy  # type: ignore[import-not-found]
+        import cupy
     except ImportError as exc:
         raise UnsupportedDeviceError(
             f"ipc on CUDA needs cupy (pip install 'splitwise[gpu]'): {exc}"
@@ -71,7 +71,7 @@ class IpcTarget(StreamTarget):
         # torch's own export gives the handle of the cudaMalloc block AND our offset inside it (the
         # caching allocator may place the KV buffer inside a larger block); cupy opens it on P.
         storage = kv_cache.tensor.untyped_storage()
-        _device, handle, _size, storage_offset_bytes, *_ = storage._share_cuda_()  # type: ignore[attr-defined]
+        _device, handle, _size, storage_offset_bytes, *_ = storage._share_cuda_()  # type: ignore[no-untyped-call]
         offset = int(storage_offset_bytes) + kv_cache.tensor.storage_offset() * kv_cache.tensor.element_size()
         return {"device": "cuda", "cuda_ipc_handle": bytes(handle), "cuda_offset_bytes": offset}
 
@@ -139,7 +139,7 @@ class IpcInitiator(StreamInitiator):
     def _attach_local(self, kv_cache: KVCache) -> None:
         if kv_cache.device.type == "cuda":
             _cupy()  # fail at register, not at the first request
-            self._copy_stream = torch.cuda.Stream(device=kv_cache.device)
+            self._copy_stream = torch.cuda.Stream(device=kv_cache.device)  # type: ignore[no-untyped-call]
         elif kv_cache.device.type != "cpu":
             raise UnsupportedDeviceError(f"ipc: unsupported device {kv_cache.device}")
 
@@ -160,7 +160,7 @@ class IpcInitiator(StreamInitiator):
     def _ready_marker(self) -> Any:
         if self._copy_stream is None:
             return None
-        event = torch.cuda.Event()
+        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
         event.record()  # on the caller's current stream, right after it wrote the layer
         return event
 

@@ -217,4 +217,5 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = paged_attention(q, k, v, k_cache, v_cache, meta)
-        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+        projected: torch.Tensor = self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+        return projected

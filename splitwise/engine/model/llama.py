@@ -57,7 +57,8 @@ class DecoderLayer(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, k_cache, v_cache, meta)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        out: torch.Tensor = hidden + self.mlp(self.post_attention_layernorm(hidden))
+        return out
 
 
 class DecoderModel(nn.Module):
@@ -118,4 +119,5 @@ class CausalLM(nn.Module):
                 layer_callback(index)
         # Norm and lm_head are per token: apply them only where logits are wanted.
         hidden = self.model.norm(hidden[logits_indices])
-        return self.lm_head(hidden).float()
+        logits: torch.Tensor = self.lm_head(hidden).float()
+        return logits
