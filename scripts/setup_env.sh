@@ -17,6 +17,8 @@ APT_PACKAGES=()
 command -v redis-server >/dev/null 2>&1 || APT_PACKAGES+=(redis-server)
 # The test suite makes TLS certificates for its TLS-Redis test.
 if [[ "$EXTRAS" == *test* ]] && ! command -v openssl >/dev/null 2>&1; then APT_PACKAGES+=(openssl); fi
+# The pyverbs offline tests (rdma-core's own bindings, Debian's build; no RDMA device needed to import).
+if [[ "$EXTRAS" == *test* ]] && [ ! -d /usr/lib/python3/dist-packages/pyverbs ]; then APT_PACKAGES+=(python3-pyverbs); fi
 if [ ${#APT_PACKAGES[@]} -gt 0 ]; then
   echo "==> installing ${APT_PACKAGES[*]}"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"

@@ -16,7 +16,7 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="${1:-$ROOT/.venv}"
+VENV="$(cd "${1:-$ROOT/.venv}" && pwd)"
 SRC="${PYVERBS_DIR:-/usr/lib/python3/dist-packages/pyverbs}"
 PY="$VENV/bin/python"
 
