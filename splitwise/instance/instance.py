@@ -32,6 +32,7 @@ from splitwise.instance.engine_worker import EngineWorker
 from splitwise.instance.node_runtime import NodeRuntime
 from splitwise.instance.pd_channel import PDChannel
 from splitwise.instance.prefill_flow import PrefillFlow
+from splitwise.instance.request_stats import RequestStats
 from splitwise.instance.transfer_metrics import TransferMetrics
 from splitwise.logging import get_logger
 from splitwise.transfer.base import TransferCounters, TransportInitiator, TransportOptions, TransportTarget
@@ -59,7 +60,9 @@ class Instance:
         self.node_id = config.node_id or f"{config.role}-{uuid.uuid4().hex[:8]}"
         self.ports = Ports()
         self.counters = TransferCounters()  # transfers_ok/failures/fallbacks, reserve waits, ...
-        self.metrics = ApiMetrics()  # one Prometheus registry per instance, served on /metrics
+        self.metrics = ApiMetrics(
+            model_name=config.model_id
+        )  # one Prometheus registry per instance, served on /metrics
         self.engine: LLMEngine | None = None
         self.worker: EngineWorker | None = None
         self.frontend: Any = None
@@ -89,6 +92,7 @@ class Instance:
         log.info("loading model", model=cfg.engine.model, role=cfg.role)
         self.engine = await loop.run_in_executor(None, LLMEngine, cfg.engine)
         self.worker = EngineWorker(self.engine, loop, step_delay_s=cfg.debug_step_delay_s)
+        self.worker.request_stats = RequestStats(self.metrics)
         self.worker.start()
         self._start_transports()
         token = await self._cluster_token()
