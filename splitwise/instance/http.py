@@ -117,7 +117,8 @@ async def _refresh_metrics(instance: Instance, metrics: ApiMetrics) -> None:
         load = instance.worker.load
         waiting_for_blocks = instance.decode_flow.num_waiting_for_blocks if instance.decode_flow else 0
         metrics.vllm_num_requests_running.set(load.running_requests)
-        metrics.vllm_num_requests_waiting.set(load.waiting_requests)
+        # As vLLM counts a decode request waiting for its remote KV as waiting: ours wait for blocks.
+        metrics.vllm_num_requests_waiting.set(load.waiting_requests + waiting_for_blocks)
         metrics.vllm_kv_cache_usage.set(load.kv_usage)
         metrics.vllm_gpu_cache_usage.set(load.kv_usage)
         metrics.num_requests_waiting_for_kv_blocks.set(waiting_for_blocks)
