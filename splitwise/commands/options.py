@@ -17,10 +17,9 @@ def resolve_model(model: str | None, *, default_size: str = "tiny") -> Path:
         return default_model_dir(default_size)
     path = Path(model)
     if not path.is_dir():
+        looks_like_hub_id = model.count("/") == 1 and not model.startswith((".", "/", "~"))
         hint = (
-            " (a hub id? splitwise loads local checkpoints: download it first)"
-            if "/" in model and not path.exists()
-            else ""
+            " (a hub id? splitwise loads local checkpoints: download it first)" if looks_like_hub_id else ""
         )
         raise click.BadParameter(f"{model} is not a directory{hint}", param_hint="--model")
     if not (path / "config.json").is_file():

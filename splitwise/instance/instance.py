@@ -61,9 +61,8 @@ class Instance:
         self.node_id = config.node_id or f"{config.role}-{uuid.uuid4().hex[:8]}"
         self.ports = Ports()
         self.counters = TransferCounters()  # transfers_ok/failures/fallbacks, reserve waits, ...
-        self.metrics = ApiMetrics(
-            model_name=config.model_id
-        )  # one Prometheus registry per instance, served on /metrics
+        # One Prometheus registry per instance, served on /metrics.
+        self.metrics = ApiMetrics(model_name=config.model_id)
         self.engine: LLMEngine | None = None
         self.worker: EngineWorker | None = None
         self.frontend: Any = None

@@ -225,3 +225,12 @@ def test_wildcard_host_is_never_advertised(tiny_model: Path, tmp_path: Path) -> 
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_up_reports_unknown_flags_the_same_way() -> None:
+    from splitwise.commands.up import up
+
+    known = ServeCommand._known_flags(up)  # type: ignore[arg-type]
+    scan = normalize(["--prefil", "2", "--model-path", "/m"], known)
+    assert scan.errors == ["no such option: --prefil; did you mean --prefill?"]
+    assert scan.args == ["--model", "/m"]
