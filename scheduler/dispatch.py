@@ -21,12 +21,13 @@ _ROLE_LETTER = {"mixed": "m", "prefill": "p", "decode": "d"}
 
 
 def choose_protocol(prefill: NodeInfo, decode: NodeInfo) -> str | None:
-    """ipc when both are on one host and offer it; else the first protocol in the decode node's
-    preference list (its --cache-transfer-protocol) that the prefill node also offers, ipc excluded.
+    """ipc when both are on one host (equal host ids, never addresses) and offer it; else the first
+    protocol in the decode node's preference list (its --cache-transfer-protocol) that the prefill
+    node also offers, ipc excluded.
     With the default preference "ipc,rdma,tcp" that is: ipc, else rdma, else tcp. None: no common one.
     """
     common = [p for p in decode.transfer_protocols if p in prefill.transfer_protocols]
-    if "ipc" in common and prefill.host == decode.host:
+    if "ipc" in common and prefill.host_id != "" and prefill.host_id == decode.host_id:
         return "ipc"
     for protocol in common:
         if protocol != "ipc":

@@ -41,7 +41,7 @@ class NodeInfo:
     TYPE: ClassVar[str] = "node"
     node_id: str
     role: str
-    host: str
+    host: str  # the address peers connect to (--advertise-host), never a wildcard
     http_port: int
     pd_comm_port: int
     model_id: str
@@ -49,6 +49,9 @@ class NodeInfo:
     # Preference order (the node's --cache-transfer-protocol); endpoints: protocol -> endpoint info.
     transfer_protocols: list[str] = field(default_factory=lambda: ["tcp"])
     transfer_endpoints: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Same-host detection (ipc) compares this, never ``host``: boot id + IPC namespace
+    # (splitwise/instance/host_identity.py); empty: unknown, never the same host as anyone.
+    host_id: str = ""
     # Set by NodeAgent.start: a fresh id per process start, so a restarted node is a new node.
     incarnation: str = ""
     started_ms: int = 0

@@ -62,6 +62,11 @@ def main() -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except click.UsageError as exc:
+        # One line per problem, naming the flag (no usage banner: `--help` has it).
+        for line in exc.format_message().splitlines():
+            click.echo(f"error: {line}", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

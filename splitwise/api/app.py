@@ -61,7 +61,7 @@ def create_app(
         raise ValueError(f"--max-model-len: {max_model_len} must be >= 1")
     if api_key is not None and not api_key:
         raise ValueError("--api-key: must not be empty")
-    metrics = metrics if metrics is not None else ApiMetrics()
+    metrics = metrics if metrics is not None else ApiMetrics(model_name=model_id)
     eos = tuple(tokenizer.eos_token_ids if eos_token_ids is None else eos_token_ids)
     ctx = ServingContext(
         backend=frontend,

@@ -1,8 +1,20 @@
 """Prometheus metrics of one instance, served at GET /metrics.
 
-Each ``ApiMetrics`` owns its registry (no process-global state, so tests can run several apps).
-The HTTP layer updates the request metrics itself; the instance runtime updates the engine,
-cache and transfer ones (they are defined here so every name lives in one place).
+Names and labels follow vLLM's (``vllm:*`` with a ``model_name`` label), so a stock vLLM Grafana
+dashboard works on a splitwise instance; what only a P/D system has (KV transfer, fallbacks,
+re-dispatch, decode's wait for KV blocks, per-node scheduler events) is ``splitwise_*``. Each
+``ApiMetrics`` owns its registry (no process-global state, so tests can run several apps). The
+``_created`` series are disabled process-wide (vLLM does the same): they double every counter and
+histogram and no dashboard reads them.
+
+Who updates what:
+- the HTTP layer (the frontend that took the request): requests, prompt/generation tokens,
+  TTFT / ITL / TPOT / E2E, in-flight;
+- the engine worker, through ``splitwise.instance.request_stats`` (the node that ran the request):
+  queue / prefill / decode / inference time, finish reasons, iteration tokens;
+- the metrics refresh task (``splitwise.instance.http``): running / waiting, KV usage, prefix cache,
+  preemptions, cache config;
+- the P/D flows (``splitwise.instance.transfer_metrics``): transfer bytes, latency, failures, fallbacks.
 
 Request latency as the HTTP server sees it, from the moment a request is submitted to the scheduler
 (after validation and tokenization) -- so it covers queueing, prefill, KV transfer and delivery:
@@ -15,7 +27,7 @@ Request latency as the HTTP server sees it, from the moment a request is submitt
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from prometheus_client import (
@@ -24,10 +36,13 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 # Outcomes of requests_total; one per response, decided at the error boundary or the end of a stream.
@@ -42,6 +57,8 @@ OUTCOMES = (
     "failed",
     "internal_error",
 )
+# vllm:request_success_total{finished_reason}: the engine's reasons (vLLM's spelling).
+FINISHED_REASONS = ("stop", "length", "abort")
 
 _LATENCY_BUCKETS_S = (
     0.001,
@@ -74,10 +91,37 @@ def endpoint_label(path: str) -> str:
 
 
 class ApiMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    """Every metric family of an instance. The ``vllm:*`` ones are bound to this instance's
+    ``model_name`` at construction, so callers use them without labels."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, *, model_name: str = "unknown") -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self.model_name = model_name
+        self._define_request_metrics()
+        self._define_node_request_metrics()
+        self._define_engine_metrics()
+        self._define_transfer_metrics()
+        self._prefix_queried_tokens = 0
+        self._prefix_hit_tokens = 0
+
+    def _counter(self, name: str, help_text: str) -> Counter:
+        return Counter(name, help_text, ["model_name"], registry=self.registry).labels(
+            model_name=self.model_name
+        )
+
+    def _gauge(self, name: str, help_text: str) -> Gauge:
+        return Gauge(name, help_text, ["model_name"], registry=self.registry).labels(
+            model_name=self.model_name
+        )
+
+    def _histogram(self, name: str, help_text: str, buckets: tuple[float, ...]) -> Histogram:
+        return Histogram(name, help_text, ["model_name"], buckets=buckets, registry=self.registry).labels(
+            model_name=self.model_name
+        )
+
+    def _define_request_metrics(self) -> None:
+        """Updated by the HTTP layer of the instance that accepted the request."""
         r = self.registry
-        # --- requests, updated by the HTTP layer -----------------------------------------------------
         self.requests = Counter(
             "splitwise_requests",
             "HTTP requests answered, by endpoint and outcome.",
@@ -87,54 +131,123 @@ class ApiMetrics:
         self.requests_in_flight = Gauge(
             "splitwise_requests_in_flight", "Generation requests accepted and not yet answered.", registry=r
         )
-        self.time_to_first_token = Histogram(
-            "splitwise_time_to_first_token_seconds",
-            "Request submission to its first generated token.",
-            buckets=_LATENCY_BUCKETS_S,
+        self.time_to_first_token = self._histogram(
+            "vllm:time_to_first_token_seconds",
+            "Histogram of time to first token in seconds.",
+            _LATENCY_BUCKETS_S,
+        )
+        self.inter_token_latency = self._histogram(
+            "vllm:inter_token_latency_seconds",
+            "Histogram of inter-token latency in seconds.",
+            _LATENCY_BUCKETS_S,
+        )
+        self.time_per_output_token = self._histogram(
+            "vllm:time_per_output_token_seconds",
+            "Histogram of time per output token in seconds (per request, after the first token).",
+            _LATENCY_BUCKETS_S,
+        )
+        self.request_time_per_output_token = self._histogram(
+            "vllm:request_time_per_output_token_seconds",
+            "Histogram of time_per_output_token_seconds per request.",
+            _LATENCY_BUCKETS_S,
+        )
+        self.e2e_latency = self._histogram(
+            "vllm:e2e_request_latency_seconds",
+            "Histogram of e2e request latency in seconds.",
+            _E2E_BUCKETS_S,
+        )
+        self.prompt_tokens = self._counter("vllm:prompt_tokens", "Number of prefill tokens processed.")
+        self.generation_tokens = self._counter(
+            "vllm:generation_tokens", "Number of generation tokens processed."
+        )
+        self.request_prompt_tokens = self._histogram(
+            "vllm:request_prompt_tokens", "Number of prefill tokens processed.", _TOKEN_BUCKETS
+        )
+        self.request_generation_tokens = self._histogram(
+            "vllm:request_generation_tokens", "Number of generation tokens processed.", _TOKEN_BUCKETS
+        )
+
+    def _define_node_request_metrics(self) -> None:
+        """Updated by the engine worker of the node that ran the request (vLLM's request phases)."""
+        self.request_queue_time = self._histogram(
+            "vllm:request_queue_time_seconds",
+            "Histogram of time spent in WAITING phase for request.",
+            _E2E_BUCKETS_S,
+        )
+        self.request_prefill_time = self._histogram(
+            "vllm:request_prefill_time_seconds",
+            "Histogram of time spent in PREFILL phase for request.",
+            _E2E_BUCKETS_S,
+        )
+        self.request_decode_time = self._histogram(
+            "vllm:request_decode_time_seconds",
+            "Histogram of time spent in DECODE phase for request.",
+            _E2E_BUCKETS_S,
+        )
+        self.request_inference_time = self._histogram(
+            "vllm:request_inference_time_seconds",
+            "Histogram of time spent in RUNNING phase for request.",
+            _E2E_BUCKETS_S,
+        )
+        success = Counter(
+            "vllm:request_success",
+            "Count of successfully processed requests.",
+            ["model_name", "finished_reason"],
+            registry=self.registry,
+        )
+        self.request_success = {
+            reason: success.labels(model_name=self.model_name, finished_reason=reason)
+            for reason in FINISHED_REASONS
+        }
+        self.iteration_tokens = self._histogram(
+            "vllm:iteration_tokens_total",
+            "Histogram of number of tokens per engine_step.",
+            (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384),
+        )
+
+    def _define_engine_metrics(self) -> None:
+        """Updated by the metrics refresh task from the engine worker's load snapshot."""
+        r = self.registry
+        self.vllm_num_requests_running = self._gauge(
+            "vllm:num_requests_running", "Number of requests in model execution batches."
+        )
+        self.vllm_num_requests_waiting = self._gauge(
+            "vllm:num_requests_waiting", "Number of requests waiting to be processed."
+        )
+        self.vllm_kv_cache_usage = self._gauge(
+            "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage."
+        )
+        self.vllm_gpu_cache_usage = self._gauge(
+            "vllm:gpu_cache_usage_perc",
+            "GPU KV-cache usage. 1 means 100 percent usage (vLLM's older name).",
+        )
+        self.vllm_prefix_cache_queries = self._counter(
+            "vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens."
+        )
+        self.vllm_prefix_cache_hits = self._counter(
+            "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens."
+        )
+        self.num_preemptions = self._counter(
+            "vllm:num_preemptions", "Cumulative number of preemption from the engine."
+        )
+        self.cache_config_info = Gauge(
+            "vllm:cache_config_info",
+            "Information of the LLMEngine CacheConfig (value 1; the config is in the labels).",
+            ["model_name", "block_size", "num_gpu_blocks", "cache_dtype", "enable_prefix_caching"],
             registry=r,
         )
-        self.inter_token_latency = Histogram(
-            "splitwise_inter_token_latency_seconds",
-            "Gap between successive generated tokens.",
-            buckets=_LATENCY_BUCKETS_S,
-            registry=r,
-        )
-        self.time_per_output_token = Histogram(
-            "splitwise_time_per_output_token_seconds",
-            "Mean time per generated token after the first, per request.",
-            buckets=_LATENCY_BUCKETS_S,
-            registry=r,
-        )
-        self.e2e_latency = Histogram(
-            "splitwise_e2e_request_latency_seconds",
-            "Request submission to the end of its response.",
-            buckets=_E2E_BUCKETS_S,
-            registry=r,
-        )
-        self.prompt_tokens = Counter(
-            "splitwise_prompt_tokens", "Prompt tokens of accepted requests.", registry=r
-        )
-        self.generation_tokens = Counter(
-            "splitwise_generation_tokens", "Tokens generated for clients.", registry=r
-        )
-        self.request_prompt_tokens = Histogram(
-            "splitwise_request_prompt_tokens",
-            "Prompt length per request.",
-            buckets=_TOKEN_BUCKETS,
-            registry=r,
-        )
-        self.request_generation_tokens = Histogram(
-            "splitwise_request_generation_tokens",
-            "Completion length per finished request.",
-            buckets=_TOKEN_BUCKETS,
-            registry=r,
-        )
-        # --- engine and cache, updated by the instance runtime ---------------------------------------
+        # splitwise's own views of the same engine (kept: the P/D tests and scheduler read them).
         self.num_requests_waiting = Gauge(
-            "splitwise_num_requests_waiting", "Requests queued in the engine.", registry=r
+            "splitwise_num_requests_waiting",
+            "Requests queued in the engine plus decode requests waiting for KV blocks.",
+            registry=r,
         )
         self.num_requests_running = Gauge(
             "splitwise_num_requests_running", "Requests running in the engine.", registry=r
+        )
+        self.num_requests_waiting_for_kv_blocks = self._gauge(
+            "splitwise_num_requests_waiting_for_kv_blocks",
+            "Decode: requests waiting for free KV blocks to reserve before their remote prefill.",
         )
         self.queued_prefill_tokens = Gauge(
             "splitwise_queued_prefill_tokens",
@@ -148,60 +261,76 @@ class ApiMetrics:
         self.kv_cache_usage = Gauge(
             "splitwise_kv_cache_usage_ratio", "Used / total KV cache blocks (0..1).", registry=r
         )
-        self.prefix_cache_queries = Counter(
-            "splitwise_prefix_cache_queries_tokens",
-            "Prompt tokens looked up in the prefix cache.",
-            registry=r,
-        )
-        self.prefix_cache_hits = Counter(
-            "splitwise_prefix_cache_hits_tokens", "Prompt tokens found in the prefix cache.", registry=r
-        )
         self.prefix_cache_hit_rate = Gauge(
             "splitwise_prefix_cache_hit_rate",
             "Prefix cache hits / queries, in tokens, since start (0..1).",
             registry=r,
         )
-        # --- P/D KV transfer and scheduling, updated by the instance runtime -------------------------
+
+    def _define_transfer_metrics(self) -> None:
+        """P/D only: updated by the prefill and decode flows."""
+        r = self.registry
         self.kv_transfer_bytes = Counter(
             "splitwise_kv_transfer_bytes",
-            "KV cache bytes transferred.",
-            ["protocol", "direction"],
+            "KV cache bytes transferred (direction: out on P, in on D).",
+            ["model_name", "protocol", "direction"],
             registry=r,
         )
         self.kv_transfer_latency = Histogram(
             "splitwise_kv_transfer_latency_seconds",
-            "Time to transfer one request's KV blocks.",
-            ["protocol"],
+            "P: one request's KV transfer, from its first layer write to D confirming every write "
+            "landed (with layer pipelining this overlaps the compute of the later layers).",
+            ["model_name", "protocol"],
             buckets=_LATENCY_BUCKETS_S,
             registry=r,
         )
+        self.kv_transfer_exposed = Histogram(
+            "splitwise_kv_transfer_exposed_seconds",
+            "P: transfer time not hidden behind compute, from the prefill's end to D confirming "
+            "every write landed.",
+            ["model_name", "protocol"],
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.remote_prefill_latency = Histogram(
+            "splitwise_remote_prefill_latency_seconds",
+            "D: from sending the prefill task to P to every layer landed (queue + prefill + transfer on P).",
+            ["model_name", "protocol"],
+            buckets=_E2E_BUCKETS_S,
+            registry=r,
+        )
         self.kv_transfer_failures = Counter(
-            "splitwise_kv_transfer_failures", "KV transfers that failed.", ["protocol", "reason"], registry=r
+            "splitwise_kv_transfer_failures",
+            "KV transfers that failed.",
+            ["model_name", "protocol", "reason"],
+            registry=r,
         )
         self.kv_transfer_fallbacks = Counter(
             "splitwise_kv_transfer_fallbacks",
-            "Transfers that fell back to another protocol.",
-            ["from_protocol", "to_protocol"],
+            "Transfers that fell back to another protocol or to a local prefill.",
+            ["model_name", "from_protocol", "to_protocol"],
             registry=r,
         )
-        self.redispatches = Counter(
-            "splitwise_redispatches", "Requests re-dispatched to another node pair.", registry=r
+        self.redispatches = self._counter(
+            "splitwise_redispatches", "Requests re-dispatched to another node pair."
         )
-        self._prefix_queried_tokens = 0
-        self._prefix_hit_tokens = 0
 
-    # --- helpers the HTTP layer uses ----------------------------------------------------------------
+    # --- helpers ------------------------------------------------------------------------------------
     def count_request(self, endpoint: str, outcome: str) -> None:
         self.requests.labels(endpoint=endpoint, outcome=outcome).inc()
 
     def record_prefix_cache_lookup(self, *, queried_tokens: int, hit_tokens: int) -> None:
         """Add one lookup's numbers and refresh the hit-rate gauge (for the runtime)."""
-        self.prefix_cache_queries.inc(queried_tokens)
-        self.prefix_cache_hits.inc(hit_tokens)
+        self.vllm_prefix_cache_queries.inc(queried_tokens)
+        self.vllm_prefix_cache_hits.inc(hit_tokens)
         self._prefix_queried_tokens += queried_tokens
         self._prefix_hit_tokens += hit_tokens
         if self._prefix_queried_tokens:
             self.prefix_cache_hit_rate.set(self._prefix_hit_tokens / self._prefix_queried_tokens)
+
+    def set_cache_config(self, info: Mapping[str, str]) -> None:
+        """vllm:cache_config_info: one series, value 1, the cache config in its labels."""
+        self.cache_config_info.labels(model_name=self.model_name, **info).set(1)
 
     def add_counters_source(
         self, prefix: str, snapshot: Callable[[], dict[str, int]], help_text: str
@@ -268,6 +397,6 @@ class RequestTimer:
             return
         self.metrics.request_generation_tokens.observe(self.num_tokens)
         if self.num_tokens >= 2 and self.first_token_s is not None and self.last_token_s is not None:
-            self.metrics.time_per_output_token.observe(
-                (self.last_token_s - self.first_token_s) / (self.num_tokens - 1)
-            )
+            tpot = (self.last_token_s - self.first_token_s) / (self.num_tokens - 1)
+            self.metrics.time_per_output_token.observe(tpot)
+            self.metrics.request_time_per_output_token.observe(tpot)

@@ -57,22 +57,27 @@ class SLO:
 
     ttft_ms: float | None = None
     tpot_ms: float | None = None
+    e2el_ms: float | None = None  # vLLM's --goodput e2el:MS
 
     def __post_init__(self) -> None:
         if self.ttft_ms is not None and self.ttft_ms <= 0:
             raise ValueError(f"--slo-ttft-ms: must be > 0, got {self.ttft_ms}")
         if self.tpot_ms is not None and self.tpot_ms <= 0:
             raise ValueError(f"--slo-tpot-ms: must be > 0, got {self.tpot_ms}")
+        if self.e2el_ms is not None and self.e2el_ms <= 0:
+            raise ValueError(f"--goodput: e2el must be > 0 ms, got {self.e2el_ms}")
 
     @property
     def is_set(self) -> bool:
-        return self.ttft_ms is not None or self.tpot_ms is not None
+        return self.ttft_ms is not None or self.tpot_ms is not None or self.e2el_ms is not None
 
     def is_met(self, result: RequestResult) -> bool:
         """Success and every SLO given met (a request without a TPOT meets the TPOT SLO)."""
         if not result.success:
             return False
         if self.ttft_ms is not None and (result.ttft_s is None or result.ttft_s * 1000 > self.ttft_ms):
+            return False
+        if self.e2el_ms is not None and (result.e2e_s is None or result.e2e_s * 1000 > self.e2el_ms):
             return False
         tpot = result.tpot_s
         return not (self.tpot_ms is not None and tpot is not None and tpot * 1000 > self.tpot_ms)

@@ -28,6 +28,15 @@ from splitwise.bench.dataset import SampleRequest
 from splitwise.bench.metrics import SLO, BenchmarkMetrics, RequestResult, compute_metrics
 
 
+def api_base_url(url: str) -> str:
+    """The OpenAI base URL (``.../v1``) of what a user passes as --base-url: the server root as vLLM's
+    and SGLang's benchmarks take it (``http://host:port``), the base URL itself, or an endpoint URL."""
+    url = url.rstrip("/")
+    for suffix in ("/chat/completions", "/completions"):
+        url = url.removesuffix(suffix)
+    return url if url.endswith("/v1") else url + "/v1"
+
+
 @dataclass(frozen=True)
 class LoadConfig:
     """How a workload is sent. Validated here; errors name the flag."""
@@ -49,6 +58,7 @@ class LoadConfig:
         for url in self.base_urls:
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"--base-url: {url!r} must start with http:// or https://")
+        object.__setattr__(self, "base_urls", tuple(api_base_url(u) for u in self.base_urls))
         if self.endpoint not in ENDPOINT_PATHS:
             raise ValueError(f"--endpoint: {self.endpoint!r} is not one of {', '.join(ENDPOINT_PATHS)}")
         if not self.request_rate > 0:  # also rejects NaN

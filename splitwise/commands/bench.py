@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from splitwise.bench.goodput import GoodputCommand
 from splitwise.commands.options import resolve_model
 from splitwise.errors import SplitwiseError
 
@@ -149,6 +150,13 @@ def _with_workload_options(
                 help="TPOT objective (ms) for SLO attainment and goodput.",
             ),
             click.option(
+                "--goodput",
+                multiple=True,
+                metavar="KEY:MS",
+                help="SLOs as vLLM spells them: --goodput ttft:500 tpot:50 (keys ttft, tpot, e2el); "
+                "overrides --slo-ttft-ms/--slo-tpot-ms.",
+            ),
+            click.option(
                 "--request-timeout",
                 default=600.0,
                 show_default=True,
@@ -161,14 +169,15 @@ def _with_workload_options(
     return fn
 
 
-@bench.command("serve")
+@bench.command("serve", cls=GoodputCommand)
 @click.option(
     "--base-url",
     "base_urls",
     multiple=True,
     default=("http://127.0.0.1:8000/v1",),
     show_default=True,
-    help="OpenAI API base URL (repeat it to spread requests round-robin over several servers).",
+    help="Server root (http://host:port) or its OpenAI base URL (.../v1); repeat it to spread requests "
+    "round-robin over several servers.",
 )
 @click.option(
     "--endpoint", type=click.Choice(["completions", "chat"]), default="completions", show_default=True
@@ -265,6 +274,14 @@ def _build_workload(opts: dict[str, Any], *, num_prompts: int, seed: int) -> lis
     )
 
 
+def _slo(opts: dict[str, Any]) -> Any:
+    from splitwise.bench.goodput import parse_goodput
+    from splitwise.bench.metrics import SLO
+
+    objectives = {"ttft_ms": opts["slo_ttft_ms"], "tpot_ms": opts["slo_tpot_ms"]}
+    return SLO(**{**objectives, **parse_goodput(opts.get("goodput", ()))})
+
+
 def _load_config(
     opts: dict[str, Any],
     *,
@@ -274,7 +291,6 @@ def _load_config(
     max_concurrency: int | None,
     progress: bool,
 ) -> Any:
-    from splitwise.bench.metrics import SLO
     from splitwise.bench.serve_bench import LoadConfig
 
     return LoadConfig(
@@ -286,7 +302,7 @@ def _load_config(
         seed=opts["seed"],
         ignore_eos=opts["ignore_eos"],
         request_timeout_s=opts["request_timeout"],
-        slo=SLO(opts["slo_ttft_ms"], opts["slo_tpot_ms"]),
+        slo=_slo(opts),
         show_progress=progress,
     )
 
@@ -307,7 +323,7 @@ def _rates(value: str) -> tuple[float, ...]:
     return rates
 
 
-@bench.command("compare")
+@bench.command("compare", cls=GoodputCommand)
 @click.option(
     "--request-rates",
     default="0.25,0.5,0.75",
@@ -375,7 +391,6 @@ def compare_cmd(**opts: Any) -> None:
     import shlex
 
     from splitwise.bench.compare import CompareConfig, markdown_table, run_compare
-    from splitwise.bench.metrics import SLO
 
     opts = {**opts, "endpoint": "completions", "tokenizer": opts["tokenizer"] or opts["model"]}
     try:
@@ -392,7 +407,7 @@ def compare_cmd(**opts: Any) -> None:
             seed=opts["seed"],
             ignore_eos=opts["ignore_eos"],
             request_timeout_s=opts["request_timeout"],
-            slo=SLO(opts["slo_ttft_ms"], opts["slo_tpot_ms"]),
+            slo=_slo(opts),
             output_dir=Path(opts["output_dir"]),
             show_progress=opts["progress"],
         )

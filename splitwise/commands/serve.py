@@ -17,7 +17,10 @@ from typing import Any
 import click
 
 from scheduler.config import SchedulerConfig, scheduler_options
-from splitwise.commands.options import resolve_model
+from splitwise.commands.options import read_model_config, resolve_model
+from splitwise.commands.serve_flags import ServeCommand, dtype_from_checkpoint
+from splitwise.commands.startup_errors import StartupError, check_ports_free, explain_startup_error
+from splitwise.instance.host_identity import is_wildcard, routable_address
 
 
 def _instance_config(opts: dict[str, Any]) -> Any:
@@ -26,9 +29,13 @@ def _instance_config(opts: dict[str, Any]) -> Any:
     from splitwise.transfer.registry import parse_protocols
 
     model_dir = resolve_model(opts["model"], default_size=opts["default_model_size"])
+    _check_model(str(model_dir), opts["max_model_len"])
+    dtype = opts["dtype"]
+    if dtype == "auto":
+        dtype = dtype_from_checkpoint(str(model_dir), opts["device"], read_model_config)
     engine = EngineConfig(
         model=str(model_dir),
-        dtype=opts["dtype"],
+        dtype=dtype,
         device=opts["device"],
         block_size=opts["block_size"],
         num_kv_blocks=opts["num_kv_blocks"],
@@ -45,6 +52,7 @@ def _instance_config(opts: dict[str, Any]) -> Any:
         scheduler=SchedulerConfig.from_options(opts),
         role=opts["splitwise_role"],
         host=opts["host"],
+        advertise_host=opts["advertise_host"] or (routable_address() if is_wildcard(opts["host"]) else None),
         port=opts["port"],
         metrics_port=opts["metrics_port"],
         pd_comm_port=opts["pd_comm_port"],
@@ -65,7 +73,23 @@ def _instance_config(opts: dict[str, Any]) -> Any:
     )
 
 
-@click.command("serve")
+def _check_model(model_dir: str, max_model_len: int | None) -> None:
+    """What config.json alone can refuse, before the weights load (minutes on a real model)."""
+    from splitwise.engine.config import ModelConfig
+    from splitwise.engine.errors import ModelLoadError
+
+    try:
+        model = ModelConfig.from_dir(model_dir)
+    except ModelLoadError as exc:
+        raise click.BadParameter(str(exc).removeprefix("--model: "), param_hint="--model") from None
+    if max_model_len is not None and max_model_len > model.max_position_embeddings:
+        raise click.BadParameter(
+            f"{max_model_len} exceeds the model's context (max_position_embeddings {model.max_position_embeddings})",
+            param_hint="--max-model-len",
+        )
+
+
+@click.command("serve", cls=ServeCommand)
 @click.option(
     "--model", default=None, help="Local Hugging Face model directory (default: the built-in model)."
 )
@@ -77,11 +101,16 @@ def _instance_config(opts: dict[str, Any]) -> Any:
     help="Which built-in model to use when --model is left out.",
 )
 @click.option("--served-model-name", default=None, help="Model id clients use (default: the directory name).")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Bind and advertised address.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address of every listener.")
+@click.option(
+    "--advertise-host",
+    default=None,
+    help="Address peers connect to (default: --host, or the routable address when --host is 0.0.0.0/::).",
+)
 @click.option(
     "--port",
     type=click.IntRange(0, 65535),
-    default=0,
+    default=8000,
     show_default=True,
     help="HTTP port (0: a free port, reported).",
 )
@@ -185,7 +214,11 @@ def _instance_config(opts: dict[str, Any]) -> Any:
 @click.option("--enable-prefix-caching/--no-enable-prefix-caching", default=True, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
 @click.option(
-    "--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True
+    "--dtype",
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    default="float32",
+    show_default=True,
+    help="auto: the checkpoint's torch_dtype on GPU, float32 on CPU (half/float are accepted too).",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
@@ -252,7 +285,14 @@ def serve(**opts: Any) -> None:
         import torch
 
         torch.set_num_threads(opts["torch_threads"])
-    asyncio.run(_run(Instance(config), opts["ready_file"]))
+    check_ports_free(config)
+    try:
+        asyncio.run(_run(Instance(config), opts["ready_file"]))
+    except Exception as exc:
+        line = explain_startup_error(exc, config)
+        if line is None:
+            raise
+        raise StartupError(line) from None
 
 
 def _explicit(opts: dict[str, Any]) -> set[str]:
@@ -275,7 +315,7 @@ async def _run(instance: Any, ready_file: str | None) -> None:
         "http_port": instance.ports.http,
         "pd_comm_port": instance.ports.pd_comm,
         "metrics_port": instance.ports.metrics,
-        "base_url": f"http://{instance.config.host}:{instance.ports.http}/v1",
+        "base_url": f"http://{instance.config.advertised_host}:{instance.ports.http}/v1",
     }
     click.echo(json.dumps(ports), err=False)
     sys.stdout.flush()

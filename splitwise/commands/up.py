@@ -16,9 +16,10 @@ from types import FrameType
 import click
 
 from splitwise.cluster import Child, ClusterError, ClusterSpec, LocalCluster
+from splitwise.commands.serve_flags import ServeCommand
 
 
-@click.command("up")
+@click.command("up", cls=ServeCommand)
 @click.option("--model", default=None, help="Local model directory (default: the built-in `small` model).")
 @click.option(
     "--prefill",

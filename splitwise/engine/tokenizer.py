@@ -28,6 +28,7 @@ import jinja2.ext
 import jinja2.nodes
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers.decoders import DecodeStream
 
 from splitwise.engine.errors import InvalidRequestError, ModelLoadError
 
@@ -177,6 +178,11 @@ class Tokenizer:
     def _id_of(self, key: str) -> int | None:
         token = self._special_tokens.get(key)
         return None if token is None else self._backend.token_to_id(token)
+
+    @property
+    def backend(self) -> tokenizers.Tokenizer:
+        """The ``tokenizers`` object (for ``DecodeStream``, which steps through its decoder)."""
+        return self._backend
 
     @property
     def vocab_size(self) -> int:
@@ -357,13 +363,15 @@ class IncrementalDetokenizer:
     """Turns one request's generated ids into text deltas as they arrive (streaming).
 
     Decoding one token at a time is wrong twice over: a character may span several byte-level
-    tokens (emoji, CJK), and some decoders drop or add a leading space depending on context. So,
-    like vLLM and TGI, we decode a short window ``ids[prefix_offset:]`` and emit only what it adds
-    over ``ids[prefix_offset:read_offset]``; text ending in U+FFFD (an incomplete UTF-8 sequence)
-    is held back until the next token completes it.
+    tokens (emoji, CJK), and some decoders drop or add a leading space depending on context.
+    ``tokenizers``' own ``DecodeStream`` (what vLLM's engine uses) handles both inside the Rust
+    decoder: it is primed with the last prompt tokens as context and returns None while the new
+    ids do not yet end a whole character. We keep the ids since the last emitted text, so that
+    ``flush`` can release a dangling partial character at the end of a request (as U+FFFD, which
+    is what a full decode shows too).
 
-        ids:   [ ... | prefix_offset ... read_offset | new ids ... ]
-                       already emitted, kept as context   not yet emitted
+        ids:   [ prompt context | ... emitted ... | pending (no text yet) ]
+                                                  ^ _pending_from
     """
 
     def __init__(
@@ -372,10 +380,10 @@ class IncrementalDetokenizer:
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
         # A few prompt tokens give the first generated token its left context (leading-space rules).
-        context = list(prompt_ids[-_CONTEXT_TOKENS:])
-        self._ids: list[int] = context
-        self._prefix_offset = 0
-        self._read_offset = len(context)
+        context = self._whole_characters(_check_ids(prompt_ids[-_CONTEXT_TOKENS:]))
+        self._stream = DecodeStream(ids=context, skip_special_tokens=skip_special_tokens)
+        self._ids: list[int] = list(context)
+        self._pending_from = len(context)  # ids from here on have produced no text yet
         self._text = ""
 
     @property
@@ -385,25 +393,44 @@ class IncrementalDetokenizer:
 
     def add_token(self, token_id: int) -> str:
         """Feed one generated id; return the text that became final (possibly "")."""
-        self._ids.extend(_check_ids([token_id]))
-        prefix_text = self._decode(self._prefix_offset, self._read_offset)
-        new_text = self._decode(self._prefix_offset, len(self._ids))
-        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+        [checked] = _check_ids([token_id])
+        self._ids.append(checked)
+        try:
+            delta = self._stream.step(self._tokenizer.backend, checked)
+        except Exception as exc:  # the Rust side raises plain Exception
+            if "Invalid prefix" not in str(exc):
+                raise
+            # The decoder's text for the window changed its start (a context-dependent space rule):
+            # restart the stream on the recent ids, as vLLM does, and take this token again.
+            self._stream = DecodeStream(
+                ids=self._ids[-1 - _CONTEXT_TOKENS : -1], skip_special_tokens=self._skip_special_tokens
+            )
+            delta = self._stream.step(self._tokenizer.backend, checked)
+        if not delta:
             return ""
-        delta = new_text[len(prefix_text) :]
-        self._prefix_offset = self._read_offset
-        self._read_offset = len(self._ids)
+        self._pending_from = len(self._ids)
         self._text += delta
         return delta
 
     def flush(self) -> str:
         """At the end of a request: emit whatever was held back (e.g. a dangling partial character)."""
-        prefix_text = self._decode(self._prefix_offset, self._read_offset)
-        new_text = self._decode(self._prefix_offset, len(self._ids))
-        delta = new_text[len(prefix_text) :] if len(new_text) > len(prefix_text) else ""
-        self._prefix_offset = self._read_offset = len(self._ids)
+        if self._pending_from == len(self._ids):
+            return ""
+        # The held-back ids decoded after their left context, minus the context's own text.
+        start = max(0, self._pending_from - _CONTEXT_TOKENS)
+        context = self._decode(start, self._pending_from)
+        full = self._decode(start, len(self._ids))
+        delta = full[len(context) :] if full.startswith(context) else ""
+        self._pending_from = len(self._ids)
         self._text += delta
         return delta
+
+    def _whole_characters(self, context: list[int]) -> list[int]:
+        """The context without trailing ids that end inside a character (a token-id prompt may):
+        primed with those, DecodeStream would emit the prompt's own partial character as output."""
+        while context and self._tokenizer.decode(context, self._skip_special_tokens).endswith("\ufffd"):
+            context = context[:-1]
+        return context
 
     def _decode(self, start: int, end: int) -> str:
         return self._tokenizer.decode(self._ids[start:end], skip_special_tokens=self._skip_special_tokens)

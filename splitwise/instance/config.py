@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from scheduler.config import SchedulerConfig
 from splitwise.engine.config import EngineConfig
+from splitwise.instance.host_identity import is_wildcard
 from splitwise.transfer.registry import KNOWN_PROTOCOLS as TRANSFER_PROTOCOLS
 
 ROLES = ("mixed", "prefill", "decode")
@@ -32,7 +33,10 @@ class InstanceConfig:
     engine: EngineConfig
     scheduler: SchedulerConfig
     role: str = "mixed"
-    host: str = "127.0.0.1"  # bind and advertised address of every listener
+    host: str = "127.0.0.1"  # bind address of every listener
+    # What peers are told to connect to (NodeInfo, transport endpoints). None: ``host``, which must
+    # then not be a wildcard (`splitwise serve` fills it in with a routable address).
+    advertise_host: str | None = None
     port: int = 0  # HTTP; 0 = a free port, reported at start
     metrics_port: int | None = None  # None: /metrics on the HTTP port only
     pd_comm_port: int = 0
@@ -71,6 +75,11 @@ class InstanceConfig:
                 raise ValueError(f"{flag}: {port} is not a TCP port")
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
             raise ValueError(f"--metrics-port: {self.metrics_port} is not a TCP port")
+        if is_wildcard(self.advertised_host):
+            raise ValueError(
+                f"--advertise-host: {self.advertised_host!r} is not an address peers can connect to "
+                f"(--host {self.host} binds every interface; advertise this node's routable address)"
+            )
         bad = [p for p in self.cache_transfer_protocols if p not in TRANSFER_PROTOCOLS]
         if bad or not self.cache_transfer_protocols:
             raise ValueError(
@@ -90,6 +99,10 @@ class InstanceConfig:
             raise ValueError(f"--debug-step-delay-ms: {self.debug_step_delay_s * 1000} must be >= 0")
         if self.decode_headroom_tokens < 0:
             raise ValueError(f"--decode-headroom-tokens: {self.decode_headroom_tokens} must be >= 0")
+
+    @property
+    def advertised_host(self) -> str:
+        return self.advertise_host if self.advertise_host is not None else self.host
 
     @property
     def model_id(self) -> str:

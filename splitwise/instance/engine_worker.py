@@ -27,6 +27,7 @@ from splitwise.engine.errors import EngineError, UnknownRequestError
 from splitwise.engine.outputs import RequestOutput
 from splitwise.engine.sampling_params import SamplingParams
 from splitwise.engine.sequence import FinishReason
+from splitwise.instance.request_stats import RequestStats
 from splitwise.logging import get_logger
 
 log = get_logger(__name__)
@@ -62,6 +63,8 @@ class EngineWorker:
         self._thread: threading.Thread | None = None
         self.load = self._snapshot()
         self.num_step_errors = 0
+        # Set before start(): the node's request-phase metrics (called on the engine thread).
+        self.request_stats: RequestStats | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -89,6 +92,8 @@ class EngineWorker:
         def add() -> None:
             try:
                 self.engine.add_request(req_id, prompt_token_ids, params, prefill_only=prefill_only)
+                if self.request_stats is not None:
+                    self.request_stats.added(self.engine, req_id, prefill_only=prefill_only)
             except EngineError as exc:
                 self._deliver(
                     [RequestOutput(req_id=req_id, finish_reason=FinishReason.ABORT, error=str(exc))]
@@ -147,6 +152,8 @@ class EngineWorker:
                 self.num_step_errors += 1
                 log.exception("engine step failed; failing in-flight requests", error=str(exc))
                 outputs = self._fail_all(f"internal engine error: {exc}")
+            if self.request_stats is not None:
+                self.request_stats.stepped(self.engine)
             self._deliver(outputs)
             self.load = self._snapshot()
             if self._step_delay_s:
@@ -176,6 +183,8 @@ class EngineWorker:
         return failed
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
+        if self.request_stats is not None:
+            self.request_stats.delivered(outputs)
         for out in outputs:
             out_q = self._queues.get(out.req_id)
             if out_q is None:

@@ -61,6 +61,15 @@ async def start_http_server(
             metrics.add_counters_source(
                 name, stats.snapshot, "Scheduler events (submitted, redispatched, expired, ...)."
             )
+    geometry = engine.kv_cache.geometry
+    metrics.set_cache_config(
+        {
+            "block_size": str(geometry.block_size),
+            "num_gpu_blocks": str(geometry.num_blocks),
+            "cache_dtype": geometry.dtype,
+            "enable_prefix_caching": str(engine.config.enable_prefix_caching),
+        }
+    )
     app = create_app(
         frontend=instance.frontend,
         tokenizer=engine.tokenizer,
@@ -97,7 +106,7 @@ async def start_http_server(
 async def _refresh_metrics(instance: Instance, metrics: ApiMetrics) -> None:
     assert instance.worker is not None and instance.engine is not None
     stats = instance.engine.stats
-    last_prompt, last_cached, last_redispatched = 0, 0, 0
+    last_prompt, last_cached, last_redispatched, last_preemptions = 0, 0, 0, 0
     frontend_stats = getattr(instance.frontend, "stats", None)
     while True:
         if frontend_stats is not None:
@@ -106,11 +115,15 @@ async def _refresh_metrics(instance: Instance, metrics: ApiMetrics) -> None:
                 metrics.redispatches.inc(redispatched - last_redispatched)
                 last_redispatched = redispatched
         load = instance.worker.load
+        waiting_for_blocks = instance.decode_flow.num_waiting_for_blocks if instance.decode_flow else 0
+        metrics.vllm_num_requests_running.set(load.running_requests)
+        # As vLLM counts a decode request waiting for its remote KV as waiting: ours wait for blocks.
+        metrics.vllm_num_requests_waiting.set(load.waiting_requests + waiting_for_blocks)
+        metrics.vllm_kv_cache_usage.set(load.kv_usage)
+        metrics.vllm_gpu_cache_usage.set(load.kv_usage)
+        metrics.num_requests_waiting_for_kv_blocks.set(waiting_for_blocks)
         metrics.num_requests_running.set(load.running_requests)
-        waiting = load.waiting_requests + (
-            instance.decode_flow.num_waiting_for_blocks if instance.decode_flow else 0
-        )
-        metrics.num_requests_waiting.set(waiting)
+        metrics.num_requests_waiting.set(load.waiting_requests + waiting_for_blocks)
         metrics.queued_prefill_tokens.set(load.queued_prefill_tokens)
         metrics.kv_blocks_total.set(load.total_kv_blocks)
         metrics.kv_blocks_used.set(load.total_kv_blocks - load.free_kv_blocks)
@@ -121,4 +134,7 @@ async def _refresh_metrics(instance: Instance, metrics: ApiMetrics) -> None:
                 queried_tokens=prompt - last_prompt, hit_tokens=max(0, cached - last_cached)
             )
             last_prompt, last_cached = prompt, cached
+        if stats.num_preemptions > last_preemptions:
+            metrics.num_preemptions.inc(stats.num_preemptions - last_preemptions)
+            last_preemptions = stats.num_preemptions
         await asyncio.sleep(_METRICS_REFRESH_S)

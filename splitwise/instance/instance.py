@@ -29,9 +29,11 @@ from splitwise.instance.cluster_token import explicit_token, token_from_redis
 from splitwise.instance.config import InstanceConfig
 from splitwise.instance.decode_flow import DecodeFlow
 from splitwise.instance.engine_worker import EngineWorker
+from splitwise.instance.host_identity import host_id, is_wildcard
 from splitwise.instance.node_runtime import NodeRuntime
 from splitwise.instance.pd_channel import PDChannel
 from splitwise.instance.prefill_flow import PrefillFlow
+from splitwise.instance.request_stats import RequestStats
 from splitwise.instance.transfer_metrics import TransferMetrics
 from splitwise.logging import get_logger
 from splitwise.transfer.base import TransferCounters, TransportInitiator, TransportOptions, TransportTarget
@@ -59,7 +61,8 @@ class Instance:
         self.node_id = config.node_id or f"{config.role}-{uuid.uuid4().hex[:8]}"
         self.ports = Ports()
         self.counters = TransferCounters()  # transfers_ok/failures/fallbacks, reserve waits, ...
-        self.metrics = ApiMetrics()  # one Prometheus registry per instance, served on /metrics
+        # One Prometheus registry per instance, served on /metrics.
+        self.metrics = ApiMetrics(model_name=config.model_id)
         self.engine: LLMEngine | None = None
         self.worker: EngineWorker | None = None
         self.frontend: Any = None
@@ -89,6 +92,7 @@ class Instance:
         log.info("loading model", model=cfg.engine.model, role=cfg.role)
         self.engine = await loop.run_in_executor(None, LLMEngine, cfg.engine)
         self.worker = EngineWorker(self.engine, loop, step_delay_s=cfg.debug_step_delay_s)
+        self.worker.request_stats = RequestStats(self.metrics)
         self.worker.start()
         self._start_transports()
         token = await self._cluster_token()
@@ -103,7 +107,7 @@ class Instance:
             "instance ready",
             node_id=self.node_id,
             role=cfg.role,
-            http=f"http://{cfg.host}:{self.ports.http}",
+            http=f"http://{cfg.advertised_host}:{self.ports.http}",
             pd_comm_port=self.ports.pd_comm,
             transfer=list(self.targets or self.initiators),
             scheduler=cfg.scheduler.scheduler_name,
@@ -115,6 +119,7 @@ class Instance:
         if cfg.role == "mixed":
             return
         usable: list[str] = []
+        reasons: list[str] = []
         for index, protocol in enumerate(cfg.cache_transfer_protocols):
             port = cfg.kv_transfer_port if protocol == "tcp" else 0
             if protocol == "rdma" and cfg.rdma_comm_ports:
@@ -125,13 +130,14 @@ class Instance:
                     target = create_target(protocol, options)
                     target.register(self.engine.kv_cache)
                     self.targets[protocol] = target
-                    self.ports.transfer[protocol] = target.endpoint()
+                    self.ports.transfer[protocol] = _advertised(target.endpoint(), cfg.advertised_host)
                 else:
                     initiator = create_initiator(protocol, options)
                     initiator.register(self.engine.kv_cache)
                     self.initiators[protocol] = initiator
                 usable.append(protocol)
             except (UnknownProtocolError, OSError, ValueError) as exc:
+                reasons.append(f"{protocol}: {exc}")
                 self.counters.incr("transports_unavailable")
                 log.warning(
                     "transfer protocol unavailable on this node; skipping it",
@@ -140,13 +146,15 @@ class Instance:
                     preference=index,
                 )
             except Exception as exc:  # noqa: BLE001 - e.g. pyverbs errors: a protocol we cannot use
+                reasons.append(f"{protocol}: {exc}")
                 self.counters.incr("transports_unavailable")
                 log.warning(
                     "transfer protocol failed to start; skipping it", protocol=protocol, error=str(exc)
                 )
         if not usable:
             raise ValueError(
-                f"--cache-transfer-protocol: none of {list(cfg.cache_transfer_protocols)} can be used on this node (see the log)"
+                f"--cache-transfer-protocol: none of {list(cfg.cache_transfer_protocols)} can be used on this node "
+                f"({'; '.join(reasons)})"
             )
         self._usable_protocols = usable
 
@@ -229,7 +237,8 @@ class Instance:
         info = NodeInfo(
             node_id=self.node_id,
             role=cfg.role,
-            host=cfg.host,
+            host=cfg.advertised_host,
+            host_id=host_id(),
             http_port=self.ports.http,
             pd_comm_port=self.ports.pd_comm,
             model_id=cfg.model_id,
@@ -316,6 +325,13 @@ class Instance:
         if self.engine is not None:
             self.engine.close()
         log.info("instance stopped", node_id=self.node_id)
+
+
+def _advertised(endpoint: dict[str, Any], host: str) -> dict[str, Any]:
+    """A transport endpoint as peers must see it: a wildcard bind address replaced by ours."""
+    if is_wildcard(str(endpoint.get("host", "-"))):
+        return {**endpoint, "host": host}
+    return endpoint
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

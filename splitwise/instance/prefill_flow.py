@@ -47,6 +47,7 @@ class _Remote:
     cancelled: bool = False
     # Unpipelined mode only: (layer, src, dst) writes held back until the prefill finished.
     deferred: list[tuple[int, list[int], list[int]]] = dataclasses.field(default_factory=list)
+    first_write_s: float | None = None  # kv_transfer_latency starts here, not at the task's arrival
 
 
 class PrefillFlow:
@@ -126,8 +127,6 @@ class PrefillFlow:
                     call_id=0, req_id=req_id, first_token_id=first[0], logprob=first[1]
                 )
                 self.counters.incr("prefills_shipped")
-                if self.transfer_metrics is not None:
-                    self.transfer_metrics.shipped(task.protocol, len(task.dst_block_ids))
             except (SplitwiseError, asyncio.TimeoutError) as exc:
                 self.counters.incr("prefill_failures")
                 if self.transfer_metrics is not None:
@@ -155,8 +154,9 @@ class PrefillFlow:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, lambda: initiator.connect(conn.peer_id, task.endpoint))
         params = SamplingParams(**_params_from_wire(task.sampling_params))
+        remote = _Remote(conn.peer_id, initiator, list(task.dst_block_ids))
         with self._lock:
-            self._remote[req_id] = _Remote(conn.peer_id, initiator, list(task.dst_block_ids))
+            self._remote[req_id] = remote
         outputs = self.worker.submit(req_id, list(task.prompt_token_ids), params, prefill_only=True)
         while True:
             out = await outputs.get()
@@ -165,6 +165,7 @@ class PrefillFlow:
         if out.finish_reason is not FinishReason.PREFILL_DONE:
             initiator.forget(req_id)
             raise EngineError(out.error or f"prefill ended with {out.finish_reason}", req_id=req_id)
+        prefill_done_s = time.monotonic()
         try:
             self._ship_deferred(req_id)
             initiator.finish(conn.peer_id, req_id)
@@ -177,6 +178,15 @@ class PrefillFlow:
                 f"KV transfer to {conn.peer_id} {status.state.value}: {status.reason or 'timed out'}",
                 req_id=req_id,
             )
+        if self.transfer_metrics is not None:
+            landed_s = time.monotonic()
+            transfer_s = None if remote.first_write_s is None else landed_s - remote.first_write_s
+            self.transfer_metrics.shipped(
+                task.protocol,
+                len(task.dst_block_ids),
+                transfer_s=transfer_s,
+                exposed_s=landed_s - prefill_done_s,
+            )
         return out.new_token_ids[0], out.new_logprobs[0]
 
     def _ship_deferred(self, req_id: str) -> None:
@@ -185,6 +195,7 @@ class PrefillFlow:
             remote = self._remote.get(req_id)
         if remote is None or not remote.deferred:
             return
+        remote.first_write_s = time.monotonic()
         for layer, src, dst in remote.deferred:
             remote.initiator.write_layer(remote.peer_id, req_id, layer, src, dst)
         remote.deferred.clear()
@@ -212,6 +223,8 @@ class PrefillFlow:
                 remote.deferred.append((layer, list(src), list(dst)))
                 continue
             try:
+                if remote.first_write_s is None:
+                    remote.first_write_s = time.monotonic()
                 remote.initiator.write_layer(remote.peer_id, seq.req_id, layer, src, dst)
                 shipped = True
             except SplitwiseError as exc:

@@ -233,7 +233,7 @@ def start_local_stack(
     """Without a node the LocalScheduler has no capacity: every submit raises NoCapacityError."""
     holder: dict[str, Any] = {}
     ready = {"value": True}
-    metrics = ApiMetrics()
+    metrics = ApiMetrics(model_name=MODEL_ID)
 
     async def build() -> FastAPI:
         config = SchedulerConfig(scheduler_name="local", scheduler_ttl_s=TTL_S, heartbeat_interval_s=0.05)

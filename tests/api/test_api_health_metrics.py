@@ -63,7 +63,7 @@ def test_metrics_count_requests_and_latencies(local_stack: LocalStack) -> None:
     )
     after = scrape(local_stack)
 
-    def delta(name: str, labels: tuple[tuple[str, str], ...] = ()) -> float:
+    def delta(name: str, labels: tuple[tuple[str, str], ...] = (("model_name", MODEL_ID),)) -> float:
         return after.get((name, labels), 0.0) - before.get((name, labels), 0.0)
 
     assert (
@@ -81,11 +81,11 @@ def test_metrics_count_requests_and_latencies(local_stack: LocalStack) -> None:
         - requests_total(before, "/v1/completions", "not_found")
         == 1
     )
-    assert delta("splitwise_time_to_first_token_seconds_count") == 2
-    assert delta("splitwise_e2e_request_latency_seconds_count") == 2
-    assert delta("splitwise_time_per_output_token_seconds_count") == 2
-    assert delta("splitwise_inter_token_latency_seconds_count") == (4 - 1) + (3 - 1)
-    assert delta("splitwise_generation_tokens_total") == 7
+    assert delta("vllm:time_to_first_token_seconds_count") == 2
+    assert delta("vllm:e2e_request_latency_seconds_count") == 2
+    assert delta("vllm:time_per_output_token_seconds_count") == 2
+    assert delta("vllm:inter_token_latency_seconds_count") == (4 - 1) + (3 - 1)
+    assert delta("vllm:generation_tokens_total") == 7
     assert after[("splitwise_requests_in_flight", ())] == 0
     assert after[("splitwise_scheduler_events_total", (("event", "submitted"),))] >= 2
 
@@ -110,9 +110,15 @@ def test_prefix_cache_hit_rate() -> None:
     metrics.record_prefix_cache_lookup(queried_tokens=100, hit_tokens=25)
     metrics.record_prefix_cache_lookup(queried_tokens=100, hit_tokens=75)
     assert metrics.registry.get_sample_value("splitwise_prefix_cache_hit_rate") == pytest.approx(0.5)
-    assert metrics.registry.get_sample_value("splitwise_prefix_cache_hits_tokens_total") == 100
-    metrics.kv_transfer_bytes.labels(protocol="tcp", direction="send").inc(4096)
-    metrics.kv_transfer_fallbacks.labels(from_protocol="rdma", to_protocol="tcp").inc()
+    labels = {"model_name": "unknown"}
+    assert metrics.registry.get_sample_value("vllm:prefix_cache_hits_total", labels) == 100
+    assert metrics.registry.get_sample_value("vllm:prefix_cache_queries_total", labels) == 200
+    metrics.kv_transfer_bytes.labels(model_name="m", protocol="tcp", direction="send").inc(4096)
+    metrics.kv_transfer_fallbacks.labels(model_name="m", from_protocol="rdma", to_protocol="tcp").inc()
     text = metrics.render()[0].decode()
-    assert 'splitwise_kv_transfer_bytes_total{direction="send",protocol="tcp"} 4096.0' in text
-    assert 'splitwise_kv_transfer_fallbacks_total{from_protocol="rdma",to_protocol="tcp"} 1.0' in text
+    assert 'splitwise_kv_transfer_bytes_total{direction="send",model_name="m",protocol="tcp"} 4096.0' in text
+    assert (
+        'splitwise_kv_transfer_fallbacks_total{from_protocol="rdma",model_name="m",to_protocol="tcp"} 1.0'
+        in text
+    )
+    assert "_created" not in text

@@ -267,3 +267,63 @@ def test_cli_sharegpt_dataset(mixed_url: str) -> None:
     assert result.exit_code == 0, result.output
     assert "Successful / failed requests        2 / 0" in result.output
     assert "Total input / generated tokens" in result.output and "/ 6\n" in result.output
+
+
+# --- vLLM / SGLang conventions ---------------------------------------------------------------------------
+def test_base_url_accepts_the_server_root() -> None:
+    from splitwise.bench.serve_bench import api_base_url
+
+    for url in (
+        "http://h:8000",
+        "http://h:8000/",
+        "http://h:8000/v1",
+        "http://h:8000/v1/",
+        "http://h:8000/v1/completions",
+    ):
+        assert api_base_url(url) == "http://h:8000/v1", url
+    assert LoadConfig(base_urls=("http://h:1",)).base_urls == ("http://h:1/v1",)
+
+
+def test_goodput_as_vllm_spells_it() -> None:
+    from splitwise.bench.goodput import parse_goodput, split_goodput_words
+
+    assert split_goodput_words(["--goodput", "ttft:500", "tpot:50", "--num-prompts", "2"]) == [
+        "--goodput",
+        "ttft:500",
+        "--goodput",
+        "tpot:50",
+        "--num-prompts",
+        "2",
+    ]
+    assert parse_goodput(["ttft:500", "tpot:50", "e2el:9000"]) == {
+        "ttft_ms": 500.0,
+        "tpot_ms": 50.0,
+        "e2el_ms": 9000.0,
+    }
+    for bad in (["ttft"], ["itl:5"], ["ttft:x"], ["ttft:0"], ["ttft:1", "ttft:2"]):
+        with pytest.raises(ValueError, match="--goodput"):
+            parse_goodput(bad)
+    slo = SLO(e2el_ms=100)
+    from splitwise.bench.metrics import RequestResult
+
+    assert slo.is_met(RequestResult(success=True, ttft_s=0.01, e2e_s=0.05))
+    assert not slo.is_met(RequestResult(success=True, ttft_s=0.01, e2e_s=0.5))
+
+
+def test_cli_bad_goodput_exits_2_naming_the_flag() -> None:
+    result = CliRunner().invoke(
+        cli, ["bench", "serve", "--no-progress", "--model", "m", "--goodput", "itl:5"]
+    )
+    assert result.exit_code == 2 and "--goodput" in result.output, result.output
+
+
+def test_cli_server_root_and_goodput(mixed_url: str) -> None:
+    root = mixed_url.removesuffix("/v1")
+    args = ["bench", "serve", "--base-url", root, "--tokenizer", str(default_model_dir("tiny"))]
+    args += ["--num-prompts", "2", "--random-input-len", "16", "--random-output-len", "4", "--no-progress"]
+    met = CliRunner().invoke(cli, [*args, "--goodput", "ttft:60000", "tpot:60000"])
+    assert met.exit_code == 0, met.output
+    assert "SLO attainment                      100.0% (2/2)" in met.output
+    missed = CliRunner().invoke(cli, [*args, "--goodput", "e2el:0.001"])
+    assert missed.exit_code == 0, missed.output
+    assert "SLO attainment                      0.0% (0/2)" in missed.output

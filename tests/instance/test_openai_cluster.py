@@ -213,11 +213,18 @@ def test_transfer_metrics_count_real_transfers(
     decode = next(c for c in cluster.children if c.role == "decode")
     prefill = next(c for c in cluster.children if c.role == "prefill")
     d, p = _scrape(decode.base_url), _scrape(prefill.base_url)
-    assert d["splitwise_kv_transfer_bytes_total{direction=in,protocol=ipc}"] > 0
-    assert d["splitwise_kv_transfer_latency_seconds_count{protocol=ipc}"] >= 1
+    m = f"model_name={model_id}"
+    assert d[f"splitwise_kv_transfer_bytes_total{{direction=in,{m},protocol=ipc}}"] > 0
+    # P times the transfer (first layer write -> D confirmed), D the whole remote prefill around it.
+    assert p[f"splitwise_kv_transfer_latency_seconds_count{{{m},protocol=ipc}}"] >= 1
+    assert d[f"splitwise_remote_prefill_latency_seconds_count{{{m},protocol=ipc}}"] >= 1
     assert (
-        p["splitwise_kv_transfer_bytes_total{direction=out,protocol=ipc}"]
-        == d["splitwise_kv_transfer_bytes_total{direction=in,protocol=ipc}"]
+        p[f"splitwise_kv_transfer_latency_seconds_sum{{{m},protocol=ipc}}"]
+        <= d[f"splitwise_remote_prefill_latency_seconds_sum{{{m},protocol=ipc}}"]
+    )
+    assert (
+        p[f"splitwise_kv_transfer_bytes_total{{direction=out,{m},protocol=ipc}}"]
+        == d[f"splitwise_kv_transfer_bytes_total{{direction=in,{m},protocol=ipc}}"]
     )
     assert d["splitwise_transfer_events_total{event=transfers_ok}"] >= 1
     assert d["splitwise_kv_blocks_total{}"] > 0
