@@ -14,7 +14,15 @@ an RDMA WRITE as ``ctypes.memmove`` after the checks a NIC makes:
 
 The first failing WR completes with its status (signaled or not), the QP goes to ERROR, and every
 later WR (same chain or later posts) and every posted receive completes with WR_FLUSH_ERR.
-Execution is synchronous at post time; completions wait in the CQs until polled.
+Execution is synchronous at post time by default; completions wait in the CQs until polled.
+
+Delayed DMA (``FakeFabric.dma_delay_s``): like a NIC, the fabric then reads the SOURCE bytes when
+a WR executes, not when it is posted: a fabric thread runs each QP's WRs in order, each no earlier
+than its post time plus the delay (a number, or a callable drawing one per WR), so a test can
+change the source in between and see what the NIC would send. ``pause()``/``resume()`` hold the
+DMA engine; ``wait_idle()`` waits until nothing is in flight. A responder moved to ERROR
+(``to_error``: D revoking a peer) places nothing more; the WRITE completes RETRY_EXC_ERR at P.
+Devices may have several ports (``add_device(..., ports={1: down, 2: active})``).
 
 GPU memory is simulated with host buffers: ``FakeCudaDriver`` announces them as CUDA allocations
 and exports them as dma-bufs (fake fd numbers, not OS fds). ``register_dmabuf`` then registers a
@@ -29,10 +37,12 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import heapq
 import itertools
 import threading
+import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from rdma.errors import CudaCallError, NoRdmaDeviceError, QueuePairStateError, VerbsCallError
@@ -74,9 +84,18 @@ class FakePort:
 class FakeFabric:
     """The 'network': devices by name, and QPs by address so a WRITE can find its responder."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, dma_delay_s: float | Callable[[], float] | None = None) -> None:
         self.lock = threading.RLock()  # one lock for the whole fabric: a WRITE touches two QPs
-        self.ports: dict[str, FakePort] = {}
+        self.ports: dict[str, FakePort] = {}  # the device's first port (addressing of old tests)
+        self.device_ports: dict[str, dict[int, FakePort]] = {}
+        self.dma_delay_s = dma_delay_s
+        self._dma_queue: list[tuple[float, int, FakeQueuePair, WorkRequest]] = []
+        self._dma_seq = itertools.count()
+        self._dma_busy = 0
+        self._dma_changed = threading.Condition(self.lock)
+        self._dma_running = threading.Event()
+        self._dma_running.set()
+        self._dma_thread: threading.Thread | None = None
         self._qps: dict[tuple[str, int], FakeQueuePair] = {}
         self._qpn = itertools.count(0x100)
         self._key = itertools.count(0x1000)
@@ -85,11 +104,73 @@ class FakeFabric:
         self.dmabufs: dict[int, tuple[int, int]] = {}  # open fake fd -> (host addr, bytes) it exports
         self._fd = itertools.count(1000)
 
-    def add_device(self, name: str, port: FakePort | None = None) -> FakeFabric:
-        self.ports[name] = port or FakePort(
-            gid=f"0000:0000:0000:0000:0000:ffff:0a00:{len(self.ports) + 1:04x}"
-        )
+    def add_device(
+        self, name: str, port: FakePort | None = None, *, ports: dict[int, FakePort] | None = None
+    ) -> FakeFabric:
+        default = FakePort(gid=f"0000:0000:0000:0000:0000:ffff:0a00:{len(self.ports) + 1:04x}")
+        numbered = ports or {1: port or default}
+        self.device_ports[name] = numbered
+        self.ports[name] = numbered[min(numbered)]
         return self
+
+    # ------------------------------------------------------------------ delayed DMA engine
+
+    def schedule(self, qp: FakeQueuePair, wr: WorkRequest) -> None:
+        """Queue ``wr`` for the DMA engine (caller holds the lock): in order per QP."""
+        delay = self.dma_delay_s() if callable(self.dma_delay_s) else float(self.dma_delay_s or 0.0)
+        due = max(time.monotonic() + delay, qp.last_due)
+        qp.last_due = due
+        heapq.heappush(self._dma_queue, (due, next(self._dma_seq), qp, wr))
+        if self._dma_thread is None:
+            self._dma_thread = threading.Thread(target=self._dma_loop, name="fake-dma", daemon=True)
+            self._dma_thread.start()
+        self._dma_changed.notify_all()
+
+    def _dma_loop(self) -> None:
+        while True:
+            self._dma_running.wait()
+            with self.lock:
+                if not self._dma_queue:
+                    self._dma_changed.wait(0.05)
+                    continue
+                due = self._dma_queue[0][0]
+                now = time.monotonic()
+                if due > now:
+                    self._dma_changed.wait(due - now)
+                    continue
+                _, _, qp, wr = heapq.heappop(self._dma_queue)
+                self._dma_busy += 1
+            try:
+                qp.run_deferred(wr)  # takes the fabric lock itself (an RLock)
+            finally:
+                with self.lock:
+                    self._dma_busy -= 1
+                    self._dma_changed.notify_all()
+
+    def pause(self) -> None:
+        """Hold the DMA engine: posted WRs wait (their source is read when it resumes)."""
+        self._dma_running.clear()
+
+    def resume(self) -> None:
+        self._dma_running.set()
+        with self.lock:
+            self._dma_changed.notify_all()
+
+    @property
+    def num_in_flight(self) -> int:
+        with self.lock:
+            return len(self._dma_queue) + self._dma_busy
+
+    def wait_idle(self, timeout_s: float = 10.0) -> bool:
+        """Wait until no WR is queued or executing. True when idle."""
+        deadline = time.monotonic() + timeout_s
+        with self.lock:
+            while self._dma_queue or self._dma_busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._dma_changed.wait(left)
+        return True
 
     def next_qpn(self) -> int:
         return next(self._qpn)
@@ -115,10 +196,10 @@ class FakeFabric:
         return (port.gid if port.link_layer is LinkLayer.ETHERNET else f"lid:{port.lid}", qpn)
 
     def attach(self, qp: FakeQueuePair) -> None:
-        self._qps[self.address(qp.device.port, qp.qpn)] = qp
+        self._qps[self.address(qp.port, qp.qpn)] = qp
 
     def detach(self, qp: FakeQueuePair) -> None:
-        self._qps.pop(self.address(qp.device.port, qp.qpn), None)
+        self._qps.pop(self.address(qp.port, qp.qpn), None)
 
     def lookup(self, rtr: RtrAttrs) -> FakeQueuePair | None:
         key = (
@@ -151,15 +232,28 @@ class FakeDevice(VerbsDevice):
         self.fabric = fabric
         self.name = name
         self.port = fabric.ports[name]
+        self.ports_by_num = fabric.device_ports[name]
         self.mrs: dict[int, MemoryRegion] = {}  # by key (lkey == rkey here)
         self.host_addrs: dict[int, int] = {}  # by key: the host address of the MR's first byte
 
+    @property
+    def num_ports(self) -> int:
+        return max(self.ports_by_num)
+
     def query_port(self, port_num: int) -> PortInfo:
-        if port_num != 1:
+        p = self.ports_by_num.get(port_num)
+        if p is None:
             raise VerbsCallError(f"port {port_num} does not exist", device=self.name)
-        p = self.port
         return PortInfo(
-            1, p.is_active, p.link_layer, p.active_mtu_bytes, p.lid, p.gid, 0, p.max_msg_bytes, p.rate_gbps
+            port_num,
+            p.is_active,
+            p.link_layer,
+            p.active_mtu_bytes,
+            p.lid,
+            p.gid,
+            0,
+            p.max_msg_bytes,
+            p.rate_gbps,
         )
 
     def register_memory(self, addr: int, length: int, access: Access) -> MemoryRegion:
@@ -226,8 +320,10 @@ class FakeDevice(VerbsDevice):
             self.host_addrs.pop(mr.lkey, None)
 
     def create_qp(self, port_num: int, caps: QPCaps) -> FakeQueuePair:
+        if port_num not in self.ports_by_num:
+            raise VerbsCallError(f"port {port_num} does not exist", device=self.name)
         with self.fabric.lock:
-            qp = FakeQueuePair(self, self.fabric.next_qpn(), caps)
+            qp = FakeQueuePair(self, self.fabric.next_qpn(), caps, port_num)
             self.fabric.attach(qp)
         return qp
 
@@ -237,8 +333,11 @@ class FakeDevice(VerbsDevice):
 
 
 class FakeQueuePair(QueuePair):
-    def __init__(self, device: FakeDevice, qpn: int, caps: QPCaps) -> None:
+    def __init__(self, device: FakeDevice, qpn: int, caps: QPCaps, port_num: int = 1) -> None:
         self.device = device
+        self.port = device.ports_by_num[port_num]
+        self.last_due = 0.0  # delayed DMA: this QP's WRs run in post order
+        self.destroyed = False
         self.qpn = qpn
         self.caps = caps
         self.state = QPState.RESET
@@ -264,12 +363,12 @@ class FakeQueuePair(QueuePair):
     def to_rtr(self, attrs: RtrAttrs) -> None:
         with self._lock:
             check_transition(self.state, QPState.RTR, self.qpn)
-            if attrs.path_mtu_bytes > self.device.port.active_mtu_bytes:
+            if attrs.path_mtu_bytes > self.port.active_mtu_bytes:
                 raise VerbsCallError(
                     f"path MTU {attrs.path_mtu_bytes} above the port's active MTU (EINVAL)",
                     device=self.device.name,
                 )
-            if self.device.port.link_layer is LinkLayer.ETHERNET and not (attrs.is_global and attrs.dgid):
+            if self.port.link_layer is LinkLayer.ETHERNET and not (attrs.is_global and attrs.dgid):
                 raise VerbsCallError("RoCE needs a GRH (is_global, dgid) (EINVAL)", device=self.device.name)
             self.rtr = attrs
             self.expected_recv_psn = attrs.rq_psn
@@ -281,6 +380,10 @@ class FakeQueuePair(QueuePair):
             self.rts = attrs
             self.next_send_psn = attrs.sq_psn
             self.state = QPState.RTS
+
+    def to_error(self) -> None:
+        with self._lock:
+            self._enter_error()
 
     def to_reset(self) -> None:
         with self._lock:
@@ -294,6 +397,7 @@ class FakeQueuePair(QueuePair):
     def destroy(self) -> None:
         with self._lock:
             self.to_reset()
+            self.destroyed = True  # delayed WRs still queued for it are dropped
             self.device.fabric.detach(self)
 
     # ------------------------------------------------------------------ data path
@@ -315,6 +419,9 @@ class FakeQueuePair(QueuePair):
                 raise QueuePairStateError(f"QP {self.qpn}: post_send in {self.state.name}")
             self._slots.reserve(wrs, self.qpn)
             for wr in wrs:
+                if self.device.fabric.dma_delay_s is not None:
+                    self.device.fabric.schedule(self, wr)  # the NIC reads the source later
+                    continue
                 if self.state is QPState.ERROR:
                     self._send_cq.append(Completion(wr.wr_id, WcStatus.WR_FLUSH_ERR, None, self.qpn))
                     continue
@@ -324,6 +431,21 @@ class FakeQueuePair(QueuePair):
                     self._enter_error()
                 elif wr.signaled:
                     self._send_cq.append(Completion(wr.wr_id, status, WcOpcode.RDMA_WRITE, self.qpn))
+
+    def run_deferred(self, wr: WorkRequest) -> None:
+        """The delayed DMA engine executes ``wr`` now (reading its source now)."""
+        with self._lock:
+            if self.destroyed:
+                return
+            if self.state is not QPState.RTS:
+                self._send_cq.append(Completion(wr.wr_id, WcStatus.WR_FLUSH_ERR, None, self.qpn))
+                return
+            status = self._execute(wr)
+            if status is not WcStatus.SUCCESS:
+                self._send_cq.append(Completion(wr.wr_id, status, None, self.qpn))
+                self._enter_error()
+            elif wr.signaled:
+                self._send_cq.append(Completion(wr.wr_id, status, WcOpcode.RDMA_WRITE, self.qpn))
 
     def poll_send(self, max_entries: int) -> list[Completion]:
         with self._lock:

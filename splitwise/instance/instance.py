@@ -90,8 +90,8 @@ class Instance:
         self.engine = await loop.run_in_executor(None, LLMEngine, cfg.engine)
         self.worker = EngineWorker(self.engine, loop, step_delay_s=cfg.debug_step_delay_s)
         self.worker.start()
-        self._start_transports()
         token = await self._cluster_token()
+        self._start_transports(token)  # after the token: the rdma side channel authenticates with it
         self._start_channel(token)
         self._http_sock = bind_socket(cfg.host, cfg.port)  # bound early: NodeInfo carries the real port
         self.ports.http = int(self._http_sock.getsockname()[1])
@@ -109,7 +109,7 @@ class Instance:
             scheduler=cfg.scheduler.scheduler_name,
         )
 
-    def _start_transports(self) -> None:
+    def _start_transports(self, token: str) -> None:
         assert self.engine is not None
         cfg = self.config
         if cfg.role == "mixed":
@@ -119,7 +119,13 @@ class Instance:
             port = cfg.kv_transfer_port if protocol == "tcp" else 0
             if protocol == "rdma" and cfg.rdma_comm_ports:
                 port = cfg.rdma_comm_ports[0]
-            options = TransportOptions(host=cfg.host, port=port)
+            options = TransportOptions(
+                host=cfg.host,
+                port=port,
+                extra=cfg.transport_extra(),
+                node_id=self.node_id,
+                cluster_token=token,
+            )
             try:
                 if cfg.role == "decode":
                     target = create_target(protocol, options)

@@ -77,12 +77,15 @@ class TcpTarget(StreamTarget):
                     f"payload {header.payload_bytes} bytes != 2 x {num_blocks} blocks x {block_bytes}",
                     req_id=header.req_id,
                 )
-            self._requests.admit(header.req_id, conn_id, dst_block_ids)
+            self._admit_receive(conn_id, header.req_id, dst_block_ids)  # forget() waits for the end
         except UnexpectedBlocksError as exc:
             wire.discard(sock, header.payload_bytes)
             self._refuse(sock, header.req_id, exc)
             return
-        wire.recv_into_buffers(sock, _run_views(self._bytes, geometry, header.layer, header.runs))
+        try:
+            wire.recv_into_buffers(sock, _run_views(self._bytes, geometry, header.layer, header.runs))
+        finally:
+            self._end_receive(conn_id)
         self._requests.landed(header.req_id, num_blocks)
         self.counters.incr("bytes_received", header.payload_bytes)
 

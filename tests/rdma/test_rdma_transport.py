@@ -40,7 +40,9 @@ def pair() -> Iterator[Pair]:
     """P with two NICs (two striped lanes) and D with one, on one fake fabric."""
     fabric = FakeFabric().add_device("fake_d0").add_device("fake_p0").add_device("fake_p1")
     backend = FakeBackend(fabric)
-    options = TransportOptions(host="127.0.0.1", port=0, connect_timeout_s=5)
+    options = TransportOptions(
+        cluster_token="test-cluster-token", host="127.0.0.1", port=0, connect_timeout_s=5
+    )
     target = RdmaTarget(options, backend=backend, nics=["fake_d0"])
     initiator = RdmaInitiator(
         options, backend=backend, nics=["fake_p0", "fake_p1"], send_queue_depth=4, completion_timeout_s=5
@@ -149,7 +151,7 @@ def test_closing_the_target_fails_pending_initiator_requests(pair: Pair) -> None
 def test_transport_over_pyverbs_loopback() -> None:
     """Same as the fake end-to-end test, on a real device (P and D share it: loopback)."""
     backend, name = pyverbs_backend_or_skip()
-    options = TransportOptions(host="127.0.0.1", port=0)
+    options = TransportOptions(cluster_token="test-cluster-token", host="127.0.0.1", port=0)
     target, initiator = (
         RdmaTarget(options, backend=backend, nics=[name]),
         RdmaInitiator(options, backend=backend, nics=[name]),
@@ -190,7 +192,9 @@ def test_small_max_message_size_splits_blocks_and_still_lands_exactly() -> None:
     other = dataclasses.replace(tiny, gid="0000:0000:0000:0000:0000:ffff:0a00:0009")
     fabric = FakeFabric().add_device("d0", tiny).add_device("p0", other)
     backend = FakeBackend(fabric)
-    options = TransportOptions()
+    options = TransportOptions(
+        cluster_token="test-cluster-token",
+    )
     target = RdmaTarget(options, backend=backend, nics=["d0"])
     initiator = RdmaInitiator(options, backend=backend, nics=["p0"], send_queue_depth=8)
     p_cache, d_cache = caches()
