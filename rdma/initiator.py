@@ -62,6 +62,7 @@ from splitwise.transfer.errors import (
     TransferTimeoutError,
     UnexpectedBlocksError,
 )
+from splitwise.transfer.stream_initiator import count_down
 from splitwise.transfer.tracking import InitiatorRequests
 
 log = get_logger("rdma")
@@ -90,6 +91,11 @@ class _Peer:
     worker: threading.Thread | None = None
     grants: dict[str, RequestGrant] = field(default_factory=dict)
     grant_arrived: threading.Condition = field(default_factory=threading.Condition)
+    # Begins sent and not answered yet, per request; and how many answers to drop because the
+    # request was forgotten meanwhile: a grant for a forgotten incarnation must never be used by a
+    # later write_layer of the same req_id (it would post into blocks D has released).
+    unanswered: dict[str, int] = field(default_factory=dict)
+    stale: dict[str, int] = field(default_factory=dict)
     send_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -274,6 +280,8 @@ class RdmaInitiator(TransportInitiator):
         for peer in peers:
             with peer.grant_arrived:
                 peer.grants.pop(req_id, None)
+                if peer.unanswered.get(req_id):
+                    peer.stale[req_id] = peer.unanswered[req_id]
             if peer.worker is threading.current_thread():
                 continue  # the worker itself: it drains before it takes the next job
             fence = _Job("fence", req_id)
@@ -329,6 +337,8 @@ class RdmaInitiator(TransportInitiator):
         except RdmaError as exc:
             self.counters.incr("completion_errors")
             self._break(peer, f"rdma: {exc}")
+        except TransferError as exc:  # the side channel failed (grant request)
+            self._break(peer, f"rdma side channel: {exc}")
         finally:
             self._drain_quietly(peer)
             self._release_waiters(peer)
@@ -365,6 +375,8 @@ class RdmaInitiator(TransportInitiator):
             grant = peer.grants.get(req_id)
         if grant is None:
             try:
+                with peer.grant_arrived:
+                    peer.unanswered[req_id] = peer.unanswered.get(req_id, 0) + 1
                 with peer.send_lock:
                     messages.send_message(peer.sock, RequestBegin(req_id))
             except OSError as exc:
@@ -434,7 +446,12 @@ class RdmaInitiator(TransportInitiator):
                 return
             if isinstance(message, RequestGrant):
                 with peer.grant_arrived:
-                    peer.grants[message.req_id] = message
+                    req_id = message.req_id
+                    count_down(peer.unanswered, req_id)
+                    if peer.stale.get(req_id):
+                        count_down(peer.stale, req_id)  # answers a Begin of a forgotten incarnation
+                    else:
+                        peer.grants[req_id] = message
                     peer.grant_arrived.notify_all()
             elif isinstance(message, RequestResult):
                 with peer.grant_arrived:

@@ -253,6 +253,8 @@ class IpcInitiator(StreamInitiator):
         with peer.grant_arrived:
             grant = peer.grants.get(req_id)
         if grant is None:
+            with peer.grant_arrived:
+                peer.unanswered[req_id] = peer.unanswered.get(req_id, 0) + 1  # see Peer.stale
             wire.send_message(peer.sock, RequestBegin(req_id))
             deadline = time.monotonic() + self.options.connect_timeout_s
             with peer.grant_arrived:

@@ -84,6 +84,10 @@ class Peer:
     broken: threading.Event = field(default_factory=threading.Event)
     grants: dict[str, RequestGrant] = field(default_factory=dict)  # ipc: req_id -> D's answer to Begin
     grant_arrived: threading.Condition = field(default_factory=threading.Condition)
+    # ipc: Begins not answered yet, and answers to drop because their request was forgotten
+    # meanwhile (a later write_layer of the same req_id must not copy with that stale grant).
+    unanswered: dict[str, int] = field(default_factory=dict)
+    stale: dict[str, int] = field(default_factory=dict)
     threads: list[threading.Thread] = field(default_factory=list)
     # The request whose job the sender thread is executing right now (``forget`` waits for it).
     busy_req: str | None = None
@@ -212,6 +216,8 @@ class StreamInitiator(TransportInitiator):
         for peer in peers:
             with peer.grant_arrived:
                 peer.grants.pop(req_id, None)
+                if peer.unanswered.get(req_id):
+                    peer.stale[req_id] = peer.unanswered[req_id]
             if any(t is threading.current_thread() for t in peer.threads):
                 continue  # called from this peer's own sender/reader: nothing else can be running
             with peer.idle:
@@ -344,7 +350,12 @@ class StreamInitiator(TransportInitiator):
                 message = wire.recv_message(peer.sock)
                 if isinstance(message, RequestGrant):
                     with peer.grant_arrived:
-                        peer.grants[message.req_id] = message
+                        req_id = message.req_id
+                        count_down(peer.unanswered, req_id)
+                        if peer.stale.get(req_id):
+                            count_down(peer.stale, req_id)  # for a forgotten incarnation: dropped
+                        else:
+                            peer.grants[req_id] = message
                         peer.grant_arrived.notify_all()
                 else:
                     verdict = expect_type(message, RequestResult)
@@ -408,3 +419,11 @@ class StreamInitiator(TransportInitiator):
         if self._kv is None:
             raise NotRegisteredError(f"{self.protocol} initiator: register(kv_cache) first")
         return self._kv
+
+
+def count_down(counts: dict[str, int], key: str) -> None:
+    left = counts.get(key, 0) - 1
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
