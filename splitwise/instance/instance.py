@@ -74,6 +74,7 @@ class Instance:
         self._http_server: Any = None
         self._http_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
+        self._background: set[asyncio.Task[None]] = set()  # abort_peer calls after a lost D
 
     # -- start --------------------------------------------------------------------------------
 
@@ -280,6 +281,10 @@ class Instance:
     def _on_peer_lost(self, peer_id: str) -> None:
         if self.decode_flow is not None:
             self.decode_flow.on_peer_lost(peer_id)
+        if self.prefill_flow is not None:  # #11: P stops writing to a D it lost
+            task = asyncio.get_running_loop().create_task(self.prefill_flow.on_peer_lost(peer_id))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     async def _release_prefill_booking(self, req_id: str) -> None:
         if hasattr(self.node, "release_prefill"):

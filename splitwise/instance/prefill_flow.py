@@ -105,6 +105,13 @@ class PrefillFlow:
             req_id = message.req_id
             task.add_done_callback(lambda _task: self._tasks.pop(req_id, None) and None)
 
+    async def on_peer_lost(self, peer_id: str) -> None:
+        """#11: the control connection to decode node ``peer_id`` dropped: stop every transport
+        write to it (one-sided writes would otherwise go on landing in blocks D may reuse)."""
+        loop = asyncio.get_running_loop()
+        for initiator in self.initiators.values():
+            await loop.run_in_executor(None, initiator.abort_peer, peer_id, "control connection lost")
+
     def cancel(self, req_id: str) -> None:
         """D gave up, or the client went away: stop shipping and drop the request."""
         with self._lock:
