@@ -16,6 +16,5 @@ Modules (one concept each):
 pyverbs is imported only by pyverbs_backend, so everything else works where it is missing.
 """
 
-# splitwise.transfer.registry imports this package for protocol "rdma": register on import.
-# (Importing it pulls in torch via the KV layout; pyverbs stays unimported.)
-from rdma import transport as _transport  # noqa: E402,F401
+# splitwise.transfer.registry imports rdma.transport for protocol "rdma" (it registers on
+# import). Nothing is imported here, so `python -m rdma.nics` runs without loading the transport.

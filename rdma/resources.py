@@ -29,6 +29,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from rdma import nics as nic_detection
 from rdma.connection import QPPolicy
@@ -94,17 +95,37 @@ class GpuPolicy:
         return cls(mode, cuda_driver)
 
 
-def choose_nics(kv_cache: KVCache, options: TransportOptions) -> list[str]:
+def choose_nics(
+    kv_cache: KVCache, options: TransportOptions, env: Mapping[str, str] | None = None
+) -> list[str]:
+    """The NICs this KV cache's requests are striped over (one lane per NIC).
+
+    CUDA: the NICs nearest the KV cache's GPU (``rdma.nics.nics_for_gpu``: ``rdma_nics`` or
+    ``KVCACHE_RDMA_NICS`` entry for that GPU, ``CUDA_VISIBLE_DEVICES`` applied, ``a+b`` entries
+    striped; else every NIC tied for nearest). CPU: every listed or active NIC."""
+    environ = dict(os.environ if env is None else env)
     configured = options.extra.get(OPTION_NICS, "").strip()
     if configured:
-        names = nic_detection.parse_nic_list(configured)
-    elif kv_cache.device.type == "cuda":
-        names = nic_detection.resolve_nics("gpu")
-    else:
-        return nic_detection.resolve_nics("cpu")
+        environ[nic_detection.ENV_NICS] = configured
     if kv_cache.device.type == "cuda":
-        return [names[(kv_cache.device.index or 0) % len(names)]]
-    return names
+        logical = cuda_device_index(kv_cache)
+        return nic_detection.nics_for_gpu(logical, env=environ, pci_address=gpu_pci_address(logical))
+    if environ.get(nic_detection.ENV_NICS, "").strip():
+        entries = nic_detection.parse_nic_list(environ[nic_detection.ENV_NICS])
+        names = [n for entry in entries for n in entry.split(nic_detection.STRIPE_SEPARATOR)]
+        return list(dict.fromkeys(names))  # a gpu-mode list repeats NICs: each once
+    return nic_detection.resolve_nics("cpu", env=environ)
+
+
+def gpu_pci_address(logical: int) -> str | None:
+    """The PCI address (0000:3b:00.0) of CUDA device ``logical`` when torch can tell it."""
+    try:
+        import torch
+
+        props: Any = torch.cuda.get_device_properties(logical)  # pci_* fields: torch >= 2.x builds
+        return f"{props.pci_domain_id:04x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+    except (AttributeError, RuntimeError, AssertionError):
+        return None
 
 
 def int_option(options: TransportOptions, name: str, env: Mapping[str, str] | None = None) -> int | None:

@@ -16,8 +16,8 @@ import transformers
 from splitwise.engine.config import EngineConfig, ModelConfig
 from splitwise.engine.errors import EngineError
 from splitwise.engine.kv_cache import KVCache, KVCacheGeometry
-from splitwise.engine.model.attention import AttentionMetadata
 from splitwise.engine.layer_ready import ReadyToken
+from splitwise.engine.model.attention import AttentionMetadata
 from splitwise.engine.model_runner import (
     ModelRunner,
     ScheduledChunk,
