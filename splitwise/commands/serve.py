@@ -265,7 +265,7 @@ def serve(**opts: Any) -> None:
         try:
             from rdma.nics import resolve_nics
 
-            nics = resolve_nics()
+            nics = resolve_nics(stripe=True)  # a+b: a GPU's requests striped over its nearest NICs
             if nics:
                 os.environ["KVCACHE_RDMA_NICS"] = ",".join(nics)
         except Exception as exc:  # noqa: BLE001 - reported; rdma is then skipped with its reason

@@ -36,6 +36,7 @@ from splitwise.transfer.errors import (
     NotRegisteredError,
     ProtocolError,
     TransferError,
+    TransferTimeoutError,
 )
 from splitwise.transfer.messages import (
     RequestAbort,
@@ -231,6 +232,9 @@ class StreamInitiator(TransportInitiator):
                     peer=peer.peer_id,
                 )
                 self._peer_lost(peer, "a cancelled request's copy did not finish in time")
+                raise TransferTimeoutError(
+                    "a copy of the forgotten request did not finish in time", req_id=req_id, peer=peer.peer_id
+                )
         self._fence(req_id)
 
     def abort_peer(self, peer_id: str, reason: str) -> None:

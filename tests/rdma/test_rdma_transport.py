@@ -212,3 +212,36 @@ def test_small_max_message_size_splits_blocks_and_still_lands_exactly() -> None:
     finally:
         initiator.close()
         target.close()
+
+
+@pytest.mark.rdma
+def test_revoke_over_pyverbs_loopback_stops_the_peers_writes() -> None:
+    """On a real device: after D revokes P (its QPs to ERROR), P's WRITEs fail and nothing lands."""
+    backend, name = pyverbs_backend_or_skip()
+    options = TransportOptions(cluster_token="test-cluster-token", host="127.0.0.1", port=0, node_id="p")
+    target, initiator = (
+        RdmaTarget(options, backend=backend, nics=[name]),
+        RdmaInitiator(options, backend=backend, nics=[name]),
+    )
+    p_cache, d_cache = caches()
+    try:
+        target.register(d_cache)
+        initiator.register(p_cache)
+        initiator.connect("d", target.endpoint())
+        target.expect("r1", [5, 6], timeout_s=30)
+        before = [
+            blocks(d_cache, layer, kind, [5, 6]) for layer in range(GEOMETRY.num_layers) for kind in (0, 1)
+        ]
+        assert target.revoke("p")
+        try:
+            transfer(initiator, "r1", [1, 2], [5, 6])
+        except NotConnectedError:
+            pass
+        assert not initiator.wait("r1", 30).is_done
+        after = [
+            blocks(d_cache, layer, kind, [5, 6]) for layer in range(GEOMETRY.num_layers) for kind in (0, 1)
+        ]
+        assert after == before
+    finally:
+        initiator.close()
+        target.close()
