@@ -37,16 +37,14 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import heapq
 import itertools
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from rdma.errors import CudaCallError, NoRdmaDeviceError, QueuePairStateError, VerbsCallError
-from rdma.gpu_memory import CUDA_ERROR_INVALID_VALUE, CUDA_ERROR_NOT_FOUND
+from rdma.errors import NoRdmaDeviceError, QueuePairStateError, VerbsCallError
+from rdma.fake_dma import FakeDmaEngine
 from rdma.verbs import (
     Access,
     Completion,
@@ -89,13 +87,7 @@ class FakeFabric:
         self.ports: dict[str, FakePort] = {}  # the device's first port (addressing of old tests)
         self.device_ports: dict[str, dict[int, FakePort]] = {}
         self.dma_delay_s = dma_delay_s
-        self._dma_queue: list[tuple[float, int, FakeQueuePair, WorkRequest]] = []
-        self._dma_seq = itertools.count()
-        self._dma_busy = 0
-        self._dma_changed = threading.Condition(self.lock)
-        self._dma_running = threading.Event()
-        self._dma_running.set()
-        self._dma_thread: threading.Thread | None = None
+        self.dma = FakeDmaEngine(self.lock, dma_delay_s)
         self._qps: dict[tuple[str, int], FakeQueuePair] = {}
         self._qpn = itertools.count(0x100)
         self._key = itertools.count(0x1000)
@@ -113,64 +105,25 @@ class FakeFabric:
         self.ports[name] = numbered[min(numbered)]
         return self
 
-    # ------------------------------------------------------------------ delayed DMA engine
+    # ------------------------------------------------------------------ delayed DMA (rdma.fake_dma)
 
     def schedule(self, qp: FakeQueuePair, wr: WorkRequest) -> None:
-        """Queue ``wr`` for the DMA engine (caller holds the lock): in order per QP."""
-        delay = self.dma_delay_s() if callable(self.dma_delay_s) else float(self.dma_delay_s or 0.0)
-        due = max(time.monotonic() + delay, qp.last_due)
-        qp.last_due = due
-        heapq.heappush(self._dma_queue, (due, next(self._dma_seq), qp, wr))
-        if self._dma_thread is None:
-            self._dma_thread = threading.Thread(target=self._dma_loop, name="fake-dma", daemon=True)
-            self._dma_thread.start()
-        self._dma_changed.notify_all()
-
-    def _dma_loop(self) -> None:
-        while True:
-            self._dma_running.wait()
-            with self.lock:
-                if not self._dma_queue:
-                    self._dma_changed.wait(0.05)
-                    continue
-                due = self._dma_queue[0][0]
-                now = time.monotonic()
-                if due > now:
-                    self._dma_changed.wait(due - now)
-                    continue
-                _, _, qp, wr = heapq.heappop(self._dma_queue)
-                self._dma_busy += 1
-            try:
-                qp.run_deferred(wr)  # takes the fabric lock itself (an RLock)
-            finally:
-                with self.lock:
-                    self._dma_busy -= 1
-                    self._dma_changed.notify_all()
+        self.dma.schedule(qp, wr)
 
     def pause(self) -> None:
         """Hold the DMA engine: posted WRs wait (their source is read when it resumes)."""
-        self._dma_running.clear()
+        self.dma.pause()
 
     def resume(self) -> None:
-        self._dma_running.set()
-        with self.lock:
-            self._dma_changed.notify_all()
+        self.dma.resume()
 
     @property
     def num_in_flight(self) -> int:
-        with self.lock:
-            return len(self._dma_queue) + self._dma_busy
+        return self.dma.num_in_flight
 
     def wait_idle(self, timeout_s: float = 10.0) -> bool:
         """Wait until no WR is queued or executing. True when idle."""
-        deadline = time.monotonic() + timeout_s
-        with self.lock:
-            while self._dma_queue or self._dma_busy:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._dma_changed.wait(left)
-        return True
+        return self.dma.wait_idle(timeout_s)
 
     def next_qpn(self) -> int:
         return next(self._qpn)
@@ -504,62 +457,5 @@ class FakeQueuePair(QueuePair):
         self._posted_recvs.clear()
 
 
-class FakeCudaDriver:
-    """A ``rdma.gpu_memory.CudaDriver`` over host buffers the test owns, announced as CUDA allocations
-    with ``add_allocation``; its dma-buf fds are registered with the fabric for ``register_dmabuf``.
-
-    ``dmabuf_supported`` is the device attribute; ``export_result`` a CUresult the export fails with.
-    Like the real driver, the export takes only page-aligned ranges inside one allocation.
-    """
-
-    name = "fake-cuda"
-
-    def __init__(
-        self,
-        fabric: FakeFabric,
-        *,
-        dmabuf_supported: bool = True,
-        export_result: int | None = None,
-        page_bytes: int = 4096,
-    ) -> None:
-        self.fabric = fabric
-        self.dmabuf_supported_value = dmabuf_supported
-        self.export_result = export_result
-        self.page_bytes = page_bytes
-        self.num_exports = 0
-
-    def add_allocation(self, base: int, num_bytes: int) -> None:
-        self.fabric.gpu_allocations.append((base, num_bytes))
-
-    @staticmethod
-    def _fail(call: str, code: int, result: str) -> CudaCallError:
-        return CudaCallError(f"{call} failed: {result} ({code})", call=call, code=code, result=result)
-
-    def address_range(self, device_index: int, ptr: int) -> tuple[int, int]:
-        for base, size in self.fabric.gpu_allocations:
-            if base <= ptr < base + size:
-                return base, size
-        raise self._fail("cuMemGetAddressRange", CUDA_ERROR_NOT_FOUND, "CUDA_ERROR_NOT_FOUND")
-
-    def dmabuf_supported(self, device_index: int) -> bool:
-        return self.dmabuf_supported_value
-
-    def export_dmabuf(self, device_index: int, base: int, size: int) -> int:
-        if self.export_result is not None:
-            raise self._fail(
-                "cuMemGetHandleForAddressRange", self.export_result, f"CUresult {self.export_result}"
-            )
-        inside = any(b <= base and base + size <= b + s for b, s in self.fabric.gpu_allocations)
-        if not inside or base % self.page_bytes or size % self.page_bytes:
-            raise self._fail(
-                "cuMemGetHandleForAddressRange", CUDA_ERROR_INVALID_VALUE, "CUDA_ERROR_INVALID_VALUE"
-            )
-        self.num_exports += 1
-        return self.fabric.export_dmabuf(base, size)
-
-    def close_dmabuf(self, fd: int) -> None:
-        self.fabric.close_dmabuf(fd)
-
-    @property
-    def num_open_fds(self) -> int:
-        return len(self.fabric.dmabufs)
+# The simulated CUDA driver lives in rdma/fake_cuda.py (kept importable from here).
+from rdma.fake_cuda import FakeCudaDriver as FakeCudaDriver  # noqa: E402
