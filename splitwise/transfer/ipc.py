@@ -259,6 +259,8 @@ class IpcInitiator(StreamInitiator):
             deadline = time.monotonic() + self.options.connect_timeout_s
             with peer.grant_arrived:
                 while req_id not in peer.grants and not peer.broken.is_set():
+                    if not self._requests.is_pending(req_id):
+                        return frozenset()  # forgotten meanwhile (forget notifies): copy nothing
                     left = deadline - time.monotonic()
                     if left <= 0:
                         raise TransferTimeoutError(

@@ -219,6 +219,7 @@ class StreamInitiator(TransportInitiator):
                 peer.grants.pop(req_id, None)
                 if peer.unanswered.get(req_id):
                     peer.stale[req_id] = peer.unanswered[req_id]
+                peer.grant_arrived.notify_all()  # a sender waiting for this grant gives up now
             if any(t is threading.current_thread() for t in peer.threads):
                 continue  # called from this peer's own sender/reader: nothing else can be running
             with peer.idle:
