@@ -245,3 +245,28 @@ def test_revoke_over_pyverbs_loopback_stops_the_peers_writes() -> None:
     finally:
         initiator.close()
         target.close()
+
+
+def test_target_deadlines_use_the_injected_clock() -> None:
+    """rdma's request table is splitwise.transfer.tracking's: its deadlines follow the clock given."""
+    now = [100.0]
+    fabric = FakeFabric().add_device("d0")
+    target = RdmaTarget(
+        TransportOptions(cluster_token="test-cluster-token"),
+        backend=FakeBackend(fabric),
+        nics=["d0"],
+        clock=lambda: now[0],
+    )
+    _, d_cache = caches()
+    try:
+        target.register(d_cache)
+        target.expect("r", [1, 2], timeout_s=5)
+        now[0] += 4.9
+        assert target.poll("r").state.value == "pending"
+        now[0] += 0.2
+        status = target.poll("r")
+        assert status.is_failed and "timed out" in (status.reason or "")
+        target.forget("r")
+        assert "unknown request" in (target.poll("r").reason or "")
+    finally:
+        target.close()

@@ -87,3 +87,18 @@ def test_rdma_fake_nic_reads_the_source_when_the_write_executes_not_when_posted(
         pair.fabric.resume()
         assert pair.initiator.wait("r", 10).is_done
         assert torch.equal(pair.d_blocks(DST), changed.view(torch.int16))
+
+
+@pytest.mark.gpu
+def test_cuda_layer_token_completes_only_after_the_layer_ran() -> None:
+    """On a GPU: the token recorded at the callback site is not complete while the layer's kernels
+    still run (a spin kernel stands in for them), and completes after."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU: the token is a torch.cuda.Event only there")
+    from splitwise.engine.layer_ready import record_layer_ready
+
+    torch.cuda._sleep(200_000_000)  # type: ignore[attr-defined]  # ~0.1 s of GPU time
+    token = record_layer_ready(torch.device("cuda"))
+    assert not token.query()
+    token.synchronize()
+    assert token.query()
