@@ -102,3 +102,36 @@ def test_cuda_layer_token_completes_only_after_the_layer_ran() -> None:
     assert not token.query()
     token.synchronize()
     assert token.query()
+
+
+@pytest.mark.gpu
+def test_tcp_from_gpu_memory_waits_for_the_layer_event() -> None:
+    """On a GPU: tcp stages CUDA KV through pinned host memory; each layer is written behind a spin
+    kernel on a side stream and shipped with its event: D gets the new bytes, never stale ones."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU: tcp's device staging path")
+    from splitwise.engine.kv_cache import KVCache
+    from splitwise.engine.layer_ready import record_layer_ready
+    from splitwise.transfer.base import TransportOptions
+    from splitwise.transfer.registry import create_initiator, create_target
+
+    p_kv, d_kv = KVCache(GEOMETRY, device="cuda"), KVCache(GEOMETRY, device="cuda")
+    target, initiator = create_target("tcp", TransportOptions()), create_initiator("tcp", TransportOptions())
+    target.register(d_kv)
+    initiator.register(p_kv)
+    compute = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+    try:
+        initiator.connect("d", target.endpoint())
+        target.expect("g", DST, timeout_s=30)
+        with torch.cuda.stream(compute):
+            for layer in range(GEOMETRY.num_layers):
+                torch.cuda._sleep(20_000_000)  # type: ignore[attr-defined]
+                p_kv.tensor[layer, :, SRC] = float(layer + 1)
+                initiator.write_layer("d", "g", layer, SRC, DST, record_layer_ready(p_kv.device))
+        initiator.finish("d", "g")
+        assert initiator.wait("g", 30).is_done
+        for layer in range(GEOMETRY.num_layers):
+            assert bool((d_kv.tensor[layer, :, DST] == float(layer + 1)).all())
+    finally:
+        initiator.close()
+        target.close()

@@ -14,13 +14,16 @@ from rdma.transport import RdmaInitiator, RdmaTarget
 from splitwise.engine.kv_cache import KVCache, KVCacheGeometry, default_shm_name
 from splitwise.transfer.base import TransportInitiator, TransportOptions, TransportTarget
 from splitwise.transfer.registry import create_initiator, create_target
+from splitwise.transfer.tcp_staging import DeviceStage
 
 GEOMETRY = KVCacheGeometry(
     num_layers=3, num_blocks=24, block_size=4, num_kv_heads=2, head_dim=8, dtype="float16"
 )
 TOKEN = "test-cluster-token"
 P_NODE = "prefill-test"
-PROTOCOLS = ["tcp", "ipc", "rdma"]
+# "tcp-staged": tcp through the host staging a CUDA KV cache uses (tcp_staging.DeviceStage), run
+# here on CPU tensors: the gather/scatter logic and the ordering rule, without a GPU.
+PROTOCOLS = ["tcp", "tcp-staged", "ipc", "rdma"]
 
 
 @dataclass
@@ -75,10 +78,13 @@ def make_pair(
             completion_timeout_s=5,
         )
     else:
-        target = create_target(protocol, d_options)
-        initiator = create_initiator(protocol, p_options)
+        target = create_target(protocol.removesuffix("-staged"), d_options)
+        initiator = create_initiator(protocol.removesuffix("-staged"), p_options)
     target.register(d_kv)
     initiator.register(p_kv)
+    if protocol == "tcp-staged":
+        target._stage = DeviceStage(d_kv)  # type: ignore[attr-defined]
+        initiator._stage = DeviceStage(p_kv)  # type: ignore[attr-defined]
     pair = Pair(protocol, initiator, target, p_kv, d_kv, fabric)
     pair.connect()
     try:
