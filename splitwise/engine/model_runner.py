@@ -33,9 +33,9 @@ class ScheduledChunk:
     num_new_tokens: int
 
 
-# (layer index, the batch): called after that layer's KV for the whole batch is in the cache and
-# before the next layer runs (layer-wise KV streaming hooks in here).
-# (layer, chunks, ready): ``ready`` completes once layer's KV writes ran (see engine.layer_ready).
+# (layer index, the batch, ready token): called after that layer's KV writes for the whole batch
+# were issued and before the next layer runs (layer-wise KV streaming hooks in here); ``ready``
+# completes once those writes ran (a CUDA event; complete on CPU: see engine.layer_ready).
 LayerCallback = Callable[[int, SequenceOf[ScheduledChunk], ReadyToken], None]
 
 
