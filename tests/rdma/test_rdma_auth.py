@@ -87,6 +87,11 @@ def test_wrong_token_is_refused_and_the_target_keeps_serving(target: tuple[RdmaT
             p.connect("d", d.endpoint())
     finally:
         p.close()
+    # The client raises on reading Refused, which the target sends just before it counts the
+    # refusal on its own thread: wait (bounded) for the count rather than race it.
+    deadline = time.monotonic() + 10
+    while d.counters.get("handshakes_refused") == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert d.counters.get("handshakes_refused") == 1
     assert d.counters.get("initiators_connected") == 0
     assert_still_serves(d, backend)
