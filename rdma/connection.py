@@ -52,7 +52,8 @@ class QPPolicy:
     min_rnr_timer: int = 12
     max_rd_atomic: int = 1
     hop_limit: int = 64
-    traffic_class: int = 0
+    traffic_class: int = 0  # GRH traffic class (DSCP << 2 on RoCE v2): --rdma-traffic-class
+    service_level: int = 0  # ah_attr.sl: --rdma-service-level
 
     def __post_init__(self) -> None:
         checks = (
@@ -63,6 +64,7 @@ class QPPolicy:
             ("max_rd_atomic", self.max_rd_atomic, 1, 16),
             ("hop_limit", self.hop_limit, 2, 255),
             ("traffic_class", self.traffic_class, 0, 255),
+            ("service_level", self.service_level, 0, 15),
         )
         for name, value, low, high in checks:
             if not low <= value <= high:
@@ -96,6 +98,7 @@ def rtr_attrs(local: PortInfo, peer: QpEndpoint, policy: QPPolicy) -> RtrAttrs:
         traffic_class=policy.traffic_class,
         dlid=0 if roce else peer.lid,
         port_num=local.port_num,
+        service_level=policy.service_level,
     )
 
 

@@ -14,7 +14,15 @@ an RDMA WRITE as ``ctypes.memmove`` after the checks a NIC makes:
 
 The first failing WR completes with its status (signaled or not), the QP goes to ERROR, and every
 later WR (same chain or later posts) and every posted receive completes with WR_FLUSH_ERR.
-Execution is synchronous at post time; completions wait in the CQs until polled.
+Execution is synchronous at post time by default; completions wait in the CQs until polled.
+
+Delayed DMA (``FakeFabric.dma_delay_s``): like a NIC, the fabric then reads the SOURCE bytes when
+a WR executes, not when it is posted: a fabric thread runs each QP's WRs in order, each no earlier
+than its post time plus the delay (a number, or a callable drawing one per WR), so a test can
+change the source in between and see what the NIC would send. ``pause()``/``resume()`` hold the
+DMA engine; ``wait_idle()`` waits until nothing is in flight. A responder moved to ERROR
+(``to_error``: D revoking a peer) places nothing more; the WRITE completes RETRY_EXC_ERR at P.
+Devices may have several ports (``add_device(..., ports={1: down, 2: active})``).
 
 GPU memory is simulated with host buffers: ``FakeCudaDriver`` announces them as CUDA allocations
 and exports them as dma-bufs (fake fd numbers, not OS fds). ``register_dmabuf`` then registers a
@@ -32,11 +40,11 @@ import errno
 import itertools
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from rdma.errors import CudaCallError, NoRdmaDeviceError, QueuePairStateError, VerbsCallError
-from rdma.gpu_memory import CUDA_ERROR_INVALID_VALUE, CUDA_ERROR_NOT_FOUND
+from rdma.errors import NoRdmaDeviceError, QueuePairStateError, VerbsCallError
+from rdma.fake_dma import FakeDmaEngine
 from rdma.verbs import (
     Access,
     Completion,
@@ -74,9 +82,12 @@ class FakePort:
 class FakeFabric:
     """The 'network': devices by name, and QPs by address so a WRITE can find its responder."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, dma_delay_s: float | Callable[[], float] | None = None) -> None:
         self.lock = threading.RLock()  # one lock for the whole fabric: a WRITE touches two QPs
-        self.ports: dict[str, FakePort] = {}
+        self.ports: dict[str, FakePort] = {}  # the device's first port (addressing of old tests)
+        self.device_ports: dict[str, dict[int, FakePort]] = {}
+        self.dma_delay_s = dma_delay_s
+        self.dma = FakeDmaEngine(self.lock, dma_delay_s)
         self._qps: dict[tuple[str, int], FakeQueuePair] = {}
         self._qpn = itertools.count(0x100)
         self._key = itertools.count(0x1000)
@@ -85,11 +96,34 @@ class FakeFabric:
         self.dmabufs: dict[int, tuple[int, int]] = {}  # open fake fd -> (host addr, bytes) it exports
         self._fd = itertools.count(1000)
 
-    def add_device(self, name: str, port: FakePort | None = None) -> FakeFabric:
-        self.ports[name] = port or FakePort(
-            gid=f"0000:0000:0000:0000:0000:ffff:0a00:{len(self.ports) + 1:04x}"
-        )
+    def add_device(
+        self, name: str, port: FakePort | None = None, *, ports: dict[int, FakePort] | None = None
+    ) -> FakeFabric:
+        default = FakePort(gid=f"0000:0000:0000:0000:0000:ffff:0a00:{len(self.ports) + 1:04x}")
+        numbered = ports or {1: port or default}
+        self.device_ports[name] = numbered
+        self.ports[name] = numbered[min(numbered)]
         return self
+
+    # ------------------------------------------------------------------ delayed DMA (rdma.fake_dma)
+
+    def schedule(self, qp: FakeQueuePair, wr: WorkRequest) -> None:
+        self.dma.schedule(qp, wr)
+
+    def pause(self) -> None:
+        """Hold the DMA engine: posted WRs wait (their source is read when it resumes)."""
+        self.dma.pause()
+
+    def resume(self) -> None:
+        self.dma.resume()
+
+    @property
+    def num_in_flight(self) -> int:
+        return self.dma.num_in_flight
+
+    def wait_idle(self, timeout_s: float = 10.0) -> bool:
+        """Wait until no WR is queued or executing. True when idle."""
+        return self.dma.wait_idle(timeout_s)
 
     def next_qpn(self) -> int:
         return next(self._qpn)
@@ -115,10 +149,10 @@ class FakeFabric:
         return (port.gid if port.link_layer is LinkLayer.ETHERNET else f"lid:{port.lid}", qpn)
 
     def attach(self, qp: FakeQueuePair) -> None:
-        self._qps[self.address(qp.device.port, qp.qpn)] = qp
+        self._qps[self.address(qp.port, qp.qpn)] = qp
 
     def detach(self, qp: FakeQueuePair) -> None:
-        self._qps.pop(self.address(qp.device.port, qp.qpn), None)
+        self._qps.pop(self.address(qp.port, qp.qpn), None)
 
     def lookup(self, rtr: RtrAttrs) -> FakeQueuePair | None:
         key = (
@@ -151,15 +185,28 @@ class FakeDevice(VerbsDevice):
         self.fabric = fabric
         self.name = name
         self.port = fabric.ports[name]
+        self.ports_by_num = fabric.device_ports[name]
         self.mrs: dict[int, MemoryRegion] = {}  # by key (lkey == rkey here)
         self.host_addrs: dict[int, int] = {}  # by key: the host address of the MR's first byte
 
+    @property
+    def num_ports(self) -> int:
+        return max(self.ports_by_num)
+
     def query_port(self, port_num: int) -> PortInfo:
-        if port_num != 1:
+        p = self.ports_by_num.get(port_num)
+        if p is None:
             raise VerbsCallError(f"port {port_num} does not exist", device=self.name)
-        p = self.port
         return PortInfo(
-            1, p.is_active, p.link_layer, p.active_mtu_bytes, p.lid, p.gid, 0, p.max_msg_bytes, p.rate_gbps
+            port_num,
+            p.is_active,
+            p.link_layer,
+            p.active_mtu_bytes,
+            p.lid,
+            p.gid,
+            0,
+            p.max_msg_bytes,
+            p.rate_gbps,
         )
 
     def register_memory(self, addr: int, length: int, access: Access) -> MemoryRegion:
@@ -226,8 +273,10 @@ class FakeDevice(VerbsDevice):
             self.host_addrs.pop(mr.lkey, None)
 
     def create_qp(self, port_num: int, caps: QPCaps) -> FakeQueuePair:
+        if port_num not in self.ports_by_num:
+            raise VerbsCallError(f"port {port_num} does not exist", device=self.name)
         with self.fabric.lock:
-            qp = FakeQueuePair(self, self.fabric.next_qpn(), caps)
+            qp = FakeQueuePair(self, self.fabric.next_qpn(), caps, port_num)
             self.fabric.attach(qp)
         return qp
 
@@ -237,8 +286,11 @@ class FakeDevice(VerbsDevice):
 
 
 class FakeQueuePair(QueuePair):
-    def __init__(self, device: FakeDevice, qpn: int, caps: QPCaps) -> None:
+    def __init__(self, device: FakeDevice, qpn: int, caps: QPCaps, port_num: int = 1) -> None:
         self.device = device
+        self.port = device.ports_by_num[port_num]
+        self.last_due = 0.0  # delayed DMA: this QP's WRs run in post order
+        self.destroyed = False
         self.qpn = qpn
         self.caps = caps
         self.state = QPState.RESET
@@ -264,12 +316,12 @@ class FakeQueuePair(QueuePair):
     def to_rtr(self, attrs: RtrAttrs) -> None:
         with self._lock:
             check_transition(self.state, QPState.RTR, self.qpn)
-            if attrs.path_mtu_bytes > self.device.port.active_mtu_bytes:
+            if attrs.path_mtu_bytes > self.port.active_mtu_bytes:
                 raise VerbsCallError(
                     f"path MTU {attrs.path_mtu_bytes} above the port's active MTU (EINVAL)",
                     device=self.device.name,
                 )
-            if self.device.port.link_layer is LinkLayer.ETHERNET and not (attrs.is_global and attrs.dgid):
+            if self.port.link_layer is LinkLayer.ETHERNET and not (attrs.is_global and attrs.dgid):
                 raise VerbsCallError("RoCE needs a GRH (is_global, dgid) (EINVAL)", device=self.device.name)
             self.rtr = attrs
             self.expected_recv_psn = attrs.rq_psn
@@ -281,6 +333,10 @@ class FakeQueuePair(QueuePair):
             self.rts = attrs
             self.next_send_psn = attrs.sq_psn
             self.state = QPState.RTS
+
+    def to_error(self) -> None:
+        with self._lock:
+            self._enter_error()
 
     def to_reset(self) -> None:
         with self._lock:
@@ -294,6 +350,7 @@ class FakeQueuePair(QueuePair):
     def destroy(self) -> None:
         with self._lock:
             self.to_reset()
+            self.destroyed = True  # delayed WRs still queued for it are dropped
             self.device.fabric.detach(self)
 
     # ------------------------------------------------------------------ data path
@@ -315,6 +372,9 @@ class FakeQueuePair(QueuePair):
                 raise QueuePairStateError(f"QP {self.qpn}: post_send in {self.state.name}")
             self._slots.reserve(wrs, self.qpn)
             for wr in wrs:
+                if self.device.fabric.dma_delay_s is not None:
+                    self.device.fabric.schedule(self, wr)  # the NIC reads the source later
+                    continue
                 if self.state is QPState.ERROR:
                     self._send_cq.append(Completion(wr.wr_id, WcStatus.WR_FLUSH_ERR, None, self.qpn))
                     continue
@@ -324,6 +384,21 @@ class FakeQueuePair(QueuePair):
                     self._enter_error()
                 elif wr.signaled:
                     self._send_cq.append(Completion(wr.wr_id, status, WcOpcode.RDMA_WRITE, self.qpn))
+
+    def run_deferred(self, wr: WorkRequest) -> None:
+        """The delayed DMA engine executes ``wr`` now (reading its source now)."""
+        with self._lock:
+            if self.destroyed:
+                return
+            if self.state is not QPState.RTS:
+                self._send_cq.append(Completion(wr.wr_id, WcStatus.WR_FLUSH_ERR, None, self.qpn))
+                return
+            status = self._execute(wr)
+            if status is not WcStatus.SUCCESS:
+                self._send_cq.append(Completion(wr.wr_id, status, None, self.qpn))
+                self._enter_error()
+            elif wr.signaled:
+                self._send_cq.append(Completion(wr.wr_id, status, WcOpcode.RDMA_WRITE, self.qpn))
 
     def poll_send(self, max_entries: int) -> list[Completion]:
         with self._lock:
@@ -382,62 +457,5 @@ class FakeQueuePair(QueuePair):
         self._posted_recvs.clear()
 
 
-class FakeCudaDriver:
-    """A ``rdma.gpu_memory.CudaDriver`` over host buffers the test owns, announced as CUDA allocations
-    with ``add_allocation``; its dma-buf fds are registered with the fabric for ``register_dmabuf``.
-
-    ``dmabuf_supported`` is the device attribute; ``export_result`` a CUresult the export fails with.
-    Like the real driver, the export takes only page-aligned ranges inside one allocation.
-    """
-
-    name = "fake-cuda"
-
-    def __init__(
-        self,
-        fabric: FakeFabric,
-        *,
-        dmabuf_supported: bool = True,
-        export_result: int | None = None,
-        page_bytes: int = 4096,
-    ) -> None:
-        self.fabric = fabric
-        self.dmabuf_supported_value = dmabuf_supported
-        self.export_result = export_result
-        self.page_bytes = page_bytes
-        self.num_exports = 0
-
-    def add_allocation(self, base: int, num_bytes: int) -> None:
-        self.fabric.gpu_allocations.append((base, num_bytes))
-
-    @staticmethod
-    def _fail(call: str, code: int, result: str) -> CudaCallError:
-        return CudaCallError(f"{call} failed: {result} ({code})", call=call, code=code, result=result)
-
-    def address_range(self, device_index: int, ptr: int) -> tuple[int, int]:
-        for base, size in self.fabric.gpu_allocations:
-            if base <= ptr < base + size:
-                return base, size
-        raise self._fail("cuMemGetAddressRange", CUDA_ERROR_NOT_FOUND, "CUDA_ERROR_NOT_FOUND")
-
-    def dmabuf_supported(self, device_index: int) -> bool:
-        return self.dmabuf_supported_value
-
-    def export_dmabuf(self, device_index: int, base: int, size: int) -> int:
-        if self.export_result is not None:
-            raise self._fail(
-                "cuMemGetHandleForAddressRange", self.export_result, f"CUresult {self.export_result}"
-            )
-        inside = any(b <= base and base + size <= b + s for b, s in self.fabric.gpu_allocations)
-        if not inside or base % self.page_bytes or size % self.page_bytes:
-            raise self._fail(
-                "cuMemGetHandleForAddressRange", CUDA_ERROR_INVALID_VALUE, "CUDA_ERROR_INVALID_VALUE"
-            )
-        self.num_exports += 1
-        return self.fabric.export_dmabuf(base, size)
-
-    def close_dmabuf(self, fd: int) -> None:
-        self.fabric.close_dmabuf(fd)
-
-    @property
-    def num_open_fds(self) -> int:
-        return len(self.fabric.dmabufs)
+# The simulated CUDA driver lives in rdma/fake_cuda.py (kept importable from here).
+from rdma.fake_cuda import FakeCudaDriver as FakeCudaDriver  # noqa: E402

@@ -5,9 +5,15 @@ Frame (``splitwise.framing``): 4-byte big-endian length, then a msgpack map
 tag, the exact field set and every field's type (nested lanes included), so a peer of another
 schema version is an InvalidConnectionInfoError, never a half-built message.
 
+    (the cluster-token challenge of splitwise.transfer.auth first: nothing below before it)
     P -> D  Hello(initiator_id, geometry, lanes=[QpEndpoint])          once per connection
     D -> P  HelloReply(ok, reason, geometry, lanes=[TargetLane])       D's QPs are in RTS when sent
+    P -> D  RequestBegin(req_id)                                       before P's first WRITE of it
+    D -> P  RequestGrant(req_id, ok, reason, dst_block_ids)            binds it to this initiator
     D -> P  RequestResult(req_id, ok, reason)                          after all lanes' notices
+
+The grant is the fence against a request D no longer expects: P posts nothing for a request until
+D granted it, and D grants only requests it expects (never a forgotten one).
 
 The data itself never crosses this channel: P WRITEs into D's KV memory and ends each request on
 every lane with a WRITE_WITH_IMM whose immediate is ``request_tag(req_id)``.
@@ -25,7 +31,7 @@ from rdma.errors import InvalidConnectionInfoError
 from splitwise.framing import pack_frame, recv_frame
 from splitwise.wire_codec import MessageCodec
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: authenticated side channel, RequestBegin/RequestGrant
 MAX_FRAME_BYTES = 1 << 20
 
 
@@ -90,8 +96,25 @@ class RequestResult(Message):
     reason: str
 
 
+@dataclass(frozen=True)
+class RequestBegin(Message):
+    TAG: ClassVar[str] = "rdma_request_begin"
+    req_id: str
+
+
+@dataclass(frozen=True)
+class RequestGrant(Message):
+    TAG: ClassVar[str] = "rdma_request_grant"
+    req_id: str
+    ok: bool
+    reason: str
+    dst_block_ids: list[int]
+
+
 CODEC = MessageCodec(
-    (Hello, HelloReply, RequestResult), schema_version=SCHEMA_VERSION, error=InvalidConnectionInfoError
+    (Hello, HelloReply, RequestBegin, RequestGrant, RequestResult),
+    schema_version=SCHEMA_VERSION,
+    error=InvalidConnectionInfoError,
 )
 
 

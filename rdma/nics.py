@@ -1,6 +1,7 @@
-"""Which RDMA NICs to use, decided from sysfs: the Python twin of tools/get_rdma_nics.sh.
+"""Which RDMA NICs to use, decided from sysfs. The one implementation: tools/get_rdma_nics.sh is a
+thin wrapper around ``python -m rdma.nics`` (same arguments, output and exit status).
 
-Both implement the same rules (tests/rdma/test_nics.py runs them on the same fixture trees):
+Rules:
 
 - a port counts when ``ports/<n>/state`` says ACTIVE and it can carry RC traffic: InfiniBand, or
   Ethernet (RoCE) with at least one non-zero GID (an all-zero table means no IP on the netdev);
@@ -14,7 +15,15 @@ PCIe distance is measured on the realpath of the device directory below ``<sysfs
     NIC  pci0000:00 / 0000:00:01.0 / 0000:01:00.0 / 0000:02:01.0 / 0000:04:00.0
          `------------ common depth 3 (behind the same switch) ---------'
 
-``resolve_nics`` honours ``KVCACHE_RDMA_NICS`` when it is set, and detects otherwise.
+``resolve_nics`` honours ``KVCACHE_RDMA_NICS`` when it is set, and detects otherwise. With
+``stripe`` (``--stripe``) each GPU's entry lists EVERY NIC tied for nearest, joined by ``+``
+(``mlx5_0+mlx5_1``): the transport stripes that GPU's requests over all of them.
+
+GPU indices: entry i serves physical GPU i (PCI order). A process sees GPUs through
+``CUDA_VISIBLE_DEVICES``; ``physical_gpu_index`` maps its logical index back (``CUDA_VISIBLE_DEVICES=2,3``:
+logical 0 is physical 2). Integer entries only: with UUID/MIG entries, set ``KVCACHE_RDMA_NICS``
+for the visible GPUs yourself. (CUDA numbers GPUs in PCI order only with
+``CUDA_DEVICE_ORDER=PCI_BUS_ID``; when torch can tell the GPU's PCI address we use that instead.)
 """
 
 from __future__ import annotations
@@ -32,6 +41,8 @@ from rdma.errors import NicDetectionError
 Mode = Literal["cpu", "gpu"]
 
 ENV_NICS = "KVCACHE_RDMA_NICS"
+ENV_CUDA_VISIBLE = "CUDA_VISIBLE_DEVICES"
+STRIPE_SEPARATOR = "+"
 ENV_SYSFS_ROOT = "SYSFS_ROOT"
 NVIDIA_VENDOR = "0x10de"
 GPU_CLASS_PREFIXES = ("0x0300", "0x0302")  # VGA controller, 3D controller
@@ -159,21 +170,27 @@ def common_depth(a: Sequence[str], b: Sequence[str]) -> int:
     return depth
 
 
+def _rank(gpu: Gpu, nic: RdmaNic) -> tuple[int, int]:
+    same_numa = gpu.numa_node >= 0 and gpu.numa_node == nic.numa_node
+    return (-common_depth(gpu.pci_path, nic.pci_path), 0 if same_numa else 1)
+
+
 def nearest_nic(gpu: Gpu, nics: Sequence[RdmaNic]) -> RdmaNic:
     """The NIC closest to ``gpu``: deepest common PCIe ancestor, then same NUMA node, then name."""
+    return nearest_nics(gpu, nics)[0]
+
+
+def nearest_nics(gpu: Gpu, nics: Sequence[RdmaNic]) -> list[RdmaNic]:
+    """Every NIC tied for closest to ``gpu`` (same rank as the nearest), in name order."""
     if not nics:
         raise NicDetectionError("no active RDMA NIC to choose from")
-
-    def rank(nic: RdmaNic) -> tuple[int, int]:
-        same_numa = gpu.numa_node >= 0 and gpu.numa_node == nic.numa_node
-        return (-common_depth(gpu.pci_path, nic.pci_path), 0 if same_numa else 1)
-
-    # min() keeps the first of equal ranks, and ``nics`` is in name order.
-    return min(nics, key=rank)
+    best = min(_rank(gpu, nic) for nic in nics)
+    return [nic for nic in nics if _rank(gpu, nic) == best]  # ``nics`` is in name order
 
 
-def detect_nics(mode: Mode, sysfs_root: Path | None = None) -> list[str]:
-    """NIC names per the module rules. Raises NicDetectionError when nothing qualifies."""
+def detect_nics(mode: Mode, sysfs_root: Path | None = None, *, stripe: bool = False) -> list[str]:
+    """NIC names per the module rules (``stripe``: gpu entries list all nearest NICs, joined by
+    ``+``). Raises NicDetectionError when nothing qualifies."""
     root = sysfs_root if sysfs_root is not None else Path(os.environ.get(ENV_SYSFS_ROOT, "/sys"))
     active = [nic for nic in list_nics(root) if nic.is_active]
     if not active:
@@ -187,7 +204,61 @@ def detect_nics(mode: Mode, sysfs_root: Path | None = None) -> list[str]:
         raise NicDetectionError(
             f"no NVIDIA GPU (vendor 0x10de, class 0x0300/0x0302) under {root / 'bus' / 'pci' / 'devices'}"
         )
+    if stripe:
+        return [STRIPE_SEPARATOR.join(n.name for n in nearest_nics(gpu, active)) for gpu in gpus]
     return [nearest_nic(gpu, active).name for gpu in gpus]
+
+
+def physical_gpu_index(logical: int, env: Mapping[str, str] | None = None) -> int:
+    """The physical (PCI-order) index of the process's CUDA device ``logical``."""
+    environ = os.environ if env is None else env
+    value = environ.get(ENV_CUDA_VISIBLE)
+    if value is None or not value.strip():
+        return logical
+    entries = [entry.strip() for entry in value.split(",") if entry.strip()]
+    if logical >= len(entries):
+        raise NicDetectionError(f"{ENV_CUDA_VISIBLE}={value!r} shows no GPU {logical}")
+    entry = entries[logical]
+    if not entry.isdigit():
+        raise NicDetectionError(
+            f"{ENV_CUDA_VISIBLE} entry {entry!r} is not a GPU index (UUID or MIG id): set "
+            f"{ENV_NICS} to one entry per visible GPU"
+        )
+    return int(entry)
+
+
+def nics_for_gpu(
+    logical: int,
+    *,
+    env: Mapping[str, str] | None = None,
+    sysfs_root: Path | None = None,
+    pci_address: str | None = None,
+) -> list[str]:
+    """The NICs a CUDA KV cache on logical GPU ``logical`` should stripe over.
+
+    ``KVCACHE_RDMA_NICS`` set: its entry for the GPU (index modulo the list length, FastDeploy's
+    convention; an entry may name several NICs joined by ``+``). Otherwise detection: every active
+    NIC tied for nearest to that GPU, found by ``pci_address`` when known, else by its physical
+    index (``CUDA_VISIBLE_DEVICES`` applied)."""
+    environ = os.environ if env is None else env
+    configured = environ.get(ENV_NICS, "").strip()
+    if configured:
+        entries = parse_nic_list(configured)
+        return entries[physical_gpu_index(logical, environ) % len(entries)].split(STRIPE_SEPARATOR)
+    root = sysfs_root if sysfs_root is not None else Path(environ.get(ENV_SYSFS_ROOT, "/sys"))
+    active = [nic for nic in list_nics(root) if nic.is_active]
+    gpus = list_gpus(root)
+    if not active or not gpus:
+        detect_nics("gpu", root)  # raises the explanation
+    by_address = [g for g in gpus if pci_address is not None and g.pci_address.lower() == pci_address.lower()]
+    if by_address:
+        gpu = by_address[0]
+    else:
+        index = physical_gpu_index(logical, environ)
+        if index >= len(gpus):
+            raise NicDetectionError(f"GPU {index} not found: {len(gpus)} NVIDIA GPUs under {root}")
+        gpu = gpus[index]
+    return [nic.name for nic in nearest_nics(gpu, active)]
 
 
 def parse_nic_list(value: str) -> list[str]:
@@ -198,7 +269,11 @@ def parse_nic_list(value: str) -> list[str]:
 
 
 def resolve_nics(
-    mode: Mode = "gpu", *, env: Mapping[str, str] | None = None, sysfs_root: Path | None = None
+    mode: Mode = "gpu",
+    *,
+    env: Mapping[str, str] | None = None,
+    sysfs_root: Path | None = None,
+    stripe: bool = False,
 ) -> list[str]:
     """``KVCACHE_RDMA_NICS`` when set and non-empty; otherwise ``detect_nics(mode)``."""
     environ = os.environ if env is None else env
@@ -207,7 +282,7 @@ def resolve_nics(
         return parse_nic_list(value)
     if sysfs_root is None and ENV_SYSFS_ROOT in environ:
         sysfs_root = Path(environ[ENV_SYSFS_ROOT])
-    return detect_nics(mode, sysfs_root)
+    return detect_nics(mode, sysfs_root, stripe=stripe)
 
 
 def format_env_line(names: Sequence[str]) -> str:
@@ -215,13 +290,17 @@ def format_env_line(names: Sequence[str]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m rdma.nics cpu|gpu``: same output and exit status as tools/get_rdma_nics.sh."""
+    """``python -m rdma.nics cpu|gpu [--stripe]`` (tools/get_rdma_nics.sh runs exactly this):
+    prints ``KVCACHE_RDMA_NICS=...``; exit 1 with the reason on stderr when nothing qualifies,
+    2 on bad usage. Reads ``$SYSFS_ROOT`` (default /sys)."""
     args = list(sys.argv[1:] if argv is None else argv)
+    stripe = "--stripe" in args
+    args = [a for a in args if a != "--stripe"]
     if len(args) != 1 or args[0] not in ("cpu", "gpu"):
-        print("get_rdma_nics: usage: get_rdma_nics.sh cpu|gpu", file=sys.stderr)
+        print("get_rdma_nics: usage: get_rdma_nics.sh cpu|gpu [--stripe]", file=sys.stderr)
         return 2
     try:
-        names = detect_nics(args[0])  # type: ignore[arg-type]
+        names = detect_nics(args[0], stripe=stripe)  # type: ignore[arg-type]
     except NicDetectionError as exc:
         print(f"get_rdma_nics: {exc}", file=sys.stderr)
         return 1

@@ -169,6 +169,11 @@ class PyverbsDevice(VerbsDevice):
         self.pd = pv.pd.PD(self.ctx)
         self._mrs: dict[int, Any] = {}
         self.scratch = pv.mr.MR(self.pd, 64, int(Access.LOCAL_WRITE))  # receive SGEs point here
+        self._num_ports = int(self.ctx.query_device().phys_port_cnt)
+
+    @property
+    def num_ports(self) -> int:
+        return self._num_ports
 
     def _choose_gid(self, port_num: int, attr: Any) -> tuple[int, str]:
         """RoCE: the first non-zero RoCE v2 GID, IPv4-mapped preferred. IB: GID 0."""
@@ -300,7 +305,13 @@ def rtr_fields(pv: Any, attrs: RtrAttrs) -> Fields:
             hop_limit=attrs.hop_limit,
             traffic_class=attrs.traffic_class,
         )
-    ah = pv.addr.AHAttr(gr=gr, is_global=int(attrs.is_global), dlid=attrs.dlid, port_num=attrs.port_num)
+    ah = pv.addr.AHAttr(
+        gr=gr,
+        is_global=int(attrs.is_global),
+        dlid=attrs.dlid,
+        sl=attrs.service_level,
+        port_num=attrs.port_num,
+    )
     fields = {
         "path_mtu": mtu_to_enum(attrs.path_mtu_bytes),
         "dest_qp_num": attrs.dest_qpn,
@@ -376,6 +387,9 @@ class PyverbsQueuePair(QueuePair):
 
     def to_rts(self, attrs: RtsAttrs) -> None:
         self._modify(QPState.RTS, *rts_fields(attrs))
+
+    def to_error(self) -> None:
+        self._modify(QPState.ERROR, {}, ())
 
     def to_reset(self) -> None:
         self._modify(QPState.RESET, {}, ())

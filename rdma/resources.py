@@ -26,10 +26,13 @@ import ctypes
 import enum
 import errno
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from rdma import nics as nic_detection
+from rdma.connection import QPPolicy
 from rdma.errors import (
     CudaUnavailableError,
     DmaBufUnsupportedError,
@@ -47,6 +50,15 @@ DOORBELL_BYTES = 64
 OPTION_NICS = "rdma_nics"
 OPTION_GID_INDEX = "rdma_gid_index"
 OPTION_GPU_REGISTRATION = "rdma_gpu_registration"
+OPTION_TRAFFIC_CLASS = "rdma_traffic_class"
+OPTION_SERVICE_LEVEL = "rdma_service_level"
+# Environment names FastDeploy, NCCL and Mooncake users already set, read when the option is not
+# given (first one set wins). The --rdma-* flags of `splitwise serve` fill the options.
+ENV_FALLBACKS = {
+    OPTION_GID_INDEX: ("KVCACHE_RDMA_GID_INDEX", "NCCL_IB_GID_INDEX", "MC_GID_INDEX"),
+    OPTION_TRAFFIC_CLASS: ("KVCACHE_RDMA_TRAFFIC_CLASS", "NCCL_IB_TC"),
+    OPTION_SERVICE_LEVEL: ("KVCACHE_RDMA_SERVICE_LEVEL", "NCCL_IB_SL"),
+}
 # errno values with which ibv_reg_dmabuf_mr says "not on this NIC/kernel" rather than "failed".
 DMABUF_UNSUPPORTED_ERRNOS = frozenset({errno.EOPNOTSUPP, errno.EINVAL, errno.EPROTONOSUPPORT, errno.ENOSYS})
 
@@ -83,24 +95,71 @@ class GpuPolicy:
         return cls(mode, cuda_driver)
 
 
-def choose_nics(kv_cache: KVCache, options: TransportOptions) -> list[str]:
+def choose_nics(
+    kv_cache: KVCache, options: TransportOptions, env: Mapping[str, str] | None = None
+) -> list[str]:
+    """The NICs this KV cache's requests are striped over (one lane per NIC).
+
+    CUDA: the NICs nearest the KV cache's GPU (``rdma.nics.nics_for_gpu``: ``rdma_nics`` or
+    ``KVCACHE_RDMA_NICS`` entry for that GPU, ``CUDA_VISIBLE_DEVICES`` applied, ``a+b`` entries
+    striped; else every NIC tied for nearest). CPU: every listed or active NIC."""
+    environ = dict(os.environ if env is None else env)
     configured = options.extra.get(OPTION_NICS, "").strip()
     if configured:
-        names = nic_detection.parse_nic_list(configured)
-    elif kv_cache.device.type == "cuda":
-        names = nic_detection.resolve_nics("gpu")
-    else:
-        return nic_detection.resolve_nics("cpu")
+        environ[nic_detection.ENV_NICS] = configured
     if kv_cache.device.type == "cuda":
-        return [names[(kv_cache.device.index or 0) % len(names)]]
-    return names
+        logical = cuda_device_index(kv_cache)
+        return nic_detection.nics_for_gpu(logical, env=environ, pci_address=gpu_pci_address(logical))
+    if environ.get(nic_detection.ENV_NICS, "").strip():
+        entries = nic_detection.parse_nic_list(environ[nic_detection.ENV_NICS])
+        names = [n for entry in entries for n in entry.split(nic_detection.STRIPE_SEPARATOR)]
+        return list(dict.fromkeys(names))  # a gpu-mode list repeats NICs: each once
+    return nic_detection.resolve_nics("cpu", env=environ)
+
+
+def gpu_pci_address(logical: int) -> str | None:
+    """The PCI address (0000:3b:00.0) of CUDA device ``logical`` when torch can tell it."""
+    try:
+        import torch
+
+        props: Any = torch.cuda.get_device_properties(logical)  # pci_* fields: torch >= 2.x builds
+        return f"{props.pci_domain_id:04x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+    except (AttributeError, RuntimeError, AssertionError):
+        return None
+
+
+def int_option(options: TransportOptions, name: str, env: Mapping[str, str] | None = None) -> int | None:
+    """``options.extra[name]``, else the first of its ENV_FALLBACKS that is set; None if neither."""
+    environ = os.environ if env is None else env
+    raw = options.extra.get(name, "").strip()
+    source = name
+    if not raw:
+        for env_name in ENV_FALLBACKS.get(name, ()):
+            if environ.get(env_name, "").strip():
+                raw, source = environ[env_name].strip(), env_name
+                break
+    if not raw:
+        return None
+    try:
+        return int(raw, 0)
+    except ValueError:
+        raise ValueError(f"{source}: {raw!r} is not an integer") from None
+
+
+def qp_policy(options: TransportOptions, env: Mapping[str, str] | None = None) -> QPPolicy:
+    """QP attributes from the options (traffic class, service level); defaults otherwise."""
+    traffic_class = int_option(options, OPTION_TRAFFIC_CLASS, env)
+    service_level = int_option(options, OPTION_SERVICE_LEVEL, env)
+    return QPPolicy(
+        traffic_class=traffic_class if traffic_class is not None else 0,
+        service_level=service_level if service_level is not None else 0,
+    )
 
 
 def default_backend(options: TransportOptions) -> VerbsBackend:
     from rdma.pyverbs_backend import PyverbsBackend  # lazy: pyverbs is optional
 
-    gid_index = options.extra.get(OPTION_GID_INDEX)
-    return PyverbsBackend(gid_index=int(gid_index) if gid_index else None)
+    return PyverbsBackend(gid_index=int_option(options, OPTION_GID_INDEX))
 
 
 @dataclass(frozen=True)
@@ -127,10 +186,16 @@ class NicResources:
 
 
 def first_active_port(device: VerbsDevice) -> PortInfo:
-    port = device.query_port(1)
-    if not port.is_active:
-        raise VerbsCallError(f"port 1 of {device.name} is not active", device=device.name)
-    return port
+    """The lowest-numbered ACTIVE port, whatever its number (a dual-port NIC may be cabled on 2)."""
+    states = []
+    for number in range(1, device.num_ports + 1):
+        port = device.query_port(number)
+        if port.is_active:
+            return port
+        states.append(f"{number}: down")
+    raise VerbsCallError(
+        f"no active port on {device.name} ({', '.join(states) or 'no ports'})", device=device.name
+    )
 
 
 def open_nics(

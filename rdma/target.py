@@ -1,13 +1,19 @@
 """D's side of the rdma transport (TransportTarget).
 
-    accept thread    TCP side channel: Hello -> one QP per initiator lane (to RTS) -> HelloReply
-    reader threads   one per initiator: notices the connection closing (P gone -> its QPs retired)
+    accept thread    TCP side channel: cluster-token challenge (splitwise.transfer.auth) -> Hello
+                     -> one QP per initiator lane (to RTS) -> HelloReply (the rkeys: only now)
+    reader threads   one per initiator: RequestBegin -> RequestGrant; EOF = P gone (QPs retired)
     poller thread    polls every lane's receive CQ: each WRITE_WITH_IMM(tag) counts one lane done;
                      when all lanes of that initiator delivered ``tag``, the request is DONE and
                      D sends RequestResult back to P. A receive completion error fails the
-                     requests that initiator had started and retires its QPs.
+                     requests bound to that initiator and retires its QPs.
 
-The KV buffer is registered once per NIC with REMOTE_WRITE; P writes straight into the blocks.
+Request bookkeeping is ``splitwise.transfer.tracking.TargetRequests`` (injected clock): a request
+is bound to the initiator connection D granted it to, so losing or revoking that initiator fails
+it. ``revoke(peer_id)`` moves that initiator's QPs to ERROR: from then on nothing it posted lands.
+
+Access model: the KV buffer is registered once per NIC with REMOTE_WRITE (docs/rdma.md says why
+not per request); the rkey is revealed only to an initiator that proved the cluster token.
 """
 
 from __future__ import annotations
@@ -21,16 +27,16 @@ from dataclasses import dataclass, field
 
 from rdma import messages
 from rdma.connection import QPPolicy, RcConnection
-from rdma.errors import RdmaError
+from rdma.errors import InvalidConnectionInfoError, RdmaError
 from rdma.gpu_memory import CudaDriver
 from rdma.lane import Backoff
-from rdma.messages import Hello, HelloReply, RequestResult, TargetLane
-from rdma.resources import GpuPolicy, NicResources, choose_nics, default_backend, open_nics
+from rdma.messages import Hello, HelloReply, RequestBegin, RequestGrant, RequestResult, TargetLane
+from rdma.resources import GpuPolicy, NicResources, choose_nics, default_backend, open_nics, qp_policy
 from rdma.verbs import Access, QPCaps, VerbsBackend
 from splitwise.engine.kv_cache import KVCache
+from splitwise.logging import get_logger
+from splitwise.transfer import auth
 from splitwise.transfer.base import (
-    DONE,
-    PENDING,
     Endpoint,
     TransferCounters,
     TransferStatus,
@@ -38,28 +44,33 @@ from splitwise.transfer.base import (
     TransportTarget,
     check_block_ids,
     check_compatible,
-    failed,
     geometry_from_dict,
     geometry_to_dict,
 )
-from splitwise.transfer.errors import NotRegisteredError, TransferError
+from splitwise.transfer.errors import NotRegisteredError, TransferError, UnexpectedBlocksError
+from splitwise.transfer.tracking import Clock, TargetRequests
+
+log = get_logger("rdma")
 
 RECV_DEPTH = 64
+AUTH_DOMAIN = b"splitwise-rdma-v1"  # proofs for the control channel are worthless here
 
 
-@dataclass
-class _Expected:
-    req_id: str
-    tag: int
-    deadline: float | None
-    status: TransferStatus = PENDING
+def require_token(options: TransportOptions) -> bytes:
+    if not options.cluster_token:
+        raise ValueError(
+            "rdma transport: no cluster token (TransportOptions.cluster_token); the side channel "
+            "authenticates peers with it before revealing any memory key"
+        )
+    return auth.token_bytes(options.cluster_token)
 
 
 @dataclass
 class _Initiator:
     """One connected P: its socket and the QPs (lanes) it writes through."""
 
-    name: str
+    conn_id: int
+    name: str  # the authenticated client id (P's node id)
     sock: socket.socket
     lanes: list[RcConnection]
     notices: dict[int, int] = field(default_factory=dict)  # tag -> lanes that delivered it
@@ -80,20 +91,23 @@ class RdmaTarget(TransportTarget):
         policy: QPPolicy | None = None,
         backoff: Backoff | None = None,
         cuda_driver: CudaDriver | None = None,
+        clock: Clock = time.monotonic,
     ) -> None:
         self.options = options
         self.counters = TransferCounters()
+        self._token = require_token(options)
         self._backend = backend
         self._gpu_policy = GpuPolicy.from_options(options, cuda_driver)
         self._nic_names = list(nics) if nics else None
-        self._policy = policy or QPPolicy()
+        self._policy = policy or qp_policy(options)
         self._backoff = backoff or Backoff(max_s=0.0005)
+        self._requests = TargetRequests(self.protocol, self.counters, clock)
         self._lock = threading.Lock()
         self._nics: list[NicResources] = []
         self._kv_cache: KVCache | None = None
-        self._expected: dict[str, _Expected] = {}
         self._by_tag: dict[int, str] = {}
         self._initiators: list[_Initiator] = []
+        self._conn_ids = itertools.count(1)
         self._recv_ids = itertools.count(1)
         self._stop = threading.Event()
         self._listener: socket.socket | None = None
@@ -138,29 +152,39 @@ class RdmaTarget(TransportTarget):
         check_block_ids(dst_block_ids, self._kv_cache.geometry.num_blocks, side="destination", req_id=req_id)
         tag = messages.request_tag(req_id)
         with self._lock:
-            if req_id in self._expected:
-                raise TransferError("request already expected", req_id=req_id)
-            if tag in self._by_tag:
+            if tag in self._by_tag and self._by_tag[tag] != req_id:
                 raise TransferError(f"request tag {tag:#x} collides with {self._by_tag[tag]}", req_id=req_id)
-            deadline = None if timeout_s is None else time.monotonic() + timeout_s
-            self._expected[req_id] = _Expected(req_id, tag, deadline)
+            self._requests.expect(req_id, dst_block_ids, timeout_s)
             self._by_tag[tag] = req_id
 
     def poll(self, req_id: str) -> TransferStatus:
-        with self._lock:
-            entry = self._expected.get(req_id)
-            if entry is None:
-                return failed(f"rdma target: unknown request {req_id}")
-            if entry.status is PENDING and entry.deadline is not None and time.monotonic() > entry.deadline:
-                entry.status = failed("rdma target: timed out waiting for the initiator's writes")
-                self.counters.incr("transfers_timed_out")
-            return entry.status
+        return self._requests.poll(req_id)
 
     def forget(self, req_id: str) -> None:
+        """Later grants and notices for ``req_id`` are refused. A WRITE already posted with a grant
+        may still land: the flow releases the blocks only after P's acknowledgement or ``revoke``."""
         with self._lock:
-            entry = self._expected.pop(req_id, None)
-            if entry is not None:
-                self._by_tag.pop(entry.tag, None)
+            self._requests.forget(req_id)
+            tag = messages.request_tag(req_id)
+            if self._by_tag.get(tag) == req_id:
+                del self._by_tag[tag]
+
+    def revoke(self, peer_id: str) -> bool:
+        """Move every QP of initiator ``peer_id`` to ERROR (a responder in ERROR places no more
+        WRITEs), fail its requests, and drop it. Always confirmable on RC: returns True."""
+        with self._lock:
+            victims = [i for i in self._initiators if i.name == peer_id]
+            self._initiators = [i for i in self._initiators if i.name != peer_id]
+        for initiator in victims:
+            with initiator.qp_lock:
+                initiator.broken = True
+                for conn in initiator.lanes:
+                    conn.qp.to_error()
+            self._requests.connection_lost(initiator.conn_id, f"access of {peer_id} revoked")
+            self._retire(initiator)
+        self.counters.incr("revokes")
+        log.warning("rdma: revoked an initiator's access", peer=peer_id, num_connections=len(victims))
+        return True
 
     def close(self) -> None:
         if self._stop.is_set():
@@ -168,10 +192,8 @@ class RdmaTarget(TransportTarget):
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=2)
+        self._requests.fail_all("rdma target closed")
         with self._lock:
-            for entry in self._expected.values():
-                if entry.status is PENDING:
-                    entry.status = failed("rdma target closed")
             initiators, self._initiators = self._initiators, []
         for initiator in initiators:
             self._retire(initiator)
@@ -196,37 +218,64 @@ class RdmaTarget(TransportTarget):
                 target=self._serve, args=(sock, f"{address[0]}:{address[1]}"), daemon=True
             ).start()
 
-    def _serve(self, sock: socket.socket, name: str) -> None:
+    def _serve(self, sock: socket.socket, address: str) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            initiator = self._handshake(sock, name)
-        except (RdmaError, TransferError, OSError, ConnectionError) as exc:
+            initiator = self._handshake(sock, address)
+        except (TransferError, OSError, ConnectionError) as exc:
+            # Bad token, garbage, an oversize length prefix, a slow client: refused and closed;
+            # the target keeps serving everyone else.
             self.counters.incr("handshakes_refused")
-            try:
-                messages.send_message(sock, HelloReply(False, str(exc), {}, []))
-            except OSError:
-                pass
+            log.warning("rdma side channel refused", peer=address, reason=str(exc))
             sock.close()
             return
+        reason = "initiator connection closed"
         try:
-            while sock.recv(1):  # P sends nothing more; EOF means it is gone
-                pass
-        except OSError:
-            pass
+            while not initiator.broken:
+                message = messages.recv_message(sock)
+                if not isinstance(message, RequestBegin):
+                    raise InvalidConnectionInfoError(f"unexpected {message.TAG} from an initiator")
+                self._grant(initiator, message.req_id)
+        except (OSError, ConnectionError, RdmaError) as exc:
+            reason = f"initiator connection closed: {exc}"
         with self._lock:
             if initiator in self._initiators:
                 self._initiators.remove(initiator)
-        with initiator.qp_lock:  # the poller updates ``notices`` under this lock
-            self._fail_started(initiator, "rdma target: initiator connection closed")
+        self._requests.connection_lost(initiator.conn_id, reason)
         self._retire(initiator)
 
-    def _handshake(self, sock: socket.socket, name: str) -> _Initiator:
+    def _handshake(self, sock: socket.socket, address: str) -> _Initiator:
         assert self._kv_cache is not None
-        sock.settimeout(self.options.connect_timeout_s)
+        timeout_s = self.options.connect_timeout_s
+        deadline = time.monotonic() + timeout_s  # for the whole handshake, not per read
+        client_id = auth.serve_challenge(
+            sock, token=self._token, server_id=self.options.node_id, domain=AUTH_DOMAIN, timeout_s=timeout_s
+        )
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
         hello = messages.recv_message(sock)
         if not isinstance(hello, Hello) or not hello.lanes:
-            raise RdmaError("expected a Hello with at least one lane", peer=name)
-        check_compatible(self._kv_cache.geometry, geometry_from_dict(hello.geometry), peer=hello.initiator_id)
+            raise RdmaError("expected a Hello with at least one lane", peer=address)
+        if len(hello.lanes) > 4 * len(self._nics) + 8:
+            raise RdmaError(f"{len(hello.lanes)} lanes asked: too many", peer=address)
+        check_compatible(self._kv_cache.geometry, geometry_from_dict(hello.geometry), peer=client_id)
+        lanes, replies = self._open_lanes(hello)
+        initiator = _Initiator(next(self._conn_ids), client_id or address, sock, lanes)
+        try:
+            messages.send_message(
+                sock, HelloReply(True, "", geometry_to_dict(self._kv_cache.geometry), replies)
+            )
+        except OSError:
+            for conn in lanes:
+                conn.close()
+            raise
+        with self._lock:
+            self._initiators.append(initiator)
+        sock.settimeout(None)
+        self.counters.incr("initiators_connected")
+        return initiator
+
+    def _open_lanes(self, hello: Hello) -> tuple[list[RcConnection], list[TargetLane]]:
+        assert self._kv_cache is not None
         lanes: list[RcConnection] = []
         replies: list[TargetLane] = []
         try:
@@ -257,13 +306,16 @@ class RdmaTarget(TransportTarget):
             for conn in lanes:
                 conn.close()
             raise
-        initiator = _Initiator(hello.initiator_id or name, sock, lanes)
-        with self._lock:
-            self._initiators.append(initiator)
-        messages.send_message(sock, HelloReply(True, "", geometry_to_dict(self._kv_cache.geometry), replies))
-        sock.settimeout(None)
-        self.counters.incr("initiators_connected")
-        return initiator
+        return lanes, replies
+
+    def _grant(self, initiator: _Initiator, req_id: str) -> None:
+        try:
+            allowed = self._requests.admit(req_id, initiator.conn_id)
+        except UnexpectedBlocksError as exc:
+            self.counters.incr("grants_refused")
+            self._reply(initiator, RequestGrant(req_id, False, str(exc), []))
+            return
+        self._reply(initiator, RequestGrant(req_id, True, "", sorted(allowed)))
 
     # ------------------------------------------------------------------ completions
 
@@ -292,7 +344,8 @@ class RdmaTarget(TransportTarget):
             for completion in completions:
                 if not completion.ok or completion.imm_data is None:
                     initiator.broken = True
-                    self._fail_started(initiator, f"rdma target: receive completion {completion.status.name}")
+                    reason = f"rdma target: receive completion {completion.status.name}"
+                    self._requests.connection_lost(initiator.conn_id, reason)
                     break
                 conn.qp.post_recv([next(self._recv_ids)])
                 self._count_notice(initiator, completion.imm_data)
@@ -306,25 +359,15 @@ class RdmaTarget(TransportTarget):
         initiator.notices.pop(tag, None)
         with self._lock:
             req_id = self._by_tag.get(tag)
-            entry = self._expected.get(req_id) if req_id is not None else None
-            if entry is None or entry.status is not PENDING:
-                self.counters.incr("notices_unexpected")
-                return
-            entry.status = DONE
-        self.counters.incr("transfers_done")
-        self._reply(initiator, RequestResult(entry.req_id, True, ""))
+        if req_id is None:
+            self.counters.incr("notices_unexpected")
+            return
+        # One-sided writes cannot be counted here; the notice is ordered after every WRITE of
+        # every lane (RC order), so it is trusted like ipc's finish notice.
+        status = self._requests.finish(req_id, initiator.conn_id, 0, count_writes=False)
+        self._reply(initiator, RequestResult(req_id, status.is_done, status.reason or ""))
 
-    def _fail_started(self, initiator: _Initiator, reason: str) -> None:
-        """Fail the requests this initiator had started (some lanes delivered, not all)."""
-        with self._lock:
-            for tag in list(initiator.notices):
-                req_id = self._by_tag.get(tag)
-                entry = self._expected.get(req_id) if req_id is not None else None
-                if entry is not None and entry.status is PENDING:
-                    entry.status = failed(reason)
-            initiator.notices.clear()
-
-    def _reply(self, initiator: _Initiator, message: RequestResult) -> None:
+    def _reply(self, initiator: _Initiator, message: RequestResult | RequestGrant) -> None:
         try:
             with initiator.send_lock:
                 messages.send_message(initiator.sock, message)

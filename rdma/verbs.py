@@ -9,11 +9,12 @@ Two implementations honour it, checked by ONE contract-test suite (tests/rdma/te
         register_dmabuf(fd, offset, length, access) -> MemoryRegion  (GPU memory; addressed by IOVA)
         create_qp(port, caps) -> QueuePair                        close()
     QueuePair (RC; one send CQ and one receive CQ of its own)
-        to_init(InitAttrs) -> to_rtr(RtrAttrs) -> to_rts(RtsAttrs)   to_reset()   destroy()
+        to_init(InitAttrs) -> to_rtr(RtrAttrs) -> to_rts(RtsAttrs)   to_error()  to_reset()  destroy()
         post_send([WorkRequest])  post_recv([wr_id])  poll_send(n)  poll_recv(n)
 
 Rules both backends enforce (in Python, before verbs sees them, so real and fake agree):
-- transitions only RESET->INIT->RTR->RTS; any state -> RESET; post_send only in RTS (or ERROR, where
+- transitions only RESET->INIT->RTR->RTS; any state -> RESET or ERROR (``to_error``: the revoke of a
+  peer's access: a responder in ERROR places no more incoming WRITEs); post_send only in RTS (or ERROR, where
   the WRs complete with WR_FLUSH_ERR); post_recv in INIT, RTR, RTS;
 - at most ``caps.max_send_wr`` send WRs outstanding; a WR's slot frees when a later-or-same
   signaled WR's completion is polled, or any error completion is polled (``SendQueueSlots``).
@@ -195,6 +196,7 @@ class RtrAttrs:
     traffic_class: int
     dlid: int  # InfiniBand: the peer's LID; 0 on RoCE
     port_num: int
+    service_level: int = 0  # ah_attr.sl: the InfiniBand SL (RoCE maps it to a priority on some NICs)
 
 
 @dataclass(frozen=True)
@@ -214,7 +216,7 @@ ALLOWED_TRANSITIONS = {
 
 
 def check_transition(current: QPState, target: QPState, qpn: int) -> None:
-    if target is QPState.RESET:
+    if target in (QPState.RESET, QPState.ERROR):
         return
     if current not in ALLOWED_TRANSITIONS[target]:
         raise QueuePairStateError(f"QP {qpn}: cannot go from {current.name} to {target.name}")
@@ -279,6 +281,11 @@ class QueuePair(abc.ABC):
     def to_rts(self, attrs: RtsAttrs) -> None: ...
 
     @abc.abstractmethod
+    def to_error(self) -> None:
+        """Any state -> ERROR: outstanding and later WRs flush, and as a responder the QP places no
+        more incoming WRITEs (how D revokes a peer's access)."""
+
+    @abc.abstractmethod
     def to_reset(self) -> None:
         """Back to RESET from any state; drops outstanding WRs (re-use after ERROR)."""
 
@@ -304,6 +311,11 @@ class QueuePair(abc.ABC):
 
 class VerbsDevice(abc.ABC):
     name: str
+
+    @property
+    @abc.abstractmethod
+    def num_ports(self) -> int:
+        """Physical ports (ibv_device_attr.phys_port_cnt); they are numbered 1..num_ports."""
 
     @abc.abstractmethod
     def query_port(self, port_num: int) -> PortInfo: ...

@@ -58,6 +58,9 @@ def _instance_config(opts: dict[str, Any]) -> Any:
         pd_comm_port=opts["pd_comm_port"],
         cache_transfer_protocols=parse_protocols(opts["cache_transfer_protocol"]),
         rdma_comm_ports=parse_ports(opts["rdma_comm_ports"], "--rdma-comm-ports"),
+        rdma_gid_index=opts["rdma_gid_index"],
+        rdma_traffic_class=opts["rdma_traffic_class"],
+        rdma_service_level=opts["rdma_service_level"],
         kv_transfer_port=opts["kv_transfer_port"],
         cluster_token=opts["cluster_token"],
         api_key=opts["api_key"],
@@ -131,6 +134,25 @@ def _check_model(model_dir: str, max_model_len: int | None) -> None:
     help="Preference list of KV transfer protocols (ipc, rdma, tcp), as in FastDeploy.",
 )
 @click.option("--rdma-comm-ports", default=None, help="Comma list of RDMA listener ports (decode).")
+@click.option(
+    "--rdma-gid-index",
+    type=click.IntRange(0, 255),
+    default=None,
+    help="RoCE source GID index (default: env KVCACHE_RDMA_GID_INDEX, NCCL_IB_GID_INDEX, MC_GID_INDEX; "
+    "else the first RoCE v2 IPv4 GID).",
+)
+@click.option(
+    "--rdma-traffic-class",
+    type=click.IntRange(0, 255),
+    default=None,
+    help="GRH traffic class of RDMA QPs (RoCE v2: DSCP << 2; default: env NCCL_IB_TC, else 0).",
+)
+@click.option(
+    "--rdma-service-level",
+    type=click.IntRange(0, 15),
+    default=None,
+    help="InfiniBand service level of RDMA QPs (default: env NCCL_IB_SL, else 0).",
+)
 @click.option(
     "--pd-comm-port",
     type=click.IntRange(0, 65535),
@@ -276,7 +298,7 @@ def serve(**opts: Any) -> None:
         try:
             from rdma.nics import resolve_nics
 
-            nics = resolve_nics()
+            nics = resolve_nics(stripe=True)  # a+b: a GPU's requests striped over its nearest NICs
             if nics:
                 os.environ["KVCACHE_RDMA_NICS"] = ",".join(nics)
         except Exception as exc:  # noqa: BLE001 - reported; rdma is then skipped with its reason

@@ -13,7 +13,8 @@ Disaggregation API (public, used by splitwise/instance):
 - prefill side: ``add_request(..., prefill_only=True)`` runs only the prefill; the request's last
   output has ``finish_reason=PREFILL_DONE``, the first token, its logprob and ``block_ids``; the
   blocks stay held until ``release_prefill(req_id)`` (after the transfer is acknowledged).
-  ``set_layer_callback(cb)``: ``cb(layer, chunks)`` fires once a layer's KV of a batch is written.
+  ``set_layer_callback(cb)``: ``cb(layer, chunks, ready)`` fires once a layer's KV of a batch is issued; ``ready``
+  (engine.layer_ready) completes when those writes ran (CUDA event; CPU: already complete).
 - decode side: ``reserve(req_id, num_tokens)`` returns block ids for a transport to fill;
   ``release_reservation(req_id)`` gives them back; ``add_prefilled_request(...)`` admits the request
   with its first token once every layer has landed, and decoding continues from there.

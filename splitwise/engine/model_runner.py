@@ -17,6 +17,7 @@ import torch
 from splitwise.engine.config import EngineConfig, ModelConfig
 from splitwise.engine.errors import EngineError
 from splitwise.engine.kv_cache import KVCache, KVCacheGeometry
+from splitwise.engine.layer_ready import ReadyToken, record_layer_ready
 from splitwise.engine.loader import load_model
 from splitwise.engine.model.attention import AttentionMetadata
 from splitwise.engine.model.llama import CausalLM
@@ -32,9 +33,10 @@ class ScheduledChunk:
     num_new_tokens: int
 
 
-# (layer index, the batch): called after that layer's KV for the whole batch is in the cache and
-# before the next layer runs (layer-wise KV streaming hooks in here).
-LayerCallback = Callable[[int, SequenceOf[ScheduledChunk]], None]
+# (layer index, the batch, ready token): called after that layer's KV writes for the whole batch
+# were issued and before the next layer runs (layer-wise KV streaming hooks in here); ``ready``
+# completes once those writes ran (a CUDA event; complete on CPU: see engine.layer_ready).
+LayerCallback = Callable[[int, SequenceOf[ScheduledChunk], ReadyToken], None]
 
 
 def kv_geometry(model_config: ModelConfig, engine_config: EngineConfig, num_blocks: int) -> KVCacheGeometry:
@@ -116,7 +118,13 @@ class ModelRunner:
             logits_indices = torch.arange(int(counts.sum()), dtype=torch.int64)
         else:
             logits_indices = torch.cumsum(counts, 0) - 1  # flat index of each chunk's last token
-        callback = None if layer_callback is None else (lambda layer: layer_callback(layer, chunks))
+        # The token is recorded here, on the compute thread right after layer L was issued: on CUDA
+        # the callback fires when the kernels are queued, so transports must wait for it (#11).
+        callback = (
+            None
+            if layer_callback is None
+            else (lambda layer: layer_callback(layer, chunks, record_layer_ready(self.device)))
+        )
         with torch.inference_mode():
             logits: torch.Tensor = self.model(
                 input_ids, meta, self.kv_cache, logits_indices.to(self.device), callback

@@ -58,6 +58,10 @@ class InstanceConfig:
     pipelined_transfer: bool = True
     node_id: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    # rdma QP addressing (None: the env names in rdma.resources.ENV_FALLBACKS, then defaults).
+    rdma_gid_index: int | None = None
+    rdma_traffic_class: int | None = None
+    rdma_service_level: int | None = None
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -97,8 +101,27 @@ class InstanceConfig:
             )
         if self.debug_step_delay_s < 0:
             raise ValueError(f"--debug-step-delay-ms: {self.debug_step_delay_s * 1000} must be >= 0")
+        for flag, value, high in (
+            ("--rdma-gid-index", self.rdma_gid_index, 255),
+            ("--rdma-traffic-class", self.rdma_traffic_class, 255),
+            ("--rdma-service-level", self.rdma_service_level, 15),
+        ):
+            if value is not None and not 0 <= value <= high:
+                raise ValueError(f"{flag}: {value} is not in 0..{high}")
         if self.decode_headroom_tokens < 0:
             raise ValueError(f"--decode-headroom-tokens: {self.decode_headroom_tokens} must be >= 0")
+
+    def transport_extra(self) -> dict[str, str]:
+        """``TransportOptions.extra``: ``extra`` plus the rdma flags that were given."""
+        out = dict(self.extra)
+        for key, value in (
+            ("rdma_gid_index", self.rdma_gid_index),
+            ("rdma_traffic_class", self.rdma_traffic_class),
+            ("rdma_service_level", self.rdma_service_level),
+        ):
+            if value is not None:
+                out[key] = str(value)
+        return out
 
     @property
     def advertised_host(self) -> str:

@@ -271,7 +271,7 @@ class DecodeFlow:
             return result
         except BaseException:
             target.forget(req_id)
-            self._retire_reservation(req_id, conn)
+            self._retire_reservation(req_id, conn, target, a.prefill_node_id)
             raise
         finally:
             self._pending.pop(req_id, None)
@@ -296,21 +296,34 @@ class DecodeFlow:
         )
         return self.worker.submit(item.req_id, prompt, params)
 
-    def _retire_reservation(self, req_id: str, conn: ControlConnection | None) -> None:
+    def _retire_reservation(
+        self, req_id: str, conn: ControlConnection | None, target: TransportTarget, peer_id: str
+    ) -> None:
         """Release the reservation once P can no longer write into it."""
 
         async def retire() -> None:
+            confirmed = conn is None  # no PrefillTask went out: P was never told about the blocks
             if conn is not None and not conn.is_closed:
                 try:
+                    # P acks only after its transport's forget() returned: nothing more lands (#11).
                     await self.channel.call(
                         conn, CancelRequest(call_id=0, req_id=req_id, reason="decode gave up")
                     )
+                    confirmed = True
                 except SplitwiseError as exc:
                     # No answer: P is gone or wedged. Closing the connection is what makes P stop.
                     log.warning(
                         "prefill node did not confirm the cancel; closing its connection", error=str(exc)
                     )
                     conn.close("cancel not confirmed")
+            if not confirmed:
+                # #11 fencing: no acknowledgement, so cut P's transport access (rdma: its QPs to
+                # ERROR) before the blocks go back; unconfirmable (ipc, wedged P): quarantine them.
+                fenced = await asyncio.get_running_loop().run_in_executor(None, target.revoke, peer_id)
+                if not fenced:
+                    self.counters.incr("reservations_quarantined")
+                    log.error("could not fence the prefill node; KV blocks stay reserved", peer=peer_id)
+                    return
             try:
                 await self.worker.call(lambda e: e.release_reservation(req_id))
             except EngineError:

@@ -77,6 +77,7 @@ class Instance:
         self._http_server: Any = None
         self._http_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
+        self._background: set[asyncio.Task[None]] = set()  # abort_peer calls after a lost D
 
     # -- start --------------------------------------------------------------------------------
 
@@ -94,8 +95,8 @@ class Instance:
         self.worker = EngineWorker(self.engine, loop, step_delay_s=cfg.debug_step_delay_s)
         self.worker.request_stats = RequestStats(self.metrics)
         self.worker.start()
-        self._start_transports()
         token = await self._cluster_token()
+        self._start_transports(token)  # after the token: the rdma side channel authenticates with it
         self._start_channel(token)
         self._http_sock = bind_socket(cfg.host, cfg.port)  # bound early: NodeInfo carries the real port
         self.ports.http = int(self._http_sock.getsockname()[1])
@@ -113,7 +114,7 @@ class Instance:
             scheduler=cfg.scheduler.scheduler_name,
         )
 
-    def _start_transports(self) -> None:
+    def _start_transports(self, token: str) -> None:
         assert self.engine is not None
         cfg = self.config
         if cfg.role == "mixed":
@@ -124,7 +125,13 @@ class Instance:
             port = cfg.kv_transfer_port if protocol == "tcp" else 0
             if protocol == "rdma" and cfg.rdma_comm_ports:
                 port = cfg.rdma_comm_ports[0]
-            options = TransportOptions(host=cfg.host, port=port)
+            options = TransportOptions(
+                host=cfg.host,
+                port=port,
+                extra=cfg.transport_extra(),
+                node_id=self.node_id,
+                cluster_token=token,
+            )
             try:
                 if cfg.role == "decode":
                     target = create_target(protocol, options)
@@ -283,6 +290,10 @@ class Instance:
     def _on_peer_lost(self, peer_id: str) -> None:
         if self.decode_flow is not None:
             self.decode_flow.on_peer_lost(peer_id)
+        if self.prefill_flow is not None:  # #11: P stops writing to a D it lost
+            task = asyncio.get_running_loop().create_task(self.prefill_flow.on_peer_lost(peer_id))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     async def _release_prefill_booking(self, req_id: str) -> None:
         if hasattr(self.node, "release_prefill"):

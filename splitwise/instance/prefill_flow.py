@@ -32,7 +32,7 @@ from splitwise.instance.engine_worker import EngineWorker
 from splitwise.instance.pd_channel import PDChannel
 from splitwise.instance.transfer_metrics import TransferMetrics
 from splitwise.logging import bind_request, get_logger
-from splitwise.transfer.base import TransferCounters, TransportInitiator
+from splitwise.transfer.base import ReadyToken, TransferCounters, TransportInitiator
 from splitwise.transfer.control_connection import ControlConnection
 from splitwise.transfer.messages import CallMessage, CancelRequest, PrefillFailed, PrefillResult, PrefillTask
 
@@ -46,7 +46,7 @@ class _Remote:
     dst_block_ids: list[int]
     cancelled: bool = False
     # Unpipelined mode only: (layer, src, dst) writes held back until the prefill finished.
-    deferred: list[tuple[int, list[int], list[int]]] = dataclasses.field(default_factory=list)
+    deferred: list[tuple[int, list[int], list[int], ReadyToken]] = dataclasses.field(default_factory=list)
     first_write_s: float | None = None  # kv_transfer_latency starts here, not at the task's arrival
 
 
@@ -105,6 +105,13 @@ class PrefillFlow:
             self._tasks[message.req_id] = task
             req_id = message.req_id
             task.add_done_callback(lambda _task: self._tasks.pop(req_id, None) and None)
+
+    async def on_peer_lost(self, peer_id: str) -> None:
+        """#11: the control connection to decode node ``peer_id`` dropped: stop every transport
+        write to it (one-sided writes would otherwise go on landing in blocks D may reuse)."""
+        loop = asyncio.get_running_loop()
+        for initiator in self.initiators.values():
+            await loop.run_in_executor(None, initiator.abort_peer, peer_id, "control connection lost")
 
     def cancel(self, req_id: str) -> None:
         """D gave up, or the client went away: stop shipping and drop the request."""
@@ -196,14 +203,15 @@ class PrefillFlow:
         if remote is None or not remote.deferred:
             return
         remote.first_write_s = time.monotonic()
-        for layer, src, dst in remote.deferred:
-            remote.initiator.write_layer(remote.peer_id, req_id, layer, src, dst)
+        for layer, src, dst, ready in remote.deferred:
+            remote.initiator.write_layer(remote.peer_id, req_id, layer, src, dst, ready)
         remote.deferred.clear()
 
     # -- engine thread ------------------------------------------------------------------------
 
-    def on_layer(self, layer: int, chunks: SequenceOf[ScheduledChunk]) -> None:
-        """Layer ``layer``'s KV of this batch is in the cache: ship the blocks of remote requests."""
+    def on_layer(self, layer: int, chunks: SequenceOf[ScheduledChunk], ready: ReadyToken) -> None:
+        """Layer ``layer``'s KV of this batch is issued: ship the blocks of remote requests. The
+        transport reads them only once ``ready`` completed (#11: CUDA event of the compute stream)."""
         shipped = False
         for chunk in chunks:
             seq = chunk.seq
@@ -220,12 +228,12 @@ class PrefillFlow:
             src = seq.block_table[first_block : last_block + 1]
             dst = remote.dst_block_ids[first_block : last_block + 1]
             if not self.pipelined:
-                remote.deferred.append((layer, list(src), list(dst)))
+                remote.deferred.append((layer, list(src), list(dst), ready))
                 continue
             try:
                 if remote.first_write_s is None:
                     remote.first_write_s = time.monotonic()
-                remote.initiator.write_layer(remote.peer_id, seq.req_id, layer, src, dst)
+                remote.initiator.write_layer(remote.peer_id, seq.req_id, layer, src, dst, ready)
                 shipped = True
             except SplitwiseError as exc:
                 # Shows up as FAILED in poll/wait too; stop shipping this request.

@@ -7,10 +7,12 @@ Map of the two sides (P = prefill node = initiator/sender, D = decode node = tar
     0     register(kv_cache)         once          register(kv_cache)                     once
     1     endpoint() -> dict  -- control channel -> connect(peer_id, endpoint)   once per peer, reused
     2     expect(req_id, dst_block_ids, timeout_s)            (before D tells P about the request)
-    3                                              write_layer(peer_id, req_id, layer, src, dst)  per layer
+    3                                              write_layer(peer_id, req_id, layer, src, dst,
+                                                               ready)                  per layer
     4                                              finish(peer_id, req_id)        after the last layer
     5     poll(req_id) -> DONE | FAILED | PENDING  poll(req_id) / wait(req_id, timeout_s)
-    6     forget(req_id)                           forget(req_id)
+    6     forget(req_id)                           forget(req_id)   returns once nothing more can land
+    -     revoke(peer_id) -> fenced?               abort_peer(peer_id, reason)   (fencing, below)
     7     close()                                  close()
 
 Guarantees every transport gives:
@@ -25,6 +27,27 @@ Guarantees every transport gives:
 * A dead peer or a broken connection turns the affected PENDING requests to FAILED (never a hang,
   never DONE); a request D expects that never starts fails when its ``timeout_s`` passes.
 
+Ordering rule (stream-ordered sends). ``write_layer`` takes the producer's ready token for the
+layer (``splitwise.engine.layer_ready``: a ``torch.cuda.Event`` recorded on the compute stream after
+the layer's KV write; ``COMPLETED`` on CPU). No transport reads source memory for that write (RDMA
+WRITE posted, copy enqueued, bytes sent) before the token has completed: it waits on its own
+thread (polling ``query()``) or orders a copy stream after the event (``wait_event``); it never
+synchronises the whole device, and never blocks the caller. ``ready=None`` means the memory is
+valid now (the caller synchronised, or it is CPU memory written by this thread).
+
+Fencing (lease safety). D must never hand a block to another request while a write into it can
+still land. The primitives, used by the P/D flows around a cancel or a timeout:
+
+* P: ``forget(req_id)`` stops posting for the request and returns only when none of its writes
+  can still land (queued jobs skipped, a running copy/post finished, RDMA WRITEs completed or
+  flushed, CUDA copies completed, not merely enqueued). P acknowledges D's cancel after it.
+* P: ``abort_peer(peer_id, reason)`` does the same for every request to ``peer_id`` and fails them:
+  called when P's control connection to that D drops.
+* D: ``revoke(peer_id)`` cuts ``peer_id``'s access when it did not acknowledge in time (rdma: its
+  QPs to ERROR; tcp: connection shut and its reader joined; ipc: connection shut and P's hang-up
+  awaited). True means nothing more from that peer can land; False means the transport could not
+  confirm it (ipc with a wedged P): D must then quarantine the blocks instead of reusing them.
+
 Threading: every method is thread-safe. Transports run their own I/O threads; no method blocks
 for long except ``connect`` (one network handshake) and ``wait``. Block ids are block indices of
 the (layer, kind) regions of ``splitwise.engine.kv_cache.KVCache``; every layer uses the same
@@ -37,12 +60,17 @@ from __future__ import annotations
 import abc
 import enum
 import threading
+import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from splitwise.engine.kv_cache import KVCache, KVCacheGeometry
+
+# Re-exported: transports and flows take the ready-token types from here.
+from splitwise.engine.layer_ready import COMPLETED as COMPLETED
+from splitwise.engine.layer_ready import ReadyToken as ReadyToken
 from splitwise.transfer.errors import IncompatiblePeerError, InvalidBlockIdsError
 
 Endpoint = dict[str, Any]  # msgpack-able: str/int/bytes/list/dict values only
@@ -91,6 +119,10 @@ class TransportOptions:
     port: int = 0
     connect_timeout_s: float = 10.0
     extra: Mapping[str, str] = field(default_factory=dict)
+    # Who we are to peers (the control channel's node id), and the cluster token transports that
+    # run their own side channel (rdma) authenticate it with, as the control channel does.
+    node_id: str = ""
+    cluster_token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -117,6 +149,30 @@ class TransferCounters:
     def snapshot(self) -> dict[str, int]:
         with self._lock:
             return dict(self._counts)
+
+
+# --------------------------------------------------------------------------- ready tokens
+
+
+def wait_ready(
+    token: ReadyToken | None,
+    *,
+    is_cancelled: Callable[[], bool],
+    sleep: Callable[[float], None] = time.sleep,
+    max_delay_s: float = 0.0005,
+) -> bool:
+    """Block the calling (transport) thread until ``token`` completed: True; False as soon as
+    ``is_cancelled()`` says the write is no longer wanted. Polls with a short back-off, so the
+    wait never holds the device or the caller, and a cancel interrupts it."""
+    if token is None or token is COMPLETED:
+        return not is_cancelled()
+    delay = 0.00002
+    while not token.query():
+        if is_cancelled():
+            return False
+        sleep(delay)
+        delay = min(delay * 2, max_delay_s)
+    return not is_cancelled()
 
 
 # --------------------------------------------------------------------------- block runs
@@ -248,9 +304,17 @@ class TransportTarget(abc.ABC):
     @abc.abstractmethod
     def forget(self, req_id: str) -> None:
         """Drop the request's state (after DONE/FAILED, or to cancel). Later writes for it are refused
-        where the transport can refuse them; with one-sided writes (ipc, rdma) an in-flight copy may
-        still land, so D must not hand the blocks to another request until P confirmed the cancel
-        (control channel) or P's connection is gone. Idempotent, non-blocking."""
+        where the transport can refuse them (a tcp frame being received for it is waited for); with
+        one-sided writes (ipc, rdma) an in-flight copy may still land, so D must not hand the blocks
+        to another request until P acknowledged the cancel (P's ``forget`` returned) or ``revoke``
+        returned True. Idempotent; waits only for a receive already under way."""
+
+    @abc.abstractmethod
+    def revoke(self, peer_id: str) -> bool:
+        """Cut the access of initiator ``peer_id`` (its ``TransportOptions.node_id``): its requests
+        turn FAILED, and once this returns True nothing it wrote or posted can land any more. False:
+        the transport could not confirm that within ``connect_timeout_s``; keep the blocks out of use.
+        A later ``connect`` from that peer is a new handshake. Blocks for at most that timeout."""
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -285,10 +349,12 @@ class TransportInitiator(abc.ABC):
         layer: int,
         src_block_ids: Sequence[int],
         dst_block_ids: Sequence[int],
+        ready: ReadyToken | None = None,
     ) -> None:
-        """Called from P's per-layer callback right after layer ``layer``'s K and V are written for
-        these blocks. Validates, enqueues and returns (no network round trip; copies/sends run on the
-        transport's thread in call order). A failure shows up in ``poll``; raises only for caller
+        """Called from P's per-layer callback right after layer ``layer``'s K and V are issued for
+        these blocks, with the layer's ready token (the ordering rule above: nothing of these blocks
+        is read before ``ready`` completed). Validates, enqueues and returns (no network round trip,
+        no wait for ``ready``; copies/sends run on the transport's thread in call order). A failure shows up in ``poll``; raises only for caller
         errors (NotConnectedError, InvalidBlockIdsError, NotRegisteredError), and then the request
         also turns FAILED on both sides: a layer that was not shipped can never end up DONE.
         A block may be written more than once (chunked prefill rewrites a partly filled block)."""
@@ -309,7 +375,16 @@ class TransportInitiator(abc.ABC):
 
     @abc.abstractmethod
     def forget(self, req_id: str) -> None:
-        """Drop the request's state; queued writes for it are skipped. Idempotent."""
+        """Drop the request's state and fence it: queued writes are skipped, and this returns only
+        when none of its writes can still land on the peer (a running copy finished, posted RDMA
+        WRITEs completed or flushed, CUDA copies completed). Bounded by the transport's completion
+        timeout; past it the peer's connection is broken, which ends its writes too. Idempotent."""
+
+    @abc.abstractmethod
+    def abort_peer(self, peer_id: str, reason: str) -> None:
+        """P lost its control connection to ``peer_id``: stop posting to it, fail its PENDING
+        requests, and return once none of their writes can still land (as ``forget``). The next
+        ``connect`` to that peer makes a fresh connection."""
 
     @abc.abstractmethod
     def close(self) -> None:

@@ -26,14 +26,13 @@ caller to hop into an event loop. The asyncio HTTP server can call through ``run
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import os
 import socket
 import threading
 
 from splitwise.logging import get_logger
-from splitwise.transfer import wire
+from splitwise.transfer import auth, wire
 from splitwise.transfer.base import TransferCounters
 from splitwise.transfer.control_connection import Compatibility, ControlConnection, DisconnectHandler, Handler
 from splitwise.transfer.errors import (
@@ -48,19 +47,12 @@ from splitwise.transfer.messages import AuthChallenge, AuthHello, AuthWelcome, M
 
 log = get_logger("splitwise.transfer.control")
 
-_NONCE_BYTES = 32
+_NONCE_BYTES = auth.NONCE_BYTES
 
 
-def _mac(token: bytes, role: bytes, first: bytes, second: bytes, node_id: str) -> bytes:
-    message = b"splitwise-pd-v1|" + role + b"|" + first + second + node_id.encode()
-    return hmac.new(token, message, hashlib.sha256).digest()
-
-
-def _token_bytes(token: str | bytes) -> bytes:
-    raw = token.encode() if isinstance(token, str) else token
-    if not raw:
-        raise ValueError("--cluster-token: empty; set it or SPLITWISE_CLUSTER_TOKEN")
-    return raw
+# The MAC and token rules live in splitwise.transfer.auth, shared with the rdma side channel (#11).
+_mac = auth.mac
+_token_bytes = auth.token_bytes
 
 
 class ControlServer:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 
 from splitwise.engine.kv_cache import KVCache, KVCacheGeometry
+from splitwise.logging import get_logger
 from splitwise.transfer import wire
 from splitwise.transfer.base import Endpoint
 from splitwise.transfer.errors import (
@@ -43,6 +45,10 @@ from splitwise.transfer.messages import RequestBegin
 from splitwise.transfer.registry import register_transport
 from splitwise.transfer.stream_initiator import LayerJob, Peer, StreamInitiator
 from splitwise.transfer.stream_target import StreamTarget
+
+log = get_logger("splitwise.transfer")
+
+_FENCE_WAIT_S = 5.0  # bound on forget()'s wait for queued CUDA copies
 
 
 def _cupy() -> Any:
@@ -134,14 +140,63 @@ def _map_cuda(endpoint: Endpoint, geometry: KVCacheGeometry, device: torch.devic
 
 class IpcInitiator(StreamInitiator):
     protocol = "ipc"
+    one_sided = True
     _copy_stream: Any = None
+    # CUDA: req_id -> an event recorded on the copy stream after its latest copies. The stream runs
+    # in order, so the latest event covers every earlier copy of the request (and of others).
+    _copy_fences: dict[str, Any]
 
     def _attach_local(self, kv_cache: KVCache) -> None:
+        self._copy_fences = {}
+        self._fence_lock = threading.Lock()
         if kv_cache.device.type == "cuda":
             _cupy()  # fail at register, not at the first request
             self._copy_stream = torch.cuda.Stream(device=kv_cache.device)  # type: ignore[no-untyped-call]
         elif kv_cache.device.type != "cpu":
             raise UnsupportedDeviceError(f"ipc: unsupported device {kv_cache.device}")
+
+    # ---- ordering and fencing around the copies (the copies themselves: _write_layer)
+
+    def _await_ready(self, peer: Peer, job: LayerJob) -> bool:
+        if self._copy_stream is None:
+            return super()._await_ready(peer, job)  # CPU: the copy runs now, so wait on the host
+        if not isinstance(job.ready, torch.cuda.Event):
+            # A host-side token on CUDA: wait for it here, then give the copy stream an event that
+            # is complete relative to itself (``_write_layer`` orders the copies after job.ready).
+            if not super()._await_ready(peer, job):
+                return False
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            event.record(self._copy_stream)
+            job.ready = event
+        # The copy stream waits for the compute stream's event (stream-ordered; the host does not).
+        return not peer.broken.is_set() and self._requests.is_pending(job.req_id)
+
+    def _after_write(self, peer: Peer, job: LayerJob) -> None:
+        if self._copy_stream is None:
+            return  # CPU copies are synchronous: done when _write_layer returned
+        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        event.record(self._copy_stream)
+        with self._fence_lock:
+            self._copy_fences[job.req_id] = event
+
+    def _fence(self, req_id: str | None) -> None:
+        """Wait for the request's queued CUDA copies to COMPLETE (enqueued is not enough: D may
+        reuse the blocks once we acknowledge). Polls with a deadline; never a device synchronize."""
+        with self._fence_lock:
+            if req_id is None:
+                events = list(self._copy_fences.values())
+                self._copy_fences.clear()
+            else:
+                event = self._copy_fences.pop(req_id, None)
+                events = [] if event is None else [event]
+        deadline = time.monotonic() + _FENCE_WAIT_S
+        for event in events:
+            while not event.query():
+                if time.monotonic() > deadline:
+                    self.counters.incr("fence_timeouts")
+                    log.error("ipc: queued CUDA copies did not complete in time", req_id=req_id)
+                    return
+                time.sleep(0.0002)
 
     def _attach_peer(self, peer_id: str, endpoint: Endpoint, geometry: KVCacheGeometry) -> Any:
         local = self._require_kv()
@@ -198,10 +253,14 @@ class IpcInitiator(StreamInitiator):
         with peer.grant_arrived:
             grant = peer.grants.get(req_id)
         if grant is None:
+            with peer.grant_arrived:
+                peer.unanswered[req_id] = peer.unanswered.get(req_id, 0) + 1  # see Peer.stale
             wire.send_message(peer.sock, RequestBegin(req_id))
             deadline = time.monotonic() + self.options.connect_timeout_s
             with peer.grant_arrived:
                 while req_id not in peer.grants and not peer.broken.is_set():
+                    if not self._requests.is_pending(req_id):
+                        return frozenset()  # forgotten meanwhile (forget notifies): copy nothing
                     left = deadline - time.monotonic()
                     if left <= 0:
                         raise TransferTimeoutError(
@@ -222,6 +281,8 @@ class IpcInitiator(StreamInitiator):
     def _before_finish(self, peer: Peer, req_id: str) -> None:
         if self._copy_stream is not None:
             self._copy_stream.synchronize()
+        with self._fence_lock:
+            self._copy_fences.pop(req_id, None)  # complete: the stream synchronised
 
 
 register_transport("ipc", IpcInitiator, IpcTarget)

@@ -20,7 +20,7 @@ KNOWN_PROTOCOLS = ("ipc", "rdma", "tcp")
 _LAZY_MODULES = {
     "ipc": "splitwise.transfer.ipc",
     "tcp": "splitwise.transfer.tcp",
-    "rdma": "rdma",
+    "rdma": "rdma.transport",  # registers on import; `import rdma` alone stays light
 }
 
 

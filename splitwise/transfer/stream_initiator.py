@@ -17,6 +17,7 @@ from splitwise.transfer import wire
 from splitwise.transfer.base import (
     BlockRun,
     Endpoint,
+    ReadyToken,
     TransferCounters,
     TransferStatus,
     TransportInitiator,
@@ -26,6 +27,7 @@ from splitwise.transfer.base import (
     coalesce_runs,
     geometry_from_dict,
     geometry_to_dict,
+    wait_ready,
 )
 from splitwise.transfer.errors import (
     ConnectionLostError,
@@ -34,6 +36,7 @@ from splitwise.transfer.errors import (
     NotRegisteredError,
     ProtocolError,
     TransferError,
+    TransferTimeoutError,
 )
 from splitwise.transfer.messages import (
     RequestAbort,
@@ -56,7 +59,7 @@ class LayerJob:
     layer: int
     runs: list[BlockRun]
     num_blocks: int
-    ready: Any = None  # e.g. a CUDA event the copy must wait for
+    ready: ReadyToken | None = None  # the producer's token: read nothing before it completed
 
 
 @dataclass
@@ -82,6 +85,10 @@ class Peer:
     broken: threading.Event = field(default_factory=threading.Event)
     grants: dict[str, RequestGrant] = field(default_factory=dict)  # ipc: req_id -> D's answer to Begin
     grant_arrived: threading.Condition = field(default_factory=threading.Condition)
+    # ipc: Begins not answered yet, and answers to drop because their request was forgotten
+    # meanwhile (a later write_layer of the same req_id must not copy with that stale grant).
+    unanswered: dict[str, int] = field(default_factory=dict)
+    stale: dict[str, int] = field(default_factory=dict)
     threads: list[threading.Thread] = field(default_factory=list)
     # The request whose job the sender thread is executing right now (``forget`` waits for it).
     busy_req: str | None = None
@@ -96,6 +103,10 @@ def _not_busy_with(peer: Peer, req_id: str) -> Callable[[], bool]:
 
 
 class StreamInitiator(TransportInitiator):
+    # One-sided writes (ipc) land without D's help, so P hangs up only once none can land any more:
+    # D's ``revoke`` waits for that hang-up. Two-sided (tcp): D's reader is the only way in.
+    one_sided = False
+
     def __init__(self, options: TransportOptions) -> None:
         self.options = options
         self.counters = TransferCounters()
@@ -157,6 +168,7 @@ class StreamInitiator(TransportInitiator):
         layer: int,
         src_block_ids: Sequence[int],
         dst_block_ids: Sequence[int],
+        ready: ReadyToken | None = None,
     ) -> None:
         kv = self._require_kv()
         peer = self._peer(peer_id, req_id)
@@ -174,7 +186,8 @@ class StreamInitiator(TransportInitiator):
             peer.jobs.put(AbortJob(req_id, f"write_layer refused: {exc}"))
             raise
         self._start(peer, req_id)
-        peer.jobs.put(LayerJob(req_id, layer, runs, len(src_block_ids), self._ready_marker()))
+        token = ready if ready is not None else self._ready_marker()
+        peer.jobs.put(LayerJob(req_id, layer, runs, len(src_block_ids), token))
 
     def finish(self, peer_id: str, req_id: str) -> None:
         peer = self._peer(peer_id, req_id)
@@ -194,26 +207,45 @@ class StreamInitiator(TransportInitiator):
         return self._requests.wait(req_id, timeout_s)
 
     def forget(self, req_id: str) -> None:
-        """Queued jobs of ``req_id`` are skipped from now on, and a job of it already running on a
-        sender thread is waited for (bounded): once this returns, no more of its bytes land on the
-        peer, so D may reuse those blocks when P acknowledges a cancel."""
+        """Queued jobs of ``req_id`` are skipped from now on, a job of it already running on a
+        sender thread is waited for, and so are the copies it queued on a device (``_fence``):
+        once this returns, no more of its bytes land on the peer, so D may reuse those blocks when
+        P acknowledges a cancel. Past ``_FORGET_WAIT_S`` the peer's connection is broken instead."""
         self._requests.forget(req_id)
         with self._lock:
             peers = list(self._peers.values())
         for peer in peers:
             with peer.grant_arrived:
                 peer.grants.pop(req_id, None)
+                if peer.unanswered.get(req_id):
+                    peer.stale[req_id] = peer.unanswered[req_id]
+                peer.grant_arrived.notify_all()  # a sender waiting for this grant gives up now
             if any(t is threading.current_thread() for t in peer.threads):
                 continue  # called from this peer's own sender/reader: nothing else can be running
             with peer.idle:
-                if not peer.idle.wait_for(_not_busy_with(peer, req_id), timeout=_FORGET_WAIT_S):
-                    self.counters.incr("forget_wait_timeouts")
-                    log.warning(
-                        "forget: a copy is still running",
-                        protocol=self.protocol,
-                        req_id=req_id,
-                        peer=peer.peer_id,
-                    )
+                idle = peer.idle.wait_for(_not_busy_with(peer, req_id), timeout=_FORGET_WAIT_S)
+            if not idle:
+                self.counters.incr("forget_wait_timeouts")
+                log.warning(
+                    "forget: a copy is still running; dropping the connection",
+                    protocol=self.protocol,
+                    req_id=req_id,
+                    peer=peer.peer_id,
+                )
+                self._peer_lost(peer, "a cancelled request's copy did not finish in time")
+                raise TransferTimeoutError(
+                    "a copy of the forgotten request did not finish in time", req_id=req_id, peer=peer.peer_id
+                )
+        self._fence(req_id)
+
+    def abort_peer(self, peer_id: str, reason: str) -> None:
+        """P's control connection to ``peer_id`` dropped: stop writing to it (see the contract)."""
+        with self._lock:
+            peer = self._peers.get(peer_id)
+        if peer is None:
+            return
+        self.counters.incr("peers_aborted")
+        self._peer_lost(peer, f"aborted: {reason}")
 
     def close(self) -> None:
         with self._lock:
@@ -246,6 +278,22 @@ class StreamInitiator(TransportInitiator):
     def _before_finish(self, peer: Peer, req_id: str) -> None:
         """Make every earlier write of ``req_id`` visible to the peer before the finish notice."""
 
+    def _await_ready(self, peer: Peer, job: LayerJob) -> bool:
+        """Sender thread, before ``_write_layer``: wait for the producer's token (the ordering rule).
+        False when the request was forgotten (or the peer broke) meanwhile: skip the job.
+        A subclass that orders a device copy after the token instead (ipc on CUDA) overrides it."""
+        return wait_ready(
+            job.ready,
+            is_cancelled=lambda: peer.broken.is_set() or not self._requests.is_pending(job.req_id),
+        )
+
+    def _after_write(self, peer: Peer, job: LayerJob) -> None:
+        """Sender thread, after ``_write_layer`` returned: note what ``_fence`` must wait for."""
+
+    def _fence(self, req_id: str | None) -> None:
+        """Wait until the copies queued for ``req_id`` (None: for every request) completed. Only
+        transports that queue asynchronous device copies (ipc on CUDA) have anything to wait for."""
+
     # ---- peer threads
     def _send_loop(self, peer: Peer) -> None:
         while True:
@@ -269,7 +317,10 @@ class StreamInitiator(TransportInitiator):
     def _run_job(self, peer: Peer, job: LayerJob | FinishJob) -> None:
         try:
             if isinstance(job, LayerJob):
+                if not self._await_ready(peer, job):
+                    return  # forgotten or broken while waiting for the producer: nothing read
                 self._write_layer(peer, job)
+                self._after_write(peer, job)
                 self._requests.count(job.req_id, job.num_blocks)
             else:
                 self._before_finish(peer, job.req_id)
@@ -304,7 +355,12 @@ class StreamInitiator(TransportInitiator):
                 message = wire.recv_message(peer.sock)
                 if isinstance(message, RequestGrant):
                     with peer.grant_arrived:
-                        peer.grants[message.req_id] = message
+                        req_id = message.req_id
+                        count_down(peer.unanswered, req_id)
+                        if peer.stale.get(req_id):
+                            count_down(peer.stale, req_id)  # for a forgotten incarnation: dropped
+                        else:
+                            peer.grants[req_id] = message
                         peer.grant_arrived.notify_all()
                 else:
                     verdict = expect_type(message, RequestResult)
@@ -317,11 +373,25 @@ class StreamInitiator(TransportInitiator):
     def _peer_lost(self, peer: Peer, reason: str) -> None:
         if peer.broken.is_set():
             return
-        peer.broken.set()
+        peer.broken.set()  # the sender skips every job from now on
+        with peer.grant_arrived:
+            peer.grant_arrived.notify_all()  # a sender waiting for a grant gives up now
         self.counters.incr("connections_lost")
         log.warning("target connection lost", protocol=self.protocol, peer=peer.peer_id, reason=reason)
         self._requests.fail_peer(peer.peer_id, f"connection to {peer.peer_id} lost: {reason}")
+        if self.one_sided:
+            self._quiesce(peer)
         shutdown(peer.sock)
+
+    def _quiesce(self, peer: Peer) -> None:
+        """Wait until the sender runs no job and the device copies it queued are done. The socket is
+        shut only after this: D (ipc ``revoke``) takes our hang-up to mean nothing more lands."""
+        sender = peer.threads[0] if peer.threads else None
+        if sender is not None and sender is not threading.current_thread():
+            with peer.idle:
+                if not peer.idle.wait_for(lambda: peer.busy_req is None, timeout=_FORGET_WAIT_S):
+                    self.counters.incr("forget_wait_timeouts")
+        self._fence(None)
 
     def _drop_peer(self, peer: Peer) -> None:
         peer.broken.set()
@@ -335,7 +405,8 @@ class StreamInitiator(TransportInitiator):
         self._detach_peer(peer)
 
     def _hello(self, sock: socket.socket, kv: KVCache, peer_id: str, access_key: str) -> XferHelloReply:
-        initiator_id = f"{socket.gethostname()}:{id(self):x}"
+        # D's ``revoke(peer_id)`` finds our connections by this id: our node id when we have one.
+        initiator_id = self.options.node_id or f"{socket.gethostname()}:{id(self):x}"
         try:
             wire.send_message(sock, XferHello(initiator_id, geometry_to_dict(kv.geometry), access_key))
             return expect_type(wire.recv_message(sock), XferHelloReply)  # type: ignore[no-any-return]
@@ -353,3 +424,11 @@ class StreamInitiator(TransportInitiator):
         if self._kv is None:
             raise NotRegisteredError(f"{self.protocol} initiator: register(kv_cache) first")
         return self._kv
+
+
+def count_down(counts: dict[str, int], key: str) -> None:
+    left = counts.get(key, 0) - 1
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)

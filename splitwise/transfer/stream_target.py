@@ -81,6 +81,12 @@ class StreamTarget(TransportTarget):
         self._closed = threading.Event()
         self._threads: list[threading.Thread] = []
         self._access_key = secrets.token_hex(16)  # a capability: handed out only inside endpoint()
+        # Fencing: conn_id -> the initiator id from its hello, and -> the serve thread; and the
+        # request whose payload a reader is receiving into D's blocks right now (``forget`` waits).
+        self._conn_peers: dict[int, str] = {}
+        self._conn_threads: dict[int, threading.Thread] = {}
+        self._receiving: dict[int, str] = {}
+        self._receiving_done = threading.Condition()
 
     # ---- contract
     def register(self, kv_cache: KVCache) -> None:
@@ -113,7 +119,45 @@ class StreamTarget(TransportTarget):
         return self._requests.poll(req_id)
 
     def forget(self, req_id: str) -> None:
-        self._requests.forget(req_id)
+        """Refuse later frames for ``req_id`` and wait (bounded) for a payload of it that a reader is
+        receiving into D's blocks right now: once this returns, no tcp byte of it lands any more."""
+        with self._receiving_done:
+            self._requests.forget(req_id)  # under the lock: no reader admits it after this
+            done = self._receiving_done.wait_for(
+                lambda: req_id not in self._receiving.values(), timeout=self.options.connect_timeout_s
+            )
+        if not done:
+            self.counters.incr("forget_wait_timeouts")
+            log.warning("forget: a payload is still being received", protocol=self.protocol, req_id=req_id)
+
+    def revoke(self, peer_id: str) -> bool:
+        """Close every connection from initiator ``peer_id``. Two-sided (tcp): done once its reader
+        thread exited. One-sided (ipc): shut our side for writing and wait for P's hang-up, which P
+        sends only after its copies stopped (``StreamInitiator._quiesce``)."""
+        with self._lock:
+            conns = [
+                (conn_id, sock, self._conn_threads.get(conn_id))
+                for conn_id, sock in self._conns.items()
+                if self._conn_peers.get(conn_id) == peer_id
+            ]
+        self.counters.incr("revokes")
+        fenced = True
+        for conn_id, sock, thread in conns:
+            self._requests.connection_lost(conn_id, f"access of {peer_id} revoked")
+            if self.count_writes:
+                shutdown(sock)  # our reader is the only way in: stopping it is the fence
+            else:
+                try:
+                    sock.shutdown(socket.SHUT_WR)  # P's reader sees EOF, stops copying, hangs up
+                except OSError:
+                    pass  # already closed
+            if thread is not None:
+                thread.join(timeout=self.options.connect_timeout_s)
+                fenced = fenced and not thread.is_alive()
+        if not fenced:
+            self.counters.incr("revokes_unconfirmed")
+            log.error("revoke: peer did not hang up in time", protocol=self.protocol, peer=peer_id)
+        return fenced
 
     def close(self) -> None:
         if self._closed.is_set():
@@ -160,12 +204,16 @@ class StreamTarget(TransportTarget):
             conn_id = next(self._conn_ids)
             with self._lock:
                 self._conns[conn_id] = sock
-            self._spawn(self._serve, f"conn-{conn_id}", conn_id, sock, f"{addr[0]}:{addr[1]}")
+                self._conn_threads[conn_id] = self._spawn(
+                    self._serve, f"conn-{conn_id}", conn_id, sock, f"{addr[0]}:{addr[1]}"
+                )
 
     def _serve(self, conn_id: int, sock: socket.socket, peer: str) -> None:
         reason = "closed"
         try:
-            self._handshake(sock, peer)
+            initiator_id = self._handshake(sock, peer)
+            with self._lock:
+                self._conn_peers[conn_id] = initiator_id
             while True:
                 self._dispatch(conn_id, sock, wire.recv_message(sock))
         except ConnectionLostError as exc:
@@ -181,9 +229,11 @@ class StreamTarget(TransportTarget):
             self._requests.connection_lost(conn_id, reason)
             with self._lock:
                 self._conns.pop(conn_id, None)
+                self._conn_peers.pop(conn_id, None)
+                self._conn_threads.pop(conn_id, None)
             sock.close()
 
-    def _handshake(self, sock: socket.socket, peer: str) -> None:
+    def _handshake(self, sock: socket.socket, peer: str) -> str:
         kv = self._require_kv()
         sock.settimeout(self.options.connect_timeout_s)
         hello = expect_type(wire.recv_message(sock), XferHello)
@@ -200,6 +250,7 @@ class StreamTarget(TransportTarget):
             raise IncompatiblePeerError(str(exc), peer=peer) from None
         wire.send_message(sock, XferHelloReply(True, "", local))
         sock.settimeout(None)
+        return str(hello.initiator_id)
 
     def _dispatch(self, conn_id: int, sock: socket.socket, message: Message) -> None:
         if isinstance(message, LayerWrite):
@@ -233,9 +284,22 @@ class StreamTarget(TransportTarget):
             raise NotRegisteredError(f"{self.protocol} target: register(kv_cache) first")
         return self._kv
 
-    def _spawn(self, target: Any, name: str, *args: Any) -> None:
+    def _spawn(self, target: Any, name: str, *args: Any) -> threading.Thread:
         thread = threading.Thread(
             target=target, args=args, name=f"{self.protocol}-target-{name}", daemon=True
         )
         self._threads = [t for t in self._threads if t.is_alive()] + [thread]
         thread.start()
+        return thread
+
+    def _admit_receive(self, conn_id: int, req_id: str, dst_block_ids: Sequence[int]) -> None:
+        """Admit a payload for ``req_id`` and mark this reader as receiving it (one step, under the
+        lock ``forget`` takes): a forget either comes first (admit refuses) or waits for the end."""
+        with self._receiving_done:
+            self._requests.admit(req_id, conn_id, dst_block_ids)
+            self._receiving[conn_id] = req_id
+
+    def _end_receive(self, conn_id: int) -> None:
+        with self._receiving_done:
+            self._receiving.pop(conn_id, None)
+            self._receiving_done.notify_all()

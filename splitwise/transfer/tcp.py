@@ -12,8 +12,9 @@ scratch buffer and dropped, the request fails on both sides. Completion: P's Req
 the same ordered stream after every LayerWrite, carries the number of block writes; D answers
 RequestResult(ok) only when that number equals what landed.
 
-CPU KV caches only: a CUDA cache would need a pinned staging buffer, which this transport does
-not have (same-host GPUs use ipc, cross-host GPUs rdma).
+A CUDA KV cache goes through a pinned host buffer per transport thread (``tcp_staging``): P
+gathers a layer's runs device -> host after the layer's ready token, D scatters them host ->
+device; the wire format is the same. (Same-host GPUs normally use ipc, cross-host GPUs rdma.)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from splitwise.transfer.messages import LayerWrite
 from splitwise.transfer.registry import register_transport
 from splitwise.transfer.stream_initiator import LayerJob, Peer, StreamInitiator
 from splitwise.transfer.stream_target import StreamTarget
+from splitwise.transfer.tcp_staging import DeviceStage
 
 
 def _byte_view(kv_cache: KVCache) -> memoryview:
@@ -53,14 +55,33 @@ def _run_views(
     return views
 
 
+def _attach(kv_cache: KVCache) -> tuple[memoryview | None, DeviceStage | None]:
+    """CPU: a byte view of the KV buffer; CUDA: a host staging area for it."""
+    if kv_cache.device.type == "cuda":
+        return None, DeviceStage(kv_cache)
+    return _byte_view(kv_cache), None
+
+
 class TcpTarget(StreamTarget):
     protocol = "tcp"
+    _stage: DeviceStage | None = None
 
     def _attach_local(self, kv_cache: KVCache) -> None:
-        self._bytes = _byte_view(kv_cache)
+        view, self._stage = _attach(kv_cache)
+        if view is not None:
+            self._bytes = view
 
     def _detach_local(self) -> None:
-        self._bytes.release()
+        if self._stage is None:
+            self._bytes.release()
+
+    def _receive(self, sock: socket.socket, geometry: KVCacheGeometry, header: LayerWrite) -> None:
+        """The payload straight into the blocks (CPU), or through the staging area (CUDA)."""
+        if self._stage is None:
+            wire.recv_into_buffers(sock, _run_views(self._bytes, geometry, header.layer, header.runs))
+            return
+        wire.recv_into_buffers(sock, [self._stage.receive_buffer(header.payload_bytes)])
+        self._stage.scatter(header.layer, header.runs)
 
     def _on_layer_write(self, conn_id: int, sock: socket.socket, header: LayerWrite) -> None:
         geometry = self._require_kv().geometry
@@ -77,23 +98,32 @@ class TcpTarget(StreamTarget):
                     f"payload {header.payload_bytes} bytes != 2 x {num_blocks} blocks x {block_bytes}",
                     req_id=header.req_id,
                 )
-            self._requests.admit(header.req_id, conn_id, dst_block_ids)
+            self._admit_receive(conn_id, header.req_id, dst_block_ids)  # forget() waits for the end
         except UnexpectedBlocksError as exc:
             wire.discard(sock, header.payload_bytes)
             self._refuse(sock, header.req_id, exc)
             return
-        wire.recv_into_buffers(sock, _run_views(self._bytes, geometry, header.layer, header.runs))
+        try:
+            self._receive(sock, geometry, header)
+        finally:
+            self._end_receive(conn_id)
         self._requests.landed(header.req_id, num_blocks)
         self.counters.incr("bytes_received", header.payload_bytes)
 
 
 class TcpInitiator(StreamInitiator):
     protocol = "tcp"
+    _stage: DeviceStage | None = None
 
     def _attach_local(self, kv_cache: KVCache) -> None:
-        self._bytes = _byte_view(kv_cache)
+        view, self._stage = _attach(kv_cache)
+        if view is not None:
+            self._bytes = view
 
     def _write_layer(self, peer: Peer, job: LayerJob) -> None:
+        if self._stage is not None:  # CUDA KV: through host staging (the token was waited for)
+            self._write_layer_staged(peer, job)
+            return
         geometry = self._require_kv().geometry
         block_bytes = geometry.bytes_per_block
         num_blocks = sum(run.num_blocks for run in job.runs)
@@ -107,6 +137,20 @@ class TcpInitiator(StreamInitiator):
         wire.send_buffers(
             peer.sock, [wire.frame_bytes(header), *_run_views(self._bytes, geometry, job.layer, runs)]
         )
+        self.counters.incr("bytes_sent", header.payload_bytes)
+
+    def _write_layer_staged(self, peer: Peer, job: LayerJob) -> None:
+        assert self._stage is not None
+        geometry = self._require_kv().geometry
+        num_blocks = sum(run.num_blocks for run in job.runs)
+        header = LayerWrite(
+            job.req_id,
+            job.layer,
+            [[run.dst_start, run.num_blocks] for run in job.runs],
+            2 * num_blocks * geometry.bytes_per_block,
+        )
+        payload = self._stage.gather(job.layer, [[run.src_start, run.num_blocks] for run in job.runs])
+        wire.send_buffers(peer.sock, [wire.frame_bytes(header), payload])
         self.counters.incr("bytes_sent", header.payload_bytes)
 
 

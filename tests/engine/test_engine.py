@@ -194,7 +194,7 @@ def test_disaggregated_prefill_then_decode_equals_mixed(model_dir: Path) -> None
     p_eng = make_engine(model_dir, num_kv_blocks=64)
     d_eng = make_engine(model_dir, num_kv_blocks=96)
     layers_seen: list[int] = []
-    p_eng.set_layer_callback(lambda layer, chunks: layers_seen.append(layer))
+    p_eng.set_layer_callback(lambda layer, chunks, ready: layers_seen.append(layer))
     for i, prompt in enumerate(ps):
         p_eng.add_request(f"p{i}", prompt, params, prefill_only=True)
     done = {}

@@ -16,6 +16,7 @@ import transformers
 from splitwise.engine.config import EngineConfig, ModelConfig
 from splitwise.engine.errors import EngineError
 from splitwise.engine.kv_cache import KVCache, KVCacheGeometry
+from splitwise.engine.layer_ready import ReadyToken
 from splitwise.engine.model.attention import AttentionMetadata
 from splitwise.engine.model_runner import (
     ModelRunner,
@@ -238,17 +239,18 @@ def test_layer_callback_runs_after_each_layers_kv_is_written(runner: ModelRunner
     blocks = [5, 12]
     seq = make_seq(tokens_of(6, seed=9), blocks)
     chunks = [ScheduledChunk(seq, 6)]
-    seen: list[tuple[int, bool, bool, bool]] = []
+    seen: list[tuple[int, bool, bool, bool, bool]] = []
 
-    def on_layer(layer: int, batch: object) -> None:
+    def on_layer(layer: int, batch: object, ready: ReadyToken) -> None:
         written = bool(kv.k(layer)[blocks].abs().sum() > 0) and bool(kv.v(layer)[blocks].abs().sum() > 0)
         rest_empty = bool((kv.tensor[layer + 1 :] == 0).all())
-        seen.append((layer, batch is chunks, written, rest_empty))
+        seen.append((layer, batch is chunks, written, rest_empty, ready.query()))
 
     runner.execute(chunks, layer_callback=on_layer)
 
     num_layers = kv.geometry.num_layers
-    assert seen == [(layer, True, True, True) for layer in range(num_layers)]
+    # CPU: the layer's writes are done when the callback runs, so its ready token is complete.
+    assert seen == [(layer, True, True, True, True) for layer in range(num_layers)]
 
 
 def test_runner_does_not_mutate_the_sequence(runner: ModelRunner) -> None:

@@ -127,7 +127,7 @@ def register(
     names: tuple[str, ...] = ("nic0",),
 ) -> tuple[list[NicResources], TransferCounters]:
     counters = TransferCounters()
-    options = TransportOptions(extra={OPTION_GPU_REGISTRATION: mode})
+    options = TransportOptions(cluster_token="test-cluster-token", extra={OPTION_GPU_REGISTRATION: mode})
     nics = open_nics(
         FakeBackend(fabric), names, kv, RW, gpu=GpuPolicy.from_options(options, driver), counters=counters
     )
@@ -271,7 +271,9 @@ def test_cpu_kv_is_a_plain_mr_and_never_asks_cuda() -> None:
 
 def test_an_unknown_registration_mode_names_the_option() -> None:
     with pytest.raises(ValueError, match="rdma_gpu_registration: 'gdr' is not one of auto, dmabuf, peermem"):
-        GpuPolicy.from_options(TransportOptions(extra={OPTION_GPU_REGISTRATION: "gdr"}))
+        GpuPolicy.from_options(
+            TransportOptions(cluster_token="test-cluster-token", extra={OPTION_GPU_REGISTRATION: "gdr"})
+        )
 
 
 def test_pyverbs_errno_is_kept_for_the_fallback_decision() -> None:
@@ -364,9 +366,15 @@ def test_gpu_kv_transfer_lands_in_the_right_blocks(
     d_gpu = FakeGpuKv(driver, offset_bytes=2 * PAGE + 512)
     p_gpu = FakeGpuKv(driver, offset_bytes=PAGE + 768, seed=0)
     d_options = TransportOptions(
-        host="127.0.0.1", port=0, connect_timeout_s=5, extra={OPTION_GPU_REGISTRATION: d_mode}
+        cluster_token="test-cluster-token",
+        host="127.0.0.1",
+        port=0,
+        connect_timeout_s=5,
+        extra={OPTION_GPU_REGISTRATION: d_mode},
     )
-    p_options = TransportOptions(connect_timeout_s=5, extra={OPTION_GPU_REGISTRATION: p_mode})
+    p_options = TransportOptions(
+        cluster_token="test-cluster-token", connect_timeout_s=5, extra={OPTION_GPU_REGISTRATION: p_mode}
+    )
     target = RdmaTarget(d_options, backend=backend, nics=["fake_d0"], cuda_driver=driver)
     initiator = RdmaInitiator(
         p_options,
@@ -463,7 +471,9 @@ def test_gpu_kv_transfer_over_pyverbs_loopback(mode: str) -> None:
     """GPU to GPU through a real NIC (P and D on one device), by each registration path."""
     cuda_or_skip()
     backend, name = pyverbs_backend_or_skip()
-    options = TransportOptions(host="127.0.0.1", port=0, extra={OPTION_GPU_REGISTRATION: mode})
+    options = TransportOptions(
+        cluster_token="test-cluster-token", host="127.0.0.1", port=0, extra={OPTION_GPU_REGISTRATION: mode}
+    )
     target, initiator = (
         RdmaTarget(options, backend=backend, nics=[name]),
         RdmaInitiator(options, backend=backend, nics=[name]),

@@ -126,7 +126,7 @@ def run_python(
 
 @pytest.mark.parametrize("mode", ["cpu", "gpu"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_script_and_module_agree_with_expected(
+def test_module_gives_the_expected_answer(
     case: str,
     mode: str,
     sysfs: SysfsTree,
@@ -136,18 +136,30 @@ def test_script_and_module_agree_with_expected(
     build, cpu_answer, gpu_answer = CASES[case]
     build(sysfs)
     expected = cpu_answer if mode == "cpu" else gpu_answer
+    rc, out, err = run_python(sysfs.root, mode, capsys, monkeypatch)
+    if expected is None:
+        assert (rc, out) == (1, "")
+        assert "get_rdma_nics: no " in err
+    else:
+        assert (rc, out, err) == (0, f"KVCACHE_RDMA_NICS={','.join(expected)}\n", "")
 
+
+@pytest.mark.parametrize(
+    ("case", "mode"), [("pcie_switch", "gpu"), ("roce_and_infiniband", "cpu"), ("no_gpu", "gpu")]
+)
+def test_script_is_the_module_behind_a_wrapper(
+    case: str,
+    mode: str,
+    sysfs: SysfsTree,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One implementation: the script passes arguments, output and exit status through unchanged
+    (a success, a detection failure; usage errors in test_bad_mode_is_usage_error)."""
+    CASES[case][0](sysfs)
     script = run_script(sysfs.root, mode)
     rc, out, err = run_python(sysfs.root, mode, capsys, monkeypatch)
-
-    if expected is None:
-        assert (script.returncode, script.stdout) == (1, "")
-        assert (rc, out) == (1, "")
-        assert "get_rdma_nics: no " in script.stderr and "get_rdma_nics: no " in err
-    else:
-        line = f"KVCACHE_RDMA_NICS={','.join(expected)}\n"
-        assert (script.returncode, script.stdout, script.stderr) == (0, line, "")
-        assert (rc, out, err) == (0, line, "")
+    assert (script.returncode, script.stdout, script.stderr) == (rc, out, err)
 
 
 def test_bad_mode_is_usage_error(sysfs: SysfsTree) -> None:
@@ -191,3 +203,47 @@ def test_resolve_detects_when_environment_unset(sysfs: SysfsTree) -> None:
         nics.resolve_nics("gpu", env={"SYSFS_ROOT": str(sysfs.root / "nothing")})
     with pytest.raises(ValueError, match="KVCACHE_RDMA_NICS"):
         nics.parse_nic_list(" , ")
+
+
+def tree_two_nics_on_the_gpu_switch(t: SysfsTree) -> None:
+    # GPU 0 shares a PCIe switch with mlx5_1 AND mlx5_2 (a dual-NIC-per-GPU box); mlx5_0 is farther.
+    sw = "pci0000:00/0000:00:01.0/0000:01:00.0"
+    t.nic("mlx5_0", "pci0000:00/0000:00:03.0/0000:06:00.0", numa_node=0)
+    t.nic("mlx5_1", f"{sw}/0000:02:01.0/0000:04:00.0", numa_node=0)
+    t.nic("mlx5_2", f"{sw}/0000:02:02.0/0000:05:00.0", numa_node=0)
+    t.gpu(f"{sw}/0000:02:00.0/0000:03:00.0", numa_node=0)
+
+
+def test_stripe_lists_every_nic_tied_for_nearest_in_script_and_module(
+    sysfs: SysfsTree, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tree_two_nics_on_the_gpu_switch(sysfs)
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "SYSFS_ROOT": str(sysfs.root)}
+    script = subprocess.run(
+        ["bash", str(SCRIPT), "gpu", "--stripe"], env=env, capture_output=True, text=True, timeout=30
+    )
+    monkeypatch.setenv("SYSFS_ROOT", str(sysfs.root))
+    rc = nics.main(["gpu", "--stripe"])
+    out, _ = capsys.readouterr()
+    assert (script.returncode, script.stdout) == (rc, out) == (0, "KVCACHE_RDMA_NICS=mlx5_1+mlx5_2\n")
+    assert nics.main(["gpu"]) == 0
+    assert capsys.readouterr()[0] == "KVCACHE_RDMA_NICS=mlx5_1\n"  # FastDeploy's one-per-GPU form
+    assert nics.nics_for_gpu(0, env={"SYSFS_ROOT": str(sysfs.root)}) == ["mlx5_1", "mlx5_2"]
+
+
+def test_cuda_visible_devices_maps_the_logical_gpu_to_its_physical_nic(sysfs: SysfsTree) -> None:
+    tree_two_numa(sysfs)  # physical GPUs (PCI order) 0, 1, 2 -> mlx5_1, mlx5_1, mlx5_0
+    root = {"SYSFS_ROOT": str(sysfs.root)}
+    assert nics.nics_for_gpu(0, env=root) == ["mlx5_1"]
+    assert nics.nics_for_gpu(0, env={**root, "CUDA_VISIBLE_DEVICES": "2"}) == ["mlx5_0"]
+    assert nics.nics_for_gpu(0, env={**root, "CUDA_VISIBLE_DEVICES": "2,1"}) == ["mlx5_0"]
+    assert nics.nics_for_gpu(1, env={**root, "CUDA_VISIBLE_DEVICES": "2,1"}) == ["mlx5_1"]
+    # The GPU's own PCI address (from torch on a CUDA machine) beats index arithmetic.
+    assert nics.nics_for_gpu(0, env=root, pci_address="0000:98:00.0") == ["mlx5_0"]
+    # The configured list is indexed by physical GPU too; '+' entries stripe.
+    configured = {"KVCACHE_RDMA_NICS": "mlx5_0,mlx5_2+mlx5_3", "CUDA_VISIBLE_DEVICES": "1"}
+    assert nics.nics_for_gpu(0, env=configured) == ["mlx5_2", "mlx5_3"]
+    with pytest.raises(NicDetectionError, match="UUID or MIG"):
+        nics.nics_for_gpu(0, env={**root, "CUDA_VISIBLE_DEVICES": "GPU-8f2c1a"})
+    with pytest.raises(NicDetectionError, match="no GPU 1"):
+        nics.physical_gpu_index(1, {"CUDA_VISIBLE_DEVICES": "0"})

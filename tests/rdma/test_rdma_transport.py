@@ -40,7 +40,9 @@ def pair() -> Iterator[Pair]:
     """P with two NICs (two striped lanes) and D with one, on one fake fabric."""
     fabric = FakeFabric().add_device("fake_d0").add_device("fake_p0").add_device("fake_p1")
     backend = FakeBackend(fabric)
-    options = TransportOptions(host="127.0.0.1", port=0, connect_timeout_s=5)
+    options = TransportOptions(
+        cluster_token="test-cluster-token", host="127.0.0.1", port=0, connect_timeout_s=5
+    )
     target = RdmaTarget(options, backend=backend, nics=["fake_d0"])
     initiator = RdmaInitiator(
         options, backend=backend, nics=["fake_p0", "fake_p1"], send_queue_depth=4, completion_timeout_s=5
@@ -149,7 +151,7 @@ def test_closing_the_target_fails_pending_initiator_requests(pair: Pair) -> None
 def test_transport_over_pyverbs_loopback() -> None:
     """Same as the fake end-to-end test, on a real device (P and D share it: loopback)."""
     backend, name = pyverbs_backend_or_skip()
-    options = TransportOptions(host="127.0.0.1", port=0)
+    options = TransportOptions(cluster_token="test-cluster-token", host="127.0.0.1", port=0)
     target, initiator = (
         RdmaTarget(options, backend=backend, nics=[name]),
         RdmaInitiator(options, backend=backend, nics=[name]),
@@ -190,7 +192,9 @@ def test_small_max_message_size_splits_blocks_and_still_lands_exactly() -> None:
     other = dataclasses.replace(tiny, gid="0000:0000:0000:0000:0000:ffff:0a00:0009")
     fabric = FakeFabric().add_device("d0", tiny).add_device("p0", other)
     backend = FakeBackend(fabric)
-    options = TransportOptions()
+    options = TransportOptions(
+        cluster_token="test-cluster-token",
+    )
     target = RdmaTarget(options, backend=backend, nics=["d0"])
     initiator = RdmaInitiator(options, backend=backend, nics=["p0"], send_queue_depth=8)
     p_cache, d_cache = caches()
@@ -207,4 +211,62 @@ def test_small_max_message_size_splits_blocks_and_still_lands_exactly() -> None:
             assert blocks(d_cache, layer, 1, [8, 9, 10]) == blocks(p_cache, layer, 1, [0, 1, 2])
     finally:
         initiator.close()
+        target.close()
+
+
+@pytest.mark.rdma
+def test_revoke_over_pyverbs_loopback_stops_the_peers_writes() -> None:
+    """On a real device: after D revokes P (its QPs to ERROR), P's WRITEs fail and nothing lands."""
+    backend, name = pyverbs_backend_or_skip()
+    options = TransportOptions(cluster_token="test-cluster-token", host="127.0.0.1", port=0, node_id="p")
+    target, initiator = (
+        RdmaTarget(options, backend=backend, nics=[name]),
+        RdmaInitiator(options, backend=backend, nics=[name]),
+    )
+    p_cache, d_cache = caches()
+    try:
+        target.register(d_cache)
+        initiator.register(p_cache)
+        initiator.connect("d", target.endpoint())
+        target.expect("r1", [5, 6], timeout_s=30)
+        before = [
+            blocks(d_cache, layer, kind, [5, 6]) for layer in range(GEOMETRY.num_layers) for kind in (0, 1)
+        ]
+        assert target.revoke("p")
+        try:
+            transfer(initiator, "r1", [1, 2], [5, 6])
+        except NotConnectedError:
+            pass
+        assert not initiator.wait("r1", 30).is_done
+        after = [
+            blocks(d_cache, layer, kind, [5, 6]) for layer in range(GEOMETRY.num_layers) for kind in (0, 1)
+        ]
+        assert after == before
+    finally:
+        initiator.close()
+        target.close()
+
+
+def test_target_deadlines_use_the_injected_clock() -> None:
+    """rdma's request table is splitwise.transfer.tracking's: its deadlines follow the clock given."""
+    now = [100.0]
+    fabric = FakeFabric().add_device("d0")
+    target = RdmaTarget(
+        TransportOptions(cluster_token="test-cluster-token"),
+        backend=FakeBackend(fabric),
+        nics=["d0"],
+        clock=lambda: now[0],
+    )
+    _, d_cache = caches()
+    try:
+        target.register(d_cache)
+        target.expect("r", [1, 2], timeout_s=5)
+        now[0] += 4.9
+        assert target.poll("r").state.value == "pending"
+        now[0] += 0.2
+        status = target.poll("r")
+        assert status.is_failed and "timed out" in (status.reason or "")
+        target.forget("r")
+        assert "unknown request" in (target.poll("r").reason or "")
+    finally:
         target.close()
