@@ -128,6 +128,9 @@ class TokenChunk:
     index: int
     token_ids: list[int]
     logprobs: list[float] | None = None
+    # Per token: the request's top_logprobs alternatives (ids and logprobs, most likely first).
+    top_token_ids: list[list[int]] | None = None
+    top_logprobs: list[list[float]] | None = None
     is_terminal: ClassVar[bool] = False
 
 

@@ -1,21 +1,22 @@
-"""POST /v1/completions: one prompt (text or token ids) -> text, streamed or whole.
+"""POST /v1/completions: one prompt or a batch (text or token ids) -> n choices each, streamed or whole.
 
-Logprobs (``"logprobs": N``) report the chosen token only -- the engine computes nothing else -- so
-``top_logprobs`` holds one entry per position whatever N is. ``text_offset`` counts characters of
-the per-token strings, as vLLM does.
+Logprobs (``"logprobs": k``) report the chosen token and the k most likely ones per position (in
+``top_logprobs``, the chosen one included, as vLLM). ``text_offset`` counts characters of the
+per-token strings, as vLLM does. ``echo`` puts the prompt text in front of each choice's text.
 """
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterable
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
+from splitwise.api.choices import ChoiceEvent, ChoiceSet, expand
 from splitwise.api.errors import BadRequestError
 from splitwise.api.protocol import (
+    MAX_PROMPTS,
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
@@ -23,30 +24,40 @@ from splitwise.api.protocol import (
     PromptInput,
     Usage,
 )
-from splitwise.api.serving import COMPLETION_DEFAULT_MAX_TOKENS, Delta, Generation, ServingContext, TokenPiece
+from splitwise.api.serving import COMPLETION_DEFAULT_MAX_TOKENS, ServingContext, TokenPiece
 from splitwise.api.streaming import collect, respond_streaming, unless_disconnected
+from splitwise.api.text_checks import check_text
 from splitwise.logging import bind_request
 
 ENDPOINT = "/v1/completions"
 
 
-def prompt_token_ids(ctx: ServingContext, prompt: PromptInput) -> list[int]:
-    """The one prompt of a request as token ids ([text] and [[ids]] unwrap; several prompts are a 400)."""
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        if len(prompt) != 1:
-            raise BadRequestError(
-                f"one prompt per request is supported, got {len(prompt)}; send them separately",
-                param="prompt",
-            )
-        prompt = prompt[0]
+def prompt_list(ctx: ServingContext, prompt: PromptInput) -> list[list[int]]:
+    """Every prompt of a request as token ids: a string, a list of ids, or a batch of either."""
+    batch: list[str | list[int]]
     if isinstance(prompt, str):
-        ids = ctx.tokenizer.encode(prompt)
+        batch = [prompt]
+    elif prompt and isinstance(prompt[0], (str, list)):
+        batch = list(prompt)
     else:
-        ids = [int(t) for t in prompt]  # type: ignore[arg-type]
-        ctx.check_token_ids(ids, "prompt")
-    if not ids:
+        batch = [prompt]  # type: ignore[list-item]
+    if not batch:
         raise BadRequestError("prompt is empty", param="prompt")
-    return ids
+    if len(batch) > MAX_PROMPTS:
+        raise BadRequestError(f"at most {MAX_PROMPTS} prompts per request, got {len(batch)}", param="prompt")
+    out = []
+    for i, one in enumerate(batch):
+        param = "prompt" if len(batch) == 1 else f"prompt[{i}]"
+        if isinstance(one, str):
+            check_text(one, param)
+            ids = ctx.tokenizer.encode(one) if one else []
+        else:
+            ids = [int(t) for t in one]
+            ctx.check_token_ids(ids, param)
+        if not ids or not (isinstance(one, list) or one):
+            raise BadRequestError("prompt is empty", param=param)
+        out.append(ids)
+    return out
 
 
 class CompletionLogprobsBuilder:
@@ -61,17 +72,26 @@ class CompletionLogprobsBuilder:
             out.tokens.append(token)
             out.token_logprobs.append(piece.logprob)
             out.text_offset.append(self._offset)
-            out.top_logprobs.append({token: piece.logprob} if piece.logprob is not None else None)
+            if piece.logprob is None:
+                out.top_logprobs.append(None)
+            else:
+                top = {token: piece.logprob}
+                for token_id, logprob in piece.top:
+                    top.setdefault(self._ctx.token_text(token_id), logprob)
+                out.top_logprobs.append(top)
             self._offset += len(token)
         return out
 
 
 class CompletionChunks:
-    """Stream chunks: one per delta, a final one with finish_reason, then usage if asked for."""
+    """Stream chunks: one per delta (per choice), one with each choice's finish_reason, then usage."""
 
-    def __init__(self, ctx: ServingContext, req_id: str, request: CompletionRequest) -> None:
-        self._ctx, self._req_id, self._request = ctx, req_id, request
-        self._logprobs = CompletionLogprobsBuilder(ctx) if request.logprobs is not None else None
+    def __init__(
+        self, ctx: ServingContext, choices: ChoiceSet, request: CompletionRequest, echoes: list[str]
+    ) -> None:
+        self._ctx, self._req_id, self._request, self._choices = ctx, choices.req_id, request, choices
+        self._echoes = echoes  # per choice: the prompt text still to send (echo)
+        self._logprobs: dict[int, CompletionLogprobsBuilder] = {}
 
     def _chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> CompletionResponse:
         return CompletionResponse(id=self._req_id, model=self._ctx.model_id, choices=choices, usage=usage)
@@ -79,44 +99,81 @@ class CompletionChunks:
     def opening(self) -> Iterable[CompletionResponse]:
         return ()
 
-    def delta(self, delta: Delta) -> Iterable[CompletionResponse]:
-        logprobs = self._logprobs.build(delta.tokens) if self._logprobs is not None else None
-        yield self._chunk([CompletionChoice(text=delta.text, logprobs=logprobs)])
+    def event(self, event: ChoiceEvent) -> Iterable[CompletionResponse]:
+        echo, self._echoes[event.index] = self._echoes[event.index], ""
+        if event.delta is None:
+            if echo:
+                yield self._chunk([CompletionChoice(index=event.index, text=echo)])
+            yield self._finish_chunk(event.index)
+            return
+        logprobs = None
+        if self._request.logprobs is not None:
+            builder = self._logprobs.setdefault(event.index, CompletionLogprobsBuilder(self._ctx))
+            logprobs = builder.build(event.delta.tokens)
+        yield self._chunk(
+            [CompletionChoice(index=event.index, text=echo + event.delta.text, logprobs=logprobs)]
+        )
 
-    def closing(self, generation: Generation) -> Iterable[CompletionResponse]:
-        yield self._chunk([CompletionChoice(text="", finish_reason=generation.finish_reason)])
+    def _finish_chunk(self, index: int) -> CompletionResponse:
+        generation = self._choices.generations[index]
+        choice = CompletionChoice(
+            index=index, text="", finish_reason=generation.finish_reason, stop_reason=generation.stop_reason
+        )
+        return self._chunk([choice])
+
+    def closing(self, choices: ChoiceSet) -> Iterable[CompletionResponse]:
         if self._request.include_usage:
-            yield self._chunk([], Usage.of(generation.num_prompt_tokens, generation.num_completion_tokens))
+            yield self._chunk([], Usage.of(choices.num_prompt_tokens, choices.num_completion_tokens))
 
 
 async def create_completion(ctx: ServingContext, request: Request, body: CompletionRequest) -> Response:
     ctx.check_model(body.model)
-    if body.echo:
-        raise BadRequestError("echo is not supported", param="echo")
-    ids = prompt_token_ids(ctx, body.prompt)
-    params = ctx.sampling_params(
-        body,
-        prompt_tokens=len(ids),
-        max_tokens=body.max_tokens,
-        default_max_tokens=COMPLETION_DEFAULT_MAX_TOKENS,
-        logprobs=body.logprobs is not None,
-    )
-    req_id = f"cmpl-{uuid.uuid4().hex}"
+    req_id = ctx.request_id(request, "cmpl")
     with bind_request(req_id):
-        generation = await ctx.start(req_id=req_id, prompt_token_ids=ids, params=params)
+        if body.echo and body.logprobs is not None:
+            raise BadRequestError("echo with logprobs (prompt logprobs) is not supported", param="echo")
+        prompts = prompt_list(ctx, body.prompt)
+        top = body.logprobs or 0
+        params = [
+            ctx.sampling_params(
+                body,
+                prompt_tokens=len(ids),
+                max_tokens=body.max_tokens,
+                default_max_tokens=COMPLETION_DEFAULT_MAX_TOKENS,
+                logprobs=body.logprobs is not None,
+                top_logprobs=top,
+                prompt_param="prompt" if len(prompts) == 1 else f"prompt[{i}]",
+            )
+            for i, ids in enumerate(prompts)
+        ]
+        specs = expand(prompts, params, body.n)
+        echoes = [ctx.tokenizer.decode(s.prompt_token_ids) if body.echo else "" for s in specs]
+        choices = ChoiceSet(ctx, req_id, specs)
+        await choices.start()
         if body.stream:
-            return await respond_streaming(request, generation, CompletionChunks(ctx, req_id, body), ENDPOINT)
-        deltas = await unless_disconnected(request, collect(generation), generation)
-        pieces = [piece for delta in deltas for piece in delta.tokens]
-        logprobs = CompletionLogprobsBuilder(ctx).build(pieces) if body.logprobs is not None else None
-        choice = CompletionChoice(
-            text="".join(d.text for d in deltas), logprobs=logprobs, finish_reason=generation.finish_reason
-        )
+            formatter = CompletionChunks(ctx, choices, body, echoes)
+            return await respond_streaming(request, choices, formatter, ENDPOINT)
+        events = await unless_disconnected(request, collect(choices), choices)
+        out = []
+        for spec, echo in zip(specs, echoes, strict=True):
+            mine = [e.delta for e in events if e.index == spec.index and e.delta is not None]
+            pieces = [piece for delta in mine for piece in delta.tokens]
+            logprobs = CompletionLogprobsBuilder(ctx).build(pieces) if body.logprobs is not None else None
+            generation = choices.generations[spec.index]
+            out.append(
+                CompletionChoice(
+                    index=spec.index,
+                    text=echo + "".join(d.text for d in mine),
+                    logprobs=logprobs,
+                    finish_reason=generation.finish_reason,
+                    stop_reason=generation.stop_reason,
+                )
+            )
         response = CompletionResponse(
             id=req_id,
             model=ctx.model_id,
-            choices=[choice],
-            usage=Usage.of(generation.num_prompt_tokens, generation.num_completion_tokens),
+            choices=out,
+            usage=Usage.of(choices.num_prompt_tokens, choices.num_completion_tokens),
         )
-        ctx.record_outcome(ENDPOINT, "success", generation)
+        ctx.record_outcome(ENDPOINT, "success", choices)
         return JSONResponse(response.model_dump())

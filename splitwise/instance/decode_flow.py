@@ -158,7 +158,12 @@ class DecodeFlow:
 
         def admit(engine: Any) -> None:
             first_out = engine.add_prefilled_request(
-                req_id, prompt, params, first.first_token_id, first.logprob
+                req_id,
+                prompt,
+                params,
+                first.first_token_id,
+                first.logprob,
+                list(zip(first.top_token_ids, first.top_logprobs, strict=True)),
             )
             self.worker.deliver_from_engine_thread([first_out])
 

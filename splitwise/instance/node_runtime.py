@@ -192,6 +192,8 @@ class NodeRuntime:
                 batch.append(outputs.get_nowait())  # coalesce what is ready into one chunk
             tokens = [t for out in batch for t in out.new_token_ids]
             logprobs = [lp for out in batch for lp in out.new_logprobs]
+            tops = [top for out in batch for top in out.new_top_logprobs]
+            has_tops = any(tops)
             if tokens:
                 await self.node.publish(
                     TokenChunk(
@@ -200,6 +202,8 @@ class NodeRuntime:
                         index=index,
                         token_ids=tokens,
                         logprobs=logprobs,
+                        top_token_ids=[[t for t, _ in top] for top in tops] if has_tops else None,
+                        top_logprobs=[[lp for _, lp in top] for top in tops] if has_tops else None,
                     ),
                     frontend_id=item.frontend_id,
                 )
