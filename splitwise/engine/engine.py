@@ -32,7 +32,7 @@ from splitwise.engine.config import EngineConfig, ModelConfig
 from splitwise.engine.errors import InvalidRequestError, UnknownRequestError
 from splitwise.engine.guided import GrammarCompiler, GrammarMatcher, bitmask_to_bool
 from splitwise.engine.kv_cache import KVCache
-from splitwise.engine.logits_processing import RowHistory
+from splitwise.engine.logits_processing import RowHistory, TokenHistory
 from splitwise.engine.model_runner import LayerCallback, ModelRunner, ScheduledChunk, build_kv_cache
 from splitwise.engine.outputs import GenerationResult, RequestOutput
 from splitwise.engine.sampler import Sampler
@@ -85,6 +85,7 @@ class LLMEngine:
         self.sampler = Sampler(seed=config.seed, stop_token_ids=frozenset(eos))
         self._grammar_compiler: GrammarCompiler | None = None  # built on the first constrained request
         self._matchers: dict[str, GrammarMatcher] = {}
+        self._histories: dict[str, TokenHistory] = {}  # requests with penalties / min_tokens
         self._tops: dict[str, list[tuple[int, float]]] = {}  # this step's top logprobs per request
         self.stats = EngineStats()
         self._layer_callback: LayerCallback | None = None
@@ -167,7 +168,7 @@ class LLMEngine:
             return
         seq = self.scheduler.abort(req_id)
         self._texts.pop(req_id, None)
-        self._matchers.pop(req_id, None)
+        self._forget(req_id)
         self._pending.append(_final(seq, FinishReason.ABORT))
 
     def has_unfinished(self) -> bool:
@@ -287,6 +288,18 @@ class LLMEngine:
                 self._tops[seq.req_id] = top
         return {s.req_id: (t, lp) for s, t, lp in zip(seqs, out.token_ids, out.logprobs, strict=False)}
 
+    def _history(self, seq: Sequence) -> RowHistory:
+        history = self._histories.get(seq.req_id)
+        if history is None:
+            history = self._histories[seq.req_id] = TokenHistory(seq.prompt_token_ids)
+        return history.sync(seq.output_token_ids)
+
+    def _forget(self, req_id: str) -> None:
+        """Drop the per-request sampling state (grammar matcher, token history)."""
+        self._matchers.pop(req_id, None)
+        self._histories.pop(req_id, None)
+        self._tops.pop(req_id, None)
+
     def _grammar_mask(
         self, seqs: list[Sequence], vocab_size: int, device: torch.device
     ) -> torch.Tensor | None:
@@ -317,7 +330,7 @@ class LLMEngine:
         assert reason is not None
         new_text = delta.text if delta.stop is not None or text is None else delta.text + text.finish()
         self._texts.pop(seq.req_id, None)  # (PREFILL_DONE: the decode node detokenizes from here on)
-        self._matchers.pop(seq.req_id, None)
+        self._forget(seq.req_id)
         self.stats.num_finished += 1
         return _output(seq, [token_id], [logprob], new_text, reason, tops)
 
@@ -325,7 +338,7 @@ class LLMEngine:
         failed = []
         for seq in scheduled.failed:
             self._texts.pop(seq.req_id, None)
-            self._matchers.pop(seq.req_id, None)
+            self._forget(seq.req_id)
             self.stats.num_failed += 1
             need = self.block_manager.num_blocks_for(seq.num_tokens)
             error = (
