@@ -2,7 +2,9 @@
 
 Logprobs (``"logprobs": k``) report the chosen token and the k most likely ones per position (in
 ``top_logprobs``, the chosen one included, as vLLM). ``text_offset`` counts characters of the
-per-token strings, as vLLM does. ``echo`` puts the prompt text in front of each choice's text.
+per-token strings, as vLLM does. ``echo`` puts the prompt text in front of each choice's text;
+with logprobs the prompt tokens come first in the logprobs too (the first one with ``None``),
+computed on the node that prefilled (splitwise/engine/prompt_logprobs.py).
 """
 
 from __future__ import annotations
@@ -27,13 +29,15 @@ from splitwise.api.protocol import (
 from splitwise.api.serving import COMPLETION_DEFAULT_MAX_TOKENS, ServingContext, TokenPiece
 from splitwise.api.streaming import collect, respond_streaming, unless_disconnected
 from splitwise.api.text_checks import check_text
+from splitwise.engine.prompt_logprobs import PromptLogprob
 from splitwise.logging import bind_request
 
 ENDPOINT = "/v1/completions"
 
 
-def prompt_list(ctx: ServingContext, prompt: PromptInput) -> list[list[int]]:
-    """Every prompt of a request as token ids: a string, a list of ids, or a batch of either."""
+def prompt_list(ctx: ServingContext, prompt: PromptInput) -> list[tuple[list[int], str | None]]:
+    """Every prompt of a request as token ids (and its text, when sent as text): a string, a list
+    of ids, or a batch of either."""
     batch: list[str | list[int]]
     if isinstance(prompt, str):
         batch = [prompt]
@@ -56,7 +60,7 @@ def prompt_list(ctx: ServingContext, prompt: PromptInput) -> list[list[int]]:
             ctx.check_token_ids(ids, param)
         if not ids or not (isinstance(one, list) or one):
             raise BadRequestError("prompt is empty", param=param)
-        out.append(ids)
+        out.append((ids, one if isinstance(one, str) else None))
     return out
 
 
@@ -64,6 +68,30 @@ class CompletionLogprobsBuilder:
     def __init__(self, ctx: ServingContext) -> None:
         self._ctx = ctx
         self._offset = 0
+
+    def build_prompt(
+        self, prompt_token_ids: list[int], values: list[PromptLogprob] | None
+    ) -> CompletionLogprobs:
+        """The prompt's tokens: the first without a logprob, then each with its alternatives."""
+        known: list[PromptLogprob | None] = list(values or [])
+        scored = [None, *known] + [None] * (len(prompt_token_ids) - 1 - len(known))
+        out = CompletionLogprobs()
+        for token_id, value in zip(prompt_token_ids, scored, strict=True):
+            token = self._ctx.token_text(token_id)
+            out.tokens.append(token)
+            out.text_offset.append(self._offset)
+            self._offset += len(token)
+            if value is None:
+                out.token_logprobs.append(None)
+                out.top_logprobs.append(None)
+                continue
+            logprob, top = value
+            out.token_logprobs.append(logprob)
+            entries = {token: logprob}
+            for alt_id, alt_logprob in top:
+                entries.setdefault(self._ctx.token_text(alt_id), alt_logprob)
+            out.top_logprobs.append(entries)
+        return out
 
     def build(self, pieces: list[TokenPiece]) -> CompletionLogprobs:
         out = CompletionLogprobs()
@@ -92,6 +120,7 @@ class CompletionChunks:
         self._ctx, self._req_id, self._request, self._choices = ctx, choices.req_id, request, choices
         self._echoes = echoes  # per choice: the prompt text still to send (echo)
         self._logprobs: dict[int, CompletionLogprobsBuilder] = {}
+        self._prompt_sent: set[int] = set()  # choices whose prompt logprobs went out (echo)
 
     def _chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> CompletionResponse:
         return CompletionResponse(id=self._req_id, model=self._ctx.model_id, choices=choices, usage=usage)
@@ -109,7 +138,13 @@ class CompletionChunks:
         logprobs = None
         if self._request.logprobs is not None:
             builder = self._logprobs.setdefault(event.index, CompletionLogprobsBuilder(self._ctx))
-            logprobs = builder.build(event.delta.tokens)
+            prompt = None
+            if self._request.echo and event.index not in self._prompt_sent:
+                self._prompt_sent.add(event.index)
+                spec = self._choices.specs[event.index]
+                generation = self._choices.generations[event.index]
+                prompt = builder.build_prompt(spec.prompt_token_ids, generation.prompt_logprobs)
+            logprobs = _joined(prompt, builder.build(event.delta.tokens))
         yield self._chunk(
             [CompletionChoice(index=event.index, text=echo + event.delta.text, logprobs=logprobs)]
         )
@@ -126,13 +161,23 @@ class CompletionChunks:
             yield self._chunk([], Usage.of(choices.num_prompt_tokens, choices.num_completion_tokens))
 
 
+def _joined(first: CompletionLogprobs | None, second: CompletionLogprobs) -> CompletionLogprobs:
+    if first is None:
+        return second
+    return CompletionLogprobs(
+        tokens=first.tokens + second.tokens,
+        token_logprobs=first.token_logprobs + second.token_logprobs,
+        text_offset=first.text_offset + second.text_offset,
+        top_logprobs=first.top_logprobs + second.top_logprobs,
+    )
+
+
 async def create_completion(ctx: ServingContext, request: Request, body: CompletionRequest) -> Response:
     ctx.check_model(body.model)
     req_id = ctx.request_id(request, "cmpl")
     with bind_request(req_id):
-        if body.echo and body.logprobs is not None:
-            raise BadRequestError("echo with logprobs (prompt logprobs) is not supported", param="echo")
-        prompts = prompt_list(ctx, body.prompt)
+        prompt_texts = prompt_list(ctx, body.prompt)
+        prompts = [ids for ids, _ in prompt_texts]
         top = body.logprobs or 0
         params = [
             ctx.sampling_params(
@@ -142,12 +187,17 @@ async def create_completion(ctx: ServingContext, request: Request, body: Complet
                 default_max_tokens=COMPLETION_DEFAULT_MAX_TOKENS,
                 logprobs=body.logprobs is not None,
                 top_logprobs=top,
+                prompt_logprobs=top if body.echo and body.logprobs is not None else None,
                 prompt_param="prompt" if len(prompts) == 1 else f"prompt[{i}]",
             )
             for i, ids in enumerate(prompts)
         ]
         specs = expand(prompts, params, body.n)
-        echoes = [ctx.tokenizer.decode(s.prompt_token_ids) if body.echo else "" for s in specs]
+        # echo: the prompt as sent (text prompts), or the decoded ids
+        echoes = [
+            (prompt_texts[s.group][1] or ctx.tokenizer.decode(s.prompt_token_ids)) if body.echo else ""
+            for s in specs
+        ]
         choices = ChoiceSet(ctx, req_id, specs)
         await choices.start()
         if body.stream:
@@ -158,8 +208,14 @@ async def create_completion(ctx: ServingContext, request: Request, body: Complet
         for spec, echo in zip(specs, echoes, strict=True):
             mine = [e.delta for e in events if e.index == spec.index and e.delta is not None]
             pieces = [piece for delta in mine for piece in delta.tokens]
-            logprobs = CompletionLogprobsBuilder(ctx).build(pieces) if body.logprobs is not None else None
             generation = choices.generations[spec.index]
+            logprobs = None
+            if body.logprobs is not None:
+                builder = CompletionLogprobsBuilder(ctx)
+                prompt = (
+                    builder.build_prompt(spec.prompt_token_ids, generation.prompt_logprobs) if echo else None
+                )
+                logprobs = _joined(prompt, builder.build(pieces))
             out.append(
                 CompletionChoice(
                     index=spec.index,

@@ -40,6 +40,8 @@ from splitwise.api.metrics import ApiMetrics, RequestTimer
 from splitwise.api.protocol import SamplingRequest
 from splitwise.api.request_params import GrammarCheck, check_fields, logit_bias_pairs, structured_spec
 from splitwise.engine.errors import InvalidRequestError
+from splitwise.engine.prompt_logprobs import PromptLogprob
+from splitwise.engine.prompt_logprobs import from_wire as prompt_logprobs_from_wire
 from splitwise.engine.sampling_params import SamplingParams
 from splitwise.engine.stop_checker import StopChecker
 from splitwise.engine.text_stream import TextStream
@@ -157,6 +159,7 @@ class ServingContext:
         max_tokens_param: str = "max_tokens",
         prompt_param: str = "prompt",
         structured: tuple[str, str, str] | None = None,
+        prompt_logprobs: int | None = None,
     ) -> SamplingParams:
         """Validated engine parameters, with max_tokens resolved against the context (see module doc).
 
@@ -210,6 +213,7 @@ class ServingContext:
                 allowed_token_ids=tuple(request.allowed_token_ids or ()),
                 logprobs=logprobs,
                 top_logprobs=top_logprobs,
+                prompt_logprobs=prompt_logprobs,
                 structured_kind=structured[0] if structured else "",
                 structured_spec=structured[1] if structured else "",
             )
@@ -273,6 +277,7 @@ class Generation:
         self.num_completion_tokens = 0
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None  # vLLM: the stop string or stop token id that ended it
+        self.prompt_logprobs: list[PromptLogprob] | None = None  # echo + logprobs: from the first chunk
         self._last_token_id: int | None = None
         self._stream = stream
         self._text = TextStream(ctx.tokenizer, prompt_token_ids, params)
@@ -330,6 +335,10 @@ class Generation:
         return self._is_eos(token_id) or token_id in self.params.stop_token_ids
 
     def _on_tokens(self, chunk: TokenChunk) -> Delta:
+        if chunk.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = prompt_logprobs_from_wire(
+                chunk.prompt_logprobs, chunk.prompt_top_token_ids, chunk.prompt_top_logprobs
+            )
         pieces: list[TokenPiece] = []
         text: list[str] = []
         for i, token_id in enumerate(chunk.token_ids):

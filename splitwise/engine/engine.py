@@ -35,6 +35,7 @@ from splitwise.engine.kv_cache import KVCache
 from splitwise.engine.logits_processing import RowHistory, TokenHistory
 from splitwise.engine.model_runner import LayerCallback, ModelRunner, ScheduledChunk, build_kv_cache
 from splitwise.engine.outputs import GenerationResult, RequestOutput
+from splitwise.engine.prompt_logprobs import PromptLogprob, PromptLogprobs, wants_prompt_logprobs
 from splitwise.engine.sampler import Sampler
 from splitwise.engine.sampling_params import SamplingParams
 from splitwise.engine.scheduler import Scheduler, SchedulerOutput
@@ -86,6 +87,7 @@ class LLMEngine:
         self._grammar_compiler: GrammarCompiler | None = None  # built on the first constrained request
         self._matchers: dict[str, GrammarMatcher] = {}
         self._histories: dict[str, TokenHistory] = {}  # requests with penalties / min_tokens
+        self._prompt_logprobs = PromptLogprobs()
         self._tops: dict[str, list[tuple[int, float]]] = {}  # this step's top logprobs per request
         self.stats = EngineStats()
         self._layer_callback: LayerCallback | None = None
@@ -204,6 +206,7 @@ class LLMEngine:
         first_token_id: int,
         first_logprob: float,
         first_top_logprobs: list[tuple[int, float]] | None = None,
+        prompt_logprobs: list[PromptLogprob] | None = None,
     ) -> RequestOutput:
         """Admit a request whose prompt KV was written into its reservation from outside.
 
@@ -231,13 +234,15 @@ class LLMEngine:
             seq.stop_text = delta.stop
             tail = "" if delta.stop is not None or text is None else text.finish()
             self.stats.num_finished += 1
-            return _output(seq, [first_token_id], [first_logprob], delta.text + tail, reason, tops)
+            return _output(
+                seq, [first_token_id], [first_logprob], delta.text + tail, reason, tops, prompt_logprobs
+            )
         self.scheduler.add_prefilled(seq)
         if text is not None:
             self._texts[req_id] = text
         if matcher is not None:
             self._matchers[req_id] = matcher
-        return _output(seq, [first_token_id], [first_logprob], delta.text, None, tops)
+        return _output(seq, [first_token_id], [first_logprob], delta.text, None, tops, prompt_logprobs)
 
     # -- the step -----------------------------------------------------------------------------
 
@@ -254,13 +259,24 @@ class LLMEngine:
         for chunk in scheduled.chunks:
             if chunk.seq.num_computed_tokens == chunk.seq.num_cached_tokens and chunk.seq.num_cached_tokens:
                 self.stats.num_cached_prompt_tokens += chunk.seq.num_cached_tokens
-        logits = self.runner.execute(scheduled.chunks, self._layer_callback)
+        logits = self._run_model(scheduled)
         sampled = self._sample(scheduled, logits)
         result = self.scheduler.postprocess(scheduled, sampled)
         finished = {seq.req_id for seq in result.finished}
         for seq in result.sampled:
             outputs.append(self._emit(seq, seq.req_id in finished))
         return outputs
+
+    def _run_model(self, scheduled: SchedulerOutput) -> torch.Tensor:
+        """Last-token logits of each chunk; every token's when a chunk needs prompt logprobs."""
+        if not any(wants_prompt_logprobs(chunk) for chunk in scheduled.chunks):
+            return self.runner.execute(scheduled.chunks, self._layer_callback)
+        all_logits = self.runner.forward(
+            scheduled.chunks, layer_callback=self._layer_callback, all_tokens=True
+        )
+        self._prompt_logprobs.collect(scheduled.chunks, all_logits)
+        counts = torch.tensor([chunk.num_new_tokens for chunk in scheduled.chunks], dtype=torch.int64)
+        return all_logits[(torch.cumsum(counts, 0) - 1).to(all_logits.device)]
 
     def _sample(self, scheduled: SchedulerOutput, logits: torch.Tensor) -> dict[str, tuple[int, float]]:
         rows = [i for i, chunk in enumerate(scheduled.chunks) if _reaches_end(chunk)]
@@ -299,6 +315,7 @@ class LLMEngine:
         self._matchers.pop(req_id, None)
         self._histories.pop(req_id, None)
         self._tops.pop(req_id, None)
+        self._prompt_logprobs.forget(req_id)
 
     def _grammar_mask(
         self, seqs: list[Sequence], vocab_size: int, device: torch.device
@@ -319,20 +336,21 @@ class LLMEngine:
     def _emit(self, seq: Sequence, finished: bool) -> RequestOutput:
         token_id, logprob = seq.output_token_ids[-1], seq.output_logprobs[-1]
         tops = [self._tops.pop(seq.req_id, [])]
+        prompt_lps = self._prompt_logprobs.take(seq.req_id) if seq.num_output_tokens == 1 else None
         text = self._texts.get(seq.req_id)
         delta = text.push(token_id, self.stop_checker) if text is not None else TextDelta("")
         if delta.stop is not None and not finished:
             self.scheduler.finish(seq.req_id, FinishReason.STOP, stop_text=delta.stop)
             finished = True
         if not finished:
-            return _output(seq, [token_id], [logprob], delta.text, None, tops)
+            return _output(seq, [token_id], [logprob], delta.text, None, tops, prompt_lps)
         reason = seq.finish_reason
         assert reason is not None
         new_text = delta.text if delta.stop is not None or text is None else delta.text + text.finish()
         self._texts.pop(seq.req_id, None)  # (PREFILL_DONE: the decode node detokenizes from here on)
         self._forget(seq.req_id)
         self.stats.num_finished += 1
-        return _output(seq, [token_id], [logprob], new_text, reason, tops)
+        return _output(seq, [token_id], [logprob], new_text, reason, tops, prompt_lps)
 
     def _report_failed(self, scheduled: SchedulerOutput) -> list[RequestOutput]:
         failed = []
@@ -414,8 +432,10 @@ def _output(
     text: str,
     reason: FinishReason | None,
     top_logprobs: list[list[tuple[int, float]]] | None = None,
+    prompt_logprobs: list[PromptLogprob] | None = None,
 ) -> RequestOutput:
     return RequestOutput(
+        prompt_logprobs=prompt_logprobs,
         req_id=seq.req_id,
         new_token_ids=token_ids,
         new_logprobs=logprobs,

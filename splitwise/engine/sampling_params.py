@@ -50,6 +50,7 @@ class SamplingParams:
     allowed_token_ids: tuple[int, ...] = ()  # empty: every token
     logprobs: bool = False  # report the chosen token's logprob (always computed; this only controls output)
     top_logprobs: int = 0  # alternatives reported per position (vLLM's ``logprobs: k``)
+    prompt_logprobs: int | None = None  # None: off; k: each prompt token's logprob and k alternatives
     structured_kind: str = ""  # "" (none) or one of STRUCTURED_KINDS
     structured_spec: str = ""  # JSON schema text, regex, JSON list of choices, or EBNF grammar
 
@@ -89,6 +90,10 @@ class SamplingParams:
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise InvalidRequestError(
                 f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}"
+            )
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidRequestError(
+                f"prompt_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.prompt_logprobs}"
             )
         if self.structured_kind and self.structured_kind not in STRUCTURED_KINDS:
             raise InvalidRequestError(

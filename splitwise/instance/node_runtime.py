@@ -19,6 +19,7 @@ from scheduler.errors import SchedulerClosedError, SchedulerError
 from scheduler.messages import CancelMessage, Failed, Finished, ResultMessage, TokenChunk, WorkItem
 from splitwise.engine.errors import EngineError, InvalidRequestError
 from splitwise.engine.outputs import RequestOutput
+from splitwise.engine.prompt_logprobs import to_wire as prompt_logprobs_to_wire
 from splitwise.engine.sampling_params import SamplingParams
 from splitwise.engine.sequence import FinishReason
 from splitwise.errors import SplitwiseError
@@ -204,6 +205,7 @@ class NodeRuntime:
                         logprobs=logprobs,
                         top_token_ids=[[t for t, _ in top] for top in tops] if has_tops else None,
                         top_logprobs=[[lp for _, lp in top] for top in tops] if has_tops else None,
+                        **_prompt_logprobs_fields(batch),
                     ),
                     frontend_id=item.frontend_id,
                 )
@@ -240,6 +242,12 @@ class NodeRuntime:
         except SchedulerError as exc:
             # Redis stayed away past the dead-after time: the frontend re-dispatches or fails it.
             log.warning("could not report terminal result", error=str(exc))
+
+
+def _prompt_logprobs_fields(batch: list[RequestOutput]) -> dict[str, Any]:
+    first = next((out.prompt_logprobs for out in batch if out.prompt_logprobs is not None), None)
+    names = ("prompt_logprobs", "prompt_top_token_ids", "prompt_top_logprobs")
+    return dict(zip(names, prompt_logprobs_to_wire(first), strict=True))
 
 
 def _error_code(exc: BaseException) -> str:

@@ -26,6 +26,7 @@ from scheduler.errors import SchedulerError
 from splitwise.engine.errors import EngineError, InvalidRequestError
 from splitwise.engine.model_runner import ScheduledChunk
 from splitwise.engine.outputs import RequestOutput
+from splitwise.engine.prompt_logprobs import to_wire as prompt_logprobs_to_wire
 from splitwise.engine.sampling_params import SamplingParams
 from splitwise.engine.sequence import FinishReason
 from splitwise.errors import SplitwiseError
@@ -124,6 +125,7 @@ class PrefillFlow:
             try:
                 log.info("prefill request received", prompt_tokens=len(task.prompt_token_ids))
                 first = await self._prefill_and_ship(conn, task)
+                prompt_lps, prompt_top_ids, prompt_top_lps = prompt_logprobs_to_wire(first.prompt_logprobs)
                 reply: CallMessage = PrefillResult(
                     call_id=0,
                     req_id=req_id,
@@ -131,6 +133,9 @@ class PrefillFlow:
                     logprob=first.new_logprobs[0],
                     top_token_ids=[t for t, _ in first.new_top_logprobs[0]],
                     top_logprobs=[lp for _, lp in first.new_top_logprobs[0]],
+                    prompt_logprobs=prompt_lps,
+                    prompt_top_token_ids=prompt_top_ids,
+                    prompt_top_logprobs=prompt_top_lps,
                 )
                 log.info("prefill shipped", first_token_id=first.new_token_ids[0])
                 self.counters.incr("prefills_shipped")

@@ -182,6 +182,10 @@ class PrefillResult(Message):
     # The first position's top_logprobs alternatives (SamplingParams.top_logprobs of them), most likely first.
     top_token_ids: list[int] = field(default_factory=list)
     top_logprobs: list[float] = field(default_factory=list)
+    # echo + logprobs: per prompt token after the first, its logprob and top alternatives.
+    prompt_logprobs: list[float] | None = None
+    prompt_top_token_ids: list[list[int]] | None = None
+    prompt_top_logprobs: list[list[float]] | None = None
 
 
 @dataclass(frozen=True)

@@ -93,7 +93,7 @@ def assert_error(
         ({"prompt": "x", "guided_choice": []}, "guided_choice"),
         ({"prompt": "x", "guided_regex": "a+", "guided_choice": ["a"]}, "guided_choice"),
         ({"prompt": "x", "structured_outputs": {"regex": "([a"}}, "structured_outputs.regex"),
-        ({"prompt": "x", "logprobs": 2, "echo": True}, "echo"),
+        ({"prompt": "x", "prompt_logprobs": 2}, "prompt_logprobs"),
         ({"prompt": "x", "logprobs": 99}, "logprobs"),
         ({"prompt": "x", "stream": "yes"}, "stream"),
         ({"prompt": 5}, "prompt"),

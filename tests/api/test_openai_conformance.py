@@ -326,6 +326,28 @@ def test_n_batch_and_echo(clusters: dict[str, LocalCluster]) -> None:
     assert sorted(streamed["choices"]) == [0, 1] and all(
         c["finish_reason"] for c in streamed["choices"].values()
     )
+    echoed = on_both(
+        clusters,
+        lambda c: c.completions.create(
+            model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0, logprobs=2, echo=True
+        ),
+    )
+    lp = echoed.choices[0].logprobs
+    num_prompt = echoed.usage.prompt_tokens
+    assert echoed.choices[0].text.startswith(PROMPT) and len(lp.tokens) == num_prompt + 3
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v is not None and v <= 0 for v in lp.token_logprobs[1:])
+    assert all(len(top) >= 1 for top in lp.top_logprobs[1:])
+    streamed_echo = on_both(
+        clusters,
+        lambda c: _stream(
+            c.completions.create(
+                model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0, logprobs=2, echo=True, stream=True
+            )
+        ),
+    )
+    assert streamed_echo["choices"][0]["text"] == echoed.choices[0].text
+    assert len(streamed_echo["choices"][0]["logprobs"]) == num_prompt + 3
 
 
 # -- structured outputs ------------------------------------------------------------------------

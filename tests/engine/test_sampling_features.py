@@ -193,3 +193,43 @@ def test_prefill_then_decode_equals_mixed(model_dir: Path, params: SamplingParam
     finally:
         for eng in (mixed_engine, p_eng, d_eng):
             eng.close()
+
+
+def test_prompt_logprobs_chunked_and_bypassing_the_prefix_cache(model_dir: Path) -> None:
+    """Prompt logprobs over several prefill chunks equal log_softmax of one whole-prompt forward;
+    a cached prefix does not hide any position."""
+    prompt = list(range(20, 60))  # 40 tokens: 3 chunks of <= 16
+    engine = LLMEngine(
+        EngineConfig(model=str(model_dir), block_size=4, num_kv_blocks=128, max_num_batched_tokens=16)
+    )
+    try:
+        engine.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0))  # fills the prefix cache
+        engine.add_request("p", prompt, SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=2))
+        first = None
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.prompt_logprobs is not None:
+                    first = out
+        assert first is not None and first.prompt_logprobs is not None
+        assert first.num_cached_tokens == 0
+        reference = make_engine(model_dir)
+        try:
+            from splitwise.engine.model_runner import ScheduledChunk
+            from splitwise.engine.sequence import Sequence
+
+            seq = Sequence(req_id="ref", prompt_token_ids=prompt, params=SamplingParams())
+            reference.block_manager.allocate(seq, len(prompt))
+            logits = reference.runner.forward(
+                [ScheduledChunk(seq=seq, num_new_tokens=len(prompt))], all_tokens=True
+            )
+            want = torch.log_softmax(logits.float(), dim=-1)
+            reference.block_manager.free(seq)
+        finally:
+            reference.close()
+        got = first.prompt_logprobs
+        assert len(got) == len(prompt) - 1
+        for i, (logprob, top) in enumerate(got):
+            assert logprob == pytest.approx(want[i, prompt[i + 1]].item(), abs=1e-4)
+            assert [t for t, _ in top] == want[i].topk(2).indices.tolist()
+    finally:
+        engine.close()
