@@ -67,10 +67,16 @@ def _scatter_rows(
     rows: list[int], ids: SequenceOf[TokenIds], shape: tuple[int, int], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Flattened (row index, token id) of ``ids[i]`` for batch row ``rows[i]``; ids >= vocab dropped."""
-    parts = [_as_tensor(t) for t in ids]
-    flat = torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
-    lengths = torch.tensor([p.numel() for p in parts], dtype=torch.int64)
-    row_index = torch.repeat_interleave(torch.tensor(rows, dtype=torch.int64), lengths)
+    if any(isinstance(t, torch.Tensor) for t in ids):  # histories: concatenate the tensors
+        parts = [_as_tensor(t) for t in ids]
+        flat = torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
+        lengths = torch.tensor([p.numel() for p in parts], dtype=torch.int64)
+        row_index = torch.repeat_interleave(torch.tensor(rows, dtype=torch.int64), lengths)
+    else:  # short lists (stop ids, logit_bias keys): one conversion for the whole batch
+        flat = torch.tensor([t for seq in ids for t in seq], dtype=torch.int64)
+        row_index = torch.tensor(
+            [r for r, seq in zip(rows, ids, strict=True) for _ in seq], dtype=torch.int64
+        )
     keep = (flat >= 0) & (flat < shape[1])
     return row_index[keep].to(device), flat[keep].to(device)
 
@@ -175,13 +181,14 @@ def _apply_penalties(
     rows: list[int],
 ) -> None:
     """vLLM's order: repetition (CTRL's: prompt and output tokens; positive logits shrink,
-    negative grow), then frequency (per occurrence in the output) and presence (once)."""
+    negative grow), then presence (once per token in the output) and frequency (per occurrence)."""
     device = flat.device
     vocab = shape[1]
     num_rows = shape[0]
-    output_positions, counts = torch.unique(
-        _positions(rows, [histories[i].output_token_ids for i in rows], shape, device), return_counts=True
-    )
+    # Repeated positions need no unique(): an indexed *assignment* computed from the original
+    # values writes the same result for every copy (applied once: repetition, presence), and an
+    # accumulating index_put_ adds once per occurrence (frequency).
+    output_positions = _positions(rows, [histories[i].output_token_ids for i in rows], shape, device)
 
     def per_row(name: str, default: float) -> torch.Tensor:
         values = torch.full((num_rows,), default, dtype=flat.dtype)
@@ -190,8 +197,6 @@ def _apply_penalties(
 
     repeating = [i for i in rows if params[i].repetition_penalty != 1.0]
     if repeating:
-        # Duplicated positions are fine: every copy reads the same original value and writes the
-        # same result, so no unique() over prompt + output is needed.
         prompt_positions = _positions(
             repeating, [histories[i].prompt_token_ids for i in repeating], shape, device
         )
@@ -200,6 +205,7 @@ def _apply_penalties(
         values = flat[seen]
         flat[seen] = torch.where(values > 0, values / factor, values * factor)
     output_rows = output_positions // vocab
-    frequency = per_row("frequency_penalty", 0.0)[output_rows]
     presence = per_row("presence_penalty", 0.0)[output_rows]
-    flat[output_positions] -= frequency * counts.to(flat.dtype) + presence
+    flat[output_positions] = flat[output_positions] - presence
+    frequency = per_row("frequency_penalty", 0.0)[output_rows]
+    flat.index_put_((output_positions,), -frequency, accumulate=True)

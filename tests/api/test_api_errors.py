@@ -338,3 +338,37 @@ def test_failure_mid_stream_is_an_error_event_then_done(local_stack: LocalStack)
         ),
         what="the failure counted",
     )
+
+
+def test_request_id_header_is_checked_used_and_echoed(local_stack: LocalStack) -> None:
+    resp = post(
+        local_stack, "/v1/completions", {"prompt": "x", "max_tokens": 2}, headers={"X-Request-Id": "r-1.a:b"}
+    )
+    assert resp.status_code == 200 and resp.json()["id"] == "cmpl-r-1.a:b"
+    assert resp.headers["x-request-id"] == "r-1.a:b"
+    assert local_stack.backend.submitted[-1].req_id == "cmpl-r-1.a:b"
+    bad = post(local_stack, "/v1/completions", {"prompt": "x"}, headers={"X-Request-Id": "has space"})
+    assert_error(bad, 400, param="X-Request-Id")
+    assert bad.headers["x-request-id"] == "has space"  # echoed on errors too
+    plain = post(local_stack, "/v1/completions", {"prompt": "x", "max_tokens": 1})
+    assert plain.status_code == 200 and "x-request-id" not in plain.headers
+
+
+def test_n_choices_are_separate_requests_started_after_the_first_token(local_stack: LocalStack) -> None:
+    resp = post(local_stack, "/v1/completions", {"prompt": "x", "max_tokens": 2, "n": 3, "seed": 5})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    assert body["usage"]["prompt_tokens"] == len(local_stack.backend.submitted[-1].prompt_token_ids)
+    subs = local_stack.backend.submitted[-3:]
+    assert [s.req_id for s in subs] == [f"{body['id']}-{i}" for i in range(3)]
+    assert [s.sampling_params["seed"] for s in subs] == [5, 6, 7]
+
+
+def test_sibling_choices_wait_for_the_first_token(local_stack: LocalStack) -> None:
+    """A lead choice that never produces a token keeps its siblings unsubmitted (they would prefill
+    the prompt again instead of finding it in the prefix cache)."""
+    before = len(local_stack.backend.submitted)
+    resp = post(local_stack, "/v1/completions", {"prompt": "[hang]", "max_tokens": 2, "n": 2})
+    assert_error(resp, 504)
+    assert len(local_stack.backend.submitted) == before + 1
