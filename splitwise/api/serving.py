@@ -166,7 +166,12 @@ class ServingContext:
         ``structured``: a ``(kind, spec, param)`` that overrides the request's own (tool_choice uses it).
         """
         check_fields(request)
-        structured = structured or structured_spec(request)
+        own = structured_spec(request)
+        if structured is not None and own is not None:
+            raise BadRequestError(
+                f"{own[2]} cannot be combined with a tool_choice that constrains the output", param=own[2]
+            )
+        structured = structured or own
         if structured is not None:
             self.grammar.check(*structured)
         if max_tokens is not None and max_tokens < 1:

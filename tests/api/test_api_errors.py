@@ -145,6 +145,15 @@ def test_bad_completion_parameters_are_400(local_stack: LocalStack, body: dict, 
             {"messages": [{"role": "user", "content": "hi"}], "continue_final_message": True},
             "continue_final_message",
         ),
+        (
+            {
+                "messages": [{"role": "user", "content": "hi"}],
+                "tools": [TOOL],
+                "tool_choice": "required",
+                "guided_regex": "a+",
+            },
+            "guided_regex",
+        ),
         ({"messages": [{"role": "user", "content": "hi"}], "stream_options": {}}, "stream_options"),
         (
             {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_schema"}},
