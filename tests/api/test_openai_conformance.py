@@ -9,6 +9,7 @@ must be identical token for token (ids, timestamps and tool-call ids aside).
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -562,3 +563,35 @@ def test_endpoints_and_request_id(clusters: dict[str, LocalCluster], tokenizer: 
         )
         for child in cluster.children:  # the id is in the request's log lines on every node it touched
             assert f"cmpl-{rid}" in child.log_file.read_text(), (child.role, cluster.log_tail(child))
+
+
+def _prefix_hits(cluster: LocalCluster) -> float:
+    text = httpx.get(cluster.entry.base_url.removesuffix("/v1") + "/metrics").text
+    for name in ("splitwise_prefix_cache_hits_tokens_total", "vllm:prefix_cache_hits_total"):
+        for line in text.splitlines():
+            if line.startswith(name):
+                return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("no prefix-cache hit counter in /metrics")
+
+
+def test_n_siblings_reuse_the_prompt_blocks(clusters: dict[str, LocalCluster]) -> None:
+    """Siblings start after the first choice's first token: they find the prompt in the prefix cache."""
+    mixed = clusters["mixed"]
+    prompt = list(range(100, 180))  # 80 tokens, not sent before
+    before = _prefix_hits(mixed)
+    resp = httpx.post(
+        mixed.entry.base_url + "/completions",
+        json={"prompt": prompt, "max_tokens": 3, "n": 3, "seed": 1},
+        timeout=60,
+    )
+    assert resp.status_code == 200, resp.text
+
+    def grew() -> bool:
+        return (
+            _prefix_hits(mixed) - before >= 2 * 76
+        )  # 2 siblings x the prompt's full blocks (block 4, last excluded)
+
+    deadline = time.monotonic() + 10  # the exporter copies engine counters once a second: poll for it
+    while not grew():
+        assert time.monotonic() < deadline, _prefix_hits(mixed) - before
+        time.sleep(0.2)
