@@ -112,7 +112,16 @@ class GrammarCompiler:
 def choice_regex(choices: Any) -> str:
     if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
         raise GrammarCompileError("choice must be a non-empty list of strings")
-    return "(" + "|".join(re.escape(c) for c in choices) + ")"
+    return "(" + "|".join(regex_escape(c) for c in choices) + ")"
+
+
+_REGEX_SPECIAL = frozenset("\\.^$|?*+()[]{}")
+
+
+def regex_escape(text: str) -> str:
+    """``text`` as a literal regex. Only metacharacters are escaped: xgrammar warns on escapes
+    it does not know (Python's ``re.escape`` also escapes spaces)."""
+    return "".join("\\" + c if c in _REGEX_SPECIAL else c for c in text)
 
 
 def bitmask_to_bool(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -595,3 +595,64 @@ def test_n_siblings_reuse_the_prompt_blocks(clusters: dict[str, LocalCluster]) -
     while not grew():
         assert time.monotonic() < deadline, _prefix_hits(mixed) - before
         time.sleep(0.2)
+
+
+HERMES_CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}</tool_call>'
+
+
+def test_auto_tool_calls_are_parsed_whole_and_streamed(clusters: dict[str, LocalCluster]) -> None:
+    """A random model never writes a Hermes call by itself: a guided_regex makes it, and the hermes
+    parser must turn it into message.tool_calls (and into a tool_calls delta when streaming)."""
+    from splitwise.engine.guided import regex_escape
+
+    extra = {"guided_regex": "Sure\\. " + regex_escape(HERMES_CALL)}
+    whole = on_both(
+        clusters,
+        lambda c: c.chat.completions.create(
+            model=MODEL,
+            messages=MESSAGES,
+            max_tokens=80,
+            temperature=0,  # unseeded sampling differs between topologies (one shared generator each)
+            tools=[WEATHER],
+            tool_choice="auto",
+            extra_body=extra,
+        ).model_dump(exclude={"choices": {0: {"message": {"tool_calls": {"__all__": {"id"}}}}}}),
+    )
+    choice = whole["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] == "Sure. "
+    assert [
+        (c["function"]["name"], json.loads(c["function"]["arguments"]))
+        for c in choice["message"]["tool_calls"]
+    ] == [("get_weather", {"city": "Paris", "days": 2})]
+    streamed = on_both(
+        clusters,
+        lambda c: _stream(
+            c.chat.completions.create(
+                model=MODEL,
+                messages=MESSAGES,
+                max_tokens=80,
+                temperature=0,
+                tools=[WEATHER],
+                tool_choice="auto",
+                extra_body=extra,
+                stream=True,
+            )
+        ),
+    )
+    one = streamed["choices"][0]
+    assert one["text"] == "Sure. " and one["finish_reason"] == "tool_calls"
+    assert [c["function"]["name"] for c in one["tool_calls"]] == ["get_weather"]
+
+
+def test_unknown_fields_are_logged_once(clusters: dict[str, LocalCluster]) -> None:
+    mixed = clusters["mixed"]
+    for _ in range(2):
+        resp = httpx.post(
+            mixed.entry.base_url + "/completions",
+            json={"prompt": PROMPT, "max_tokens": 1, "frobnicate_level": 3},
+            timeout=60,
+        )
+        assert resp.status_code == 200
+    log_text = "".join(c.log_file.read_text() for c in mixed.children)
+    lines = [line for line in log_text.splitlines() if "frobnicate_level" in line]
+    assert len(lines) == 1 and "request field ignored" in lines[0]
