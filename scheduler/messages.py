@@ -131,6 +131,13 @@ class TokenChunk:
     index: int
     token_ids: list[int]
     logprobs: list[float] | None = None
+    # Per token: the request's top_logprobs alternatives (ids and logprobs, most likely first).
+    top_token_ids: list[list[int]] | None = None
+    top_logprobs: list[list[float]] | None = None
+    # echo + logprobs: per prompt token after the first, its logprob and top alternatives.
+    prompt_logprobs: list[float] | None = None
+    prompt_top_token_ids: list[list[int]] | None = None
+    prompt_top_logprobs: list[list[float]] | None = None
     is_terminal: ClassVar[bool] = False
 
 

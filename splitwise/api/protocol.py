@@ -1,8 +1,10 @@
 """The OpenAI-compatible wire format: request and response bodies of /v1/completions,
 /v1/chat/completions and /v1/models, as pydantic models.
 
-Requests: unknown fields are ignored (clients send many optional ones), but the fields we read are
-typed strictly -- ``"max_tokens": "5"`` or ``"temperature": true`` is a 400, not a silent coercion.
+Requests: fields we do not know are accepted and logged once per name (clients send many optional
+ones; vLLM ignores them too), fields we know but cannot honour are a 400 naming them
+(``UNSUPPORTED_FIELDS``), and the fields we read are typed strictly -- ``"max_tokens": "5"`` or
+``"temperature": true`` is a 400, not a silent coercion.
 Range checks that the engine also makes (max_tokens >= 1, top_p in (0, 1], ...) live in
 ``SamplingParams``; only what it does not know about (n, logprobs counts, seed range) is checked here.
 
@@ -20,6 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 MIN_SEED = -(2**63)
 MAX_SEED = 2**64 - 1
 MAX_LOGPROBS = 20
+MAX_N = 16  # choices per prompt
+MAX_PROMPTS = 64  # prompts per /v1/completions batch
 # Bounds for ints that are only passed through: they must fit the msgpack wire (and a C int on the node).
 MAX_INT32 = 2**31 - 1
 
@@ -27,11 +31,38 @@ PromptInput = StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictIn
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
 
 class StreamOptions(_Request):
     include_usage: StrictBool = False
+    continuous_usage_stats: StrictBool = False
+
+
+class JsonSchemaFormat(_Request):
+    name: StrictStr | None = None
+    description: StrictStr | None = None
+    # ``schema`` shadows a BaseModel attribute, hence the alias.
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Request):
+    """vLLM's ``structured_outputs`` request field (its newer spelling of the guided_* extras)."""
+
+    json_: dict[str, Any] | StrictStr | None = Field(default=None, alias="json")
+    regex: StrictStr | None = None
+    choice: list[StrictStr] | None = None
+    grammar: StrictStr | None = None
+    json_object: StrictBool | None = None
+
+
+Number = StrictFloat | StrictInt
 
 
 class SamplingRequest(_Request):
@@ -46,10 +77,25 @@ class SamplingRequest(_Request):
     stop: StrictStr | list[StrictStr] | None = None
     stop_token_ids: list[Annotated[StrictInt, Field(ge=0, le=MAX_INT32)]] | None = None  # vLLM extension
     ignore_eos: StrictBool = False  # vLLM extension
-    n: StrictInt = Field(default=1, ge=1, le=1)  # one choice per request
+    n: StrictInt = Field(default=1, ge=1, le=MAX_N)
+    best_of: StrictInt | None = Field(default=None, ge=1)  # accepted only when it equals n
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
+    presence_penalty: Number | None = None
+    frequency_penalty: Number | None = None
+    repetition_penalty: Number | None = None  # vLLM extension
+    min_p: Number | None = None  # vLLM extension
+    min_tokens: StrictInt | None = Field(default=None, ge=0, le=MAX_INT32)  # vLLM extension
+    logit_bias: dict[StrictStr, Number] | None = None  # token id (as a string) -> bias in [-100, 100]
+    allowed_token_ids: list[Annotated[StrictInt, Field(ge=0, le=MAX_INT32)]] | None = None  # vLLM extension
+    include_stop_str_in_output: StrictBool = False  # vLLM extension
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | StrictStr | None = None  # vLLM extras
+    guided_regex: StrictStr | None = None
+    guided_choice: list[StrictStr] | None = None
+    guided_grammar: StrictStr | None = None
+    structured_outputs: StructuredOutputs | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -66,6 +112,7 @@ class CompletionRequest(SamplingRequest):
     prompt: PromptInput
     logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: StrictBool = False
+    suffix: StrictStr | None = None
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -75,6 +122,29 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: StrictInt | None = None
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: StrictBool | None = None
+    documents: list[dict[str, Any]] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
+
+
+class TokenizeRequest(_Request):
+    """POST /tokenize (vLLM's): a prompt, or chat messages rendered with the chat template."""
+
+    model: StrictStr | None = None
+    prompt: StrictStr | None = None
+    messages: list[dict[str, Any]] | None = None
+    add_special_tokens: StrictBool = True
+    add_generation_prompt: StrictBool = True
+    return_token_strs: StrictBool = False
+
+
+class DetokenizeRequest(_Request):
+    model: StrictStr | None = None
+    tokens: list[Annotated[StrictInt, Field(ge=0, le=MAX_INT32)]]
 
 
 # --- responses ----------------------------------------------------------------------------------------
@@ -110,6 +180,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    stop_reason: int | str | None = None  # vLLM: the stop string or stop token id that ended it
 
 
 class CompletionResponse(BaseModel):
@@ -138,9 +209,21 @@ class ChatLogprobs(BaseModel):
     content: list[ChatLogprobToken] | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(BaseModel):
@@ -148,6 +231,7 @@ class ChatChoice(BaseModel):
     message: ChatMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    stop_reason: int | str | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -159,9 +243,22 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage | None = None
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):
@@ -169,6 +266,7 @@ class ChatChunkChoice(BaseModel):
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    stop_reason: int | str | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -17,9 +17,13 @@ Context policy (documented in the README's API section):
 from __future__ import annotations
 
 import dataclasses
+import re
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from fastapi import Request
 
 from scheduler.errors import NoCapacityError, SchedulerError
 from scheduler.messages import Cancelled, Expired, Failed, Finished, ResultMessage, SubmitRequest, TokenChunk
@@ -34,7 +38,10 @@ from splitwise.api.errors import (
 )
 from splitwise.api.metrics import ApiMetrics, RequestTimer
 from splitwise.api.protocol import SamplingRequest
+from splitwise.api.request_params import GrammarCheck, check_fields, logit_bias_pairs, structured_spec
 from splitwise.engine.errors import InvalidRequestError
+from splitwise.engine.prompt_logprobs import PromptLogprob
+from splitwise.engine.prompt_logprobs import from_wire as prompt_logprobs_from_wire
 from splitwise.engine.sampling_params import SamplingParams
 from splitwise.engine.stop_checker import StopChecker
 from splitwise.engine.text_stream import TextStream
@@ -43,6 +50,8 @@ from splitwise.logging import get_logger
 
 log = get_logger("splitwise.api")
 
+REQUEST_ID_HEADER = "X-Request-Id"
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy endpoint
 MISSING_LOGPROB = -9999.0  # what vLLM reports for a logprob it does not have (JSON has no -inf)
 # Failure codes a node reports for a request that can never succeed as sent.
@@ -66,10 +75,22 @@ class FrontendBackend(Protocol):
     async def cancel(self, req_id: str) -> bool: ...
 
 
+class HasUsage(Protocol):
+    """What the outcome log reads (a Generation, or the ChoiceSet of a request)."""
+
+    @property
+    def finish_reason(self) -> str | None: ...
+    @property
+    def num_prompt_tokens(self) -> int: ...
+    @property
+    def num_completion_tokens(self) -> int: ...
+
+
 @dataclass(frozen=True)
 class TokenPiece:
     token_id: int
     logprob: float | None
+    top: tuple[tuple[int, float], ...] = ()  # the request's top_logprobs alternatives, most likely first
 
 
 @dataclass(frozen=True)
@@ -89,6 +110,19 @@ class ServingContext:
     max_model_len: int
     stop_checker: StopChecker
     metrics: ApiMetrics
+    grammar: GrammarCheck
+    tool_call_parser: str | None = None  # --tool-call-parser: "auto" tool choice parses calls with it
+
+    def request_id(self, request: Request, prefix: str) -> str:
+        """``<prefix>-<X-Request-Id>`` when the client sent one (checked), else a random id."""
+        given = request.headers.get(REQUEST_ID_HEADER)
+        if given is None:
+            return f"{prefix}-{uuid.uuid4().hex}"
+        if not _REQUEST_ID.fullmatch(given):
+            raise BadRequestError(
+                f"{REQUEST_ID_HEADER} must be 1-128 characters of [A-Za-z0-9._:-]", param=REQUEST_ID_HEADER
+            )
+        return f"{prefix}-{given}"
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_id:
@@ -98,7 +132,7 @@ class ServingContext:
                 code="model_not_found",
             )
 
-    def record_outcome(self, endpoint: str, outcome: str, generation: Generation) -> None:
+    def record_outcome(self, endpoint: str, outcome: str, generation: HasUsage) -> None:
         """Count and log how an accepted request ended (the error boundary does this for the others)."""
         self.metrics.count_request(endpoint, outcome)
         log.info(
@@ -121,10 +155,25 @@ class ServingContext:
         max_tokens: int | None,
         default_max_tokens: int | None,
         logprobs: bool,
+        top_logprobs: int = 0,
         max_tokens_param: str = "max_tokens",
         prompt_param: str = "prompt",
+        structured: tuple[str, str, str] | None = None,
+        prompt_logprobs: int | None = None,
     ) -> SamplingParams:
-        """Validated engine parameters, with max_tokens resolved against the context (see module doc)."""
+        """Validated engine parameters, with max_tokens resolved against the context (see module doc).
+
+        ``structured``: a ``(kind, spec, param)`` that overrides the request's own (tool_choice uses it).
+        """
+        check_fields(request)
+        own = structured_spec(request)
+        if structured is not None and own is not None:
+            raise BadRequestError(
+                f"{own[2]} cannot be combined with a tool_choice that constrains the output", param=own[2]
+            )
+        structured = structured or own
+        if structured is not None:
+            self.grammar.check(*structured)
         if max_tokens is not None and max_tokens < 1:
             raise BadRequestError(
                 f"{max_tokens_param} must be at least 1, got {max_tokens}", param=max_tokens_param
@@ -156,8 +205,22 @@ class ServingContext:
                 seed=request.seed,
                 stop=tuple(request.stop_list),
                 stop_token_ids=tuple(request.stop_token_ids or ()),
+                include_stop_str_in_output=request.include_stop_str_in_output,
                 ignore_eos=request.ignore_eos,
+                min_tokens=request.min_tokens or 0,
+                min_p=request.min_p or 0.0,
+                presence_penalty=float(request.presence_penalty or 0.0),
+                frequency_penalty=float(request.frequency_penalty or 0.0),
+                repetition_penalty=1.0
+                if request.repetition_penalty is None
+                else float(request.repetition_penalty),
+                logit_bias=logit_bias_pairs(request.logit_bias, self.tokenizer.vocab_size),
+                allowed_token_ids=tuple(request.allowed_token_ids or ()),
                 logprobs=logprobs,
+                top_logprobs=top_logprobs,
+                prompt_logprobs=prompt_logprobs,
+                structured_kind=structured[0] if structured else "",
+                structured_spec=structured[1] if structured else "",
             )
         except InvalidRequestError as exc:  # its messages start with the field's name
             name = str(exc).split(" ", 1)[0]
@@ -175,7 +238,7 @@ class ServingContext:
         request = SubmitRequest(
             req_id=req_id,
             prompt_token_ids=prompt_token_ids,
-            sampling_params=dataclasses.asdict(params),
+            sampling_params=params.to_wire(),
             model_id=None,
         )
         try:
@@ -218,6 +281,9 @@ class Generation:
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_completion_tokens = 0
         self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None  # vLLM: the stop string or stop token id that ended it
+        self.prompt_logprobs: list[PromptLogprob] | None = None  # echo + logprobs: from the first chunk
+        self._last_token_id: int | None = None
         self._stream = stream
         self._text = TextStream(ctx.tokenizer, prompt_token_ids, params)
         self._timer = timer
@@ -241,6 +307,10 @@ class Generation:
                 self._end(completed=False)
                 raise self._error_of(msg)
             self.finish_reason = msg.finish_reason
+            if self.stop_reason is None and msg.finish_reason == "stop" and self._last_token_id is not None:
+                last = self._last_token_id
+                if self._is_stop_token(last) and not self._is_eos(last):
+                    self.stop_reason = last
             tail = self._text.finish()
             self._end(completed=True)
             if tail:
@@ -263,16 +333,41 @@ class Generation:
             return
         log.info("request_cancelled", req_id=self.req_id, was_in_flight=cancelled)
 
+    def _is_eos(self, token_id: int) -> bool:
+        return not self.params.ignore_eos and token_id in self.ctx.stop_checker.eos_token_ids
+
+    def _is_stop_token(self, token_id: int) -> bool:
+        return self._is_eos(token_id) or token_id in self.params.stop_token_ids
+
     def _on_tokens(self, chunk: TokenChunk) -> Delta:
+        if chunk.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = prompt_logprobs_from_wire(
+                chunk.prompt_logprobs, chunk.prompt_top_token_ids, chunk.prompt_top_logprobs
+            )
         pieces: list[TokenPiece] = []
         text: list[str] = []
         for i, token_id in enumerate(chunk.token_ids):
             logprob = chunk.logprobs[i] if chunk.logprobs is not None and i < len(chunk.logprobs) else None
-            pieces.append(TokenPiece(token_id, logprob))
+            top: tuple[tuple[int, float], ...] = ()
+            if (
+                chunk.top_token_ids is not None
+                and chunk.top_logprobs is not None
+                and i < len(chunk.top_token_ids)
+            ):
+                top = tuple(zip(chunk.top_token_ids[i], chunk.top_logprobs[i], strict=True))
+            pieces.append(TokenPiece(token_id, logprob, top))
+            self._last_token_id = token_id
+            # A stop token ends the request (the stop checker guarantees it is the last one); as in
+            # vLLM it counts as a completion token but its text is not output unless asked for.
+            if self._is_stop_token(token_id) and not self.params.include_stop_str_in_output:
+                continue
             pushed = self._text.push(token_id, self.ctx.stop_checker)
             text.append(pushed.text)
             if pushed.stop is not None:
+                if self.params.include_stop_str_in_output:
+                    text.append(pushed.stop)
                 self.finish_reason = "stop"
+                self.stop_reason = pushed.stop
                 self._is_done = True  # the node stops at the same string by itself
                 break
         self.num_completion_tokens += len(pieces)

@@ -1,4 +1,4 @@
-"""Delivering a Generation to its client: Server-Sent Events or one JSON body, and cancelling the
+"""Delivering a request's choices (a ChoiceSet of Generations) to its client: Server-Sent Events or one JSON body, and cancelling the
 request on every node when the client goes away.
 
 Disconnects are detected in both phases of a response:
@@ -25,8 +25,8 @@ from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from splitwise.api.choices import ChoiceEvent, ChoiceSet
 from splitwise.api.errors import ApiError, BackendError, ClientDisconnectedError
-from splitwise.api.serving import Delta, Generation
 from splitwise.logging import bind_request, get_logger
 
 log = get_logger("splitwise.api")
@@ -46,7 +46,7 @@ async def _until_disconnected(request: Request) -> None:
         pass
 
 
-async def unless_disconnected(request: Request, work: Awaitable[T], generation: Generation) -> T:
+async def unless_disconnected(request: Request, work: Awaitable[T], generation: ChoiceSet) -> T:
     """Await ``work`` unless the client disconnects first; then abort the generation and raise
     ClientDisconnectedError (the error boundary counts it as ``cancelled``)."""
     task = asyncio.ensure_future(work)
@@ -64,23 +64,24 @@ async def unless_disconnected(request: Request, work: Awaitable[T], generation: 
     return task.result()
 
 
-async def collect(generation: Generation) -> list[Delta]:
-    return [delta async for delta in generation.deltas()]
+async def collect(choices: ChoiceSet) -> list[ChoiceEvent]:
+    return [event async for event in choices.events()]
 
 
-async def first_delta(deltas: AsyncIterator[Delta]) -> Delta | None:
-    """The first delta, or None when the request finished without text."""
-    return await anext(deltas, None)
+async def first_delta(events: AsyncIterator[ChoiceEvent]) -> ChoiceEvent | None:
+    """The first event (None only when there are no choices)."""
+    return await anext(events, None)
 
 
 class ChunkFormatter(Protocol):
-    """What an endpoint sends for each phase of a stream."""
+    """What an endpoint sends for each phase of a stream: ``event`` gets each choice's deltas and
+    its end (``delta is None``: the choice's finish_reason is set); ``closing`` the usage."""
 
     def opening(self) -> Iterable[BaseModel]: ...
 
-    def delta(self, delta: Delta) -> Iterable[BaseModel]: ...
+    def event(self, event: ChoiceEvent) -> Iterable[BaseModel]: ...
 
-    def closing(self, generation: Generation) -> Iterable[BaseModel]: ...
+    def closing(self, choices: ChoiceSet) -> Iterable[BaseModel]: ...
 
 
 class SSEResponse(StreamingResponse):
@@ -89,11 +90,12 @@ class SSEResponse(StreamingResponse):
 
     def __init__(
         self,
-        generation: Generation,
-        first: Delta | None,
-        rest: AsyncIterator[Delta],
+        generation: ChoiceSet,
+        first: ChoiceEvent | None,
+        rest: AsyncIterator[ChoiceEvent],
         formatter: ChunkFormatter,
         endpoint: str,
+        headers: dict[str, str] | None = None,
     ) -> None:
         self.generation = generation
         self.endpoint = endpoint
@@ -101,7 +103,7 @@ class SSEResponse(StreamingResponse):
         super().__init__(
             self._events(first, rest, formatter),
             media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})},
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -117,17 +119,17 @@ class SSEResponse(StreamingResponse):
         self.generation.ctx.record_outcome(self.endpoint, self.outcome, self.generation)
 
     async def _events(
-        self, first: Delta | None, rest: AsyncIterator[Delta], formatter: ChunkFormatter
+        self, first: ChoiceEvent | None, rest: AsyncIterator[ChoiceEvent], formatter: ChunkFormatter
     ) -> AsyncIterator[str]:
         with bind_request(self.generation.req_id):
             try:
                 for chunk in formatter.opening():
                     yield sse_event(chunk)
                 if first is not None:
-                    for chunk in formatter.delta(first):
+                    for chunk in formatter.event(first):
                         yield sse_event(chunk)
-                    async for delta in rest:
-                        for chunk in formatter.delta(delta):
+                    async for event in rest:
+                        for chunk in formatter.event(event):
                             yield sse_event(chunk)
                 for chunk in formatter.closing(self.generation):
                     yield sse_event(chunk)
@@ -147,9 +149,13 @@ class SSEResponse(StreamingResponse):
 
 
 async def respond_streaming(
-    request: Request, generation: Generation, formatter: ChunkFormatter, endpoint: str
+    request: Request,
+    choices: ChoiceSet,
+    formatter: ChunkFormatter,
+    endpoint: str,
+    headers: dict[str, str] | None = None,
 ) -> SSEResponse:
-    """Wait for the first delta (an early failure still gets its HTTP status), then stream the rest."""
-    deltas = generation.deltas()
-    first = await unless_disconnected(request, first_delta(deltas), generation)
-    return SSEResponse(generation, first, deltas, formatter, endpoint)
+    """Wait for the first event (an early failure still gets its HTTP status), then stream the rest."""
+    events = choices.events()
+    first = await unless_disconnected(request, first_delta(events), choices)
+    return SSEResponse(choices, first, events, formatter, endpoint, headers)

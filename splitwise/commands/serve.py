@@ -64,6 +64,7 @@ def _instance_config(opts: dict[str, Any]) -> Any:
         kv_transfer_port=opts["kv_transfer_port"],
         cluster_token=opts["cluster_token"],
         api_key=opts["api_key"],
+        tool_call_parser=opts["tool_call_parser"],
         served_model_name=opts["served_model_name"],
         pd_fallback=opts["pd_fallback"],
         transfer_timeout_s=opts["transfer_timeout"],
@@ -177,6 +178,12 @@ def _check_model(model_dir: str, max_model_len: int | None) -> None:
     default=None,
     envvar="SPLITWISE_API_KEY",
     help="Require 'Authorization: Bearer KEY' (or env SPLITWISE_API_KEY).",
+)
+@click.option(
+    "--tool-call-parser",
+    type=click.Choice(["hermes", "llama3_json"]),
+    default=None,
+    help='Parse tool calls out of the text for tool_choice "auto" (Hermes/Qwen <tool_call> or Llama 3 JSON).',
 )
 @click.option(
     "--pd-fallback",

@@ -31,9 +31,12 @@ import torch
 from splitwise.engine.block_manager import BlockManager
 from splitwise.engine.config import EngineConfig, ModelConfig
 from splitwise.engine.errors import InvalidRequestError, UnknownRequestError
+from splitwise.engine.guided import GrammarCompiler, GrammarMatcher, bitmask_to_bool
 from splitwise.engine.kv_cache import KVCache
+from splitwise.engine.logits_processing import RowHistory, TokenHistory
 from splitwise.engine.model_runner import LayerCallback, ModelRunner, ScheduledChunk, build_kv_cache
 from splitwise.engine.outputs import GenerationResult, RequestOutput
+from splitwise.engine.prompt_logprobs import PromptLogprob, PromptLogprobs, wants_prompt_logprobs
 from splitwise.engine.sampler import Sampler
 from splitwise.engine.sampling_params import SamplingParams
 from splitwise.engine.scheduler import Scheduler, SchedulerOutput
@@ -81,7 +84,12 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
         )
-        self.sampler = Sampler(seed=config.seed)
+        self.sampler = Sampler(seed=config.seed, stop_token_ids=frozenset(eos))
+        self._grammar_compiler: GrammarCompiler | None = None  # built on the first constrained request
+        self._matchers: dict[str, GrammarMatcher] = {}
+        self._histories: dict[str, TokenHistory] = {}  # requests with penalties / min_tokens
+        self._prompt_logprobs = PromptLogprobs()
+        self._tops: dict[str, list[tuple[int, float]]] = {}  # this step's top logprobs per request
         self.stats = EngineStats()
         self._layer_callback: LayerCallback | None = None
         self._texts: dict[str, TextStream] = {}
@@ -107,10 +115,33 @@ class LLMEngine:
         seq = Sequence(
             req_id=req_id, prompt_token_ids=list(prompt_token_ids), params=params, prefill_only=prefill_only
         )
+        matcher = self._new_matcher(params, req_id=req_id)
         self.scheduler.add(seq)
+        if matcher is not None:
+            self._matchers[req_id] = matcher
         if self._wants_text(params):
             self._texts[req_id] = TextStream(self.tokenizer, seq.prompt_token_ids, params)
         self.stats.num_prompt_tokens += seq.num_prompt_tokens
+
+    @property
+    def grammar_compiler(self) -> GrammarCompiler:
+        if self._grammar_compiler is None:
+            self._grammar_compiler = GrammarCompiler(
+                self.tokenizer, self.model_config.vocab_size, sorted(self.stop_checker.eos_token_ids)
+            )
+        return self._grammar_compiler
+
+    def _new_matcher(
+        self, params: SamplingParams, *, req_id: str, accepted: list[int] | None = None
+    ) -> GrammarMatcher | None:
+        if not params.structured_kind:
+            return None
+        try:
+            return self.grammar_compiler.matcher(
+                params.structured_kind, params.structured_spec, accepted=accepted or ()
+            )
+        except InvalidRequestError as exc:
+            raise InvalidRequestError(str(exc), req_id=req_id) from None
 
     def _wants_text(self, params: SamplingParams) -> bool:
         return self.config.detokenize or bool(params.stop)
@@ -140,6 +171,7 @@ class LLMEngine:
             return
         seq = self.scheduler.abort(req_id)
         self._texts.pop(req_id, None)
+        self._forget(req_id)
         self._pending.append(_final(seq, FinishReason.ABORT))
 
     def has_unfinished(self) -> bool:
@@ -174,13 +206,18 @@ class LLMEngine:
         params: SamplingParams,
         first_token_id: int,
         first_logprob: float,
+        first_top_logprobs: list[tuple[int, float]] | None = None,
+        prompt_logprobs: list[PromptLogprob] | None = None,
     ) -> RequestOutput:
         """Admit a request whose prompt KV was written into its reservation from outside.
 
         Returns the output for the first token (it may already be the last: eos, max_tokens=1,
-        a stop string; then the reservation is released at once).
+        a stop string; then the reservation is released at once). A structured-output request's
+        grammar matcher is re-created here and advanced by the first token.
         """
         self.validate_prompt(prompt_token_ids, req_id=req_id)
+        matcher = self._new_matcher(params, req_id=req_id, accepted=[first_token_id])
+        tops = [list(first_top_logprobs or [])]
         if not self.block_manager.has_reservation(req_id):
             raise UnknownRequestError("no KV reservation for this request", req_id=req_id)
         seq = Sequence(req_id=req_id, prompt_token_ids=list(prompt_token_ids), params=params)
@@ -198,11 +235,15 @@ class LLMEngine:
             seq.stop_text = delta.stop
             tail = "" if delta.stop is not None or text is None else text.finish()
             self.stats.num_finished += 1
-            return _output(seq, [first_token_id], [first_logprob], delta.text + tail, reason)
+            return _output(
+                seq, [first_token_id], [first_logprob], delta.text + tail, reason, tops, prompt_logprobs
+            )
         self.scheduler.add_prefilled(seq)
         if text is not None:
             self._texts[req_id] = text
-        return _output(seq, [first_token_id], [first_logprob], delta.text, None)
+        if matcher is not None:
+            self._matchers[req_id] = matcher
+        return _output(seq, [first_token_id], [first_logprob], delta.text, None, tops, prompt_logprobs)
 
     # -- the step -----------------------------------------------------------------------------
 
@@ -219,7 +260,7 @@ class LLMEngine:
         for chunk in scheduled.chunks:
             if chunk.seq.num_computed_tokens == chunk.seq.num_cached_tokens and chunk.seq.num_cached_tokens:
                 self.stats.num_cached_prompt_tokens += chunk.seq.num_cached_tokens
-        logits = self.runner.execute(scheduled.chunks, self._layer_callback)
+        logits = self._run_model(scheduled)
         sampled = self._sample(scheduled, logits)
         result = self.scheduler.postprocess(scheduled, sampled)
         finished = {seq.req_id for seq in result.finished}
@@ -227,39 +268,96 @@ class LLMEngine:
             outputs.append(self._emit(seq, seq.req_id in finished))
         return outputs
 
+    def _run_model(self, scheduled: SchedulerOutput) -> torch.Tensor:
+        """Last-token logits of each chunk; every token's when a chunk needs prompt logprobs."""
+        if not any(wants_prompt_logprobs(chunk) for chunk in scheduled.chunks):
+            return self.runner.execute(scheduled.chunks, self._layer_callback)
+        all_logits = self.runner.forward(
+            scheduled.chunks, layer_callback=self._layer_callback, all_tokens=True
+        )
+        self._prompt_logprobs.collect(scheduled.chunks, all_logits)
+        counts = torch.tensor([chunk.num_new_tokens for chunk in scheduled.chunks], dtype=torch.int64)
+        return all_logits[(torch.cumsum(counts, 0) - 1).to(all_logits.device)]
+
     def _sample(self, scheduled: SchedulerOutput, logits: torch.Tensor) -> dict[str, tuple[int, float]]:
         rows = [i for i, chunk in enumerate(scheduled.chunks) if _reaches_end(chunk)]
         if not rows:
             return {}
         seqs = [scheduled.chunks[i].seq for i in rows]
+        params = [s.params for s in seqs]
+        needs_history = any(p.has_penalties or p.min_tokens for p in params)
+        histories = (
+            [RowHistory(s.prompt_token_ids, s.output_token_ids) for s in seqs] if needs_history else None
+        )
         out = self.sampler.sample(
             logits[torch.tensor(rows, device=logits.device)],
-            [s.params for s in seqs],
+            params,
             [s.num_output_tokens for s in seqs],
+            histories=histories,
+            allowed=self._grammar_mask(seqs, logits.shape[-1], logits.device),
         )
         self.stats.num_generated_tokens += len(seqs)
+        for seq, token_id, top in zip(seqs, out.token_ids, out.top_logprobs, strict=True):
+            matcher = self._matchers.get(seq.req_id)
+            if matcher is not None and not matcher.accept(token_id):
+                log.warning("grammar rejected a sampled token", req_id=seq.req_id, token_id=token_id)
+            if top:
+                self._tops[seq.req_id] = top
         return {s.req_id: (t, lp) for s, t, lp in zip(seqs, out.token_ids, out.logprobs, strict=False)}
+
+    def _history(self, seq: Sequence) -> RowHistory:
+        history = self._histories.get(seq.req_id)
+        if history is None:
+            history = self._histories[seq.req_id] = TokenHistory(seq.prompt_token_ids)
+        return history.sync(seq.output_token_ids)
+
+    def _forget(self, req_id: str) -> None:
+        """Drop the per-request sampling state (grammar matcher, token history)."""
+        self._matchers.pop(req_id, None)
+        self._histories.pop(req_id, None)
+        self._tops.pop(req_id, None)
+        self._prompt_logprobs.forget(req_id)
+
+    def _grammar_mask(
+        self, seqs: list[Sequence], vocab_size: int, device: torch.device
+    ) -> torch.Tensor | None:
+        """Bool [rows, vocab] of what each row's grammar allows (all True for rows without one)."""
+        guided = [(i, self._matchers[s.req_id]) for i, s in enumerate(seqs) if s.req_id in self._matchers]
+        if not guided:
+            return None
+        bitmask = self.grammar_compiler.allocate_bitmask(len(seqs))  # all bits set: everything allowed
+        for row, matcher in guided:
+            matcher.fill_mask(bitmask, row)
+        allowed = bitmask_to_bool(bitmask, self.grammar_compiler.vocab_size)
+        if vocab_size > allowed.shape[1]:  # logits padded past the tokenizer's vocabulary
+            pad = torch.zeros(len(seqs), vocab_size - allowed.shape[1], dtype=torch.bool)
+            allowed = torch.cat([allowed, pad], dim=1)
+        return allowed[:, :vocab_size].to(device)
 
     def _emit(self, seq: Sequence, finished: bool) -> RequestOutput:
         token_id, logprob = seq.output_token_ids[-1], seq.output_logprobs[-1]
+        tops = [self._tops.pop(seq.req_id, [])]
+        prompt_lps = self._prompt_logprobs.take(seq.req_id) if seq.num_output_tokens == 1 else None
         text = self._texts.get(seq.req_id)
         delta = text.push(token_id, self.stop_checker) if text is not None else TextDelta("")
         if delta.stop is not None and not finished:
             self.scheduler.finish(seq.req_id, FinishReason.STOP, stop_text=delta.stop)
             finished = True
         if not finished:
-            return _output(seq, [token_id], [logprob], delta.text, None)
+            return _output(seq, [token_id], [logprob], delta.text, None, tops, prompt_lps)
         reason = seq.finish_reason
         assert reason is not None
         new_text = delta.text if delta.stop is not None or text is None else delta.text + text.finish()
         self._texts.pop(seq.req_id, None)  # (PREFILL_DONE: the decode node detokenizes from here on)
+        self._forget(seq.req_id)
         self.stats.num_finished += 1
-        return _output(seq, [token_id], [logprob], new_text, reason)
+        return _output(seq, [token_id], [logprob], new_text, reason, tops, prompt_lps)
 
     def _report_failed(self, scheduled: SchedulerOutput) -> list[RequestOutput]:
         failed = []
         for seq in scheduled.failed:
             self._texts.pop(seq.req_id, None)
+            self._forget(seq.req_id)
             self.stats.num_failed += 1
             need = self.block_manager.num_blocks_for(seq.num_tokens)
             error = (
@@ -329,12 +427,20 @@ def _reaches_end(chunk: ScheduledChunk) -> bool:
 
 
 def _output(
-    seq: Sequence, token_ids: list[int], logprobs: list[float], text: str, reason: FinishReason | None
+    seq: Sequence,
+    token_ids: list[int],
+    logprobs: list[float],
+    text: str,
+    reason: FinishReason | None,
+    top_logprobs: list[list[tuple[int, float]]] | None = None,
+    prompt_logprobs: list[PromptLogprob] | None = None,
 ) -> RequestOutput:
     return RequestOutput(
+        prompt_logprobs=prompt_logprobs,
         req_id=seq.req_id,
         new_token_ids=token_ids,
         new_logprobs=logprobs,
+        new_top_logprobs=top_logprobs or [[] for _ in token_ids],
         new_text=text,
         finish_reason=reason,
         num_prompt_tokens=seq.num_prompt_tokens,

@@ -20,6 +20,11 @@ class RequestOutput:
     req_id: str
     new_token_ids: list[int] = field(default_factory=list)
     new_logprobs: list[float] = field(default_factory=list)
+    # Per new token: its request's top_logprobs most likely (token id, logprob); [] when not asked for.
+    new_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    # On a request's first output, when it asked for prompt_logprobs: per prompt token after the
+    # first, (logprob, top alternatives) -- splitwise/engine/prompt_logprobs.py.
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
     new_text: str = ""
     finish_reason: FinishReason | None = None
     num_prompt_tokens: int = 0

@@ -1,7 +1,10 @@
-"""Batched token sampling: greedy, temperature, top-k, top-p, per-request seeds.
+"""Batched token sampling: logits processing (penalties, logit_bias, min_tokens, structured-output
+masks: splitwise/engine/logits_processing.py), then greedy or temperature / min_p / top-k / top-p,
+with per-request seeds.
 
 Every row reports the chosen token's logprob under the model's raw distribution
-(``log_softmax`` of the unmodified logits), whatever the sampling settings.
+(``log_softmax`` of the unmodified logits), whatever the sampling settings, and, when its request
+asks for ``top_logprobs: k``, the k most likely tokens under that same distribution (as vLLM).
 
 Seeded rows draw their noise from a generator seeded by ``(seed, output index)``: the same seed
 gives the same tokens whatever else is in the batch, and a preempted request that recomputes
@@ -12,10 +15,11 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence as SequenceOf
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from splitwise.engine.logits_processing import RowHistory, process_logits
 from splitwise.engine.sampling_params import SamplingParams
 
 
@@ -23,6 +27,8 @@ from splitwise.engine.sampling_params import SamplingParams
 class SamplerOutput:
     token_ids: list[int]
     logprobs: list[float]  # of the chosen token under log_softmax(raw logits)
+    # Per row: the row's top_logprobs most likely (token id, logprob), most likely first ([] if 0).
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
 
 def derive_seed(seed: int, output_index: int) -> int:
@@ -32,8 +38,9 @@ def derive_seed(seed: int, output_index: int) -> int:
 
 
 class Sampler:
-    def __init__(self, *, seed: int = 0) -> None:
+    def __init__(self, *, seed: int = 0, stop_token_ids: frozenset[int] = frozenset()) -> None:
         self.seed = seed
+        self.stop_token_ids = stop_token_ids  # the model's eos ids: masked while min_tokens is not reached
         # The shared generator for unseeded rows, made on the device of the first logits seen.
         self._generator: torch.Generator | None = None
 
@@ -44,19 +51,36 @@ class Sampler:
         return self._generator
 
     def sample(
-        self, logits: torch.Tensor, params: SequenceOf[SamplingParams], output_indices: SequenceOf[int]
+        self,
+        logits: torch.Tensor,
+        params: SequenceOf[SamplingParams],
+        output_indices: SequenceOf[int],
+        *,
+        histories: SequenceOf[RowHistory] | None = None,
+        allowed: torch.Tensor | None = None,
     ) -> SamplerOutput:
         """Pick one token per row of ``logits`` [batch, vocab].
 
         ``output_indices[i]`` is how many output tokens row ``i``'s request already has (its
-        ``num_output_tokens``); it makes seeded sampling reproducible step by step.
+        ``num_output_tokens``); it makes seeded sampling reproducible step by step. ``histories``
+        (needed when any row uses penalties or min_tokens) are the rows' prompt and output tokens;
+        ``allowed`` is the structured-output mask, bool [batch, vocab] (True = allowed).
         """
         if logits.dim() != 2 or logits.shape[0] != len(params) or len(params) != len(output_indices):
             raise ValueError(
                 f"logits {tuple(logits.shape)} do not match {len(params)} params / {len(output_indices)} indices"
             )
-        logits = logits.float()
-        raw_logprobs = torch.log_softmax(logits, dim=-1)
+        raw = logits.float()
+        raw_logprobs = torch.log_softmax(raw, dim=-1)
+        logits = raw
+        if allowed is not None or any(p.needs_processing for p in params):
+            if histories is None:
+                if any(p.has_penalties or p.min_tokens for p in params):
+                    raise ValueError("penalties and min_tokens need the rows' token histories")
+                histories = [RowHistory((), ())] * len(params)
+            logits = process_logits(
+                raw, params, histories, stop_token_ids=self.stop_token_ids, allowed=allowed
+            )
         token_ids = logits.argmax(dim=-1)
         random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
         if random_rows:
@@ -66,13 +90,23 @@ class Sampler:
             )
             token_ids[rows] = chosen
         chosen_logprobs = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)
-        return SamplerOutput(token_ids=token_ids.tolist(), logprobs=chosen_logprobs.tolist())
+        return SamplerOutput(
+            token_ids=token_ids.tolist(),
+            logprobs=chosen_logprobs.tolist(),
+            top_logprobs=_top_logprobs(raw_logprobs, params),
+        )
 
     def _sample_random(
         self, logits: torch.Tensor, params: list[SamplingParams], output_indices: list[int]
     ) -> torch.Tensor:
         temperatures = torch.tensor([p.temperature for p in params], device=logits.device)
         scaled = logits / temperatures[:, None]
+        if any(p.min_p > 0 for p in params):
+            # min_p: drop tokens less likely than min_p times the most likely one (after temperature).
+            probs = torch.softmax(scaled, dim=-1)
+            min_p = torch.tensor([p.min_p for p in params], device=logits.device)
+            threshold = probs.amax(dim=-1, keepdim=True) * min_p[:, None]
+            scaled = scaled.masked_fill(probs < threshold, float("-inf"))
         if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
             scaled = scaled.masked_fill(self._filtered_out(scaled, params), float("-inf"))
         probs = torch.softmax(scaled, dim=-1)
@@ -115,3 +149,17 @@ class Sampler:
                 noise[i].exponential_(generator=generator)
         # exponential_ may return exactly 0; keep p / E finite.
         return noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+
+
+def _top_logprobs(
+    raw_logprobs: torch.Tensor, params: SequenceOf[SamplingParams]
+) -> list[list[tuple[int, float]]]:
+    k_max = max((p.top_logprobs for p in params), default=0)
+    if k_max == 0:
+        return [[] for _ in params]
+    values, ids = raw_logprobs.topk(min(k_max, raw_logprobs.shape[-1]), dim=-1)
+    rows_values, rows_ids = values.tolist(), ids.tolist()
+    return [
+        list(zip(rows_ids[i][: p.top_logprobs], rows_values[i][: p.top_logprobs], strict=True))
+        for i, p in enumerate(params)
+    ]

@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from splitwise.engine.block_manager import BlockManager
+from splitwise.engine.block_manager import NO_MATCH, BlockManager
 from splitwise.engine.errors import InvalidRequestError, UnknownRequestError
 from splitwise.engine.model_runner import ScheduledChunk
 from splitwise.engine.sequence import FinishReason, Sequence, SequenceStatus
@@ -287,7 +287,9 @@ class Scheduler:
         """Admit from the front of ``queue`` (strict FIFO) while budgets and blocks allow."""
         while queue and step.budget_tokens > 0 and len(self._running) < self.max_num_seqs:
             seq = queue[0]
-            prefix = self.block_manager.match_prefix(seq)
+            # Prompt logprobs need the logits of every prompt position: no prefix-cache hits.
+            wants_all = seq.params.prompt_logprobs is not None
+            prefix = NO_MATCH if wants_all else self.block_manager.match_prefix(seq)
             num_new_tokens = min(
                 seq.num_tokens - max(prefix.num_tokens, seq.num_computed_tokens), step.budget_tokens
             )

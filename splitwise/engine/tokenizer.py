@@ -203,6 +203,14 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return self._chat_template is not None
 
+    def vocab(self) -> dict[str, int]:
+        """Token string -> id, added tokens included (grammar libraries build their token tables from it)."""
+        return dict(self._backend.get_vocab(with_added_tokens=True))
+
+    def backend_json(self) -> str:
+        """The tokenizer.json this tokenizer was loaded from (its decoder tells a vocabulary's encoding)."""
+        return str(self._backend.to_str())
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``; with ``add_special_tokens`` the checkpoint's bos (and eos) are added like HF."""
         if not isinstance(text, str):

@@ -45,6 +45,7 @@ class InstanceConfig:
     kv_transfer_port: int = 0  # the tcp transport's listener on a decode node
     cluster_token: str | None = None
     api_key: str | None = None
+    tool_call_parser: str | None = None  # "auto" tool choice: hermes | llama3_json (splitwise/api/tools.py)
     served_model_name: str | None = None
     pd_fallback: str = "local"  # P lost / transfer failed: "local" prefill on D, or "fail" the request
     transfer_timeout_s: float = 60.0

@@ -20,6 +20,7 @@ from typing import Any
 from scheduler.messages import WorkItem
 from splitwise.engine.errors import EngineError, InvalidRequestError, OutOfBlocksError
 from splitwise.engine.outputs import RequestOutput
+from splitwise.engine.prompt_logprobs import from_wire as prompt_logprobs_from_wire
 from splitwise.engine.sampling_params import SamplingParams
 from splitwise.engine.sequence import FinishReason
 from splitwise.errors import SplitwiseError
@@ -158,7 +159,15 @@ class DecodeFlow:
 
         def admit(engine: Any) -> None:
             first_out = engine.add_prefilled_request(
-                req_id, prompt, params, first.first_token_id, first.logprob
+                req_id,
+                prompt,
+                params,
+                first.first_token_id,
+                first.logprob,
+                list(zip(first.top_token_ids, first.top_logprobs, strict=True)),
+                prompt_logprobs_from_wire(
+                    first.prompt_logprobs, first.prompt_top_token_ids, first.prompt_top_logprobs
+                ),
             )
             self.worker.deliver_from_engine_thread([first_out])
 

@@ -19,6 +19,7 @@ from scheduler.errors import SchedulerClosedError, SchedulerError
 from scheduler.messages import CancelMessage, Failed, Finished, ResultMessage, TokenChunk, WorkItem
 from splitwise.engine.errors import EngineError, InvalidRequestError
 from splitwise.engine.outputs import RequestOutput
+from splitwise.engine.prompt_logprobs import to_wire as prompt_logprobs_to_wire
 from splitwise.engine.sampling_params import SamplingParams
 from splitwise.engine.sequence import FinishReason
 from splitwise.errors import SplitwiseError
@@ -192,6 +193,8 @@ class NodeRuntime:
                 batch.append(outputs.get_nowait())  # coalesce what is ready into one chunk
             tokens = [t for out in batch for t in out.new_token_ids]
             logprobs = [lp for out in batch for lp in out.new_logprobs]
+            tops = [top for out in batch for top in out.new_top_logprobs]
+            has_tops = any(tops)
             if tokens:
                 await self.node.publish(
                     TokenChunk(
@@ -200,6 +203,9 @@ class NodeRuntime:
                         index=index,
                         token_ids=tokens,
                         logprobs=logprobs,
+                        top_token_ids=[[t for t, _ in top] for top in tops] if has_tops else None,
+                        top_logprobs=[[lp for _, lp in top] for top in tops] if has_tops else None,
+                        **_prompt_logprobs_fields(batch),
                     ),
                     frontend_id=item.frontend_id,
                 )
@@ -236,6 +242,12 @@ class NodeRuntime:
         except SchedulerError as exc:
             # Redis stayed away past the dead-after time: the frontend re-dispatches or fails it.
             log.warning("could not report terminal result", error=str(exc))
+
+
+def _prompt_logprobs_fields(batch: list[RequestOutput]) -> dict[str, Any]:
+    first = next((out.prompt_logprobs for out in batch if out.prompt_logprobs is not None), None)
+    names = ("prompt_logprobs", "prompt_top_token_ids", "prompt_top_logprobs")
+    return dict(zip(names, prompt_logprobs_to_wire(first), strict=True))
 
 
 def _error_code(exc: BaseException) -> str:

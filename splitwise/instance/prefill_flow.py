@@ -25,6 +25,8 @@ from typing import Any
 from scheduler.errors import SchedulerError
 from splitwise.engine.errors import EngineError, InvalidRequestError
 from splitwise.engine.model_runner import ScheduledChunk
+from splitwise.engine.outputs import RequestOutput
+from splitwise.engine.prompt_logprobs import to_wire as prompt_logprobs_to_wire
 from splitwise.engine.sampling_params import SamplingParams
 from splitwise.engine.sequence import FinishReason
 from splitwise.errors import SplitwiseError
@@ -129,10 +131,21 @@ class PrefillFlow:
         req_id = task.req_id
         with bind_request(req_id, peer=conn.peer_id):
             try:
+                log.info("prefill request received", prompt_tokens=len(task.prompt_token_ids))
                 first = await self._prefill_and_ship(conn, task)
+                prompt_lps, prompt_top_ids, prompt_top_lps = prompt_logprobs_to_wire(first.prompt_logprobs)
                 reply: CallMessage = PrefillResult(
-                    call_id=0, req_id=req_id, first_token_id=first[0], logprob=first[1]
+                    call_id=0,
+                    req_id=req_id,
+                    first_token_id=first.new_token_ids[0],
+                    logprob=first.new_logprobs[0],
+                    top_token_ids=[t for t, _ in first.new_top_logprobs[0]],
+                    top_logprobs=[lp for _, lp in first.new_top_logprobs[0]],
+                    prompt_logprobs=prompt_lps,
+                    prompt_top_token_ids=prompt_top_ids,
+                    prompt_top_logprobs=prompt_top_lps,
                 )
+                log.info("prefill shipped", first_token_id=first.new_token_ids[0])
                 self.counters.incr("prefills_shipped")
             except (SplitwiseError, asyncio.TimeoutError) as exc:
                 self.counters.incr("prefill_failures")
@@ -155,7 +168,7 @@ class PrefillFlow:
                 except SchedulerError as exc:
                     log.warning("could not release the prefill booking", error=str(exc))
 
-    async def _prefill_and_ship(self, conn: ControlConnection, task: PrefillTask) -> tuple[int, float]:
+    async def _prefill_and_ship(self, conn: ControlConnection, task: PrefillTask) -> RequestOutput:
         req_id = task.req_id
         initiator = self.initiators[task.protocol]
         loop = asyncio.get_running_loop()
@@ -194,7 +207,7 @@ class PrefillFlow:
                 transfer_s=transfer_s,
                 exposed_s=landed_s - prefill_done_s,
             )
-        return out.new_token_ids[0], out.new_logprobs[0]
+        return out
 
     def _ship_deferred(self, req_id: str) -> None:
         """Unpipelined mode: issue the writes ``on_layer`` held back (P still holds the blocks)."""

@@ -28,7 +28,7 @@ Control channel (``--pd-comm-port``; either side may call, replies carry the cal
 from __future__ import annotations
 
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from splitwise.transfer.errors import ProtocolError
@@ -179,6 +179,13 @@ class PrefillResult(Message):
     req_id: str
     first_token_id: int
     logprob: float
+    # The first position's top_logprobs alternatives (SamplingParams.top_logprobs of them), most likely first.
+    top_token_ids: list[int] = field(default_factory=list)
+    top_logprobs: list[float] = field(default_factory=list)
+    # echo + logprobs: per prompt token after the first, its logprob and top alternatives.
+    prompt_logprobs: list[float] | None = None
+    prompt_top_token_ids: list[list[int]] | None = None
+    prompt_top_logprobs: list[list[float]] | None = None
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,7 @@ class RecordingBackend:
 
 class ScriptedNode:
     """A mixed node for the LocalScheduler that answers with SCRIPT_TEXT's tokens, one per chunk,
-    with logprob ``-(index + 1) / 10``. Markers in the prompt change what it does:
+    with logprob ``-(index + 1) / 10`` (top_logprobs k: the chosen token, then the next k - 1 script tokens). Markers in the prompt change what it does:
     ``[slow]`` waits between tokens, ``[hang]`` never answers, ``[fail]`` fails, ``[fail-retry]``
     fails retryably, ``[fail-late]`` fails after two tokens, and ``[eos]`` ends with eos after three tokens. Stop strings are the API's job."""
 
@@ -120,6 +120,9 @@ class ScriptedNode:
                 return
             if "[slow]" in prompt:
                 await asyncio.sleep(SLOW_TOKEN_DELAY_S)
+            # top_logprobs k: the chosen token first, then the next script tokens, 1 nat apart each.
+            k = int(work.sampling_params.get("top_logprobs", 0))
+            top = [script[(index + j) % len(script)] for j in range(k)]
             await self.node.publish(
                 TokenChunk(
                     req_id=work.req_id,
@@ -127,6 +130,8 @@ class ScriptedNode:
                     index=index,
                     token_ids=[script[index]],
                     logprobs=[-(index + 1) / 10],
+                    top_token_ids=[top] if k else None,
+                    top_logprobs=[[-(index + 1) / 10 - j for j in range(k)]] if k else None,
                 )
             )
             index += 1

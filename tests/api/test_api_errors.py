@@ -15,6 +15,7 @@ from api_support import MAX_MODEL_LEN, MODEL_ID, TTL_S, LocalStack, start_local_
 from splitwise.engine.tokenizer import Tokenizer
 
 API_KEY = "sk-test-key"
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
 
 
 def post(stack: LocalStack, path: str, body: Any, **kwargs: Any) -> httpx.Response:
@@ -55,17 +56,52 @@ def assert_error(
         ({"prompt": "x", "stop_token_ids": [2**40]}, "stop_token_ids[0]"),
         ({"prompt": "x", "max_tokens": True}, "max_tokens"),
         ({"prompt": "x", "stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
-        ({"prompt": "x", "n": 2}, "n"),
+        ({"prompt": "x", "n": 17}, "n"),
+        ({"prompt": "x", "n": 0}, "n"),
+        ({"prompt": "x", "best_of": 3}, "best_of"),
+        ({"prompt": "x", "use_beam_search": True}, "use_beam_search"),
+        ({"prompt": "x", "suffix": "tail"}, "suffix"),
+        ({"prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
+        ({"prompt": "x", "frequency_penalty": -3}, "frequency_penalty"),
+        ({"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
+        ({"prompt": "x", "min_p": 1.5}, "min_p"),
+        ({"prompt": "x", "min_tokens": 20, "max_tokens": 5}, "min_tokens"),
+        ({"prompt": "x", "logit_bias": {"abc": 1}}, "logit_bias"),
+        ({"prompt": "x", "logit_bias": {"99999": 1}}, "logit_bias"),
+        ({"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
+        ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": [""]}, "prompt"),
+        ({"prompt": ["ok", ""]}, "prompt[1]"),
+        ({"prompt": "x", "response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+        (
+            {"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"name": "a"}}},
+            "response_format.json_schema",
+        ),
+        (
+            {
+                "prompt": "x",
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "a", "schema": {"type": "nonsense"}},
+                },
+            },
+            "response_format.json_schema.schema",
+        ),
+        ({"prompt": "x", "guided_regex": "([a"}, "guided_regex"),
+        ({"prompt": "x", "guided_json": "{not json"}, "guided_json"),
+        ({"prompt": "x", "guided_choice": []}, "guided_choice"),
+        ({"prompt": "x", "guided_regex": "a+", "guided_choice": ["a"]}, "guided_choice"),
+        ({"prompt": "x", "structured_outputs": {"regex": "([a"}}, "structured_outputs.regex"),
+        ({"prompt": "x", "prompt_logprobs": 2}, "prompt_logprobs"),
         ({"prompt": "x", "logprobs": 99}, "logprobs"),
         ({"prompt": "x", "stream": "yes"}, "stream"),
         ({"prompt": 5}, "prompt"),
         ({"prompt": [1, "a"]}, "prompt"),
         ({"max_tokens": 3}, "prompt"),
-        ({"prompt": ["one", "two"]}, "prompt"),
         ({"prompt": [1, 99999]}, "prompt"),
         ({"prompt": []}, "prompt"),
         ({"prompt": [[]]}, "prompt"),
-        ({"prompt": "x", "echo": True}, "echo"),
     ],
 )
 def test_bad_completion_parameters_are_400(local_stack: LocalStack, body: dict, param: str) -> None:
@@ -91,10 +127,62 @@ def test_bad_completion_parameters_are_400(local_stack: LocalStack, body: dict, 
             {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0},
             "max_completion_tokens",
         ),
+        ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "x"}]}, "tools[0]"),
+        ({"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}, "tool_choice"),
+        (
+            {"messages": [{"role": "user", "content": "hi"}], "tools": [TOOL], "tool_choice": "auto"},
+            "tool_choice",
+        ),
+        (
+            {
+                "messages": [{"role": "user", "content": "hi"}],
+                "tools": [TOOL],
+                "tool_choice": {"type": "function", "function": {"name": "nope"}},
+            },
+            "tool_choice",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "hi"}], "continue_final_message": True},
+            "continue_final_message",
+        ),
+        (
+            {
+                "messages": [{"role": "user", "content": "hi"}],
+                "tools": [TOOL],
+                "tool_choice": "required",
+                "guided_regex": "a+",
+            },
+            "guided_regex",
+        ),
+        ({"messages": [{"role": "user", "content": "hi"}], "stream_options": {}}, "stream_options"),
+        (
+            {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_schema"}},
+            "response_format.json_schema",
+        ),
     ],
 )
 def test_bad_chat_parameters_are_400(local_stack: LocalStack, body: dict, param: str) -> None:
     assert_error(post(local_stack, "/v1/chat/completions", body), 400, param=param)
+
+
+@pytest.mark.parametrize(
+    ("path", "raw", "param"),
+    [
+        ("/v1/completions", b'{"prompt": "a\\ud800b"}', "prompt"),
+        ("/v1/completions", b'{"prompt": ["ok", "\\ud800"]}', "prompt[1]"),
+        (
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": "\\ud800"}]}',
+            "messages[0].content",
+        ),
+        ("/tokenize", b'{"prompt": "\\udfff"}', "prompt"),
+    ],
+)
+def test_lone_surrogate_is_400_not_500(local_stack: LocalStack, path: str, raw: bytes, param: str) -> None:
+    resp = httpx.post(
+        local_stack.base_url + path, content=raw, timeout=20, headers={"Content-Type": "application/json"}
+    )
+    assert_error(resp, 400, param=param)
 
 
 def test_malformed_json_is_400(local_stack: LocalStack) -> None:
@@ -259,3 +347,37 @@ def test_failure_mid_stream_is_an_error_event_then_done(local_stack: LocalStack)
         ),
         what="the failure counted",
     )
+
+
+def test_request_id_header_is_checked_used_and_echoed(local_stack: LocalStack) -> None:
+    resp = post(
+        local_stack, "/v1/completions", {"prompt": "x", "max_tokens": 2}, headers={"X-Request-Id": "r-1.a:b"}
+    )
+    assert resp.status_code == 200 and resp.json()["id"] == "cmpl-r-1.a:b"
+    assert resp.headers["x-request-id"] == "r-1.a:b"
+    assert local_stack.backend.submitted[-1].req_id == "cmpl-r-1.a:b"
+    bad = post(local_stack, "/v1/completions", {"prompt": "x"}, headers={"X-Request-Id": "has space"})
+    assert_error(bad, 400, param="X-Request-Id")
+    assert bad.headers["x-request-id"] == "has space"  # echoed on errors too
+    plain = post(local_stack, "/v1/completions", {"prompt": "x", "max_tokens": 1})
+    assert plain.status_code == 200 and "x-request-id" not in plain.headers
+
+
+def test_n_choices_are_separate_requests_started_after_the_first_token(local_stack: LocalStack) -> None:
+    resp = post(local_stack, "/v1/completions", {"prompt": "x", "max_tokens": 2, "n": 3, "seed": 5})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    assert body["usage"]["prompt_tokens"] == len(local_stack.backend.submitted[-1].prompt_token_ids)
+    subs = local_stack.backend.submitted[-3:]
+    assert [s.req_id for s in subs] == [f"{body['id']}-{i}" for i in range(3)]
+    assert [s.sampling_params["seed"] for s in subs] == [5, 6, 7]
+
+
+def test_sibling_choices_wait_for_the_first_token(local_stack: LocalStack) -> None:
+    """A lead choice that never produces a token keeps its siblings unsubmitted (they would prefill
+    the prompt again instead of finding it in the prefix cache)."""
+    before = len(local_stack.backend.submitted)
+    resp = post(local_stack, "/v1/completions", {"prompt": "[hang]", "max_tokens": 2, "n": 2})
+    assert_error(resp, 504)
+    assert len(local_stack.backend.submitted) == before + 1
