@@ -18,7 +18,7 @@ from splitwise.engine.config import EngineConfig, ModelConfig
 from splitwise.engine.errors import EngineError
 from splitwise.engine.kv_cache import KVCache, KVCacheGeometry
 from splitwise.engine.loader import load_model
-from splitwise.engine.model.attention import AttentionMetadata
+from splitwise.engine.model.attention_metadata import AttentionMetadata
 from splitwise.engine.model.llama import CausalLM
 from splitwise.engine.sequence import Sequence
 
@@ -110,22 +110,27 @@ class ModelRunner:
             raise EngineError("execute() needs at least one scheduled chunk")
         for chunk in chunks:
             _check_chunk(chunk, self.block_size, self.kv_cache.geometry.num_blocks)
-        input_ids, meta = self._prepare(chunks)
-        counts = torch.tensor([c.num_new_tokens for c in chunks], dtype=torch.int64)
+        order = _decode_first(chunks)
+        input_ids, meta, first_rows = self._prepare([chunks[b] for b in order])
+        row_of = dict(zip(order, first_rows, strict=True))  # chunk index -> its first flat row
         if all_tokens:
-            logits_indices = torch.arange(int(counts.sum()), dtype=torch.int64)
+            rows = [r for b, c in enumerate(chunks) for r in range(row_of[b], row_of[b] + c.num_new_tokens)]
         else:
-            logits_indices = torch.cumsum(counts, 0) - 1  # flat index of each chunk's last token
+            rows = [row_of[b] + c.num_new_tokens - 1 for b, c in enumerate(chunks)]  # last new token
+        logits_indices = torch.tensor(rows, dtype=torch.int64).to(self.device)
         callback = None if layer_callback is None else (lambda layer: layer_callback(layer, chunks))
         with torch.inference_mode():
-            logits: torch.Tensor = self.model(
-                input_ids, meta, self.kv_cache, logits_indices.to(self.device), callback
-            )
+            logits: torch.Tensor = self.model(input_ids, meta, self.kv_cache, logits_indices, callback)
             return logits
 
-    def _prepare(self, chunks: SequenceOf[ScheduledChunk]) -> tuple[torch.Tensor, AttentionMetadata]:
+    def _prepare(
+        self, chunks: SequenceOf[ScheduledChunk]
+    ) -> tuple[torch.Tensor, AttentionMetadata, list[int]]:
+        """Flat input ids, the step's attention metadata and each chunk's first flat row."""
         token_ids: list[int] = []
+        first_rows: list[int] = []
         for chunk in chunks:
+            first_rows.append(len(token_ids))
             new_ids = _new_token_ids(chunk)
             if any(not 0 <= t < self.model_config.vocab_size for t in new_ids):
                 raise EngineError(
@@ -143,7 +148,14 @@ class ModelRunner:
             device=self.device,
             sliding_window=self.model_config.sliding_window,
         )
-        return torch.tensor(token_ids, dtype=torch.int64, device=self.device), meta
+        return torch.tensor(token_ids, dtype=torch.int64).to(self.device), meta, first_rows
+
+
+def _decode_first(chunks: SequenceOf[ScheduledChunk]) -> list[int]:
+    """Chunk indices, decode chunks (one token) first: their queries are then rows 0..G-1, so
+    attention reads and writes them as views, with no index_select/index_copy."""
+    decode = [b for b, c in enumerate(chunks) if c.num_new_tokens == 1]
+    return decode + [b for b, c in enumerate(chunks) if c.num_new_tokens != 1]
 
 
 def _new_token_ids(chunk: ScheduledChunk) -> list[int]:

@@ -1,136 +1,15 @@
-"""Attention over the paged KV cache, batched: per layer one gather and one SDPA call per group.
-
-A step computes a flat run of new tokens, chunk after chunk (chunk b = sequence b's new tokens).
-Chunk b starts at absolute position ``start_b`` (its ``num_computed_tokens``) and has ``n_b``
-tokens; it attends to positions [0, start_b + n_b) of its own sequence.
-
-Index arithmetic (bs = block_size, table_b = chunk b's block table)::
-
-    what                        index                                   into
-    new token i of chunk b      t = n_0 + ... + n_{b-1} + i             flat q/k/v [T, H, D]
-      its position              p = start_b + i
-      its cache row (slot)      table_b[p // bs] * bs + p % bs          cache.view(-1, H, D)
-    key j of chunk b            cache[table_b[j // bs], j % bs]         keys [G, J, H, D]
-      (so key j IS position j)
-      visible to token i iff    j <= start_b + i and j < start_b + n_b
-    padded query row i >= n_b   sees [0, start_b + n_b): never empty, output dropped
-
-Chunks are attended in groups (decode chunks together, prefill chunks together); within a group
-J = max_blocks * bs and short block tables are padded with block 0, whose keys are masked out.
-New K/V are written to the cache BEFORE the gather, so a chunk sees its own tokens exactly as it
-sees prefix-cached tokens or blocks another process wrote: only through the cache.
-"""
+"""Attention over the paged KV cache: write the step's new K/V, then one SDPA call per kind of
+chunk (the index arithmetic and the choice of calls are in ``attention_metadata``)."""
 
 from __future__ import annotations
-
-from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from splitwise.engine.model.attention_metadata import AttentionMetadata, DecodeBatch, PrefillChunk
 from splitwise.engine.model.layers import RMSNorm
 from splitwise.engine.model.rope import apply_rotary
-
-
-def _pad_tables(tables: Sequence[Sequence[int]]) -> torch.Tensor:
-    """[len(tables), max_blocks] int64, short tables padded with block 0 (always masked out)."""
-    max_blocks = max(len(t) for t in tables)
-    padded = [list(t) + [0] * (max_blocks - len(t)) for t in tables]
-    return torch.tensor(padded, dtype=torch.int64).view(len(tables), max_blocks)
-
-
-@dataclass(frozen=True)
-class AttentionGroup:
-    """Chunks attended to in one SDPA call, padded to the group's longest chunk and context."""
-
-    token_index: torch.Tensor  # [G, max_new] int64: flat token index of (chunk, i); padding -> 0
-    token_valid: torch.Tensor  # [G, max_new] bool: i < n_b
-    block_tables: torch.Tensor  # [G, max_blocks] int64
-    attn_mask: torch.Tensor  # [G, 1, max_new, max_blocks * block_size] bool: True = may attend
-
-    @staticmethod
-    def build(
-        starts: Sequence[int],
-        counts: Sequence[int],
-        first_tokens: Sequence[int],
-        block_tables: Sequence[Sequence[int]],
-        block_size: int,
-        sliding_window: int | None = None,
-    ) -> AttentionGroup:
-        tables = _pad_tables(block_tables)
-        start = torch.tensor(starts, dtype=torch.int64)[:, None]
-        count = torch.tensor(counts, dtype=torch.int64)[:, None]
-        offset = torch.arange(max(counts), dtype=torch.int64)[None, :]  # i
-        valid = offset < count
-        token_index = torch.where(valid, torch.tensor(first_tokens, dtype=torch.int64)[:, None] + offset, 0)
-        key_pos = torch.arange(tables.shape[1] * block_size, dtype=torch.int64)[None, None, :]
-        query_pos = (start + offset)[:, :, None]
-        attn_mask = (key_pos <= query_pos) & (key_pos < (start + count)[:, :, None])
-        if sliding_window is not None:  # as HF: a query at q sees keys k with q - k < window
-            attn_mask &= key_pos > query_pos - sliding_window
-        return AttentionGroup(token_index, valid, tables, attn_mask[:, None])
-
-    def to(self, device: torch.device | str) -> AttentionGroup:
-        return AttentionGroup(
-            token_index=self.token_index.to(device),
-            token_valid=self.token_valid.to(device),
-            block_tables=self.block_tables.to(device),
-            attn_mask=self.attn_mask.to(device),
-        )
-
-
-@dataclass(frozen=True)
-class AttentionMetadata:
-    """Where a step's tokens live in the cache and who may attend to whom. Built once per step,
-    shared by every layer.
-
-    Decode chunks (1 token) and prefill chunks go in separate groups: padding every decode row
-    of a mixed batch to the prefill chunk's length would cost O(batch * chunk * context) memory.
-    """
-
-    positions: torch.Tensor  # [T] int64: absolute position of each new token
-    slot_mapping: torch.Tensor  # [T] int64: cache row of each new token
-    groups: tuple[AttentionGroup, ...]
-
-    @staticmethod
-    def build(
-        starts: Sequence[int],
-        num_new_tokens: Sequence[int],
-        block_tables: Sequence[Sequence[int]],
-        block_size: int,
-        device: torch.device | str,
-        sliding_window: int | None = None,
-    ) -> AttentionMetadata:
-        """``block_tables[b]`` must cover positions [0, starts[b] + num_new_tokens[b])."""
-        count = torch.tensor(num_new_tokens, dtype=torch.int64)
-        first_token = torch.cumsum(count, 0) - count  # flat index of each chunk's token 0
-        chunk_of_token = torch.repeat_interleave(torch.arange(len(starts)), count)  # [T]
-        offset = torch.arange(int(count.sum())) - first_token[chunk_of_token]
-        positions = torch.tensor(starts, dtype=torch.int64)[chunk_of_token] + offset
-        block_ids = _pad_tables(block_tables)[chunk_of_token, positions // block_size]
-        slot_mapping = block_ids * block_size + positions % block_size
-
-        groups = []
-        for members in _partition_by_kind(num_new_tokens):
-            group = AttentionGroup.build(
-                starts=[starts[b] for b in members],
-                counts=[num_new_tokens[b] for b in members],
-                first_tokens=[int(first_token[b]) for b in members],
-                block_tables=[block_tables[b] for b in members],
-                block_size=block_size,
-                sliding_window=sliding_window,
-            )
-            groups.append(group.to(device))
-        return AttentionMetadata(positions.to(device), slot_mapping.to(device), tuple(groups))
-
-
-def _partition_by_kind(num_new_tokens: Sequence[int]) -> list[list[int]]:
-    """Chunk indices split into [decode chunks, prefill chunks], empty parts dropped."""
-    decode = [b for b, n in enumerate(num_new_tokens) if n == 1]
-    prefill = [b for b, n in enumerate(num_new_tokens) if n > 1]
-    return [part for part in (decode, prefill) if part]
 
 
 def paged_attention(
@@ -144,6 +23,7 @@ def paged_attention(
     """Write k/v [T, Hkv, D] into the layer's cache [num_blocks, bs, Hkv, D], then attend.
 
     Returns [T, Hq, D]. Scale is 1/sqrt(D) (SDPA's default, as in every supported family).
+    No host syncs: every index was built on the host once per step.
     """
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
     k_rows = k_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
@@ -151,23 +31,81 @@ def paged_attention(
     k_rows.index_copy_(0, meta.slot_mapping, k.to(k_rows.dtype))
     v_rows.index_copy_(0, meta.slot_mapping, v.to(v_rows.dtype))
 
+    decode = meta.decode
+    if decode is not None and not meta.prefills and decode.first_row == 0:
+        return _attend_decode(q, k_cache, v_cache, decode)  # all-decode step: no scatter needed
     out = torch.empty_like(q)
-    for group in meta.groups:
-        num_chunks, max_blocks = group.block_tables.shape
-        context_shape = (num_chunks, max_blocks * block_size, num_kv_heads, head_dim)
-        keys = k_cache[group.block_tables].view(context_shape).to(q.dtype)
-        values = v_cache[group.block_tables].view(context_shape).to(q.dtype)
-        queries = q[group.token_index]  # [G, max_new, Hq, D]
-        attended = F.scaled_dot_product_attention(
-            queries.transpose(1, 2),
-            keys.transpose(1, 2),
-            values.transpose(1, 2),
-            attn_mask=group.attn_mask,
-            enable_gqa=q.shape[1] != num_kv_heads,
-        )
-        valid = group.token_valid
-        out.index_copy_(0, group.token_index[valid], attended.transpose(1, 2)[valid])
+    if decode is not None:
+        attended = _attend_decode(q, k_cache, v_cache, decode)
+        if decode.first_row is not None:
+            out.narrow(0, decode.first_row, decode.num_chunks).copy_(attended)
+        else:
+            out.index_copy_(0, decode.token_index, attended)
+    for chunk in meta.prefills:
+        rows = out.narrow(0, chunk.first_row, chunk.num_tokens)
+        rows.copy_(_attend_prefill(q, k, v, k_cache, v_cache, chunk))
     return out
+
+
+def _gather(cache: torch.Tensor, block_ids: torch.Tensor, num_seqs: int, num_keys: int) -> torch.Tensor:
+    """[num_seqs, num_keys, Hkv, D]: whole blocks copied by one index_select, then narrowed."""
+    _, block_size, num_kv_heads, head_dim = cache.shape
+    blocks = cache.index_select(0, block_ids)
+    return blocks.view(num_seqs, -1, num_kv_heads, head_dim)[:, :num_keys]
+
+
+def _sdpa(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    *,
+    is_causal: bool = False,
+) -> torch.Tensor:
+    """[N, Lq, Hq, D] x [N, Lk, Hkv, D] -> [N, Lq, Hq, D]; the transposes are views."""
+    attended = F.scaled_dot_product_attention(
+        queries.transpose(1, 2),
+        keys.to(queries.dtype).transpose(1, 2),
+        values.to(queries.dtype).transpose(1, 2),
+        attn_mask=attn_mask,
+        is_causal=is_causal,
+        enable_gqa=queries.shape[2] != keys.shape[2],
+    )
+    return attended.transpose(1, 2)
+
+
+def _attend_decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: DecodeBatch
+) -> torch.Tensor:
+    """[G, Hq, D] for the G decode queries."""
+    g = batch.num_chunks
+    if batch.first_row is not None:
+        queries = q.narrow(0, batch.first_row, g)
+    else:
+        queries = q.index_select(0, batch.token_index)
+    keys = _gather(k_cache, batch.block_ids, g, batch.num_keys)
+    values = _gather(v_cache, batch.block_ids, g, batch.num_keys)
+    return _sdpa(queries[:, None], keys, values, batch.attn_mask)[:, 0]
+
+
+def _attend_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    chunk: PrefillChunk,
+) -> torch.Tensor:
+    """[n, Hq, D] for one chunk's n queries."""
+    queries = q.narrow(0, chunk.first_row, chunk.num_tokens)[None]
+    if chunk.block_ids is None:  # fresh prefill: its keys are exactly its own new tokens
+        keys = k.narrow(0, chunk.first_row, chunk.num_tokens)[None]
+        values = v.narrow(0, chunk.first_row, chunk.num_tokens)[None]
+        causal = chunk.attn_mask is None
+        return _sdpa(queries, keys, values, chunk.attn_mask, is_causal=causal)[0]
+    keys = _gather(k_cache, chunk.block_ids, 1, chunk.num_keys)
+    values = _gather(v_cache, chunk.block_ids, 1, chunk.num_keys)
+    return _sdpa(queries, keys, values, chunk.attn_mask)[0]
 
 
 class Attention(nn.Module):

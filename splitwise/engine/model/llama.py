@@ -21,7 +21,8 @@ from torch import nn
 
 from splitwise.engine.config import ModelConfig
 from splitwise.engine.kv_cache import KVCache
-from splitwise.engine.model.attention import Attention, AttentionMetadata
+from splitwise.engine.model.attention import Attention
+from splitwise.engine.model.attention_metadata import AttentionMetadata
 from splitwise.engine.model.layers import RMSNorm, SwiGLUMLP
 from splitwise.engine.model.rope import RotaryEmbedding
 
@@ -118,6 +119,6 @@ class CausalLM(nn.Module):
             if layer_callback is not None:
                 layer_callback(index)
         # Norm and lm_head are per token: apply them only where logits are wanted.
-        hidden = self.model.norm(hidden[logits_indices])
+        hidden = self.model.norm(hidden.index_select(0, logits_indices))
         logits: torch.Tensor = self.lm_head(hidden).float()
         return logits
