@@ -137,6 +137,25 @@ class Attention(nn.Module):
         # Qwen3 normalises each head of q and k before rope.
         self.q_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
         self.k_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
+        self.qkv_weight: torch.Tensor | None = None
+        self.qkv_bias: torch.Tensor | None = None
+
+    def fuse_qkv(self) -> None:
+        """After loading: q, k and v in one matmul. The three projections' parameters become views
+        of the fused weight (no extra memory; names and state_dict are unchanged)."""
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        with torch.no_grad():
+            self.qkv_weight = torch.cat([p.weight for p in projections])
+            self.qkv_bias = None
+            if self.q_proj.bias is not None:
+                self.qkv_bias = torch.cat([p.bias for p in projections if p.bias is not None])
+            start = 0
+            for proj in projections:
+                rows = proj.weight.shape[0]
+                proj.weight = nn.Parameter(self.qkv_weight[start : start + rows], requires_grad=False)
+                if self.qkv_bias is not None:
+                    proj.bias = nn.Parameter(self.qkv_bias[start : start + rows], requires_grad=False)
+                start += rows
 
     def forward(
         self,
@@ -147,13 +166,18 @@ class Attention(nn.Module):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        num_tokens = hidden.shape[0]
-        q = self.q_proj(hidden).view(num_tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(hidden).view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(hidden).view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.qkv_weight is None:
+            raise RuntimeError("Attention.fuse_qkv() was not called (CausalLM.materialize does it)")
+        num_tokens, num_q = hidden.shape[0], self.num_heads
+        qkv = F.linear(hidden, self.qkv_weight, self.qkv_bias)
+        heads = qkv.view(num_tokens, num_q + 2 * self.num_kv_heads, self.head_dim)
+        v = heads[:, num_q + self.num_kv_heads :]
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q = apply_rotary(self.q_norm(heads[:, :num_q]), cos, sin)
+            k = apply_rotary(self.k_norm(heads[:, num_q : num_q + self.num_kv_heads]), cos, sin)
+        else:  # q and k are adjacent heads: rotate them in one go
+            qk = apply_rotary(heads[:, : num_q + self.num_kv_heads], cos, sin)
+            q, k = qk[:, :num_q], qk[:, num_q:]
         out = paged_attention(q, k, v, k_cache, v_cache, meta)
-        projected: torch.Tensor = self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+        projected: torch.Tensor = self.o_proj(out.reshape(num_tokens, num_q * self.head_dim))
         return projected

@@ -91,8 +91,13 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def materialize(self, device: torch.device | str) -> None:
-        """Call after the parameters live on ``device``; moving modules can untie parameters."""
+        """Call after the parameters live on ``device`` and are loaded; moving modules can untie
+        parameters. Fuses q/k/v and gate/up into single matmuls (fewer ops per layer)."""
         self.tie_weights()
+        for layer in self.model.layers:
+            assert isinstance(layer, DecoderLayer)
+            layer.self_attn.fuse_qkv()
+            layer.mlp.fuse_gate_up()
         cfg = self.config
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, device=device)
 
