@@ -15,10 +15,11 @@ from dataclasses import dataclass
 import torch
 
 from splitwise.engine.config import EngineConfig, ModelConfig
+from splitwise.engine.cpu_malloc import reuse_freed_memory
 from splitwise.engine.errors import EngineError
 from splitwise.engine.kv_cache import KVCache, KVCacheGeometry
 from splitwise.engine.loader import load_model
-from splitwise.engine.model.attention_metadata import AttentionMetadata
+from splitwise.engine.model.attention_metadata import AttentionMetadata, GatherBuffers
 from splitwise.engine.model.llama import CausalLM
 from splitwise.engine.sequence import Sequence
 
@@ -86,7 +87,10 @@ class ModelRunner:
         self.engine_config = engine_config
         self.kv_cache = kv_cache
         self.device = torch.device(engine_config.device)
+        if self.device.type == "cpu":
+            reuse_freed_memory()  # big per-step tensors would be page-faulted in every step
         self.block_size = engine_config.block_size
+        self.gather_buffers = GatherBuffers()
         self.model: CausalLM = load_model(
             engine_config.model, model_config, dtype=engine_config.torch_dtype, device=self.device
         )
@@ -147,6 +151,7 @@ class ModelRunner:
             block_size=self.block_size,
             device=self.device,
             sliding_window=self.model_config.sliding_window,
+            buffers=self.gather_buffers,
         )
         return torch.tensor(token_ids, dtype=torch.int64).to(self.device), meta, first_rows
 

@@ -7,7 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from splitwise.engine.model.attention_metadata import AttentionMetadata, DecodeBatch, PrefillChunk
+from splitwise.engine.model.attention_metadata import (
+    AttentionMetadata,
+    DecodeBatch,
+    GatherBuffers,
+    PrefillChunk,
+)
 from splitwise.engine.model.layers import RMSNorm
 from splitwise.engine.model.rope import apply_rotary
 
@@ -33,25 +38,40 @@ def paged_attention(
 
     decode = meta.decode
     if decode is not None and not meta.prefills and decode.first_row == 0:
-        return _attend_decode(q, k_cache, v_cache, decode)  # all-decode step: no scatter needed
+        return _attend_decode(q, k_cache, v_cache, decode, meta.buffers)  # all decode: no scatter
     out = torch.empty_like(q)
     if decode is not None:
-        attended = _attend_decode(q, k_cache, v_cache, decode)
+        attended = _attend_decode(q, k_cache, v_cache, decode, meta.buffers)
         if decode.first_row is not None:
             out.narrow(0, decode.first_row, decode.num_chunks).copy_(attended)
         else:
             out.index_copy_(0, decode.token_index, attended)
     for chunk in meta.prefills:
         rows = out.narrow(0, chunk.first_row, chunk.num_tokens)
-        rows.copy_(_attend_prefill(q, k, v, k_cache, v_cache, chunk))
+        rows.copy_(_attend_prefill(q, k, v, k_cache, v_cache, chunk, meta.buffers))
     return out
 
 
-def _gather(cache: torch.Tensor, block_ids: torch.Tensor, num_seqs: int, num_keys: int) -> torch.Tensor:
-    """[num_seqs, num_keys, Hkv, D]: whole blocks copied by one index_select, then narrowed."""
-    _, block_size, num_kv_heads, head_dim = cache.shape
-    blocks = cache.index_select(0, block_ids)
-    return blocks.view(num_seqs, -1, num_kv_heads, head_dim)[:, :num_keys]
+def _gather_kv(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_ids: torch.Tensor,
+    num_seqs: int,
+    num_keys: int,
+    buffers: GatherBuffers | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V [num_seqs, num_keys, Hkv, D]: whole blocks copied by one index_select each (into
+    the reusable buffers when given), then narrowed to the visible keys (a view)."""
+    _, _, num_kv_heads, head_dim = k_cache.shape
+    if buffers is None:
+        k_blocks, v_blocks = k_cache.index_select(0, block_ids), v_cache.index_select(0, block_ids)
+    else:
+        k_blocks, v_blocks = buffers.get(k_cache, block_ids.shape[0])
+        torch.index_select(k_cache, 0, block_ids, out=k_blocks)
+        torch.index_select(v_cache, 0, block_ids, out=v_blocks)
+    keys = k_blocks.view(num_seqs, -1, num_kv_heads, head_dim)[:, :num_keys]
+    values = v_blocks.view(num_seqs, -1, num_kv_heads, head_dim)[:, :num_keys]
+    return keys, values
 
 
 def _sdpa(
@@ -75,7 +95,11 @@ def _sdpa(
 
 
 def _attend_decode(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: DecodeBatch
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: DecodeBatch,
+    buffers: GatherBuffers | None,
 ) -> torch.Tensor:
     """[G, Hq, D] for the G decode queries."""
     g = batch.num_chunks
@@ -83,8 +107,7 @@ def _attend_decode(
         queries = q.narrow(0, batch.first_row, g)
     else:
         queries = q.index_select(0, batch.token_index)
-    keys = _gather(k_cache, batch.block_ids, g, batch.num_keys)
-    values = _gather(v_cache, batch.block_ids, g, batch.num_keys)
+    keys, values = _gather_kv(k_cache, v_cache, batch.block_ids, g, batch.num_keys, buffers)
     return _sdpa(queries[:, None], keys, values, batch.attn_mask)[:, 0]
 
 
@@ -95,6 +118,7 @@ def _attend_prefill(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     chunk: PrefillChunk,
+    buffers: GatherBuffers | None,
 ) -> torch.Tensor:
     """[n, Hq, D] for one chunk's n queries."""
     queries = q.narrow(0, chunk.first_row, chunk.num_tokens)[None]
@@ -103,8 +127,7 @@ def _attend_prefill(
         values = v.narrow(0, chunk.first_row, chunk.num_tokens)[None]
         causal = chunk.attn_mask is None
         return _sdpa(queries, keys, values, chunk.attn_mask, is_causal=causal)[0]
-    keys = _gather(k_cache, chunk.block_ids, 1, chunk.num_keys)
-    values = _gather(v_cache, chunk.block_ids, 1, chunk.num_keys)
+    keys, values = _gather_kv(k_cache, v_cache, chunk.block_ids, 1, chunk.num_keys, buffers)
     return _sdpa(queries, keys, values, chunk.attn_mask)[0]
 
 

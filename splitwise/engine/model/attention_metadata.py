@@ -41,6 +41,27 @@ from dataclasses import dataclass
 import torch
 
 
+class GatherBuffers:
+    """Destinations of the K/V block gathers, owned by the runner and reused by every layer of
+    every step (grown on demand, never shrunk): a gather then writes into memory that is already
+    mapped and cached instead of allocating 2 x blocks x block bytes per layer."""
+
+    def __init__(self) -> None:
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+
+    def get(self, cache: torch.Tensor, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two [num_blocks, *cache.shape[1:]] views shaped and typed like ``cache`` blocks."""
+        k = self._k
+        if k is None or k.shape[0] < num_blocks or k.shape[1:] != cache.shape[1:] or k.dtype != cache.dtype:
+            capacity = max(num_blocks, 2 * k.shape[0] if k is not None else 0)
+            shape = (capacity, *cache.shape[1:])
+            self._k = torch.empty(shape, dtype=cache.dtype, device=cache.device)
+            self._v = torch.empty(shape, dtype=cache.dtype, device=cache.device)
+        assert self._k is not None and self._v is not None
+        return self._k[:num_blocks], self._v[:num_blocks]
+
+
 @dataclass(frozen=True)
 class DecodeBatch:
     """All decode chunks of a step, attended in one SDPA call with G queries of one token."""
@@ -78,6 +99,7 @@ class AttentionMetadata:
     decode: DecodeBatch | None
     prefills: tuple[PrefillChunk, ...]
     num_tokens: int
+    buffers: GatherBuffers | None = None  # None: gathers allocate (one-off callers, tests)
 
     @staticmethod
     def build(
@@ -87,6 +109,7 @@ class AttentionMetadata:
         block_size: int,
         device: torch.device | str,
         sliding_window: int | None = None,
+        buffers: GatherBuffers | None = None,
     ) -> AttentionMetadata:
         """``block_tables[b]`` must cover positions [0, starts[b] + num_new_tokens[b])."""
         positions: list[int] = []
@@ -119,6 +142,7 @@ class AttentionMetadata:
             decode=decode,
             prefills=prefills,
             num_tokens=len(positions),
+            buffers=buffers,
         )
 
 
