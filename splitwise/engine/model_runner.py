@@ -22,6 +22,7 @@ from splitwise.engine.loader import load_model
 from splitwise.engine.model.attention_metadata import AttentionMetadata, GatherBuffers
 from splitwise.engine.model.llama import CausalLM
 from splitwise.engine.sequence import Sequence
+from splitwise.engine.static_decode import DecodeInput, StaticDecodeStep
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,13 @@ class ModelRunner:
         self.model: CausalLM = load_model(
             engine_config.model, model_config, dtype=engine_config.torch_dtype, device=self.device
         )
+        # CUDA: all-decode steps replay a captured graph per bucket. CPU: the dynamic path (the
+        # padded static step measured no faster there; it is tested on CPU without capture).
+        self.static_decode = (
+            StaticDecodeStep(self.model, kv_cache, self.block_size, use_graphs=True)
+            if self.device.type == "cuda" and engine_config.cuda_graphs
+            else None
+        )
 
     def execute(
         self, chunks: SequenceOf[ScheduledChunk], layer_callback: LayerCallback | None = None
@@ -114,6 +122,16 @@ class ModelRunner:
             raise EngineError("execute() needs at least one scheduled chunk")
         for chunk in chunks:
             _check_chunk(chunk, self.block_size, self.kv_cache.geometry.num_blocks)
+        if (
+            self.static_decode is not None
+            and not all_tokens
+            and StaticDecodeStep.can_run(
+                [c.num_new_tokens for c in chunks],
+                layer_callback is not None,
+                self.model_config.sliding_window,
+            )
+        ):
+            return self.static_decode.run([self._decode_input(c) for c in chunks])
         order = _decode_first(chunks)
         input_ids, meta, first_rows = self._prepare([chunks[b] for b in order])
         row_of = dict(zip(order, first_rows, strict=True))  # chunk index -> its first flat row
@@ -135,14 +153,7 @@ class ModelRunner:
         first_rows: list[int] = []
         for chunk in chunks:
             first_rows.append(len(token_ids))
-            new_ids = _new_token_ids(chunk)
-            if any(not 0 <= t < self.model_config.vocab_size for t in new_ids):
-                raise EngineError(
-                    f"token ids outside the vocabulary [0, {self.model_config.vocab_size}): "
-                    f"{[t for t in new_ids if not 0 <= t < self.model_config.vocab_size][:5]}",
-                    req_id=chunk.seq.req_id,
-                )
-            token_ids.extend(new_ids)
+            token_ids.extend(self._checked_token_ids(chunk))
         meta = AttentionMetadata.build(
             starts=[c.seq.num_computed_tokens for c in chunks],
             num_new_tokens=[c.num_new_tokens for c in chunks],
@@ -154,6 +165,23 @@ class ModelRunner:
             buffers=self.gather_buffers,
         )
         return torch.tensor(token_ids, dtype=torch.int64).to(self.device), meta, first_rows
+
+    def _checked_token_ids(self, chunk: ScheduledChunk) -> list[int]:
+        new_ids = _new_token_ids(chunk)
+        if any(not 0 <= t < self.model_config.vocab_size for t in new_ids):
+            raise EngineError(
+                f"token ids outside the vocabulary [0, {self.model_config.vocab_size}): "
+                f"{[t for t in new_ids if not 0 <= t < self.model_config.vocab_size][:5]}",
+                req_id=chunk.seq.req_id,
+            )
+        return new_ids
+
+    def _decode_input(self, chunk: ScheduledChunk) -> DecodeInput:
+        (token_id,) = self._checked_token_ids(chunk)
+        seq = chunk.seq
+        return DecodeInput(
+            token_id, seq.num_computed_tokens, seq.block_table[: _num_blocks_needed(chunk, self.block_size)]
+        )
 
 
 def _decode_first(chunks: SequenceOf[ScheduledChunk]) -> list[int]:
