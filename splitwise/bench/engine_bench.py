@@ -212,7 +212,9 @@ class BenchSpec:
     with_transformers: bool = True
 
 
-def run_engine_bench(spec: BenchSpec) -> tuple[list[dict[str, float | int | str]], MachineLimits]:
+def run_engine_bench(
+    spec: BenchSpec, progress: Callable[[str], None] | None = None
+) -> tuple[list[dict[str, float | int | str]], MachineLimits]:
     baseline = None
     if spec.baseline_commit is not None:
         from splitwise.bench.engine_baseline import import_baseline
@@ -226,6 +228,8 @@ def run_engine_bench(spec: BenchSpec) -> tuple[list[dict[str, float | int | str]
     rows: list[dict[str, float | int | str]] = []
     for batch, context_len in itertools.product(spec.batches, spec.context_lens):
         max_len = max(spec.prompt_len, context_len) + spec.decode_tokens
+        if progress is not None:
+            progress(f"batch {batch}, context {context_len} ...")
         systems: list[System] = [
             EngineSystem("splitwise", spec.model_dir, batch, max_len, spec.device, spec.dtype, None)
         ]

@@ -97,7 +97,7 @@ def engine_cmd(
         with_transformers=not no_transformers,
     )
     try:
-        rows, limits = run_engine_bench(spec)
+        rows, limits = run_engine_bench(spec, progress=lambda line: click.echo(line, err=True))
     except ValueError as exc:
         raise _fail_on_value_error(exc) from None
     except SplitwiseError as exc:
