@@ -47,19 +47,24 @@ class GatherBuffers:
     mapped and cached instead of allocating 2 x blocks x block bytes per layer."""
 
     def __init__(self) -> None:
-        self._k: torch.Tensor | None = None
-        self._v: torch.Tensor | None = None
+        self._kv: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def get(self, cache: torch.Tensor, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two [num_blocks, *cache.shape[1:]] views shaped and typed like ``cache`` blocks."""
-        k = self._k
-        if k is None or k.shape[0] < num_blocks or k.shape[1:] != cache.shape[1:] or k.dtype != cache.dtype:
-            capacity = max(num_blocks, 2 * k.shape[0] if k is not None else 0)
+    def get(
+        self, cache: torch.Tensor, num_blocks: int, dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two [num_blocks, *cache.shape[1:]] views shaped like ``cache`` blocks, in ``dtype``
+        (default the cache's; a second pair holds half-precision blocks converted for math)."""
+        dtype = dtype or cache.dtype
+        pair = self._kv.get(dtype)
+        if pair is None or pair[0].shape[0] < num_blocks or pair[0].shape[1:] != cache.shape[1:]:
+            capacity = max(num_blocks, 2 * pair[0].shape[0] if pair is not None else 0)
             shape = (capacity, *cache.shape[1:])
-            self._k = torch.empty(shape, dtype=cache.dtype, device=cache.device)
-            self._v = torch.empty(shape, dtype=cache.dtype, device=cache.device)
-        assert self._k is not None and self._v is not None
-        return self._k[:num_blocks], self._v[:num_blocks]
+            pair = (
+                torch.empty(shape, dtype=dtype, device=cache.device),
+                torch.empty(shape, dtype=dtype, device=cache.device),
+            )
+            self._kv[dtype] = pair
+        return pair[0][:num_blocks], pair[1][:num_blocks]
 
 
 @dataclass(frozen=True)
