@@ -246,6 +246,7 @@ def run_engine_bench(
             prefill = _interleaved_best(
                 systems, functools.partial(_prefill, prompts=prefill_prompts), spec.repeats, lower=True
             )
+            limits.append(measure_limits(spec.device, getattr(torch, spec.dtype)))
             decode_prompts = _prompts(batch, context_len, vocab, 2)
             decode = _interleaved_best(
                 systems,
@@ -253,6 +254,7 @@ def run_engine_bench(
                 spec.repeats,
                 lower=False,
             )
+            limits.append(measure_limits(spec.device, getattr(torch, spec.dtype)))
         finally:
             for system in systems:
                 system.close()

@@ -47,7 +47,7 @@ def _best_time(fn: Callable[[], object], device: torch.device, repeats: int) -> 
     return best
 
 
-def measure_limits(device: str, dtype: torch.dtype, repeats: int = 5) -> MachineLimits:
+def measure_limits(device: str, dtype: torch.dtype, repeats: int = 8) -> MachineLimits:
     dev = torch.device(device)
     size = (1 << 30) if dev.type == "cuda" else (256 << 20)
     src = torch.empty(size, dtype=torch.uint8, device=dev).fill_(1)
@@ -75,6 +75,7 @@ class ModelCost:
     """Per-token costs of a decoder, from its config."""
 
     matmul_params: int  # weights every token multiplies (all projections and lm_head)
+    lm_head_params: int  # prefill multiplies lm_head for each sequence's last token only
     kv_bytes_per_token: int  # K and V of one position over all layers
     attention_flops_per_key: int  # q.k and p.v over all layers and heads, per (query, key)
     itemsize: int
@@ -90,6 +91,7 @@ class ModelCost:
         itemsize = torch.empty((), dtype=dtype).element_size()
         return ModelCost(
             matmul_params=config.num_layers * per_layer + config.vocab_size * h,
+            lm_head_params=config.vocab_size * h,
             kv_bytes_per_token=config.num_layers * 2 * kv * itemsize,
             attention_flops_per_key=config.num_layers * 4 * q,
             itemsize=itemsize,
@@ -105,7 +107,9 @@ class ModelCost:
     def prefill_roofline_tok_s(self, limits: MachineLimits, batch: int, prompt_len: int) -> float:
         """Upper bound on prefill tokens/s (causal attention: ~prompt_len / 2 keys per query)."""
         tokens = batch * prompt_len
-        flops = tokens * (2 * self.matmul_params + prompt_len / 2 * self.attention_flops_per_key)
+        layer_params = self.matmul_params - self.lm_head_params
+        flops = tokens * (2 * layer_params + prompt_len / 2 * self.attention_flops_per_key)
+        flops += batch * 2 * self.lm_head_params
         step_s = max(
             self.matmul_params * self.itemsize / limits.bandwidth_bytes_s, flops / limits.matmul_flops_s
         )

@@ -30,6 +30,7 @@ def test_model_cost_counts_weights_kv_and_attention() -> None:
     cost = ModelCost.of(config, torch.float32)
     per_layer = 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128
     assert cost.matmul_params == 2 * per_layer + 1024 * 64
+    assert cost.lm_head_params == 1024 * 64
     assert cost.kv_bytes_per_token == 2 * 2 * 32 * 4
     limits = MachineLimits(bandwidth_bytes_s=1e9, matmul_flops_s=1e15, device="cpu", dtype="float32")
     # Memory bound: one step reads the weights and batch * context K/V once.
