@@ -133,11 +133,10 @@ class EngineSystem(System):
 
 
 class TransformersSystem(System):
-    name = "transformers"
-
     def __init__(self, model_dir: Path, device: str, dtype: str) -> None:
         from transformers import AutoModelForCausalLM
 
+        self.name = "transformers"
         self.device = torch.device(device)
         model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype))
         self.model = model.to(self.device).eval()
@@ -210,6 +209,7 @@ class BenchSpec:
     repeats: int = 3
     baseline_commit: str | None = None
     with_transformers: bool = True
+    reference_dtype: str | None = None  # transformers' dtype; None: the same as ``dtype``
 
 
 def run_engine_bench(
@@ -239,7 +239,9 @@ def run_engine_bench(
                 EngineSystem(name, spec.model_dir, batch, max_len, spec.device, spec.dtype, baseline)
             )
         if spec.with_transformers:
-            systems.append(TransformersSystem(spec.model_dir, spec.device, spec.dtype))
+            systems.append(
+                TransformersSystem(spec.model_dir, spec.device, spec.reference_dtype or spec.dtype)
+            )
         try:
             limits.append(measure_limits(spec.device, getattr(torch, spec.dtype)))
             prefill_prompts = _prompts(batch, spec.prompt_len, vocab, 1)

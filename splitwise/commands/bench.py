@@ -42,6 +42,11 @@ def bench() -> None:
 @click.option(
     "--dtype", default="float32", show_default=True, help="float32, bfloat16 or float16 (both systems)."
 )
+@click.option(
+    "--reference-dtype",
+    default=None,
+    help="dtype of the transformers reference (default: --dtype), e.g. bf16 engine vs fp32 generate().",
+)
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1))
 @click.option(
     "--threads", default=None, type=click.IntRange(min=1), help="torch CPU threads (default: torch's)."
@@ -61,6 +66,7 @@ def engine_cmd(
     decode_tokens: int,
     device: str,
     dtype: str,
+    reference_dtype: str | None,
     repeats: int,
     threads: int | None,
     baseline_commit: str | None,
@@ -82,6 +88,10 @@ def engine_cmd(
             ) from None
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise click.BadParameter("no CUDA device is available", param_hint="--device")
+    if reference_dtype is not None and reference_dtype not in ("float32", "bfloat16", "float16"):
+        raise click.BadParameter(
+            f"{reference_dtype!r} is not float32, bfloat16 or float16", param_hint="--reference-dtype"
+        )
     if threads is not None:
         torch.set_num_threads(threads)
     spec = BenchSpec(
@@ -95,6 +105,7 @@ def engine_cmd(
         repeats=repeats,
         baseline_commit=baseline_commit,
         with_transformers=not no_transformers,
+        reference_dtype=reference_dtype,
     )
     try:
         rows, limits = run_engine_bench(spec, progress=lambda line: click.echo(line, err=True))
@@ -106,7 +117,7 @@ def engine_cmd(
         click.echo(json.dumps({"limits": dataclasses.asdict(limits), "rows": rows}, indent=2))
         return
     click.echo(
-        f"roofline ({limits.device}, {limits.dtype}, measured in this run): memory "
+        f"roofline ({limits.device}, {limits.dtype}; transformers in {reference_dtype or dtype}; measured in this run): memory "
         f"{limits.bandwidth_bytes_s / 1e9:.1f} GB/s (copy, read+write), matmul {limits.matmul_flops_s / 1e9:.0f} GFLOP/s"
     )
     click.echo(
