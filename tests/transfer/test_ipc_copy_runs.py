@@ -17,6 +17,8 @@ CASES = {
     "both scattered": ([41, 2, 17, 33, 5, 48, 0], [3, 66, 12, 40, 8, 19, 27]),
     "short runs mixed": ([1, 2, 3, 10, 11, 12, 13, 20, 40, 41], [60, 61, 62, 0, 1, 2, 3, 9, 33, 34]),
     "long runs": ([*range(0, 20), *range(30, 46)], [*range(40, 60), *range(0, 16)]),
+    # > 64 runs of consecutive sources: the gather + scatter fallback.
+    "many source runs": ([*range(198, 0, -2)], [*range(120, 219)]),
 }
 
 
@@ -24,8 +26,8 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_every_block_lands_and_nothing_else_is_touched(case: str, dtype: torch.dtype) -> None:
     src, dst = CASES[case]
-    local = torch.randn(2, 50, 4, 3).to(dtype)
-    remote = torch.full((2, 70, 4, 3), -7.0, dtype=dtype)
+    local = torch.randn(2, 200, 4, 3).to(dtype)
+    remote = torch.full((2, 220, 4, 3), -7.0, dtype=dtype)
     runs = coalesce_runs(src, dst)
     if case == "long runs":
         assert len(runs) * SHORT_RUN_BLOCKS <= len(src)  # the per-run copy_ path
@@ -36,5 +38,5 @@ def test_every_block_lands_and_nothing_else_is_touched(case: str, dtype: torch.d
 
     for s, d in zip(src, dst, strict=True):
         assert torch.equal(remote[:, d], local[:, s])
-    untouched = sorted(set(range(70)) - set(dst))
+    untouched = sorted(set(range(220)) - set(dst))
     assert (remote[:, untouched] == -7.0).all()
