@@ -7,9 +7,12 @@ Setups, each a real local cluster (redis-server + `splitwise serve` processes, t
 model unless --model): a mixed instance; 1P1D per transfer protocol; and 1P1D per protocol with the
 hidden ``--debug-unpipelined-transfer`` (P ships every layer only after the whole prefill, the
 baseline layer pipelining is measured against). Requests go one at a time (idle cluster) to the
-entry instance (D for 1P1D), as streaming completions with fresh random prompts of exactly N
-tokens (prefix caching off); TTFT = request sent -> first SSE content chunk, median of --repeats
-after one warm-up request per setup.
+entry instance (D for 1P1D), as streaming completions with random prompts of exactly N tokens
+(prefix caching off); TTFT = request sent -> first SSE content chunk, median of --repeats after
+one warm-up request per setup. Every setup runs at the same time (idle between requests) and the
+requests are interleaved: repeat r of length N goes to each setup in turn with the same prompt, so
+a load change on the machine hits every setup alike. One HTTP client (keep-alive connections,
+opened by the warm-up) is made before any timed request: connecting is not part of TTFT.
 
 Columns: ``overhead`` = TTFT(1P1D) - TTFT(mixed): what disaggregation costs at idle (control
 round trips, the part of the transfer that is not hidden, D's admission); ``hidden`` =
@@ -40,10 +43,10 @@ class Setup:
     pipelined: bool = True
 
 
-def time_to_first_chunk(base_url: str, prompt: list[int]) -> float:
+def time_to_first_chunk(client: httpx.Client, base_url: str, prompt: list[int]) -> float:
     body = {"prompt": prompt, "max_tokens": 2, "temperature": 0.0, "ignore_eos": True, "stream": True}
     start = time.perf_counter()
-    with httpx.stream("POST", f"{base_url}/completions", json=body, timeout=600) as resp:
+    with client.stream("POST", f"{base_url}/completions", json=body) as resp:
         if resp.status_code != 200:
             raise RuntimeError(f"HTTP {resp.status_code}: {resp.read().decode()}")
         elapsed = None
@@ -60,12 +63,12 @@ def time_to_first_chunk(base_url: str, prompt: list[int]) -> float:
     return elapsed
 
 
-def run_setup(setup: Setup, args: argparse.Namespace, rng: random.Random) -> dict[int, float]:
+def cluster_spec(setup: Setup, args: argparse.Namespace) -> ClusterSpec:
     extra = ["--max-model-len", str(max(args.lengths) + 64), "--no-enable-prefix-caching"]
     if not setup.pipelined:
         extra.append("--debug-unpipelined-transfer")
     if setup.transfer is None:
-        spec = ClusterSpec(
+        return ClusterSpec(
             model=args.model,
             num_prefill=0,
             num_decode=0,
@@ -73,47 +76,59 @@ def run_setup(setup: Setup, args: argparse.Namespace, rng: random.Random) -> dic
             extra_args=extra,
             threads_per_instance=args.threads,
         )
-    else:
-        spec = ClusterSpec(
-            model=args.model,
-            num_prefill=1,
-            num_decode=1,
-            transfer=setup.transfer,
-            extra_args=extra,
-            threads_per_instance=args.threads,
-        )
-    cluster = LocalCluster(spec)
+    return ClusterSpec(
+        model=args.model,
+        num_prefill=1,
+        num_decode=1,
+        transfer=setup.transfer,
+        extra_args=extra,
+        threads_per_instance=args.threads,
+    )
+
+
+def check_transfers(setup: Setup, cluster: LocalCluster, expected: int) -> None:
+    """Every request of a 1P1D setup must have gone through a KV transfer (none prefilled on D)."""
+    log = next(c for c in cluster.children if c.role == "decode").log_file.read_text()
+    num_landed = log.count("remote prefill landed")
+    if num_landed != expected or "prefilling locally" in log:
+        raise RuntimeError(f"{setup.name}: {num_landed}/{expected} requests went through a KV transfer")
+
+
+def run_interleaved(
+    setups: list[Setup], args: argparse.Namespace, rng: random.Random
+) -> dict[str, dict[int, float]]:
+    clusters = {setup.name: LocalCluster(cluster_spec(setup, args)) for setup in setups}
     try:
-        cluster.start()
-        cluster.wait_ready(timeout_s=300)
-        url = cluster.entry.base_url
-        vocab = args.vocab
-        time_to_first_chunk(url, [rng.randrange(3, vocab) for _ in range(min(args.lengths))])  # warm-up
-        medians = {}
-        for length in args.lengths:
-            samples = [
-                time_to_first_chunk(url, [rng.randrange(3, vocab) for _ in range(length)])
-                for _ in range(args.repeats)
-            ]
-            medians[length] = statistics.median(samples)
-            print(
-                f"  {setup.name:<22} {length:>5} tokens: "
-                + " ".join(f"{s * 1000:.0f}" for s in samples)
-                + " ms",
-                file=sys.stderr,
-                flush=True,
-            )
-        if setup.transfer is not None:
-            log = next(c for c in cluster.children if c.role == "decode").log_file.read_text()
-            num_landed = log.count("remote prefill landed")
-            expected = 1 + len(args.lengths) * args.repeats
-            if num_landed != expected or "prefilling locally" in log:
-                raise RuntimeError(
-                    f"{setup.name}: {num_landed}/{expected} requests went through a KV transfer"
-                )
-        return medians
+        for cluster in clusters.values():
+            cluster.start()
+        for cluster in clusters.values():
+            cluster.wait_ready(timeout_s=300)
+        with httpx.Client(timeout=600) as client:
+            warm_up = [rng.randrange(3, args.vocab) for _ in range(min(args.lengths))]
+            for cluster in clusters.values():
+                time_to_first_chunk(client, cluster.entry.base_url, warm_up)
+            samples: dict[str, dict[int, list[float]]] = {
+                s.name: {n: [] for n in args.lengths} for s in setups
+            }
+            for _ in range(args.repeats):
+                for length in args.lengths:
+                    prompt = [rng.randrange(3, args.vocab) for _ in range(length)]
+                    for setup in setups:
+                        url = clusters[setup.name].entry.base_url
+                        samples[setup.name][length].append(time_to_first_chunk(client, url, prompt))
+        for setup in setups:
+            for length in args.lengths:
+                shown = " ".join(f"{s * 1000:.0f}" for s in samples[setup.name][length])
+                print(f"  {setup.name:<26} {length:>5} tokens: {shown} ms", file=sys.stderr, flush=True)
+            if setup.transfer is not None:
+                check_transfers(setup, clusters[setup.name], 1 + len(args.lengths) * args.repeats)
+        return {
+            name: {n: statistics.median(values) for n, values in per_length.items()}
+            for name, per_length in samples.items()
+        }
     finally:
-        cluster.stop()
+        for cluster in clusters.values():
+            cluster.stop()
 
 
 def main() -> None:
@@ -138,10 +153,8 @@ def main() -> None:
             Setup(f"1P1D-{transfer}", transfer),
             Setup(f"1P1D-{transfer}-unpipelined", transfer, False),
         ]
-    results = {}
-    for setup in setups:
-        print(f"setup {setup.name} ...", file=sys.stderr, flush=True)
-        results[setup.name] = run_setup(setup, args, rng)
+    print(f"setups {', '.join(s.name for s in setups)}: starting all, then interleaving ...", file=sys.stderr)
+    results = run_interleaved(setups, args, rng)
 
     mixed = results["mixed"]
     print(

@@ -10,9 +10,12 @@ until D acknowledged the request (end to end, completion notice included). Two b
 random permutation: one run per block, the worst case for coalescing).
 
 Reference columns, same byte count, measured on the same row (the machine may be shared):
-  memcpy  torch ``copy_`` of one contiguous tensor into another (the ceiling for ipc on CPU)
+  memcpy  torch ``copy_`` of one contiguous tensor into another (the ceiling for ipc on CPU),
+          measured right before EVERY timed transfer (interleaved), reported as min/median of
+          all those samples; ``x memcpy`` divides a transport's best by memcpy's best of the row
   socket  a raw loopback TCP stream to another process, sendall of 4 MiB chunks into recv_into
           (the ceiling for tcp)
+Transports report best/median of ``--repeats`` runs.
 """
 
 from __future__ import annotations
@@ -20,9 +23,9 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import socket
+import statistics
 import time
 from multiprocessing.connection import Connection
-from typing import Any
 
 import torch
 
@@ -61,7 +64,10 @@ def d_process(protocol: str, geometry: KVCacheGeometry, pipe: Connection) -> Non
     kv.close()
 
 
-def measure_transport(protocol: str, geometry: KVCacheGeometry, repeats: int) -> dict[str, float]:
+def measure_transport(
+    protocol: str, geometry: KVCacheGeometry, repeats: int, memcpy_gb_s: list[float]
+) -> dict[str, tuple[float, float]]:
+    """(best, median) GB/s per layout; appends one memcpy sample before every timed transfer."""
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=d_process, args=(protocol, geometry, child), daemon=True)
@@ -77,13 +83,14 @@ def measure_transport(protocol: str, geometry: KVCacheGeometry, repeats: int) ->
         "contig": list(range(n)),
         "scatter": torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist(),
     }
-    results: dict[str, float] = {}
+    results: dict[str, tuple[float, float]] = {}
     for name, dst in layouts.items():
-        best = float("inf")
+        times: list[float] = []
         for rep in range(repeats):
             req_id = f"{name}-{rep}"
             parent.send(("expect", req_id, dst))
             parent.recv()
+            memcpy_gb_s.append(measure_memcpy(geometry.total_bytes, 1))
             start = time.perf_counter()
             for layer in range(geometry.num_layers):
                 initiator.write_layer("d", req_id, layer, list(range(n)), dst)
@@ -92,20 +99,28 @@ def measure_transport(protocol: str, geometry: KVCacheGeometry, repeats: int) ->
             elapsed = time.perf_counter() - start
             if not status.is_done:
                 raise RuntimeError(f"{protocol} {name}: {status}")
-            best = min(best, elapsed)
+            times.append(elapsed)
             initiator.forget(req_id)
             parent.send(("forget", req_id))
             parent.recv()
-        results[name] = geometry.total_bytes / best / 1e9
+        rates = [geometry.total_bytes / t / 1e9 for t in times]
+        results[name] = (max(rates), statistics.median(rates))
     initiator.close()
     parent.send(("exit",))
     proc.join(timeout=30)
     return results
 
 
+_MEMCPY_BUFFERS: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 def measure_memcpy(num_bytes: int, repeats: int) -> float:
-    src = torch.randint(0, 255, (num_bytes,), dtype=torch.uint8)
-    dst = torch.empty_like(src)
+    """Best GB/s of ``repeats`` copies; buffers are kept (and pre-faulted) across calls."""
+    if num_bytes not in _MEMCPY_BUFFERS:
+        src = torch.randint(0, 255, (num_bytes,), dtype=torch.uint8)
+        _MEMCPY_BUFFERS.clear()
+        _MEMCPY_BUFFERS[num_bytes] = (src, src.clone())
+    src, dst = _MEMCPY_BUFFERS[num_bytes]
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
@@ -153,6 +168,10 @@ def measure_socket(num_bytes: int, repeats: int, chunk_bytes: int = 4 << 20) -> 
     return num_bytes / best / 1e9
 
 
+def row_ratio(row: dict[str, dict[str, tuple[float, float]]], memcpy_gb_s: float, which: int) -> str:
+    return f"{row['ipc']['scatter'][which] / memcpy_gb_s:.2f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -160,31 +179,48 @@ def main() -> None:
     parser.add_argument(
         "--total-mib", type=int, default=64, help="KV bytes per measurement (all layers, K+V)"
     )
-    parser.add_argument("--repeats", type=int, default=3, help="best of N")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per transport and layout")
+    parser.add_argument(
+        "--block-tokens",
+        type=int,
+        action="append",
+        help=f"rows to run (tokens per block, 2 KiB each); default {BLOCK_TOKENS}",
+    )
     args = parser.parse_args()
     total = args.total_mib << 20
     print(
-        f"{args.total_mib} MiB per measurement, {NUM_LAYERS} layers, best of {args.repeats}; GB/s = 1e9 B/s"
+        f"{args.total_mib} MiB per measurement, {NUM_LAYERS} layers; transports best/median of {args.repeats}"
     )
-    print("memcpy = torch copy_ of the same bytes; socket = raw loopback TCP to another process, same bytes;")
-    print("both re-measured on every row, since the machine is shared")
+    print(
+        "memcpy = torch copy_ of the same bytes before every timed transfer (min/median/max of those samples);"
+    )
+    print(
+        "socket = raw loopback TCP to another process, same bytes; x memcpy = ipc scatter best / memcpy max, and median / median"
+    )
     header = (
-        f"{'block':>8} {'blocks':>7} | {'memcpy':>6} {'ipc contig':>10} {'ipc scatter':>11} | "
-        f"{'socket':>6} {'tcp contig':>10} {'tcp scatter':>11}"
+        f"{'block':>8} {'blocks':>7} | {'memcpy min/med/max':>18} | {'ipc contig':>11} {'ipc scatter':>11} "
+        f"{'x memcpy':>8} | {'socket':>6} {'tcp contig':>11} {'tcp scatter':>11}"
     )
     print(header)
     print("-" * len(header))
-    for tokens in BLOCK_TOKENS:
+    for tokens in args.block_tokens or BLOCK_TOKENS:
         geometry = geometry_for(tokens, total)
-        memcpy = measure_memcpy(geometry.total_bytes, args.repeats)
+        memcpy: list[float] = [measure_memcpy(geometry.total_bytes, 1)]
         raw_socket = measure_socket(geometry.total_bytes, args.repeats)
-        row: dict[str, Any] = {p: measure_transport(p, geometry, args.repeats) for p in ("ipc", "tcp")}
+        row = {p: measure_transport(p, geometry, args.repeats, memcpy) for p in ("ipc", "tcp")}
         size = geometry.bytes_per_block
         label = f"{size >> 10} KiB" if size < 1 << 20 else f"{size >> 20} MiB"
+
+        def pair(v: tuple[float, float]) -> str:
+            return f"{v[0]:.2f}/{v[1]:.2f}"
+
         print(
-            f"{label:>8} {geometry.num_blocks:>7} | {memcpy:>6.2f} {row['ipc']['contig']:>10.2f} "
-            f"{row['ipc']['scatter']:>11.2f} | {raw_socket:>6.2f} {row['tcp']['contig']:>10.2f} "
-            f"{row['tcp']['scatter']:>11.2f}",
+            f"{label:>8} {geometry.num_blocks:>7} | "
+            f"{f'{min(memcpy):.2f}/{statistics.median(memcpy):.2f}/{max(memcpy):.2f}':>18} | "
+            f"{pair(row['ipc']['contig']):>11} {pair(row['ipc']['scatter']):>11} "
+            f"{f'{row_ratio(row, max(memcpy), 0)}/{row_ratio(row, statistics.median(memcpy), 1)}':>16} | "
+            f"{raw_socket:>6.2f} "
+            f"{pair(row['tcp']['contig']):>11} {pair(row['tcp']['scatter']):>11}",
             flush=True,
         )
 

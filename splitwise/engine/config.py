@@ -147,6 +147,8 @@ class EngineConfig:
     # Produce output text. Serving instances turn it off (their frontend detokenizes); the engine
     # then decodes text only for requests with stop strings, which it must check.
     detokenize: bool = True
+    # CUDA only: replay all-decode steps as captured CUDA graphs, one per (batch, context) bucket.
+    cuda_graphs: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

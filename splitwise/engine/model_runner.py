@@ -15,13 +15,15 @@ from dataclasses import dataclass
 import torch
 
 from splitwise.engine.config import EngineConfig, ModelConfig
+from splitwise.engine.cpu_malloc import reuse_freed_memory
 from splitwise.engine.errors import EngineError
 from splitwise.engine.kv_cache import KVCache, KVCacheGeometry
 from splitwise.engine.layer_ready import ReadyToken, record_layer_ready
 from splitwise.engine.loader import load_model
-from splitwise.engine.model.attention import AttentionMetadata
+from splitwise.engine.model.attention_metadata import AttentionMetadata, GatherBuffers
 from splitwise.engine.model.llama import CausalLM
 from splitwise.engine.sequence import Sequence
+from splitwise.engine.static_decode import DecodeInput, StaticDecodeStep
 
 
 @dataclass(frozen=True)
@@ -88,9 +90,19 @@ class ModelRunner:
         self.engine_config = engine_config
         self.kv_cache = kv_cache
         self.device = torch.device(engine_config.device)
+        if self.device.type == "cpu":
+            reuse_freed_memory()  # big per-step tensors would be page-faulted in every step
         self.block_size = engine_config.block_size
+        self.gather_buffers = GatherBuffers()
         self.model: CausalLM = load_model(
             engine_config.model, model_config, dtype=engine_config.torch_dtype, device=self.device
+        )
+        # CUDA: all-decode steps replay a captured graph per bucket. CPU: the dynamic path (the
+        # padded static step measured no faster there; it is tested on CPU without capture).
+        self.static_decode = (
+            StaticDecodeStep(self.model, kv_cache, self.block_size, use_graphs=True)
+            if self.device.type == "cuda" and engine_config.cuda_graphs
+            else None
         )
 
     def execute(
@@ -112,12 +124,24 @@ class ModelRunner:
             raise EngineError("execute() needs at least one scheduled chunk")
         for chunk in chunks:
             _check_chunk(chunk, self.block_size, self.kv_cache.geometry.num_blocks)
-        input_ids, meta = self._prepare(chunks)
-        counts = torch.tensor([c.num_new_tokens for c in chunks], dtype=torch.int64)
+        if (
+            self.static_decode is not None
+            and not all_tokens
+            and StaticDecodeStep.can_run(
+                [c.num_new_tokens for c in chunks],
+                layer_callback is not None,
+                self.model_config.sliding_window,
+            )
+        ):
+            return self.static_decode.run([self._decode_input(c) for c in chunks])
+        order = _decode_first(chunks)
+        input_ids, meta, first_rows = self._prepare([chunks[b] for b in order])
+        row_of = dict(zip(order, first_rows, strict=True))  # chunk index -> its first flat row
         if all_tokens:
-            logits_indices = torch.arange(int(counts.sum()), dtype=torch.int64)
+            rows = [r for b, c in enumerate(chunks) for r in range(row_of[b], row_of[b] + c.num_new_tokens)]
         else:
-            logits_indices = torch.cumsum(counts, 0) - 1  # flat index of each chunk's last token
+            rows = [row_of[b] + c.num_new_tokens - 1 for b, c in enumerate(chunks)]  # last new token
+        logits_indices = torch.tensor(rows, dtype=torch.int64).to(self.device)
         # The token is recorded here, on the compute thread right after layer L was issued: on CUDA
         # the callback fires when the kernels are queued, so transports must wait for it (#11).
         callback = (
@@ -126,22 +150,18 @@ class ModelRunner:
             else (lambda layer: layer_callback(layer, chunks, record_layer_ready(self.device)))
         )
         with torch.inference_mode():
-            logits: torch.Tensor = self.model(
-                input_ids, meta, self.kv_cache, logits_indices.to(self.device), callback
-            )
+            logits: torch.Tensor = self.model(input_ids, meta, self.kv_cache, logits_indices, callback)
             return logits
 
-    def _prepare(self, chunks: SequenceOf[ScheduledChunk]) -> tuple[torch.Tensor, AttentionMetadata]:
+    def _prepare(
+        self, chunks: SequenceOf[ScheduledChunk]
+    ) -> tuple[torch.Tensor, AttentionMetadata, list[int]]:
+        """Flat input ids, the step's attention metadata and each chunk's first flat row."""
         token_ids: list[int] = []
+        first_rows: list[int] = []
         for chunk in chunks:
-            new_ids = _new_token_ids(chunk)
-            if any(not 0 <= t < self.model_config.vocab_size for t in new_ids):
-                raise EngineError(
-                    f"token ids outside the vocabulary [0, {self.model_config.vocab_size}): "
-                    f"{[t for t in new_ids if not 0 <= t < self.model_config.vocab_size][:5]}",
-                    req_id=chunk.seq.req_id,
-                )
-            token_ids.extend(new_ids)
+            first_rows.append(len(token_ids))
+            token_ids.extend(self._checked_token_ids(chunk))
         meta = AttentionMetadata.build(
             starts=[c.seq.num_computed_tokens for c in chunks],
             num_new_tokens=[c.num_new_tokens for c in chunks],
@@ -150,8 +170,33 @@ class ModelRunner:
             block_size=self.block_size,
             device=self.device,
             sliding_window=self.model_config.sliding_window,
+            buffers=self.gather_buffers,
         )
-        return torch.tensor(token_ids, dtype=torch.int64, device=self.device), meta
+        return torch.tensor(token_ids, dtype=torch.int64).to(self.device), meta, first_rows
+
+    def _checked_token_ids(self, chunk: ScheduledChunk) -> list[int]:
+        new_ids = _new_token_ids(chunk)
+        if any(not 0 <= t < self.model_config.vocab_size for t in new_ids):
+            raise EngineError(
+                f"token ids outside the vocabulary [0, {self.model_config.vocab_size}): "
+                f"{[t for t in new_ids if not 0 <= t < self.model_config.vocab_size][:5]}",
+                req_id=chunk.seq.req_id,
+            )
+        return new_ids
+
+    def _decode_input(self, chunk: ScheduledChunk) -> DecodeInput:
+        (token_id,) = self._checked_token_ids(chunk)
+        seq = chunk.seq
+        return DecodeInput(
+            token_id, seq.num_computed_tokens, seq.block_table[: _num_blocks_needed(chunk, self.block_size)]
+        )
+
+
+def _decode_first(chunks: SequenceOf[ScheduledChunk]) -> list[int]:
+    """Chunk indices, decode chunks (one token) first: their queries are then rows 0..G-1, so
+    attention reads and writes them as views, with no index_select/index_copy."""
+    decode = [b for b, c in enumerate(chunks) if c.num_new_tokens == 1]
+    return decode + [b for b, c in enumerate(chunks) if c.num_new_tokens != 1]
 
 
 def _new_token_ids(chunk: ScheduledChunk) -> list[int]:

@@ -66,6 +66,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from splitwise.engine.kv_cache import KVCache, KVCacheGeometry
 
 # Re-exported: transports and flows take the ready-token types from here.
@@ -206,29 +208,34 @@ def coalesce_runs(src_block_ids: Sequence[int], dst_block_ids: Sequence[int]) ->
             f"{len(src_block_ids)} source blocks but {len(dst_block_ids)} destination blocks",
             block_ids=list(dst_block_ids),
         )
-    runs: list[BlockRun] = []
-    for src, dst in zip(src_block_ids, dst_block_ids, strict=True):
-        if src < 0 or dst < 0:
-            raise InvalidBlockIdsError(f"negative block id in pair ({src}, {dst})", block_ids=[src, dst])
-        if runs:
-            last = runs[-1]
-            if src == last.src_start + last.num_blocks and dst == last.dst_start + last.num_blocks:
-                runs[-1] = BlockRun(last.src_start, last.dst_start, last.num_blocks + 1)
-                continue
-        runs.append(BlockRun(int(src), int(dst), 1))
-    return runs
+    # Vectorised (numpy): a layer of 4 KiB blocks has thousands of pairs, ~3 us each in Python.
+    src = np.asarray(src_block_ids, dtype=np.int64)
+    dst = np.asarray(dst_block_ids, dtype=np.int64)
+    negative = np.flatnonzero((src < 0) | (dst < 0))
+    if negative.size:
+        pair = [int(src[negative[0]]), int(dst[negative[0]])]
+        raise InvalidBlockIdsError(f"negative block id in pair ({pair[0]}, {pair[1]})", block_ids=pair)
+    if not src.size:
+        return []
+    starts = np.concatenate(([0], np.flatnonzero((np.diff(src) != 1) | (np.diff(dst) != 1)) + 1))
+    lengths = np.diff(np.concatenate((starts, [src.size])))
+    return [
+        BlockRun(s, d, n)
+        for s, d, n in zip(src[starts].tolist(), dst[starts].tolist(), lengths.tolist(), strict=True)
+    ]
 
 
 def check_block_ids(
     block_ids: Sequence[int], num_blocks: int, *, side: str, req_id: str | None = None
 ) -> None:
     """Raise InvalidBlockIdsError unless every id is in [0, num_blocks) and none repeats."""
-    bad = [b for b in block_ids if not 0 <= b < num_blocks]
-    if bad:
+    ids = np.asarray(block_ids, dtype=np.int64)
+    bad = ids[(ids < 0) | (ids >= num_blocks)]
+    if bad.size:
         raise InvalidBlockIdsError(
-            f"{side} block ids out of range [0, {num_blocks})", req_id=req_id, block_ids=bad
+            f"{side} block ids out of range [0, {num_blocks})", req_id=req_id, block_ids=bad.tolist()
         )
-    if len(set(block_ids)) != len(block_ids):
+    if np.unique(ids).size != ids.size:
         raise InvalidBlockIdsError(f"{side} block ids repeat", req_id=req_id, block_ids=list(block_ids))
 
 

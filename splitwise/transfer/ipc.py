@@ -8,8 +8,10 @@ Memory:
   for an event recorded in ``write_layer`` (so the copy of layer L is ordered after P's compute
   wrote layer L, whatever stream that ran on).
 
-One copy per coalesced run per layer moves K and V together (``remote[L, :, d:d+n] <- local[L, :,
-s:s+n]``: the kind dimension is a stride of the same view), with no intermediate buffer.
+Long runs: one copy per coalesced run per layer moves K and V together (``remote[L, :, d:d+n] <-
+local[L, :, s:s+n]``: the kind dimension is a stride of the same view), with no intermediate
+buffer. Scattered blocks (short runs): one ``index_select`` + ``index_copy_`` over block rows per
+~1 MiB piece (``copy_runs``); a ``copy_`` per 4 KiB run cost ~11 us of dispatch, 0.06 of memcpy.
 
 Completion travels over the stream connection (``stream_target.py``) to D's listener: RequestBegin before
 the first copy of a request binds it to the connection (so P dying mid-transfer fails it on D) and
@@ -25,15 +27,17 @@ import mmap
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from splitwise.engine.kv_cache import KVCache, KVCacheGeometry
 from splitwise.logging import get_logger
 from splitwise.transfer import wire
-from splitwise.transfer.base import Endpoint
+from splitwise.transfer.base import BlockRun, Endpoint
 from splitwise.transfer.errors import (
     ConnectionLostError,
     IncompatiblePeerError,
@@ -96,6 +100,76 @@ class _Mapping:
             self.mapped.close()
         if self.cuda_ptr is not None:
             _cupy().cuda.runtime.ipcCloseMemHandle(self.cuda_ptr)
+
+
+# Runs averaging fewer blocks than this are moved by one gather/scatter instead of one copy_ each.
+SHORT_RUN_BLOCKS = 8
+
+
+def copy_runs(remote: torch.Tensor, local: torch.Tensor, runs: list[BlockRun]) -> None:
+    """``remote[:, d:d+n] <- local[:, s:s+n]`` for every run; both are one layer, [2, blocks, ...].
+
+    Short runs go through one vectorised row copy over the [2 * num_blocks, block_bytes] views::
+
+        side     K row of block b     V row of block b
+        local    b                    local_blocks + b
+        remote   b                    remote_blocks + b
+
+    On CPU that is numpy scatters of byte rows, K then V (``_copy_rows_cpu``), where torch's
+    index_select/index_copy_ on uint8 ran at 0.5-1 GB/s and a copy_ per run at 0.06 of memcpy.
+    On CUDA: index_select + index_copy_.
+    """
+    num_blocks = sum(run.num_blocks for run in runs)
+    if len(runs) * SHORT_RUN_BLOCKS <= num_blocks:
+        for run in runs:
+            remote[:, run.dst_start : run.dst_start + run.num_blocks].copy_(
+                local[:, run.src_start : run.src_start + run.num_blocks], non_blocking=True
+            )
+        return
+    src = _expand(runs, lambda run: run.src_start)
+    dst = _expand(runs, lambda run: run.dst_start)
+    if local.device.type == "cpu" and remote.device.type == "cpu":
+        for kind in range(2):
+            _copy_rows_cpu(remote[kind], local[kind], src, dst)
+        return
+    src_rows = torch.from_numpy(np.concatenate((src, src + local.shape[1]))).to(local.device)
+    dst_rows = torch.from_numpy(np.concatenate((dst, dst + remote.shape[1]))).to(remote.device)
+    gathered = local.view(2 * local.shape[1], -1).index_select(0, src_rows)
+    remote.view(2 * remote.shape[1], -1).index_copy_(0, dst_rows, gathered)
+
+
+# At most this many source runs (after sorting by source id) are copied one setitem each.
+_MAX_SOURCE_RUNS = 64
+
+
+def _copy_rows_cpu(remote: torch.Tensor, local: torch.Tensor, src: np.ndarray, dst: np.ndarray) -> None:
+    """remote[dst[i]] <- local[src[i]] over [blocks, ...] of one kind, as byte rows.
+
+    numpy scatters fast (``remote[idx] = rows``: 13 GB/s, 0.7 of memcpy, for 4 KiB rows) but
+    gathers slowly (``local[idx]``: 1.4 GB/s). So pairs are sorted by source id and each run of
+    consecutive sources is scattered from a plain view; only a source side fragmented into more
+    than ``_MAX_SOURCE_RUNS`` runs falls back to gather + scatter.
+    """
+    remote_bytes = remote.reshape(remote.shape[0], -1).view(torch.uint8).numpy()
+    local_bytes = local.reshape(local.shape[0], -1).view(torch.uint8).numpy()
+    order = np.argsort(src, kind="stable")
+    src, dst = src[order], dst[order]
+    starts = np.concatenate(([0], np.flatnonzero(np.diff(src) != 1) + 1, [len(src)]))
+    if len(starts) - 1 > _MAX_SOURCE_RUNS:
+        remote_bytes[dst] = local_bytes[src]
+        return
+    for first, end in zip(starts[:-1].tolist(), starts[1:].tolist(), strict=True):
+        remote_bytes[dst[first:end]] = local_bytes[src[first] : src[first] + end - first]
+
+
+def _expand(runs: list[BlockRun], first: Callable[[BlockRun], int]) -> np.ndarray:
+    """Every block id of the runs, in order (int64)."""
+    starts = np.fromiter((first(run) for run in runs), dtype=np.int64, count=len(runs))
+    lengths = np.fromiter((run.num_blocks for run in runs), dtype=np.int64, count=len(runs))
+    if (lengths == 1).all():
+        return starts
+    offsets = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return np.repeat(starts, lengths) + offsets
 
 
 def _map_shm(name: str, geometry: KVCacheGeometry, peer_id: str) -> _Mapping:
@@ -223,7 +297,8 @@ class IpcInitiator(StreamInitiator):
         allowed = self._grant(peer, job.req_id)
         if not self._requests.is_pending(job.req_id):
             return  # forgotten while we waited for the grant: copy nothing
-        stray = sorted({run.dst_start + i for run in job.runs for i in range(run.num_blocks)} - allowed)
+        dst_ids = _expand(job.runs, lambda run: run.dst_start).tolist()
+        stray = [] if allowed.issuperset(dst_ids) else sorted(set(dst_ids) - allowed)
         if stray:
             raise UnexpectedBlocksError(
                 "write to blocks not reserved for the request",
@@ -234,17 +309,11 @@ class IpcInitiator(StreamInitiator):
         local = self._require_kv().tensor[job.layer]
         remote = peer.attachment.tensor[job.layer]
         if self._copy_stream is None:
-            for run in job.runs:
-                remote[:, run.dst_start : run.dst_start + run.num_blocks].copy_(
-                    local[:, run.src_start : run.src_start + run.num_blocks]
-                )
+            copy_runs(remote, local, job.runs)
             return
         with torch.cuda.stream(self._copy_stream):
             self._copy_stream.wait_event(job.ready)
-            for run in job.runs:
-                remote[:, run.dst_start : run.dst_start + run.num_blocks].copy_(
-                    local[:, run.src_start : run.src_start + run.num_blocks], non_blocking=True
-                )
+            copy_runs(remote, local, job.runs)
 
     def _grant(self, peer: Peer, req_id: str) -> frozenset[int]:
         """The blocks D reserved for ``req_id``: asked once per request (one round trip on this

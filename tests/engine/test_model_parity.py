@@ -80,7 +80,10 @@ def hf_logits(model: torch.nn.Module, token_ids: list[int]) -> torch.Tensor:
 
 def make_runner(model_dir: Path, num_blocks: int = 32) -> tuple[ModelRunner, KVCache]:
     model_config = ModelConfig.from_dir(model_dir)
-    engine_config = EngineConfig(model=str(model_dir), block_size=BLOCK_SIZE, num_kv_blocks=num_blocks)
+    # float32 explicitly: this is the fp32 parity test, whatever the engine default becomes.
+    engine_config = EngineConfig(
+        model=str(model_dir), dtype="float32", block_size=BLOCK_SIZE, num_kv_blocks=num_blocks
+    )
     kv_cache = build_kv_cache(model_config, engine_config)
     return ModelRunner(model_config, engine_config, kv_cache), kv_cache
 

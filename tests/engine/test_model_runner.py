@@ -17,7 +17,7 @@ from splitwise.engine.config import EngineConfig, ModelConfig
 from splitwise.engine.errors import EngineError
 from splitwise.engine.kv_cache import KVCache, KVCacheGeometry
 from splitwise.engine.layer_ready import ReadyToken
-from splitwise.engine.model.attention import AttentionMetadata
+from splitwise.engine.model.attention_metadata import AttentionMetadata
 from splitwise.engine.model_runner import (
     ModelRunner,
     ScheduledChunk,
@@ -100,30 +100,57 @@ def test_metadata_index_arithmetic_is_exact() -> None:
     assert meta.slot_mapping.tolist() == [12, 22, 23, 4, 8]
     assert meta.positions.tolist() == [4, 2, 3, 4, 0]
 
-    decode, prefill = meta.groups
-    assert decode.token_index.tolist() == [[0], [4]]
-    assert decode.block_tables.tolist() == [[0, 3], [2, 0]]  # padded with block 0
-    assert decode.attn_mask[:, 0].tolist() == [[[True] * 5 + [False] * 3], [[True] + [False] * 7]]
+    decode = meta.decode
+    assert decode is not None
+    assert decode.token_rows == (0, 4)
+    assert decode.first_row is None  # rows 0 and 4 are not adjacent: gathered by token_index
+    assert decode.token_index.tolist() == [0, 4]
+    assert decode.num_blocks == 2 and decode.num_keys == 5
+    assert decode.block_ids.tolist() == [0, 3, 2, 0]  # chunk 2's table padded with block 0
+    assert decode.attn_mask is not None
+    assert decode.attn_mask[:, 0, 0].tolist() == [[True] * 5, [True] + [False] * 4]
 
-    assert prefill.token_index.tolist() == [[1, 2, 3]]
-    assert prefill.token_valid.tolist() == [[True, True, True]]
-    mask = prefill.attn_mask[0, 0]
-    assert mask.tolist() == [
-        [True] * 3 + [False] * 5,  # position 2 sees 0..2
-        [True] * 4 + [False] * 4,
-        [True] * 5 + [False] * 3,  # position 4 sees 0..4
+    (prefill,) = meta.prefills
+    assert (prefill.first_row, prefill.num_tokens, prefill.num_keys) == (1, 3, 5)
+    assert prefill.block_ids is not None and prefill.block_ids.tolist() == [5, 1]
+    assert prefill.attn_mask is not None
+    assert prefill.attn_mask[0, 0].tolist() == [
+        [True] * 3 + [False] * 2,  # position 2 sees 0..2
+        [True] * 4 + [False] * 1,
+        [True] * 5,  # position 4 sees 0..4
     ]
 
 
-def test_padded_query_rows_are_never_empty() -> None:
+def test_equal_length_decode_and_fresh_prefill_need_no_mask() -> None:
     meta = AttentionMetadata.build(
-        starts=[0, 6], num_new_tokens=[2, 4], block_tables=[[1], [2, 3, 4]], block_size=4, device="cpu"
+        starts=[6, 6, 0],
+        num_new_tokens=[1, 1, 5],
+        block_tables=[[1, 2], [3, 4], [5, 6]],
+        block_size=4,
+        device="cpu",
     )
-    (prefill,) = meta.groups
-    assert prefill.token_index.tolist() == [[0, 1, 0, 0], [2, 3, 4, 5]]
-    assert prefill.token_valid.tolist() == [[True, True, False, False], [True] * 4]
-    # Padding rows of chunk 0 see its context [0, 2) only; an empty row would make SDPA emit NaN.
-    assert prefill.attn_mask[0, 0, 3].tolist() == [True, True] + [False] * 10
+    assert meta.decode is not None
+    assert meta.decode.first_row == 0 and meta.decode.num_keys == 7
+    assert meta.decode.attn_mask is None  # both see keys 0..6: SDPA without a mask
+    (prefill,) = meta.prefills
+    assert prefill.block_ids is None  # fresh prefill attends to its own k/v, is_causal
+    assert prefill.attn_mask is None
+
+
+def test_sliding_window_masks_decode_and_fresh_prefill() -> None:
+    meta = AttentionMetadata.build(
+        starts=[5, 0],
+        num_new_tokens=[1, 4],
+        block_tables=[[1, 2], [3]],
+        block_size=4,
+        device="cpu",
+        sliding_window=3,
+    )
+    assert meta.decode is not None and meta.decode.attn_mask is not None
+    assert meta.decode.attn_mask[0, 0, 0].tolist() == [False] * 3 + [True] * 3  # 5 sees 3, 4, 5
+    (prefill,) = meta.prefills
+    assert prefill.attn_mask is not None
+    assert prefill.attn_mask[0, 0, 3].tolist() == [False, True, True, True]
 
 
 def test_paged_decode_equals_full_recomputation(runner: ModelRunner) -> None:

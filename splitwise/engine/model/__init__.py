@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from splitwise.engine.model.attention import AttentionMetadata, paged_attention
+from splitwise.engine.model.attention import paged_attention
+from splitwise.engine.model.attention_metadata import AttentionMetadata
 from splitwise.engine.model.llama import CausalLM
 from splitwise.engine.model.rope import SUPPORTED_ROPE_TYPES, compute_inv_freq
 

@@ -31,10 +31,24 @@ class SwiGLUMLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
+        self.intermediate_size = intermediate_size
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_up_weight: torch.Tensor | None = None
+
+    def fuse_gate_up(self) -> None:
+        """After loading: gate and up in one matmul; their weights become views of the fused one."""
+        with torch.no_grad():
+            self.gate_up_weight = torch.cat([self.gate_proj.weight, self.up_proj.weight])
+            n = self.intermediate_size
+            self.gate_proj.weight = nn.Parameter(self.gate_up_weight[:n], requires_grad=False)
+            self.up_proj.weight = nn.Parameter(self.gate_up_weight[n:], requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_weight is None:
+            raise RuntimeError("SwiGLUMLP.fuse_gate_up() was not called (CausalLM.materialize does it)")
+        gate_up = F.linear(x, self.gate_up_weight)
+        n = self.intermediate_size
+        out: torch.Tensor = self.down_proj(F.silu(gate_up[:, :n]) * gate_up[:, n:])
         return out

@@ -21,7 +21,8 @@ from torch import nn
 
 from splitwise.engine.config import ModelConfig
 from splitwise.engine.kv_cache import KVCache
-from splitwise.engine.model.attention import Attention, AttentionMetadata
+from splitwise.engine.model.attention import Attention
+from splitwise.engine.model.attention_metadata import AttentionMetadata
 from splitwise.engine.model.layers import RMSNorm, SwiGLUMLP
 from splitwise.engine.model.rope import RotaryEmbedding
 
@@ -90,8 +91,13 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def materialize(self, device: torch.device | str) -> None:
-        """Call after the parameters live on ``device``; moving modules can untie parameters."""
+        """Call after the parameters live on ``device`` and are loaded; moving modules can untie
+        parameters. Fuses q/k/v and gate/up into single matmuls (fewer ops per layer)."""
         self.tie_weights()
+        for layer in self.model.layers:
+            assert isinstance(layer, DecoderLayer)
+            layer.self_attn.fuse_qkv()
+            layer.mlp.fuse_gate_up()
         cfg = self.config
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, device=device)
 
@@ -118,6 +124,6 @@ class CausalLM(nn.Module):
             if layer_callback is not None:
                 layer_callback(index)
         # Norm and lm_head are per token: apply them only where logits are wanted.
-        hidden = self.model.norm(hidden[logits_indices])
+        hidden = self.model.norm(hidden.index_select(0, logits_indices))
         logits: torch.Tensor = self.lm_head(hidden).float()
         return logits
