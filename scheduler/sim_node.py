@@ -75,8 +75,8 @@ class SimNode:
     async def serve(self, work: WorkItem) -> None:
         agent, b = self.agent, self.behavior
         try:
-            if work.assignment.mode == "disagg":
-                await agent.release_prefill(work.req_id, prefill_node_id=work.assignment.prefill_node_id)
+            if work.assignment.mode == "disagg":  # a real D learns this from P over pd-comm
+                await agent.mark(work.req_id, "prefilled", node=work.assignment.prefill_node_id)
                 await agent.mark(work.req_id, "transferred", detail=str(work.assignment.protocol))
             await agent.mark(work.req_id, "decoding")
             total = int(work.sampling_params.get("max_tokens", b.num_tokens))
@@ -173,6 +173,8 @@ def spawn_sim_node(
         config.scheduler_topic,
         "--scheduler-heartbeat-interval",
         str(config.heartbeat_interval_s),
+        "--scheduler-dead-after-missed",
+        str(config.dead_after_missed),
         *extra,
     ]
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=repo_root)

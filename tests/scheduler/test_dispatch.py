@@ -6,7 +6,16 @@ import asyncio
 from collections import Counter
 
 import pytest
-from scheduler_support import cluster, eventually, run
+from scheduler_support import (
+    booked,
+    booked_decode,
+    booked_prefill,
+    cluster,
+    dispatched_pair,
+    eventually,
+    request_events,
+    run,
+)
 
 from scheduler.config import SchedulerConfig
 from scheduler.errors import NoCapacityError
@@ -49,10 +58,7 @@ def test_xpyd_from_several_frontends(config: SchedulerConfig) -> None:
             assert sum(served[f"d{i}"] for i in range(3)) == 30
             assert all(served[f"d{i}"] >= 5 for i in range(3)), served
             # every booking was released once the requests finished
-            client = fes[0]._client
-            assert await client.hgetall(fes[0].keys.booked_prefill_tokens) == {}
-            assert await eventually(lambda: client.hgetall(fes[0].keys.booked_decode_requests), {}) == {}
-            assert await eventually(lambda: client.zcard(fes[0].keys.bookings), 0) == 0
+            assert await eventually(lambda: booked(fes[0]), {}) == {}
 
     run(body())
 
@@ -110,11 +116,11 @@ def test_mismatched_model_or_geometry_never_paired(config: SchedulerConfig) -> N
                     await fe.submit(SubmitRequest(req_id=f"r{i + 1}", prompt_token_ids=[1]))
                 ).collect()
                 assert isinstance(msgs[-1], Finished)
-            events = await fe._client.xrange(fe.keys.request_events("r1"))
+            await fe.flush_records()
+            events = await request_events(fe, "r1")
             pairs = Counter()
             for i in range(12):
-                req = await fe._client.hgetall(fe.keys.request(f"r{i + 1}"))
-                pairs[(req[b"prefill"].decode(), req[b"decode"].decode())] += 1
+                pairs[dispatched_pair(await request_events(fe, f"r{i + 1}"))] += 1
             assert set(pairs) <= {("p-a", "d-a"), ("p-b", "d-b")}, pairs
             assert events, "lifecycle events recorded"
             assert sum(c.nodes["d-other-model"].served.values()) == 0
@@ -136,12 +142,9 @@ def test_balanced_load_under_skewed_sizes(config: SchedulerConfig) -> None:
             sizes = [1000] + [100] * 10 + [1000] + [100] * 10
             for i, n in enumerate(sizes):  # alternating frontends: each sees the other's bookings
                 await fes[i % 2].submit(SubmitRequest(req_id=f"r{i}", prompt_token_ids=[7] * n))
-            booked = await fes[0]._client.hgetall(fes[0].keys.booked_prefill_tokens)
-            assert {k.decode(): int(v) for k, v in booked.items()} == {"p0": 2000, "p1": 2000}
-            decode = await fes[0]._client.hgetall(fes[0].keys.booked_decode_requests)
-            assert {k.decode(): int(v) for k, v in decode.items()} == {"d0": 11, "d1": 11}
-            for node_id in ("d0", "d1"):
-                assert await fes[0]._client.xlen(fes[0].keys.work(node_id)) == 11
+            load = await booked(fes[0])
+            assert booked_prefill(load) == {"p0": 2000, "p1": 2000}
+            assert booked_decode(load) == {"d0": 11, "d1": 11}
 
     run(body())
 
@@ -163,8 +166,7 @@ def test_concurrent_frontends_stay_balanced(config: SchedulerConfig) -> None:
                     for i, n in enumerate(sizes)
                 )
             )
-            booked = await fes[0]._client.hgetall(fes[0].keys.booked_prefill_tokens)
-            loads = [int(v) for v in booked.values()]
+            loads = list(booked_prefill(await booked(fes[0])).values())
             assert sum(loads) == sum(sizes) and len(loads) == 3
             assert max(loads) - min(loads) <= max(sizes), loads
 

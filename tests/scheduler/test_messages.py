@@ -164,17 +164,21 @@ def test_key_schema_is_hash_tagged_and_classified() -> None:
         keys.work("n"),
         keys.control("n"),
         keys.results("fe"),
-        keys.request("r"),
-        keys.request_events("r"),
+        keys.alive,
+        keys.frontends,
+        keys.epoch,
+        keys.candidates("abc123", "p"),
+        keys.candidates("abc123", "d"),
+        keys.candidates("abc123", "m"),
         keys.bookings,
-        keys.booked_prefill_tokens,
-        keys.booked_decode_requests,
+        keys.log,
         keys.dead_letters,
-        keys.frontend_heartbeat("fe"),
+        keys.cluster_token,
     ]
     assert all(k.startswith("{prod}:") for k in made)
     assert all(keys.classify(k) is not None for k in made)
     assert keys.classify("{prod}:other") is None and keys.classify("{dev}:nodes") is None
+    assert keys.classify("{prod}:cand:abc123:x") is None
     with pytest.raises(ValueError):
         check_id("req_id", "a{b}")
     with pytest.raises(ValueError):
