@@ -102,7 +102,7 @@ class Dispatcher:
                 prompt_tokens,
                 group.roles,
                 SAMPLE_SIZE,
-                self._rng.randrange(1 << 30),
+                self._rng.randrange(1, 2147483646),
                 group.group,
                 scripts.DECODE_BOOKING_UNIT,
             ],

@@ -283,10 +283,11 @@ class NodeAgent:
 
     # --- results and lifecycle records ---------------------------------------------------------------
     async def publish(self, result: ResultMessage, *, frontend_id: str | None = None) -> None:
-        """Send a result to the frontend that submitted the request. A token chunk returns once it is
-        in Redis (retrying through blips for up to the dead-after time, then SchedulerConnectionError:
-        the frontend will have re-dispatched by then); a terminal message is queued and leaves with
-        the ``ack`` that must follow it."""
+        """Send a result to the frontend that submitted the request. A token chunk is queued behind at
+        most one flush in flight (``Outbox.send_soon``; a flush that failed after retrying through
+        blips for the dead-after time raises SchedulerConnectionError here: the frontend will have
+        re-dispatched by then); a terminal message is queued and leaves with the ``ack`` that must
+        follow it."""
         held = self._held.get((result.req_id, result.attempt))
         if frontend_id is None:
             if held is None:
@@ -302,7 +303,7 @@ class NodeAgent:
             self.stats.inc("published_" + result.TYPE)
             return
         assert self._outbox is not None
-        await self._outbox.flush()
+        await self._outbox.send_soon()
 
     async def mark(self, req_id: str, event: str, *, detail: str = "", node: str | None = None) -> None:
         """Record a lifecycle event (prefilled, transferred, decoding, ...). No I/O here: it rides with

@@ -4,9 +4,12 @@ pipeline per flush, shared by every request that queued something meanwhile.
 Who waits for what:
 - ``flush()`` returns once everything queued before the call is in Redis (or raises
   SchedulerConnectionError after the retry budget). Callers arriving during a flush ride on the next.
+- ``send_soon()`` queues behind at most one flush in flight: it returns at once when none is being
+  sent, else when that one is done (raising its error). Token chunks use it: the engine never
+  waits a round trip per token, and a slow Redis still pushes back.
 - A terminal result is queued without waiting; the ``ack`` that follows it queues the releases and
-  waits, so terminal, release and ack are one round trip (and one XADD per frontend however many
-  requests finished together).
+  waits, so tokens, terminal, release and ack of a short request are one round trip (and one XADD
+  per frontend however many requests were flushed together).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class Outbox:
         self._retrier = retrier
         self._pending = _Pending()
         self._next: asyncio.Future[None] | None = None
+        self._sending: asyncio.Future[None] | None = None
         self._lock = asyncio.Lock()
         self.num_flushes = 0
 
@@ -81,11 +85,18 @@ class Outbox:
     async def flush(self) -> None:
         await asyncio.shield(self.schedule())
 
+    async def send_soon(self) -> None:
+        self.schedule()
+        sending = self._sending
+        if sending is not None:
+            await asyncio.shield(sending)
+
     async def _run(self) -> None:
         async with self._lock:  # one flush at a time; the next one carries what arrived meanwhile
             future, self._next = self._next, None
             pending, self._pending = self._pending, _Pending()
             assert future is not None
+            self._sending = future
             try:
                 if pending:
                     await self._retrier.call(
@@ -97,6 +108,8 @@ class Outbox:
             except Exception as exc:  # noqa: BLE001 - handed to every waiter of this flush
                 future.set_exception(exc)
                 future.exception()  # waiters may be gone (fire-and-forget terminals): mark retrieved
+            finally:
+                self._sending = None
 
     async def _send(self, pending: _Pending) -> list[Any]:
         self.num_flushes += 1

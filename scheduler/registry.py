@@ -64,6 +64,7 @@ class ClusterView:
         self.nodes: dict[str, NodeState] = {}
         self._infos: dict[str, NodeInfo] = {}
         self._members: dict[str, list[str]] = {}
+        self._groups: dict[tuple[str, KVGeometry], tuple[CandidateGroup, int]] = {}
 
     async def refresh(self) -> dict[str, str]:
         """Re-read the leases (and descriptions of new nodes); returns {node_id: reason} for
@@ -99,7 +100,20 @@ class ClusterView:
         }
         for node_id in set(self._infos) - set(latest):
             del self._infos[node_id]
+        self._index()
         return bad
+
+    def _index(self) -> None:
+        """Group the view once per refresh, so a dispatch never walks the whole cluster."""
+        by_key: dict[tuple[str, KVGeometry], dict[str, NodeState]] = defaultdict(dict)
+        for node_id, state in self.nodes.items():
+            by_key[state.info.compat_key][node_id] = state
+        self._groups = {}
+        for key, states in by_key.items():
+            members = {n: st.info for n, st in states.items()}
+            roles = "".join(sorted({ROLE_LETTERS[i.role] for i in members.values()}))
+            group = CandidateGroup(node_group(next(iter(members.values()))), roles, members)
+            self._groups[key] = (group, max(st.lease_expiry_ms for st in states.values()))
 
     def members_of(self, node_id: str) -> list[str]:
         """Every lease member of ``node_id`` seen at the last refresh."""
@@ -116,15 +130,11 @@ class ClusterView:
         Nodes pair only inside one group: different geometry means KV blocks are not byte-compatible.
         With ``kv`` given only that geometry's group is returned.
         """
-        groups: dict[KVGeometry, dict[str, NodeInfo]] = defaultdict(dict)
-        for node_id, state in self.nodes.items():
-            info = state.info
-            if state.is_alive(now_ms) and info.model_id == model_id and (kv is None or info.kv == kv):
-                groups[info.kv][node_id] = info
-        out = []
-        for members in groups.values():
-            roles = "".join(sorted({ROLE_LETTERS[i.role] for i in members.values()}))
-            out.append(CandidateGroup(node_group(next(iter(members.values()))), roles, members))
+        out = [
+            group
+            for (group_model, group_kv), (group, last_expiry_ms) in self._groups.items()
+            if group_model == model_id and (kv is None or group_kv == kv) and last_expiry_ms > now_ms
+        ]
         return sorted(out, key=len, reverse=True)
 
     def expired_members(self, older_than_ms: int) -> list[str]:

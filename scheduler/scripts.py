@@ -39,8 +39,9 @@ local unit = tonumber(ARGV[10])
 local sets = {p = KEYS[3], d = KEYS[4], m = KEYS[5]}
 local best = {}
 
+-- Park-Miller: products stay below 2^53, so Lua's doubles keep every bit.
 local function next_rand()
-  seed = (seed * 1103515245 + 12345) % 2147483648
+  seed = (seed * 16807) % 2147483647
   return seed
 end
 
@@ -49,7 +50,8 @@ while true do
   for role in string.gmatch(roles, '%a') do
     local sample = redis.call('ZRANGE', sets[role], 0, k - 1, 'WITHSCORES')
     for i = 1, #sample, 2 do
-      members[#members + 1], scores[#members + 1], owner[#members + 1] = sample[i], tonumber(sample[i + 1]), role
+      local n = #members + 1
+      members[n], scores[n], owner[n] = sample[i], tonumber(sample[i + 1]), role
     end
   end
   if #members == 0 then break end
