@@ -64,8 +64,8 @@ def make_client(config: SchedulerConfig, *, max_connections: int = 64) -> aiored
     costs a few attempts per second, and the caller decides what to do meanwhile. A Redis Cluster
     client is typed as ``Redis``: we only use commands both clients offer, on keys of one slot.
     """
-    # Must exceed the longest BLOCK we issue.
-    kwargs = _connection_kwargs(config, socket_timeout_s=config.block_ms / 1000 + 5.0)
+    # Must exceed the longest BLOCK we issue (a node's idle read: 4 x block_ms).
+    kwargs = _connection_kwargs(config, socket_timeout_s=4 * config.block_ms / 1000 + 5.0)
     if config.scheduler_cluster:
         return cast(
             aioredis.Redis,

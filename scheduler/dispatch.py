@@ -120,12 +120,13 @@ class Dispatcher:
         *,
         prompt_tokens: int,
         attempt: int,
+        nodes: dict[str, NodeInfo],
     ) -> Assignment:
         """The Assignment for a pick (raises NoCapacityError when the pair shares no protocol)."""
         mode, p_member, d_member = picked
         (p_id, p_inc), (d_id, d_inc) = split_member(p_member), split_member(d_member)
         bookings = booking_members(req_id, group.group, picked, prompt_tokens=prompt_tokens, attempt=attempt)
-        prefill, decode = group.nodes.get(p_id), group.nodes.get(d_id)
+        prefill, decode = nodes.get(p_id), nodes.get(d_id)
         if prefill is None or decode is None:
             raise NoCapacityError(
                 f"picked node {p_id}/{d_id} is not in this frontend's view yet", req_id=req_id

@@ -54,7 +54,7 @@ from scheduler.messages import (
 from scheduler.metrics import Counters
 from scheduler.outbox import log_fields
 from scheduler.records import lines, write_dead_letter
-from scheduler.registry import ClusterView
+from scheduler.registry import ClusterView, split_member
 from scheduler.retry import Retrier
 from scheduler.scripting import Batch
 from scheduler.states import FrontendState
@@ -238,9 +238,13 @@ class FrontendScheduler:
                 )
                 if picked is None:
                     continue
+                nodes = group.nodes
+                if any(split_member(m)[0] not in nodes for m in picked[1:]):
+                    await self._monitor.refresh_view()  # booked a node that registered after our last look
+                    nodes = {n: s.info for n, s in self._view.nodes.items()}
                 try:
                     assignment = self._dispatcher.assignment(
-                        fl.req_id, group, picked, prompt_tokens=prompt_tokens, attempt=fl.attempt
+                        fl.req_id, group, picked, prompt_tokens=prompt_tokens, attempt=fl.attempt, nodes=nodes
                     )
                 except NoCapacityError:
                     members = booking_members(

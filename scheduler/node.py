@@ -100,6 +100,7 @@ class NodeAgent:
         self._cancel_queue: asyncio.Queue[CancelMessage] = asyncio.Queue(maxsize=10_000)
         self._tasks: list[asyncio.Task[None]] = []
         self._snapshot = _Snapshot()
+        self._last_load_sent: LoadReport | None = None  # heartbeat thread only
         self._frontend_leases = LeaseWatch(grace_ms=config.dead_after_ms)
         self._beats_per_refresh = max(1, int(config.scheduler_ttl_s / (10 * config.heartbeat_interval_s)))
         self._closed = False
@@ -172,9 +173,8 @@ class NodeAgent:
         self._closed = True
         from scheduler.tasks import stop_tasks
 
-        await stop_tasks(
-            self._tasks, grace_s=self.config.block_ms / 1000 + self.config.heartbeat_interval_s + 1
-        )
+        # The reader blocks for long idle reads: cancel it at once (the client is closed right after).
+        await stop_tasks(self._tasks, grace_s=0.0)
         if self._heartbeater is not None:
             await self._heartbeater.stop()
         if self._client is not None and self._info is not None:
@@ -409,6 +409,8 @@ class NodeAgent:
         first = self.heartbeater.num_beats == 0
         unit = scripts.DECODE_BOOKING_UNIT if info.role == "decode" else 0
         refresh = self.heartbeater.num_beats % self._beats_per_refresh == 0
+        flags = ("r" if refresh else "") + ("l" if snap.load != self._last_load_sent else "")
+        self._last_load_sent = snap.load
         fields = [v for pair in snap.load.to_fields().items() for v in pair]
         registered, expiry = scripts.HEARTBEAT.call_sync(
             client,
@@ -426,7 +428,7 @@ class NodeAgent:
                 self._info_payload,
                 self.config.dead_after_ms,
                 self.config.ttl_ms,
-                "1" if refresh else "0",
+                flags,
                 unit,
                 snap.load.free_kv_blocks,
                 snap.last_work_id,

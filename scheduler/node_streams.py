@@ -20,6 +20,10 @@ from scheduler.messages import CancelMessage, WorkItem, decode
 from scheduler.metrics import Counters
 from scheduler.records import write_dead_letter
 
+# A node's read wakes up for work or cancels at once; when idle it re-issues its read only every
+# IDLE_BLOCK_FACTOR x block_ms (the client's socket timeout leaves 5 s of margin above that).
+IDLE_BLOCK_FACTOR = 4
+
 
 class NodeReader:
     def __init__(
@@ -56,7 +60,7 @@ class NodeReader:
         answer = await self._client.xread(
             {self._work_key: self.last_work_id, self._control_key: self.last_control_id},
             count=64,
-            block=self._config.block_ms,
+            block=self._config.block_ms * IDLE_BLOCK_FACTOR,
         )
         cancels: list[CancelMessage] = []
         streams: list[Any] = list(answer or [])

@@ -130,7 +130,8 @@ HEARTBEAT = LuaScript(
 -- KEYS[1] nodes HASH  KEYS[2] alive ZSET  KEYS[3] its candidate ZSET  KEYS[4] its heartbeat HASH
 -- KEYS[5] its work STREAM  KEYS[6] its control STREAM
 -- ARGV[1] node id  ARGV[2] member (node|incarnation)  ARGV[3] msgpack NodeInfo  ARGV[4] lease ms
--- ARGV[5] TTL ms of the long-lived keys  ARGV[6] '1' = refresh those TTLs now
+-- ARGV[5] TTL ms of the long-lived keys  ARGV[6] flags: 'r' refresh those TTLs now, 'l' the load
+-- report changed (a steady node's beat is then just TIME + one ZADD)
 -- ARGV[7] decode booking unit ('0' for prefill/mixed nodes)  ARGV[8] free KV blocks
 -- ARGV[9] id of the last work entry read  ARGV[10] id of the last control entry read ('' = none):
 -- older entries are trimmed here, once per beat, not per request
@@ -141,6 +142,8 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local expiry = now + tonumber(ARGV[4])
 local registered = redis.call('ZADD', KEYS[2], expiry, ARGV[2])
 local unit = tonumber(ARGV[7])
+local refresh = registered == 1 or string.find(ARGV[6], 'r', 1, true) ~= nil
+local load_changed = registered == 1 or string.find(ARGV[6], 'l', 1, true) ~= nil
 if registered == 1 then
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
   redis.call('ZADD', KEYS[3], 'NX', 0, ARGV[2])
@@ -149,16 +152,18 @@ if registered == 1 then
     redis.call('XADD', KEYS[5], 'MAXLEN', '0', '*', 'created', now)
   end
 end
-if unit > 0 then
+if unit > 0 and load_changed then
   local score = tonumber(redis.call('ZSCORE', KEYS[3], ARGV[2]) or '0')
   local booked = math.floor(score / unit)
   local free = math.min(math.max(tonumber(ARGV[8]), 0), unit - 1)
   redis.call('ZADD', KEYS[3], 'XX', booked * unit + (unit - 1 - free), ARGV[2])
 end
-redis.call('HSET', KEYS[4], 'incarnation', string.match(ARGV[2], '|(.*)$'), 'ts_ms', now, unpack(ARGV, 11))
+if load_changed then
+  redis.call('HSET', KEYS[4], 'incarnation', string.match(ARGV[2], '|(.*)$'), 'ts_ms', now, unpack(ARGV, 11))
+end
 if ARGV[9] ~= '' and registered == 0 then redis.call('XTRIM', KEYS[5], 'MINID', ARGV[9]) end
 if ARGV[10] ~= '' and redis.call('EXISTS', KEYS[6]) == 1 then redis.call('XTRIM', KEYS[6], 'MINID', ARGV[10]) end
-if registered == 1 or ARGV[6] == '1' then
+if refresh then
   for i = 1, 6 do
     if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('PEXPIRE', KEYS[i], ARGV[5]) end
   end

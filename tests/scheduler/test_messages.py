@@ -18,6 +18,7 @@ from scheduler.messages import (
     Finished,
     KVGeometry,
     LoadReport,
+    NodeEvent,
     NodeInfo,
     TokenChunk,
     WorkItem,
@@ -50,6 +51,8 @@ ASSIGN = Assignment(
     prefill_pd_comm_port=8100,
     prefill_incarnation="i1",
     decode_incarnation="i2",
+    group="abc123",
+    bookings=["p|abc123|p0|i1|r1|1|3", "d|abc123|d0|i2|r1|1|1048576"],
 )
 MESSAGES = [
     NODE,
@@ -71,6 +74,7 @@ MESSAGES = [
     Expired(req_id="r1", attempt=1),
     Cancelled(req_id="r1", attempt=0),
     CancelMessage(req_id="r1", attempt=0, reason="client gone"),
+    NodeEvent(req_id="r1", attempt=0, event="decoding", node="d0", detail="remote prefill", ts_ms=5),
 ]
 
 
