@@ -9,6 +9,7 @@ keeps reading its results until the request ends (prints ``ENDED <type>``) or it
 from __future__ import annotations
 
 import asyncio
+import subprocess
 from typing import Any
 
 import click
@@ -16,6 +17,7 @@ import click
 from scheduler.config import SchedulerConfig, scheduler_options
 from scheduler.frontend import FrontendScheduler
 from scheduler.messages import SubmitRequest
+from scheduler.sim_node import config_args, spawn_module
 
 
 async def _main(config: SchedulerConfig, req_id: str, model_id: str, max_tokens: int) -> None:
@@ -44,3 +46,11 @@ def main(req_id: str, model_id: str, max_tokens: int, **options: Any) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def spawn_sim_frontend(
+    config: SchedulerConfig, req_id: str, *, max_tokens: int = 100_000
+) -> tuple[subprocess.Popen[str], str]:
+    """Start this module as a real process; returns it with its ``SUBMITTED ...`` line."""
+    args = [*config_args(config), "--req-id", req_id, "--max-tokens", str(max_tokens)]
+    return spawn_module("scheduler.sim_frontend", args, "SUBMITTED ")
