@@ -326,7 +326,15 @@ class FrontendScheduler:
         if isinstance(msg, NodeEvent):
             fl.note(msg.ts_ms, msg.event, msg.node, msg.detail)
         elif isinstance(msg, TokenChunk):
-            self._deliver_tokens(fl, msg)
+            if msg.index > len(fl.delivered):
+                # Tokens went missing (a failover lost writes): resume from what the client has.
+                self.stats.inc("token_gaps")
+                log.error(
+                    "token_gap", req_id=msg.req_id, expected_index=len(fl.delivered), got_index=msg.index
+                )
+                await self.redispatch(fl, reason=f"token gap at {len(fl.delivered)}")
+            else:
+                self._deliver_tokens(fl, msg)
         elif isinstance(msg, Failed) and msg.retryable:
             await self.redispatch(fl, reason=f"node error {msg.code}: {msg.message}")
         else:
@@ -336,13 +344,7 @@ class FrontendScheduler:
         """Forward only tokens the client has not seen (a re-dispatched node resumes, never repeats)."""
         if fl.state is FrontendState.QUEUED:
             fl.move(FrontendState.RUNNING, self.stats, why="first token")
-        skip = len(fl.delivered) - chunk.index
-        if skip < 0:
-            self.stats.inc("token_gaps")
-            log.error(
-                "token_gap", req_id=chunk.req_id, expected_index=len(fl.delivered), got_index=chunk.index
-            )
-            skip = 0
+        skip = len(fl.delivered) - chunk.index  # >= 0: gaps were re-dispatched by the caller
         new_ids = chunk.token_ids[skip:]
         if not new_ids:
             self.stats.inc("duplicate_tokens")

@@ -35,6 +35,7 @@ class Monitor:
         self._client = client
         self._view = view
         self._epoch = epoch
+        self._server = ""  # run_id of the server answering (one server or a Sentinel master)
         # A lapse must still be there one heartbeat interval later before work is re-dispatched.
         self._node_leases = LeaseWatch(grace_ms=int(fe.config.heartbeat_interval_s * 1000))
 
@@ -44,7 +45,15 @@ class Monitor:
         if not fe._running():
             return
         data_lost = fe.epoch_seen != self._epoch
-        if data_lost:
+        server = await self._server_id()
+        if server != self._server and self._server:
+            # Another server answers (Sentinel failover, restart): writes of the last moments may be
+            # lost, so every request starts over with its resume tokens (the old attempts are cancelled).
+            log.warning("redis_server_changed", inflight=fe.num_inflight)
+            fe.stats.inc("redis_failovers")
+            data_lost = True
+        self._server = server
+        if fe.epoch_seen != self._epoch:
             # Queued work, bookings and our results stream are gone: every request starts over
             # (with its resume tokens) rather than waiting for results that will never come.
             log.warning("redis_lost_data", inflight=fe.num_inflight)
@@ -54,6 +63,13 @@ class Monitor:
         await self.refresh_view()
         await self._sweep_bookings()
         await self._check_requests(data_lost=data_lost)
+
+    async def _server_id(self) -> str:
+        """The answering server's run_id ('' in Redis Cluster mode, where each shard has its own)."""
+        if self._fe.config.scheduler_cluster:
+            return ""
+        info: Any = await self._client.info("server")
+        return str(info.get("run_id", ""))
 
     async def _check_requests(self, *, data_lost: bool) -> None:
         fe = self._fe

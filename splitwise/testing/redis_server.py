@@ -34,6 +34,7 @@ class RedisServer:
     port: int = 0
     password: str | None = None
     process: subprocess.Popen[bytes] | None = None
+    extra_args: list[str] = field(default_factory=list)  # e.g. --cluster-enabled yes, --replicaof h p
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="splitwise-redis-")))
 
     @property
@@ -66,6 +67,7 @@ class RedisServer:
         ]
         if self.password:
             args += ["--requirepass", self.password]
+        args += self.extra_args
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
