@@ -28,7 +28,7 @@ from scheduler.connection import after_id, check_server, make_client
 from scheduler.errors import SchedulerClosedError, UnknownRequestError
 from scheduler.heartbeat import Heartbeater
 from scheduler.keys import ROLE_LETTERS, KeySchema, check_id, group_id
-from scheduler.lease import LeaseWatch
+from scheduler.lease import LeaseWatch, ServerClock
 from scheduler.messages import (
     CancelMessage,
     Expired,
@@ -51,6 +51,9 @@ from splitwise.logging import get_logger
 log = get_logger("scheduler.node")
 
 LoadProvider = Callable[[], LoadReport]
+# The heartbeat reads the server clock (TIME) on every this-many beats; in between, the lease is
+# computed from the local clock plus the measured offset (drift over a few seconds is negligible).
+TIME_EVERY_BEATS = 10
 # Events after which a disaggregated request's prompt tokens are no longer queued on its P.
 _PREFILL_DONE_EVENTS = frozenset({"transferred", "decoding"})
 
@@ -61,6 +64,7 @@ class HeldWork:
 
     item: WorkItem
     state: NodeState = NodeState.RECEIVED
+    released: set[str] = field(default_factory=set)  # booking members this node already released
 
     @property
     def req_id(self) -> str:
@@ -102,6 +106,7 @@ class NodeAgent:
         self._snapshot = _Snapshot()
         self._last_load_sent: LoadReport | None = None  # heartbeat thread only
         self._frontend_leases = LeaseWatch(grace_ms=config.dead_after_ms)
+        self._server_clock = ServerClock(clock)  # written by the heartbeat thread only
         self._beats_per_refresh = max(1, int(config.scheduler_ttl_s / (10 * config.heartbeat_interval_s)))
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -259,7 +264,8 @@ class NodeAgent:
                 ),
             )
         for member in work.assignment.bookings:
-            self._queue_release(work, member)
+            if member not in held.released:
+                self._queue_release(work, member)
         self._publish_snapshot()
         assert self._outbox is not None
         await self._outbox.flush()
@@ -274,8 +280,9 @@ class NodeAgent:
             self._queue_record(req_id, record_line(self._clock.time_ms(), "prefilled", node, ""))
             return 0
         member = held[-1].item.assignment.booking("p")
-        if member is None:
+        if member is None or member in held[-1].released:
             return 0
+        held[-1].released.add(member)
         self._queue_release(held[-1].item, member)
         assert self._outbox is not None
         await self._outbox.flush()
@@ -320,7 +327,8 @@ class NodeAgent:
         if event in _PREFILL_DONE_EVENTS and work.state is NodeState.RECEIVED:
             transition(work, NodeState.RUNNING, NODE_TRANSITIONS, self.stats, why=event)
             member = work.item.assignment.booking("p")
-            if member is not None:
+            if member is not None and member not in work.released:
+                work.released.add(member)
                 self._queue_release(work.item, member)
         self._queue_event(work.item, event, detail, node=node)
 
@@ -409,10 +417,15 @@ class NodeAgent:
         first = self.heartbeater.num_beats == 0
         unit = scripts.DECODE_BOOKING_UNIT if info.role == "decode" else 0
         refresh = self.heartbeater.num_beats % self._beats_per_refresh == 0
-        flags = ("r" if refresh else "") + ("l" if snap.load != self._last_load_sent else "")
+        measure = self.heartbeater.num_beats % TIME_EVERY_BEATS == 0
+        flags = (
+            ("r" if refresh else "")
+            + ("l" if snap.load != self._last_load_sent else "")
+            + ("t" if measure else "")
+        )
         self._last_load_sent = snap.load
         fields = [v for pair in snap.load.to_fields().items() for v in pair]
-        registered, expiry = scripts.HEARTBEAT.call_sync(
+        registered, expiry, measured = scripts.HEARTBEAT.call_sync(
             client,
             [
                 self.keys.nodes,
@@ -433,10 +446,13 @@ class NodeAgent:
                 snap.load.free_kv_blocks,
                 snap.last_work_id,
                 snap.last_control_id,
+                self._server_clock.now_ms(),
                 *fields,
             ],
         )
         leases = client.zmscore(self.keys.frontends, list(snap.frontend_ids)) if snap.frontend_ids else []
+        if int(measured):
+            self._server_clock.observe(int(measured))
         server_now = int(expiry) - self.config.dead_after_ms
         assert self._loop is not None
         try:

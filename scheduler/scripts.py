@@ -131,14 +131,20 @@ HEARTBEAT = LuaScript(
 -- KEYS[5] its work STREAM  KEYS[6] its control STREAM
 -- ARGV[1] node id  ARGV[2] member (node|incarnation)  ARGV[3] msgpack NodeInfo  ARGV[4] lease ms
 -- ARGV[5] TTL ms of the long-lived keys  ARGV[6] flags: 'r' refresh those TTLs now, 'l' the load
--- report changed (a steady node's beat is then just TIME + one ZADD)
+-- report changed, 't' read the server clock (TIME) instead of trusting ARGV[11]; a steady node's
+-- beat is then one ZADD
+-- ARGV[11] the node's estimate of server time ms (its offset is re-measured with 't' every few beats)
 -- ARGV[7] decode booking unit ('0' for prefill/mixed nodes)  ARGV[8] free KV blocks
 -- ARGV[9] id of the last work entry read  ARGV[10] id of the last control entry read ('' = none):
 -- older entries are trimmed here, once per beat, not per request
--- ARGV[11..] load report as field, value pairs
--- Returns {registered (1/0), lease expiry ms}.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- ARGV[12..] load report as field, value pairs
+-- Returns {registered (1/0), lease expiry ms, server now ms (0 when not measured)}.
+local now, measured = tonumber(ARGV[11]), 0
+if string.find(ARGV[6], 't', 1, true) then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  measured = now
+end
 local expiry = now + tonumber(ARGV[4])
 local registered = redis.call('ZADD', KEYS[2], expiry, ARGV[2])
 local unit = tonumber(ARGV[7])
@@ -159,7 +165,7 @@ if unit > 0 and load_changed then
   redis.call('ZADD', KEYS[3], 'XX', booked * unit + (unit - 1 - free), ARGV[2])
 end
 if load_changed then
-  redis.call('HSET', KEYS[4], 'incarnation', string.match(ARGV[2], '|(.*)$'), 'ts_ms', now, unpack(ARGV, 11))
+  redis.call('HSET', KEYS[4], 'incarnation', string.match(ARGV[2], '|(.*)$'), 'ts_ms', now, unpack(ARGV, 12))
 end
 if ARGV[9] ~= '' and registered == 0 then redis.call('XTRIM', KEYS[5], 'MINID', ARGV[9]) end
 if ARGV[10] ~= '' and redis.call('EXISTS', KEYS[6]) == 1 then redis.call('XTRIM', KEYS[6], 'MINID', ARGV[10]) end
@@ -168,7 +174,7 @@ if refresh then
     if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('PEXPIRE', KEYS[i], ARGV[5]) end
   end
 end
-return {registered, expiry}
+return {registered, expiry, measured}
 """,
 )
 
