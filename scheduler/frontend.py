@@ -64,6 +64,7 @@ from splitwise.logging import get_logger
 
 log = get_logger("scheduler.frontend")
 
+SUBMIT_RETRY_S = 1.0
 _TERMINAL_STATE = {
     "finished": FrontendState.FINISHED,
     "error": FrontendState.FAILED,
@@ -150,15 +151,15 @@ class FrontendScheduler:
         )
         self._inflight[request.req_id] = fl
         try:
-            await self.dispatch(fl)
+            # A blip (a pooled connection that died with a restarted server) is retried briefly.
+            await self._retrier.call("submit", lambda: self.dispatch(fl), give_up_after_s=SUBMIT_RETRY_S)
         except NoCapacityError:
             self._inflight.pop(request.req_id, None)
             self.stats.inc("no_capacity")
             raise
-        except REDIS_DOWN_ERRORS as exc:
+        except SchedulerConnectionError as exc:
             self._inflight.pop(request.req_id, None)
-            self.stats.inc("redis_errors")
-            raise SchedulerConnectionError(f"Redis unavailable: {exc}", req_id=request.req_id) from None
+            raise SchedulerConnectionError(str(exc), req_id=request.req_id) from None
         self.stats.inc("submitted")
         return fl.stream
 
