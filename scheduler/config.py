@@ -56,22 +56,18 @@ class SchedulerConfig:
             raise ValueError(
                 f"--scheduler-topic: {topic!r} must be non-empty without braces, colons, spaces or glob chars"
             )
-        if self.scheduler_ttl_s <= 0:
-            raise ValueError(f"--scheduler-ttl: must be > 0 seconds, got {self.scheduler_ttl_s}")
-        if self.heartbeat_interval_s <= 0:
-            raise ValueError(
-                f"--scheduler-heartbeat-interval: must be > 0 seconds, got {self.heartbeat_interval_s}"
-            )
-        if self.dead_after_missed < 1:
-            raise ValueError(f"--scheduler-dead-after-missed: must be >= 1, got {self.dead_after_missed}")
-        if self.max_redispatch < 0:
-            raise ValueError(f"--max-redispatch: must be >= 0, got {self.max_redispatch}")
-        if self.dead_letter_ttl_s <= 0:
-            raise ValueError(
-                f"--scheduler-dead-letter-ttl: must be > 0 seconds, got {self.dead_letter_ttl_s}"
-            )
-        if self.block_ms < 1:
-            raise ValueError(f"block_ms: must be >= 1, got {self.block_ms}")
+        # (flag, value, smallest allowed, strictly greater?)
+        bounds: list[tuple[str, float, float, bool]] = [
+            ("--scheduler-ttl", self.scheduler_ttl_s, 0, True),
+            ("--scheduler-heartbeat-interval", self.heartbeat_interval_s, 0, True),
+            ("--scheduler-dead-after-missed", self.dead_after_missed, 1, False),
+            ("--max-redispatch", self.max_redispatch, 0, False),
+            ("--scheduler-dead-letter-ttl", self.dead_letter_ttl_s, 0, True),
+            ("block_ms", self.block_ms, 1, False),
+        ]
+        for flag, value, low, strict in bounds:
+            if value < low or (strict and value == low):
+                raise ValueError(f"{flag}: must be {'>' if strict else '>='} {low}, got {value}")
         if self.scheduler_tls_ca_certs and not self.scheduler_tls:
             raise ValueError("--scheduler-tls-ca-certs: needs --scheduler-tls")
         if self.scheduler_cluster and self.scheduler_sentinel:

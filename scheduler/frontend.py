@@ -25,30 +25,26 @@ from scheduler.connection import REDIS_DOWN_ERRORS, after_id, check_server, make
 from scheduler.dispatch import Dispatcher, booking_members, queue_release
 from scheduler.errors import (
     DuplicateRequestError,
-    MessageDecodeError,
     NoCapacityError,
     SchedulerClosedError,
     SchedulerConnectionError,
 )
 from scheduler.frontend_monitor import Monitor
 from scheduler.frontend_record import FrontendRecord
+from scheduler.frontend_results import ResultsReader
 from scheduler.heartbeat import Heartbeater
 from scheduler.keys import KeySchema, check_id
 from scheduler.lease import ServerClock
 from scheduler.messages import (
-    RESULTS_STREAM_TYPES,
     Assignment,
     Cancelled,
     CancelMessage,
     Failed,
     Finished,
     KVGeometry,
-    NodeEvent,
     ResultMessage,
     SubmitRequest,
-    TokenChunk,
     WorkItem,
-    decode,
     encode,
 )
 from scheduler.metrics import Counters
@@ -100,7 +96,7 @@ class FrontendScheduler:
         self._inflight: dict[str, FrontendRecord] = {}
         self._records: list[tuple[str, str]] = []  # (req_id, record text) not yet in {t}:log
         self._tasks: list[asyncio.Task[None]] = []
-        self._last_id = b"0-0"
+        self._results = ResultsReader(self)
         self.epoch_seen = ""
         self._stopping = False
 
@@ -119,7 +115,7 @@ class FrontendScheduler:
         await self._monitor.refresh_view()
         self._tasks = [
             asyncio.create_task(
-                self._retrier.loop("frontend_results", self._results_once, running=self._running),
+                self._retrier.loop("frontend_results", self._results.once, running=self._running),
                 name="frontend-results",
             ),
             asyncio.create_task(
@@ -183,22 +179,15 @@ class FrontendScheduler:
             await self._heartbeater.stop()
         for fl in list(self._inflight.values()):
             try:
-                await self.finish(
-                    fl,
-                    Failed(
-                        req_id=fl.req_id,
-                        attempt=fl.attempt,
-                        code="scheduler_closed",
-                        message="the frontend scheduler shut down",
-                    ),
-                    notify_nodes="closed",
+                await self.fail(
+                    fl, "scheduler_closed", "the frontend scheduler shut down", notify_nodes="closed"
                 )
             except REDIS_DOWN_ERRORS:
                 self._inflight.pop(fl.req_id, None)
         if self._client is not None:
             try:
                 batch = Batch(self._client)
-                self._take_records(batch)
+                self.take_records(batch)
                 batch.add(lambda pipe: pipe.zrem(self.keys.frontends, self.frontend_id))
                 batch.add(lambda pipe: pipe.delete(self.keys.results(self.frontend_id)))
                 await batch.execute()
@@ -294,74 +283,7 @@ class FrontendScheduler:
         fl.move(FrontendState.QUEUED, self.stats, why="dispatched")
         return True
 
-    # --- results ---------------------------------------------------------------------------------------
-    async def _results_once(self) -> None:
-        assert self._client is not None
-        batch = Batch(self._client)
-        self._take_records(batch)
-        key = self.keys.results(self.frontend_id)
-        last_id = self._last_id
-        batch.add(lambda pipe: pipe.xread({key: last_id}, count=512, block=self.config.block_ms))
-        answer = (await batch.execute())[-1]
-        cleanup = Batch(self._client)
-        for _stream, entries in answer or []:
-            for entry_id, fields in entries:
-                self._last_id = bytes(entry_id)
-                for payload in fields.values():
-                    await self._on_result(payload, cleanup)
-        if len(cleanup):
-            await cleanup.execute()
-
-    async def _on_result(self, payload: bytes, batch: Batch) -> None:
-        try:
-            msg: ResultMessage | NodeEvent = decode(payload, RESULTS_STREAM_TYPES)
-        except MessageDecodeError as exc:
-            if payload.isdigit():  # the stream's creation marker
-                return
-            await self.dead_letter("results:" + self.frontend_id, str(exc), payload)
-            return
-        fl = self._inflight.get(msg.req_id)
-        if fl is None or msg.attempt != fl.attempt:
-            self.stats.inc("stale_results")  # finished/cancelled already, or from an abandoned attempt
-            return
-        if isinstance(msg, NodeEvent):
-            fl.note(msg.ts_ms, msg.event, msg.node, msg.detail)
-        elif isinstance(msg, TokenChunk):
-            if msg.index > len(fl.delivered):
-                # Tokens went missing (a failover lost writes): resume from what the client has.
-                self.stats.inc("token_gaps")
-                log.error(
-                    "token_gap", req_id=msg.req_id, expected_index=len(fl.delivered), got_index=msg.index
-                )
-                await self.redispatch(fl, reason=f"token gap at {len(fl.delivered)}")
-            else:
-                self._deliver_tokens(fl, msg)
-        elif isinstance(msg, Failed) and msg.retryable:
-            await self.redispatch(fl, reason=f"node error {msg.code}: {msg.message}")
-        else:
-            await self.finish(fl, msg, notify_nodes=None, batch=batch)
-
-    def _deliver_tokens(self, fl: FrontendRecord, chunk: TokenChunk) -> None:
-        """Forward only tokens the client has not seen (a re-dispatched node resumes, never repeats)."""
-        if fl.state is FrontendState.QUEUED:
-            fl.move(FrontendState.RUNNING, self.stats, why="first token")
-        skip = len(fl.delivered) - chunk.index  # >= 0: gaps were re-dispatched by the caller
-        new_ids = chunk.token_ids[skip:]
-        if not new_ids:
-            self.stats.inc("duplicate_tokens")
-            return
-        logprobs = chunk.logprobs[skip:] if chunk.logprobs is not None else None
-        fl.stream.put(
-            TokenChunk(
-                req_id=chunk.req_id,
-                attempt=chunk.attempt,
-                index=len(fl.delivered),
-                token_ids=new_ids,
-                logprobs=logprobs,
-            )
-        )
-        fl.delivered.extend(new_ids)
-
+    # --- endings ----------------------------------------------------------------------------------------
     async def finish(
         self,
         fl: FrontendRecord,
@@ -397,6 +319,14 @@ class FrontendScheduler:
             self.stats.inc("redis_errors")
             log.warning("finish_cleanup_failed", req_id=fl.req_id, error=str(exc))
 
+    async def fail(self, fl: FrontendRecord, code: str, message: str, *, notify_nodes: str | None) -> None:
+        """End ``fl`` with an explicit error (``Failed`` with ``code``)."""
+        await self.finish(
+            fl,
+            Failed(req_id=fl.req_id, attempt=fl.attempt, code=code, message=message),
+            notify_nodes=notify_nodes,
+        )
+
     def queue_cancels(self, batch: Batch, fl: FrontendRecord, reason: str) -> None:
         if fl.assignment is None:
             return
@@ -419,17 +349,8 @@ class FrontendScheduler:
         if fl.attempt >= self.config.max_redispatch:
             self.stats.inc("redispatch_exhausted")
             log.error("redispatch_exhausted", req_id=fl.req_id, attempts=fl.attempt + 1, reason=reason)
-            await self.finish(
-                fl,
-                Failed(
-                    req_id=fl.req_id,
-                    attempt=fl.attempt,
-                    code="node_lost",
-                    message=f"{reason}; gave up after {fl.attempt + 1} attempts "
-                    f"(--max-redispatch {self.config.max_redispatch})",
-                ),
-                notify_nodes="failed",
-            )
+            message = f"{reason}; gave up after {fl.attempt + 1} attempts (--max-redispatch {self.config.max_redispatch})"
+            await self.fail(fl, "node_lost", message, notify_nodes="failed")
             return
         if not fl.move(FrontendState.PENDING, self.stats, why=reason):
             return
@@ -468,16 +389,12 @@ class FrontendScheduler:
             since = fl.pending_since_ms if fl.pending_since_ms is not None else now
             if now - since >= 2 * self.config.dead_after_ms:
                 self.stats.inc("no_capacity")
-                await self.finish(
-                    fl,
-                    Failed(req_id=fl.req_id, attempt=fl.attempt, code="no_capacity", message=str(exc)),
-                    notify_nodes=None,
-                )
+                await self.fail(fl, "no_capacity", str(exc), notify_nodes=None)
 
     # --- heartbeat (thread) and small helpers ---------------------------------------------------------
     def _beat(self, client: redis.Redis) -> None:
         """Heartbeat thread: extend our lease, learn server time and the data epoch, trim results."""
-        last = after_id(self._last_id.decode())
+        last = after_id(self._results.last_id.decode())
         now_ms, epoch = scripts.FRONTEND_BEAT.call_sync(
             client,
             [
@@ -494,16 +411,22 @@ class FrontendScheduler:
 
     def restart_reading(self) -> None:
         """Redis lost its data: our results stream starts afresh."""
-        self._last_id = b"0-0"
+        self._results.last_id = b"0-0"
 
     async def flush_records(self) -> None:
         """Write the records of ended requests now (they otherwise ride on the next results read)."""
         if self._client is not None and self._records:
             batch = Batch(self._client)
-            self._take_records(batch)
+            self.take_records(batch)
             await batch.execute()
 
-    def _take_records(self, batch: Batch) -> None:
+    @property
+    def client(self) -> aioredis.Redis:
+        if self._client is None:
+            raise SchedulerClosedError("frontend scheduler is not started")
+        return self._client
+
+    def take_records(self, batch: Batch) -> None:
         if not self._records:
             return
         fields: dict[Any, Any] = dict(log_fields(self._records))

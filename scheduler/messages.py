@@ -162,19 +162,22 @@ class Failed:
 
 
 @dataclass(frozen=True)
-class Expired:
-    TYPE: ClassVar[str] = "expired"
+class _Ended:
+    """A terminal message that carries nothing but which request (and attempt) ended."""
+
     req_id: str
     attempt: int
     is_terminal: ClassVar[bool] = True
 
 
 @dataclass(frozen=True)
-class Cancelled:
+class Expired(_Ended):
+    TYPE: ClassVar[str] = "expired"
+
+
+@dataclass(frozen=True)
+class Cancelled(_Ended):
     TYPE: ClassVar[str] = "cancelled"
-    req_id: str
-    attempt: int
-    is_terminal: ClassVar[bool] = True
 
 
 @dataclass(frozen=True)
