@@ -175,13 +175,15 @@ def extract_reference(commit: str, into: Path) -> Path:
     return into
 
 
-def child(impl_dir: Path | None, *args: str, stdout: Any = subprocess.PIPE) -> subprocess.Popen[str]:
+def child(
+    impl_dir: Path | None, *args: str, stdout: Any = subprocess.PIPE, stderr: Any = subprocess.DEVNULL
+) -> subprocess.Popen[str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop(IMPL_ENV, None)
     if impl_dir is not None:
         env[IMPL_ENV] = str(impl_dir)
     return subprocess.Popen(
-        [sys.executable, __file__, *args], stdout=stdout, stderr=subprocess.DEVNULL, text=True, env=env
+        [sys.executable, __file__, *args], stdout=stdout, stderr=stderr, text=True, env=env
     )
 
 
@@ -199,10 +201,20 @@ def run_case(
             if line != "READY":
                 raise RuntimeError(f"node host did not start ({line!r})")
         driver = child(
-            impl_dir, "--drive", str(port), topic, str(num_nodes), str(args.requests), str(args.inflight)
+            impl_dir,
+            "--drive",
+            str(port),
+            topic,
+            str(num_nodes),
+            str(args.requests),
+            str(args.inflight),
+            stderr=subprocess.PIPE,
         )
-        out, _ = driver.communicate(timeout=600)
-        return dict(json.loads(out.strip().splitlines()[-1]))
+        out, err = driver.communicate(timeout=600)
+        lines = out.strip().splitlines()
+        if driver.returncode != 0 or not lines:
+            raise RuntimeError(f"driver failed ({driver.returncode}): {err[-2000:]}")
+        return dict(json.loads(lines[-1]))
     finally:
         for host in hosts:
             host.send_signal(signal.SIGTERM)
