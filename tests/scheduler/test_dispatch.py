@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections import Counter
 
 import pytest
@@ -20,7 +21,7 @@ from scheduler_support import (
 from scheduler.config import SchedulerConfig
 from scheduler.errors import NoCapacityError
 from scheduler.messages import Finished, KVGeometry, SubmitRequest, TokenChunk
-from scheduler.sim_node import sim_token
+from scheduler.sim_node import SimBehavior, sim_token
 
 
 def _tokens(msgs: list) -> list[int]:
@@ -204,3 +205,35 @@ def test_node_takes_every_queued_item_in_order(config: SchedulerConfig) -> None:
             assert all(m0.agent.holds(f"r{i}") for i in range(20))
 
     run(body())
+
+
+@pytest.mark.parametrize("num_nodes", [2, 64])
+def test_commands_per_request_stay_flat_and_under_twenty(config: SchedulerConfig, num_nodes: int) -> None:
+    """Every command Redis executes (INFO commandstats, script internals included) per 1-token P/D
+    request, one in flight: at most 20, and the same with 64 nodes as with 2 (slow heartbeats keep
+    the background out of the count)."""
+    config = dataclasses.replace(config, heartbeat_interval_s=5.0, block_ms=1000)
+
+    async def calls(client) -> int:  # type: ignore[no-untyped-def]
+        stats = await client.info("commandstats")
+        return sum(int(v["calls"]) for k, v in stats.items() if k.startswith("cmdstat_"))
+
+    async def body() -> None:
+        async with cluster(config) as c:
+            for i in range(num_nodes):
+                role = "prefill" if i % 2 == 0 else "decode"
+                await c.add_node(f"{role[0]}{i}", role, behavior=SimBehavior(num_tokens=1))
+            fe = await c.add_frontend()
+            for i in range(10):  # warm-up: scripts loaded, view complete
+                await (await fe.submit(SubmitRequest(req_id=f"w{i}", prompt_token_ids=[1] * 8))).collect()
+            before = await calls(fe._client)
+            n = 40
+            for i in range(n):
+                msgs = await (
+                    await fe.submit(SubmitRequest(req_id=f"r{i}", prompt_token_ids=[1] * 8))
+                ).collect()
+                assert isinstance(msgs[-1], Finished)
+            per_request = (await calls(fe._client) - before - 1) / n
+            assert per_request <= 20, per_request
+
+    run(body(), timeout_s=60)

@@ -187,3 +187,34 @@ def test_key_schema_is_hash_tagged_and_classified() -> None:
         check_id("req_id", "a{b}")
     with pytest.raises(ValueError):
         check_id("node id", "a|b")
+
+
+def test_scheduler_urls_and_deployment_flags() -> None:
+    from scheduler.config import parse_scheduler_url
+
+    assert parse_scheduler_url("redis://:pw@10.0.0.5:6380/2") == {
+        "scheduler_tls": False,
+        "scheduler_password": "pw",
+        "scheduler_host": "10.0.0.5",
+        "scheduler_port": 6380,
+        "scheduler_cluster": False,
+        "scheduler_db": 2,
+    }
+    assert parse_scheduler_url("redis+cluster://h:7000")["scheduler_cluster"] is True
+    assert parse_scheduler_url("rediss://h:6379")["scheduler_tls"] is True
+    sentinel = parse_scheduler_url("redis+sentinel://s1:26379,s2:26379/mymaster")
+    assert sentinel["scheduler_sentinel"] == "s1:26379,s2:26379"
+    assert sentinel["scheduler_sentinel_service"] == "mymaster"
+    config = SchedulerConfig.from_options({"scheduler_url": "redis+sentinel://s1:1,s2:2/svc"})
+    assert config.sentinel_addresses() == [("s1", 1), ("s2", 2)] and "sentinel" in config.where
+    for bad, flag in [
+        ("http://h:1", "--scheduler-url"),
+        ("redis+sentinel://h:1", "--scheduler-url"),
+        ("redis://h", "--scheduler-url"),
+    ]:
+        with pytest.raises(ValueError, match=flag):
+            parse_scheduler_url(bad)
+    with pytest.raises(ValueError, match="--scheduler-sentinel"):
+        SchedulerConfig(scheduler_sentinel="nohostport")
+    with pytest.raises(ValueError, match="choose one"):
+        SchedulerConfig(scheduler_cluster=True, scheduler_sentinel="h:1")
