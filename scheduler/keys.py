@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 # Keys (by ``KeySchema.classify`` kind) that deliberately have no TTL; each has a documented owner
@@ -35,6 +36,29 @@ def group_id(model_id: str, kv_fields: tuple[object, ...]) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
+class _Fixed:
+    """A key with a fixed name under the topic: ``schema.<attr>`` is ``{topic}:<name>``."""
+
+    def __init__(self, name: str, doc: str) -> None:
+        self.name = name
+        self.__doc__ = doc
+
+    def __get__(self, schema: KeySchema, owner: type | None = None) -> str:
+        return schema.prefix + self.name
+
+
+class _PerId:
+    """A family of keys, one per id: ``schema.<attr>(id)`` is ``{topic}:<kind>:<id>``."""
+
+    def __init__(self, kind: str, doc: str) -> None:
+        self.kind = kind
+        self.__doc__ = doc
+
+    def __get__(self, schema: KeySchema, owner: type | None = None) -> Callable[[str], str]:
+        head = schema.prefix + self.kind + ":"
+        return lambda ident: head + ident
+
+
 @dataclass(frozen=True)
 class KeySchema:
     topic: str
@@ -43,71 +67,30 @@ class KeySchema:
     def prefix(self) -> str:
         return "{" + self.topic + "}:"
 
-    # --- membership and leases ----------------------------------------------------------------
-    @property
-    def nodes(self) -> str:
-        """HASH node_id -> msgpack NodeInfo."""
-        return self.prefix + "nodes"
+    # membership and leases
+    nodes = _Fixed("nodes", "HASH node_id -> msgpack NodeInfo.")
+    alive = _Fixed("alive", "ZSET node_id|incarnation -> lease expiry (Redis server ms): node liveness.")
+    frontends = _Fixed("frontends", "ZSET frontend_id -> lease expiry (Redis server ms): frontend liveness.")
+    heartbeat = _PerId("hb", "HASH of a node's incarnation, last load change and load report (operators).")
+    epoch = _Fixed("epoch", "STRING: random, set once per data set; a new value means Redis lost its data.")
+    # dispatch
+    bookings = _Fixed("bookings", "ZSET of bookings kind|group|node|inc|req_id|attempt|amount -> expiry ms.")
+    # work, control and results
+    work = _PerId("work", "STREAM of msgpack WorkItems for one node.")
+    control = _PerId("ctl", "STREAM of msgpack CancelMessages for one node.")
+    results = _PerId("results", "STREAM of msgpack results (and node events) for one frontend.")
+    # records
+    log = _Fixed("log", "STREAM of request records (one entry carries the records of many requests).")
+    dead_letters = _Fixed("dead", "STREAM of undecodable payloads with source and reason.")
+    # security: no TTL; owner: the cluster (the first instance creates it with SET NX; an operator
+    # DELs it to rotate)
+    cluster_token = _Fixed(
+        "cluster_token", "STRING: random per-topic token authenticating P<->D connections."
+    )
 
-    @property
-    def alive(self) -> str:
-        """ZSET ``node_id|incarnation`` -> lease expiry (Redis server ms). Liveness of nodes."""
-        return self.prefix + "alive"
-
-    @property
-    def frontends(self) -> str:
-        """ZSET frontend_id -> lease expiry (Redis server ms). Liveness of frontends."""
-        return self.prefix + "frontends"
-
-    def heartbeat(self, node_id: str) -> str:
-        """HASH of the node's incarnation, last beat time and load report (operators, inspect)."""
-        return self.prefix + "hb:" + node_id
-
-    @property
-    def epoch(self) -> str:
-        """STRING: random value set once per data set; when it changes, Redis lost its data."""
-        return self.prefix + "epoch"
-
-    # --- dispatch --------------------------------------------------------------------------------
     def candidates(self, group: str, role_letter: str) -> str:
         """ZSET ``node_id|incarnation`` -> load score, one per compatibility group and role."""
         return self.prefix + "cand:" + group + ":" + role_letter
-
-    @property
-    def bookings(self) -> str:
-        """ZSET of individual bookings ``kind|group|node|inc|req_id|attempt|amount`` -> expiry ms."""
-        return self.prefix + "bookings"
-
-    # --- work, control and results ---------------------------------------------------------------
-    def work(self, node_id: str) -> str:
-        """STREAM of msgpack WorkItems for one node."""
-        return self.prefix + "work:" + node_id
-
-    def control(self, node_id: str) -> str:
-        """STREAM of msgpack CancelMessages for one node."""
-        return self.prefix + "ctl:" + node_id
-
-    def results(self, frontend_id: str) -> str:
-        """STREAM of msgpack result messages for one frontend."""
-        return self.prefix + "results:" + frontend_id
-
-    # --- records ------------------------------------------------------------------------------------
-    @property
-    def log(self) -> str:
-        """STREAM of request lifecycle records (one entry carries the records of many requests)."""
-        return self.prefix + "log"
-
-    @property
-    def dead_letters(self) -> str:
-        """STREAM of undecodable payloads with source and reason."""
-        return self.prefix + "dead"
-
-    # --- security ------------------------------------------------------------------------------------
-    @property
-    def cluster_token(self) -> str:
-        """STRING: random per-topic token authenticating P<->D control connections. No TTL; owner:
-        the cluster (the first instance creates it with SET NX; an operator DELs it to rotate)."""
-        return self.prefix + "cluster_token"
 
     # --- operators -------------------------------------------------------------------------------------
     def all_pattern(self) -> str:
