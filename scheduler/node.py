@@ -413,9 +413,8 @@ class NodeAgent:
 
     def _beat(self, client: redis.Redis) -> None:
         """Heartbeat thread: extend the lease, report load, read the leases of our requests' frontends."""
-        snap, info = self._snapshot, self.info
+        snap = self._snapshot
         first = self.heartbeater.num_beats == 0
-        unit = scripts.DECODE_BOOKING_UNIT if info.role == "decode" else 0
         refresh = self.heartbeater.num_beats % self._beats_per_refresh == 0
         measure = self.heartbeater.num_beats % TIME_EVERY_BEATS == 0
         flags = (
@@ -424,6 +423,34 @@ class NodeAgent:
             + ("t" if measure else "")
         )
         self._last_load_sent = snap.load
+        registered, expiry, measured = 0, 0, 0
+        if not flags:
+            # A steady beat is one command: extend the lease if the member is still there (XX CH
+            # answers 0 when it is gone: re-register through the script below).
+            expiry = self._server_clock.now_ms() + self.config.dead_after_ms
+            if not client.zadd(self.keys.alive, {self._member: expiry}, xx=True, ch=True):
+                flags = "t"
+        if flags:
+            registered, expiry, measured = self._full_beat(client, snap, flags)
+        leases = client.zmscore(self.keys.frontends, list(snap.frontend_ids)) if snap.frontend_ids else []
+        if int(measured):
+            self._server_clock.observe(int(measured))
+        server_now = int(expiry) - self.config.dead_after_ms
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(
+                self._on_beat,
+                bool(registered) and not first,
+                server_now,
+                dict(zip(snap.frontend_ids, leases, strict=True)),
+            )
+        except RuntimeError:  # the loop is closed: we are shutting down
+            pass
+
+    def _full_beat(self, client: redis.Redis, snap: _Snapshot, flags: str) -> tuple[int, int, int]:
+        """The HEARTBEAT script: (re-)registration, load report, stream trimming, TTLs, server time."""
+        info = self.info
+        unit = scripts.DECODE_BOOKING_UNIT if info.role == "decode" else 0
         fields = [v for pair in snap.load.to_fields().items() for v in pair]
         registered, expiry, measured = scripts.HEARTBEAT.call_sync(
             client,
@@ -450,20 +477,7 @@ class NodeAgent:
                 *fields,
             ],
         )
-        leases = client.zmscore(self.keys.frontends, list(snap.frontend_ids)) if snap.frontend_ids else []
-        if int(measured):
-            self._server_clock.observe(int(measured))
-        server_now = int(expiry) - self.config.dead_after_ms
-        assert self._loop is not None
-        try:
-            self._loop.call_soon_threadsafe(
-                self._on_beat,
-                bool(registered) and not first,
-                server_now,
-                dict(zip(snap.frontend_ids, leases, strict=True)),
-            )
-        except RuntimeError:  # the loop is closed: we are shutting down
-            pass
+        return int(registered), int(expiry), int(measured)
 
     def _on_beat(self, registered: bool, server_now_ms: int, leases: dict[str, float | None]) -> None:
         if registered:
