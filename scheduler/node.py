@@ -16,7 +16,6 @@ import asyncio
 import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 
 import redis
 import redis.asyncio as aioredis
@@ -41,6 +40,7 @@ from scheduler.messages import (
     encode,
 )
 from scheduler.metrics import Counters
+from scheduler.node_record import BeatSnapshot, HeldWork
 from scheduler.node_streams import NodeReader
 from scheduler.outbox import Outbox
 from scheduler.records import record_line
@@ -56,29 +56,6 @@ LoadProvider = Callable[[], LoadReport]
 TIME_EVERY_BEATS = 10
 # Events after which a disaggregated request's prompt tokens are no longer queued on its P.
 _PREFILL_DONE_EVENTS = frozenset({"transferred", "decoding"})
-
-
-@dataclass
-class HeldWork:
-    """One work item this node took: the node side's request record."""
-
-    item: WorkItem
-    state: NodeState = NodeState.RECEIVED
-    released: set[str] = field(default_factory=set)  # booking members this node already released
-
-    @property
-    def req_id(self) -> str:
-        return self.item.req_id
-
-
-@dataclass
-class _Snapshot:
-    """What the loop publishes for the heartbeat thread (replaced whole, never mutated)."""
-
-    load: LoadReport = field(default_factory=LoadReport)
-    frontend_ids: tuple[str, ...] = ()
-    last_work_id: str = ""
-    last_control_id: str = ""
 
 
 class NodeAgent:
@@ -103,7 +80,7 @@ class NodeAgent:
         self._cancelled: dict[str, int] = {}  # req_id -> highest cancelled attempt (bounded)
         self._cancel_queue: asyncio.Queue[CancelMessage] = asyncio.Queue(maxsize=10_000)
         self._tasks: list[asyncio.Task[None]] = []
-        self._snapshot = _Snapshot()
+        self._snapshot = BeatSnapshot()
         self._last_load_sent: LoadReport | None = None  # heartbeat thread only
         self._frontend_leases = LeaseWatch(grace_ms=config.dead_after_ms)
         self._server_clock = ServerClock(clock)  # written by the heartbeat thread only
@@ -150,7 +127,7 @@ class NodeAgent:
         await check_server(self._client, self.config)
         self._outbox = Outbox(self._client, self.keys, self.config, self._retrier)
         self._reader = NodeReader(self._client, self.keys, self.node_id, self.config, self.stats, self._clock)
-        self._snapshot = _Snapshot(load=self._load_provider())
+        self._snapshot = BeatSnapshot(load=self._load_provider())
         self._heartbeater = Heartbeater(
             f"node-heartbeat-{self.node_id}", self.config, self._retrier, self._beat
         )
@@ -404,7 +381,7 @@ class NodeAgent:
 
     def _publish_snapshot(self, *, load: LoadReport | None = None) -> None:
         reader = self._reader
-        self._snapshot = _Snapshot(
+        self._snapshot = BeatSnapshot(
             load=load or self._snapshot.load,
             frontend_ids=tuple(sorted({h.item.frontend_id for h in self._held.values()})),
             last_work_id=after_id(reader.last_work_id) if reader else "",
@@ -447,7 +424,7 @@ class NodeAgent:
         except RuntimeError:  # the loop is closed: we are shutting down
             pass
 
-    def _full_beat(self, client: redis.Redis, snap: _Snapshot, flags: str) -> tuple[int, int, int]:
+    def _full_beat(self, client: redis.Redis, snap: BeatSnapshot, flags: str) -> tuple[int, int, int]:
         """The HEARTBEAT script: (re-)registration, load report, stream trimming, TTLs, server time."""
         info = self.info
         unit = scripts.DECODE_BOOKING_UNIT if info.role == "decode" else 0

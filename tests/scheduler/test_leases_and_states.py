@@ -12,7 +12,7 @@ from scheduler.frontend_record import FrontendRecord
 from scheduler.lease import LeaseWatch, ServerClock
 from scheduler.messages import Assignment, SubmitRequest, WorkItem
 from scheduler.metrics import Counters
-from scheduler.node import HeldWork
+from scheduler.node_record import HeldWork
 from scheduler.retry import Retrier
 from scheduler.states import NODE_TRANSITIONS, FrontendState, NodeState, transition
 from scheduler.streams import ResultStream
