@@ -1,40 +1,51 @@
-"""Dispatch throughput and added latency of the Redis scheduler (a script, not a test).
+"""Scheduler at scale: the current scheduler and the one at a reference commit, side by side, on one
+real redis-server (a script, not a test).
 
-For 1, 4 and 16 frontends and 2 to 64 simulated nodes (half prefill, half decode; they answer
-instantly with one token), runs a closed loop of requests and prints requests/s and latency
-percentiles next to the raw Redis PING round trip measured in the same run:
+For each node count (default 2, 8, 32, 128, 512 simulated nodes: half prefill, half decode, many
+per process, answering each request instantly with one token) and each implementation, in
+interleaved rounds:
 
-    .venv/bin/python bench/scheduler_dispatch.py [--requests 400] [--inflight-per-frontend 8]
+  latency phase   one request in flight: dispatch p50/p99 (``submit()``: pick + book + enqueue)
+                  and 1-token round trip p50/p99 (submit -> terminal message)
+  throughput phase ``--inflight`` requests in flight from one frontend: dispatches/s
+  both phases     Redis commands per request (``INFO commandstats``, every command of every
+                  client, heartbeats included) and Redis CPU per request (``INFO cpu``)
 
-submit_ms: FrontendScheduler.submit() (pick + book + enqueue: 2 round trips).
-e2e_ms:    submit -> terminal message with an instant node, i.e. everything the scheduler adds
-           (dispatch, XREADGROUP wake-up, 2 results, ack) for a 1-token request.
-The simulated nodes run in one child process; frontends run in this process.
+    .venv/bin/python bench/scheduler_dispatch.py [--nodes 2,8,32,128,512] [--rounds 2]
+        [--reference c5d8111] [--requests 2000] [--inflight 32]
+
+The reference implementation is the ``scheduler`` package at ``--reference``, extracted with
+``git archive`` into a temporary directory at run time (never committed) and put first on the
+child processes' PYTHONPATH; ``splitwise`` (logging, codec) comes from this checkout for both.
+Every measurement runs in child processes: a node host per 64 nodes and one frontend driver.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+IMPL_ENV = "SPLITWISE_BENCH_IMPL_DIR"  # set in children: where `scheduler` is imported from
+NODES_PER_PROCESS = 64
 
-from scheduler.config import SchedulerConfig  # noqa: E402
-from scheduler.connection import make_client  # noqa: E402
-from scheduler.frontend import FrontendScheduler  # noqa: E402
-from scheduler.messages import Finished, SubmitRequest  # noqa: E402
-from scheduler.node import NodeAgent  # noqa: E402
-from scheduler.sim_node import SimBehavior, SimNode, make_node_info  # noqa: E402
-from splitwise.logging import configure_logging  # noqa: E402
-from splitwise.testing.redis_server import RedisServer  # noqa: E402
+
+def _import_path() -> None:
+    impl = os.environ.get(IMPL_ENV)
+    sys.path.insert(0, str(ROOT))
+    if impl:
+        sys.path.insert(0, impl)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -42,11 +53,17 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def serve_nodes(config: SchedulerConfig, num_nodes: int) -> None:
-    """Child process: num_nodes simulated nodes until SIGTERM."""
-    roles = ["prefill" if i % 2 == 0 else "decode" for i in range(num_nodes)]
+# --- children ------------------------------------------------------------------------------------
+async def serve_nodes(port: int, topic: str, first: int, count: int, total: int) -> None:
+    """Node host: ``count`` simulated nodes (ids first..first+count) until SIGTERM."""
+    from scheduler.config import SchedulerConfig
+    from scheduler.node import NodeAgent
+    from scheduler.sim_node import SimBehavior, SimNode, make_node_info
+
+    config = SchedulerConfig(scheduler_port=port, scheduler_topic=topic)
     sims = []
-    for i, role in enumerate(roles):
+    for i in range(first, first + count):
+        role = "prefill" if i % 2 == 0 else "decode"
         agent = NodeAgent(config)
         await agent.start(make_node_info(f"{role[0]}{i}", role))
         sims.append(SimNode(agent, SimBehavior(num_tokens=1)))
@@ -55,128 +72,264 @@ async def serve_nodes(config: SchedulerConfig, num_nodes: int) -> None:
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     await stop.wait()
-    await asyncio.gather(*(s.agent.close() for s in sims))
+    await asyncio.gather(*(s.agent.close() for s in sims), return_exceptions=True)
     for t in tasks:
         t.cancel()
 
 
-async def ping_rtt_ms(config: SchedulerConfig, n: int = 300) -> tuple[float, float]:
-    client = make_client(config)
-    samples = []
-    for _ in range(n):
-        start = time.perf_counter()
-        await client.ping()
-        samples.append((time.perf_counter() - start) * 1000)
-    await client.aclose()
-    return statistics.median(samples), pct(samples, 0.99)
+async def redis_counters(client: Any) -> tuple[int, float]:
+    """(total commands executed, Redis CPU seconds) so far."""
+    stats = await client.info("commandstats")
+    calls = sum(int(v["calls"]) for k, v in stats.items() if k.startswith("cmdstat_"))
+    cpu = await client.info("cpu")
+    return calls, float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"])
 
 
-async def run_case(
-    config: SchedulerConfig, num_frontends: int, total: int, inflight: int
-) -> dict[str, float]:
-    fes = [FrontendScheduler(config, model_id="sim-model") for _ in range(num_frontends)]
-    for fe in fes:
-        await fe.start()
-    submit_ms: list[float] = []
-    e2e_ms: list[float] = []
-    counter = iter(range(total))
+async def drive(port: int, topic: str, num_nodes: int, requests: int, inflight: int) -> dict[str, float]:
+    """Frontend driver: the latency phase, then the throughput phase; prints one JSON line."""
+    import redis.asyncio as aioredis
+
+    from scheduler.config import SchedulerConfig
+    from scheduler.frontend import FrontendScheduler
+    from scheduler.messages import Finished, SubmitRequest
+
+    config = SchedulerConfig(scheduler_port=port, scheduler_topic=topic)
+    probe = aioredis.Redis(port=port)
+    fe = FrontendScheduler(config, model_id="sim-model")
+    await fe.start()
+    # Both implementations keep their view in ``_view``; the old one refreshes with ``_refresh_view``.
+    refresh = getattr(fe, "_refresh_view", None) or fe._monitor.refresh_view
+    deadline = time.monotonic() + 60
+    while len(fe._view.nodes) < num_nodes and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+        await refresh()
+    seq = iter(range(10**9))
     failures = 0
 
-    async def worker(fe: FrontendScheduler) -> None:
+    async def one() -> tuple[float, float]:
         nonlocal failures
-        for i in counter:
-            start = time.perf_counter()
-            stream = await fe.submit(
-                SubmitRequest(req_id=f"b{i}", prompt_token_ids=[1] * 32, sampling_params={"max_tokens": 1})
+        start = time.perf_counter()
+        stream = await fe.submit(
+            SubmitRequest(
+                req_id=f"b{next(seq)}", prompt_token_ids=[1] * 32, sampling_params={"max_tokens": 1}
             )
-            submit_ms.append((time.perf_counter() - start) * 1000)
-            msgs = await stream.collect()
-            e2e_ms.append((time.perf_counter() - start) * 1000)
-            failures += not isinstance(msgs[-1], Finished)
+        )
+        dispatched = time.perf_counter()
+        msgs = await stream.collect()
+        failures += not isinstance(msgs[-1], Finished)
+        return (dispatched - start) * 1000, (time.perf_counter() - start) * 1000
+
+    for _ in range(50):  # warm-up: connections, scripts, caches
+        await one()
+    n_latency = max(100, requests // 8)
+    # Background: what heartbeats and idle reads cost per second with no request in flight.
+    idle0, t_idle0 = (await redis_counters(probe))[0], time.perf_counter()
+    await asyncio.sleep(2.0)
+    idle1, t_idle1 = (await redis_counters(probe))[0], time.perf_counter()
+    background_s = (idle1 - idle0 - 2) / (t_idle1 - t_idle0)
+    calls0, cpu0 = await redis_counters(probe)
+    t0 = time.perf_counter()
+    samples = [await one() for _ in range(n_latency)]
+    latency_s = time.perf_counter() - t0
+    calls1, cpu1 = await redis_counters(probe)
+
+    done: list[tuple[float, float]] = []
+    counter = iter(range(requests))
+
+    async def worker() -> None:
+        for _ in counter:
+            done.append(await one())
 
     start = time.perf_counter()
-    await asyncio.gather(*(worker(fe) for fe in fes for _ in range(inflight)))
+    await asyncio.gather(*(worker() for _ in range(inflight)))
     elapsed = time.perf_counter() - start
-    for fe in fes:
-        await fe.close()
+    calls2, cpu2 = await redis_counters(probe)
+    await fe.close()
+    await probe.aclose()
+    dispatch = [d for d, _ in samples]
+    rtt = [r for _, r in samples]
     return {
-        "req_s": total / elapsed,
-        "submit_p50": statistics.median(submit_ms),
-        "submit_p99": pct(submit_ms, 0.99),
-        "e2e_p50": statistics.median(e2e_ms),
-        "e2e_p99": pct(e2e_ms, 0.99),
+        "dispatch_p50": statistics.median(dispatch),
+        "dispatch_p99": pct(dispatch, 0.99),
+        "rtt_p50": statistics.median(rtt),
+        "rtt_p99": pct(rtt, 0.99),
+        "cmds_req_1": (calls1 - calls0 - 2) / n_latency,
+        "req_cmds_1": (calls1 - calls0 - 2 - background_s * latency_s) / n_latency,
+        "req_cmds_n": (calls2 - calls1 - 2 - background_s * elapsed) / requests,
+        "background_cmds_s": background_s,
+        "cpu_ms_req_1": (cpu1 - cpu0) * 1000 / n_latency,
+        "dispatch_s": requests / elapsed,
+        "cmds_req_n": (calls2 - calls1 - 2) / requests,
+        "cpu_ms_req_n": (cpu2 - cpu1) * 1000 / requests,
         "failures": failures,
     }
+
+
+# --- orchestrator ----------------------------------------------------------------------------------
+def extract_reference(commit: str, into: Path) -> Path:
+    """The ``scheduler`` package as it was at ``commit`` (git archive), under ``into``."""
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", commit, "scheduler"], check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
+def child(
+    impl_dir: Path | None, *args: str, stdout: Any = subprocess.PIPE, stderr: Any = subprocess.DEVNULL
+) -> subprocess.Popen[str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop(IMPL_ENV, None)
+    if impl_dir is not None:
+        env[IMPL_ENV] = str(impl_dir)
+    return subprocess.Popen(
+        [sys.executable, __file__, *args], stdout=stdout, stderr=stderr, text=True, env=env
+    )
+
+
+def run_case(
+    impl_dir: Path | None, port: int, topic: str, num_nodes: int, args: argparse.Namespace
+) -> dict[str, float]:
+    hosts = []
+    try:
+        for first in range(0, num_nodes, NODES_PER_PROCESS):
+            count = min(NODES_PER_PROCESS, num_nodes - first)
+            hosts.append(child(impl_dir, "--serve", str(port), topic, str(first), str(count), str(num_nodes)))
+        for host in hosts:
+            assert host.stdout is not None
+            line = host.stdout.readline().strip()
+            if line != "READY":
+                raise RuntimeError(f"node host did not start ({line!r})")
+        driver = child(
+            impl_dir,
+            "--drive",
+            str(port),
+            topic,
+            str(num_nodes),
+            str(args.requests),
+            str(args.inflight),
+            stderr=subprocess.PIPE,
+        )
+        out, err = driver.communicate(timeout=600)
+        lines = out.strip().splitlines()
+        if driver.returncode != 0 or not lines:
+            raise RuntimeError(f"driver failed ({driver.returncode}): {err[-2000:]}")
+        return dict(json.loads(lines[-1]))
+    finally:
+        for host in hosts:
+            host.send_signal(signal.SIGTERM)
+        for host in hosts:
+            try:
+                host.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                host.kill()
+                host.wait()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--requests", type=int, default=400, help="requests per case")
-    parser.add_argument("--inflight-per-frontend", type=int, default=8)
-    parser.add_argument("--frontends", default="1,4,16")
-    parser.add_argument("--nodes", default="2,8,64")
-    parser.add_argument("--serve-nodes", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--topic", help=argparse.SUPPRESS)
+    parser.add_argument("--nodes", default="2,8,32,128,512")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (old, new, old, new, ...)")
+    parser.add_argument("--reference", default="c5d8111", help="commit of the 'old' scheduler")
+    parser.add_argument("--requests", type=int, default=2000, help="requests in the throughput phase")
+    parser.add_argument("--inflight", type=int, default=32, help="requests in flight in the throughput phase")
+    parser.add_argument("--serve", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--drive", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    configure_logging("ERROR", json=True)
-    if args.serve_nodes:
-        config = SchedulerConfig(scheduler_port=args.port, scheduler_topic=args.topic, block_ms=500)
-        asyncio.run(serve_nodes(config, args.serve_nodes))
+    if args.serve or args.drive:
+        _import_path()
+        from splitwise.logging import configure_logging
+
+        configure_logging("ERROR", json=True)
+        if args.serve:
+            port, topic, first, count, total = args.serve
+            asyncio.run(serve_nodes(int(port), topic, int(first), int(count), int(total)))
+        else:
+            port, topic, num_nodes, requests, inflight = args.drive
+            print(
+                json.dumps(asyncio.run(drive(int(port), topic, int(num_nodes), int(requests), int(inflight))))
+            )
         return
 
+    sys.path.insert(0, str(ROOT))
+    from splitwise.testing.redis_server import RedisServer
+
+    tmp = Path(tempfile.mkdtemp(prefix="splitwise-bench-ref-"))
     server = RedisServer().start()
-    print(
-        f"redis-server {server.port}; {os.cpu_count()} CPUs; {args.requests} requests per case, "
-        f"{args.inflight_per_frontend} in flight per frontend; 1-token requests, instant simulated nodes"
-    )
-    print(
-        f"{'frontends':>9} {'nodes':>5} {'req/s':>8} {'submit p50':>10} {'p99':>7} {'e2e p50':>8} {'p99':>7} "
-        f"{'PING p50':>8} {'p99':>6}  (ms)"
+    subprocess.run(
+        ["redis-cli", "-p", str(server.port), "CONFIG", "SET", "maxclients", "20000"], capture_output=True
     )
     try:
-        for num_nodes in [int(n) for n in args.nodes.split(",")]:
-            for num_frontends in [int(f) for f in args.frontends.split(",")]:
-                topic = f"bench{num_nodes}x{num_frontends}"
-                config = SchedulerConfig(scheduler_port=server.port, scheduler_topic=topic, block_ms=500)
-                child = subprocess.Popen(
-                    [
-                        sys.executable,
-                        __file__,
-                        "--serve-nodes",
-                        str(num_nodes),
-                        "--port",
-                        str(server.port),
-                        "--topic",
-                        topic,
-                    ],
-                    stdout=subprocess.PIPE,
-                    text=True,
-                    stderr=subprocess.DEVNULL,
-                )
-                assert child.stdout is not None and child.stdout.readline().strip() == "READY"
-                try:
-                    ping = asyncio.run(ping_rtt_ms(config))
-                    r = asyncio.run(
-                        run_case(config, num_frontends, args.requests, args.inflight_per_frontend)
+        impls = {"old": extract_reference(args.reference, tmp), "new": None}
+        results: dict[tuple[str, int], list[dict[str, float]]] = {}
+        sizes = [int(n) for n in args.nodes.split(",")]
+        print(
+            f"redis-server {server.port}; {os.cpu_count()} CPUs; old = scheduler@{args.reference}, new = this "
+            f"checkout; {args.rounds} interleaved rounds; latency phase 1 in flight, throughput phase "
+            f"{args.requests} requests {args.inflight} in flight; 1-token requests, instant nodes",
+            flush=True,
+        )
+        for rnd in range(args.rounds):
+            for n in sizes:
+                order = ("old", "new") if rnd % 2 == 0 else ("new", "old")
+                for name in order:
+                    topic = f"b{name}{n}r{rnd}"
+                    r = run_case(impls[name], server.port, topic, n, args)
+                    results.setdefault((name, n), []).append(r)
+                    print(
+                        f"  round {rnd} {name:>3} {n:>4} nodes: {json.dumps({k: round(v, 3) for k, v in r.items()})}",
+                        flush=True,
                     )
-                finally:
-                    child.send_signal(signal.SIGTERM)
-                    try:
-                        child.wait(timeout=30)
-                    except subprocess.TimeoutExpired:
-                        child.kill()
-                        child.wait()
-                print(
-                    f"{num_frontends:>9} {num_nodes:>5} {r['req_s']:>8.0f} {r['submit_p50']:>10.2f} "
-                    f"{r['submit_p99']:>7.2f} {r['e2e_p50']:>8.2f} {r['e2e_p99']:>7.2f} {ping[0]:>8.3f} "
-                    f"{ping[1]:>6.3f}" + (f"  FAILURES {r['failures']}" if r["failures"] else ""),
-                    flush=True,
-                )
+        print_table(results, sizes)
     finally:
         server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+COLUMNS = (
+    ("dispatch p50 ms", "dispatch_p50", ".3f"),
+    ("p99", "dispatch_p99", ".3f"),
+    ("1-token RTT p50 ms", "rtt_p50", ".3f"),
+    ("p99", "rtt_p99", ".3f"),
+    ("dispatches/s", "dispatch_s", ".0f"),
+    ("cmds/req 1 in flight: all", "cmds_req_1", ".1f"),
+    ("requests only", "req_cmds_1", ".1f"),
+    ("cmds/req loaded: all", "cmds_req_n", ".1f"),
+    ("requests only", "req_cmds_n", ".1f"),
+    ("background cmds/s", "background_cmds_s", ".0f"),
+    ("Redis CPU ms/req (1)", "cpu_ms_req_1", ".3f"),
+    ("(loaded)", "cpu_ms_req_n", ".3f"),
+)
+
+
+def print_table(results: dict[tuple[str, int], list[dict[str, float]]], sizes: list[int]) -> None:
+    """Medians over the rounds. 'requests only' subtracts the background command rate (heartbeats,
+    idle blocking reads) measured in a 2 s window without requests, times the phase's duration."""
+
+    def med(name: str, n: int, key: str) -> float:
+        return statistics.median(r[key] for r in results[(name, n)])
+
+    print("\n| nodes | impl | " + " | ".join(title for title, _k, _f in COLUMNS) + " |")
+    print("|---:|---|" + "---:|" * len(COLUMNS))
+    for n in sizes:
+        for name in ("old", "new"):
+            cells = " | ".join(format(med(name, n, key), fmt) for _t, key, fmt in COLUMNS)
+            print(f"| {n} | {name} | {cells} |")
+    print("\nnew/old ratios (same run, medians):")
+    for n in sizes:
+        print(
+            f"  {n:>4} nodes: throughput x{med('new', n, 'dispatch_s') / med('old', n, 'dispatch_s'):.2f}, "
+            f"cmds/req (loaded, all) x{med('new', n, 'cmds_req_n') / med('old', n, 'cmds_req_n'):.2f}, "
+            f"dispatch p50 x{med('new', n, 'dispatch_p50') / med('old', n, 'dispatch_p50'):.2f}"
+        )
+    base = sizes[0]
+    for name in ("old", "new"):
+        print(
+            f"  {name}: dispatch p50 at {sizes[-1]} nodes / at {base} nodes = "
+            f"{med(name, sizes[-1], 'dispatch_p50') / med(name, base, 'dispatch_p50'):.2f}"
+        )
 
 
 if __name__ == "__main__":

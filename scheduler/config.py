@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
 
 import click
 
@@ -26,6 +27,10 @@ class SchedulerConfig:
     scheduler_ttl_s: float = 900.0
     scheduler_tls: bool = False
     scheduler_tls_ca_certs: str | None = None
+    # Redis deployment: one server (default), a Redis Cluster (any node as the seed), or Sentinels.
+    scheduler_cluster: bool = False
+    scheduler_sentinel: str | None = None  # "host:port,host:port"
+    scheduler_sentinel_service: str = "mymaster"
     heartbeat_interval_s: float = 1.0
     dead_after_missed: int = 3
     max_redispatch: int = 2
@@ -34,6 +39,8 @@ class SchedulerConfig:
     block_ms: int = 1000
     # Result/ctl streams are capped (approximately) so an absent reader cannot grow them unbounded.
     stream_maxlen: int = 100_000
+    # The request log ({t}:log) keeps about this many entries (each holds one or more requests).
+    log_maxlen: int = 100_000
 
     def __post_init__(self) -> None:
         if self.scheduler_name not in SCHEDULER_NAMES:
@@ -49,24 +56,42 @@ class SchedulerConfig:
             raise ValueError(
                 f"--scheduler-topic: {topic!r} must be non-empty without braces, colons, spaces or glob chars"
             )
-        if self.scheduler_ttl_s <= 0:
-            raise ValueError(f"--scheduler-ttl: must be > 0 seconds, got {self.scheduler_ttl_s}")
-        if self.heartbeat_interval_s <= 0:
-            raise ValueError(
-                f"--scheduler-heartbeat-interval: must be > 0 seconds, got {self.heartbeat_interval_s}"
-            )
-        if self.dead_after_missed < 1:
-            raise ValueError(f"--scheduler-dead-after-missed: must be >= 1, got {self.dead_after_missed}")
-        if self.max_redispatch < 0:
-            raise ValueError(f"--max-redispatch: must be >= 0, got {self.max_redispatch}")
-        if self.dead_letter_ttl_s <= 0:
-            raise ValueError(
-                f"--scheduler-dead-letter-ttl: must be > 0 seconds, got {self.dead_letter_ttl_s}"
-            )
-        if self.block_ms < 1:
-            raise ValueError(f"block_ms: must be >= 1, got {self.block_ms}")
+        # (flag, value, smallest allowed, strictly greater?)
+        bounds: list[tuple[str, float, float, bool]] = [
+            ("--scheduler-ttl", self.scheduler_ttl_s, 0, True),
+            ("--scheduler-heartbeat-interval", self.heartbeat_interval_s, 0, True),
+            ("--scheduler-dead-after-missed", self.dead_after_missed, 1, False),
+            ("--max-redispatch", self.max_redispatch, 0, False),
+            ("--scheduler-dead-letter-ttl", self.dead_letter_ttl_s, 0, True),
+            ("block_ms", self.block_ms, 1, False),
+        ]
+        for flag, value, low, strict in bounds:
+            if value < low or (strict and value == low):
+                raise ValueError(f"{flag}: must be {'>' if strict else '>='} {low}, got {value}")
         if self.scheduler_tls_ca_certs and not self.scheduler_tls:
             raise ValueError("--scheduler-tls-ca-certs: needs --scheduler-tls")
+        if self.scheduler_cluster and self.scheduler_sentinel:
+            raise ValueError("--scheduler-cluster and --scheduler-sentinel: choose one")
+        if self.scheduler_sentinel is not None:
+            self.sentinel_addresses()  # validates
+
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        """``--scheduler-sentinel host:port,host:port`` as a list; ValueError naming the flag."""
+        out = []
+        for part in (self.scheduler_sentinel or "").split(","):
+            host, _, port = part.strip().rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"--scheduler-sentinel: {part!r} is not host:port")
+            out.append((host, int(port)))
+        return out
+
+    @property
+    def where(self) -> str:
+        """Human-readable address for error messages."""
+        if self.scheduler_sentinel:
+            return f"sentinel {self.scheduler_sentinel} service {self.scheduler_sentinel_service}"
+        kind = "cluster seed " if self.scheduler_cluster else ""
+        return f"{kind}{self.scheduler_host}:{self.scheduler_port}"
 
     @property
     def ttl_ms(self) -> int:
@@ -97,10 +122,50 @@ class SchedulerConfig:
             "scheduler_heartbeat_interval": "heartbeat_interval_s",
             "scheduler_dead_after_missed": "dead_after_missed",
             "max_redispatch": "max_redispatch",
+            "scheduler_cluster": "scheduler_cluster",
+            "scheduler_sentinel": "scheduler_sentinel",
+            "scheduler_sentinel_service": "scheduler_sentinel_service",
         }
         kwargs = {field: options[opt] for opt, field in mapping.items() if options.get(opt) is not None}
+        if options.get("scheduler_url"):
+            kwargs.update(parse_scheduler_url(str(options["scheduler_url"])))
         kwargs.update(overrides)
         return cls(**kwargs)
+
+
+def parse_scheduler_url(url: str) -> dict[str, Any]:
+    """``redis://[:pw@]host:port[/db]``, ``rediss://...`` (TLS), ``redis+cluster://host:port`` or
+    ``redis+sentinel://[:pw@]h1:p1,h2:p2/service[/db]`` as SchedulerConfig fields."""
+    parts = urlsplit(url)
+    scheme = parts.scheme
+    if scheme not in ("redis", "rediss", "redis+cluster", "redis+sentinel"):
+        raise ValueError(
+            f"--scheduler-url: {url!r} must start with redis://, rediss://, redis+cluster:// or redis+sentinel://"
+        )
+    out: dict[str, Any] = {"scheduler_tls": scheme == "rediss"}
+    netloc = parts.netloc
+    if "@" in netloc:
+        auth, netloc = netloc.rsplit("@", 1)
+        password = unquote(auth.split(":", 1)[-1])
+        if password:
+            out["scheduler_password"] = password
+    path = [p for p in parts.path.split("/") if p]
+    if scheme == "redis+sentinel":
+        if not path:
+            raise ValueError(f"--scheduler-url: {url!r} names no sentinel service (…/mymaster)")
+        out["scheduler_sentinel"] = netloc
+        out["scheduler_sentinel_service"] = path.pop(0)
+    else:
+        host, _, port = netloc.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"--scheduler-url: {url!r} has no host:port")
+        out["scheduler_host"], out["scheduler_port"] = host.strip("[]"), int(port)
+        out["scheduler_cluster"] = scheme == "redis+cluster"
+    if path:
+        if not path[0].isdigit():
+            raise ValueError(f"--scheduler-url: database {path[0]!r} is not a number")
+        out["scheduler_db"] = int(path[0])
+    return out
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -131,12 +196,26 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--scheduler-tls/--no-scheduler-tls", {"default": False, "help": "Connect to Redis over TLS."}),
     ("--scheduler-tls-ca-certs", {"default": None, "help": "CA bundle for --scheduler-tls."}),
     (
+        "--scheduler-url",
+        {
+            "default": None,
+            "help": "redis://h:p/db, rediss://, redis+cluster://h:p or redis+sentinel://h:p,h:p/service "
+            "(overrides host/port/db/cluster/sentinel).",
+        },
+    ),
+    (
+        "--scheduler-cluster/--no-scheduler-cluster",
+        {"default": False, "help": "Redis Cluster: --scheduler-host/port is any node of it."},
+    ),
+    ("--scheduler-sentinel", {"default": None, "help": "Sentinels host:port,host:port (Redis Sentinel)."}),
+    ("--scheduler-sentinel-service", {"default": "mymaster", "help": "Sentinel master name."}),
+    (
         "--scheduler-heartbeat-interval",
-        {"type": float, "default": 1.0, "help": "Node heartbeat period, seconds."},
+        {"type": float, "default": 1.0, "help": "Heartbeat period of nodes and frontends, seconds."},
     ),
     (
         "--scheduler-dead-after-missed",
-        {"type": int, "default": 3, "help": "Missed heartbeats before a node is dead."},
+        {"type": int, "default": 3, "help": "Missed heartbeats before a lease lapses (node or frontend)."},
     ),
     ("--max-redispatch", {"type": int, "default": 2, "help": "Re-dispatches of a request after node loss."}),
 ]

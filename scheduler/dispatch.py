@@ -1,8 +1,9 @@
 """Choosing where a request runs: the pair (atomically booked in Redis) and the transfer protocol.
 
-The policy itself runs inside ``scripts.DISPATCH`` so that choosing and booking are one atomic step
-that every concurrent frontend sees at once. This module prepares its arguments, turns its answer
-into an ``Assignment`` and releases bookings.
+The policy runs inside ``scripts.DISPATCH`` so that choosing and booking are one atomic step that
+every concurrent frontend sees at once, at a cost independent of the number of nodes (a bounded
+sample of each role's least-loaded candidates). This module prepares its arguments, turns its
+answer into an ``Assignment`` and releases bookings.
 """
 
 from __future__ import annotations
@@ -10,14 +11,17 @@ from __future__ import annotations
 import random
 
 import redis.asyncio as aioredis
-from redis.asyncio.client import Pipeline
 
 from scheduler import scripts
 from scheduler.errors import NoCapacityError
 from scheduler.keys import KeySchema
 from scheduler.messages import Assignment, NodeInfo
+from scheduler.registry import CandidateGroup, split_member
+from scheduler.scripting import Batch
 
-_ROLE_LETTER = {"mixed": "m", "prefill": "p", "decode": "d"}
+# Candidates sampled per role and pick: ties among up to this many least-loaded nodes are broken
+# at random, and up to this many lapsed members are cleaned out per round.
+SAMPLE_SIZE = 8
 
 
 def choose_protocol(prefill: NodeInfo, decode: NodeInfo) -> str | None:
@@ -35,66 +39,113 @@ def choose_protocol(prefill: NodeInfo, decode: NodeInfo) -> str | None:
     return None
 
 
+def booking_key(keys: KeySchema, member: str) -> str:
+    """The candidate set a booking member was made on (``kind|group|...``)."""
+    kind, group, _rest = member.split("|", 2)
+    return keys.candidates(group, kind)
+
+
+def queue_release(batch: Batch, keys: KeySchema, members: list[str]) -> None:
+    """Queue one idempotent release of ``members`` (its reply: the amount released)."""
+    if members:
+        batch.script(scripts.RELEASE, [keys.bookings, *(booking_key(keys, m) for m in members)], members)
+
+
+def booking_members(
+    req_id: str, group: str, picked: tuple[str, str, str], *, prompt_tokens: int, attempt: int
+) -> list[str]:
+    """The booking members ``scripts.DISPATCH`` wrote for this pick (same format, rebuilt here)."""
+    mode, p_member, d_member = picked
+    tail = f"|{req_id}|{attempt}|"
+    if mode == "mixed":
+        return [f"m|{group}|{p_member}{tail}{prompt_tokens + 1}"]
+    return [
+        f"p|{group}|{p_member}{tail}{prompt_tokens}",
+        f"d|{group}|{d_member}{tail}{scripts.DECODE_BOOKING_UNIT}",
+    ]
+
+
 class Dispatcher:
-    """Runs the dispatch/release scripts for one topic."""
+    """Runs the dispatch script for one topic."""
 
     def __init__(self, client: aioredis.Redis, keys: KeySchema, *, rng: random.Random | None = None) -> None:
+        self._client = client
         self._keys = keys
         self._rng = rng or random.Random()
-        self._dispatch = client.register_script(scripts.DISPATCH)
-        self._release = client.register_script(scripts.RELEASE)
-
-    def _accounting_keys(self, req_id: str) -> list[str]:
-        k = self._keys
-        return [k.bookings, k.booked_prefill_tokens, k.booked_decode_requests, k.request(req_id)]
 
     async def pick(
         self,
         req_id: str,
-        candidates: list[NodeInfo],
+        group: CandidateGroup,
         *,
         prompt_tokens: int,
-        frontend_id: str,
         attempt: int,
         now_ms: int,
         expire_at_ms: int,
-        ttl_ms: int,
-    ) -> Assignment | None:
-        """Pick and book a pair among ``candidates`` (one compatibility group). None: nobody alive."""
-        if not candidates:
-            return None
-        keys = self._accounting_keys(req_id) + [self._keys.heartbeat(n.node_id) for n in candidates]
-        args: list[str | int] = [
-            now_ms,
-            expire_at_ms,
-            req_id,
-            prompt_tokens,
-            self._rng.randrange(len(candidates)),
-            frontend_id,
-            attempt,
-            ttl_ms,
-        ]
-        for node in candidates:
-            args += [node.node_id, _ROLE_LETTER[node.role]]
-        answer = await self._dispatch(keys=keys, args=args)
+    ) -> tuple[str, str, str] | None:
+        """Pick and book within one group: (mode, prefill member, decode member), None when nobody
+        live can take it."""
+        k = self._keys
+        answer = await scripts.DISPATCH.call(
+            self._client,
+            [
+                k.alive,
+                k.bookings,
+                k.candidates(group.group, "p"),
+                k.candidates(group.group, "d"),
+                k.candidates(group.group, "m"),
+            ],
+            [
+                now_ms,
+                expire_at_ms,
+                req_id,
+                attempt,
+                prompt_tokens,
+                group.roles,
+                SAMPLE_SIZE,
+                self._rng.randrange(1, 2147483646),
+                group.group,
+                scripts.DECODE_BOOKING_UNIT,
+            ],
+        )
         if not answer:
             return None
-        mode, p_id, p_inc, d_id, d_inc = (v.decode() for v in answer)
-        by_id = {n.node_id: n for n in candidates}
-        prefill, decode = by_id[p_id], by_id[d_id]
-        if mode == "mixed":
-            return Assignment(
-                mode="mixed",
-                prefill_node_id=p_id,
-                decode_node_id=d_id,
-                prefill_host=prefill.host,
-                prefill_pd_comm_port=prefill.pd_comm_port,
-                prefill_incarnation=p_inc,
-                decode_incarnation=d_inc,
+        mode, p_member, d_member = (v.decode() for v in answer)
+        return mode, p_member, d_member
+
+    def assignment(
+        self,
+        req_id: str,
+        group: CandidateGroup,
+        picked: tuple[str, str, str],
+        *,
+        prompt_tokens: int,
+        attempt: int,
+        nodes: dict[str, NodeInfo],
+    ) -> Assignment:
+        """The Assignment for a pick (raises NoCapacityError when the pair shares no protocol)."""
+        mode, p_member, d_member = picked
+        (p_id, p_inc), (d_id, d_inc) = split_member(p_member), split_member(d_member)
+        bookings = booking_members(req_id, group.group, picked, prompt_tokens=prompt_tokens, attempt=attempt)
+        prefill, decode = nodes.get(p_id), nodes.get(d_id)
+        if prefill is None or decode is None:
+            raise NoCapacityError(
+                f"picked node {p_id}/{d_id} is not in this frontend's view yet", req_id=req_id
             )
+        common = {
+            "prefill_node_id": p_id,
+            "decode_node_id": d_id,
+            "prefill_host": prefill.host,
+            "prefill_pd_comm_port": prefill.pd_comm_port,
+            "prefill_incarnation": p_inc,
+            "decode_incarnation": d_inc,
+            "group": group.group,
+            "bookings": bookings,
+        }
+        if mode == "mixed":
+            return Assignment(mode="mixed", **common)  # type: ignore[arg-type]
         protocol = choose_protocol(prefill, decode)
         if protocol is None:
-            await self.release_all(req_id, now_ms=now_ms)
             raise NoCapacityError(
                 f"prefill {p_id} {prefill.transfer_protocols} and decode {d_id} {decode.transfer_protocols} "
                 "share no transfer protocol (--cache-transfer-protocol)",
@@ -102,33 +153,14 @@ class Dispatcher:
             )
         return Assignment(
             mode="disagg",
-            prefill_node_id=p_id,
-            decode_node_id=d_id,
             protocol=protocol,
             prefill_endpoint=prefill.transfer_endpoints.get(protocol, {}),
             decode_endpoint=decode.transfer_endpoints.get(protocol, {}),
-            prefill_host=prefill.host,
-            prefill_pd_comm_port=prefill.pd_comm_port,
-            prefill_incarnation=p_inc,
-            decode_incarnation=d_inc,
+            **common,  # type: ignore[arg-type]
         )
 
-    async def release(
-        self, req_id: str, kind: str, *, node_id: str = "", state: str = "", now_ms: int
-    ) -> int:
-        """Release the request's ``pbook`` or ``dbook`` booking (idempotent). Returns the amount released."""
-        return int(
-            await self._release(keys=self._accounting_keys(req_id), args=[kind, node_id, state, now_ms])
-        )
-
-    async def queue_release(
-        self, pipe: Pipeline, req_id: str, kind: str, *, node_id: str = "", state: str = "", now_ms: int
-    ) -> None:
-        """Queue the same release on a pipeline (its reply is the amount released)."""
-        await self._release(
-            keys=self._accounting_keys(req_id), args=[kind, node_id, state, now_ms], client=pipe
-        )
-
-    async def release_all(self, req_id: str, *, state: str = "", now_ms: int) -> None:
-        await self.release(req_id, "pbook", state=state, now_ms=now_ms)
-        await self.release(req_id, "dbook", now_ms=now_ms)
+    async def release(self, members: list[str]) -> int:
+        batch = Batch(self._client)
+        queue_release(batch, self._keys, members)
+        results = await batch.execute()
+        return int(results[0]) if results else 0

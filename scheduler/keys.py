@@ -2,20 +2,22 @@
 
 Every key is ``{<topic>}:<kind>[:<id>]``: the braces are a Redis Cluster hash tag, so one topic
 lives in one slot and our multi-key Lua scripts stay legal there. Ids are node ids, frontend ids
-and request ids; they must not contain ``{``, ``}`` or whitespace (checked by ``check_id``).
+and request ids; they must not contain ``{``, ``}``, ``|`` or whitespace (checked by ``check_id``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-
-# Consumer group on every node work stream; the node is its only consumer.
-WORK_GROUP = "node"
 
 # Keys (by ``KeySchema.classify`` kind) that deliberately have no TTL; each has a documented owner
 # (docs/redis-keys.md). Every other key under a topic must carry a TTL.
 OWNED_WITHOUT_TTL = frozenset({"cluster_token"})
+
+# Candidate-set roles: one sorted set per compatibility group and role letter.
+ROLE_LETTERS = {"prefill": "p", "decode": "d", "mixed": "m"}
 
 _BAD_ID = re.compile(r"[{}\s|]")
 
@@ -27,6 +29,36 @@ def check_id(kind: str, value: str) -> str:
     return value
 
 
+def group_id(model_id: str, kv_fields: tuple[object, ...]) -> str:
+    """A short stable name for one compatibility group (model id + KV geometry): nodes pair only
+    inside a group, and each group has its own candidate sets."""
+    text = "|".join([model_id, *(str(f) for f in kv_fields)])
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+class _Fixed:
+    """A key with a fixed name under the topic: ``schema.<attr>`` is ``{topic}:<name>``."""
+
+    def __init__(self, name: str, doc: str) -> None:
+        self.name = name
+        self.__doc__ = doc
+
+    def __get__(self, schema: KeySchema, owner: type | None = None) -> str:
+        return schema.prefix + self.name
+
+
+class _PerId:
+    """A family of keys, one per id: ``schema.<attr>(id)`` is ``{topic}:<kind>:<id>``."""
+
+    def __init__(self, kind: str, doc: str) -> None:
+        self.kind = kind
+        self.__doc__ = doc
+
+    def __get__(self, schema: KeySchema, owner: type | None = None) -> Callable[[str], str]:
+        head = schema.prefix + self.kind + ":"
+        return lambda ident: head + ident
+
+
 @dataclass(frozen=True)
 class KeySchema:
     topic: str
@@ -35,71 +67,32 @@ class KeySchema:
     def prefix(self) -> str:
         return "{" + self.topic + "}:"
 
-    # --- cluster membership -------------------------------------------------------------------
-    @property
-    def nodes(self) -> str:
-        """HASH node_id -> msgpack NodeInfo."""
-        return self.prefix + "nodes"
+    # membership and leases
+    nodes = _Fixed("nodes", "HASH node_id -> msgpack NodeInfo.")
+    alive = _Fixed("alive", "ZSET node_id|incarnation -> lease expiry (Redis server ms): node liveness.")
+    frontends = _Fixed("frontends", "ZSET frontend_id -> lease expiry (Redis server ms): frontend liveness.")
+    heartbeat = _PerId("hb", "HASH of a node's incarnation, last load change and load report (operators).")
+    epoch = _Fixed("epoch", "STRING: random, set once per data set; a new value means Redis lost its data.")
+    # dispatch
+    bookings = _Fixed("bookings", "ZSET of bookings kind|group|node|inc|req_id|attempt|amount -> expiry ms.")
+    # work, control and results
+    work = _PerId("work", "STREAM of msgpack WorkItems for one node.")
+    control = _PerId("ctl", "STREAM of msgpack CancelMessages for one node.")
+    results = _PerId("results", "STREAM of msgpack results (and node events) for one frontend.")
+    # records
+    log = _Fixed("log", "STREAM of request records (one entry carries the records of many requests).")
+    dead_letters = _Fixed("dead", "STREAM of undecodable payloads with source and reason.")
+    # security: no TTL; owner: the cluster (the first instance creates it with SET NX; an operator
+    # DELs it to rotate)
+    cluster_token = _Fixed(
+        "cluster_token", "STRING: random per-topic token authenticating P<->D connections."
+    )
 
-    def heartbeat(self, node_id: str) -> str:
-        """HASH of the node's incarnation, heartbeat time and load; PX = dead-after."""
-        return self.prefix + "hb:" + node_id
+    def candidates(self, group: str, role_letter: str) -> str:
+        """ZSET ``node_id|incarnation`` -> load score, one per compatibility group and role."""
+        return self.prefix + "cand:" + group + ":" + role_letter
 
-    def frontend_heartbeat(self, frontend_id: str) -> str:
-        """STRING (the frontend's start ms); PX = dead-after."""
-        return self.prefix + "fe:" + frontend_id
-
-    # --- work, control and results ------------------------------------------------------------
-    def work(self, node_id: str) -> str:
-        """STREAM of msgpack WorkItems for one node, consumer group ``node``."""
-        return self.prefix + "work:" + node_id
-
-    def control(self, node_id: str) -> str:
-        """STREAM of msgpack CancelMessages for one node."""
-        return self.prefix + "ctl:" + node_id
-
-    def results(self, frontend_id: str) -> str:
-        """STREAM of msgpack result messages for one frontend."""
-        return self.prefix + "results:" + frontend_id
-
-    # --- load accounting (see scripts.DISPATCH) -----------------------------------------------
-    @property
-    def bookings(self) -> str:
-        """ZSET member ``kind|node|req_id|amount`` score = expiry ms (bounds leaks)."""
-        return self.prefix + "bookings"
-
-    @property
-    def booked_prefill_tokens(self) -> str:
-        """HASH node_id -> prompt tokens dispatched to it and not yet prefilled."""
-        return self.prefix + "booked:prefill_tokens"
-
-    @property
-    def booked_decode_requests(self) -> str:
-        """HASH node_id -> requests dispatched to it and not yet acked."""
-        return self.prefix + "booked:decode_requests"
-
-    # --- per request ----------------------------------------------------------------------------
-    def request(self, req_id: str) -> str:
-        """HASH: state, frontend, attempt, nodes, bookings of one request; TTL = request TTL."""
-        return self.prefix + "req:" + req_id
-
-    def request_events(self, req_id: str) -> str:
-        """STREAM of lifecycle events (event, node, detail); TTL = request TTL."""
-        return self.prefix + "req:" + req_id + ":events"
-
-    # --- security -------------------------------------------------------------------------------
-    @property
-    def cluster_token(self) -> str:
-        """STRING: random per-topic token authenticating P<->D control connections. No TTL; owner:
-        the cluster (the first instance creates it with SET NX; an operator DELs it to rotate)."""
-        return self.prefix + "cluster_token"
-
-    # --- operators --------------------------------------------------------------------------------
-    @property
-    def dead_letters(self) -> str:
-        """STREAM of undecodable payloads with source and reason."""
-        return self.prefix + "dead"
-
+    # --- operators -------------------------------------------------------------------------------------
     def all_pattern(self) -> str:
         """SCAN MATCH pattern for every key of this topic (braces escaped for glob)."""
         return "\\{" + self.topic + "\\}:*"
@@ -109,21 +102,15 @@ class KeySchema:
         if not key.startswith(self.prefix):
             return None
         rest = key[len(self.prefix) :]
-        fixed = {
-            "nodes",
-            "cluster_token",
-            "bookings",
-            "booked:prefill_tokens",
-            "booked:decode_requests",
-            "dead",
-        }
+        fixed = {"nodes", "alive", "frontends", "epoch", "bookings", "log", "dead", "cluster_token"}
         if rest in fixed:
             return rest
         kind, _, ident = rest.partition(":")
         if not ident:
             return None
-        if kind == "req":
-            return "req:events" if ident.endswith(":events") else "req"
-        if kind in {"hb", "fe", "work", "ctl", "results"}:
+        if kind == "cand":
+            group, _, letter = ident.partition(":")
+            return "cand" if group and letter in ROLE_LETTERS.values() else None
+        if kind in {"hb", "work", "ctl", "results"}:
             return kind
         return None

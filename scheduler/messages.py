@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 from scheduler.errors import MessageDecodeError
 from splitwise.wire_codec import MessageCodec
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 ROLES = ("mixed", "prefill", "decode")
 PROTOCOLS = ("ipc", "rdma", "tcp")
 
@@ -102,10 +102,18 @@ class Assignment:
     prefill_pd_comm_port: int = 0
     prefill_incarnation: str = ""
     decode_incarnation: str = ""
+    # The compatibility group it was booked in and the booking members (scheduler.scripts): whoever
+    # ends the request releases exactly these.
+    group: str = ""
+    bookings: list[str] = field(default_factory=list)
 
     @property
     def node_ids(self) -> tuple[str, ...]:
         return (self.decode_node_id,) if self.mode == "mixed" else (self.prefill_node_id, self.decode_node_id)
+
+    def booking(self, kind: str) -> str | None:
+        """The booking member of ``kind`` ('p' prompt tokens on P, 'd' decode slot, 'm' mixed)."""
+        return next((b for b in self.bookings if b.startswith(kind + "|")), None)
 
 
 @dataclass(frozen=True)
@@ -164,19 +172,22 @@ class Failed:
 
 
 @dataclass(frozen=True)
-class Expired:
-    TYPE: ClassVar[str] = "expired"
+class _Ended:
+    """A terminal message that carries nothing but which request (and attempt) ended."""
+
     req_id: str
     attempt: int
     is_terminal: ClassVar[bool] = True
 
 
 @dataclass(frozen=True)
-class Cancelled:
+class Expired(_Ended):
+    TYPE: ClassVar[str] = "expired"
+
+
+@dataclass(frozen=True)
+class Cancelled(_Ended):
     TYPE: ClassVar[str] = "cancelled"
-    req_id: str
-    attempt: int
-    is_terminal: ClassVar[bool] = True
 
 
 @dataclass(frozen=True)
@@ -189,16 +200,33 @@ class CancelMessage:
     reason: str
 
 
+@dataclass(frozen=True)
+class NodeEvent:
+    """Node -> frontend, alongside results: one lifecycle event of a request (``received``,
+    ``decoding``, ...). The frontend writes the request's whole record to ``{t}:log`` when it ends."""
+
+    TYPE: ClassVar[str] = "event"
+    req_id: str
+    attempt: int
+    event: str
+    node: str
+    detail: str
+    ts_ms: int
+
+
 ResultMessage = TokenChunk | Finished | Failed | Expired | Cancelled
-Message = NodeInfo | WorkItem | TokenChunk | Finished | Failed | Expired | Cancelled | CancelMessage
+Message = (
+    NodeInfo | WorkItem | TokenChunk | Finished | Failed | Expired | Cancelled | CancelMessage | NodeEvent
+)
 CODEC = MessageCodec(
-    (NodeInfo, WorkItem, TokenChunk, Finished, Failed, Expired, Cancelled, CancelMessage),
+    (NodeInfo, WorkItem, TokenChunk, Finished, Failed, Expired, Cancelled, CancelMessage, NodeEvent),
     schema_version=SCHEMA_VERSION,
     error=MessageDecodeError,
     tag_attr="TYPE",
     fields_key="f",
 )
 RESULT_TYPES = (TokenChunk, Finished, Failed, Expired, Cancelled)
+RESULTS_STREAM_TYPES = (*RESULT_TYPES, NodeEvent)
 
 
 @dataclass(frozen=True)

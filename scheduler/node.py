@@ -1,12 +1,13 @@
 """Node side: runs in every instance, next to the engine loop.
 
-  start(info) -> register + heartbeat loop (with the load provider) + control-stream loop
+  start(info) -> heartbeat thread (lease, load, frontend leases) + reader (work and control streams
+                 in one blocking XREAD) + a periodic task (load snapshot, records without a frontend)
   engine loop: next_work() -> run it -> publish() per token chunk -> terminal -> ack()
-  prefill node (disagg): after the prefill and KV send for a request -> release_prefill(req_id)
-  cancellations(): the CancelMessages for this node (client gone, expired, re-dispatched elsewhere)
+  cancellations(): CancelMessages for this node (client gone, expired, re-dispatched elsewhere, and
+                   ``frontend_lost`` when the accepting frontend's lease stayed lapsed for a lease)
 
-Work is taken with XREADGROUP, so it stays in the stream's pending list until ``ack``: a crash
-never loses it, and the originating frontend re-dispatches it (or fails it explicitly).
+Writes go through the ``Outbox`` (one pipeline per flush, shared by concurrent requests). A node
+that crashes loses nothing the cluster needs: its frontends re-dispatch what it held.
 """
 
 from __future__ import annotations
@@ -14,54 +15,47 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import uuid
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from typing import TypeVar
+from collections.abc import AsyncIterator, Callable
 
+import redis
 import redis.asyncio as aioredis
-from redis.asyncio.client import Pipeline
-from redis.exceptions import ResponseError
 
 from scheduler import scripts
-from scheduler.clock import SYSTEM_CLOCK, Clock, ExponentialBackoff
+from scheduler.clock import SYSTEM_CLOCK, Clock
 from scheduler.config import SchedulerConfig
-from scheduler.connection import REDIS_DOWN_ERRORS, StreamEntry, check_server, make_client, stream_entries
-from scheduler.dispatch import Dispatcher
-from scheduler.errors import (
-    MessageDecodeError,
-    SchedulerClosedError,
-    SchedulerConnectionError,
-    UnknownRequestError,
-)
-from scheduler.keys import WORK_GROUP, KeySchema, check_id
+from scheduler.connection import after_id, check_server, make_client
+from scheduler.errors import SchedulerClosedError, UnknownRequestError
+from scheduler.heartbeat import Heartbeater
+from scheduler.keys import ROLE_LETTERS, KeySchema, check_id, group_id
+from scheduler.lease import LeaseWatch, ServerClock
 from scheduler.messages import (
     CancelMessage,
     Expired,
     Failed,
     LoadReport,
+    NodeEvent,
     NodeInfo,
     ResultMessage,
     WorkItem,
-    decode,
     encode,
 )
 from scheduler.metrics import Counters
-from scheduler.records import add_dead_letter, add_event
-from scheduler.tasks import stop_tasks
+from scheduler.node_record import BeatSnapshot, HeldWork
+from scheduler.node_streams import NodeReader
+from scheduler.outbox import Outbox
+from scheduler.records import record_line
+from scheduler.retry import Retrier
+from scheduler.states import NODE_TRANSITIONS, NodeState, transition
 from splitwise.logging import get_logger
 
 log = get_logger("scheduler.node")
 
 LoadProvider = Callable[[], LoadReport]
-T = TypeVar("T")
-
-
-@dataclass
-class _Held:
-    entry_id: bytes
-    item: WorkItem
-    terminal_sent: bool = False
+# The heartbeat reads the server clock (TIME) on every this-many beats; in between, the lease is
+# computed from the local clock plus the measured offset (drift over a few seconds is negligible).
+TIME_EVERY_BEATS = 10
+# Events after which a disaggregated request's prompt tokens are no longer queued on its P.
+_PREFILL_DONE_EVENTS = frozenset({"transferred", "decoding"})
 
 
 class NodeAgent:
@@ -77,29 +71,46 @@ class NodeAgent:
         self.stats = Counters()
         self._load_provider = load_provider or LoadReport
         self._clock = clock
+        self._retrier = Retrier(clock, self.stats)
         self._client: aioredis.Redis | None = None
         self._info: NodeInfo | None = None
         self._info_payload = b""
-        self._held: dict[tuple[str, int], _Held] = {}  # (req_id, attempt): a node may hold two attempts
-        self._cancelled: dict[str, int] = {}  # req_id -> highest cancelled attempt (bounded, see _remember)
+        self._member = ""
+        self._held: dict[tuple[str, int], HeldWork] = {}  # (req_id, attempt): a node may hold two attempts
+        self._cancelled: dict[str, int] = {}  # req_id -> highest cancelled attempt (bounded)
         self._cancel_queue: asyncio.Queue[CancelMessage] = asyncio.Queue(maxsize=10_000)
         self._tasks: list[asyncio.Task[None]] = []
-        self._read_pending = True  # first read drains entries delivered to an earlier incarnation
-        self._unread: deque[StreamEntry] = deque()
-        self._events: list[tuple[str, str, str, str, int]] = []  # lifecycle events not yet written
+        self._snapshot = BeatSnapshot()
+        self._last_load_sent: LoadReport | None = None  # heartbeat thread only
+        self._frontend_leases = LeaseWatch(grace_ms=config.dead_after_ms)
+        self._server_clock = ServerClock(clock)  # written by the heartbeat thread only
+        self._beats_per_refresh = max(1, int(config.scheduler_ttl_s / (10 * config.heartbeat_interval_s)))
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._outbox: Outbox | None = None
+        self._reader: NodeReader | None = None
+        self._heartbeater: Heartbeater | None = None
 
     @property
     def node_id(self) -> str:
-        if self._info is None:
-            raise SchedulerClosedError("node agent is not started")
-        return self._info.node_id
+        return self.info.node_id
 
     @property
     def info(self) -> NodeInfo:
         if self._info is None:
             raise SchedulerClosedError("node agent is not started")
         return self._info
+
+    @property
+    def heartbeater(self) -> Heartbeater:
+        assert self._heartbeater is not None, "node agent is not started"
+        return self._heartbeater
+
+    def _candidates_key(self) -> str:
+        info = self.info
+        return self.keys.candidates(
+            group_id(info.model_id, dataclasses.astuple(info.kv)), ROLE_LETTERS[info.role]
+        )
 
     # --- lifecycle ------------------------------------------------------------------------------------
     async def start(self, node_info: NodeInfo) -> None:
@@ -110,109 +121,93 @@ class NodeAgent:
             node_info, incarnation=uuid.uuid4().hex[:16], started_ms=self._clock.time_ms()
         )
         self._info_payload = encode(self._info)
+        self._member = f"{self._info.node_id}|{self._info.incarnation}"
+        self._loop = asyncio.get_running_loop()
         self._client = make_client(self.config)
         await check_server(self._client, self.config)
-        self._heartbeat_script = self._client.register_script(scripts.HEARTBEAT)
-        self._deregister_script = self._client.register_script(scripts.DEREGISTER)
-        self._dispatcher = Dispatcher(self._client, self.keys)
-        await self._heartbeat()
+        self._outbox = Outbox(self._client, self.keys, self.config, self._retrier)
+        self._reader = NodeReader(self._client, self.keys, self.node_id, self.config, self.stats, self._clock)
+        self._snapshot = BeatSnapshot(load=self._load_provider())
+        self._heartbeater = Heartbeater(
+            f"node-heartbeat-{self.node_id}", self.config, self._retrier, self._beat
+        )
+        await self._heartbeater.start()
         self._tasks = [
-            asyncio.create_task(self._heartbeat_loop(), name="node-heartbeat"),
-            asyncio.create_task(self._control_loop(), name="node-control"),
+            asyncio.create_task(
+                self._retrier.loop("node_reader", self._read_once, running=self._running), name="node-reader"
+            ),
+            asyncio.create_task(
+                self._retrier.loop("node_periodic", self._periodic_once, running=self._running),
+                name="node-periodic",
+            ),
         ]
         log.info(
-            "node_registered",
-            node_id=self._info.node_id,
-            role=self._info.role,
-            incarnation=self._info.incarnation,
+            "node_registered", node_id=self.node_id, role=self._info.role, incarnation=self._info.incarnation
         )
 
+    def _running(self) -> bool:
+        return not self._closed
+
     async def close(self) -> None:
-        """Deregister at once (frontends re-dispatch what we held) and disconnect."""
+        """End the lease at once (frontends re-dispatch what we held) and disconnect."""
+        if self._closed:
+            return
         self._closed = True
-        await stop_tasks(
-            self._tasks, grace_s=self.config.block_ms / 1000 + self.config.heartbeat_interval_s + 1
-        )
+        from scheduler.tasks import stop_tasks
+
+        # The reader blocks for long idle reads: cancel it at once (the client is closed right after).
+        await stop_tasks(self._tasks, grace_s=0.0)
+        if self._heartbeater is not None:
+            await self._heartbeater.stop()
         if self._client is not None and self._info is not None:
             try:
-                await self._flush_events()
-                await self._deregister_script(
-                    keys=[self.keys.nodes, self.keys.heartbeat(self._info.node_id)],
-                    args=[self._info.node_id, self._info.incarnation],
+                if self._outbox is not None and self._outbox.has_pending:
+                    await self._outbox.flush()
+                await scripts.DEREGISTER.call(
+                    self._client,
+                    [
+                        self.keys.nodes,
+                        self.keys.alive,
+                        self._candidates_key(),
+                        self.keys.heartbeat(self.node_id),
+                    ],
+                    [self.node_id, self._member, self._info.incarnation],
                 )
-            except REDIS_DOWN_ERRORS as exc:
+            except Exception as exc:  # noqa: BLE001 - best effort: the lease lapses anyway
                 log.warning("deregister_failed", error=str(exc))
             await self._client.aclose()
         self._client = None
+        if self._reader is not None:
+            self._reader.close()
 
-    # --- work -----------------------------------------------------------------------------------------------
+    # --- work -------------------------------------------------------------------------------------------
     async def next_work(self) -> WorkItem:
         """Block until a runnable WorkItem arrives. Poison payloads go to the dead letters; items for an
         earlier incarnation, cancelled or expired ones are dropped (an expired one is answered
-        ``expired``). Survives Redis outages (backs off and retries). Raises SchedulerClosedError."""
-        backoff = ExponentialBackoff()
+        ``expired``). Survives Redis outages. Raises SchedulerClosedError."""
+        if self._reader is None:
+            raise SchedulerClosedError("node agent is not started")
         while not self._closed:
-            while self._unread:  # entries already taken from Redis (in our pending list)
-                entry_id, fields = self._unread.popleft()
-                item = await self._accept(entry_id, fields)
-                if item is not None:
-                    return item
-            try:
-                self._unread.extend(await self._read_work())
-                backoff.reset()
-            except REDIS_DOWN_ERRORS as exc:
-                self.stats.inc("redis_errors")
-                log.warning("work_read_failed", error=str(exc))
-                await self._clock.sleep(backoff.next_delay_s())
-                continue
-            except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                self.stats.inc("work_group_missing")  # Redis restarted: re-register, which recreates it
-                await self._heartbeat_quietly()
-                await self._clock.sleep(backoff.next_delay_s())
-                continue
+            item = await self._reader.next_item()
+            if item is None:
+                break
+            if self._accept(item):
+                return item
         raise SchedulerClosedError("node agent closed")
 
-    async def _read_work(self) -> list[StreamEntry]:
-        assert self._client is not None
-        key = self.keys.work(self.node_id)
-        start = "0" if self._read_pending else ">"
-        answer = await self._client.xreadgroup(
-            WORK_GROUP,
-            self.node_id,
-            {key: start},
-            count=16,
-            block=None if self._read_pending else self.config.block_ms,
-        )
-        entries = stream_entries(answer)
-        if self._read_pending and not entries:
-            self._read_pending = False
-        return entries
-
-    async def _accept(self, entry_id: bytes, fields: dict[bytes, bytes] | None) -> WorkItem | None:
-        payload = (fields or {}).get(b"m")
-        if payload is None:  # deleted while pending (the frontend re-dispatched it)
-            await self._drop(entry_id)
-            return None
-        try:
-            item: WorkItem = decode(payload, WorkItem)
-        except MessageDecodeError as exc:
-            await self._dead_letter("work:" + self.node_id, str(exc), payload)
-            await self._drop(entry_id)
-            return None
+    def _accept(self, item: WorkItem) -> bool:
         reason = self._drop_reason(item)
         if reason is not None:
             self.stats.inc("dropped_" + reason)
             log.info("work_dropped", req_id=item.req_id, reason=reason, attempt=item.attempt)
             if reason == "expired":
-                await self._publish_quietly(item, Expired(req_id=item.req_id, attempt=item.attempt))
-            await self._drop(entry_id)
-            return None
-        self._held[(item.req_id, item.attempt)] = _Held(entry_id, item)
+                self._queue_result(item.frontend_id, Expired(req_id=item.req_id, attempt=item.attempt))
+            return False
+        self._held[(item.req_id, item.attempt)] = HeldWork(item)
         self.stats.inc("work_received")
-        await self.mark(item.req_id, "received", detail=f"attempt={item.attempt}")
-        return item
+        self._queue_event(item, "received", f"attempt={item.attempt}")
+        self._publish_snapshot()
+        return True
 
     def _drop_reason(self, item: WorkItem) -> str | None:
         if item.assignment.decode_incarnation != self.info.incarnation:
@@ -223,28 +218,20 @@ class NodeAgent:
             return "expired"
         return None
 
-    async def _drop(self, entry_id: bytes) -> None:
-        assert self._client is not None
-        key = self.keys.work(self.node_id)
-        pipe = self._client.pipeline(transaction=False)
-        pipe.xack(key, WORK_GROUP, entry_id)
-        pipe.xdel(key, entry_id)
-        await pipe.execute()
-
     async def ack(self, work: WorkItem) -> None:
-        """The request is done here (terminal published, or dropped after a cancel): remove it from the
-        work stream and release its decode booking (and prefill booking on a mixed node). One round trip."""
+        """The request is done here (terminal published, or dropped after a cancel): release its
+        bookings. Terminal, releases and ack leave in one pipeline."""
         held = self._held.pop((work.req_id, work.attempt), None)
         if held is None:
             raise UnknownRequestError(
                 f"ack of {work.req_id}, which this node does not hold", req_id=work.req_id
             )
-        if not held.terminal_sent and not self.is_cancelled(work.req_id, work.attempt):
+        if held.state in (NodeState.RECEIVED, NodeState.RUNNING):
             # Acked without an answer: tell the frontend (it re-dispatches) instead of leaving it to the TTL.
             self.stats.inc("acked_without_terminal")
             log.warning("acked_without_terminal", req_id=work.req_id, attempt=work.attempt)
-            await self._publish_quietly(
-                work,
+            self._queue_result(
+                work.frontend_id,
                 Failed(
                     req_id=work.req_id,
                     attempt=work.attempt,
@@ -253,256 +240,249 @@ class NodeAgent:
                     retryable=True,
                 ),
             )
-        now = self._clock.time_ms()
-        key = self.keys.work(self.node_id)
-
-        async def send() -> None:
-            assert self._client is not None
-            pipe = self._client.pipeline(transaction=False)
-            self._drain_events(pipe)
-            pipe.xack(key, WORK_GROUP, held.entry_id)
-            pipe.xdel(key, held.entry_id)
-            await self._dispatcher.queue_release(pipe, work.req_id, "dbook", node_id=self.node_id, now_ms=now)
-            if work.assignment.mode == "mixed":
-                await self._dispatcher.queue_release(
-                    pipe, work.req_id, "pbook", node_id=self.node_id, now_ms=now
-                )
-            await pipe.execute()
-
-        await self._with_retry("ack", send)
+        for member in work.assignment.bookings:
+            if member not in held.released:
+                self._queue_release(work, member)
+        self._publish_snapshot()
+        assert self._outbox is not None
+        await self._outbox.flush()
 
     async def release_prefill(self, req_id: str, *, prefill_node_id: str | None = None) -> int:
-        """Prefill (and KV send) of ``req_id`` is done: release its queued-prefill-token booking and
-        record ``prefilled`` (one round trip). Called by the prefill node (``prefill_node_id`` lets a
-        decode-side simulator release on its peer's behalf). Returns the tokens released (0 if already)."""
+        """Prefill (and KV send) of ``req_id`` is done. The booking is released by the decode node that
+        holds the request (when it marks ``transferred``/``decoding``, or acks); on the prefill node
+        this records ``prefilled`` (batched). Returns the prompt tokens released by this call."""
+        held = [h for (rid, _a), h in self._held.items() if rid == req_id]
         node = prefill_node_id or self.node_id
-        now = self._clock.time_ms()
-
-        async def send() -> int:
-            assert self._client is not None
-            pipe = self._client.pipeline(transaction=False)
-            await self._dispatcher.queue_release(
-                pipe, req_id, "pbook", node_id=node, state="prefilled", now_ms=now
-            )
-            add_event(pipe, self.keys, req_id, "prefilled", node=node, now_ms=now, ttl_ms=self.config.ttl_ms)
-            self._drain_events(pipe)
-            released, *_ = await pipe.execute()
-            return int(released or 0)
-
-        return await self._with_retry("release_prefill", send)
+        if not held:
+            self._queue_record(req_id, record_line(self._clock.time_ms(), "prefilled", node, ""))
+            return 0
+        member = held[-1].item.assignment.booking("p")
+        if member is None or member in held[-1].released:
+            return 0
+        held[-1].released.add(member)
+        self._queue_release(held[-1].item, member)
+        assert self._outbox is not None
+        await self._outbox.flush()
+        return int(member.rsplit("|", 1)[1])
 
     # --- results and lifecycle records ---------------------------------------------------------------
     async def publish(self, result: ResultMessage, *, frontend_id: str | None = None) -> None:
-        """Send a result to the frontend that submitted the request (from the held WorkItem unless
-        ``frontend_id`` is given). Retries through Redis blips for up to the dead-after time, then raises
-        SchedulerConnectionError: the frontend will have re-dispatched by then, so drop the request."""
-        fe = frontend_id or self._held_item(result.req_id, result.attempt).frontend_id
-        key = self.keys.results(fe)
-
-        async def send() -> None:
-            assert self._client is not None
-            pipe = self._client.pipeline(transaction=False)
-            self._drain_events(pipe)
-            pipe.xadd(key, {"m": encode(result)}, maxlen=self.config.stream_maxlen, approximate=True)
-            pipe.pexpire(key, self.config.ttl_ms)
-            await pipe.execute()
-
-        await self._with_retry("publish", send)
+        """Send a result to the frontend that submitted the request. A token chunk is queued behind at
+        most one flush in flight (``Outbox.send_soon``; a flush that failed after retrying through
+        blips for the dead-after time raises SchedulerConnectionError here: the frontend will have
+        re-dispatched by then); a terminal message is queued and leaves with the ``ack`` that must
+        follow it."""
         held = self._held.get((result.req_id, result.attempt))
-        if held is not None and result.is_terminal:
-            held.terminal_sent = True
+        if frontend_id is None:
+            if held is None:
+                raise UnknownRequestError(
+                    f"{result.req_id} attempt {result.attempt} is not held by this node; pass frontend_id",
+                    req_id=result.req_id,
+                )
+            frontend_id = held.item.frontend_id
+        self._queue_result(frontend_id, result)
         if result.is_terminal:
+            if held is not None:
+                transition(held, NodeState.ANSWERED, NODE_TRANSITIONS, self.stats, why="terminal published")
             self.stats.inc("published_" + result.TYPE)
+            return
+        assert self._outbox is not None
+        await self._outbox.send_soon()
 
     async def mark(self, req_id: str, event: str, *, detail: str = "", node: str | None = None) -> None:
-        """Record a lifecycle event (prefilled, transferred, decoding, ...). No I/O here: events ride
-        along with this node's next publish/ack/release pipeline (or heartbeat), in order. Never raises."""
-        if self._info is None:
+        """Record a lifecycle event (prefilled, transferred, decoding, ...). No I/O here: it rides with
+        this node's next write for the request. Never raises."""
+        if self._info is None or self._outbox is None:
             return
-        self._events.append((req_id, event, node or self._info.node_id, detail, self._clock.time_ms()))
-        if len(self._events) > 10_000:  # Redis away for long: keep the newest
-            del self._events[:1000]
-            self.stats.inc("events_dropped", 1000)
-
-    def _drain_events(self, pipe: Pipeline) -> None:
-        for req_id, event, node, detail, ts_ms in self._events:
-            add_event(
-                pipe,
-                self.keys,
-                req_id,
-                event,
-                node=node,
-                now_ms=ts_ms,
-                ttl_ms=self.config.ttl_ms,
-                detail=detail,
+        held = [h for (rid, _a), h in self._held.items() if rid == req_id]
+        if not held:
+            self._queue_record(
+                req_id, record_line(self._clock.time_ms(), event, node or self.node_id, detail)
             )
-        self._events.clear()
-
-    async def _flush_events(self) -> None:
-        if not self._events or self._client is None:
             return
-        pipe = self._client.pipeline(transaction=False)
-        self._drain_events(pipe)
-        await pipe.execute()
+        work = held[-1]
+        if event in _PREFILL_DONE_EVENTS and work.state is NodeState.RECEIVED:
+            transition(work, NodeState.RUNNING, NODE_TRANSITIONS, self.stats, why=event)
+            member = work.item.assignment.booking("p")
+            if member is not None and member not in work.released:
+                work.released.add(member)
+                self._queue_release(work.item, member)
+        self._queue_event(work.item, event, detail, node=node)
+
+    def _queue_result(self, frontend_id: str, result: ResultMessage | NodeEvent) -> None:
+        assert self._outbox is not None
+        self._outbox.put_result(frontend_id, encode(result))
+        if result.is_terminal if not isinstance(result, NodeEvent) else False:
+            self._outbox.schedule()
+
+    def _queue_event(self, item: WorkItem, event: str, detail: str, *, node: str | None = None) -> None:
+        self._queue_result(
+            item.frontend_id,
+            NodeEvent(
+                req_id=item.req_id,
+                attempt=item.attempt,
+                event=event,
+                node=node or self.node_id,
+                detail=detail,
+                ts_ms=self._clock.time_ms(),
+            ),
+        )
+
+    def _queue_release(self, item: WorkItem, member: str) -> None:
+        assert self._outbox is not None
+        self._outbox.put_release(member, self.keys.candidates(item.assignment.group, member[0]))
+
+    def _queue_record(self, req_id: str, line: str) -> None:
+        assert self._outbox is not None
+        self._outbox.put_record(req_id, line)
 
     def holds(self, req_id: str) -> bool:
         return any(key[0] == req_id for key in self._held)
 
-    def _held_item(self, req_id: str, attempt: int) -> WorkItem:
-        held = self._held.get((req_id, attempt))
-        if held is None:
-            raise UnknownRequestError(
-                f"{req_id} attempt {attempt} is not held by this node; pass frontend_id", req_id=req_id
-            )
-        return held.item
-
-    async def _publish_quietly(self, item: WorkItem, result: ResultMessage) -> None:
-        try:
-            await self.publish(result, frontend_id=item.frontend_id)
-        except SchedulerConnectionError as exc:
-            log.warning("publish_failed", req_id=item.req_id, error=str(exc))
-
     # --- cancellations --------------------------------------------------------------------------------
     async def cancellations(self) -> AsyncIterator[CancelMessage]:
-        """Every CancelMessage sent to this node (for requests it runs, as D or as P). One consumer."""
+        """Every CancelMessage for this node (for requests it runs, as D or as P). One consumer."""
         while not self._closed:
             yield await self._cancel_queue.get()
 
     def is_cancelled(self, req_id: str, attempt: int) -> bool:
         return self._cancelled.get(req_id, -1) >= attempt
 
-    async def _control_loop(self) -> None:
-        backoff = ExponentialBackoff()
-        key = self.keys.control(self.node_id)
-        last_id: bytes | str = "0-0"
-        while not self._closed:
-            try:
-                assert self._client is not None
-                answer = await self._client.xread({key: last_id}, count=256, block=self.config.block_ms)
-                entries = stream_entries(answer)
-                for entry_id, fields in entries:
-                    await self._on_control(fields.get(b"m", b""))
-                    last_id = entry_id
-                if entries:
-                    await self._client.xtrim(key, minid=last_id)
-                backoff.reset()
-            except asyncio.CancelledError:
-                raise
-            except REDIS_DOWN_ERRORS as exc:
-                self.stats.inc("redis_errors")
-                log.warning("control_read_failed", error=str(exc))
-                last_id = "0-0"  # a restarted Redis numbers entries afresh
-                await self._clock.sleep(backoff.next_delay_s())
-            except Exception:
-                self.stats.inc("control_loop_errors")
-                log.exception("control_loop_error")
-                await self._clock.sleep(backoff.next_delay_s())
-
-    async def _on_control(self, payload: bytes) -> None:
-        try:
-            msg: CancelMessage = decode(payload, CancelMessage)
-        except MessageDecodeError as exc:
-            await self._dead_letter("ctl:" + self.node_id, str(exc), payload)
-            return
-        self._remember_cancel(msg)
-        self.stats.inc("cancels_received")
+    def _cancel(self, msg: CancelMessage, *, state: NodeState = NodeState.CANCELLED) -> None:
+        self._cancelled[msg.req_id] = max(msg.attempt, self._cancelled.get(msg.req_id, -1))
+        while len(self._cancelled) > 100_000:  # oldest first (dict order): the map stays bounded
+            self._cancelled.pop(next(iter(self._cancelled)))
+        for (rid, attempt), held in self._held.items():
+            if (
+                rid == msg.req_id
+                and attempt <= msg.attempt
+                and held.state in (NodeState.RECEIVED, NodeState.RUNNING)
+            ):
+                transition(held, state, NODE_TRANSITIONS, self.stats, why=msg.reason)
         try:
             self._cancel_queue.put_nowait(msg)
         except asyncio.QueueFull:
             self.stats.inc("cancel_queue_full")
             log.error("cancel_queue_full", req_id=msg.req_id)
 
-    def _remember_cancel(self, msg: CancelMessage) -> None:
-        self._cancelled[msg.req_id] = max(msg.attempt, self._cancelled.get(msg.req_id, -1))
-        while len(self._cancelled) > 100_000:  # oldest first (dict order): the set stays bounded
-            self._cancelled.pop(next(iter(self._cancelled)))
+    # --- background: reader, periodic, heartbeat -----------------------------------------------------
+    async def _read_once(self) -> None:
+        assert self._reader is not None
+        for msg in await self._reader.read_once():
+            self.stats.inc("cancels_received")
+            self._cancel(msg)
+        self._publish_snapshot()
 
-    # --- heartbeat ------------------------------------------------------------------------------------
-    async def _heartbeat(self) -> None:
-        assert self._client is not None and self._info is not None
-        load = self._load_provider()
-        fields: list[str | int] = [v for pair in load.to_fields().items() for v in pair]
-        node_id = self._info.node_id
-        registered = await self._heartbeat_script(
-            keys=[
+    async def _periodic_once(self) -> None:
+        await self._clock.sleep(self.config.heartbeat_interval_s)
+        self._publish_snapshot(load=self._load_provider())
+        if self._outbox is not None and self._outbox.has_pending:
+            await self._outbox.flush()  # records of requests this node does not hold (a P's)
+
+    def _publish_snapshot(self, *, load: LoadReport | None = None) -> None:
+        reader = self._reader
+        self._snapshot = BeatSnapshot(
+            load=load or self._snapshot.load,
+            frontend_ids=tuple(sorted({h.item.frontend_id for h in self._held.values()})),
+            last_work_id=after_id(reader.last_work_id) if reader else "",
+            last_control_id=after_id(reader.last_control_id) if reader else "",
+        )
+
+    def _beat(self, client: redis.Redis) -> None:
+        """Heartbeat thread: extend the lease, report load, read the leases of our requests' frontends."""
+        snap = self._snapshot
+        first = self.heartbeater.num_beats == 0
+        refresh = self.heartbeater.num_beats % self._beats_per_refresh == 0
+        measure = self.heartbeater.num_beats % TIME_EVERY_BEATS == 0
+        flags = (
+            ("r" if refresh else "")
+            + ("l" if snap.load != self._last_load_sent else "")
+            + ("t" if measure else "")
+        )
+        self._last_load_sent = snap.load
+        registered, expiry, measured = 0, 0, 0
+        if not flags:
+            # A steady beat is one command: extend the lease if the member is still there (XX CH
+            # answers 0 when it is gone: re-register through the script below).
+            expiry = self._server_clock.now_ms() + self.config.dead_after_ms
+            if not client.zadd(self.keys.alive, {self._member: expiry}, xx=True, ch=True):
+                flags = "t"
+        if flags:
+            registered, expiry, measured = self._full_beat(client, snap, flags)
+        leases = client.zmscore(self.keys.frontends, list(snap.frontend_ids)) if snap.frontend_ids else []
+        if int(measured):
+            self._server_clock.observe(int(measured))
+        server_now = int(expiry) - self.config.dead_after_ms
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(
+                self._on_beat,
+                bool(registered) and not first,
+                server_now,
+                dict(zip(snap.frontend_ids, leases, strict=True)),
+            )
+        except RuntimeError:  # the loop is closed: we are shutting down
+            pass
+
+    def _full_beat(self, client: redis.Redis, snap: BeatSnapshot, flags: str) -> tuple[int, int, int]:
+        """The HEARTBEAT script: (re-)registration, load report, stream trimming, TTLs, server time."""
+        info = self.info
+        unit = scripts.DECODE_BOOKING_UNIT if info.role == "decode" else 0
+        fields = [v for pair in snap.load.to_fields().items() for v in pair]
+        registered, expiry, measured = scripts.HEARTBEAT.call_sync(
+            client,
+            [
                 self.keys.nodes,
-                self.keys.heartbeat(node_id),
-                self.keys.work(node_id),
-                self.keys.control(node_id),
+                self.keys.alive,
+                self._candidates_key(),
+                self.keys.heartbeat(info.node_id),
+                self.keys.work(info.node_id),
+                self.keys.control(info.node_id),
             ],
-            args=[
-                node_id,
+            [
+                info.node_id,
+                self._member,
                 self._info_payload,
-                self._info.incarnation,
-                self._clock.time_ms(),
                 self.config.dead_after_ms,
                 self.config.ttl_ms,
-                WORK_GROUP,
+                flags,
+                unit,
+                snap.load.free_kv_blocks,
+                snap.last_work_id,
+                snap.last_control_id,
+                self._server_clock.now_ms(),
                 *fields,
             ],
         )
-        if registered and self._tasks:
+        return int(registered), int(expiry), int(measured)
+
+    def _on_beat(self, registered: bool, server_now_ms: int, leases: dict[str, float | None]) -> None:
+        if registered:
             self.stats.inc("reregistered")
-            log.warning("node_reregistered", node_id=node_id)
+            log.warning("node_reregistered", node_id=self.node_id)
+        self._frontend_leases.retain(set(leases))
+        for frontend_id, expiry in leases.items():
+            if self._frontend_leases.observe(
+                frontend_id, expiry_ms=int(expiry) if expiry is not None else None, now_ms=server_now_ms
+            ):
+                self._abort_orphans(frontend_id)
 
-    async def _heartbeat_quietly(self) -> None:
-        try:
-            await self._heartbeat()
-        except REDIS_DOWN_ERRORS as exc:
-            self.stats.inc("redis_errors")
-            log.warning("heartbeat_failed", error=str(exc))
-
-    async def _heartbeat_loop(self) -> None:
-        backoff = ExponentialBackoff(cap_s=self.config.heartbeat_interval_s)
-        while not self._closed:
-            try:
-                await self._clock.sleep(self.config.heartbeat_interval_s)
-                if not self._closed:
-                    await self._heartbeat()
-                    await self._flush_events()
-                backoff.reset()
-            except asyncio.CancelledError:
-                raise
-            except REDIS_DOWN_ERRORS as exc:
-                self.stats.inc("redis_errors")
-                log.warning("heartbeat_failed", error=str(exc))
-                await self._clock.sleep(backoff.next_delay_s())
-            except Exception:
-                self.stats.inc("heartbeat_loop_errors")
-                log.exception("heartbeat_loop_error")
-                await self._clock.sleep(backoff.next_delay_s())
-
-    # --- helpers ------------------------------------------------------------------------------------------
-    async def _with_retry(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
-        """Run ``op()`` through Redis blips for up to the dead-after time, then raise
-        SchedulerConnectionError (by then the frontend treats this node as gone and re-dispatches)."""
-        backoff = ExponentialBackoff()
-        give_up_at = self._clock.monotonic() + self.config.dead_after_ms / 1000
-        while True:
-            try:
-                return await op()
-            except REDIS_DOWN_ERRORS as exc:
-                self.stats.inc("redis_errors")
-                if self._clock.monotonic() >= give_up_at:
-                    raise SchedulerConnectionError(f"{what}: Redis unavailable: {exc}") from None
-                log.warning("redis_retry", op=what, error=str(exc))
-                await self._clock.sleep(backoff.next_delay_s())
-
-    async def _dead_letter(self, source: str, reason: str, payload: bytes) -> None:
-        self.stats.inc("dead_letters")
-        log.error("dead_letter", source=source, reason=reason, size_bytes=len(payload))
-        assert self._client is not None
-        pipe = self._client.pipeline(transaction=False)
-        add_dead_letter(
-            pipe,
-            self.keys,
-            source=source,
-            reason=reason,
-            payload=payload,
-            now_ms=self._clock.time_ms(),
-            ttl_ms=self.config.dead_letter_ttl_ms,
-        )
-        try:
-            await pipe.execute()
-        except REDIS_DOWN_ERRORS as exc:
-            log.warning("dead_letter_write_failed", error=str(exc))
+    def _abort_orphans(self, frontend_id: str) -> None:
+        """The frontend that accepted these requests is dead: nobody will read their results."""
+        for held in list(self._held.values()):
+            if held.item.frontend_id != frontend_id or held.state not in (
+                NodeState.RECEIVED,
+                NodeState.RUNNING,
+            ):
+                continue
+            item = held.item
+            self.stats.inc("orphans_aborted")
+            log.warning("orphan_aborted", req_id=item.req_id, frontend_id=frontend_id)
+            self._queue_record(
+                item.req_id, record_line(self._clock.time_ms(), "orphaned", self.node_id, frontend_id)
+            )
+            self._cancel(
+                CancelMessage(req_id=item.req_id, attempt=item.attempt, reason="frontend_lost"),
+                state=NodeState.ORPHANED,
+            )
+        self._frontend_leases.forget(frontend_id)

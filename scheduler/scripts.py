@@ -1,152 +1,225 @@
 """Lua scripts: the atomic multi-key changes of the scheduler. Each header documents KEYS/ARGV/return.
 
-Load accounting lives in two hashes (booked prefill tokens and booked decode requests per node)
-plus one ZSET of the individual bookings, member ``kind|node|req_id|amount`` scored by expiry ms.
-A booking is released exactly once (ZREM decides), either by its owner (P after prefill, D on ack,
-the frontend on re-dispatch/cancel) or by the sweep at the start of every dispatch once its expiry
-passed, so a crashed releaser leaks load for at most the request TTL.
+Load lives in per-group, per-role candidate sorted sets (member ``node_id|incarnation``, score =
+load), so a pick reads a bounded sample of the least-loaded members whatever the cluster size.
+Liveness is one sorted set of leases (score = expiry in Redis server ms). Individual bookings are
+members ``kind|group|node|inc|req_id|attempt|amount`` of one ZSET scored by expiry ms. A booking is
+released exactly once (ZREM decides), by its owner or by the frontends' sweep once it expired, so a
+crashed releaser leaks load for at most the request TTL. Every key of one call shares the topic's
+hash tag (one Redis Cluster slot), and every key a script touches is passed in KEYS.
 """
 
 from __future__ import annotations
 
-# Shared Lua: release one booking member (returns the amount released, 0 if already gone).
-_RELEASE_MEMBER = """
-local function release_member(bookings, booked_p, booked_d, member)
-  if redis.call('ZREM', bookings, member) == 0 then return 0 end
-  local kind, node, _, amount = string.match(member, '^(%a)|([^|]+)|([^|]+)|(%d+)$')
-  if not kind then return 0 end
-  local hash = booked_d
-  if kind == 'p' then hash = booked_p end
-  local left = redis.call('HINCRBY', hash, node, -tonumber(amount))
-  if left <= 0 then redis.call('HDEL', hash, node) end
-  return tonumber(amount)
+from scheduler.scripting import LuaScript
+
+# Decode scores: booked requests in the high part, fewer free KV blocks in the low part, so the
+# least-booked node wins and, among equals, the one with the most free blocks.
+DECODE_BOOKING_UNIT = 1 << 20
+
+DISPATCH = LuaScript(
+    "dispatch",
+    """
+-- Pick the least-loaded live prefill/decode pair (or mixed node) of one compatibility group and
+-- book it, atomically, so every concurrent frontend sees the booking at once (no herd).
+-- KEYS[1] alive ZSET  KEYS[2] bookings ZSET
+-- KEYS[3] prefill candidates ZSET  KEYS[4] decode candidates ZSET  KEYS[5] mixed candidates ZSET
+-- ARGV[1] now (Redis server ms)  ARGV[2] booking expiry ms  ARGV[3] req_id  ARGV[4] attempt
+-- ARGV[5] prompt tokens  ARGV[6] roles present in the group ('p','d','m' letters)
+-- ARGV[7] sample size k  ARGV[8] random seed (tie-break)  ARGV[9] group id
+-- ARGV[10] decode booking unit
+-- Cost: one ZRANGE of k members per role present, one ZMSCORE, one ZADD, one ZADD INCR per booked
+-- node, whatever the number of nodes. Members whose lease lapsed are removed from their candidate
+-- set and the alive set (their next heartbeat re-registers them), so they are paid for once.
+-- Returns {} when no live pair or mixed node exists, else {mode, prefill member, decode member}.
+local alive, bookings = KEYS[1], KEYS[2]
+local now, expire_at, req_id, attempt = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
+local prompt, roles, k, seed, group = tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9]
+local unit = tonumber(ARGV[10])
+local sets = {p = KEYS[3], d = KEYS[4], m = KEYS[5]}
+local best = {}
+
+-- Park-Miller: products stay below 2^53, so Lua's doubles keep every bit.
+local function next_rand()
+  seed = (seed * 16807) % 2147483647
+  return seed
 end
-"""
 
-DISPATCH = (
-    _RELEASE_MEMBER
-    + """
--- Pick the least-loaded live prefill/decode pair (or mixed node) and book it, atomically, so every
--- concurrent frontend sees the booking at once (no herd onto the same node).
--- KEYS[1] bookings ZSET          KEYS[2] booked prefill tokens HASH
--- KEYS[3] booked decode reqs HASH KEYS[4] request HASH
--- KEYS[4+i] heartbeat HASH of candidate i (same order as the candidate ARGVs)
--- ARGV[1] now ms   ARGV[2] booking/request expiry ms   ARGV[3] req_id   ARGV[4] prompt tokens
--- ARGV[5] rotation offset (random tie-break)   ARGV[6] frontend id   ARGV[7] attempt
--- ARGV[8] TTL ms for the accounting keys
--- ARGV[9+2(i-1)] candidate i node id, ARGV[10+2(i-1)] its role: 'm' | 'p' | 'd'
--- Returns {} when no pair is alive, else {mode, prefill id, prefill incarnation, decode id, decode incarnation}
-local bookings, booked_p, booked_d, req = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local now, expire_at, req_id = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
-local prompt, offset = tonumber(ARGV[4]), tonumber(ARGV[5])
-
-local expired = redis.call('ZRANGEBYSCORE', bookings, '-inf', now, 'LIMIT', 0, 100)
-for _, member in ipairs(expired) do release_member(bookings, booked_p, booked_d, member) end
-
-local n = (#ARGV - 8) / 2
--- best prefill-only node by booked prompt tokens; best mixed node by booked tokens + requests
--- (its decode load matters too); best decode node by booked requests, then most free KV blocks.
-local best_p, best_p_score, best_m, best_m_score, best_m_p, best_d, best_d_score
-local inc = {}
-for step = 0, n - 1 do
-  local i = ((step + offset) % n) + 1
-  local node, role = ARGV[7 + 2 * i], ARGV[8 + 2 * i]
-  local hb = redis.call('HMGET', KEYS[4 + i], 'incarnation', 'free_kv_blocks')
-  if hb[1] then
-    inc[node] = hb[1]
-    local p = tonumber(redis.call('HGET', booked_p, node) or '0')
-    local d = tonumber(redis.call('HGET', booked_d, node) or '0')
-    if role == 'p' and (not best_p_score or p < best_p_score) then best_p, best_p_score = node, p end
-    if role == 'm' and (not best_m_score or p + d < best_m_score) then
-      best_m, best_m_score, best_m_p = node, p + d, p
-    end
-    if role == 'd' then
-      local s = d * 1e9 - tonumber(hb[2] or '0')
-      if not best_d_score or s < best_d_score then best_d, best_d_score = node, s end
+while true do
+  local members, scores, owner = {}, {}, {}
+  for role in string.gmatch(roles, '%a') do
+    local sample = redis.call('ZRANGE', sets[role], 0, k - 1, 'WITHSCORES')
+    for i = 1, #sample, 2 do
+      local n = #members + 1
+      members[n], scores[n], owner[n] = sample[i], tonumber(sample[i + 1]), role
     end
   end
+  if #members == 0 then break end
+  local leases = redis.call('ZMSCORE', alive, unpack(members))
+  local dead = {}
+  best = {}
+  local ties = {}
+  for i, member in ipairs(members) do
+    local role, score = owner[i], scores[i]
+    if leases[i] and tonumber(leases[i]) > now then
+      local b = best[role]
+      if not b or score < b[2] then
+        best[role], ties[role] = {member, score}, 1
+      elseif score == b[2] then
+        ties[role] = ties[role] + 1
+        if next_rand() % ties[role] == 0 then best[role] = {member, score} end
+      end
+    else
+      dead[#dead + 1] = {role, member}
+    end
+  end
+  if #dead == 0 then break end
+  for _, d in ipairs(dead) do
+    redis.call('ZREM', sets[d[1]], d[2])
+    redis.call('ZREM', alive, d[2])
+  end
+  if best.m or (best.p and best.d) then break end
 end
 
 -- As in FastDeploy, mixed nodes compete with prefill nodes on queued prompt tokens; a mixed
 -- winner serves the request alone.
-local mode, p_node, d_node
-local has_pair = best_p ~= nil and best_d ~= nil
-if best_m and (not has_pair or best_m_p <= best_p_score) then
-  mode, p_node, d_node = 'mixed', best_m, best_m
-elseif has_pair then
-  mode, p_node, d_node = 'disagg', best_p, best_d
-else
-  return {}
+local tail = '|' .. req_id .. '|' .. attempt .. '|'
+if best.m and (not (best.p and best.d) or best.m[2] <= best.p[2]) then
+  local m = best.m[1]
+  redis.call('ZADD', bookings, expire_at, 'm|' .. group .. '|' .. m .. tail .. (prompt + 1))
+  redis.call('ZADD', sets.m, 'XX', 'INCR', prompt + 1, m)
+  return {'mixed', m, m}
 end
-
-local pmember = 'p|' .. p_node .. '|' .. req_id .. '|' .. prompt
-local dmember = 'd|' .. d_node .. '|' .. req_id .. '|1'
-redis.call('ZADD', bookings, expire_at, pmember, expire_at, dmember)
-redis.call('HINCRBY', booked_p, p_node, prompt)
-redis.call('HINCRBY', booked_d, d_node, 1)
-for _, key in ipairs({bookings, booked_p, booked_d}) do redis.call('PEXPIRE', key, ARGV[8]) end
-redis.call('HSET', req, 'frontend', ARGV[6], 'attempt', ARGV[7], 'mode', mode, 'prefill', p_node,
-  'decode', d_node, 'pbook', pmember, 'dbook', dmember, 'state', 'dispatched', 'prompt_tokens', prompt,
-  'updated_ms', now)
-redis.call('PEXPIREAT', req, expire_at + 60000)  -- history outlives the request by a minute
-return {mode, p_node, inc[p_node], d_node, inc[d_node]}
-"""
+if not (best.p and best.d) then return {} end
+local p, d = best.p[1], best.d[1]
+redis.call('ZADD', bookings, expire_at, 'p|' .. group .. '|' .. p .. tail .. prompt,
+  expire_at, 'd|' .. group .. '|' .. d .. tail .. unit)
+redis.call('ZADD', sets.p, 'XX', 'INCR', prompt, p)
+redis.call('ZADD', sets.d, 'XX', 'INCR', unit, d)
+return {'disagg', p, d}
+""",
 )
 
-RELEASE = (
-    _RELEASE_MEMBER
-    + """
--- Release one request's booking (idempotent).
--- KEYS[1] bookings ZSET  KEYS[2] booked prefill tokens HASH  KEYS[3] booked decode reqs HASH
--- KEYS[4] request HASH
--- ARGV[1] 'pbook' | 'dbook'   ARGV[2] node id that must own the booking ('' = any)
--- ARGV[3] new request state ('' = leave as is)   ARGV[4] now ms
--- Returns the amount released (prompt tokens or 1), 0 when there was nothing to release.
-local member = redis.call('HGET', KEYS[4], ARGV[1])
-if ARGV[3] ~= '' and redis.call('EXISTS', KEYS[4]) == 1 then
-  redis.call('HSET', KEYS[4], 'state', ARGV[3], 'updated_ms', ARGV[4])
+RELEASE = LuaScript(
+    "release",
+    """
+-- Release bookings (idempotent: only the call whose ZREM removes a member gives its load back).
+-- KEYS[1] bookings ZSET  KEYS[1+i] the candidate ZSET that booking i was made on
+-- ARGV[i] booking member i: kind|group|node|incarnation|req_id|attempt|amount
+-- Returns the total amount released. ZADD XX never re-creates a member whose node was removed.
+local released = 0
+for i, member in ipairs(ARGV) do
+  if redis.call('ZREM', KEYS[1], member) == 1 then
+    local node, inc, amount = string.match(member, '^%a|[^|]+|([^|]+)|([^|]+)|[^|]+|[^|]+|(%d+)$')
+    if node then
+      redis.call('ZADD', KEYS[1 + i], 'XX', 'INCR', -tonumber(amount), node .. '|' .. inc)
+      released = released + tonumber(amount)
+    end
+  end
 end
-if not member then return 0 end
-if ARGV[2] ~= '' then
-  local _, node = string.match(member, '^(%a)|([^|]+)|')
-  if node ~= ARGV[2] then return 0 end
-end
-redis.call('HDEL', KEYS[4], ARGV[1])
-return release_member(KEYS[1], KEYS[2], KEYS[3], member)
-"""
+return released
+""",
 )
 
-HEARTBEAT = """
--- A node's heartbeat: (re-)register when its info is missing (first start, Redis restart, reaped),
--- refresh liveness and load, make sure its work stream and consumer group exist, refresh TTLs.
--- KEYS[1] nodes HASH  KEYS[2] this node's heartbeat HASH  KEYS[3] its work STREAM  KEYS[4] its control STREAM
--- ARGV[1] node id  ARGV[2] msgpack NodeInfo  ARGV[3] incarnation  ARGV[4] now ms
--- ARGV[5] dead-after ms (heartbeat expiry)  ARGV[6] TTL ms of the other keys  ARGV[7] consumer group
--- ARGV[8..] load report as field, value pairs
--- Returns 1 when the node was (re-)registered by this call, else 0.
-local registered = 0
-if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then
-  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-  registered = 1
+HEARTBEAT = LuaScript(
+    "heartbeat",
+    """
+-- A node's heartbeat: extend its lease (Redis server time), (re-)register when the lease entry is
+-- missing (first start, Redis lost its data, a dispatcher removed it after a lapse), keep its
+-- decode score's free-block part current, record the load report.
+-- KEYS[1] nodes HASH  KEYS[2] alive ZSET  KEYS[3] its candidate ZSET  KEYS[4] its heartbeat HASH
+-- KEYS[5] its work STREAM  KEYS[6] its control STREAM
+-- ARGV[1] node id  ARGV[2] member (node|incarnation)  ARGV[3] msgpack NodeInfo  ARGV[4] lease ms
+-- ARGV[5] TTL ms of the long-lived keys  ARGV[6] flags: 'r' refresh those TTLs now, 'l' the load
+-- report changed, 't' read the server clock (TIME) instead of trusting ARGV[11]; a steady node's
+-- beat is then one ZADD
+-- ARGV[11] the node's estimate of server time ms (its offset is re-measured with 't' every few beats)
+-- ARGV[7] decode booking unit ('0' for prefill/mixed nodes)  ARGV[8] free KV blocks
+-- ARGV[9] id of the last work entry read  ARGV[10] id of the last control entry read ('' = none):
+-- older entries are trimmed here, once per beat, not per request
+-- ARGV[12..] load report as field, value pairs
+-- Returns {registered (1/0), lease expiry ms, server now ms (0 when not measured)}.
+local now, measured = tonumber(ARGV[11]), 0
+if string.find(ARGV[6], 't', 1, true) then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  measured = now
 end
-redis.call('HSET', KEYS[2], 'incarnation', ARGV[3], 'ts_ms', ARGV[4], unpack(ARGV, 8))
-redis.call('PEXPIRE', KEYS[2], ARGV[5])
-redis.pcall('XGROUP', 'CREATE', KEYS[3], ARGV[7], '0', 'MKSTREAM')
-redis.call('PEXPIRE', KEYS[1], ARGV[6])
-redis.call('PEXPIRE', KEYS[3], ARGV[6])
-if redis.call('EXISTS', KEYS[4]) == 1 then redis.call('PEXPIRE', KEYS[4], ARGV[6]) end
-return registered
-"""
+local expiry = now + tonumber(ARGV[4])
+local registered = redis.call('ZADD', KEYS[2], expiry, ARGV[2])
+local unit = tonumber(ARGV[7])
+local refresh = registered == 1 or string.find(ARGV[6], 'r', 1, true) ~= nil
+local load_changed = registered == 1 or string.find(ARGV[6], 'l', 1, true) ~= nil
+if registered == 1 then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+  redis.call('ZADD', KEYS[3], 'NX', 0, ARGV[2])
+  if redis.call('EXISTS', KEYS[5]) == 0 then
+    -- An empty stream (MAXLEN 0 trims the creating entry) so frontends may XADD NOMKSTREAM.
+    redis.call('XADD', KEYS[5], 'MAXLEN', '0', '*', 'created', now)
+  end
+end
+if unit > 0 and load_changed then
+  local score = tonumber(redis.call('ZSCORE', KEYS[3], ARGV[2]) or '0')
+  local booked = math.floor(score / unit)
+  local free = math.min(math.max(tonumber(ARGV[8]), 0), unit - 1)
+  redis.call('ZADD', KEYS[3], 'XX', booked * unit + (unit - 1 - free), ARGV[2])
+end
+if load_changed then
+  redis.call('HSET', KEYS[4], 'incarnation', string.match(ARGV[2], '|(.*)$'), 'ts_ms', now, unpack(ARGV, 12))
+end
+if ARGV[9] ~= '' and registered == 0 then redis.call('XTRIM', KEYS[5], 'MINID', ARGV[9]) end
+if ARGV[10] ~= '' and redis.call('EXISTS', KEYS[6]) == 1 then redis.call('XTRIM', KEYS[6], 'MINID', ARGV[10]) end
+if refresh then
+  for i = 1, 6 do
+    if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('PEXPIRE', KEYS[i], ARGV[5]) end
+  end
+end
+return {registered, expiry, measured}
+""",
+)
 
-DEREGISTER = """
--- Graceful node exit: forget the node now instead of waiting for its heartbeat to expire.
--- KEYS[1] nodes HASH  KEYS[2] heartbeat HASH
--- ARGV[1] node id  ARGV[2] incarnation (only that incarnation is removed)
--- Returns 1 when removed, 0 when another incarnation owns the id.
-if redis.call('HGET', KEYS[2], 'incarnation') ~= ARGV[2] and redis.call('EXISTS', KEYS[2]) == 1 then
-  return 0
+FRONTEND_BEAT = LuaScript(
+    "frontend_beat",
+    """
+-- A frontend's heartbeat: extend its lease, make sure its results stream and the bookings ZSET
+-- exist (writers never create them: XADD NOMKSTREAM / ZADD on an existing key), read server time.
+-- KEYS[1] frontends ZSET  KEYS[2] its results STREAM  KEYS[3] bookings ZSET  KEYS[4] epoch STRING
+-- KEYS[5] request log STREAM
+-- ARGV[1] frontend id  ARGV[2] lease ms  ARGV[3] TTL ms  ARGV[4] candidate epoch value
+-- ARGV[5] id of the last results entry read ('' = none): older entries are trimmed
+-- Returns {now ms, epoch value}.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+for _, stream in ipairs({KEYS[2], KEYS[5]}) do
+  if redis.call('EXISTS', stream) == 0 then
+    redis.call('XADD', stream, 'MAXLEN', '0', '*', 'created', now)
+  end
+  redis.call('PEXPIRE', stream, ARGV[3])
 end
-redis.call('DEL', KEYS[2])
+if ARGV[5] ~= '' then redis.call('XTRIM', KEYS[2], 'MINID', ARGV[5]) end
+-- '~' scored +inf is never swept: it keeps the ZSET in existence (and its TTL) while frontends live.
+redis.call('ZADD', KEYS[3], '+inf', '~')
+redis.call('PEXPIRE', KEYS[3], ARGV[3])
+redis.call('SET', KEYS[4], ARGV[4], 'NX')
+redis.call('PEXPIRE', KEYS[4], ARGV[3])
+return {now, redis.call('GET', KEYS[4])}
+""",
+)
+
+DEREGISTER = LuaScript(
+    "deregister",
+    """
+-- Graceful node exit: end the lease now instead of waiting for it to lapse.
+-- KEYS[1] nodes HASH  KEYS[2] alive ZSET  KEYS[3] its candidate ZSET  KEYS[4] its heartbeat HASH
+-- ARGV[1] node id  ARGV[2] member (node|incarnation)  ARGV[3] incarnation
+-- Returns 1 when the registration was removed, 0 when another incarnation owns the id.
+redis.call('ZREM', KEYS[2], ARGV[2])
+redis.call('ZREM', KEYS[3], ARGV[2])
+if redis.call('HGET', KEYS[4], 'incarnation') ~= ARGV[3] then return 0 end
 redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[4])
 return 1
-"""
+""",
+)

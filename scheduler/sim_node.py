@@ -75,8 +75,8 @@ class SimNode:
     async def serve(self, work: WorkItem) -> None:
         agent, b = self.agent, self.behavior
         try:
-            if work.assignment.mode == "disagg":
-                await agent.release_prefill(work.req_id, prefill_node_id=work.assignment.prefill_node_id)
+            if work.assignment.mode == "disagg":  # a real D learns this from P over pd-comm
+                await agent.mark(work.req_id, "prefilled", node=work.assignment.prefill_node_id)
                 await agent.mark(work.req_id, "transferred", detail=str(work.assignment.protocol))
             await agent.mark(work.req_id, "decoding")
             total = int(work.sampling_params.get("max_tokens", b.num_tokens))
@@ -150,21 +150,9 @@ def make_node_info(
     )
 
 
-def spawn_sim_node(
-    config: SchedulerConfig, node_id: str, role: str, *extra: str, ready_timeout_s: float = 30.0
-) -> subprocess.Popen[str]:
-    """Start ``python -m scheduler.sim_node`` as a real process (tests SIGKILL it) against
-    ``config``'s Redis and topic; returns once it printed ``READY <node_id>``, or kills it and
-    raises if it exits or stays silent for ``ready_timeout_s``."""
-    repo_root = str(Path(__file__).resolve().parents[1])
+def config_args(config: SchedulerConfig) -> list[str]:
+    """The command-line flags that rebuild ``config``'s Redis address, topic and lease."""
     args = [
-        sys.executable,
-        "-m",
-        "scheduler.sim_node",
-        "--node-id",
-        node_id,
-        "--role",
-        role,
         "--scheduler-host",
         config.scheduler_host,
         "--scheduler-port",
@@ -173,19 +161,55 @@ def spawn_sim_node(
         config.scheduler_topic,
         "--scheduler-heartbeat-interval",
         str(config.heartbeat_interval_s),
-        *extra,
+        "--scheduler-dead-after-missed",
+        str(config.dead_after_missed),
     ]
+    if config.scheduler_cluster:
+        args.append("--scheduler-cluster")
+    if config.scheduler_sentinel:
+        args += [
+            "--scheduler-sentinel",
+            config.scheduler_sentinel,
+            "--scheduler-sentinel-service",
+            config.scheduler_sentinel_service,
+        ]
+    return args
+
+
+def spawn_module(
+    module: str, args: list[str], ready: str, *, ready_timeout_s: float = 30.0
+) -> tuple[subprocess.Popen[str], str]:
+    """Start ``python -m module args`` as a real process; returns it once its first stdout line starts
+    with ``ready`` (with that line), or kills it and raises if it exits or stays silent."""
+    repo_root = str(Path(__file__).resolve().parents[1])
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=repo_root)
     proc = subprocess.Popen(
-        args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=repo_root
+        [sys.executable, "-m", module, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        cwd=repo_root,
     )
     assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], ready_timeout_s)
-    line = proc.stdout.readline() if ready else f"<nothing within {ready_timeout_s} s>"
-    if line.strip() != f"READY {node_id}":
+    readable, _, _ = select.select([proc.stdout], [], [], ready_timeout_s)
+    line = proc.stdout.readline() if readable else f"<nothing within {ready_timeout_s} s>"
+    if not line.startswith(ready):
         proc.kill()
         proc.wait()
-        raise SchedulerError(f"sim node {node_id} did not start: {line!r}")
+        raise SchedulerError(f"{module} did not start: {line!r}")
+    return proc, line.strip()
+
+
+def spawn_sim_node(
+    config: SchedulerConfig, node_id: str, role: str, *extra: str, ready_timeout_s: float = 30.0
+) -> subprocess.Popen[str]:
+    """Start ``python -m scheduler.sim_node`` as a real process (tests SIGKILL it) against
+    ``config``'s Redis and topic; returns once it printed ``READY <node_id>``."""
+    args = ["--node-id", node_id, "--role", role, *config_args(config), *extra]
+    proc, _line = spawn_module(
+        "scheduler.sim_node", args, f"READY {node_id}", ready_timeout_s=ready_timeout_s
+    )
     return proc
 
 

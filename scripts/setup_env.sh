@@ -15,6 +15,8 @@ command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 
 APT_PACKAGES=()
 command -v redis-server >/dev/null 2>&1 || APT_PACKAGES+=(redis-server)
+# redis-cli joins the test Redis Cluster (--cluster create); Sentinels run as `redis-server --sentinel`.
+command -v redis-cli >/dev/null 2>&1 || APT_PACKAGES+=(redis-tools)
 # The test suite makes TLS certificates for its TLS-Redis test.
 if [[ "$EXTRAS" == *test* ]] && ! command -v openssl >/dev/null 2>&1; then APT_PACKAGES+=(openssl); fi
 # The pyverbs offline tests (rdma-core's own bindings, Debian's build; no RDMA device needed to import).

@@ -58,6 +58,9 @@ class ClusterSpec:
     scheduler_host: str | None = None
     scheduler_port: int = 6379
     topic: str = "splitwise"
+    # Lease of every node and frontend: interval x missed beats (--scheduler-heartbeat-interval/-dead-after-missed).
+    heartbeat_interval_s: float = 1.0
+    dead_after_missed: int = 3
     threads_per_instance: int | None = None
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
@@ -71,6 +74,12 @@ class ClusterSpec:
             )
         if self.transfer not in ("ipc", "tcp", "rdma"):
             raise ValueError(f"--transfer: {self.transfer!r} is not one of ipc, tcp, rdma")
+        if self.heartbeat_interval_s <= 0:
+            raise ValueError(
+                f"--scheduler-heartbeat-interval: must be > 0 seconds, got {self.heartbeat_interval_s}"
+            )
+        if self.dead_after_missed < 1:
+            raise ValueError(f"--scheduler-dead-after-missed: must be >= 1, got {self.dead_after_missed}")
 
 
 class LocalCluster:
@@ -140,6 +149,10 @@ class LocalCluster:
             str(sport),
             "--scheduler-topic",
             self.spec.topic,
+            "--scheduler-heartbeat-interval",
+            str(self.spec.heartbeat_interval_s),
+            "--scheduler-dead-after-missed",
+            str(self.spec.dead_after_missed),
             "--cache-transfer-protocol",
             _protocols(self.spec.transfer),
             "--torch-threads",

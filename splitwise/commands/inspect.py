@@ -23,56 +23,64 @@ def _iso(ts_ms: int | str) -> str:
 
 
 async def _nodes(client: Any, keys: Any) -> list[dict[str, Any]]:
-    from scheduler.keys import WORK_GROUP
-    from scheduler.registry import read_cluster
+    from scheduler.errors import MessageDecodeError
+    from scheduler.messages import LoadReport, NodeInfo, decode
+    from scheduler.registry import booked_load, split_member
 
-    states, bad = await read_cluster(client, keys)
-    booked_p = {k.decode(): int(v) for k, v in (await client.hgetall(keys.booked_prefill_tokens)).items()}
-    booked_d = {k.decode(): int(v) for k, v in (await client.hgetall(keys.booked_decode_requests)).items()}
-    now_ms = int(time.time() * 1000)
+    leases: dict[str, tuple[str, int]] = {}
+    for member, score in await client.zrange(keys.alive, 0, -1, withscores=True):
+        node_id, incarnation = split_member(member)
+        if node_id not in leases or score > leases[node_id][1]:
+            leases[node_id] = (incarnation, int(score))
+    booked = await booked_load(client, keys)
+    server_s, server_us = await client.time()
+    now_ms = int(server_s) * 1000 + int(server_us) // 1000
     rows = []
-    for node_id, st in sorted(states.items()):
-        work_key = keys.work(node_id)
-        depth = await client.xlen(work_key)
-        pending = 0
-        if depth or await client.exists(work_key):
-            groups = await client.xinfo_groups(work_key)
-            pending = sum(int(g["pending"]) for g in groups if g["name"] in (WORK_GROUP, WORK_GROUP.encode()))
-        info = st.info
+    for node_id_b, payload in sorted((await client.hgetall(keys.nodes)).items()):
+        node_id = node_id_b.decode()
+        try:
+            info = decode(payload, NodeInfo)
+        except MessageDecodeError as exc:
+            rows.append({"node_id": node_id, "role": "?", "alive": False, "error": str(exc)})
+            continue
+        incarnation, expiry = leases.get(node_id, ("", 0))
+        hb = {k.decode(): v.decode() for k, v in (await client.hgetall(keys.heartbeat(node_id))).items()}
+        alive = incarnation == info.incarnation and expiry > now_ms
+        load = booked.get(node_id, {"prefill_tokens": 0, "decode_requests": 0})
         rows.append(
             {
                 "node_id": node_id,
                 "role": info.role,
-                "alive": st.alive,
+                "alive": alive,
                 "host": info.host,
                 "http_port": info.http_port,
                 "pd_comm_port": info.pd_comm_port,
                 "model_id": info.model_id,
                 "kv": dataclasses.asdict(info.kv),
                 "protocols": info.transfer_protocols,
-                "incarnation": st.incarnation,
-                "heartbeat_age_s": round((now_ms - st.heartbeat_ms) / 1000, 3) if st.alive else None,
-                "load": st.load.to_fields(),
-                "booked_prefill_tokens": booked_p.get(node_id, 0),
-                "booked_decode_requests": booked_d.get(node_id, 0),
-                "queue_depth": depth,
-                "queue_pending": pending,
+                "incarnation": info.incarnation,
+                "heartbeat_age_s": round((now_ms - int(hb.get("ts_ms", 0))) / 1000, 3) if alive else None,
+                "lease_left_s": round((expiry - now_ms) / 1000, 3) if alive else None,
+                "load": LoadReport.from_fields(hb).to_fields(),
+                "booked_prefill_tokens": load["prefill_tokens"],
+                "booked_decode_requests": load["decode_requests"],
+                "queue_depth": await client.xlen(keys.work(node_id)),
             }
         )
-    for node_id, reason in bad.items():
-        rows.append({"node_id": node_id, "role": "?", "alive": False, "error": reason})
     return rows
 
 
 async def _frontends(client: Any, keys: Any) -> list[dict[str, Any]]:
+    server_s, server_us = await client.time()
+    now_ms = int(server_s) * 1000 + int(server_us) // 1000
     rows = []
-    async for raw in client.scan_iter(match=keys.all_pattern()[:-1] + "fe:*", count=500):
-        frontend_id = raw.decode().rsplit(":", 1)[1]
-        inflight = await client.get(raw)
+    for raw, expiry in await client.zrange(keys.frontends, 0, -1, withscores=True):
+        frontend_id = raw.decode()
         rows.append(
             {
                 "frontend_id": frontend_id,
-                "inflight": int(inflight or 0),
+                "alive": expiry > now_ms,
+                "lease_left_s": round((expiry - now_ms) / 1000, 3),
                 "results_backlog": await client.xlen(keys.results(frontend_id)),
             }
         )
@@ -101,20 +109,18 @@ async def _dead_letters(client: Any, keys: Any, limit: int) -> dict[str, Any]:
 
 
 async def _request(client: Any, keys: Any, req_id: str) -> dict[str, Any] | None:
-    from scheduler.records import decode_fields
+    from scheduler.records import find_request
 
-    state = decode_fields(await client.hgetall(keys.request(req_id)))
-    events = [decode_fields(fields) for _id, fields in await client.xrange(keys.request_events(req_id))]
-    if not state and not events:
+    events = await find_request(client, keys, req_id)
+    if not events:
         return None
+    state: dict[str, str] = {"state": events[-1]["event"]}
     for event in events:
         event["time"] = _iso(event.get("ts_ms", 0))
-    return {
-        "req_id": req_id,
-        "state": state,
-        "ttl_s": max(0, await client.pttl(keys.request(req_id))) / 1000,
-        "events": events,
-    }
+        if event["event"] == "dispatched":
+            state.update(dict(part.split("=", 1) for part in event["detail"].split() if "=" in part))
+            state["prefill"], state["decode"] = state.pop("p", ""), state.pop("d", "")
+    return {"req_id": req_id, "state": state, "events": events}
 
 
 async def collect(config: SchedulerConfig, *, req_id: str | None, dead_letter_limit: int) -> dict[str, Any]:
@@ -124,15 +130,15 @@ async def collect(config: SchedulerConfig, *, req_id: str | None, dead_letter_li
     keys = KeySchema(config.scheduler_topic)
     client = make_client(config)
     try:
-        run_id = await check_server(client, config)
+        version = await check_server(client, config)
         start = time.perf_counter()
         await client.ping()
         ping_ms = (time.perf_counter() - start) * 1000
         report: dict[str, Any] = {
             "topic": config.scheduler_topic,
             "redis": {
-                "address": f"{config.scheduler_host}:{config.scheduler_port}",
-                "run_id": run_id,
+                "address": config.where,
+                "version": version,
                 "ping_ms": round(ping_ms, 3),
             },
         }
@@ -155,7 +161,7 @@ def _print_text(report: dict[str, Any]) -> None:
         return
     echo("\nNODES")
     header = (
-        f"{'node':<16} {'role':<8} {'alive':<5} {'hb_age_s':>8} {'queue':>5} {'pend':>4} "
+        f"{'node':<16} {'role':<8} {'alive':<5} {'hb_age_s':>8} {'queue':>5} {'lease_s':>7} "
         f"{'q_prefill_tok':>13} {'running':>7} {'free_blk':>8} {'waiting':>7} {'booked_p':>8} {'booked_d':>8}  model"
     )
     echo(header)
@@ -167,13 +173,16 @@ def _print_text(report: dict[str, Any]) -> None:
         age = "-" if n["heartbeat_age_s"] is None else f"{n['heartbeat_age_s']:.2f}"
         echo(
             f"{n['node_id']:<16} {n['role']:<8} {'yes' if n['alive'] else 'NO':<5} {age:>8} {n['queue_depth']:>5} "
-            f"{n['queue_pending']:>4} {load['queued_prefill_tokens']:>13} {load['running_requests']:>7} "
+            f"{n['lease_left_s'] or 0:>7} {load['queued_prefill_tokens']:>13} {load['running_requests']:>7} "
             f"{load['free_kv_blocks']:>8} {load['waiting_requests']:>7} {n['booked_prefill_tokens']:>8} "
             f"{n['booked_decode_requests']:>8}  {n['model_id']}"
         )
     echo("\nFRONTENDS")
     for f in report["frontends"]:
-        echo(f"{f['frontend_id']:<24} inflight {f['inflight']:>5}  results backlog {f['results_backlog']}")
+        alive = "alive" if f["alive"] else "LAPSED"
+        echo(
+            f"{f['frontend_id']:<24} {alive:<6} lease {f['lease_left_s']:>7} s  results backlog {f['results_backlog']}"
+        )
     dead = report["dead_letters"]
     echo(f"\nDEAD LETTERS ({dead['count']})")
     for d in dead["recent"]:
@@ -184,7 +193,7 @@ def _print_request(req: dict[str, Any] | None) -> None:
     if req is None:
         click.echo("no record of this request (never dispatched, or expired from Redis)")
         return
-    click.echo(f"request {req['req_id']}  (record expires in {req['ttl_s']:.0f} s)")
+    click.echo(f"request {req['req_id']}")
     for key, value in sorted(req["state"].items()):
         click.echo(f"  {key:<14} {value}")
     click.echo("lifecycle:")

@@ -55,6 +55,20 @@ from splitwise.commands.serve_flags import ServeCommand
 @click.option("--scheduler-port", type=click.IntRange(1, 65535), default=6379, show_default=True)
 @click.option("--scheduler-topic", default="splitwise", show_default=True)
 @click.option(
+    "--scheduler-heartbeat-interval",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Heartbeat period of every node and frontend, seconds.",
+)
+@click.option(
+    "--scheduler-dead-after-missed",
+    type=int,
+    default=3,
+    show_default=True,
+    help="Missed heartbeats before a lease lapses (node or frontend).",
+)
+@click.option(
     "--timeout",
     "timeout_s",
     type=click.FloatRange(min=1),
@@ -71,6 +85,8 @@ def up(
     scheduler_host: str | None,
     scheduler_port: int,
     scheduler_topic: str,
+    scheduler_heartbeat_interval: float,
+    scheduler_dead_after_missed: int,
     timeout_s: float,
 ) -> None:
     """Start a local cluster: redis-server, N prefill and M decode instances."""
@@ -84,6 +100,8 @@ def up(
             scheduler_host=scheduler_host,
             scheduler_port=scheduler_port,
             topic=scheduler_topic,
+            heartbeat_interval_s=scheduler_heartbeat_interval,
+            dead_after_missed=scheduler_dead_after_missed,
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None

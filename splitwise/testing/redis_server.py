@@ -34,6 +34,7 @@ class RedisServer:
     port: int = 0
     password: str | None = None
     process: subprocess.Popen[bytes] | None = None
+    extra_args: list[str] = field(default_factory=list)  # e.g. --cluster-enabled yes, --replicaof h p
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="splitwise-redis-")))
 
     @property
@@ -42,6 +43,18 @@ class RedisServer:
         return f"redis://{auth}{self.host}:{self.port}/0"
 
     def start(self, timeout_s: float = 10.0) -> RedisServer:
+        """Start and wait until it accepts connections. A port lost to another process between
+        ``free_port`` and the bind (the machine is shared) is retried on a fresh port."""
+        for attempt in range(3):
+            try:
+                return self._start_once(timeout_s)
+            except RedisServerError as exc:
+                if "Address already in use" not in str(exc) or attempt == 2:
+                    raise
+                self.port = free_port(self.host)
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout_s: float) -> RedisServer:
         exe = shutil.which("redis-server")
         if exe is None:
             raise RedisServerError(
@@ -66,6 +79,7 @@ class RedisServer:
         ]
         if self.password:
             args += ["--requirepass", self.password]
+        args += self.extra_args
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -74,9 +88,13 @@ class RedisServer:
                 raise RedisServerError(f"redis-server exited with {self.process.returncode}: {err.strip()}")
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.2):
-                    return self
+                    pass
             except OSError:
                 time.sleep(0.02)
+                continue
+            time.sleep(0.05)  # someone else may own the port: a failed bind exits at once
+            if self.process.poll() is None:
+                return self
         self.stop()
         raise RedisServerError(
             f"redis-server did not accept connections on {self.host}:{self.port} in {timeout_s}s"

@@ -157,3 +157,34 @@ def sim_processes(config: SchedulerConfig) -> Iterator[Callable[..., SimProcess]
     yield start
     for sp in started:
         sp.stop()
+
+
+async def booked(fe: FrontendScheduler) -> dict[str, dict[str, int]]:
+    """Outstanding bookings per node, from the bookings ZSET."""
+    from scheduler.registry import booked_load
+
+    assert fe._client is not None
+    return await booked_load(fe._client, fe.keys)
+
+
+def booked_prefill(load: dict[str, dict[str, int]]) -> dict[str, int]:
+    return {n: v["prefill_tokens"] for n, v in load.items() if v["prefill_tokens"]}
+
+
+def booked_decode(load: dict[str, dict[str, int]]) -> dict[str, int]:
+    return {n: v["decode_requests"] for n, v in load.items() if v["decode_requests"]}
+
+
+async def request_events(fe: FrontendScheduler, req_id: str) -> list[dict[str, str]]:
+    """The request's recorded lifecycle ({t}:log), oldest first."""
+    from scheduler.records import find_request
+
+    assert fe._client is not None
+    return await find_request(fe._client, fe.keys, req_id)
+
+
+def dispatched_pair(events: list[dict[str, str]]) -> tuple[str, str]:
+    """(prefill, decode) node of the last ``dispatched`` event."""
+    detail = [e["detail"] for e in events if e["event"] == "dispatched"][-1]
+    fields = dict(part.split("=", 1) for part in detail.split() if "=" in part)
+    return fields["p"], fields["d"]

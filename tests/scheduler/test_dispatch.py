@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections import Counter
 
 import pytest
-from scheduler_support import cluster, eventually, run
+from scheduler_support import (
+    booked,
+    booked_decode,
+    booked_prefill,
+    cluster,
+    dispatched_pair,
+    eventually,
+    request_events,
+    run,
+)
 
 from scheduler.config import SchedulerConfig
 from scheduler.errors import NoCapacityError
 from scheduler.messages import Finished, KVGeometry, SubmitRequest, TokenChunk
-from scheduler.sim_node import sim_token
+from scheduler.sim_node import SimBehavior, sim_token
 
 
 def _tokens(msgs: list) -> list[int]:
@@ -49,10 +59,7 @@ def test_xpyd_from_several_frontends(config: SchedulerConfig) -> None:
             assert sum(served[f"d{i}"] for i in range(3)) == 30
             assert all(served[f"d{i}"] >= 5 for i in range(3)), served
             # every booking was released once the requests finished
-            client = fes[0]._client
-            assert await client.hgetall(fes[0].keys.booked_prefill_tokens) == {}
-            assert await eventually(lambda: client.hgetall(fes[0].keys.booked_decode_requests), {}) == {}
-            assert await eventually(lambda: client.zcard(fes[0].keys.bookings), 0) == 0
+            assert await eventually(lambda: booked(fes[0]), {}) == {}
 
     run(body())
 
@@ -110,11 +117,11 @@ def test_mismatched_model_or_geometry_never_paired(config: SchedulerConfig) -> N
                     await fe.submit(SubmitRequest(req_id=f"r{i + 1}", prompt_token_ids=[1]))
                 ).collect()
                 assert isinstance(msgs[-1], Finished)
-            events = await fe._client.xrange(fe.keys.request_events("r1"))
+            await fe.flush_records()
+            events = await request_events(fe, "r1")
             pairs = Counter()
             for i in range(12):
-                req = await fe._client.hgetall(fe.keys.request(f"r{i + 1}"))
-                pairs[(req[b"prefill"].decode(), req[b"decode"].decode())] += 1
+                pairs[dispatched_pair(await request_events(fe, f"r{i + 1}"))] += 1
             assert set(pairs) <= {("p-a", "d-a"), ("p-b", "d-b")}, pairs
             assert events, "lifecycle events recorded"
             assert sum(c.nodes["d-other-model"].served.values()) == 0
@@ -136,12 +143,9 @@ def test_balanced_load_under_skewed_sizes(config: SchedulerConfig) -> None:
             sizes = [1000] + [100] * 10 + [1000] + [100] * 10
             for i, n in enumerate(sizes):  # alternating frontends: each sees the other's bookings
                 await fes[i % 2].submit(SubmitRequest(req_id=f"r{i}", prompt_token_ids=[7] * n))
-            booked = await fes[0]._client.hgetall(fes[0].keys.booked_prefill_tokens)
-            assert {k.decode(): int(v) for k, v in booked.items()} == {"p0": 2000, "p1": 2000}
-            decode = await fes[0]._client.hgetall(fes[0].keys.booked_decode_requests)
-            assert {k.decode(): int(v) for k, v in decode.items()} == {"d0": 11, "d1": 11}
-            for node_id in ("d0", "d1"):
-                assert await fes[0]._client.xlen(fes[0].keys.work(node_id)) == 11
+            load = await booked(fes[0])
+            assert booked_prefill(load) == {"p0": 2000, "p1": 2000}
+            assert booked_decode(load) == {"d0": 11, "d1": 11}
 
     run(body())
 
@@ -163,8 +167,7 @@ def test_concurrent_frontends_stay_balanced(config: SchedulerConfig) -> None:
                     for i, n in enumerate(sizes)
                 )
             )
-            booked = await fes[0]._client.hgetall(fes[0].keys.booked_prefill_tokens)
-            loads = [int(v) for v in booked.values()]
+            loads = list(booked_prefill(await booked(fes[0])).values())
             assert sum(loads) == sum(sizes) and len(loads) == 3
             assert max(loads) - min(loads) <= max(sizes), loads
 
@@ -202,3 +205,35 @@ def test_node_takes_every_queued_item_in_order(config: SchedulerConfig) -> None:
             assert all(m0.agent.holds(f"r{i}") for i in range(20))
 
     run(body())
+
+
+@pytest.mark.parametrize("num_nodes", [2, 64])
+def test_commands_per_request_stay_flat_and_under_twenty(config: SchedulerConfig, num_nodes: int) -> None:
+    """Every command Redis executes (INFO commandstats, script internals included) per 1-token P/D
+    request, one in flight: at most 20, and the same with 64 nodes as with 2 (slow heartbeats keep
+    the background out of the count)."""
+    config = dataclasses.replace(config, heartbeat_interval_s=5.0, block_ms=1000)
+
+    async def calls(client) -> int:  # type: ignore[no-untyped-def]
+        stats = await client.info("commandstats")
+        return sum(int(v["calls"]) for k, v in stats.items() if k.startswith("cmdstat_"))
+
+    async def body() -> None:
+        async with cluster(config) as c:
+            for i in range(num_nodes):
+                role = "prefill" if i % 2 == 0 else "decode"
+                await c.add_node(f"{role[0]}{i}", role, behavior=SimBehavior(num_tokens=1))
+            fe = await c.add_frontend()
+            for i in range(10):  # warm-up: scripts loaded, view complete
+                await (await fe.submit(SubmitRequest(req_id=f"w{i}", prompt_token_ids=[1] * 8))).collect()
+            before = await calls(fe._client)
+            n = 40
+            for i in range(n):
+                msgs = await (
+                    await fe.submit(SubmitRequest(req_id=f"r{i}", prompt_token_ids=[1] * 8))
+                ).collect()
+                assert isinstance(msgs[-1], Finished)
+            per_request = (await calls(fe._client) - before - 1) / n
+            assert per_request <= 20, per_request
+
+    run(body(), timeout_s=60)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
-from scheduler_support import cluster, eventually, run, wait_for
+from scheduler_support import booked, cluster, dispatched_pair, eventually, request_events, run, wait_for
 
 from scheduler.config import SchedulerConfig
 from scheduler.messages import Cancelled, Expired, Failed, Finished, SubmitRequest, TokenChunk
@@ -36,7 +36,7 @@ def test_node_killed_mid_request_is_redispatched_and_finishes(config: SchedulerC
             }
             first = await streams["r0"].__anext__()  # r0 is running: it has produced a token
             assert isinstance(first, TokenChunk)
-            victim = (await fe._client.hget(fe.keys.request("r0"), "decode")).decode()
+            victim = fe.inflight["r0"].assignment.decode_node_id
             procs[victim].kill()
             results = {
                 rid: [first] + await s.collect() if rid == "r0" else await s.collect()
@@ -47,10 +47,12 @@ def test_node_killed_mid_request_is_redispatched_and_finishes(config: SchedulerC
                 assert _tokens(msgs) == [sim_token(prompts[rid], i) for i in range(20)], rid
                 assert sum(1 for m in msgs if m.is_terminal) == 1
             assert fe.stats.get("redispatched") >= 1
-            events = [e[b"event"] for _id, e in await fe._client.xrange(fe.keys.request_events("r0"))]
-            assert b"redispatched" in events and events[-1] == b"finished"
+            await fe.flush_records()
+            recorded = await request_events(fe, "r0")
+            events = [e["event"] for e in recorded]
+            assert "redispatched" in events and events[-1] == "finished", events
             survivor = "d1" if victim == "d0" else "d0"
-            assert (await fe._client.hget(fe.keys.request("r0"), "decode")).decode() == survivor
+            assert dispatched_pair(recorded)[1] == survivor
 
     run(body())
 
@@ -117,9 +119,10 @@ def test_ttl_expiry_is_an_explicit_terminal(config: SchedulerConfig) -> None:
             stream = await fe.submit(SubmitRequest(req_id="r0", prompt_token_ids=[1], ttl_s=0.3))
             msgs = await stream.collect()
             assert msgs == [Expired(req_id="r0", attempt=0)]
-            assert (await fe._client.hget(fe.keys.request("r0"), "state")) == b"expired"
+            await fe.flush_records()
+            assert [e["event"] for e in await request_events(fe, "r0")][-1] == "expired"
             # the booking is released at once, not left to its TTL
-            assert await eventually(lambda: fe._client.hgetall(fe.keys.booked_decode_requests), {}) == {}
+            assert await booked(fe) == {}
 
     run(body())
 
@@ -134,6 +137,7 @@ def test_poison_messages_go_to_dead_letters_and_loops_survive(config: SchedulerC
             await r.xadd(fe.keys.results(fe.frontend_id), {"m": b"\x81\xa1v\x63"})  # {"v": 99}
             await r.xadd(fe.keys.control("m0"), {"m": b"junk"})
             await r.hset(fe.keys.nodes, "ghost", b"\x00")
+            await r.zadd(fe.keys.alive, {"ghost|x": fe.server_clock.now_ms() + 60_000})
             await eventually(lambda: r.xlen(fe.keys.dead_letters), 4)
             letters = {
                 e[b"source"].decode().split(":")[0]: e[b"reason"].decode()
@@ -142,11 +146,11 @@ def test_poison_messages_go_to_dead_letters_and_loops_survive(config: SchedulerC
             assert set(letters) == {"work", "results", "ctl", "nodes"}, letters
             assert "not a message envelope" in letters["results"] or "not msgpack" in letters["results"]
             assert await r.hget(fe.keys.nodes, "ghost") is None
+            assert await r.zscore(fe.keys.alive, "ghost|x") is None
             assert c.nodes["m0"].agent.stats.get("dead_letters") == 2 and fe.stats.get("dead_letters") == 2
             for i in range(3):  # every loop is still alive
                 msgs = await (await fe.submit(SubmitRequest(req_id=f"r{i}", prompt_token_ids=[1]))).collect()
                 assert isinstance(msgs[-1], Finished)
-            assert await eventually(lambda: r.xlen(fe.keys.work("m0")), 0) == 0  # poison acked and removed
 
     run(body())
 
@@ -174,7 +178,7 @@ def test_cancellation_reaches_prefill_and_decode_nodes(config: SchedulerConfig) 
             queued = await fe.submit(SubmitRequest(req_id="r1", prompt_token_ids=[1]))
             await fe.cancel("r1")
             assert isinstance((await queued.collect())[-1], Cancelled)
-            assert await fe._client.xlen(fe.keys.work("d1")) == 0
+            assert await fe._client.xlen(fe.keys.work("d1")) == 0  # XDEL'ed before d1 read it
             assert not d1.agent.holds("r1")
 
     run(body())
@@ -192,7 +196,7 @@ def test_cancel_iterator_yields_cancel_messages(config: SchedulerConfig) -> None
             msg = await asyncio.wait_for(it.__anext__(), 10)
             assert (msg.req_id, msg.attempt, msg.reason) == ("r0", 0, "cancelled")
             await d0.agent.ack(work)
-            assert await eventually(lambda: fe._client.hgetall(fe.keys.booked_decode_requests), {}) == {}
+            assert await eventually(lambda: booked(fe), {}) == {}
 
     run(body())
 

@@ -48,7 +48,9 @@ def test_every_key_has_a_ttl_and_is_in_the_schema(config: SchedulerConfig) -> No
             keys = fe.keys
             client = fe._client
             seen = {keys.classify(k.decode()) async for k in client.scan_iter(match=keys.all_pattern())}
-            assert {"nodes", "hb", "work", "ctl", "results", "req", "req:events", "dead", "fe"} <= seen
+            await fe.flush_records()
+            expected = {"nodes", "hb", "work", "ctl", "results", "alive", "frontends", "epoch", "cand"}
+            assert expected | {"bookings", "log", "dead"} <= seen, seen
             assert await _audit(client, keys) == {}
             other = c.frontends[0]
             await other.close()  # a closed frontend deletes its own keys
@@ -56,12 +58,8 @@ def test_every_key_has_a_ttl_and_is_in_the_schema(config: SchedulerConfig) -> No
 
             probe = make_client(config)
             try:
-                assert (
-                    await probe.exists(
-                        keys.results(other.frontend_id), keys.frontend_heartbeat(other.frontend_id)
-                    )
-                    == 0
-                )
+                assert await probe.exists(keys.results(other.frontend_id)) == 0
+                assert await probe.zscore(keys.frontends, other.frontend_id) is None
                 assert await _audit(probe, keys) == {}
             finally:
                 await probe.aclose()

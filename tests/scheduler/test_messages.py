@@ -18,6 +18,7 @@ from scheduler.messages import (
     Finished,
     KVGeometry,
     LoadReport,
+    NodeEvent,
     NodeInfo,
     TokenChunk,
     WorkItem,
@@ -50,6 +51,8 @@ ASSIGN = Assignment(
     prefill_pd_comm_port=8100,
     prefill_incarnation="i1",
     decode_incarnation="i2",
+    group="abc123",
+    bookings=["p|abc123|p0|i1|r1|1|3", "d|abc123|d0|i2|r1|1|1048576"],
 )
 MESSAGES = [
     NODE,
@@ -71,6 +74,7 @@ MESSAGES = [
     Expired(req_id="r1", attempt=1),
     Cancelled(req_id="r1", attempt=0),
     CancelMessage(req_id="r1", attempt=0, reason="client gone"),
+    NodeEvent(req_id="r1", attempt=0, event="decoding", node="d0", detail="remote prefill", ts_ms=5),
 ]
 
 
@@ -164,18 +168,53 @@ def test_key_schema_is_hash_tagged_and_classified() -> None:
         keys.work("n"),
         keys.control("n"),
         keys.results("fe"),
-        keys.request("r"),
-        keys.request_events("r"),
+        keys.alive,
+        keys.frontends,
+        keys.epoch,
+        keys.candidates("abc123", "p"),
+        keys.candidates("abc123", "d"),
+        keys.candidates("abc123", "m"),
         keys.bookings,
-        keys.booked_prefill_tokens,
-        keys.booked_decode_requests,
+        keys.log,
         keys.dead_letters,
-        keys.frontend_heartbeat("fe"),
+        keys.cluster_token,
     ]
     assert all(k.startswith("{prod}:") for k in made)
     assert all(keys.classify(k) is not None for k in made)
     assert keys.classify("{prod}:other") is None and keys.classify("{dev}:nodes") is None
+    assert keys.classify("{prod}:cand:abc123:x") is None
     with pytest.raises(ValueError):
         check_id("req_id", "a{b}")
     with pytest.raises(ValueError):
         check_id("node id", "a|b")
+
+
+def test_scheduler_urls_and_deployment_flags() -> None:
+    from scheduler.config import parse_scheduler_url
+
+    assert parse_scheduler_url("redis://:pw@10.0.0.5:6380/2") == {
+        "scheduler_tls": False,
+        "scheduler_password": "pw",
+        "scheduler_host": "10.0.0.5",
+        "scheduler_port": 6380,
+        "scheduler_cluster": False,
+        "scheduler_db": 2,
+    }
+    assert parse_scheduler_url("redis+cluster://h:7000")["scheduler_cluster"] is True
+    assert parse_scheduler_url("rediss://h:6379")["scheduler_tls"] is True
+    sentinel = parse_scheduler_url("redis+sentinel://s1:26379,s2:26379/mymaster")
+    assert sentinel["scheduler_sentinel"] == "s1:26379,s2:26379"
+    assert sentinel["scheduler_sentinel_service"] == "mymaster"
+    config = SchedulerConfig.from_options({"scheduler_url": "redis+sentinel://s1:1,s2:2/svc"})
+    assert config.sentinel_addresses() == [("s1", 1), ("s2", 2)] and "sentinel" in config.where
+    for bad, flag in [
+        ("http://h:1", "--scheduler-url"),
+        ("redis+sentinel://h:1", "--scheduler-url"),
+        ("redis://h", "--scheduler-url"),
+    ]:
+        with pytest.raises(ValueError, match=flag):
+            parse_scheduler_url(bad)
+    with pytest.raises(ValueError, match="--scheduler-sentinel"):
+        SchedulerConfig(scheduler_sentinel="nohostport")
+    with pytest.raises(ValueError, match="choose one"):
+        SchedulerConfig(scheduler_cluster=True, scheduler_sentinel="h:1")
