@@ -87,6 +87,11 @@ class ResultsReader:
                 index=len(fl.delivered),
                 token_ids=new_ids,
                 logprobs=logprobs,
+                top_token_ids=chunk.top_token_ids[skip:] if chunk.top_token_ids is not None else None,
+                top_logprobs=chunk.top_logprobs[skip:] if chunk.top_logprobs is not None else None,
+                prompt_logprobs=chunk.prompt_logprobs if skip == 0 else None,
+                prompt_top_token_ids=chunk.prompt_top_token_ids if skip == 0 else None,
+                prompt_top_logprobs=chunk.prompt_top_logprobs if skip == 0 else None,
             )
         )
         fl.delivered.extend(new_ids)
