@@ -90,7 +90,8 @@ class GrammarCompiler:
         return matcher
 
     def allocate_bitmask(self, num_rows: int) -> torch.Tensor:
-        return xgr.allocate_token_bitmask(num_rows, self.vocab_size)
+        mask: torch.Tensor = xgr.allocate_token_bitmask(num_rows, self.vocab_size)
+        return mask
 
     def _compile_uncached(self, kind: str, spec: str) -> xgr.CompiledGrammar:
         try:
