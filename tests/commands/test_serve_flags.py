@@ -185,23 +185,28 @@ def test_wrong_redis_password_names_the_password_flag(tiny_model: Path) -> None:
 
 
 def test_rdma_without_a_device_names_the_protocol_flag(tiny_model: Path) -> None:
-    result = run_serve(
-        "--model",
-        str(tiny_model),
-        "--splitwise-role",
-        "decode",
-        "--cache-transfer-protocol",
-        "rdma",
-        "--port",
-        "0",
-        "--scheduler-port",
-        str(free_port()),
-    )
+    # A real Redis: the transports start after the node has the cluster token from Redis.
+    redis = RedisServer().start()
+    try:
+        result = run_serve(
+            "--model",
+            str(tiny_model),
+            "--splitwise-role",
+            "decode",
+            "--cache-transfer-protocol",
+            "rdma",
+            "--port",
+            "0",
+            "--scheduler-port",
+            str(redis.port),
+        )
+    finally:
+        redis.stop()
     assert result.returncode == 1
     [line] = error_lines(result)
     assert line.startswith(
         "error: --cache-transfer-protocol: none of ['rdma'] can be used on this node (rdma: "
-    )
+    ), line
 
 
 def test_wildcard_host_is_never_advertised(tiny_model: Path, tmp_path: Path) -> None:
