@@ -4,11 +4,28 @@ per node, joined with ``redis-cli --cluster create``. Missing binaries are an er
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
 
 from splitwise.testing.redis_server import RedisServer, RedisServerError, free_port
+
+
+def free_cluster_port(host: str = "127.0.0.1") -> int:
+    """A free port whose cluster bus port (port + 10000) is a valid, free port too: an ephemeral
+    port above 55535 would make redis-server exit at start."""
+    for _ in range(200):
+        port = free_port(host)
+        if port + 10000 > 65535:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((host, port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RedisServerError(f"no free port pair (port, port + 10000) on {host}")
 
 
 @dataclass
@@ -28,7 +45,7 @@ class RedisClusterServers:
                 "redis-cli is not installed (Debian/Ubuntu: apt-get install -y redis-tools)"
             )
         for _ in range(self.num_masters):
-            port = free_port(self.host)
+            port = free_cluster_port(self.host)
             server = RedisServer(host=self.host, port=port)
             server.extra_args = [
                 "--cluster-enabled",
