@@ -85,6 +85,13 @@ async def redis_counters(client: Any) -> tuple[int, float]:
     return calls, float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"])
 
 
+async def script_usec(client: Any) -> tuple[int, float]:
+    """(EVALSHA calls, server-side microseconds in them) so far: what the scripts cost inside Redis,
+    independent of round trips and of CPU contention on the client side."""
+    stats = (await client.info("commandstats")).get("cmdstat_evalsha", {})
+    return int(stats.get("calls", 0)), float(stats.get("usec", 0))
+
+
 async def drive(port: int, topic: str, num_nodes: int, requests: int, inflight: int) -> dict[str, float]:
     """Frontend driver: the latency phase, then the throughput phase; prints one JSON line."""
     import redis.asyncio as aioredis
@@ -128,10 +135,12 @@ async def drive(port: int, topic: str, num_nodes: int, requests: int, inflight: 
     idle1, t_idle1 = (await redis_counters(probe))[0], time.perf_counter()
     background_s = (idle1 - idle0 - 2) / (t_idle1 - t_idle0)
     calls0, cpu0 = await redis_counters(probe)
+    scripts0 = await script_usec(probe)
     t0 = time.perf_counter()
     samples = [await one() for _ in range(n_latency)]
     latency_s = time.perf_counter() - t0
     calls1, cpu1 = await redis_counters(probe)
+    scripts1 = await script_usec(probe)
 
     done: list[tuple[float, float]] = []
     counter = iter(range(requests))
@@ -157,6 +166,7 @@ async def drive(port: int, topic: str, num_nodes: int, requests: int, inflight: 
         "req_cmds_1": (calls1 - calls0 - 2 - background_s * latency_s) / n_latency,
         "req_cmds_n": (calls2 - calls1 - 2 - background_s * elapsed) / requests,
         "background_cmds_s": background_s,
+        "script_us": (scripts1[1] - scripts0[1]) / max(1, scripts1[0] - scripts0[0]),
         "cpu_ms_req_1": (cpu1 - cpu0) * 1000 / n_latency,
         "dispatch_s": requests / elapsed,
         "cmds_req_n": (calls2 - calls1 - 2) / requests,
@@ -299,6 +309,7 @@ COLUMNS = (
     ("cmds/req loaded: all", "cmds_req_n", ".1f"),
     ("requests only", "req_cmds_n", ".1f"),
     ("background cmds/s", "background_cmds_s", ".0f"),
+    ("Redis us per script call", "script_us", ".1f"),
     ("Redis CPU ms/req (1)", "cpu_ms_req_1", ".3f"),
     ("(loaded)", "cpu_ms_req_n", ".3f"),
 )
@@ -322,13 +333,15 @@ def print_table(results: dict[tuple[str, int], list[dict[str, float]]], sizes: l
         print(
             f"  {n:>4} nodes: throughput x{med('new', n, 'dispatch_s') / med('old', n, 'dispatch_s'):.2f}, "
             f"cmds/req (loaded, all) x{med('new', n, 'cmds_req_n') / med('old', n, 'cmds_req_n'):.2f}, "
-            f"dispatch p50 x{med('new', n, 'dispatch_p50') / med('old', n, 'dispatch_p50'):.2f}"
+            f"dispatch p50 x{med('new', n, 'dispatch_p50') / med('old', n, 'dispatch_p50'):.2f}, "
+            f"Redis us per script call x{med('new', n, 'script_us') / med('old', n, 'script_us'):.2f}"
         )
     base = sizes[0]
     for name in ("old", "new"):
         print(
             f"  {name}: dispatch p50 at {sizes[-1]} nodes / at {base} nodes = "
-            f"{med(name, sizes[-1], 'dispatch_p50') / med(name, base, 'dispatch_p50'):.2f}"
+            f"{med(name, sizes[-1], 'dispatch_p50') / med(name, base, 'dispatch_p50'):.2f}; Redis us per script "
+            f"call at {sizes[-1]} / at {base} = {med(name, sizes[-1], 'script_us') / med(name, base, 'script_us'):.2f}"
         )
 
 

@@ -48,14 +48,17 @@ class NodeSide(Protocol):
         ...
 
     async def publish(self, result: ResultMessage, *, frontend_id: str | None = None) -> None:
-        """Send a result to the originating frontend (ordered per request). Results of an attempt the
-        frontend abandoned are ignored there, so publishing late is harmless."""
+        """Send a result to the originating frontend (ordered per request). A token chunk may return
+        before it reached Redis (it queues behind at most one write in flight); a terminal message
+        leaves with the ``ack`` that must follow it. Results of an attempt the frontend abandoned are
+        ignored there, so publishing late is harmless."""
 
     async def ack(self, work: WorkItem) -> None:
         """Done with ``work`` (terminal published or dropped): remove it and release its bookings."""
 
     async def release_prefill(self, req_id: str, *, prefill_node_id: str | None = None) -> int:
-        """P finished the prefill and KV send: release the prompt-token booking (idempotent)."""
+        """P finished the prefill and KV send. With the Redis scheduler the decode node that holds the
+        request releases the prompt-token booking (idempotent); on P this returns 0 at no cost."""
         ...
 
     async def mark(self, req_id: str, event: str, *, detail: str = "", node: str | None = None) -> None:

@@ -82,6 +82,7 @@ class NodeAgent:
         self._tasks: list[asyncio.Task[None]] = []
         self._snapshot = BeatSnapshot()
         self._last_load_sent: LoadReport | None = None  # heartbeat thread only
+        self._last_trimmed = ("", "")  # heartbeat thread only
         self._frontend_leases = LeaseWatch(grace_ms=config.dead_after_ms)
         self._server_clock = ServerClock(clock)  # written by the heartbeat thread only
         self._beats_per_refresh = max(1, int(config.scheduler_ttl_s / (10 * config.heartbeat_interval_s)))
@@ -249,12 +250,11 @@ class NodeAgent:
 
     async def release_prefill(self, req_id: str, *, prefill_node_id: str | None = None) -> int:
         """Prefill (and KV send) of ``req_id`` is done. The booking is released by the decode node that
-        holds the request (when it marks ``transferred``/``decoding``, or acks); on the prefill node
-        this records ``prefilled`` (batched). Returns the prompt tokens released by this call."""
+        holds the request (when it marks ``transferred``/``decoding``, or acks), and D records
+        ``prefilled`` when P's KV landed, so on the prefill node this costs nothing (returns 0).
+        Returns the prompt tokens released by this call."""
         held = [h for (rid, _a), h in self._held.items() if rid == req_id]
-        node = prefill_node_id or self.node_id
         if not held:
-            self._queue_record(req_id, record_line(self._clock.time_ms(), "prefilled", node, ""))
             return 0
         member = held[-1].item.assignment.booking("p")
         if member is None or member in held[-1].released:
@@ -301,6 +301,10 @@ class NodeAgent:
             )
             return
         work = held[-1]
+        assignment = work.item.assignment
+        if event == "transferred" and assignment.mode == "disagg":
+            # D learns P's prefill is done when its KV landed: the record shows it as P's event.
+            self._queue_event(work.item, "prefilled", "", node=assignment.prefill_node_id)
         if event in _PREFILL_DONE_EVENTS and work.state is NodeState.RECEIVED:
             transition(work, NodeState.RUNNING, NODE_TRANSITIONS, self.stats, why=event)
             member = work.item.assignment.booking("p")
@@ -394,12 +398,14 @@ class NodeAgent:
         first = self.heartbeater.num_beats == 0
         refresh = self.heartbeater.num_beats % self._beats_per_refresh == 0
         measure = self.heartbeater.num_beats % TIME_EVERY_BEATS == 0
+        read = (snap.last_work_id, snap.last_control_id)
         flags = (
             ("r" if refresh else "")
             + ("l" if snap.load != self._last_load_sent else "")
             + ("t" if measure else "")
+            + ("x" if read != self._last_trimmed else "")  # something was read: trim it
         )
-        self._last_load_sent = snap.load
+        self._last_load_sent, self._last_trimmed = snap.load, read
         registered, expiry, measured = 0, 0, 0
         if not flags:
             # A steady beat is one command: extend the lease if the member is still there (XX CH

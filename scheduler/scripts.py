@@ -131,8 +131,8 @@ HEARTBEAT = LuaScript(
 -- KEYS[5] its work STREAM  KEYS[6] its control STREAM
 -- ARGV[1] node id  ARGV[2] member (node|incarnation)  ARGV[3] msgpack NodeInfo  ARGV[4] lease ms
 -- ARGV[5] TTL ms of the long-lived keys  ARGV[6] flags: 'r' refresh those TTLs now, 'l' the load
--- report changed, 't' read the server clock (TIME) instead of trusting ARGV[11]; a steady node's
--- beat is then one ZADD
+-- report changed, 't' read the server clock (TIME) instead of trusting ARGV[11], 'x' the node read
+-- entries since the last trim (a steady, idle node's beat is a plain ZADD XX CH, not this script)
 -- ARGV[11] the node's estimate of server time ms (its offset is re-measured with 't' every few beats)
 -- ARGV[7] decode booking unit ('0' for prefill/mixed nodes)  ARGV[8] free KV blocks
 -- ARGV[9] id of the last work entry read  ARGV[10] id of the last control entry read ('' = none):

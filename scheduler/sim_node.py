@@ -76,7 +76,6 @@ class SimNode:
         agent, b = self.agent, self.behavior
         try:
             if work.assignment.mode == "disagg":  # a real D learns this from P over pd-comm
-                await agent.mark(work.req_id, "prefilled", node=work.assignment.prefill_node_id)
                 await agent.mark(work.req_id, "transferred", detail=str(work.assignment.protocol))
             await agent.mark(work.req_id, "decoding")
             total = int(work.sampling_params.get("max_tokens", b.num_tokens))

@@ -80,11 +80,15 @@ class RedisServer:
         if self.password:
             args += ["--requirepass", self.password]
         args += self.extra_args
+        log_file = self.workdir / f"redis-{self.port}.log"  # redis logs there, not to stderr
+        args += ["--logfile", str(log_file)]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 err = self.process.stderr.read().decode() if self.process.stderr else ""
+                if log_file.exists():
+                    err += log_file.read_text(errors="replace")[-2000:]
                 raise RedisServerError(f"redis-server exited with {self.process.returncode}: {err.strip()}")
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.2):
