@@ -194,7 +194,7 @@ class RdmaInitiator(TransportInitiator):
             )
             for conn, nic, remote in zip(conns, self._nics, reply.lanes, strict=True)
         ]
-        self.counters.incr("peers_connected")
+        self.counters.inc("peers_connected")
         return _Peer(peer_id, sock, lanes, geometry_from_dict(reply.geometry))
 
     # ------------------------------------------------------------------ per request
@@ -275,7 +275,7 @@ class RdmaInitiator(TransportInitiator):
                     )
                     for lane, lane_ops in zip(peer.lanes, stripe(ops, len(peer.lanes)), strict=True):
                         lane.write(lane_ops, req_id)
-                    self.counters.incr("layers_posted")
+                    self.counters.inc("layers_posted")
                 else:
                     tag = messages.request_tag(req_id)
                     for lane in peer.lanes:
@@ -283,7 +283,7 @@ class RdmaInitiator(TransportInitiator):
                     for lane in peer.lanes:
                         lane.drain(req_id)
             except RdmaError as exc:
-                self.counters.incr("completion_errors")
+                self.counters.inc("completion_errors")
                 self._break(peer, f"rdma: {exc}")
                 return
 
@@ -318,7 +318,7 @@ class RdmaInitiator(TransportInitiator):
             found = self._requests.get(req_id)
             if found is not None and found[1] is PENDING:
                 self._requests[req_id] = (found[0], status)
-                self.counters.incr("transfers_done" if status.is_done else "transfers_failed")
+                self.counters.inc("transfers_done" if status.is_done else "transfers_failed")
             self._lock.notify_all()
 
     def _break(self, peer: _Peer, reason: str) -> None:

@@ -153,7 +153,7 @@ class RdmaTarget(TransportTarget):
                 return failed(f"rdma target: unknown request {req_id}")
             if entry.status is PENDING and entry.deadline is not None and time.monotonic() > entry.deadline:
                 entry.status = failed("rdma target: timed out waiting for the initiator's writes")
-                self.counters.incr("transfers_timed_out")
+                self.counters.inc("transfers_timed_out")
             return entry.status
 
     def forget(self, req_id: str) -> None:
@@ -201,7 +201,7 @@ class RdmaTarget(TransportTarget):
         try:
             initiator = self._handshake(sock, name)
         except (RdmaError, TransferError, OSError, ConnectionError) as exc:
-            self.counters.incr("handshakes_refused")
+            self.counters.inc("handshakes_refused")
             try:
                 messages.send_message(sock, HelloReply(False, str(exc), {}, []))
             except OSError:
@@ -262,7 +262,7 @@ class RdmaTarget(TransportTarget):
             self._initiators.append(initiator)
         messages.send_message(sock, HelloReply(True, "", geometry_to_dict(self._kv_cache.geometry), replies))
         sock.settimeout(None)
-        self.counters.incr("initiators_connected")
+        self.counters.inc("initiators_connected")
         return initiator
 
     # ------------------------------------------------------------------ completions
@@ -308,10 +308,10 @@ class RdmaTarget(TransportTarget):
             req_id = self._by_tag.get(tag)
             entry = self._expected.get(req_id) if req_id is not None else None
             if entry is None or entry.status is not PENDING:
-                self.counters.incr("notices_unexpected")
+                self.counters.inc("notices_unexpected")
                 return
             entry.status = DONE
-        self.counters.incr("transfers_done")
+        self.counters.inc("transfers_done")
         self._reply(initiator, RequestResult(entry.req_id, True, ""))
 
     def _fail_started(self, initiator: _Initiator, reason: str) -> None:

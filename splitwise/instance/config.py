@@ -46,11 +46,8 @@ class InstanceConfig:
     transfer_timeout_s: float = 60.0
     max_waiting_for_blocks: int = 256  # decode: bounded queue of requests waiting for KV blocks
     decode_headroom_tokens: int = 16  # decode: reserve prompt + this many tokens of KV up front
-    # Hidden debug/benchmark knobs (prefill side): slow every layer of a batch with a remote
-    # request down (failure tests hit "mid-transfer" reliably), and ship all layers only after the
-    # prefill finished instead of layer by layer (bench/pd_ttft.py measures what pipelining hides).
-    debug_prefill_layer_delay_s: float = 0.0
-    debug_step_delay_s: float = 0.0  # any role: pause after every engine step (decode failure tests)
+    # Hidden benchmark knob (prefill side): ship all layers only after the prefill finished instead
+    # of layer by layer (bench/pd_ttft.py measures what pipelining hides).
     pipelined_transfer: bool = True
     node_id: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
@@ -82,12 +79,6 @@ class InstanceConfig:
             raise ValueError(f"--transfer-timeout: {self.transfer_timeout_s} must be > 0 seconds")
         if self.max_waiting_for_blocks < 1:
             raise ValueError(f"--max-waiting-for-blocks: {self.max_waiting_for_blocks} must be >= 1")
-        if self.debug_prefill_layer_delay_s < 0:
-            raise ValueError(
-                f"--debug-prefill-layer-delay-ms: {self.debug_prefill_layer_delay_s * 1000} must be >= 0"
-            )
-        if self.debug_step_delay_s < 0:
-            raise ValueError(f"--debug-step-delay-ms: {self.debug_step_delay_s * 1000} must be >= 0")
         if self.decode_headroom_tokens < 0:
             raise ValueError(f"--decode-headroom-tokens: {self.decode_headroom_tokens} must be >= 0")
 

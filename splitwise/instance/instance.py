@@ -23,6 +23,7 @@ from scheduler.local import LocalScheduler
 from scheduler.messages import KVGeometry, LoadReport, NodeInfo
 from scheduler.node import NodeAgent
 from splitwise.api.metrics import ApiMetrics
+from splitwise.counters import Counters
 from splitwise.engine.engine import LLMEngine
 from splitwise.engine.kv_cache import default_shm_name
 from splitwise.instance.cluster_token import explicit_token, token_from_redis
@@ -34,7 +35,7 @@ from splitwise.instance.pd_channel import PDChannel
 from splitwise.instance.prefill_flow import PrefillFlow
 from splitwise.instance.transfer_metrics import TransferMetrics
 from splitwise.logging import get_logger
-from splitwise.transfer.base import TransferCounters, TransportInitiator, TransportOptions, TransportTarget
+from splitwise.transfer.base import TransportInitiator, TransportOptions, TransportTarget
 from splitwise.transfer.control_connection import Compatibility, ControlConnection
 from splitwise.transfer.errors import UnknownProtocolError
 from splitwise.transfer.messages import CallMessage
@@ -58,7 +59,7 @@ class Instance:
         self.config = config
         self.node_id = config.node_id or f"{config.role}-{uuid.uuid4().hex[:8]}"
         self.ports = Ports()
-        self.counters = TransferCounters()  # transfers_ok/failures/fallbacks, reserve waits, ...
+        self.counters = Counters()  # transfers_ok/failures/fallbacks, reserve waits, ...
         self.metrics = ApiMetrics()  # one Prometheus registry per instance, served on /metrics
         self.engine: LLMEngine | None = None
         self.worker: EngineWorker | None = None
@@ -88,11 +89,11 @@ class Instance:
             cfg = cfg.with_engine(kv_cache_shm_name=default_shm_name())
         log.info("loading model", model=cfg.engine.model, role=cfg.role)
         self.engine = await loop.run_in_executor(None, LLMEngine, cfg.engine)
-        self.worker = EngineWorker(self.engine, loop, step_delay_s=cfg.debug_step_delay_s)
+        self.worker = EngineWorker(self.engine, loop)
         self.worker.start()
         self._start_transports()
         token = await self._cluster_token()
-        self._start_channel(token)
+        await self._start_channel(token)
         self._http_sock = bind_socket(cfg.host, cfg.port)  # bound early: NodeInfo carries the real port
         self.ports.http = int(self._http_sock.getsockname()[1])
         await self._start_scheduler()
@@ -132,7 +133,7 @@ class Instance:
                     self.initiators[protocol] = initiator
                 usable.append(protocol)
             except (UnknownProtocolError, OSError, ValueError) as exc:
-                self.counters.incr("transports_unavailable")
+                self.counters.inc("transports_unavailable")
                 log.warning(
                     "transfer protocol unavailable on this node; skipping it",
                     protocol=protocol,
@@ -140,7 +141,7 @@ class Instance:
                     preference=index,
                 )
             except Exception as exc:  # noqa: BLE001 - e.g. pyverbs errors: a protocol we cannot use
-                self.counters.incr("transports_unavailable")
+                self.counters.inc("transports_unavailable")
                 log.warning(
                     "transfer protocol failed to start; skipping it", protocol=protocol, error=str(exc)
                 )
@@ -171,23 +172,18 @@ class Instance:
             self.config.model_id, g.dtype, g.block_size, g.num_layers, g.num_kv_heads, g.head_dim
         )
 
-    def _start_channel(self, token: str) -> None:
+    async def _start_channel(self, token: str) -> None:
         assert self.worker is not None
         cfg = self.config
         if cfg.role == "mixed":
             return
-        loop = asyncio.get_running_loop()
-        self.channel = PDChannel(
-            loop,
+        self.channel = await PDChannel(
             node_id=self.node_id,
             token=token,
             compat=self._compat(),
-            host=cfg.host,
-            port=cfg.pd_comm_port,
             on_message=self._on_control_message,
-            validate=self._validate_control_message,
             on_disconnect=self._on_peer_lost,
-        )
+        ).start(cfg.host, cfg.pd_comm_port)
         self.ports.pd_comm = self.channel.port
         if cfg.role == "decode":
             self.decode_flow = DecodeFlow(
@@ -206,7 +202,6 @@ class Instance:
                 self.counters,
                 release_booking=self._release_prefill_booking,
                 transfer_timeout_s=cfg.transfer_timeout_s,
-                layer_delay_s=cfg.debug_prefill_layer_delay_s,
                 pipelined=cfg.pipelined_transfer,
                 transfer_metrics=self._transfer_metrics(),
             )
@@ -261,13 +256,9 @@ class Instance:
 
     # -- control channel plumbing -------------------------------------------------------------
 
-    def _validate_control_message(self, conn: ControlConnection, message: CallMessage) -> None:
-        if self.prefill_flow is not None:
-            self.prefill_flow.validate(conn, message)
-
     def _on_control_message(self, conn: ControlConnection, message: CallMessage) -> None:
         if self.prefill_flow is not None:
-            self.prefill_flow.on_message(conn, message)
+            self.prefill_flow.handle(conn, message)
         if self.decode_flow is not None:
             self.decode_flow.on_message(conn, message)
 
@@ -305,8 +296,10 @@ class Instance:
                     await asyncio.wait_for(side.close(), _CLOSE_STEP_S)
                 except (Exception, asyncio.TimeoutError) as exc:  # noqa: BLE001 - best effort at shutdown
                     log.warning("scheduler close failed", error=str(exc) or type(exc).__name__)
+        if self.decode_flow is not None:
+            await self.decode_flow.close()
         if self.channel is not None:
-            self.channel.close()
+            await self.channel.close()
         for target in self.targets.values():
             target.close()
         for initiator in self.initiators.values():

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from scheduler.errors import SchedulerClosedError, SchedulerError
-from scheduler.messages import CancelMessage, Failed, Finished, ResultMessage, TokenChunk, WorkItem
+from scheduler.interfaces import NodeSide  # the scheduler's node side (NodeAgent or LocalNode)
+from scheduler.messages import Failed, Finished, ResultMessage, TokenChunk, WorkItem
 from splitwise.engine.errors import EngineError, InvalidRequestError
 from splitwise.engine.outputs import RequestOutput
 from splitwise.engine.sampling_params import SamplingParams
@@ -26,16 +27,6 @@ from splitwise.instance.engine_worker import EngineWorker
 from splitwise.logging import bind_request, get_logger
 
 log = get_logger(__name__)
-
-
-class NodeSide(Protocol):
-    """What the runtime needs from the scheduler's node side (NodeAgent or LocalNode)."""
-
-    async def next_work(self) -> WorkItem: ...
-    async def publish(self, result: ResultMessage, *, frontend_id: str | None = None) -> None: ...
-    async def ack(self, work: WorkItem) -> None: ...
-    async def mark(self, req_id: str, event: str, *, detail: str = "", node: str | None = None) -> None: ...
-    def cancellations(self) -> AsyncIterator[CancelMessage]: ...
 
 
 class DisaggDecoder(Protocol):

@@ -36,12 +36,11 @@ from __future__ import annotations
 
 import abc
 import enum
-import threading
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from splitwise.counters import Counters
 from splitwise.engine.kv_cache import KVCache, KVCacheGeometry
 from splitwise.transfer.errors import IncompatiblePeerError, InvalidBlockIdsError
 
@@ -99,24 +98,8 @@ class TransportOptions:
             raise ValueError(f"transfer connect timeout: {self.connect_timeout_s} must be > 0")
 
 
-class TransferCounters:
-    """Thread-safe event counters (``transfers_done``, ``frames_rejected``, ...) for metrics/tests."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counts: Counter[str] = Counter()
-
-    def incr(self, name: str, amount: int = 1) -> None:
-        with self._lock:
-            self._counts[name] += amount
-
-    def get(self, name: str) -> int:
-        with self._lock:
-            return self._counts[name]
-
-    def snapshot(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._counts)
+# The transfer package's counters are the project's one counter type (``inc`` / ``get`` / ``snapshot``).
+TransferCounters = Counters
 
 
 # --------------------------------------------------------------------------- block runs

@@ -31,10 +31,11 @@ import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from splitwise.engine.sampling_params import SamplingParams
 from splitwise.transfer.errors import ProtocolError
 from splitwise.wire_codec import MessageCodec
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: PrefillTask.sampling_params is a typed SamplingParams
 
 
 @dataclass(frozen=True)
@@ -158,13 +159,15 @@ class Refused(Message):
 
 @dataclass(frozen=True)
 class PrefillTask(Message):
-    """D -> P: prefill ``prompt_token_ids`` and ship the KV into ``dst_block_ids`` on D."""
+    """D -> P: prefill ``prompt_token_ids`` and ship the KV into ``dst_block_ids`` on D.
+    ``sampling_params`` travels as the engine's own dataclass (a map of its fields): a field added
+    there reaches P with no converter to edit; its validation runs again on decode."""
 
     TAG: ClassVar[str] = "prefill_task"
     call_id: int
     req_id: str
     prompt_token_ids: list[int]
-    sampling_params: dict[str, Any]
+    sampling_params: SamplingParams
     dst_block_ids: list[int]
     protocol: str
     endpoint: dict[str, Any]

@@ -11,13 +11,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from splitwise.counters import Counters
 from splitwise.engine.kv_cache import KVCache, KVCacheGeometry
 from splitwise.logging import get_logger
 from splitwise.transfer import wire
 from splitwise.transfer.base import (
     BlockRun,
     Endpoint,
-    TransferCounters,
     TransferStatus,
     TransportInitiator,
     TransportOptions,
@@ -98,7 +98,7 @@ def _not_busy_with(peer: Peer, req_id: str) -> Callable[[], bool]:
 class StreamInitiator(TransportInitiator):
     def __init__(self, options: TransportOptions) -> None:
         self.options = options
-        self.counters = TransferCounters()
+        self.counters = Counters()
         self._requests = InitiatorRequests(self.protocol, self.counters)
         self._kv: KVCache | None = None
         self._peers: dict[str, Peer] = {}
@@ -207,7 +207,7 @@ class StreamInitiator(TransportInitiator):
                 continue  # called from this peer's own sender/reader: nothing else can be running
             with peer.idle:
                 if not peer.idle.wait_for(_not_busy_with(peer, req_id), timeout=_FORGET_WAIT_S):
-                    self.counters.incr("forget_wait_timeouts")
+                    self.counters.inc("forget_wait_timeouts")
                     log.warning(
                         "forget: a copy is still running",
                         protocol=self.protocol,
@@ -283,7 +283,7 @@ class StreamInitiator(TransportInitiator):
             self._abort(peer, job.req_id, f"{type(exc).__name__}: {exc}")
 
     def _abort(self, peer: Peer, req_id: str, reason: str) -> None:
-        self.counters.incr("write_errors")
+        self.counters.inc("write_errors")
         log.error(
             "transfer write failed", protocol=self.protocol, req_id=req_id, peer=peer.peer_id, reason=reason
         )
@@ -318,7 +318,7 @@ class StreamInitiator(TransportInitiator):
         if peer.broken.is_set():
             return
         peer.broken.set()
-        self.counters.incr("connections_lost")
+        self.counters.inc("connections_lost")
         log.warning("target connection lost", protocol=self.protocol, peer=peer.peer_id, reason=reason)
         self._requests.fail_peer(peer.peer_id, f"connection to {peer.peer_id} lost: {reason}")
         shutdown(peer.sock)

@@ -25,12 +25,12 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from splitwise.counters import Counters
 from splitwise.engine.kv_cache import KVCache
 from splitwise.logging import get_logger
 from splitwise.transfer import wire
 from splitwise.transfer.base import (
     Endpoint,
-    TransferCounters,
     TransferStatus,
     TransportOptions,
     TransportTarget,
@@ -60,7 +60,7 @@ from splitwise.transfer.messages import (
     XferHelloReply,
     expect_type,
 )
-from splitwise.transfer.tracking import Clock, TargetRequests
+from splitwise.transfer.tracking import AnyClock, TargetRequests
 from splitwise.transfer.wire import shutdown
 
 log = get_logger("splitwise.transfer")
@@ -69,10 +69,14 @@ log = get_logger("splitwise.transfer")
 class StreamTarget(TransportTarget):
     count_writes = True  # every write passes through this socket, so D can count them
 
-    def __init__(self, options: TransportOptions, clock: Clock = time.monotonic) -> None:
+    def __init__(self, options: TransportOptions, clock: AnyClock | None = None) -> None:
         self.options = options
-        self.counters = TransferCounters()
-        self._requests = TargetRequests(self.protocol, self.counters, clock)
+        self.counters = Counters()
+        self._requests = (
+            TargetRequests(self.protocol, self.counters, clock)
+            if clock is not None
+            else TargetRequests(self.protocol, self.counters)
+        )
         self._kv: KVCache | None = None
         self._listener: socket.socket | None = None
         self._conn_ids = itertools.count(1)
@@ -153,7 +157,7 @@ class StreamTarget(TransportTarget):
                 sock, addr = self._listener.accept()
             except OSError as exc:
                 if not self._closed.is_set():
-                    self.counters.incr("accept_errors")
+                    self.counters.inc("accept_errors")
                     log.error("accept failed", protocol=self.protocol, error=str(exc))
                     time.sleep(0.05)
                 continue
@@ -171,11 +175,11 @@ class StreamTarget(TransportTarget):
         except ConnectionLostError as exc:
             reason = str(exc)
             if not self._closed.is_set():
-                self.counters.incr("connections_lost")
+                self.counters.inc("connections_lost")
                 log.info("initiator connection closed", protocol=self.protocol, peer=peer, reason=reason)
         except (ProtocolError, IncompatiblePeerError, TransferError) as exc:
             reason = str(exc)
-            self.counters.incr("connections_refused")
+            self.counters.inc("connections_refused")
             log.warning("initiator connection refused", protocol=self.protocol, peer=peer, reason=reason)
         finally:
             self._requests.connection_lost(conn_id, reason)
@@ -208,10 +212,10 @@ class StreamTarget(TransportTarget):
             try:
                 allowed = self._requests.admit(message.req_id, conn_id)
             except UnexpectedBlocksError as exc:
-                self.counters.incr("frames_rejected")
+                self.counters.inc("frames_rejected")
                 wire.send_message(sock, RequestGrant(message.req_id, False, str(exc), []))
             else:
-                self.counters.incr("requests_begun")
+                self.counters.inc("requests_begun")
                 wire.send_message(sock, RequestGrant(message.req_id, True, "", sorted(allowed)))
         elif isinstance(message, RequestAbort):
             self._requests.fail(message.req_id, f"initiator aborted: {message.reason}")
@@ -224,7 +228,7 @@ class StreamTarget(TransportTarget):
             raise ProtocolError(f"unexpected {message.TAG} frame from an initiator")
 
     def _refuse(self, sock: socket.socket, req_id: str, exc: TransferError) -> None:
-        self.counters.incr("frames_rejected")
+        self.counters.inc("frames_rejected")
         log.warning("frame refused", protocol=self.protocol, req_id=req_id, reason=str(exc))
         wire.send_message(sock, RequestResult(req_id, False, str(exc)))
 

@@ -84,7 +84,7 @@ class TcpTarget(StreamTarget):
             return
         wire.recv_into_buffers(sock, _run_views(self._bytes, geometry, header.layer, header.runs))
         self._requests.landed(header.req_id, num_blocks)
-        self.counters.incr("bytes_received", header.payload_bytes)
+        self.counters.inc("bytes_received", header.payload_bytes)
 
 
 class TcpInitiator(StreamInitiator):
@@ -107,7 +107,7 @@ class TcpInitiator(StreamInitiator):
         wire.send_buffers(
             peer.sock, [wire.frame_bytes(header), *_run_views(self._bytes, geometry, job.layer, runs)]
         )
-        self.counters.incr("bytes_sent", header.payload_bytes)
+        self.counters.inc("bytes_sent", header.payload_bytes)
 
 
 register_transport("tcp", TcpInitiator, TcpTarget)
