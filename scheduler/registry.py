@@ -90,8 +90,12 @@ class ClusterView:
         Nodes pair only inside one group: different geometry means KV blocks are not byte-compatible.
         With ``kv`` given only that geometry's group is returned.
         """
-        groups: dict[KVGeometry, list[NodeInfo]] = defaultdict(list)
+        groups: dict[tuple[str, int, int, int, int], list[NodeInfo]] = defaultdict(list)
         for state in self.nodes.values():
-            if state.alive and state.info.model_id == model_id and (kv is None or state.info.kv == kv):
-                groups[state.info.kv].append(state.info)
+            if (
+                state.alive
+                and state.info.model_id == model_id
+                and (kv is None or state.info.kv.compat_key == kv.compat_key)
+            ):
+                groups[state.info.kv.compat_key].append(state.info)
         return sorted(groups.values(), key=len, reverse=True)

@@ -32,7 +32,13 @@ class KVGeometry:
     head_dim: int
     num_blocks: int = 0  # this cache's size; 0 where only the layout matters (a registry record)
 
-    COMPAT_FIELDS: ClassVar[tuple[str, ...]] = ("dtype", "block_size", "num_layers", "num_kv_heads", "head_dim")
+    COMPAT_FIELDS: ClassVar[tuple[str, ...]] = (
+        "dtype",
+        "block_size",
+        "num_layers",
+        "num_kv_heads",
+        "head_dim",
+    )
 
     @property
     def compat_key(self) -> tuple[str, int, int, int, int]:

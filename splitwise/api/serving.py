@@ -34,6 +34,7 @@ from splitwise.api.errors import (
 )
 from splitwise.api.metrics import ApiMetrics, RequestTimer
 from splitwise.api.protocol import SamplingRequest
+from splitwise.codes import FailureCode
 from splitwise.engine.errors import InvalidRequestError
 from splitwise.engine.sampling_params import SamplingParams
 from splitwise.engine.stop_checker import StopChecker
@@ -46,8 +47,8 @@ log = get_logger("splitwise.api")
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy endpoint
 MISSING_LOGPROB = -9999.0  # what vLLM reports for a logprob it does not have (JSON has no -inf)
 # Failure codes a node reports for a request that can never succeed as sent.
-_BAD_REQUEST_CODES = frozenset({"invalid_request", "bad_request", "prompt_too_long"})
-_UNAVAILABLE_CODES = frozenset({"no_capacity", "node_lost", "scheduler_closed"})
+_BAD_REQUEST_CODES = frozenset({FailureCode.INVALID_REQUEST})
+_UNAVAILABLE_CODES = frozenset({FailureCode.NO_CAPACITY, FailureCode.NODE_LOST, FailureCode.SCHEDULER_CLOSED})
 
 
 class FrontendBackend(Protocol):

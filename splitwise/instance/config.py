@@ -7,10 +7,10 @@ import os
 from dataclasses import dataclass, field
 
 from scheduler.config import SchedulerConfig
+from splitwise.codes import PROTOCOLS as TRANSFER_PROTOCOLS
+from splitwise.codes import ROLES
 from splitwise.engine.config import EngineConfig
-from splitwise.transfer.registry import KNOWN_PROTOCOLS as TRANSFER_PROTOCOLS
 
-ROLES = ("mixed", "prefill", "decode")
 PD_FALLBACKS = ("local", "fail")
 
 

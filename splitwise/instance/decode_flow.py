@@ -220,8 +220,9 @@ class DecodeFlow:
         """The one way out of PREFILLING. Leaving early stops the target accepting writes, and a
         fallback queues the local prefill in the same step (an abort sent from now on follows it)."""
         self.transitions.move(rec, new, event, reason)
-        if new is not S.LANDED:
-            self.targets[rec.protocol].forget(rec.req_id)
+        target = self.targets.get(rec.protocol)
+        if new is not S.LANDED and target is not None:
+            target.forget(rec.req_id)
         if new is S.FALLING_BACK:
             rec.local_outputs = self._fall_back(rec)
         if rec.prefill_ended is not None and not rec.prefill_ended.done():

@@ -20,7 +20,7 @@ from typing import Any
 from scheduler.frontend import FrontendScheduler
 from scheduler.keys import KeySchema
 from scheduler.local import LocalScheduler
-from scheduler.messages import KVGeometry, LoadReport, NodeInfo
+from scheduler.messages import LoadReport, NodeInfo
 from scheduler.node import NodeAgent
 from splitwise.api.metrics import ApiMetrics
 from splitwise.counters import Counters
@@ -36,9 +36,9 @@ from splitwise.instance.prefill_flow import PrefillFlow
 from splitwise.instance.transfer_metrics import TransferMetrics
 from splitwise.logging import get_logger
 from splitwise.transfer.base import TransportInitiator, TransportOptions, TransportTarget
-from splitwise.transfer.control_connection import Compatibility, ControlConnection
+from splitwise.transfer.control_connection import ControlConnection
 from splitwise.transfer.errors import UnknownProtocolError
-from splitwise.transfer.messages import CallMessage
+from splitwise.transfer.messages import CallMessage, Compatibility
 from splitwise.transfer.registry import create_initiator, create_target
 
 log = get_logger(__name__)
@@ -167,10 +167,7 @@ class Instance:
 
     def _compat(self) -> Compatibility:
         assert self.engine is not None
-        g = self.engine.kv_cache.geometry
-        return Compatibility(
-            self.config.model_id, g.dtype, g.block_size, g.num_layers, g.num_kv_heads, g.head_dim
-        )
+        return Compatibility(self.config.model_id, self.engine.kv_cache.geometry)
 
     async def _start_channel(self, token: str) -> None:
         assert self.worker is not None
@@ -213,8 +210,7 @@ class Instance:
     async def _start_scheduler(self) -> None:
         assert self.engine is not None
         cfg = self.config
-        g = self.engine.kv_cache.geometry
-        kv = KVGeometry(g.dtype, g.block_size, g.num_layers, g.num_kv_heads, g.head_dim)
+        kv = self.engine.kv_cache.geometry  # the one KVGeometry; peers pair on its compat_key
         if cfg.scheduler.scheduler_name == "local":
             local = LocalScheduler(cfg.scheduler, model_id=cfg.model_id)
             self.frontend, self.node = local.frontend, local.node

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from scheduler.errors import SchedulerClosedError, SchedulerError
 from scheduler.interfaces import NodeSide  # the scheduler's node side (NodeAgent or LocalNode)
 from scheduler.messages import Failed, Finished, ResultMessage, TokenChunk, WorkItem
+from splitwise.codes import FailureCode, Mode
 from splitwise.engine.errors import EngineError, InvalidRequestError
 from splitwise.engine.outputs import RequestOutput
 from splitwise.engine.sampling_params import SamplingParams
@@ -124,7 +125,7 @@ class NodeRuntime:
                 raise
             except SplitwiseError as exc:  # deliberate: bad input, no capacity, remote prefill failed
                 log.warning("request failed", error=str(exc), retryable=exc.retryable)
-                code = "invalid_request" if isinstance(exc, InvalidRequestError) else _error_code(exc)
+                code = _failure_code(exc)
                 await self._terminal(
                     item,
                     Failed(
@@ -142,7 +143,7 @@ class NodeRuntime:
                     Failed(
                         req_id=item.req_id,
                         attempt=item.attempt,
-                        code="internal",
+                        code=FailureCode.INTERNAL,
                         message=f"internal error: {type(exc).__name__}: {exc}",
                     ),
                 )
@@ -153,10 +154,15 @@ class NodeRuntime:
         except EngineError as exc:
             await self._terminal(
                 item,
-                Failed(req_id=item.req_id, attempt=item.attempt, code="invalid_request", message=str(exc)),
+                Failed(
+                    req_id=item.req_id,
+                    attempt=item.attempt,
+                    code=FailureCode.INVALID_REQUEST,
+                    message=str(exc),
+                ),
             )
             return
-        if item.assignment.mode == "disagg":
+        if item.assignment.mode == Mode.DISAGG:
             if self.decoder is None:
                 raise EngineError("this node cannot decode disaggregated requests (role is not decode)")
             outputs = await self.decoder.start_request(item, req.prompt_token_ids, req.params)
@@ -203,7 +209,7 @@ class NodeRuntime:
     async def _finish(self, item: WorkItem, out: RequestOutput, *, completion_tokens: int) -> None:
         if out.error is not None:
             result: ResultMessage | None = Failed(
-                req_id=item.req_id, attempt=item.attempt, code="engine_error", message=out.error
+                req_id=item.req_id, attempt=item.attempt, code=FailureCode.ENGINE_ERROR, message=out.error
             )
         elif out.finish_reason is FinishReason.ABORT:
             result = None  # cancelled by the frontend: it already ended the stream
@@ -229,7 +235,14 @@ class NodeRuntime:
             log.warning("could not report terminal result", error=str(exc))
 
 
-def _error_code(exc: BaseException) -> str:
-    """CamelCase class name -> snake_case code (``DecodeCapacityError`` -> ``decode_capacity``)."""
-    name = type(exc).__name__.removesuffix("Error")
-    return "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
+def _failure_code(exc: SplitwiseError) -> FailureCode:
+    """The one place a deliberate failure gets its code (``FailureCode``, a closed set)."""
+    from splitwise.instance.decode_flow import DecodeCapacityError, PrefillUnavailable
+
+    if isinstance(exc, InvalidRequestError):
+        return FailureCode.INVALID_REQUEST
+    if isinstance(exc, DecodeCapacityError):
+        return FailureCode.DECODE_CAPACITY
+    if isinstance(exc, PrefillUnavailable):
+        return FailureCode.PREFILL_UNAVAILABLE
+    return FailureCode.ENGINE_ERROR

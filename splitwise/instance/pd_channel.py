@@ -15,9 +15,9 @@ from typing import Protocol
 
 from splitwise.logging import get_logger
 from splitwise.transfer.control import ControlServer, connect_control
-from splitwise.transfer.control_connection import Compatibility, ControlConnection
+from splitwise.transfer.control_connection import ControlConnection
 from splitwise.transfer.errors import ConnectionLostError
-from splitwise.transfer.messages import CallMessage
+from splitwise.transfer.messages import CallMessage, Compatibility
 
 log = get_logger(__name__)
 
@@ -65,15 +65,13 @@ class PDChannel:
         self._server: ControlServer | None = None
 
     async def start(self, host: str, port: int) -> PDChannel:
-        self._server = await ControlServer.start(
+        self._server = await ControlServer(
             node_id=self.node_id,
             token=self._token,
             compat=self._compat,
             handler=self._on_message,
             on_disconnect=self._disconnected,
-            host=host,
-            port=port,
-        )
+        ).start(host, port)
         return self
 
     @property

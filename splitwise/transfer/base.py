@@ -42,6 +42,7 @@ from typing import Any, NamedTuple
 
 from splitwise.counters import Counters
 from splitwise.engine.kv_cache import KVCache, KVCacheGeometry
+from splitwise.kv_geometry import KVGeometry
 from splitwise.transfer.errors import IncompatiblePeerError, InvalidBlockIdsError
 
 Endpoint = dict[str, Any]  # msgpack-able: str/int/bytes/list/dict values only
@@ -162,6 +163,7 @@ def check_block_ids(
 # --------------------------------------------------------------------------- geometry on the wire
 
 
+# The geometry inside an endpoint map (Endpoint is still a map: its protocol-specific keys vary).
 def geometry_to_dict(geometry: KVCacheGeometry) -> dict[str, Any]:
     return {
         "num_layers": geometry.num_layers,
@@ -174,7 +176,7 @@ def geometry_to_dict(geometry: KVCacheGeometry) -> dict[str, Any]:
 
 
 def geometry_from_dict(data: Mapping[str, Any]) -> KVCacheGeometry:
-    return KVCacheGeometry(
+    return KVGeometry(
         num_layers=int(data["num_layers"]),
         num_blocks=int(data["num_blocks"]),
         block_size=int(data["block_size"]),
@@ -188,10 +190,9 @@ def check_compatible(local: KVCacheGeometry, remote: KVCacheGeometry, *, peer: s
     """Raise IncompatiblePeerError naming every field that differs (num_blocks may differ)."""
     if local.compatible_with(remote):
         return
-    fields = ("num_layers", "block_size", "num_kv_heads", "head_dim", "dtype")
     diffs = [
         f"{name} {getattr(local, name)} != {getattr(remote, name)}"
-        for name in fields
+        for name in local.COMPAT_FIELDS
         if getattr(local, name) != getattr(remote, name)
     ]
     raise IncompatiblePeerError(f"KV geometry mismatch (local != peer): {'; '.join(diffs)}", peer=peer)

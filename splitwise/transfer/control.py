@@ -36,7 +36,7 @@ import socket
 from splitwise.counters import Counters
 from splitwise.logging import get_logger
 from splitwise.transfer import wire
-from splitwise.transfer.control_connection import Compatibility, ControlConnection, DisconnectHandler, Handler
+from splitwise.transfer.control_connection import ControlConnection, DisconnectHandler, Handler
 from splitwise.transfer.errors import (
     AuthenticationError,
     ConnectionLostError,
@@ -45,7 +45,15 @@ from splitwise.transfer.errors import (
     TransferError,
     TransferTimeoutError,
 )
-from splitwise.transfer.messages import AuthChallenge, AuthHello, AuthWelcome, Message, Refused, expect_type
+from splitwise.transfer.messages import (
+    AuthChallenge,
+    AuthHello,
+    AuthWelcome,
+    Compatibility,
+    Message,
+    Refused,
+    expect_type,
+)
 
 log = get_logger("splitwise.transfer.control")
 
@@ -65,8 +73,8 @@ def _token_bytes(token: str | bytes) -> bytes:
 
 
 class ControlServer:
-    """Accepts control connections on ``host:port`` (0 = any free port; see ``port`` after
-    ``start``). Create it with ``await ControlServer.start(...)`` on the loop that will own it."""
+    """Accepts control connections: ``await ControlServer(...).start(host, port)`` on the loop
+    that will own it (port 0 = any free port; see ``port``)."""
 
     def __init__(
         self,
@@ -90,29 +98,10 @@ class ControlServer:
         self._handshakes: set[asyncio.Task[None]] = set()
         self._closed = False
 
-    @classmethod
-    async def start(
-        cls,
-        *,
-        node_id: str,
-        token: str | bytes,
-        compat: Compatibility,
-        handler: Handler,
-        on_disconnect: DisconnectHandler | None = None,
-        host: str = "0.0.0.0",
-        port: int = 0,
-        handshake_timeout_s: float = 5.0,
-    ) -> ControlServer:
-        server = cls(
-            node_id=node_id,
-            token=token,
-            compat=compat,
-            handler=handler,
-            on_disconnect=on_disconnect,
-            handshake_timeout_s=handshake_timeout_s,
-        )
-        server._server = await asyncio.start_server(server._accepted, host, port, reuse_address=True)
-        return server
+    async def start(self, host: str = "0.0.0.0", port: int = 0) -> ControlServer:
+        """Listen on ``host:port`` (0 = any free port) on the running loop."""
+        self._server = await asyncio.start_server(self._accepted, host, port, reuse_address=True)
+        return self
 
     @property
     def port(self) -> int:
@@ -191,18 +180,14 @@ class ControlServer:
         if len(hello.nonce) != _NONCE_BYTES or not hmac.compare_digest(expected, hello.mac):
             await _try_send(writer, Refused("auth", "authentication failed: wrong or missing cluster token"))
             raise AuthenticationError("authentication failed: wrong or missing cluster token", peer=address)
-        try:
-            peer_compat = Compatibility.from_dict(hello.compat)
-        except (ProtocolError, TypeError) as exc:
-            await _try_send(writer, Refused("protocol", f"bad compatibility record: {exc}"))
-            raise ProtocolError(f"bad compatibility record: {exc}", peer=hello.client_id) from None
+        peer_compat = hello.compat
         mismatches = self.compat.mismatches(peer_compat)
         if mismatches:
             reason = "incompatible peer: " + "; ".join(mismatches)
             await _try_send(writer, Refused("incompatible", reason))
             raise IncompatiblePeerError(reason, peer=hello.client_id)
         mac = _mac(self._token, b"server", hello.nonce, server_nonce, self.node_id)
-        await wire.write_message(writer, AuthWelcome(self.node_id, mac, self.compat.to_dict()))
+        await wire.write_message(writer, AuthWelcome(self.node_id, mac, self.compat))
         return hello.client_id, peer_compat
 
 
@@ -255,7 +240,7 @@ async def _client_handshake(
     challenge = expect_type(await wire.read_message(reader), AuthChallenge)
     nonce = os.urandom(_NONCE_BYTES)
     mac = _mac(token, b"client", challenge.nonce, nonce, node_id)
-    await wire.write_message(writer, AuthHello(node_id, nonce, mac, compat.to_dict()))
+    await wire.write_message(writer, AuthHello(node_id, nonce, mac, compat))
     reply: Message = await wire.read_message(reader)
     if isinstance(reply, Refused):
         raise _refusal_error(reply, address)
@@ -263,7 +248,7 @@ async def _client_handshake(
     expected = _mac(token, b"server", nonce, challenge.nonce, welcome.server_id)
     if not hmac.compare_digest(expected, welcome.mac):
         raise AuthenticationError("server failed to prove the cluster token", peer=address)
-    peer_compat = Compatibility.from_dict(welcome.compat)
+    peer_compat = welcome.compat
     mismatches = compat.mismatches(peer_compat)
     if mismatches:
         raise IncompatiblePeerError("incompatible peer: " + "; ".join(mismatches), peer=address)

@@ -13,8 +13,6 @@ import contextlib
 import dataclasses
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 from splitwise.counters import Counters
 from splitwise.errors import SplitwiseError
@@ -25,6 +23,7 @@ from splitwise.transfer.messages import (
     Ack,
     CallMessage,
     CancelRequest,
+    Compatibility,
     ErrorReply,
     Message,
     PrefillFailed,
@@ -33,35 +32,6 @@ from splitwise.transfer.messages import (
 )
 
 log = get_logger("splitwise.transfer.control")
-
-
-@dataclass(frozen=True)
-class Compatibility:
-    """What two nodes must agree on to exchange KV blocks."""
-
-    model_id: str
-    dtype: str
-    block_size: int
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Compatibility:
-        names = {f.name for f in dataclasses.fields(cls)}
-        if set(data) != names:
-            raise ProtocolError(f"compatibility fields {sorted(data)} != {sorted(names)}")
-        return cls(**data)
-
-    def mismatches(self, other: Compatibility) -> list[str]:
-        return [
-            f"{f.name}: ours {getattr(self, f.name)!r}, peer {getattr(other, f.name)!r}"
-            for f in dataclasses.fields(self)
-            if getattr(self, f.name) != getattr(other, f.name)
-        ]
 
 
 Handler = Callable[["ControlConnection", CallMessage], None]  # on the loop; raise to refuse

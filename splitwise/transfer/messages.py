@@ -32,10 +32,11 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from splitwise.engine.sampling_params import SamplingParams
+from splitwise.kv_geometry import KVGeometry
 from splitwise.transfer.errors import ProtocolError
 from splitwise.wire_codec import MessageCodec
 
-SCHEMA_VERSION = 2  # 2: PrefillTask.sampling_params is a typed SamplingParams
+SCHEMA_VERSION = 2  # 2: typed SamplingParams, Compatibility and KVGeometry (were maps)
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ class XferHello(Message):
 
     TAG: ClassVar[str] = "xfer_hello"
     initiator_id: str
-    geometry: dict[str, Any]
+    geometry: KVGeometry
     access_key: str
 
 
@@ -62,7 +63,7 @@ class XferHelloReply(Message):
     TAG: ClassVar[str] = "xfer_hello_reply"
     ok: bool
     reason: str
-    geometry: dict[str, Any]
+    geometry: KVGeometry
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,22 @@ class RequestResult(Message):
 
 
 @dataclass(frozen=True)
+class Compatibility:
+    """What two nodes must agree on to exchange KV blocks (checked both ways at the handshake)."""
+
+    model_id: str
+    kv: KVGeometry
+
+    def mismatches(self, other: Compatibility) -> list[str]:
+        model = (
+            []
+            if self.model_id == other.model_id
+            else [f"model_id: ours {self.model_id!r}, peer {other.model_id!r}"]
+        )
+        return model + self.kv.mismatches(other.kv)
+
+
+@dataclass(frozen=True)
 class AuthChallenge(Message):
     TAG: ClassVar[str] = "auth_challenge"
     server_id: str
@@ -137,7 +154,7 @@ class AuthHello(Message):
     client_id: str
     nonce: bytes
     mac: bytes
-    compat: dict[str, Any]
+    compat: Compatibility
 
 
 @dataclass(frozen=True)
@@ -145,7 +162,7 @@ class AuthWelcome(Message):
     TAG: ClassVar[str] = "auth_welcome"
     server_id: str
     mac: bytes
-    compat: dict[str, Any]
+    compat: Compatibility
 
 
 @dataclass(frozen=True)

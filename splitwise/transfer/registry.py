@@ -15,10 +15,11 @@ import importlib
 import threading
 from dataclasses import dataclass
 
+from splitwise.codes import PROTOCOLS
 from splitwise.transfer.base import TransportInitiator, TransportOptions, TransportTarget
 from splitwise.transfer.errors import UnknownProtocolError
 
-KNOWN_PROTOCOLS = ("ipc", "rdma", "tcp")
+KNOWN_PROTOCOLS = PROTOCOLS  # the one list (splitwise.codes.Protocol)
 
 _LAZY_MODULES = {
     "ipc": "splitwise.transfer.ipc",

@@ -25,7 +25,6 @@ from splitwise.transfer.base import (
     check_compatible,
     coalesce_runs,
     geometry_from_dict,
-    geometry_to_dict,
 )
 from splitwise.transfer.errors import (
     ConnectionLostError,
@@ -337,7 +336,7 @@ class StreamInitiator(TransportInitiator):
     def _hello(self, sock: socket.socket, kv: KVCache, peer_id: str, access_key: str) -> XferHelloReply:
         initiator_id = f"{socket.gethostname()}:{id(self):x}"
         try:
-            wire.send_message(sock, XferHello(initiator_id, geometry_to_dict(kv.geometry), access_key))
+            wire.send_message(sock, XferHello(initiator_id, kv.geometry, access_key))
             return expect_type(wire.recv_message(sock), XferHelloReply)  # type: ignore[no-any-return]
         finally:
             sock.settimeout(None)

@@ -36,7 +36,6 @@ from splitwise.transfer.base import (
     TransportTarget,
     check_block_ids,
     check_compatible,
-    geometry_from_dict,
     geometry_to_dict,
 )
 from splitwise.transfer.errors import (
@@ -191,14 +190,14 @@ class StreamTarget(TransportTarget):
         kv = self._require_kv()
         sock.settimeout(self.options.connect_timeout_s)
         hello = expect_type(wire.recv_message(sock), XferHello)
-        local = geometry_to_dict(kv.geometry)
+        local = kv.geometry
         if not hmac.compare_digest(hello.access_key.encode(), self._access_key.encode()):
             wire.send_message(
                 sock, XferHelloReply(False, "wrong access key: endpoint not from this target", local)
             )
             raise AuthenticationError("wrong access key", peer=peer)
         try:
-            check_compatible(kv.geometry, geometry_from_dict(hello.geometry), peer=hello.initiator_id)
+            check_compatible(kv.geometry, hello.geometry, peer=hello.initiator_id)
         except (IncompatiblePeerError, KeyError, ValueError, TypeError) as exc:
             wire.send_message(sock, XferHelloReply(False, str(exc), local))
             raise IncompatiblePeerError(str(exc), peer=peer) from None

@@ -432,3 +432,16 @@ def test_cancel_while_connecting_to_p_never_sends_the_task() -> None:
         assert h.channel.sent == [] and is_abort(await h.outputs())
 
     run(scenario)
+
+
+def test_a_protocol_this_node_does_not_offer_falls_back_at_once() -> None:
+    async def scenario() -> None:
+        h = Harness()
+        h.flow.targets.clear()  # e.g. the rdma NIC disappeared after registration
+        await h.start()
+        await h.outputs()
+        assert h.worker.calls("submit") == ["r1"] and h.channel.sent == []
+        await settle()
+        assert h.worker.reservations == {} and h.count("fallbacks") == 1
+
+    run(scenario)

@@ -37,8 +37,8 @@ from splitwise.instance.pd_channel import PDChannel
 from splitwise.instance.prefill_flow import PrefillFlow
 from splitwise.transfer.base import TransportOptions
 from splitwise.transfer.control import connect_control
-from splitwise.transfer.control_connection import Compatibility, ControlConnection
-from splitwise.transfer.messages import CallMessage, PrefillResult, PrefillTask
+from splitwise.transfer.control_connection import ControlConnection
+from splitwise.transfer.messages import CallMessage, Compatibility, PrefillResult, PrefillTask
 from splitwise.transfer.registry import create_initiator, create_target
 
 BLOCK_SIZE = 4
@@ -69,8 +69,7 @@ def _engine_config(model: Path, **changes: object) -> EngineConfig:
 
 
 def _compat(engine: LLMEngine) -> Compatibility:
-    g = engine.kv_cache.geometry
-    return Compatibility("tiny", g.dtype, g.block_size, g.num_layers, g.num_kv_heads, g.head_dim)
+    return Compatibility("tiny", engine.kv_cache.geometry)
 
 
 def _local_prefill(

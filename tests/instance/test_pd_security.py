@@ -22,11 +22,11 @@ import redis
 from scheduler.keys import KeySchema
 from splitwise.cluster import Child, LocalCluster
 from splitwise.engine.config import ModelConfig
+from splitwise.kv_geometry import KVGeometry
 from splitwise.transfer import wire
 from splitwise.transfer.control import connect_control
-from splitwise.transfer.control_connection import Compatibility
 from splitwise.transfer.errors import AuthenticationError, IncompatiblePeerError
-from splitwise.transfer.messages import AuthChallenge, AuthHello, Refused
+from splitwise.transfer.messages import AuthChallenge, AuthHello, Compatibility, Refused
 from tests.instance.helpers import complete
 from tests.instance.pd_helpers import log_text, metric, wait_until
 
@@ -67,7 +67,9 @@ def _redis_token(cluster: LocalCluster) -> str:
 
 def _instance_compat(model: Path) -> Compatibility:
     mc = ModelConfig.from_dir(model)
-    return Compatibility(model.name, "float32", BLOCK_SIZE, mc.num_layers, mc.num_kv_heads, mc.head_dim)
+    return Compatibility(
+        model.name, KVGeometry("float32", BLOCK_SIZE, mc.num_layers, mc.num_kv_heads, mc.head_dim)
+    )
 
 
 def _raw_hello(port: int, mac: bytes, compat: Compatibility) -> Refused:
@@ -75,7 +77,7 @@ def _raw_hello(port: int, mac: bytes, compat: Compatibility) -> Refused:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         challenge = wire.recv_message(sock)
         assert isinstance(challenge, AuthChallenge)
-        wire.send_message(sock, AuthHello("intruder", os.urandom(32), mac, compat.to_dict()))
+        wire.send_message(sock, AuthHello("intruder", os.urandom(32), mac, compat))
         reply = wire.recv_message(sock)
         assert isinstance(reply, Refused), reply
         assert _closed_by_peer(sock), "the server kept the refused connection open"
@@ -114,8 +116,9 @@ def test_pd_comm_port_refuses_bad_peers_and_keeps_serving(cluster_factory, tiny_
         assert _closed_by_peer(sock)
 
     # 4. The right token but another KV geometry and model: refused, naming every field.
-    other = dataclasses.replace(
-        compat, model_id="other-model", block_size=BLOCK_SIZE * 2, head_dim=compat.head_dim * 2
+    other = Compatibility(
+        "other-model",
+        dataclasses.replace(compat.kv, block_size=BLOCK_SIZE * 2, head_dim=compat.kv.head_dim * 2),
     )
     with pytest.raises(IncompatiblePeerError) as excinfo:
         _connect(port, node_id="odd-peer", token=token, compat=other)

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from splitwise.engine.sampling_params import SamplingParams
+from splitwise.kv_geometry import KVGeometry
 from splitwise.transfer import wire
 from splitwise.transfer.control import Compatibility, ControlConnection, ControlServer, connect_control
 from splitwise.transfer.errors import (
@@ -33,7 +34,9 @@ from splitwise.transfer.messages import (
 )
 
 TOKEN = "s3cret-cluster-token"
-COMPAT = Compatibility("qwen3-0.6b", "bfloat16", block_size=16, num_layers=28, num_kv_heads=8, head_dim=128)
+COMPAT = Compatibility(
+    "qwen3-0.6b", KVGeometry("bfloat16", block_size=16, num_layers=28, num_kv_heads=8, head_dim=128)
+)
 TASK = PrefillTask(
     0,
     "r-1",
@@ -72,15 +75,14 @@ def with_server(scenario: Scenario) -> None:
 
     async def main() -> None:
         inbox = Inbox()
-        server = await ControlServer.start(
+        server = await ControlServer(
             node_id="P0",
             token=TOKEN,
             compat=COMPAT,
             handler=inbox,
             on_disconnect=inbox.on_disconnect,
-            host="127.0.0.1",
             handshake_timeout_s=1.0,
-        )
+        ).start("127.0.0.1")
         try:
             await scenario(server, inbox)
         finally:
@@ -180,7 +182,7 @@ def test_missing_token_is_refused() -> None:
         reader, writer = await raw_client(server)
         challenge = await wire.read_message(reader)
         assert isinstance(challenge, AuthChallenge) and len(challenge.nonce) == 32
-        await wire.write_message(writer, AuthHello("intruder", b"\x00" * 32, b"", COMPAT.to_dict()))
+        await wire.write_message(writer, AuthHello("intruder", b"\x00" * 32, b"", COMPAT))
         assert await wire.read_message(reader) == Refused(
             "auth", "authentication failed: wrong or missing cluster token"
         )
@@ -209,7 +211,7 @@ def test_garbage_and_silence_are_refused() -> None:
 
 def test_incompatible_peer_is_refused_with_every_difference() -> None:
     async def scenario(server: ControlServer, p_inbox: Inbox) -> None:
-        other = dataclasses.replace(COMPAT, block_size=32, dtype="float16")
+        other = Compatibility(COMPAT.model_id, dataclasses.replace(COMPAT.kv, block_size=32, dtype="float16"))
         with pytest.raises(IncompatiblePeerError) as info:
             await connect(server, compat=other)
         assert "block_size: ours 16, peer 32" in str(info.value)
@@ -225,7 +227,7 @@ def test_client_refuses_a_server_that_does_not_know_the_token() -> None:
         async def impostor(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             await wire.write_message(writer, AuthChallenge("P?", b"\x07" * 32))
             await wire.read_message(reader)
-            await wire.write_message(writer, AuthWelcome("P?", b"\x00" * 32, COMPAT.to_dict()))
+            await wire.write_message(writer, AuthWelcome("P?", b"\x00" * 32, COMPAT))
             await reader.read(1)
             writer.close()
 

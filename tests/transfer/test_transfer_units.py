@@ -100,8 +100,8 @@ def test_registry_knows_builtins_and_refuses_unknown_names() -> None:
 
 
 SAMPLES: list[messages.Message] = [
-    messages.XferHello("p0", {"num_layers": 2, "dtype": "bfloat16"}, "9f" * 16),
-    messages.XferHelloReply(False, "head_dim 64 != 128", {}),
+    messages.XferHello("p0", KVGeometry("bfloat16", 16, 2, 8, 128, num_blocks=64), "9f" * 16),
+    messages.XferHelloReply(False, "head_dim 64 != 128", KVGeometry("bfloat16", 16, 2, 8, 64)),
     messages.LayerWrite("r-1", 3, [[0, 4], [9, 1]], 5 * 2 * 4096),
     messages.RequestBegin("r-1"),
     messages.RequestGrant("r-1", True, "", [0, 1, 2, 3, 9]),
@@ -109,8 +109,10 @@ SAMPLES: list[messages.Message] = [
     messages.RequestFinish("r-1", 20),
     messages.RequestResult("r-1", True, ""),
     messages.AuthChallenge("p0", b"\x00" * 32),
-    messages.AuthHello("d0", b"\x01" * 32, b"\x02" * 32, {"model_id": "m"}),
-    messages.AuthWelcome("p0", b"\x03" * 32, {"model_id": "m"}),
+    messages.AuthHello(
+        "d0", b"\x01" * 32, b"\x02" * 32, messages.Compatibility("m", KVGeometry("float32", 4, 2, 2, 8))
+    ),
+    messages.AuthWelcome("p0", b"\x03" * 32, messages.Compatibility("m", KVGeometry("float32", 4, 2, 2, 8))),
     messages.Refused("auth", "authentication failed"),
     messages.PrefillTask(
         7,
