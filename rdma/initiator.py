@@ -140,17 +140,17 @@ class RdmaInitiator(TransportInitiator):
 
     def _handshake(self, peer_id: str, endpoint: Endpoint) -> _Peer:
         assert self._kv_cache is not None
-        if endpoint.get("protocol") != "rdma" or endpoint.get("schema") != messages.SCHEMA_VERSION:
+        if endpoint.protocol != "rdma" or endpoint.schema != messages.SCHEMA_VERSION:
             raise IncompatiblePeerError(
                 f"not an rdma endpoint of schema {messages.SCHEMA_VERSION}", peer=peer_id
             )
-        check_compatible(self._kv_cache.geometry, geometry_from_dict(endpoint["geometry"]), peer=peer_id)
+        check_compatible(self._kv_cache.geometry, endpoint.geometry, peer=peer_id)
         conns = [
             RcConnection(nic.device, nic.port, caps=self._caps, policy=self._policy) for nic in self._nics
         ]
         try:
             sock = socket.create_connection(
-                (endpoint["host"], endpoint["port"]), timeout=self.options.connect_timeout_s
+                (endpoint.host, endpoint.port), timeout=self.options.connect_timeout_s
             )
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             hello = Hello(
@@ -176,7 +176,7 @@ class RdmaInitiator(TransportInitiator):
             for conn in conns:
                 conn.close()
             raise ConnectionLostError(
-                f"rdma side channel to {endpoint.get('host')}:{endpoint.get('port')}: {exc}", peer=peer_id
+                f"rdma side channel to {endpoint.host}:{endpoint.port}: {exc}", peer=peer_id
             ) from None
         except Exception:
             for conn in conns:

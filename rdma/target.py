@@ -124,13 +124,13 @@ class RdmaTarget(TransportTarget):
     def endpoint(self) -> Endpoint:
         if self._kv_cache is None or self._listener is None:
             raise NotRegisteredError("rdma target: endpoint() before register()")
-        return {
-            "protocol": "rdma",
-            "host": self.options.host,
-            "port": self._listener.getsockname()[1],
-            "schema": messages.SCHEMA_VERSION,
-            "geometry": geometry_to_dict(self._kv_cache.geometry),
-        }
+        return Endpoint(
+            protocol="rdma",
+            host=self.options.host,
+            port=int(self._listener.getsockname()[1]),
+            geometry=self._kv_cache.geometry,
+            schema=messages.SCHEMA_VERSION,
+        )
 
     def expect(self, req_id: str, dst_block_ids: Sequence[int], timeout_s: float | None = None) -> None:
         if self._kv_cache is None:

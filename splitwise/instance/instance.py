@@ -11,6 +11,7 @@ raises a SplitwiseError/ValueError with a clear message before anything is serve
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
 import socket
 import uuid
@@ -126,7 +127,8 @@ class Instance:
                     target = create_target(protocol, options)
                     target.register(self.engine.kv_cache)
                     self.targets[protocol] = target
-                    self.ports.transfer[protocol] = target.endpoint()
+                    # The registry record is the scheduler's map form of the typed endpoint.
+                    self.ports.transfer[protocol] = dataclasses.asdict(target.endpoint())
                 else:
                     initiator = create_initiator(protocol, options)
                     initiator.register(self.engine.kv_cache)

@@ -5,7 +5,7 @@ Map of the two sides (P = prefill node = initiator/sender, D = decode node = tar
     step  D (TransportTarget)                     P (TransportInitiator)
     ----  --------------------------------------  ------------------------------------------------
     0     register(kv_cache)         once          register(kv_cache)                     once
-    1     endpoint() -> dict  -- control channel -> connect(peer_id, endpoint)   once per peer, reused
+    1     endpoint() -> Endpoint  -- control channel -> connect(peer_id, endpoint)  once per peer, reused
     2     expect(req_id, dst_block_ids, timeout_s)            (before D tells P about the request)
     3                                              write_layer(peer_id, req_id, layer, src, dst)  per layer
     4                                              finish(peer_id, req_id)        after the last layer
@@ -45,8 +45,6 @@ from splitwise.engine.kv_cache import KVCache, KVCacheGeometry
 from splitwise.kv_geometry import KVGeometry
 from splitwise.transfer.errors import IncompatiblePeerError, InvalidBlockIdsError
 
-Endpoint = dict[str, Any]  # msgpack-able: str/int/bytes/list/dict values only
-
 
 class TransferState(enum.Enum):
     PENDING = "pending"
@@ -80,6 +78,25 @@ DONE = TransferStatus(TransferState.DONE)
 
 def failed(reason: str) -> TransferStatus:
     return TransferStatus(TransferState.FAILED, reason)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """What a target publishes so an initiator can ``connect``: in D's PrefillTask over the
+    authenticated control channel, and in D's registry record. One typed record for every
+    protocol (it crosses process boundaries through the codec); fields a protocol does not use
+    keep their defaults."""
+
+    protocol: str
+    host: str
+    port: int
+    geometry: KVGeometry
+    access_key: str = ""  # tcp/ipc: only a peer handed this endpoint may write (XferHello checks it)
+    schema: int = 0  # rdma: the side channel's schema version
+    device: str = "cpu"  # ipc: where the KV cache lives ("cpu": shared memory, "cuda": CUDA IPC)
+    shm_name: str = ""  # ipc on cpu: the /dev/shm segment of D's cache
+    cuda_ipc_handle: bytes = b""  # ipc on cuda: the exported cudaMalloc block
+    cuda_offset_bytes: int = 0  # ipc on cuda: the cache's offset inside that block
 
 
 @dataclass(frozen=True)
@@ -163,7 +180,7 @@ def check_block_ids(
 # --------------------------------------------------------------------------- geometry on the wire
 
 
-# The geometry inside an endpoint map (Endpoint is still a map: its protocol-specific keys vary).
+# The geometry as a plain map (rdma's side channel, test peers passing it as JSON).
 def geometry_to_dict(geometry: KVCacheGeometry) -> dict[str, Any]:
     return {
         "num_layers": geometry.num_layers,
@@ -214,7 +231,7 @@ class TransportTarget(abc.ABC):
     @abc.abstractmethod
     def endpoint(self) -> Endpoint:
         """Addressing a peer needs for ``TransportInitiator.connect`` (host/port, shm name, IPC handle,
-        RDMA keys) plus this side's geometry and any access key; msgpack-able. Hand it out only to
+        RDMA schema) plus this side's geometry and any access key, as one typed ``Endpoint``. Hand it out only to
         authenticated peers (control channel, cluster registry). Non-blocking; valid until ``close``."""
 
     @abc.abstractmethod

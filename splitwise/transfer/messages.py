@@ -33,10 +33,11 @@ from typing import Any, ClassVar
 
 from splitwise.engine.sampling_params import SamplingParams
 from splitwise.kv_geometry import KVGeometry
+from splitwise.transfer.base import Endpoint
 from splitwise.transfer.errors import ProtocolError
 from splitwise.wire_codec import MessageCodec
 
-SCHEMA_VERSION = 2  # 2: typed SamplingParams, Compatibility and KVGeometry (were maps)
+SCHEMA_VERSION = 2  # 2: typed SamplingParams, Compatibility, KVGeometry and Endpoint (were maps)
 
 
 @dataclass(frozen=True)
@@ -187,7 +188,7 @@ class PrefillTask(Message):
     sampling_params: SamplingParams
     dst_block_ids: list[int]
     protocol: str
-    endpoint: dict[str, Any]
+    endpoint: Endpoint
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,6 @@ from splitwise.transfer.base import (
     check_block_ids,
     check_compatible,
     coalesce_runs,
-    geometry_from_dict,
 )
 from splitwise.transfer.errors import (
     ConnectionLostError,
@@ -123,15 +122,15 @@ class StreamInitiator(TransportInitiator):
             return
         if existing is not None:
             self._drop_peer(existing)
-        if endpoint.get("protocol") != self.protocol:
+        if endpoint.protocol != self.protocol:
             raise IncompatiblePeerError(
-                f"endpoint is for {endpoint.get('protocol')!r}, not {self.protocol!r}", peer=peer_id
+                f"endpoint is for {endpoint.protocol!r}, not {self.protocol!r}", peer=peer_id
             )
-        remote = geometry_from_dict(endpoint["geometry"])
+        remote = endpoint.geometry
         check_compatible(kv.geometry, remote, peer=peer_id)
-        sock = wire.connect(str(endpoint["host"]), int(endpoint["port"]), self.options.connect_timeout_s)
+        sock = wire.connect(endpoint.host, endpoint.port, self.options.connect_timeout_s)
         try:
-            reply = self._hello(sock, kv, peer_id, str(endpoint.get("access_key", "")))
+            reply = self._hello(sock, kv, peer_id, endpoint.access_key)
             if not reply.ok:
                 raise IncompatiblePeerError(f"target refused the connection: {reply.reason}", peer=peer_id)
             attachment = self._attach_peer(peer_id, endpoint, remote)

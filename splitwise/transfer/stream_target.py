@@ -16,6 +16,7 @@ on D) and what the endpoint carries besides host/port/geometry.
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import itertools
 import secrets
@@ -36,7 +37,6 @@ from splitwise.transfer.base import (
     TransportTarget,
     check_block_ids,
     check_compatible,
-    geometry_to_dict,
 )
 from splitwise.transfer.errors import (
     AuthenticationError,
@@ -97,14 +97,14 @@ class StreamTarget(TransportTarget):
     def endpoint(self) -> Endpoint:
         kv = self._require_kv()
         assert self._listener is not None
-        return {
-            "protocol": self.protocol,
-            "host": self.options.host,
-            "port": int(self._listener.getsockname()[1]),
-            "geometry": geometry_to_dict(kv.geometry),
-            "access_key": self._access_key,
-            **self._endpoint_extra(kv),
-        }
+        endpoint = Endpoint(
+            protocol=self.protocol,
+            host=self.options.host,
+            port=int(self._listener.getsockname()[1]),
+            geometry=kv.geometry,
+            access_key=self._access_key,
+        )
+        return dataclasses.replace(endpoint, **self._endpoint_extra(kv))
 
     def expect(self, req_id: str, dst_block_ids: Sequence[int], timeout_s: float | None = None) -> None:
         check_block_ids(
@@ -143,6 +143,7 @@ class StreamTarget(TransportTarget):
         """Release what ``_attach_local`` prepared."""
 
     def _endpoint_extra(self, kv_cache: KVCache) -> dict[str, Any]:
+        """Protocol-specific ``Endpoint`` fields (field name -> value)."""
         return {}
 
     def _on_layer_write(self, conn_id: int, sock: socket.socket, header: LayerWrite) -> None:

@@ -25,6 +25,7 @@ from splitwise.engine.outputs import RequestOutput
 from splitwise.engine.sampling_params import SamplingParams
 from splitwise.engine.sequence import FinishReason
 from splitwise.instance.config import InstanceConfig
+from splitwise.kv_geometry import KVGeometry
 from splitwise.transfer.base import (
     DONE,
     PENDING,
@@ -247,7 +248,7 @@ class FakeTarget(TransportTarget):
         pass
 
     def endpoint(self) -> Endpoint:
-        return {"protocol": "tcp", "host": "127.0.0.1", "port": 1}
+        return Endpoint("tcp", "127.0.0.1", 1, KVGeometry("float32", BLOCK_SIZE, 2, 2, 8, num_blocks=32))
 
     def expect(self, req_id: str, dst_block_ids: Sequence[int], timeout_s: float | None = None) -> None:
         self.expected[req_id] = list(dst_block_ids)

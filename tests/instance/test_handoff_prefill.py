@@ -24,6 +24,7 @@ from tests.instance.handoff_harness import (
     FakeChannel,
     FakeConnection,
     FakeInitiator,
+    FakeTarget,
     FakeWorker,
     StepOffload,
     settle,
@@ -31,6 +32,7 @@ from tests.instance.handoff_harness import (
 
 S = PrefillState
 PARAMS = SamplingParams(max_tokens=4, temperature=0.0, stop_token_ids=(5,))
+ENDPOINT = FakeTarget().endpoint()
 
 
 @dataclass
@@ -67,7 +69,7 @@ class Harness:
         )
 
     async def task(self, req_id: str = "r1", dst: list[int] | None = None, protocol: str = "tcp") -> None:
-        message = PrefillTask(0, req_id, list(range(10)), PARAMS, dst or [20, 21, 22], protocol, {"port": 1})
+        message = PrefillTask(0, req_id, list(range(10)), PARAMS, dst or [20, 21, 22], protocol, ENDPOINT)
         self.flow.handle(self.conn, message)
         await settle()
 

@@ -14,6 +14,7 @@ import pytest
 from splitwise.engine.sampling_params import SamplingParams
 from splitwise.kv_geometry import KVGeometry
 from splitwise.transfer import wire
+from splitwise.transfer.base import Endpoint
 from splitwise.transfer.control import Compatibility, ControlConnection, ControlServer, connect_control
 from splitwise.transfer.errors import (
     AuthenticationError,
@@ -44,7 +45,7 @@ TASK = PrefillTask(
     SamplingParams(temperature=0.0, max_tokens=8),
     [4, 5],
     "tcp",
-    {"protocol": "tcp", "host": "127.0.0.1", "port": 9},
+    Endpoint("tcp", "127.0.0.1", 9, COMPAT.kv),
 )
 
 

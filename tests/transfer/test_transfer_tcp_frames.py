@@ -32,9 +32,9 @@ def raw_connection(
     target: TransportTarget, geometry: dict[str, object] | None = None, access_key: str | None = None
 ) -> socket.socket:
     endpoint = target.endpoint()
-    sock = wire.connect(endpoint["host"], endpoint["port"], 5.0)
+    sock = wire.connect(endpoint.host, endpoint.port, 5.0)
     sock.settimeout(5.0)
-    key = endpoint["access_key"] if access_key is None else access_key
+    key = endpoint.access_key if access_key is None else access_key
     wire.send_message(sock, XferHello("raw-test", geometry or GEOMETRY, key))
     return sock
 
@@ -97,7 +97,7 @@ def test_finish_announcing_more_writes_than_landed_fails(target) -> None:  # typ
 def test_garbage_and_mismatched_hello_are_refused_and_the_target_keeps_serving(target) -> None:  # type: ignore[no-untyped-def]
     tcp, kv = target
     endpoint = tcp.endpoint()
-    garbage = socket.create_connection((endpoint["host"], endpoint["port"]))
+    garbage = socket.create_connection((endpoint.host, endpoint.port))
     garbage.sendall(b"\xff" * 64)
     garbage.settimeout(5.0)
     assert_closed_by_peer(garbage)

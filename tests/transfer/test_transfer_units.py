@@ -11,7 +11,7 @@ from scheduler.dispatch import choose_protocol
 from scheduler.messages import KVGeometry, NodeInfo
 from splitwise.engine.sampling_params import SamplingParams
 from splitwise.transfer import messages
-from splitwise.transfer.base import BlockRun, check_block_ids, coalesce_runs
+from splitwise.transfer.base import BlockRun, Endpoint, check_block_ids, coalesce_runs
 from splitwise.transfer.errors import (
     InvalidBlockIdsError,
     ProtocolError,
@@ -99,6 +99,10 @@ def test_registry_knows_builtins_and_refuses_unknown_names() -> None:
         get_transport("carrier-pigeon")
 
 
+ENDPOINT = Endpoint(
+    "ipc", "h", 1, KVGeometry("float32", 4, 2, 2, 8, 64), device="cuda", cuda_ipc_handle=b"\xff"
+)
+
 SAMPLES: list[messages.Message] = [
     messages.XferHello("p0", KVGeometry("bfloat16", 16, 2, 8, 128, num_blocks=64), "9f" * 16),
     messages.XferHelloReply(False, "head_dim 64 != 128", KVGeometry("bfloat16", 16, 2, 8, 64)),
@@ -121,7 +125,7 @@ SAMPLES: list[messages.Message] = [
         SamplingParams(temperature=0.0, stop=("\n",), stop_token_ids=(2,)),
         [4, 5],
         "tcp",
-        {"host": "h", "port": 1, "blob": b"\xff"},
+        ENDPOINT,
     ),
     messages.PrefillResult(8, "r-1", 42, -0.25),
     messages.PrefillFailed(9, "r-1", "out of blocks", True),
@@ -157,7 +161,7 @@ def _task(**sampling_params: object) -> bytes:
         sampling_params=sampling_params,
         dst_block_ids=[0],
         protocol="tcp",
-        endpoint={},
+        endpoint=dataclasses.asdict(ENDPOINT),
     )
 
 
