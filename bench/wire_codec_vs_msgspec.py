@@ -23,7 +23,9 @@ from scheduler.messages import TokenChunk
 from scheduler.messages import decode as sched_decode
 from scheduler.messages import encode as sched_encode
 from splitwise.engine.sampling_params import SamplingParams
+from splitwise.kv_geometry import KVGeometry
 from splitwise.transfer import messages
+from splitwise.transfer.base import Endpoint
 
 
 class MSamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -36,6 +38,28 @@ class MSamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: bool = False
+
+
+class MKVGeometry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    dtype: str
+    block_size: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    num_blocks: int = 0
+
+
+class MEndpoint(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    protocol: str
+    host: str
+    port: int
+    geometry: MKVGeometry
+    access_key: str = ""
+    schema: int = 0
+    device: str = "cpu"
+    shm_name: str = ""
+    cuda_ipc_handle: bytes = b""
+    cuda_offset_bytes: int = 0
 
 
 class MLayerWrite(msgspec.Struct, frozen=True, tag="layer_write", forbid_unknown_fields=True):
@@ -54,7 +78,7 @@ class MPrefillTask(msgspec.Struct, frozen=True, tag="prefill_task", forbid_unkno
     sampling_params: MSamplingParams
     dst_block_ids: list[int]
     protocol: str
-    endpoint: dict[str, Any]
+    endpoint: MEndpoint
 
 
 class MTokenChunk(msgspec.Struct, frozen=True, tag="tokens", forbid_unknown_fields=True):
@@ -64,6 +88,10 @@ class MTokenChunk(msgspec.Struct, frozen=True, tag="tokens", forbid_unknown_fiel
     index: int
     token_ids: list[int]
     logprobs: list[float] | None = None
+
+
+ENDPOINT = Endpoint("tcp", "h", 1, KVGeometry("bfloat16", 16, 28, 8, 128, 4096), access_key="9f" * 16)
+MENDPOINT = MEndpoint("tcp", "h", 1, MKVGeometry("bfloat16", 16, 28, 8, 128, 4096), access_key="9f" * 16)
 
 
 def timed(fn: Callable[[], object], n: int) -> float:
@@ -89,9 +117,7 @@ def main() -> None:
             messages.encode,
         ),
         "PrefillTask(4k prompt)": (
-            messages.PrefillTask(
-                0, "r-1", prompt, params, list(range(1000)), "tcp", {"host": "h", "port": 1}
-            ),
+            messages.PrefillTask(0, "r-1", prompt, params, list(range(1000)), "tcp", ENDPOINT),
             messages.decode,
             messages.encode,
         ),
@@ -105,7 +131,7 @@ def main() -> None:
     theirs: dict[str, Any] = {
         "LayerWrite(512 runs)": MLayerWrite(2, "r-1", 3, runs, 1 << 20),
         "PrefillTask(4k prompt)": MPrefillTask(
-            2, 0, "r-1", prompt, mparams, list(range(1000)), "tcp", {"host": "h", "port": 1}
+            2, 0, "r-1", prompt, mparams, list(range(1000)), "tcp", MENDPOINT
         ),
         "TokenChunk(8 tokens)": MTokenChunk(1, "r-1", 1, 40, list(range(8)), [-0.5] * 8),
     }
