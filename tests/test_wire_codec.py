@@ -336,3 +336,25 @@ def test_typed_fields_are_checked_on_decode(spec: dict[str, Any], color: str, ma
     data = msgpack.packb({"v": 1, "t": "job", "spec": spec, "color": color}, use_bin_type=True)
     with pytest.raises(CodecError, match=match):
         TYPED.decode(data)
+
+
+@dataclass(frozen=True)
+class Pairs:
+    TAG: ClassVar[str] = "pairs"
+    bias: tuple[tuple[int, float], ...] = ()
+
+
+PAIRS = MessageCodec((Pairs,), schema_version=1, error=CodecError)
+
+
+def test_fixed_length_tuples_round_trip_and_are_checked() -> None:
+    """``tuple[int, float]`` (SamplingParams.logit_bias' pairs): exact length, each its own type."""
+    decoded = PAIRS.decode(PAIRS.encode(Pairs(((5, -1.5), (7, 2.0)))))
+    assert decoded == Pairs(((5, -1.5), (7, 2.0))) and isinstance(decoded.bias[0], tuple)
+    for bad, match in (
+        ([[5]], r"pairs.bias\[0\]: expected"),
+        ([["x", 1.0]], r"pairs.bias\[0\]\[0\]: expected int"),
+    ):
+        data = msgpack.packb({"v": 1, "t": "pairs", "bias": bad}, use_bin_type=True)
+        with pytest.raises(CodecError, match=match):
+            PAIRS.decode(data)

@@ -11,10 +11,12 @@ first token's top logprobs to D, which admits with them.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any, cast
 
 from splitwise.instance.handoff_state import DecodeState, PrefillState
 from splitwise.instance.transfer_metrics import TransferMetrics
+from splitwise.transfer import messages
 from splitwise.transfer.base import DONE
 from splitwise.transfer.errors import TransferTimeoutError
 from splitwise.transfer.messages import CancelRequest, PrefillResult, PrefillTask
@@ -201,6 +203,12 @@ def test_p_passes_ready_tokens_and_measures_from_the_first_write() -> None:
     run(scenario)
 
 
-def test_the_task_carries_the_typed_sampling_params() -> None:
-    task = PrefillTask(0, "r1", [1, 2], PARAMS, [3], "tcp", ENDPOINT)
-    assert task.sampling_params is PARAMS
+def test_the_task_carries_api_sampling_fields_through_the_one_codec() -> None:
+    """api's batched sampling fields (logit_bias pairs, allowed ids, ...) cross P<->D as the
+    engine's SamplingParams dataclass, through the codec (no to_wire dict on this path)."""
+    params = dataclasses.replace(
+        PARAMS, logit_bias=((5, -1.5), (7, 2.0)), allowed_token_ids=(1, 2, 3), top_logprobs=2
+    )
+    task = PrefillTask(0, "r1", [1, 2], params, [3], "tcp", ENDPOINT)
+    decoded = messages.decode(messages.encode(task))
+    assert decoded == task and decoded.sampling_params == params
