@@ -59,8 +59,11 @@ def test_check_block_ids() -> None:
 
 
 def _node(role: str, host: str, protocols: str) -> NodeInfo:
+    """Same-host detection compares ``host_id`` (ops, #17), so one host here means one host id."""
     kv = KVGeometry("float32", 4, 2, 2, 8)
-    return NodeInfo(f"{role}-{host}", role, host, 1, 2, "m", kv, list(parse_protocols(protocols)))
+    return NodeInfo(
+        f"{role}-{host}", role, host, 1, 2, "m", kv, list(parse_protocols(protocols)), host_id=f"boot-{host}"
+    )
 
 
 @pytest.mark.parametrize(
