@@ -192,6 +192,8 @@ def test_rdma_without_a_device_names_the_protocol_flag(tiny_model: Path) -> None
         "decode",
         "--cache-transfer-protocol",
         "rdma",
+        "--cluster-token",  # the rdma side channel needs the token first; without it Redis is asked
+        "test-token",
         "--port",
         "0",
         "--scheduler-port",
