@@ -42,7 +42,14 @@ BLOCK_TOKENS = [2, 8, 32, 128, 512, 2048]  # 4 KiB .. 4 MiB per block
 def geometry_for(block_tokens: int, total_bytes: int) -> KVCacheGeometry:
     bytes_per_block = block_tokens * NUM_KV_HEADS * HEAD_DIM * 2
     num_blocks = max(2, total_bytes // (2 * NUM_LAYERS * bytes_per_block))
-    return KVCacheGeometry(NUM_LAYERS, num_blocks, block_tokens, NUM_KV_HEADS, HEAD_DIM, DTYPE)
+    return KVCacheGeometry(
+        num_layers=NUM_LAYERS,
+        num_blocks=num_blocks,
+        block_size=block_tokens,
+        num_kv_heads=NUM_KV_HEADS,
+        head_dim=HEAD_DIM,
+        dtype=DTYPE,
+    )
 
 
 def d_process(protocol: str, geometry: KVCacheGeometry, pipe: Connection) -> None:

@@ -1,8 +1,7 @@
 """P's side of the rdma transport (TransportInitiator).
 
-Per connected peer: one lane (RC QP) per local NIC, a worker thread that turns queued
-``write_layer``/``finish`` calls into posted WRITEs (in call order), and a reader thread that takes
-D's RequestGrant and RequestResult messages off the TCP side channel.
+Per connected peer: one lane (RC QP) per local NIC, a worker thread turning queued ``write_layer``/
+``finish`` calls into posted WRITEs (in call order), and a reader thread for D's side-channel replies.
 
     write_layer  -> (worker) grant of the request from D (once) -> wait for the layer's ready
                  token -> coalesce_runs -> plan_layer -> stripe over lanes -> Lane.write
@@ -12,8 +11,7 @@ D's RequestGrant and RequestResult messages off the TCP side channel.
     RequestResult(ok) from D -> DONE          anything else -> FAILED (never DONE)
 
 Any completion error, timeout, lost side channel or ``abort_peer`` breaks the peer: its PENDING
-requests fail (the caller falls back), the worker drains what it posted and exits, and the next
-``connect`` re-creates the QPs with a new (authenticated) handshake.
+requests fail, the worker drains what it posted and exits; ``connect`` then re-handshakes.
 """
 
 from __future__ import annotations
@@ -62,6 +60,7 @@ from splitwise.transfer.errors import (
     TransferTimeoutError,
     UnexpectedBlocksError,
 )
+from splitwise.transfer.messages import Compatibility
 from splitwise.transfer.stream_initiator import count_down
 from splitwise.transfer.tracking import InitiatorRequests
 
@@ -164,23 +163,23 @@ class RdmaInitiator(TransportInitiator):
 
     def _handshake(self, peer_id: str, endpoint: Endpoint) -> _Peer:
         assert self._kv_cache is not None
-        if endpoint.get("protocol") != "rdma" or endpoint.get("schema") != messages.SCHEMA_VERSION:
+        if endpoint.protocol != "rdma" or endpoint.schema != messages.SCHEMA_VERSION:
             raise IncompatiblePeerError(
                 f"not an rdma endpoint of schema {messages.SCHEMA_VERSION}", peer=peer_id
             )
-        check_compatible(self._kv_cache.geometry, geometry_from_dict(endpoint["geometry"]), peer=peer_id)
+        check_compatible(self._kv_cache.geometry, endpoint.geometry, peer=peer_id)
         conns = [
             RcConnection(nic.device, nic.port, caps=self._caps, policy=self._policy) for nic in self._nics
         ]
         try:
             sock = socket.create_connection(
-                (endpoint["host"], endpoint["port"]), timeout=self.options.connect_timeout_s
+                (endpoint.host, endpoint.port), timeout=self.options.connect_timeout_s
             )
         except OSError as exc:
             for conn in conns:
                 conn.close()
             raise ConnectionLostError(
-                f"rdma side channel to {endpoint.get('host')}:{endpoint.get('port')}: {exc}", peer=peer_id
+                f"rdma side channel to {endpoint.host}:{endpoint.port}: {exc}", peer=peer_id
             ) from None
         try:
             reply = self._hello(sock, conns)
@@ -209,7 +208,7 @@ class RdmaInitiator(TransportInitiator):
             )
             for conn, nic, remote in zip(conns, self._nics, reply.lanes, strict=True)
         ]
-        self.counters.incr("peers_connected")
+        self.counters.inc("peers_connected")
         return _Peer(peer_id, sock, lanes, geometry_from_dict(reply.geometry))
 
     def _hello(self, sock: socket.socket, conns: list[RcConnection]) -> HelloReply:
@@ -222,6 +221,7 @@ class RdmaInitiator(TransportInitiator):
             client_id=self._initiator_id,
             domain=AUTH_DOMAIN,
             timeout_s=self.options.connect_timeout_s,
+            compat=Compatibility("", self._kv_cache.geometry),  # the hello below checks the geometry
         )
         sock.settimeout(self.options.connect_timeout_s)
         hello = Hello(
@@ -287,7 +287,7 @@ class RdmaInitiator(TransportInitiator):
             fence = _Job("fence", req_id)
             peer.jobs.put(fence)
             if not self._wait_fence(peer, fence):
-                self.counters.incr("forget_wait_timeouts")
+                self.counters.inc("forget_wait_timeouts")
                 self._break(peer, f"forget({req_id}): posted WRITEs did not drain in time")
                 raise TransferTimeoutError(
                     "posted RDMA WRITEs did not drain in time", req_id=req_id, peer=peer.peer_id
@@ -300,7 +300,7 @@ class RdmaInitiator(TransportInitiator):
             peer = self._peers.get(peer_id)
         if peer is None:
             return
-        self.counters.incr("peers_aborted")
+        self.counters.inc("peers_aborted")
         self._break(peer, f"aborted: {reason}")
         if peer.worker is not None and peer.worker is not threading.current_thread():
             peer.worker.join(timeout=self._completion_timeout_s + 1)
@@ -335,7 +335,7 @@ class RdmaInitiator(TransportInitiator):
                 elif self._requests.is_pending(job.req_id):  # else forgotten/failed: skip it
                     self._run(peer, job)
         except RdmaError as exc:
-            self.counters.incr("completion_errors")
+            self.counters.inc("completion_errors")
             self._break(peer, f"rdma: {exc}")
         except TransferError as exc:  # the side channel failed (grant request)
             self._break(peer, f"rdma side channel: {exc}")
@@ -362,7 +362,7 @@ class RdmaInitiator(TransportInitiator):
         )
         for lane, lane_ops in zip(peer.lanes, stripe(ops, len(peer.lanes)), strict=True):
             lane.write(lane_ops, req_id)
-        self.counters.incr("layers_posted")
+        self.counters.inc("layers_posted")
 
     def _is_cancelled(self, peer: _Peer, req_id: str) -> bool:
         return peer.broken is not None or not self._requests.is_pending(req_id)

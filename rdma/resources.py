@@ -261,7 +261,7 @@ def register_gpu_kv(
                 dmabuf_reason,
             )
             if counters is not None:
-                counters.incr("gpu_dmabuf_fallbacks")
+                counters.inc("gpu_dmabuf_fallbacks")
     regions: list[KvRegion] = []
     for device in devices:
         try:

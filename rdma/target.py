@@ -48,7 +48,8 @@ from splitwise.transfer.base import (
     geometry_to_dict,
 )
 from splitwise.transfer.errors import NotRegisteredError, TransferError, UnexpectedBlocksError
-from splitwise.transfer.tracking import Clock, TargetRequests
+from splitwise.transfer.messages import Compatibility
+from splitwise.transfer.tracking import AnyClock, TargetRequests
 
 log = get_logger("rdma")
 
@@ -91,7 +92,7 @@ class RdmaTarget(TransportTarget):
         policy: QPPolicy | None = None,
         backoff: Backoff | None = None,
         cuda_driver: CudaDriver | None = None,
-        clock: Clock = time.monotonic,
+        clock: AnyClock = time.monotonic,
     ) -> None:
         self.options = options
         self.counters = TransferCounters()
@@ -138,13 +139,13 @@ class RdmaTarget(TransportTarget):
     def endpoint(self) -> Endpoint:
         if self._kv_cache is None or self._listener is None:
             raise NotRegisteredError("rdma target: endpoint() before register()")
-        return {
-            "protocol": "rdma",
-            "host": self.options.host,
-            "port": self._listener.getsockname()[1],
-            "schema": messages.SCHEMA_VERSION,
-            "geometry": geometry_to_dict(self._kv_cache.geometry),
-        }
+        return Endpoint(
+            protocol="rdma",
+            host=self.options.host,
+            port=int(self._listener.getsockname()[1]),
+            geometry=self._kv_cache.geometry,
+            schema=messages.SCHEMA_VERSION,
+        )
 
     def expect(self, req_id: str, dst_block_ids: Sequence[int], timeout_s: float | None = None) -> None:
         if self._kv_cache is None:
@@ -182,7 +183,7 @@ class RdmaTarget(TransportTarget):
                     conn.qp.to_error()
             self._requests.connection_lost(initiator.conn_id, f"access of {peer_id} revoked")
             self._retire(initiator)
-        self.counters.incr("revokes")
+        self.counters.inc("revokes")
         log.warning("rdma: revoked an initiator's access", peer=peer_id, num_connections=len(victims))
         return True
 
@@ -225,7 +226,7 @@ class RdmaTarget(TransportTarget):
         except (TransferError, OSError, ConnectionError) as exc:
             # Bad token, garbage, an oversize length prefix, a slow client: refused and closed;
             # the target keeps serving everyone else.
-            self.counters.incr("handshakes_refused")
+            self.counters.inc("handshakes_refused")
             log.warning("rdma side channel refused", peer=address, reason=str(exc))
             sock.close()
             return
@@ -249,7 +250,12 @@ class RdmaTarget(TransportTarget):
         timeout_s = self.options.connect_timeout_s
         deadline = time.monotonic() + timeout_s  # for the whole handshake, not per read
         client_id = auth.serve_challenge(
-            sock, token=self._token, server_id=self.options.node_id, domain=AUTH_DOMAIN, timeout_s=timeout_s
+            sock,
+            token=self._token,
+            server_id=self.options.node_id,
+            domain=AUTH_DOMAIN,
+            timeout_s=timeout_s,
+            compat=Compatibility("", self._kv_cache.geometry),  # the hello below checks the geometry
         )
         sock.settimeout(max(0.001, deadline - time.monotonic()))
         hello = messages.recv_message(sock)
@@ -271,7 +277,7 @@ class RdmaTarget(TransportTarget):
         with self._lock:
             self._initiators.append(initiator)
         sock.settimeout(None)
-        self.counters.incr("initiators_connected")
+        self.counters.inc("initiators_connected")
         return initiator
 
     def _open_lanes(self, hello: Hello) -> tuple[list[RcConnection], list[TargetLane]]:
@@ -312,7 +318,7 @@ class RdmaTarget(TransportTarget):
         try:
             allowed = self._requests.admit(req_id, initiator.conn_id)
         except UnexpectedBlocksError as exc:
-            self.counters.incr("grants_refused")
+            self.counters.inc("grants_refused")
             self._reply(initiator, RequestGrant(req_id, False, str(exc), []))
             return
         self._reply(initiator, RequestGrant(req_id, True, "", sorted(allowed)))
@@ -360,7 +366,7 @@ class RdmaTarget(TransportTarget):
         with self._lock:
             req_id = self._by_tag.get(tag)
         if req_id is None:
-            self.counters.incr("notices_unexpected")
+            self.counters.inc("notices_unexpected")
             return
         # One-sided writes cannot be counted here; the notice is ordered after every WRITE of
         # every lane (RC order), so it is trusted like ipc's finish notice.

@@ -18,22 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from scheduler.errors import MessageDecodeError
+from splitwise.codes import PROTOCOLS, ROLES
+from splitwise.kv_geometry import KVGeometry as KVGeometry  # re-exported; nodes pair on kv.compat_key
 from splitwise.wire_codec import MessageCodec
 
 SCHEMA_VERSION = 2
-ROLES = ("mixed", "prefill", "decode")
-PROTOCOLS = ("ipc", "rdma", "tcp")
-
-
-@dataclass(frozen=True)
-class KVGeometry:
-    """Nodes pair only when model id and this geometry are equal (KV blocks must be byte-compatible)."""
-
-    dtype: str
-    block_size: int
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
 
 
 @dataclass(frozen=True)
@@ -66,8 +55,8 @@ class NodeInfo:
             )
 
     @property
-    def compat_key(self) -> tuple[str, KVGeometry]:
-        return (self.model_id, self.kv)
+    def compat_key(self) -> tuple[str, tuple[str, int, int, int, int]]:
+        return (self.model_id, self.kv.compat_key)
 
 
 @dataclass(frozen=True)

@@ -109,9 +109,7 @@ class NodeAgent:
 
     def _candidates_key(self) -> str:
         info = self.info
-        return self.keys.candidates(
-            group_id(info.model_id, dataclasses.astuple(info.kv)), ROLE_LETTERS[info.role]
-        )
+        return self.keys.candidates(group_id(info.model_id, info.kv.compat_key), ROLE_LETTERS[info.role])
 
     # --- lifecycle ------------------------------------------------------------------------------------
     async def start(self, node_info: NodeInfo) -> None:

@@ -8,7 +8,6 @@ the dispatch script checks the leases of the candidates it samples itself.
 
 from __future__ import annotations
 
-import dataclasses
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -52,7 +51,7 @@ def split_member(member: bytes | str) -> tuple[str, str]:
 
 
 def node_group(info: NodeInfo) -> str:
-    return group_id(info.model_id, dataclasses.astuple(info.kv))
+    return group_id(info.model_id, info.kv.compat_key)
 
 
 class ClusterView:
@@ -64,7 +63,7 @@ class ClusterView:
         self.nodes: dict[str, NodeState] = {}
         self._infos: dict[str, NodeInfo] = {}
         self._members: dict[str, list[str]] = {}
-        self._groups: dict[tuple[str, KVGeometry], tuple[CandidateGroup, int]] = {}
+        self._groups: dict[tuple[str, tuple[str, int, int, int, int]], tuple[CandidateGroup, int]] = {}
 
     async def refresh(self) -> dict[str, str]:
         """Re-read the leases (and descriptions of new nodes); returns {node_id: reason} for
@@ -105,7 +104,7 @@ class ClusterView:
 
     def _index(self) -> None:
         """Group the view once per refresh, so a dispatch never walks the whole cluster."""
-        by_key: dict[tuple[str, KVGeometry], dict[str, NodeState]] = defaultdict(dict)
+        by_key: dict[tuple[str, tuple[str, int, int, int, int]], dict[str, NodeState]] = defaultdict(dict)
         for node_id, state in self.nodes.items():
             by_key[state.info.compat_key][node_id] = state
         self._groups = {}
@@ -133,7 +132,9 @@ class ClusterView:
         out = [
             group
             for (group_model, group_kv), (group, last_expiry_ms) in self._groups.items()
-            if group_model == model_id and (kv is None or group_kv == kv) and last_expiry_ms > now_ms
+            if group_model == model_id
+            and (kv is None or group_kv == kv.compat_key)
+            and last_expiry_ms > now_ms
         ]
         return sorted(out, key=len, reverse=True)
 

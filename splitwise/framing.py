@@ -7,11 +7,14 @@ Frame layout::
     4       n     body (one encoded message, see ``splitwise.wire_codec``)
 
 Callers keep their own error vocabulary: ``recv_frame`` takes the exception for a bad length and
-the function that fills a buffer (which decides what EOF, a timeout or a socket error raise).
+the function that fills a buffer (which decides what EOF, a timeout or a socket error raise);
+``read_frame`` is the same frame read from an asyncio stream (the control channel), which raises
+``asyncio.IncompleteReadError`` / ``ConnectionError`` as they come.
 """
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import struct
 from collections.abc import Callable
@@ -47,3 +50,11 @@ def recv_frame(
     body = bytearray(length)
     fill(sock, memoryview(body))
     return bytes(body)
+
+
+async def read_frame(reader: asyncio.StreamReader, *, max_bytes: int, error: type[Exception]) -> bytes:
+    """``recv_frame`` on an asyncio stream."""
+    (length,) = LENGTH.unpack(await reader.readexactly(LENGTH.size))
+    if not 0 < length <= max_bytes:
+        raise error(f"frame length {length} outside 1..{max_bytes}")
+    return await reader.readexactly(length)

@@ -12,13 +12,17 @@ another schema version raises the boundary's error with the reason, never a half
 
 Field checks are compiled once per class from its type hints: a LayerWrite lists thousands of
 ints, so plain values (bool/int/str/bytes/Any/None and lists, dicts, unions of them) are checked
-with one predicate and kept as they are; only nested dataclasses and floats (an int becomes a
-float) are rebuilt. A failed predicate is re-walked to name the exact bad element in the error.
+with one predicate and kept as they are; only nested dataclasses, floats (an int becomes a float),
+tuples (``tuple[X, ...]``, a list on the wire) and enums (their value on the wire) are rebuilt. A
+failed predicate is re-walked to name the exact bad element in the error. A nested dataclass needs
+no registration: any frozen dataclass of supported field types (e.g. the engine's SamplingParams)
+travels as a map of its fields, so a field added to it travels with no converter to edit.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
@@ -100,7 +104,8 @@ class MessageCodec:
     def decode(self, data: bytes, expect: type | tuple[type, ...] | None = None) -> Any:
         """Parse one message; ``expect`` restricts the accepted classes (checked before the fields)."""
         try:
-            body = msgpack.unpackb(data, raw=False, strict_map_key=True)
+            # Non-str map keys are allowed (e.g. dict[int, float]); every key is type-checked below.
+            body = msgpack.unpackb(data, raw=False, strict_map_key=False)
         except Exception as exc:  # msgpack raises several unrelated types on garbage
             raise self.error(f"not msgpack, undecodable ({type(exc).__name__}: {exc})") from None
         if not isinstance(body, dict):
@@ -139,7 +144,7 @@ class MessageCodec:
         }
         try:
             return cls(**values)
-        except (TypeError, ValueError) as exc:  # __post_init__ validation of a decoded value
+        except Exception as exc:  # __post_init__ validation of a decoded value (any error type)
             raise self.error(f"invalid {where}: {exc}") from None
 
     # ------------------------------------------------------------------------------ compile
@@ -188,6 +193,16 @@ class MessageCodec:
             return _Compiled(None, self._to_float)
         if origin is list:
             return self._list(hint, self._compile(typing.get_args(hint)[0]))
+        if origin is tuple:
+            args = typing.get_args(hint)
+            if len(args) == 2 and args[1] is Ellipsis:
+                as_list = self._list(hint, self._compile(args[0])).convert
+                return _Compiled(None, lambda v, where: tuple(as_list(v, where)))
+            if not args or Ellipsis in args:
+                raise TypeError(f"unsupported field type {hint} (tuple[X, ...] or tuple[A, B, ...])")
+            return self._fixed_tuple(hint, [self._compile(arg) for arg in args])
+        if isinstance(hint, type) and issubclass(hint, enum.Enum):
+            return _Compiled(None, lambda v, where: self._to_enum(hint, v, where))
         if origin is dict:
             key_hint, value_hint = typing.get_args(hint)
             return self._dict(hint, self._compile(key_hint), self._compile(value_hint))
@@ -209,10 +224,30 @@ class MessageCodec:
 
         return _Compiled(check, convert)
 
+    def _to_enum(self, hint: type[enum.Enum], value: Any, where: str) -> enum.Enum:
+        try:
+            return hint(value)
+        except ValueError:
+            raise self.error(
+                f"{where}: {value!r} is not one of {[m.value for m in hint]} ({hint.__name__})"
+            ) from None
+
     def _to_float(self, value: Any, where: str) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             self._fail(float, value, where)
         return float(value)
+
+    def _fixed_tuple(self, hint: Any, items: list[_Compiled]) -> _Compiled:
+        """``tuple[A, B]``: a list of exactly that many elements, each of its own type."""
+
+        def convert(value: Any, where: str) -> Any:
+            if not isinstance(value, list) or len(value) != len(items):
+                raise self.error(f"{where}: expected {_hint_name(hint)}, got {value!r}")
+            return tuple(
+                item.convert(v, f"{where}[{i}]") for i, (item, v) in enumerate(zip(items, value, strict=True))
+            )
+
+        return _Compiled(None, convert)
 
     def _list(self, hint: Any, item: _Compiled) -> _Compiled:
         item_check = item.check
@@ -311,4 +346,6 @@ def _dataclass_to_map(value: Any) -> Any:
     (what ``dataclasses.asdict`` gives, without copying the plain values)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return value.value
     raise TypeError(f"cannot serialize {type(value).__name__}")

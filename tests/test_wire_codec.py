@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import socket
 import typing
 from dataclasses import dataclass, field
@@ -276,3 +277,84 @@ def test_frames_raise_connection_error_on_a_cut_frame_and_use_the_given_fill() -
     with socket.socket() as unused:
         assert recv_frame(unused, max_bytes=64, error=CodecError, fill=fill) == b"ok"
     assert calls == [4, 2]
+
+
+# --------------------------------------------------------------------------- tuples, enums, int keys
+
+
+class Color(enum.Enum):
+    RED = "red"
+    BLUE = "blue"
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A nested dataclass with defaults, like the engine's SamplingParams: never registered."""
+
+    stops: tuple[str, ...] = ()
+    bias: dict[int, float] = field(default_factory=dict)
+    color: Color = Color.RED
+
+    def __post_init__(self) -> None:
+        if any(not s for s in self.stops):
+            raise LookupError("stop strings must be non-empty")  # not a TypeError/ValueError
+
+
+@dataclass(frozen=True)
+class Job:
+    TAG: ClassVar[str] = "job"
+    spec: Spec
+    color: Color
+
+
+TYPED = MessageCodec((Job,), schema_version=1, error=CodecError)
+
+
+def test_tuples_enums_and_int_keyed_maps_round_trip() -> None:
+    job = Job(Spec(("a", "b"), {5: -1.5, 7: 2}, Color.BLUE), Color.RED)
+    decoded = TYPED.decode(TYPED.encode(job))
+    assert decoded == job
+    assert isinstance(decoded.spec.stops, tuple) and decoded.spec.bias == {5: -1.5, 7: 2.0}
+
+
+def test_a_nested_dataclass_may_omit_defaulted_fields() -> None:
+    data = msgpack.packb({"v": 1, "t": "job", "spec": {}, "color": "blue"}, use_bin_type=True)
+    assert TYPED.decode(data) == Job(Spec(), Color.BLUE)
+
+
+@pytest.mark.parametrize(
+    ("spec", "color", "match"),
+    [
+        ({"stops": ["a", 1]}, "red", r"job.spec.stops\[1\]: expected str"),
+        ({"bias": {"x": 1.0}}, "red", "job.spec.bias key 'x': expected int"),
+        ({}, "green", r"'green' is not one of \['red', 'blue'\] \(Color\)"),
+        ({"stops": [""]}, "red", "invalid job.spec: stop strings must be non-empty"),
+        ({"stops": "ab"}, "red", "job.spec.stops: expected"),
+    ],
+)
+def test_typed_fields_are_checked_on_decode(spec: dict[str, Any], color: str, match: str) -> None:
+    data = msgpack.packb({"v": 1, "t": "job", "spec": spec, "color": color}, use_bin_type=True)
+    with pytest.raises(CodecError, match=match):
+        TYPED.decode(data)
+
+
+@dataclass(frozen=True)
+class Pairs:
+    TAG: ClassVar[str] = "pairs"
+    bias: tuple[tuple[int, float], ...] = ()
+
+
+PAIRS = MessageCodec((Pairs,), schema_version=1, error=CodecError)
+
+
+def test_fixed_length_tuples_round_trip_and_are_checked() -> None:
+    """``tuple[int, float]`` (SamplingParams.logit_bias' pairs): exact length, each its own type."""
+    decoded = PAIRS.decode(PAIRS.encode(Pairs(((5, -1.5), (7, 2.0)))))
+    assert decoded == Pairs(((5, -1.5), (7, 2.0))) and isinstance(decoded.bias[0], tuple)
+    for bad, match in (
+        ([[5]], r"pairs.bias\[0\]: expected"),
+        ([["x", 1.0]], r"pairs.bias\[0\]\[0\]: expected int"),
+    ):
+        data = msgpack.packb({"v": 1, "t": "pairs", "bias": bad}, use_bin_type=True)
+        with pytest.raises(CodecError, match=match):
+            PAIRS.decode(data)

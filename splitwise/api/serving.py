@@ -39,6 +39,7 @@ from splitwise.api.errors import (
 from splitwise.api.metrics import ApiMetrics, RequestTimer
 from splitwise.api.protocol import SamplingRequest
 from splitwise.api.request_params import GrammarCheck, check_fields, logit_bias_pairs, structured_spec
+from splitwise.codes import FailureCode
 from splitwise.engine.errors import InvalidRequestError
 from splitwise.engine.prompt_logprobs import PromptLogprob
 from splitwise.engine.prompt_logprobs import from_wire as prompt_logprobs_from_wire
@@ -55,8 +56,8 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy endpoint
 MISSING_LOGPROB = -9999.0  # what vLLM reports for a logprob it does not have (JSON has no -inf)
 # Failure codes a node reports for a request that can never succeed as sent.
-_BAD_REQUEST_CODES = frozenset({"invalid_request", "bad_request", "prompt_too_long"})
-_UNAVAILABLE_CODES = frozenset({"no_capacity", "node_lost", "scheduler_closed"})
+_BAD_REQUEST_CODES = frozenset({FailureCode.INVALID_REQUEST})
+_UNAVAILABLE_CODES = frozenset({FailureCode.NO_CAPACITY, FailureCode.NODE_LOST, FailureCode.SCHEDULER_CLOSED})
 
 
 class FrontendBackend(Protocol):

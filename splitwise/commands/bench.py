@@ -456,8 +456,7 @@ def compare_cmd(**opts: Any) -> None:
 
     Default workload (docs/benchmarks.md says why): 1024-token random prompts with 128 output tokens
     on the built-in small model, 16 requests per rate, one torch thread per instance, SLO TTFT <= 5 s
-    and TPOT <= 150 ms (about 3x and 4x one request's unloaded latency on one core).
-    """
+    and TPOT <= 150 ms (about 3x and 4x one request's unloaded latency on one core)."""
     import shlex
 
     from splitwise.bench.compare import CompareConfig, markdown_table, run_compare

@@ -71,8 +71,6 @@ def _instance_config(opts: dict[str, Any]) -> Any:
         max_waiting_for_blocks=opts["max_waiting_for_blocks"],
         decode_headroom_tokens=opts["decode_headroom_tokens"],
         node_id=opts["node_id"],
-        debug_prefill_layer_delay_s=opts["debug_prefill_layer_delay_ms"] / 1000.0,
-        debug_step_delay_s=opts["debug_step_delay_ms"] / 1000.0,
         pipelined_transfer=not opts["debug_unpipelined_transfer"],
     )
 
@@ -257,21 +255,7 @@ def _check_model(model_dir: str, max_model_len: int | None) -> None:
     help="CPU threads for torch (default: torch's choice).",
 )
 @click.option("--node-id", default=None, help="Stable node id (default: role + random suffix).")
-# Hidden: tests and benchmarks only.
-@click.option(
-    "--debug-prefill-layer-delay-ms",
-    type=click.FloatRange(min=0),
-    default=0.0,
-    hidden=True,
-    help="Prefill: sleep this long per layer of a batch holding a remote request (failure tests).",
-)
-@click.option(
-    "--debug-step-delay-ms",
-    type=click.FloatRange(min=0),
-    default=0.0,
-    hidden=True,
-    help="Any role: sleep this long after every engine step (failure tests act mid-decode).",
-)
+# Hidden: a benchmark knob (bench/pd_ttft.py's baseline), not for tests to steer timing.
 @click.option(
     "--debug-unpipelined-transfer",
     is_flag=True,

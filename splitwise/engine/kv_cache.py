@@ -22,86 +22,19 @@ address from the peer's base address.
 
 from __future__ import annotations
 
-import functools
 import os
-from dataclasses import dataclass
 from multiprocessing import shared_memory
 
 import torch
 
-from splitwise.engine.config import DTYPES
+from splitwise.kv_geometry import KVGeometry
 
 KIND_K = 0
 KIND_V = 1
 
 
-@dataclass(frozen=True)
-class KVCacheGeometry:
-    """Shape of a KV cache. Two instances may exchange blocks only if their geometries match
-    except for ``num_blocks``."""
-
-    num_layers: int
-    num_blocks: int
-    block_size: int
-    num_kv_heads: int
-    head_dim: int
-    dtype: str  # key of config.DTYPES
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
-
-    @functools.cached_property
-    def itemsize(self) -> int:
-        # Cached: block_offset() is on the transports' hot path and torch.empty costs microseconds.
-        return torch.empty((), dtype=self.torch_dtype).element_size()
-
-    @functools.cached_property
-    def bytes_per_block(self) -> int:
-        return self.block_size * self.num_kv_heads * self.head_dim * self.itemsize
-
-    @property
-    def shape(self) -> tuple[int, int, int, int, int, int]:
-        return (self.num_layers, 2, self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
-
-    @property
-    def bytes_per_region(self) -> int:
-        return self.num_blocks * self.bytes_per_block
-
-    @property
-    def total_bytes(self) -> int:
-        return self.num_layers * 2 * self.bytes_per_region
-
-    def region_offset(self, layer: int, kind: int) -> int:
-        """Byte offset of (layer, kind) from the buffer base."""
-        return (layer * 2 + kind) * self.bytes_per_region
-
-    def block_offset(self, layer: int, kind: int, block_id: int) -> int:
-        """Byte offset of one block from the buffer base."""
-        return self.region_offset(layer, kind) + block_id * self.bytes_per_block
-
-    def compatible_with(self, other: KVCacheGeometry) -> bool:
-        return (self.num_layers, self.block_size, self.num_kv_heads, self.head_dim, self.dtype) == (
-            other.num_layers,
-            other.block_size,
-            other.num_kv_heads,
-            other.head_dim,
-            other.dtype,
-        )
-
-    @staticmethod
-    def blocks_for_memory(
-        memory_bytes: int, *, num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: str
-    ) -> int:
-        per_block_all_layers = (
-            2
-            * num_layers
-            * block_size
-            * num_kv_heads
-            * head_dim
-            * torch.empty((), dtype=DTYPES[dtype]).element_size()
-        )
-        return max(1, memory_bytes // per_block_all_layers)
+# The one geometry type (torch-free, shared with the scheduler and the transports).
+KVCacheGeometry = KVGeometry
 
 
 class KVCache:

@@ -7,11 +7,11 @@ import os
 from dataclasses import dataclass, field
 
 from scheduler.config import SchedulerConfig
+from splitwise.codes import PROTOCOLS as TRANSFER_PROTOCOLS
+from splitwise.codes import ROLES
 from splitwise.engine.config import EngineConfig
 from splitwise.instance.host_identity import is_wildcard
-from splitwise.transfer.registry import KNOWN_PROTOCOLS as TRANSFER_PROTOCOLS
 
-ROLES = ("mixed", "prefill", "decode")
 PD_FALLBACKS = ("local", "fail")
 
 
@@ -51,11 +51,8 @@ class InstanceConfig:
     transfer_timeout_s: float = 60.0
     max_waiting_for_blocks: int = 256  # decode: bounded queue of requests waiting for KV blocks
     decode_headroom_tokens: int = 16  # decode: reserve prompt + this many tokens of KV up front
-    # Hidden debug/benchmark knobs (prefill side): slow every layer of a batch with a remote
-    # request down (failure tests hit "mid-transfer" reliably), and ship all layers only after the
-    # prefill finished instead of layer by layer (bench/pd_ttft.py measures what pipelining hides).
-    debug_prefill_layer_delay_s: float = 0.0
-    debug_step_delay_s: float = 0.0  # any role: pause after every engine step (decode failure tests)
+    # Hidden benchmark knob (prefill side): ship all layers only after the prefill finished instead
+    # of layer by layer (bench/pd_ttft.py measures what pipelining hides).
     pipelined_transfer: bool = True
     node_id: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
@@ -96,12 +93,6 @@ class InstanceConfig:
             raise ValueError(f"--transfer-timeout: {self.transfer_timeout_s} must be > 0 seconds")
         if self.max_waiting_for_blocks < 1:
             raise ValueError(f"--max-waiting-for-blocks: {self.max_waiting_for_blocks} must be >= 1")
-        if self.debug_prefill_layer_delay_s < 0:
-            raise ValueError(
-                f"--debug-prefill-layer-delay-ms: {self.debug_prefill_layer_delay_s * 1000} must be >= 0"
-            )
-        if self.debug_step_delay_s < 0:
-            raise ValueError(f"--debug-step-delay-ms: {self.debug_step_delay_s * 1000} must be >= 0")
         for flag, value, high in (
             ("--rdma-gid-index", self.rdma_gid_index, 255),
             ("--rdma-traffic-class", self.rdma_traffic_class, 255),

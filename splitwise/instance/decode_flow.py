@@ -3,51 +3,67 @@
     reserve blocks (bounded wait) -> target.expect -> PrefillTask to P -> PrefillResult
     -> every layer landed? -> admit with the first token -> decode (NodeRuntime streams it)
 
-Failure (P unreachable, P reports failure, transfer failed or timed out): with ``--pd-fallback
-local`` the request is prefilled here instead, logged and counted; with ``fail`` it fails with
-an explicit error. The reservation of a failed transfer is released only once P can no longer
-write into it (P acknowledged the cancel, or P's connection is gone): one-sided writes (ipc,
-rdma) would otherwise land in blocks another request already uses.
+Each request has one ``DecodeRecord`` whose state (``handoff_state.DecodeState``) changes only
+through ``Transitions.move``; the events that end the remote prefill (P's result, P's failure, a
+lost peer, the transfer timeout, a cancel) are handled on the event loop as they arrive, each by
+one transition. Failure with ``--pd-fallback local``: the request is prefilled here instead, logged
+and counted; with ``fail`` it fails with an explicit error. The reservation of a request that left
+PREFILLING early is released only once P can no longer write into it (#11 fencing): P
+acknowledged the cancel, or, without an acknowledgement, the target revoked P's access; if even
+that cannot be confirmed the blocks are quarantined. One-sided writes (ipc, rdma) would otherwise
+land in blocks another request already uses.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import time
-from typing import Any
+import functools
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
 
+from scheduler.clock import SYSTEM_CLOCK, Clock
 from scheduler.messages import WorkItem
+from splitwise.counters import Counters
 from splitwise.engine.errors import EngineError, InvalidRequestError, OutOfBlocksError
 from splitwise.engine.outputs import RequestOutput
+from splitwise.engine.prompt_logprobs import PromptLogprob
 from splitwise.engine.prompt_logprobs import from_wire as prompt_logprobs_from_wire
 from splitwise.engine.sampling_params import SamplingParams
 from splitwise.engine.sequence import FinishReason
 from splitwise.errors import SplitwiseError
 from splitwise.instance.config import InstanceConfig
-from splitwise.instance.engine_worker import EngineWorker
-from splitwise.instance.pd_channel import PDChannel
+from splitwise.instance.handoff_state import (
+    DECODE_MOVES,
+    DECODE_OWNS_CLEANUP,
+    DecodeState,
+    Record,
+    Transitions,
+)
+from splitwise.instance.host_identity import advertised
+from splitwise.instance.pd_channel import Channel, Connection
 from splitwise.instance.transfer_metrics import TransferMetrics
 from splitwise.logging import get_logger
-from splitwise.transfer.base import TransferCounters, TransportTarget
-from splitwise.transfer.control_connection import ControlConnection
+from splitwise.transfer.base import TransportTarget
 from splitwise.transfer.messages import CallMessage, CancelRequest, PrefillFailed, PrefillResult, PrefillTask
 
 log = get_logger(__name__)
 
+T = TypeVar("T")
+# Runs a blocking transport call (forget, revoke) off the loop; tests run it inline.
+Offload = Callable[[Callable[[], Any]], Awaitable[Any]]
 _RESERVE_POLL_S = (0.005, 0.2)  # back-off bounds while waiting for free blocks (never a busy loop)
+S = DecodeState
+
+
+def _run_in_executor(fn: Callable[[], T]) -> Awaitable[T]:
+    return asyncio.get_running_loop().run_in_executor(None, fn)
 
 
 class PrefillUnavailable(SplitwiseError):
     """The remote prefill did not produce usable KV (P lost, refused, failed, or transfer failed)."""
 
     retryable = True
-
-
-class RequestCancelled(SplitwiseError):
-    """The frontend cancelled the request before it entered the running batch."""
-
-    retryable = False
 
 
 class PromptTooLargeError(InvalidRequestError):
@@ -63,22 +79,56 @@ class DecodeCapacityError(EngineError):
     retryable = True
 
 
-@dataclasses.dataclass
-class _Pending:
-    future: asyncio.Future[PrefillResult]
-    peer_id: str
-    started_s: float
+class DecodeWorker(Protocol):
+    """What the decode flow needs of the engine worker (``EngineWorker``; a fake in tests)."""
+
+    block_size: int
+    num_kv_blocks: int
+
+    async def validate_prompt(self, req_id: str, prompt_token_ids: list[int]) -> None: ...
+    async def reserve(self, req_id: str, num_tokens: int) -> list[int]: ...
+    async def release_reservation(self, req_id: str) -> None: ...
+    async def admit_prefilled(
+        self,
+        req_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        first_token_id: int,
+        first_logprob: float,
+        first_top_logprobs: list[tuple[int, float]] | None = None,
+        prompt_logprobs: list[PromptLogprob] | None = None,
+    ) -> asyncio.Queue[RequestOutput]: ...
+    def submit(
+        self, req_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> asyncio.Queue[RequestOutput]: ...
+
+
+@dataclass
+class DecodeRecord(Record[DecodeState]):
+    item: WorkItem | None = None
+    prompt: list[int] = field(default_factory=list)
+    params: SamplingParams = field(default_factory=SamplingParams)
+    protocol: str = "tcp"
+    block_ids: list[int] = field(default_factory=list)
+    started_s: float = 0.0
+    conn: Connection | None = None
+    result: PrefillResult | None = None
+    # Resolved by the transition that ends PREFILLING (whatever caused it): the driver wakes up.
+    prefill_ended: asyncio.Future[None] | None = None
+    local_outputs: asyncio.Queue[RequestOutput] | None = None  # FALLING_BACK: the local request
 
 
 class DecodeFlow:
     def __init__(
         self,
         config: InstanceConfig,
-        worker: EngineWorker,
-        channel: PDChannel,
+        worker: DecodeWorker,
+        channel: Channel,
         targets: dict[str, TransportTarget],
-        counters: TransferCounters,
+        counters: Counters,
         transfer_metrics: TransferMetrics | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        offload: Offload = _run_in_executor,
     ) -> None:
         self.config = config
         self.worker = worker
@@ -86,14 +136,12 @@ class DecodeFlow:
         self.targets = targets
         self.counters = counters
         self.transfer_metrics = transfer_metrics
+        self.clock = clock
+        self._offload = offload  # the target's forget / revoke (they may wait): off the loop
+        self.transitions = Transitions("decode", DECODE_MOVES, counters)
         # req_id -> what the transfer did (for the request's lifecycle record); read once by the runtime.
         self.last_transfer: dict[str, str] = {}
-        self._pending: dict[str, _Pending] = {}
-        # Requests between work item and admission (reserving, remote prefill): this flow owns their
-        # cleanup, because P may still write into their reserved blocks. ``_cancelled``: of those,
-        # the ones the frontend cancelled.
-        self._starting: set[str] = set()
-        self._cancelled: set[str] = set()
+        self.records: dict[str, DecodeRecord] = {}
         self.num_waiting_for_blocks = 0
         self._background: set[asyncio.Task[None]] = set()
 
@@ -102,66 +150,247 @@ class DecodeFlow:
     async def start_request(
         self, item: WorkItem, prompt: list[int], params: SamplingParams
     ) -> asyncio.Queue[RequestOutput]:
-        req_id = item.req_id
-        self._starting.add(req_id)
+        """Run the hand-off up to admission; the returned queue carries the request's outputs
+        (a lone ABORT output when it was cancelled before decoding)."""
+        a = item.assignment
+        rec = DecodeRecord(
+            item.req_id,
+            S.RESERVING,
+            peer_id=a.prefill_node_id,
+            item=item,
+            prompt=prompt,
+            params=params,
+            protocol=a.protocol or "tcp",
+        )
+        if item.req_id in self.records:
+            raise EngineError("request is already being handed off here", req_id=item.req_id)
+        self.records[item.req_id] = rec
         try:
-            return await self._start(item, prompt, params)
-        except RequestCancelled:
+            outputs = await self._drive(rec)
+        except BaseException as exc:
+            if rec.is_in(S.RESERVING, S.LANDED):
+                self.transitions.move(rec, S.FAILED, "refused", str(exc) or type(exc).__name__)
+            elif rec.is_in(S.PREFILLING):  # the runtime is closing: stop P, then release
+                self._end_prefill(rec, S.CANCELLING, "shutdown", "instance shutting down")
+                self._retire(rec)
+            raise
+        finally:
+            self._forget_if_ended(rec)
+        if outputs is None:
             log.info("request cancelled before decoding; nothing runs for it here")
             out_q: asyncio.Queue[RequestOutput] = asyncio.Queue()
-            out_q.put_nowait(RequestOutput(req_id=req_id, finish_reason=FinishReason.ABORT))
+            out_q.put_nowait(RequestOutput(req_id=rec.req_id, finish_reason=FinishReason.ABORT))
             return out_q
-        finally:
-            self._starting.discard(req_id)
-            self._cancelled.discard(req_id)
+        return outputs
 
-    async def _start(
-        self, item: WorkItem, prompt: list[int], params: SamplingParams
-    ) -> asyncio.Queue[RequestOutput]:
-        req_id = item.req_id
-        await self.worker.call(lambda e: e.validate_prompt(prompt, req_id=req_id))
-        block_ids = await self._reserve(req_id, self._reservation_tokens(req_id, len(prompt)))
-        if req_id in self._cancelled:  # cancelled while reserving: nobody was told about the blocks
-            await self.worker.call(lambda e: e.release_reservation(req_id))
-            raise RequestCancelled("cancelled while waiting for KV blocks")
-        started = time.monotonic()
-        try:
-            first = await self._remote_prefill(item, prompt, params, block_ids)
-        except RequestCancelled:
-            raise  # _remote_prefill retires the reservation once P stopped writing
-        except (PrefillUnavailable, SplitwiseError) as exc:
-            if req_id in self._cancelled:
-                raise RequestCancelled("cancelled during the remote prefill") from None
-            self._starting.discard(req_id)  # from the submit on, the engine owns it (abort works)
-            return await self._fallback(item, prompt, params, exc)
-        self.counters.incr("transfers_ok")
-        self.counters.incr("transfer_latency_ms", int((time.monotonic() - started) * 1000))
-        if self.transfer_metrics is not None:
-            num_prompt_blocks = -(-len(prompt) // self.worker.engine.config.block_size)
-            self.transfer_metrics.landed(
-                item.assignment.protocol or "tcp", time.monotonic() - started, num_prompt_blocks
+    def cancel(self, req_id: str) -> bool:
+        """The frontend cancelled ``req_id``. True when this flow owns its cleanup (not admitted
+        yet); False when the engine has it and an engine abort frees its blocks."""
+        rec = self.records.get(req_id)
+        if rec is None or rec.state not in DECODE_OWNS_CLEANUP:
+            return False
+        if rec.is_in(S.RESERVING, S.LANDED):
+            self.transitions.move(rec, S.CANCELLED, "cancel", "cancelled by the frontend")
+        elif rec.is_in(S.PREFILLING):
+            self._end_prefill(rec, S.CANCELLING, "cancel", "cancelled by the frontend")
+        return True  # CANCELLING / FAILING: already on their way out, nothing more to do
+
+    # -- events from P (event loop) -----------------------------------------------------------
+
+    def on_message(self, conn: Connection, message: CallMessage) -> None:
+        rec = self.records.get(message.req_id)
+        if rec is None or not rec.is_in(S.PREFILLING):
+            self.counters.inc("late_prefill_replies")
+            return
+        if isinstance(message, PrefillResult):
+            self._on_prefill_result(rec, message)
+        elif isinstance(message, PrefillFailed):
+            self._end_prefill(
+                rec, self._failure_state(), "prefill_failed", f"prefill node failed: {message.reason}"
             )
-        landed_ms = round((time.monotonic() - started) * 1000, 1)
+
+    def on_peer_lost(self, peer_id: str) -> None:
+        for rec in list(self.records.values()):
+            if rec.peer_id == peer_id and rec.is_in(S.PREFILLING):
+                self._end_prefill(
+                    rec,
+                    self._failure_state(),
+                    "peer_lost",
+                    f"lost the control connection to prefill node {peer_id}",
+                )
+
+    def _on_prefill_result(self, rec: DecodeRecord, result: PrefillResult) -> None:
+        status = self.targets[rec.protocol].poll(rec.req_id)
+        if not status.is_done:
+            reason = f"KV transfer not complete: {status.state.value} {status.reason or ''}".strip()
+            self._end_prefill(rec, self._failure_state(), "not_landed", reason)
+            return
+        rec.result = result
+        self._end_prefill(rec, S.LANDED, "landed")
+
+    def _on_timeout(self, rec: DecodeRecord) -> None:
+        if rec.is_in(S.PREFILLING):
+            reason = f"no prefill result within {self.config.transfer_timeout_s}s"
+            self._end_prefill(rec, self._failure_state(), "timeout", reason)
+
+    def _end_prefill(self, rec: DecodeRecord, new: DecodeState, event: str, reason: str = "") -> None:
+        """The one way out of PREFILLING. A fallback queues the local prefill in the same step (an
+        abort sent from now on follows it). Leaving early hands the reservation to ``_retire``,
+        which stops the target accepting writes (``forget`` may wait for a payload being received,
+        so it runs off the loop) and fences P before the blocks go back."""
+        self.transitions.move(rec, new, event, reason)
+        if new is S.FALLING_BACK:
+            rec.local_outputs = self._fall_back(rec)
+        if rec.prefill_ended is not None and not rec.prefill_ended.done():
+            rec.prefill_ended.set_result(None)
+
+    def _failure_state(self) -> DecodeState:
+        return S.FALLING_BACK if self.config.pd_fallback == "local" else S.FAILING
+
+    # -- the driver (one coroutine per request) -----------------------------------------------
+
+    async def _drive(self, rec: DecodeRecord) -> asyncio.Queue[RequestOutput] | None:
+        await self.worker.validate_prompt(rec.req_id, rec.prompt)
+        num_tokens = self._reservation_tokens(rec.req_id, len(rec.prompt))
+        if not await self._reserve(rec, num_tokens):
+            return None
+        self.transitions.move(rec, S.PREFILLING, "reserved")
+        await self._remote_prefill(rec)
+        if rec.result is not None:  # it landed (LANDED, or CANCELLED from LANDED)
+            return await self._admit(rec)
+        self._retire(rec)
+        if rec.is_in(S.FALLING_BACK):
+            assert rec.local_outputs is not None
+            return rec.local_outputs
+        if rec.is_in(S.FAILING):
+            raise PrefillUnavailable(f"remote prefill failed: {rec.reason}")
+        return None  # CANCELLING
+
+    def _reservation_tokens(self, req_id: str, num_prompt_tokens: int) -> int:
+        """Prompt + headroom, capped at the whole cache. A prompt that can never fit fails now
+        instead of waiting for blocks forever."""
+        bs, num_blocks = self.worker.block_size, self.worker.num_kv_blocks
+        capacity_tokens = num_blocks * bs
+        if num_prompt_tokens + 1 > capacity_tokens:  # the prompt and the first token's slot
+            raise PromptTooLargeError(
+                f"request needs {-(-(num_prompt_tokens + 1) // bs)} KV blocks but this decode node's whole "
+                f"cache has {num_blocks}; raise --num-kv-blocks / KV cache memory or shorten the request",
+                req_id=req_id,
+            )
+        return min(num_prompt_tokens + self.config.decode_headroom_tokens, capacity_tokens)
+
+    async def _reserve(self, rec: DecodeRecord, num_tokens: int) -> bool:
+        """Reserve KV blocks, waiting (bounded queue, backing off) while the node is full. False:
+        cancelled meanwhile (no block is left reserved then)."""
+        if self.num_waiting_for_blocks >= self.config.max_waiting_for_blocks:
+            raise DecodeCapacityError(
+                f"{self.num_waiting_for_blocks} requests already wait for KV blocks on this decode node",
+                req_id=rec.req_id,
+            )
+        delay = _RESERVE_POLL_S[0]
+        self.num_waiting_for_blocks += 1
+        try:
+            while rec.is_in(S.RESERVING):
+                try:
+                    rec.block_ids = await self.worker.reserve(rec.req_id, num_tokens)
+                except OutOfBlocksError:
+                    self.counters.inc("reserve_waits")
+                    await self.clock.sleep(delay)
+                    delay = min(delay * 2, _RESERVE_POLL_S[1])
+                    continue
+                if rec.is_in(S.RESERVING):
+                    return True
+                # Cancelled while the reservation was being made: nobody was told about the blocks.
+                await self.worker.release_reservation(rec.req_id)
+            return False
+        finally:
+            self.num_waiting_for_blocks -= 1
+
+    async def _remote_prefill(self, rec: DecodeRecord) -> None:
+        """Tell the target what to expect, send the task to P, and wait for the transition that
+        ends PREFILLING (result, failure, lost peer, timeout or cancel)."""
+        target = self.targets.get(rec.protocol)
+        if target is None:
+            self._end_prefill(
+                rec,
+                self._failure_state(),
+                "refused",
+                f"this decode node offers no {rec.protocol!r} transport",
+            )
+            return
+        dst = rec.block_ids[: -(-len(rec.prompt) // self.worker.block_size)]
+        loop = asyncio.get_running_loop()
+        rec.prefill_ended = loop.create_future()
+        rec.started_s = self.clock.monotonic()
+        target.expect(rec.req_id, dst, timeout_s=self.config.transfer_timeout_s)
+        timer = loop.create_task(self._time_out(rec), name=f"handoff-timeout-{rec.req_id}")
+        # Sending runs beside the wait: a cancel or a lost peer ends PREFILLING even while P has
+        # not acknowledged the task yet (a wedged P must not hold the request for a call timeout).
+        sender = loop.create_task(self._send_task(rec, target, dst), name=f"handoff-send-{rec.req_id}")
+        self._background.add(sender)
+        sender.add_done_callback(self._background.discard)
+        try:
+            await rec.prefill_ended
+        finally:
+            timer.cancel()
+
+    async def _send_task(self, rec: DecodeRecord, target: TransportTarget, dst: list[int]) -> None:
+        assert rec.item is not None
+        a = rec.item.assignment
+        try:
+            rec.conn = await self.channel.connection_to(
+                a.prefill_node_id, a.prefill_host, a.prefill_pd_comm_port
+            )
+            if rec.is_in(S.PREFILLING):
+                task = PrefillTask(
+                    call_id=0,
+                    req_id=rec.req_id,
+                    prompt_token_ids=rec.prompt,
+                    sampling_params=rec.params,
+                    dst_block_ids=dst,
+                    protocol=rec.protocol,
+                    endpoint=advertised(target.endpoint(), self.config.advertised_host),
+                )
+                await self.channel.call(rec.conn, task)
+        except SplitwiseError as exc:
+            if rec.is_in(S.PREFILLING):  # else a cancel or a reply got there first
+                self._end_prefill(rec, self._failure_state(), "unreachable", str(exc))
+
+    async def _time_out(self, rec: DecodeRecord) -> None:
+        await self.clock.sleep(self.config.transfer_timeout_s)
+        self._on_timeout(rec)
+
+    async def _admit(self, rec: DecodeRecord) -> asyncio.Queue[RequestOutput] | None:
+        assert rec.item is not None and rec.result is not None
+        # Every write landed (the target said DONE): forget returns at once, but it may lock.
+        await self._offload(functools.partial(self.targets[rec.protocol].forget, rec.req_id))
+        a = rec.item.assignment
+        elapsed_s = self.clock.monotonic() - rec.started_s
+        self.counters.inc("transfers_ok")
+        self.counters.inc("transfer_latency_ms", int(elapsed_s * 1000))
+        num_prompt_blocks = -(-len(rec.prompt) // self.worker.block_size)
+        if self.transfer_metrics is not None:
+            self.transfer_metrics.landed(rec.protocol, elapsed_s, num_prompt_blocks)
+        landed_ms = round(elapsed_s * 1000, 1)
         log.info(
             "remote prefill landed",
-            peer=item.assignment.prefill_node_id,
-            protocol=item.assignment.protocol,
-            num_blocks=len(block_ids),
+            peer=a.prefill_node_id,
+            protocol=rec.protocol,
+            num_blocks=len(rec.block_ids),
             ms=landed_ms,
         )
-        self.last_transfer[req_id] = (
-            f"protocol={item.assignment.protocol} blocks={len(block_ids)} ms={landed_ms}"
-        )
-        if req_id in self._cancelled:  # every write landed, so the blocks can go back at once
-            await self.worker.call(lambda e: e.release_reservation(req_id))
-            raise RequestCancelled("cancelled once the remote prefill had landed")
-        out_q = self.worker.attach(req_id)
-
-        def admit(engine: Any) -> None:
-            first_out = engine.add_prefilled_request(
-                req_id,
-                prompt,
-                params,
+        self.last_transfer[rec.req_id] = f"protocol={rec.protocol} blocks={len(rec.block_ids)} ms={landed_ms}"
+        if rec.is_in(S.CANCELLED):  # cancelled once landed: every write is in, the blocks go back now
+            await self.worker.release_reservation(rec.req_id)
+            return None
+        # No await between these two: a cancel from now on is an engine abort, queued after admit.
+        self.transitions.move(rec, S.ADMITTED, "admitted")
+        first = rec.result
+        try:
+            return await self.worker.admit_prefilled(
+                rec.req_id,
+                rec.prompt,
+                rec.params,
                 first.first_token_id,
                 first.logprob,
                 list(zip(first.top_token_ids, first.top_logprobs, strict=True)),
@@ -169,182 +398,87 @@ class DecodeFlow:
                     first.prompt_logprobs, first.prompt_top_token_ids, first.prompt_top_logprobs
                 ),
             )
-            self.worker.deliver_from_engine_thread([first_out])
-
-        # No await between these two: a cancel from now on is an engine abort, queued after admit.
-        self._starting.discard(req_id)
-        await self.worker.call(admit)
-        return out_q
-
-    def cancel(self, req_id: str) -> bool:
-        """The frontend cancelled ``req_id``. True when this flow owns its cleanup (not admitted
-        yet); False when the engine has it and an engine abort frees its blocks."""
-        if req_id not in self._starting:
-            return False
-        self._cancelled.add(req_id)
-        pending = self._pending.get(req_id)
-        if pending is not None and not pending.future.done():
-            pending.future.set_exception(RequestCancelled("cancelled by the frontend"))
-        return True
-
-    # -- messages from P (event loop) ---------------------------------------------------------
-
-    def on_message(self, conn: ControlConnection, message: CallMessage) -> None:
-        pending = self._pending.get(message.req_id)
-        if pending is None or pending.future.done():
-            self.counters.incr("late_prefill_replies")
-            return
-        if isinstance(message, PrefillResult):
-            pending.future.set_result(message)
-        elif isinstance(message, PrefillFailed):
-            pending.future.set_exception(PrefillUnavailable(f"prefill node failed: {message.reason}"))
-
-    def on_peer_lost(self, peer_id: str) -> None:
-        for pending in self._pending.values():
-            if pending.peer_id == peer_id and not pending.future.done():
-                pending.future.set_exception(
-                    PrefillUnavailable(f"lost the control connection to prefill node {peer_id}")
-                )
-
-    # -- steps --------------------------------------------------------------------------------
-
-    def _reservation_tokens(self, req_id: str, num_prompt_tokens: int) -> int:
-        """Prompt + headroom, capped at the whole cache. A prompt that can never fit fails now
-        instead of waiting for blocks forever."""
-        bm = self.worker.engine.block_manager  # its size never changes: safe to read off the engine thread
-        capacity_tokens = bm.num_blocks * bm.block_size
-        if num_prompt_tokens + 1 > capacity_tokens:  # the prompt and the first token's slot
-            raise PromptTooLargeError(
-                f"request needs {bm.num_blocks_for(num_prompt_tokens + 1)} KV blocks but this decode node's whole "
-                f"cache has {bm.num_blocks}; raise --num-kv-blocks / KV cache memory or shorten the request",
-                req_id=req_id,
-            )
-        return min(num_prompt_tokens + self.config.decode_headroom_tokens, capacity_tokens)
-
-    async def _reserve(self, req_id: str, num_tokens: int) -> list[int]:
-        """Reserve KV blocks, waiting (bounded queue, backing off) while the node is full."""
-        if self.num_waiting_for_blocks >= self.config.max_waiting_for_blocks:
-            raise DecodeCapacityError(
-                f"{self.num_waiting_for_blocks} requests already wait for KV blocks on this decode node",
-                req_id=req_id,
-            )
-        delay = _RESERVE_POLL_S[0]
-        self.num_waiting_for_blocks += 1
-        try:
-            while True:
-                if req_id in self._cancelled:
-                    raise RequestCancelled("cancelled while waiting for KV blocks")
-                try:
-                    return await self.worker.call(lambda e: e.reserve(req_id, num_tokens))
-                except OutOfBlocksError:
-                    self.counters.incr("reserve_waits")
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, _RESERVE_POLL_S[1])
-        finally:
-            self.num_waiting_for_blocks -= 1
-
-    async def _remote_prefill(
-        self, item: WorkItem, prompt: list[int], params: SamplingParams, block_ids: list[int]
-    ) -> PrefillResult:
-        a = item.assignment
-        req_id = item.req_id
-        protocol = a.protocol or "tcp"
-        target = self.targets.get(protocol)
-        if target is None:
-            raise PrefillUnavailable(f"this decode node offers no {protocol!r} transport")
-        num_prompt_blocks = -(-len(prompt) // self.worker.engine.config.block_size)
-        dst = block_ids[:num_prompt_blocks]
-        target.expect(req_id, dst, timeout_s=self.config.transfer_timeout_s)
-        future: asyncio.Future[PrefillResult] = asyncio.get_running_loop().create_future()
-        self._pending[req_id] = _Pending(future, a.prefill_node_id, time.monotonic())
-        conn: ControlConnection | None = None
-        try:
-            conn = await self.channel.connection_to(a.prefill_node_id, a.prefill_host, a.prefill_pd_comm_port)
-            task = PrefillTask(
-                call_id=0,
-                req_id=req_id,
-                prompt_token_ids=prompt,
-                sampling_params=_params_dict(params),
-                dst_block_ids=dst,
-                protocol=protocol,
-                endpoint=target.endpoint(),
-            )
-            await self.channel.call(conn, task)
-            result = await asyncio.wait_for(future, self.config.transfer_timeout_s)
-            status = target.poll(req_id)
-            if not status.is_done:
-                raise PrefillUnavailable(
-                    f"KV transfer not complete: {status.state.value} {status.reason or ''}".strip()
-                )
-            target.forget(req_id)
-            return result
-        except BaseException:
-            target.forget(req_id)
-            self._retire_reservation(req_id, conn, target, a.prefill_node_id)
+        except EngineError:
+            await self.worker.release_reservation(rec.req_id)  # not admitted: nothing else frees it
             raise
-        finally:
-            self._pending.pop(req_id, None)
 
-    async def _fallback(
-        self, item: WorkItem, prompt: list[int], params: SamplingParams, exc: BaseException
-    ) -> asyncio.Queue[RequestOutput]:
-        self.counters.incr("transfer_failures")
-        protocol = item.assignment.protocol or "tcp"
+    def _fall_back(self, rec: DecodeRecord) -> asyncio.Queue[RequestOutput]:
+        self.counters.inc("transfer_failures")
+        self.counters.inc("fallbacks")
         if self.transfer_metrics is not None:
-            self.transfer_metrics.failed(protocol, type(exc).__name__)
-        if self.config.pd_fallback == "fail":
-            log.warning("remote prefill failed; failing the request (--pd-fallback fail)", error=str(exc))
-            raise PrefillUnavailable(f"remote prefill failed: {exc}") from None
-        self.counters.incr("fallbacks")
-        if self.transfer_metrics is not None:
-            self.transfer_metrics.fell_back(protocol)
+            self.transfer_metrics.failed(rec.protocol, rec.history[-1][0])
+            self.transfer_metrics.fell_back(rec.protocol)
         log.warning(
             "remote prefill failed; prefilling locally (--pd-fallback local)",
-            error=str(exc),
-            peer=item.assignment.prefill_node_id,
+            error=rec.reason,
+            peer=rec.peer_id,
         )
-        return self.worker.submit(item.req_id, prompt, params)
+        return self.worker.submit(rec.req_id, rec.prompt, rec.params)
 
-    def _retire_reservation(
-        self, req_id: str, conn: ControlConnection | None, target: TransportTarget, peer_id: str
-    ) -> None:
-        """Release the reservation once P can no longer write into it."""
+    def _retire(self, rec: DecodeRecord) -> None:
+        """Release the reservation once P can no longer write into it, then end the record (#11
+        fencing). P acknowledges a CancelRequest only after its transport's ``forget`` returned, so
+        an Ack means nothing more lands: release (``p_stopped``). No Ack (P gone, wedged, or the
+        connection was already closed): ``revoke`` P's access on the target first (rdma: its QPs
+        to ERROR) and release once it confirms (``revoked``); unconfirmable (ipc with a wedged P):
+        the blocks stay reserved for good (QUARANTINED, ``reservations_quarantined``)."""
+        if rec.is_in(S.FAILING):
+            self.counters.inc("transfer_failures")
+            if self.transfer_metrics is not None:
+                self.transfer_metrics.failed(rec.protocol, rec.history[-1][0])
+            log.warning("remote prefill failed; failing the request (--pd-fallback fail)", error=rec.reason)
+        end = {S.CANCELLING: S.CANCELLED, S.FALLING_BACK: S.FELL_BACK, S.FAILING: S.FAILED}[rec.state]
 
         async def retire() -> None:
-            confirmed = conn is None  # no PrefillTask went out: P was never told about the blocks
-            if conn is not None and not conn.is_closed:
-                try:
-                    # P acks only after its transport's forget() returned: nothing more lands (#11).
-                    await self.channel.call(
-                        conn, CancelRequest(call_id=0, req_id=req_id, reason="decode gave up")
-                    )
-                    confirmed = True
-                except SplitwiseError as exc:
-                    # No answer: P is gone or wedged. Closing the connection is what makes P stop.
-                    log.warning(
-                        "prefill node did not confirm the cancel; closing its connection", error=str(exc)
-                    )
-                    conn.close("cancel not confirmed")
-            if not confirmed:
-                # #11 fencing: no acknowledgement, so cut P's transport access (rdma: its QPs to
-                # ERROR) before the blocks go back; unconfirmable (ipc, wedged P): quarantine them.
-                fenced = await asyncio.get_running_loop().run_in_executor(None, target.revoke, peer_id)
-                if not fenced:
-                    self.counters.incr("reservations_quarantined")
-                    log.error("could not fence the prefill node; KV blocks stay reserved", peer=peer_id)
+            target = self.targets.get(rec.protocol)
+            if target is not None:
+                await self._offload(functools.partial(target.forget, rec.req_id))
+            if not await self._p_confirmed_stop(rec):
+                if target is not None and not await self._offload(
+                    functools.partial(target.revoke, rec.peer_id)
+                ):
+                    self.counters.inc("reservations_quarantined")
+                    log.error("could not fence the prefill node; KV blocks stay reserved", peer=rec.peer_id)
+                    self.transitions.move(rec, S.QUARANTINED, "unfenced", "revoke not confirmed")
+                    self._forget_if_ended(rec)
                     return
+                event = "revoked"
+            else:
+                event = "p_stopped"
             try:
-                await self.worker.call(lambda e: e.release_reservation(req_id))
-            except EngineError:
-                pass  # already released (e.g. the request was aborted meanwhile)
+                await self.worker.release_reservation(rec.req_id)
+            finally:
+                self.transitions.move(rec, end, event)
+                self._forget_if_ended(rec)
 
-        task = asyncio.get_running_loop().create_task(retire())
+        task = asyncio.get_running_loop().create_task(retire(), name=f"handoff-retire-{rec.req_id}")
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    async def _p_confirmed_stop(self, rec: DecodeRecord) -> bool:
+        """True when P can no longer write for ``rec``: it was never sent the task (no connection
+        yet), or it acknowledged the cancel (after its ``forget``). False otherwise; the
+        connection is then closed, which is what makes a live P stop."""
+        conn = rec.conn
+        if conn is None:
+            return True  # no PrefillTask went out: P was never told about the blocks
+        if conn.is_closed:
+            return False
+        try:
+            await self.channel.call(
+                conn, CancelRequest(call_id=0, req_id=rec.req_id, reason="decode gave up")
+            )
+            return True
+        except SplitwiseError as exc:
+            log.warning("prefill node did not confirm the cancel; closing its connection", error=str(exc))
+            await self.channel.close_connection(conn, "cancel not confirmed")
+            return False
 
-def _params_dict(params: SamplingParams) -> dict[str, Any]:
-    raw = dataclasses.asdict(params)
-    raw["stop"] = list(params.stop)
-    raw["stop_token_ids"] = list(params.stop_token_ids)
-    return raw
+    def _forget_if_ended(self, rec: DecodeRecord) -> None:
+        if not self.transitions.moves[rec.state] and self.records.get(rec.req_id) is rec:
+            del self.records[rec.req_id]
+
+    async def close(self) -> None:
+        """Wait for the background retirements (bounded by the channel's call timeout)."""
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)

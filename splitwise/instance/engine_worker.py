@@ -4,8 +4,9 @@ The engine is single-threaded and compute-bound, the HTTP server and the schedul
 asyncio. The worker thread owns the engine; everything else talks to it through two doors:
 
 - ``submit`` / ``abort``: a request's outputs arrive on its own ``asyncio.Queue``;
-- ``call(fn)``: run ``fn(engine)`` on the engine thread between two steps (reserve blocks, admit
-  a prefilled request, release a prefill) and await its result.
+- ``call(fn)``: run ``fn(engine)`` on the engine thread between two steps and await its result;
+  the P/D flows use the named wrappers (``validate_prompt``, ``reserve``, ``release_reservation``,
+  ``admit_prefilled``, ``release_prefill``) and never see the engine object.
 
 Loop: drain commands -> step (if there is work) -> deliver outputs. When idle it blocks on the
 command queue (no busy loop). This thread is the engine's error boundary: a bug inside
@@ -17,14 +18,15 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from splitwise.engine.engine import LLMEngine
 from splitwise.engine.errors import EngineError, UnknownRequestError
+from splitwise.engine.model_runner import LayerCallback
 from splitwise.engine.outputs import RequestOutput
+from splitwise.engine.prompt_logprobs import PromptLogprob
 from splitwise.engine.sampling_params import SamplingParams
 from splitwise.engine.sequence import FinishReason
 from splitwise.instance.request_stats import RequestStats
@@ -49,13 +51,11 @@ class LoadSnapshot:
 
 
 class EngineWorker:
-    def __init__(
-        self, engine: LLMEngine, loop: asyncio.AbstractEventLoop, *, step_delay_s: float = 0.0
-    ) -> None:
+    def __init__(self, engine: LLMEngine, loop: asyncio.AbstractEventLoop) -> None:
         self.engine = engine
-        # Debug only (--debug-step-delay-ms): a pause after every step, so failure tests can act
-        # while a request is observably mid-decode.
-        self._step_delay_s = step_delay_s
+        # Fixed at start-up, so safe to read from the loop without a hop to the engine thread.
+        self.block_size: int = engine.config.block_size
+        self.num_kv_blocks: int = engine.block_manager.num_blocks
         self._loop = loop
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._queues: dict[str, asyncio.Queue[RequestOutput]] = {}
@@ -139,6 +139,72 @@ class EngineWorker:
         """For code running inside ``call``: hand outputs to their queues."""
         self._deliver(outputs)
 
+    # -- the disaggregation calls (each one hop to the engine thread) --------------------------
+
+    async def validate_prompt(self, req_id: str, prompt_token_ids: list[int]) -> None:
+        await self.call(lambda e: e.validate_prompt(prompt_token_ids, req_id=req_id))
+
+    async def reserve(self, req_id: str, num_tokens: int) -> list[int]:
+        """Reserve KV blocks for incoming KV; raises OutOfBlocksError when full."""
+        return await self.call(lambda e: e.reserve(req_id, num_tokens))
+
+    async def release_reservation(self, req_id: str) -> None:
+        """Free a reservation; an unknown one (already released or aborted) is a no-op."""
+
+        def release(engine: LLMEngine) -> None:
+            if engine.block_manager.has_reservation(req_id):
+                engine.release_reservation(req_id)
+
+        await self.call(release)
+
+    async def admit_prefilled(
+        self,
+        req_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        first_token_id: int,
+        first_logprob: float,
+        first_top_logprobs: list[tuple[int, float]] | None = None,
+        prompt_logprobs: list[PromptLogprob] | None = None,
+    ) -> asyncio.Queue[RequestOutput]:
+        """Admit a request whose KV landed in its reservation; its outputs (the first token
+        first) arrive on the returned queue. The logprob extras are what P computed (api, #17)."""
+        out_q = self.attach(req_id)
+
+        def admit(engine: LLMEngine) -> None:
+            first = engine.add_prefilled_request(
+                req_id,
+                prompt_token_ids,
+                params,
+                first_token_id,
+                first_logprob,
+                first_top_logprobs,
+                prompt_logprobs,
+            )
+            self._deliver([first])
+
+        try:
+            await self.call(admit)
+        except BaseException:
+            self._queues.pop(req_id, None)
+            raise
+        return out_q
+
+    async def release_prefill(self, req_id: str) -> None:
+        """P: free the blocks of a PREFILL_DONE request (D confirmed its KV landed)."""
+
+        def release(engine: LLMEngine) -> None:
+            try:
+                engine.release_prefill(req_id)
+            except UnknownRequestError:
+                pass  # aborted meanwhile (a cancel): the abort freed its blocks
+
+        await self.call(release)
+
+    def set_layer_callback(self, callback: LayerCallback | None) -> None:
+        """Set before ``start``: the engine thread calls it after each layer's KV is written."""
+        self.engine.set_layer_callback(callback)
+
     # -- the thread ---------------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -156,8 +222,6 @@ class EngineWorker:
                 self.request_stats.stepped(self.engine)
             self._deliver(outputs)
             self.load = self._snapshot()
-            if self._step_delay_s:
-                time.sleep(self._step_delay_s)
 
     def _drain_commands(self, *, block: bool) -> None:
         try:

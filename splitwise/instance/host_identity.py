@@ -14,8 +14,13 @@ exactly that pair, so two containers on one machine match only when they share t
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from splitwise.transfer.base import Endpoint
 
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "", "*"})
 
@@ -26,6 +31,12 @@ _MACHINE_ID_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id")
 
 def is_wildcard(host: str) -> bool:
     return host in WILDCARD_HOSTS
+
+
+def advertised(endpoint: Endpoint, host: str) -> Endpoint:
+    """A transport endpoint as peers must see it: a wildcard bind address replaced by ``host``
+    (the node's --advertise-host), in the registry record and in D's PrefillTask alike."""
+    return dataclasses.replace(endpoint, host=host) if is_wildcard(endpoint.host) else endpoint
 
 
 def routable_address() -> str:

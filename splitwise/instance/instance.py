@@ -11,35 +11,38 @@ raises a SplitwiseError/ValueError with a clear message before anything is serve
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
 import socket
 import uuid
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
 from scheduler.frontend import FrontendScheduler
 from scheduler.keys import KeySchema
 from scheduler.local import LocalScheduler
-from scheduler.messages import KVGeometry, LoadReport, NodeInfo
+from scheduler.messages import LoadReport, NodeInfo
 from scheduler.node import NodeAgent
 from splitwise.api.metrics import ApiMetrics
+from splitwise.counters import Counters
 from splitwise.engine.engine import LLMEngine
 from splitwise.engine.kv_cache import default_shm_name
 from splitwise.instance.cluster_token import explicit_token, token_from_redis
 from splitwise.instance.config import InstanceConfig
 from splitwise.instance.decode_flow import DecodeFlow
 from splitwise.instance.engine_worker import EngineWorker
-from splitwise.instance.host_identity import host_id, is_wildcard
+from splitwise.instance.host_identity import advertised, host_id
 from splitwise.instance.node_runtime import NodeRuntime
 from splitwise.instance.pd_channel import PDChannel
 from splitwise.instance.prefill_flow import PrefillFlow
 from splitwise.instance.request_stats import RequestStats
 from splitwise.instance.transfer_metrics import TransferMetrics
 from splitwise.logging import get_logger
-from splitwise.transfer.base import TransferCounters, TransportInitiator, TransportOptions, TransportTarget
-from splitwise.transfer.control_connection import Compatibility, ControlConnection
+from splitwise.transfer.base import TransportInitiator, TransportOptions, TransportTarget
+from splitwise.transfer.control_connection import ControlConnection
 from splitwise.transfer.errors import UnknownProtocolError
-from splitwise.transfer.messages import CallMessage
+from splitwise.transfer.messages import CallMessage, Compatibility
 from splitwise.transfer.registry import create_initiator, create_target
 
 log = get_logger(__name__)
@@ -60,7 +63,7 @@ class Instance:
         self.config = config
         self.node_id = config.node_id or f"{config.role}-{uuid.uuid4().hex[:8]}"
         self.ports = Ports()
-        self.counters = TransferCounters()  # transfers_ok/failures/fallbacks, reserve waits, ...
+        self.counters = Counters()  # transfers_ok/failures/fallbacks, reserve waits, ...
         # One Prometheus registry per instance, served on /metrics.
         self.metrics = ApiMetrics(model_name=config.model_id)
         self.engine: LLMEngine | None = None
@@ -92,12 +95,12 @@ class Instance:
             cfg = cfg.with_engine(kv_cache_shm_name=default_shm_name())
         log.info("loading model", model=cfg.engine.model, role=cfg.role)
         self.engine = await loop.run_in_executor(None, LLMEngine, cfg.engine)
-        self.worker = EngineWorker(self.engine, loop, step_delay_s=cfg.debug_step_delay_s)
+        self.worker = EngineWorker(self.engine, loop)
         self.worker.request_stats = RequestStats(self.metrics)
         self.worker.start()
         token = await self._cluster_token()
         self._start_transports(token)  # after the token: the rdma side channel authenticates with it
-        self._start_channel(token)
+        await self._start_channel(token)
         self._http_sock = bind_socket(cfg.host, cfg.port)  # bound early: NodeInfo carries the real port
         self.ports.http = int(self._http_sock.getsockname()[1])
         await self._start_scheduler()
@@ -137,7 +140,9 @@ class Instance:
                     target = create_target(protocol, options)
                     target.register(self.engine.kv_cache)
                     self.targets[protocol] = target
-                    self.ports.transfer[protocol] = _advertised(target.endpoint(), cfg.advertised_host)
+                    # The registry record is the scheduler's map form of the typed endpoint.
+                    endpoint = advertised(target.endpoint(), cfg.advertised_host)
+                    self.ports.transfer[protocol] = dataclasses.asdict(endpoint)
                 else:
                     initiator = create_initiator(protocol, options)
                     initiator.register(self.engine.kv_cache)
@@ -145,7 +150,7 @@ class Instance:
                 usable.append(protocol)
             except (UnknownProtocolError, OSError, ValueError) as exc:
                 reasons.append(f"{protocol}: {exc}")
-                self.counters.incr("transports_unavailable")
+                self.counters.inc("transports_unavailable")
                 log.warning(
                     "transfer protocol unavailable on this node; skipping it",
                     protocol=protocol,
@@ -154,7 +159,7 @@ class Instance:
                 )
             except Exception as exc:  # noqa: BLE001 - e.g. pyverbs errors: a protocol we cannot use
                 reasons.append(f"{protocol}: {exc}")
-                self.counters.incr("transports_unavailable")
+                self.counters.inc("transports_unavailable")
                 log.warning(
                     "transfer protocol failed to start; skipping it", protocol=protocol, error=str(exc)
                 )
@@ -181,28 +186,20 @@ class Instance:
 
     def _compat(self) -> Compatibility:
         assert self.engine is not None
-        g = self.engine.kv_cache.geometry
-        return Compatibility(
-            self.config.model_id, g.dtype, g.block_size, g.num_layers, g.num_kv_heads, g.head_dim
-        )
+        return Compatibility(self.config.model_id, self.engine.kv_cache.geometry)
 
-    def _start_channel(self, token: str) -> None:
+    async def _start_channel(self, token: str) -> None:
         assert self.worker is not None
         cfg = self.config
         if cfg.role == "mixed":
             return
-        loop = asyncio.get_running_loop()
-        self.channel = PDChannel(
-            loop,
+        self.channel = await PDChannel(
             node_id=self.node_id,
             token=token,
             compat=self._compat(),
-            host=cfg.host,
-            port=cfg.pd_comm_port,
             on_message=self._on_control_message,
-            validate=self._validate_control_message,
             on_disconnect=self._on_peer_lost,
-        )
+        ).start(cfg.host, cfg.pd_comm_port)
         self.ports.pd_comm = self.channel.port
         if cfg.role == "decode":
             self.decode_flow = DecodeFlow(
@@ -221,7 +218,6 @@ class Instance:
                 self.counters,
                 release_booking=self._release_prefill_booking,
                 transfer_timeout_s=cfg.transfer_timeout_s,
-                layer_delay_s=cfg.debug_prefill_layer_delay_s,
                 pipelined=cfg.pipelined_transfer,
                 transfer_metrics=self._transfer_metrics(),
             )
@@ -233,8 +229,7 @@ class Instance:
     async def _start_scheduler(self) -> None:
         assert self.engine is not None
         cfg = self.config
-        g = self.engine.kv_cache.geometry
-        kv = KVGeometry(g.dtype, g.block_size, g.num_layers, g.num_kv_heads, g.head_dim)
+        kv = self.engine.kv_cache.geometry  # the one KVGeometry; peers pair on its compat_key
         if cfg.scheduler.scheduler_name == "local":
             local = LocalScheduler(cfg.scheduler, model_id=cfg.model_id)
             self.frontend, self.node = local.frontend, local.node
@@ -277,15 +272,12 @@ class Instance:
 
     # -- control channel plumbing -------------------------------------------------------------
 
-    def _validate_control_message(self, conn: ControlConnection, message: CallMessage) -> None:
-        if self.prefill_flow is not None:
-            self.prefill_flow.validate(conn, message)
-
-    def _on_control_message(self, conn: ControlConnection, message: CallMessage) -> None:
-        if self.prefill_flow is not None:
-            self.prefill_flow.on_message(conn, message)
+    def _on_control_message(self, conn: ControlConnection, message: CallMessage) -> Awaitable[None] | None:
         if self.decode_flow is not None:
             self.decode_flow.on_message(conn, message)
+        if self.prefill_flow is not None:
+            return self.prefill_flow.handle(conn, message)  # a cancel's fence: Ack once it resolved
+        return None
 
     def _on_peer_lost(self, peer_id: str) -> None:
         if self.decode_flow is not None:
@@ -325,8 +317,10 @@ class Instance:
                     await asyncio.wait_for(side.close(), _CLOSE_STEP_S)
                 except (Exception, asyncio.TimeoutError) as exc:  # noqa: BLE001 - best effort at shutdown
                     log.warning("scheduler close failed", error=str(exc) or type(exc).__name__)
+        if self.decode_flow is not None:
+            await self.decode_flow.close()
         if self.channel is not None:
-            self.channel.close()
+            await self.channel.close()
         for target in self.targets.values():
             target.close()
         for initiator in self.initiators.values():
@@ -336,13 +330,6 @@ class Instance:
         if self.engine is not None:
             self.engine.close()
         log.info("instance stopped", node_id=self.node_id)
-
-
-def _advertised(endpoint: dict[str, Any], host: str) -> dict[str, Any]:
-    """A transport endpoint as peers must see it: a wildcard bind address replaced by ours."""
-    if is_wildcard(str(endpoint.get("host", "-"))):
-        return {**endpoint, "host": host}
-    return endpoint
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

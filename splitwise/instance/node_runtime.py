@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from scheduler.errors import SchedulerClosedError, SchedulerError
-from scheduler.messages import CancelMessage, Failed, Finished, ResultMessage, TokenChunk, WorkItem
+from scheduler.interfaces import NodeSide  # the scheduler's node side (NodeAgent or LocalNode)
+from scheduler.messages import Failed, Finished, ResultMessage, TokenChunk, WorkItem
+from splitwise.codes import FailureCode, Mode
 from splitwise.engine.errors import EngineError, InvalidRequestError
 from splitwise.engine.outputs import RequestOutput
 from splitwise.engine.prompt_logprobs import to_wire as prompt_logprobs_to_wire
@@ -27,16 +29,6 @@ from splitwise.instance.engine_worker import EngineWorker
 from splitwise.logging import bind_request, get_logger
 
 log = get_logger(__name__)
-
-
-class NodeSide(Protocol):
-    """What the runtime needs from the scheduler's node side (NodeAgent or LocalNode)."""
-
-    async def next_work(self) -> WorkItem: ...
-    async def publish(self, result: ResultMessage, *, frontend_id: str | None = None) -> None: ...
-    async def ack(self, work: WorkItem) -> None: ...
-    async def mark(self, req_id: str, event: str, *, detail: str = "", node: str | None = None) -> None: ...
-    def cancellations(self) -> AsyncIterator[CancelMessage]: ...
 
 
 class DisaggDecoder(Protocol):
@@ -134,7 +126,7 @@ class NodeRuntime:
                 raise
             except SplitwiseError as exc:  # deliberate: bad input, no capacity, remote prefill failed
                 log.warning("request failed", error=str(exc), retryable=exc.retryable)
-                code = "invalid_request" if isinstance(exc, InvalidRequestError) else _error_code(exc)
+                code = _failure_code(exc)
                 await self._terminal(
                     item,
                     Failed(
@@ -152,7 +144,7 @@ class NodeRuntime:
                     Failed(
                         req_id=item.req_id,
                         attempt=item.attempt,
-                        code="internal",
+                        code=FailureCode.INTERNAL,
                         message=f"internal error: {type(exc).__name__}: {exc}",
                     ),
                 )
@@ -163,10 +155,15 @@ class NodeRuntime:
         except EngineError as exc:
             await self._terminal(
                 item,
-                Failed(req_id=item.req_id, attempt=item.attempt, code="invalid_request", message=str(exc)),
+                Failed(
+                    req_id=item.req_id,
+                    attempt=item.attempt,
+                    code=FailureCode.INVALID_REQUEST,
+                    message=str(exc),
+                ),
             )
             return
-        if item.assignment.mode == "disagg":
+        if item.assignment.mode == Mode.DISAGG:
             if self.decoder is None:
                 raise EngineError("this node cannot decode disaggregated requests (role is not decode)")
             outputs = await self.decoder.start_request(item, req.prompt_token_ids, req.params)
@@ -218,7 +215,7 @@ class NodeRuntime:
     async def _finish(self, item: WorkItem, out: RequestOutput, *, completion_tokens: int) -> None:
         if out.error is not None:
             result: ResultMessage | None = Failed(
-                req_id=item.req_id, attempt=item.attempt, code="engine_error", message=out.error
+                req_id=item.req_id, attempt=item.attempt, code=FailureCode.ENGINE_ERROR, message=out.error
             )
         elif out.finish_reason is FinishReason.ABORT:
             result = None  # cancelled by the frontend: it already ended the stream
@@ -250,7 +247,14 @@ def _prompt_logprobs_fields(batch: list[RequestOutput]) -> dict[str, Any]:
     return dict(zip(names, prompt_logprobs_to_wire(first), strict=True))
 
 
-def _error_code(exc: BaseException) -> str:
-    """CamelCase class name -> snake_case code (``DecodeCapacityError`` -> ``decode_capacity``)."""
-    name = type(exc).__name__.removesuffix("Error")
-    return "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
+def _failure_code(exc: SplitwiseError) -> FailureCode:
+    """The one place a deliberate failure gets its code (``FailureCode``, a closed set)."""
+    from splitwise.instance.decode_flow import DecodeCapacityError, PrefillUnavailable
+
+    if isinstance(exc, InvalidRequestError):
+        return FailureCode.INVALID_REQUEST
+    if isinstance(exc, DecodeCapacityError):
+        return FailureCode.DECODE_CAPACITY
+    if isinstance(exc, PrefillUnavailable):
+        return FailureCode.PREFILL_UNAVAILABLE
+    return FailureCode.ENGINE_ERROR

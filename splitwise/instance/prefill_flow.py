@@ -5,6 +5,13 @@
     -> finish notice -> wait until D confirms every write landed -> free P's blocks
     -> PrefillResult(first token, logprob) to D -> release the scheduler's prefill booking
 
+Each request has one ``PrefillRecord`` (state ``handoff_state.PrefillState``), owned by the event
+loop and changed only through ``Transitions.move``. The engine thread sees a request only through
+the shipping table: an immutable mapping the loop replaces as a whole, so the layer callback reads
+it without waiting. ``_ship_lock`` guards nothing that can wait: it makes "check the table, queue
+the write" atomic against a cancel's removal, so once ``cancel`` returns no new write is issued;
+the initiator's ``forget`` (which may wait for in-flight writes) runs after, outside it.
+
 Which blocks a chunk ships (positions ``start .. end-1`` of the sequence, block size ``bs``)::
 
     first chunk of an admission (start == num_cached_tokens): blocks 0 .. (end-1)//bs
@@ -16,55 +23,91 @@ Which blocks a chunk ships (positions ``start .. end-1`` of the sequence, block 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import functools
 import threading
 import time
+from collections.abc import Awaitable, Callable, Mapping
 from collections.abc import Sequence as SequenceOf
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
 
 from scheduler.errors import SchedulerError
+from splitwise.counters import Counters
 from splitwise.engine.errors import EngineError, InvalidRequestError
-from splitwise.engine.model_runner import ScheduledChunk
+from splitwise.engine.model_runner import LayerCallback, ScheduledChunk
 from splitwise.engine.outputs import RequestOutput
 from splitwise.engine.prompt_logprobs import to_wire as prompt_logprobs_to_wire
 from splitwise.engine.sampling_params import SamplingParams
 from splitwise.engine.sequence import FinishReason
 from splitwise.errors import SplitwiseError
-from splitwise.instance.engine_worker import EngineWorker
-from splitwise.instance.pd_channel import PDChannel
+from splitwise.instance.handoff_state import PREFILL_MOVES, PrefillState, Record, Transitions
+from splitwise.instance.pd_channel import Channel, Connection
 from splitwise.instance.transfer_metrics import TransferMetrics
 from splitwise.logging import bind_request, get_logger
-from splitwise.transfer.base import ReadyToken, TransferCounters, TransportInitiator
-from splitwise.transfer.control_connection import ControlConnection
+from splitwise.transfer.base import ReadyToken, TransferStatus, TransportInitiator
 from splitwise.transfer.messages import CallMessage, CancelRequest, PrefillFailed, PrefillResult, PrefillTask
 
 log = get_logger(__name__)
+S = PrefillState
+T = TypeVar("T")
+# Runs a blocking call (transport connect / wait / forget) off the loop; tests run it step by step.
+Offload = Callable[[Callable[[], Any]], Awaitable[Any]]
+ReleaseBooking = Callable[[str], Awaitable[None]]  # the scheduler's release_prefill
 
 
-@dataclasses.dataclass
-class _Remote:
+class PrefillWorker(Protocol):
+    """What the prefill flow needs of the engine worker (``EngineWorker``; a fake in tests)."""
+
+    block_size: int
+
+    def submit(
+        self, req_id: str, prompt_token_ids: list[int], params: SamplingParams, *, prefill_only: bool = False
+    ) -> asyncio.Queue[RequestOutput]: ...
+    def abort(self, req_id: str) -> None: ...
+    async def release_prefill(self, req_id: str) -> None: ...
+    def set_layer_callback(self, callback: LayerCallback | None) -> None: ...
+
+
+class _Stopped(SplitwiseError):
+    """The record was cancelled while the driver waited: end quietly (D does not wait for us)."""
+
+
+@dataclass(eq=False)
+class _Shipment:
+    """The engine thread's view of one remote request. Never replaced in place: only the engine
+    thread writes ``deferred`` and ``first_write_s`` (the loop reads them once shipping stopped)."""
+
     peer_id: str
     initiator: TransportInitiator
-    dst_block_ids: list[int]
-    cancelled: bool = False
-    # Unpipelined mode only: (layer, src, dst) writes held back until the prefill finished.
-    deferred: list[tuple[int, list[int], list[int], ReadyToken]] = dataclasses.field(default_factory=list)
+    dst_block_ids: tuple[int, ...]
+    # Unpipelined mode only: (layer, src, dst, ready) writes held back until the prefill finished.
+    deferred: list[tuple[int, list[int], list[int], ReadyToken]] = field(default_factory=list)
     first_write_s: float | None = None  # kv_transfer_latency starts here, not at the task's arrival
+
+
+@dataclass
+class PrefillRecord(Record[PrefillState]):
+    task: PrefillTask | None = None
+    conn: Connection | None = None
+
+
+def _run_in_executor(fn: Callable[[], T]) -> Awaitable[T]:
+    return asyncio.get_running_loop().run_in_executor(None, fn)
 
 
 class PrefillFlow:
     def __init__(
         self,
-        worker: EngineWorker,
-        channel: PDChannel,
+        worker: PrefillWorker,
+        channel: Channel,
         initiators: dict[str, TransportInitiator],
-        counters: TransferCounters,
+        counters: Counters,
         *,
-        release_booking: Any = None,  # async (req_id) -> None: the scheduler's release_prefill
+        release_booking: ReleaseBooking | None = None,
         transfer_timeout_s: float = 60.0,
         transfer_metrics: TransferMetrics | None = None,
-        layer_delay_s: float = 0.0,
         pipelined: bool = True,
+        offload: Offload = _run_in_executor,
     ) -> None:
         self.worker = worker
         self.channel = channel
@@ -73,194 +116,237 @@ class PrefillFlow:
         self.release_booking = release_booking
         self.transfer_timeout_s = transfer_timeout_s
         self.transfer_metrics = transfer_metrics
-        self.layer_delay_s = layer_delay_s  # debug: slow compute down (failure tests)
         self.pipelined = pipelined  # False: ship every layer after the prefill (benchmark baseline)
-        self.block_size = worker.engine.config.block_size
-        self._lock = threading.Lock()
-        self._remote: dict[str, _Remote] = {}
+        self.block_size = worker.block_size
+        self.transitions = Transitions("prefill", PREFILL_MOVES, counters)
+        self.records: dict[str, PrefillRecord] = {}
+        self._offload = offload
+        self._ship_lock = threading.Lock()
+        self._shipping: Mapping[str, _Shipment] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        worker.engine.set_layer_callback(self.on_layer)
+        # req_id -> a forget still running off the loop: a cancel's Ack waits for it (#11 fence).
+        self._fences: dict[str, asyncio.Future[Any]] = {}
+        worker.set_layer_callback(self.on_layer)
 
-    # -- control messages ---------------------------------------------------------------------
+    # -- control messages (event loop, before the Ack) ----------------------------------------
 
-    def validate(self, conn: ControlConnection, message: CallMessage) -> None:
-        """Reader thread, before the Ack: refuse what we cannot serve, so D falls back at once; stop
-        shipping a cancelled request, so D's "cancel confirmed" means no new write is issued."""
+    def handle(self, conn: Connection, message: CallMessage) -> Awaitable[None] | None:
+        """Refuse what we cannot serve (raise: D gets an ErrorReply and falls back at once);
+        start a task; stop a cancelled request and return its fence: the channel sends D's Ack
+        only once it resolved, so "cancel confirmed" means nothing more of it can land (#11)."""
         if isinstance(message, CancelRequest):
-            self.cancel(message.req_id)
-        elif isinstance(message, PrefillTask):
+            return self.cancel(message.req_id, message.reason)
+        if isinstance(message, PrefillTask):
+            req_id = message.req_id
             if message.protocol not in self.initiators:
                 raise InvalidRequestError(
-                    f"this prefill node offers no {message.protocol!r} transport", req_id=message.req_id
+                    f"this prefill node offers no {message.protocol!r} transport", req_id=req_id
                 )
-            with self._lock:
-                if message.req_id in self._remote:
-                    raise InvalidRequestError(
-                        "request is already being prefilled here", req_id=message.req_id
-                    )
-
-    def on_message(self, conn: ControlConnection, message: CallMessage) -> None:
-        if isinstance(message, PrefillTask):
-            task = asyncio.get_running_loop().create_task(
-                self._serve(conn, message), name=f"prefill-{message.req_id}"
-            )
-            self._tasks[message.req_id] = task
-            req_id = message.req_id
+            if req_id in self.records:
+                raise InvalidRequestError("request is already being prefilled here", req_id=req_id)
+            rec = PrefillRecord(req_id, S.CONNECTING, peer_id=conn.peer_id, task=message, conn=conn)
+            self.records[req_id] = rec
+            task = asyncio.get_running_loop().create_task(self._serve(rec), name=f"prefill-{req_id}")
+            self._tasks[req_id] = task
             task.add_done_callback(lambda _task: self._tasks.pop(req_id, None) and None)
+        return None
+
+    def cancel(self, req_id: str, reason: str = "cancelled") -> Awaitable[None] | None:
+        """D gave up, or the client went away: stop shipping and drop the request. Returns the
+        fence (None: nothing can be in flight): it resolves once the initiator's ``forget``
+        returned, i.e. no write of the request can land on D any more."""
+        rec = self.records.get(req_id)
+        if rec is not None and self.transitions.moves[rec.state]:
+            shipment = self._stop_shipping(req_id)
+            self.transitions.move(rec, S.CANCELLED, "cancel", reason)
+            self.worker.abort(req_id)
+            if shipment is not None:
+                self._forget_later(shipment.initiator, req_id)
+        fence = self._fences.get(req_id)
+        return None if fence is None else asyncio.shield(fence)
 
     async def on_peer_lost(self, peer_id: str) -> None:
         """#11: the control connection to decode node ``peer_id`` dropped: stop every transport
-        write to it (one-sided writes would otherwise go on landing in blocks D may reuse)."""
-        loop = asyncio.get_running_loop()
-        for initiator in self.initiators.values():
-            await loop.run_in_executor(None, initiator.abort_peer, peer_id, "control connection lost")
-
-    def cancel(self, req_id: str) -> None:
-        """D gave up, or the client went away: stop shipping and drop the request."""
-        with self._lock:
-            remote = self._remote.get(req_id)
-            if remote is not None:
-                remote.cancelled = True
-                remote.initiator.forget(req_id)
-        if remote is not None:
-            self.worker.abort(req_id)
+        write to it (one-sided writes would otherwise go on landing in blocks D may reuse).
+        ``abort_peer`` waits for in-flight writes, so it runs off the loop."""
+        for initiator in list(self.initiators.values()):
+            await self._offload(functools.partial(initiator.abort_peer, peer_id, "control connection lost"))
 
     # -- one request --------------------------------------------------------------------------
 
-    async def _serve(self, conn: ControlConnection, task: PrefillTask) -> None:
-        req_id = task.req_id
-        with bind_request(req_id, peer=conn.peer_id):
+    async def _serve(self, rec: PrefillRecord) -> None:
+        assert rec.task is not None and rec.conn is not None
+        task, req_id = rec.task, rec.req_id
+        with bind_request(req_id, peer=rec.peer_id):
+            reply: CallMessage | None = None
             try:
                 log.info("prefill request received", prompt_tokens=len(task.prompt_token_ids))
-                first = await self._prefill_and_ship(conn, task)
-                prompt_lps, prompt_top_ids, prompt_top_lps = prompt_logprobs_to_wire(first.prompt_logprobs)
-                reply: CallMessage = PrefillResult(
-                    call_id=0,
-                    req_id=req_id,
-                    first_token_id=first.new_token_ids[0],
-                    logprob=first.new_logprobs[0],
-                    top_token_ids=[t for t, _ in first.new_top_logprobs[0]],
-                    top_logprobs=[lp for _, lp in first.new_top_logprobs[0]],
-                    prompt_logprobs=prompt_lps,
-                    prompt_top_token_ids=prompt_top_ids,
-                    prompt_top_logprobs=prompt_top_lps,
-                )
+                first = await self._prefill_and_ship(rec)
+                reply = _result(req_id, first)
                 log.info("prefill shipped", first_token_id=first.new_token_ids[0])
-                self.counters.incr("prefills_shipped")
+                self.counters.inc("prefills_shipped")
+            except _Stopped:
+                log.info("prefill for a decode node cancelled", reason=rec.reason)
             except (SplitwiseError, asyncio.TimeoutError) as exc:
-                self.counters.incr("prefill_failures")
+                if self.transitions.can_move(rec, S.FAILED):
+                    self.transitions.move(rec, S.FAILED, "failed", str(exc))
+                self.counters.inc("prefill_failures")
                 if self.transfer_metrics is not None:
                     self.transfer_metrics.failed(task.protocol, type(exc).__name__)
                 log.warning("prefill for a decode node failed", error=str(exc))
-                reply = PrefillFailed(
-                    call_id=0, req_id=req_id, reason=str(exc) or type(exc).__name__, retryable=True
-                )
+                reason = str(exc) or type(exc).__name__
+                reply = PrefillFailed(call_id=0, req_id=req_id, reason=reason, retryable=True)
             finally:
-                with self._lock:
-                    self._remote.pop(req_id, None)
-            try:
-                await self.channel.call(conn, reply)
-            except SplitwiseError as exc:
-                log.warning("could not answer the decode node", error=str(exc))
+                self._stop_shipping(req_id)
+                if self.records.get(req_id) is rec:
+                    del self.records[req_id]
+            if reply is not None:
+                try:
+                    await self.channel.call(rec.conn, reply)
+                except SplitwiseError as exc:
+                    log.warning("could not answer the decode node", error=str(exc))
             if self.release_booking is not None:
                 try:
                     await self.release_booking(req_id)
                 except SchedulerError as exc:
                     log.warning("could not release the prefill booking", error=str(exc))
 
-    async def _prefill_and_ship(self, conn: ControlConnection, task: PrefillTask) -> RequestOutput:
-        req_id = task.req_id
+    async def _prefill_and_ship(self, rec: PrefillRecord) -> RequestOutput:
+        assert rec.task is not None
+        task, req_id = rec.task, rec.req_id
         initiator = self.initiators[task.protocol]
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, lambda: initiator.connect(conn.peer_id, task.endpoint))
-        params = SamplingParams(**_params_from_wire(task.sampling_params))
-        remote = _Remote(conn.peer_id, initiator, list(task.dst_block_ids))
-        with self._lock:
-            self._remote[req_id] = remote
-        outputs = self.worker.submit(req_id, list(task.prompt_token_ids), params, prefill_only=True)
-        while True:
-            out = await outputs.get()
-            if out.finished:
-                break
+        await self._offload(lambda: initiator.connect(rec.peer_id, task.endpoint))
+        self._check_live(rec)
+        self.transitions.move(rec, S.PREFILLING, "connected")
+        shipment = _Shipment(rec.peer_id, initiator, tuple(task.dst_block_ids))
+        self._start_shipping(req_id, shipment)
+        outputs = self.worker.submit(
+            req_id, list(task.prompt_token_ids), task.sampling_params, prefill_only=True
+        )
+        while not (out := await outputs.get()).finished:
+            pass
+        self._check_live(rec)
         if out.finish_reason is not FinishReason.PREFILL_DONE:
-            initiator.forget(req_id)
+            self._forget_later(initiator, req_id)
             raise EngineError(out.error or f"prefill ended with {out.finish_reason}", req_id=req_id)
+        self.transitions.move(rec, S.DRAINING, "computed")
         prefill_done_s = time.monotonic()
         try:
             self._ship_deferred(req_id)
-            initiator.finish(conn.peer_id, req_id)
-            status = await loop.run_in_executor(None, lambda: initiator.wait(req_id, self.transfer_timeout_s))
+            initiator.finish(rec.peer_id, req_id)
+            status: TransferStatus = await self._offload(
+                lambda: initiator.wait(req_id, self.transfer_timeout_s)
+            )
         finally:
-            initiator.forget(req_id)
-            await self.worker.call(lambda e: e.release_prefill(req_id))
+            self._stop_shipping(req_id)
+            await self._offload(lambda: initiator.forget(req_id))
+            await self.worker.release_prefill(req_id)
+        self._check_live(rec)
         if not status.is_done:
             raise EngineError(
-                f"KV transfer to {conn.peer_id} {status.state.value}: {status.reason or 'timed out'}",
+                f"KV transfer to {rec.peer_id} {status.state.value}: {status.reason or 'timed out'}",
                 req_id=req_id,
             )
+        self.transitions.move(rec, S.SHIPPED, "landed")
         if self.transfer_metrics is not None:
             landed_s = time.monotonic()
-            transfer_s = None if remote.first_write_s is None else landed_s - remote.first_write_s
+            first_write_s = shipment.first_write_s
             self.transfer_metrics.shipped(
                 task.protocol,
                 len(task.dst_block_ids),
-                transfer_s=transfer_s,
+                transfer_s=None if first_write_s is None else landed_s - first_write_s,
                 exposed_s=landed_s - prefill_done_s,
             )
         return out
 
+    def _check_live(self, rec: PrefillRecord) -> None:
+        if rec.is_in(S.CANCELLED):
+            raise _Stopped(rec.reason)
+
+    # -- the shipping table (loop writes, engine thread reads) ---------------------------------
+
+    def _start_shipping(self, req_id: str, shipment: _Shipment) -> None:
+        with self._ship_lock:
+            self._shipping = {**self._shipping, req_id: shipment}
+
+    def _stop_shipping(self, req_id: str) -> _Shipment | None:
+        with self._ship_lock:
+            shipment = self._shipping.get(req_id)
+            if shipment is not None:
+                self._shipping = {k: v for k, v in self._shipping.items() if k != req_id}
+        return shipment
+
+    def _forget_later(self, initiator: TransportInitiator, req_id: str) -> None:
+        """``forget`` may wait for in-flight writes: never on the loop, never under a lock. Kept
+        in ``_fences`` until it returned, so a cancel's Ack can wait for it."""
+        fence = asyncio.ensure_future(self._offload(lambda: initiator.forget(req_id)))
+        self._fences[req_id] = fence
+
+        def done(task: asyncio.Future[Any]) -> None:
+            if self._fences.get(req_id) is task:
+                del self._fences[req_id]
+            if not task.cancelled() and task.exception() is not None:
+                log.warning("forget failed", req_id=req_id, error=str(task.exception()))
+
+        fence.add_done_callback(done)
+
     def _ship_deferred(self, req_id: str) -> None:
         """Unpipelined mode: issue the writes ``on_layer`` held back (P still holds the blocks)."""
-        with self._lock:
-            remote = self._remote.get(req_id)
-        if remote is None or not remote.deferred:
+        shipment = self._shipping.get(req_id)
+        if shipment is None or not shipment.deferred:
             return
-        remote.first_write_s = time.monotonic()
-        for layer, src, dst, ready in remote.deferred:
-            remote.initiator.write_layer(remote.peer_id, req_id, layer, src, dst, ready)
-        remote.deferred.clear()
+        shipment.first_write_s = time.monotonic()
+        for layer, src, dst, ready in shipment.deferred:
+            shipment.initiator.write_layer(shipment.peer_id, req_id, layer, src, dst, ready)
+        shipment.deferred.clear()
 
     # -- engine thread ------------------------------------------------------------------------
 
     def on_layer(self, layer: int, chunks: SequenceOf[ScheduledChunk], ready: ReadyToken) -> None:
         """Layer ``layer``'s KV of this batch is issued: ship the blocks of remote requests. The
         transport reads them only once ``ready`` completed (#11: CUDA event of the compute stream)."""
-        shipped = False
+        shipping = self._shipping  # one read of the current table: no lock needed to look up
         for chunk in chunks:
             seq = chunk.seq
-            with self._lock:
-                remote = self._remote.get(seq.req_id)
-            if remote is None or remote.cancelled:
+            shipment = shipping.get(seq.req_id)
+            if shipment is None:
                 continue
             start = seq.num_computed_tokens
             end = start + chunk.num_new_tokens
             first_block = 0 if start == seq.num_cached_tokens else start // self.block_size
-            last_block = min((end - 1) // self.block_size, len(remote.dst_block_ids) - 1)
+            last_block = min((end - 1) // self.block_size, len(shipment.dst_block_ids) - 1)
             if last_block < first_block:
                 continue
-            src = seq.block_table[first_block : last_block + 1]
-            dst = remote.dst_block_ids[first_block : last_block + 1]
+            src = list(seq.block_table[first_block : last_block + 1])
+            dst = list(shipment.dst_block_ids[first_block : last_block + 1])
             if not self.pipelined:
-                remote.deferred.append((layer, list(src), list(dst), ready))
+                shipment.deferred.append((layer, src, dst, ready))
                 continue
-            try:
-                if remote.first_write_s is None:
-                    remote.first_write_s = time.monotonic()
-                remote.initiator.write_layer(remote.peer_id, seq.req_id, layer, src, dst, ready)
-                shipped = True
-            except SplitwiseError as exc:
-                # Shows up as FAILED in poll/wait too; stop shipping this request.
-                log.warning("write_layer refused", req_id=seq.req_id, layer=layer, error=str(exc))
-                remote.cancelled = True
-        if shipped and self.layer_delay_s:
-            # Debug only (--debug-prefill-layer-delay-ms): after the write was queued, so a test
-            # that sees the first bytes land knows the request is mid-transfer for a while.
-            time.sleep(self.layer_delay_s)
+            with self._ship_lock:  # write_layer only queues (non-blocking by contract)
+                if self._shipping.get(seq.req_id) is not shipment:
+                    continue  # cancelled since this step began
+                try:
+                    if shipment.first_write_s is None:
+                        shipment.first_write_s = time.monotonic()
+                    shipment.initiator.write_layer(shipment.peer_id, seq.req_id, layer, src, dst, ready)
+                except SplitwiseError as exc:
+                    # Shows up as FAILED in poll/wait too; stop shipping this request.
+                    log.warning("write_layer refused", req_id=seq.req_id, layer=layer, error=str(exc))
+                    self._shipping = {k: v for k, v in self._shipping.items() if k != seq.req_id}
 
 
-def _params_from_wire(raw: dict[str, Any]) -> dict[str, Any]:
-    params = dict(raw)
-    for key in ("stop", "stop_token_ids"):
-        if params.get(key) is not None:
-            params[key] = tuple(params[key])
-    return params
+def _result(req_id: str, first: RequestOutput) -> PrefillResult:
+    """D's PrefillResult: the first token with its logprob, top alternatives and prompt logprobs."""
+    prompt_lps, prompt_top_ids, prompt_top_lps = prompt_logprobs_to_wire(first.prompt_logprobs)
+    tops = first.new_top_logprobs[0] if first.new_top_logprobs else []
+    return PrefillResult(
+        call_id=0,
+        req_id=req_id,
+        first_token_id=first.new_token_ids[0],
+        logprob=first.new_logprobs[0],
+        top_token_ids=[t for t, _ in tops],
+        top_logprobs=[lp for _, lp in tops],
+        prompt_logprobs=prompt_lps,
+        prompt_top_token_ids=prompt_top_ids,
+        prompt_top_logprobs=prompt_top_lps,
+    )

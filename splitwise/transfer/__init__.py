@@ -16,19 +16,16 @@ from splitwise.transfer.base import (
 )
 from splitwise.transfer.errors import TransferError
 from splitwise.transfer.registry import (
-    NodeTransferInfo,
     create_initiator,
     create_target,
     get_transport,
     parse_protocols,
     register_transport,
-    select_protocol,
 )
 
 __all__ = [
     "BlockRun",
     "Endpoint",
-    "NodeTransferInfo",
     "TransferError",
     "TransferState",
     "TransferStatus",
@@ -41,5 +38,4 @@ __all__ = [
     "get_transport",
     "parse_protocols",
     "register_transport",
-    "select_protocol",
 ]

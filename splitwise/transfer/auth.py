@@ -11,7 +11,8 @@ worthless on another (the control channel's domain is ``splitwise-pd-v1``)::
     C       bad mac -> AuthenticationError (that server does not know the token)
 
 ``serve_challenge``/``answer_challenge`` run that exchange for a channel that needs nothing else
-from it (the rdma side channel; the control channel adds its compatibility check around ``mac``).
+from it (the rdma side channel, which sends its geometry as ``compat`` and checks it in its own
+hello; the control channel adds its compatibility check around ``mac``).
 Before authentication a frame may be at most ``PRE_AUTH_MAX_BYTES`` and the whole exchange must
 finish by a deadline, so garbage, huge length prefixes and slow clients cost the server a bounded
 read and one thread for a bounded time.
@@ -36,6 +37,7 @@ from splitwise.transfer.messages import (
     AuthChallenge,
     AuthHello,
     AuthWelcome,
+    Compatibility,
     Message,
     Refused,
     decode,
@@ -106,7 +108,13 @@ def _try_send(sock: socket.socket, message: Message) -> None:
 
 
 def serve_challenge(
-    sock: socket.socket, *, token: bytes, server_id: str, domain: bytes, timeout_s: float
+    sock: socket.socket,
+    *,
+    token: bytes,
+    server_id: str,
+    domain: bytes,
+    timeout_s: float,
+    compat: Compatibility,
 ) -> str:
     """Server side; returns the authenticated client id. Raises AuthenticationError, ProtocolError
     (garbage, oversize frame, wrong message), TransferTimeoutError, ConnectionLostError, after
@@ -124,12 +132,18 @@ def serve_challenge(
         _try_send(sock, Refused("auth", "authentication failed: wrong or missing cluster token"))
         raise AuthenticationError("authentication failed: wrong or missing cluster token")
     proof = mac(token, b"server", hello.nonce, server_nonce, server_id, domain=domain)
-    _send(sock, AuthWelcome(server_id, proof, {}))
+    _send(sock, AuthWelcome(server_id, proof, compat))
     return str(hello.client_id)
 
 
 def answer_challenge(
-    sock: socket.socket, *, token: bytes, client_id: str, domain: bytes, timeout_s: float
+    sock: socket.socket,
+    *,
+    token: bytes,
+    client_id: str,
+    domain: bytes,
+    timeout_s: float,
+    compat: Compatibility,
 ) -> str:
     """Client side; returns the authenticated server id. Raises AuthenticationError (refused, or
     the server does not know the token), ProtocolError, TransferTimeoutError, ConnectionLostError."""
@@ -137,7 +151,7 @@ def answer_challenge(
     challenge = expect_type(_recv(sock, deadline), AuthChallenge)
     nonce = os.urandom(NONCE_BYTES)
     proof = mac(token, b"client", challenge.nonce, nonce, client_id, domain=domain)
-    _send(sock, AuthHello(client_id, nonce, proof, {}))
+    _send(sock, AuthHello(client_id, nonce, proof, compat))
     reply = _recv(sock, deadline)
     if isinstance(reply, Refused):
         raise AuthenticationError(f"refused by the server: {reply.reason}")

@@ -5,7 +5,7 @@ Map of the two sides (P = prefill node = initiator/sender, D = decode node = tar
     step  D (TransportTarget)                     P (TransportInitiator)
     ----  --------------------------------------  ------------------------------------------------
     0     register(kv_cache)         once          register(kv_cache)                     once
-    1     endpoint() -> dict  -- control channel -> connect(peer_id, endpoint)   once per peer, reused
+    1     endpoint() -> Endpoint  -- control channel -> connect(peer_id, endpoint)  once per peer, reused
     2     expect(req_id, dst_block_ids, timeout_s)            (before D tells P about the request)
     3                                              write_layer(peer_id, req_id, layer, src, dst,
                                                                ready)                  per layer
@@ -59,23 +59,21 @@ from __future__ import annotations
 
 import abc
 import enum
-import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from splitwise.counters import Counters
 from splitwise.engine.kv_cache import KVCache, KVCacheGeometry
 
 # Re-exported: transports and flows take the ready-token types from here.
 from splitwise.engine.layer_ready import COMPLETED as COMPLETED
 from splitwise.engine.layer_ready import ReadyToken as ReadyToken
+from splitwise.kv_geometry import KVGeometry
 from splitwise.transfer.errors import IncompatiblePeerError, InvalidBlockIdsError
-
-Endpoint = dict[str, Any]  # msgpack-able: str/int/bytes/list/dict values only
 
 
 class TransferState(enum.Enum):
@@ -113,6 +111,25 @@ def failed(reason: str) -> TransferStatus:
 
 
 @dataclass(frozen=True)
+class Endpoint:
+    """What a target publishes so an initiator can ``connect``: in D's PrefillTask over the
+    authenticated control channel, and in D's registry record. One typed record for every
+    protocol (it crosses process boundaries through the codec); fields a protocol does not use
+    keep their defaults."""
+
+    protocol: str
+    host: str
+    port: int
+    geometry: KVGeometry
+    access_key: str = ""  # tcp/ipc: only a peer handed this endpoint may write (XferHello checks it)
+    schema: int = 0  # rdma: the side channel's schema version
+    device: str = "cpu"  # ipc: where the KV cache lives ("cpu": shared memory, "cuda": CUDA IPC)
+    shm_name: str = ""  # ipc on cpu: the /dev/shm segment of D's cache
+    cuda_ipc_handle: bytes = b""  # ipc on cuda: the exported cudaMalloc block
+    cuda_offset_bytes: int = 0  # ipc on cuda: the cache's offset inside that block
+
+
+@dataclass(frozen=True)
 class TransportOptions:
     """Knobs shared by every transport. ``host``/``port`` are where a target listens (port 0 = any
     free port) and the address it advertises; protocol-specific values go in ``extra``."""
@@ -133,24 +150,8 @@ class TransportOptions:
             raise ValueError(f"transfer connect timeout: {self.connect_timeout_s} must be > 0")
 
 
-class TransferCounters:
-    """Thread-safe event counters (``transfers_done``, ``frames_rejected``, ...) for metrics/tests."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counts: Counter[str] = Counter()
-
-    def incr(self, name: str, amount: int = 1) -> None:
-        with self._lock:
-            self._counts[name] += amount
-
-    def get(self, name: str) -> int:
-        with self._lock:
-            return self._counts[name]
-
-    def snapshot(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._counts)
+# The transfer package's counters are the project's one counter type (``inc`` / ``get`` / ``snapshot``).
+TransferCounters = Counters
 
 
 # --------------------------------------------------------------------------- ready tokens
@@ -242,6 +243,7 @@ def check_block_ids(
 # --------------------------------------------------------------------------- geometry on the wire
 
 
+# The geometry as a plain map (rdma's side channel, test peers passing it as JSON).
 def geometry_to_dict(geometry: KVCacheGeometry) -> dict[str, Any]:
     return {
         "num_layers": geometry.num_layers,
@@ -254,7 +256,7 @@ def geometry_to_dict(geometry: KVCacheGeometry) -> dict[str, Any]:
 
 
 def geometry_from_dict(data: Mapping[str, Any]) -> KVCacheGeometry:
-    return KVCacheGeometry(
+    return KVGeometry(
         num_layers=int(data["num_layers"]),
         num_blocks=int(data["num_blocks"]),
         block_size=int(data["block_size"]),
@@ -268,10 +270,9 @@ def check_compatible(local: KVCacheGeometry, remote: KVCacheGeometry, *, peer: s
     """Raise IncompatiblePeerError naming every field that differs (num_blocks may differ)."""
     if local.compatible_with(remote):
         return
-    fields = ("num_layers", "block_size", "num_kv_heads", "head_dim", "dtype")
     diffs = [
         f"{name} {getattr(local, name)} != {getattr(remote, name)}"
-        for name in fields
+        for name in local.COMPAT_FIELDS
         if getattr(local, name) != getattr(remote, name)
     ]
     raise IncompatiblePeerError(f"KV geometry mismatch (local != peer): {'; '.join(diffs)}", peer=peer)
@@ -293,7 +294,7 @@ class TransportTarget(abc.ABC):
     @abc.abstractmethod
     def endpoint(self) -> Endpoint:
         """Addressing a peer needs for ``TransportInitiator.connect`` (host/port, shm name, IPC handle,
-        RDMA keys) plus this side's geometry and any access key; msgpack-able. Hand it out only to
+        RDMA schema) plus this side's geometry and any access key, as one typed ``Endpoint``. Hand it out only to
         authenticated peers (control channel, cluster registry). Non-blocking; valid until ``close``."""
 
     @abc.abstractmethod

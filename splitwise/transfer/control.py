@@ -18,23 +18,24 @@ nonces so a recorded exchange cannot be replayed::
 Anything else (garbage bytes, silence past ``handshake_timeout_s``, a wrong message) is refused
 with Refused("protocol") where possible, logged, counted, and closed; the server keeps running.
 
-Threads, not asyncio: the callers are the engine loop (its own thread) and the scheduler, which
-call synchronously with a timeout; traffic is a handful of small messages per request, so a
-reader thread per connection (tens of peers) costs nothing, while asyncio would force every
-caller to hop into an event loop. The asyncio HTTP server can call through ``run_in_executor``.
+asyncio, on the instance's one event loop: the P/D flows that call and handle these messages own
+their requests' state on that loop, so a message is handled where the state lives, with no
+thread hop and no lock; each handshake runs in its own task, bounded by ``handshake_timeout_s``,
+so a silent client cannot stall accepting others.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import os
 import socket
-import threading
 
+from splitwise.counters import Counters
 from splitwise.logging import get_logger
 from splitwise.transfer import auth, wire
-from splitwise.transfer.base import TransferCounters
-from splitwise.transfer.control_connection import Compatibility, ControlConnection, DisconnectHandler, Handler
+from splitwise.transfer.control_connection import ControlConnection, DisconnectHandler, Handler
 from splitwise.transfer.errors import (
     AuthenticationError,
     ConnectionLostError,
@@ -43,7 +44,15 @@ from splitwise.transfer.errors import (
     TransferError,
     TransferTimeoutError,
 )
-from splitwise.transfer.messages import AuthChallenge, AuthHello, AuthWelcome, Message, Refused, expect_type
+from splitwise.transfer.messages import (
+    AuthChallenge,
+    AuthHello,
+    AuthWelcome,
+    Compatibility,
+    Message,
+    Refused,
+    expect_type,
+)
 
 log = get_logger("splitwise.transfer.control")
 
@@ -56,7 +65,8 @@ _token_bytes = auth.token_bytes
 
 
 class ControlServer:
-    """Accepts control connections on ``host:port`` (0 = any free port; see ``port`` after start)."""
+    """Accepts control connections: ``await ControlServer(...).start(host, port)`` on the loop
+    that will own it (port 0 = any free port; see ``port``)."""
 
     def __init__(
         self,
@@ -66,113 +76,114 @@ class ControlServer:
         compat: Compatibility,
         handler: Handler,
         on_disconnect: DisconnectHandler | None = None,
-        host: str = "0.0.0.0",
-        port: int = 0,
         handshake_timeout_s: float = 5.0,
     ) -> None:
         self.node_id = node_id
         self.compat = compat
-        self.counters = TransferCounters()
+        self.counters = Counters()
         self._token = _token_bytes(token)
         self._handler = handler
         self._on_disconnect = on_disconnect
         self._handshake_timeout_s = handshake_timeout_s
-        self._listener = wire.listen(host, port)
-        self._lock = threading.Lock()
+        self._server: asyncio.Server | None = None
         self._connections: list[ControlConnection] = []
-        self._closed = threading.Event()
-        self._acceptor = threading.Thread(target=self._accept_loop, name="control-accept", daemon=True)
-        self._acceptor.start()
+        self._handshakes: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    async def start(self, host: str = "0.0.0.0", port: int = 0) -> ControlServer:
+        """Listen on ``host:port`` (0 = any free port) on the running loop."""
+        self._server = await asyncio.start_server(self._accepted, host, port, reuse_address=True)
+        return self
 
     @property
     def port(self) -> int:
-        return int(self._listener.getsockname()[1])
+        assert self._server is not None, "ControlServer.start() first"
+        return int(self._server.sockets[0].getsockname()[1])
 
     def connections(self) -> list[ControlConnection]:
-        with self._lock:
-            self._connections = [c for c in self._connections if not c.is_closed]
-            return list(self._connections)
+        self._connections = [c for c in self._connections if not c.is_closed]
+        return list(self._connections)
 
-    def close(self) -> None:
-        if self._closed.is_set():
+    async def close(self) -> None:
+        if self._closed:
             return
-        self._closed.set()
-        try:
-            self._listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass  # not listening any more
-        self._acceptor.join(timeout=5.0)
-        self._listener.close()
+        self._closed = True
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._handshakes):
+            task.cancel()
+        await asyncio.gather(*self._handshakes, return_exceptions=True)
         for connection in self.connections():
-            connection.close("server closed")
+            await connection.close("server closed")
+        if self._server is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), 2.0)
 
-    def _accept_loop(self) -> None:
-        while not self._closed.is_set():
-            try:
-                sock, addr = self._listener.accept()
-            except OSError as exc:
-                if not self._closed.is_set():
-                    self.counters.incr("accept_errors")
-                    log.error("control accept failed", error=str(exc))
-                continue
-            # The handshake runs on its own thread so a silent client cannot stall accepting others.
-            threading.Thread(
-                target=self._admit, args=(sock, f"{addr[0]}:{addr[1]}"), daemon=True, name="control-handshake"
-            ).start()
+    def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.get_running_loop().create_task(self._admit(reader, writer), name="control-handshake")
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
 
-    def _admit(self, sock: socket.socket, address: str) -> None:
+    async def _admit(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername") or ("?", 0)
+        address = f"{peer[0]}:{peer[1]}"
         try:
-            peer_id, peer_compat = self._handshake(sock, address)
+            try:
+                peer_id, peer_compat = await asyncio.wait_for(
+                    self._handshake(reader, writer, address), self._handshake_timeout_s
+                )
+            except asyncio.TimeoutError:
+                raise TransferTimeoutError(
+                    f"no handshake within {self._handshake_timeout_s}s", peer=address
+                ) from None
         except TransferError as exc:
-            self.counters.incr(f"refused_{_refusal_code(exc)}")
+            self.counters.inc(f"refused_{_refusal_code(exc)}")
             log.warning("control connection refused", peer=address, code=_refusal_code(exc), reason=str(exc))
-            sock.close()
+            writer.close()
             return
         connection = ControlConnection(
-            sock,
+            reader,
+            writer,
             peer_id=peer_id,
             peer_compat=peer_compat,
             handler=self._handler,
             on_disconnect=self._on_disconnect,
             counters=self.counters,
         )
-        with self._lock:
-            self._connections.append(connection)
-        self.counters.incr("connections_accepted")
+        self._connections.append(connection)
+        self.counters.inc("connections_accepted")
         log.info("control connection accepted", peer=peer_id, address=address)
         connection.start()
 
-    def _handshake(self, sock: socket.socket, address: str) -> tuple[str, Compatibility]:
-        sock.settimeout(self._handshake_timeout_s)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    async def _handshake(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, address: str
+    ) -> tuple[str, Compatibility]:
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         server_nonce = os.urandom(_NONCE_BYTES)
-        wire.send_message(sock, AuthChallenge(self.node_id, server_nonce))
+        await wire.write_message(writer, AuthChallenge(self.node_id, server_nonce))
         try:
-            hello = expect_type(wire.recv_message(sock), AuthHello)
+            hello = expect_type(await wire.read_message(reader), AuthHello)
         except ProtocolError as exc:
-            _try_send(sock, Refused("protocol", str(exc)))
+            await _try_send(writer, Refused("protocol", str(exc)))
             raise
         expected = _mac(self._token, b"client", server_nonce, hello.nonce, hello.client_id)
         if len(hello.nonce) != _NONCE_BYTES or not hmac.compare_digest(expected, hello.mac):
-            _try_send(sock, Refused("auth", "authentication failed: wrong or missing cluster token"))
+            await _try_send(writer, Refused("auth", "authentication failed: wrong or missing cluster token"))
             raise AuthenticationError("authentication failed: wrong or missing cluster token", peer=address)
-        try:
-            peer_compat = Compatibility.from_dict(hello.compat)
-        except (ProtocolError, TypeError) as exc:
-            _try_send(sock, Refused("protocol", f"bad compatibility record: {exc}"))
-            raise ProtocolError(f"bad compatibility record: {exc}", peer=hello.client_id) from None
+        peer_compat = hello.compat
         mismatches = self.compat.mismatches(peer_compat)
         if mismatches:
             reason = "incompatible peer: " + "; ".join(mismatches)
-            _try_send(sock, Refused("incompatible", reason))
+            await _try_send(writer, Refused("incompatible", reason))
             raise IncompatiblePeerError(reason, peer=hello.client_id)
         mac = _mac(self._token, b"server", hello.nonce, server_nonce, self.node_id)
-        wire.send_message(sock, AuthWelcome(self.node_id, mac, self.compat.to_dict()))
-        sock.settimeout(None)
+        await wire.write_message(writer, AuthWelcome(self.node_id, mac, self.compat))
         return hello.client_id, peer_compat
 
 
-def connect_control(
+async def connect_control(
     host: str,
     port: int,
     *,
@@ -183,40 +194,57 @@ def connect_control(
     on_disconnect: DisconnectHandler | None = None,
     timeout_s: float = 5.0,
 ) -> ControlConnection:
-    """Connect, authenticate both ways, check compatibility. Raises AuthenticationError,
-    IncompatiblePeerError (with the server's reason), ConnectionLostError, ProtocolError."""
+    """Connect, authenticate both ways, check compatibility, within ``timeout_s``. Raises
+    AuthenticationError, IncompatiblePeerError (with the server's reason), ConnectionLostError
+    (also for a server that does not answer in time), ProtocolError."""
     raw_token = _token_bytes(token)
     address = f"{host}:{port}"
-    sock = wire.connect(host, port, timeout_s)
+    reader, writer = await wire.open_connection(host, port, timeout_s)
     try:
-        challenge = expect_type(wire.recv_message(sock), AuthChallenge)
-        nonce = os.urandom(_NONCE_BYTES)
-        mac = _mac(raw_token, b"client", challenge.nonce, nonce, node_id)
-        wire.send_message(sock, AuthHello(node_id, nonce, mac, compat.to_dict()))
-        reply: Message = wire.recv_message(sock)
-        if isinstance(reply, Refused):
-            raise _refusal_error(reply, address)
-        welcome = expect_type(reply, AuthWelcome)
-        expected = _mac(raw_token, b"server", nonce, challenge.nonce, welcome.server_id)
-        if not hmac.compare_digest(expected, welcome.mac):
-            raise AuthenticationError("server failed to prove the cluster token", peer=address)
-        peer_compat = Compatibility.from_dict(welcome.compat)
-        mismatches = compat.mismatches(peer_compat)
-        if mismatches:
-            raise IncompatiblePeerError("incompatible peer: " + "; ".join(mismatches), peer=address)
+        welcome, peer_compat = await asyncio.wait_for(
+            _client_handshake(reader, writer, raw_token, node_id, compat, address), timeout_s
+        )
+    except asyncio.TimeoutError:
+        writer.close()
+        raise ConnectionLostError(f"no handshake from {address} within {timeout_s}s", peer=address) from None
     except BaseException:
-        sock.close()
+        writer.close()
         raise
-    sock.settimeout(None)
-    counters = TransferCounters()
     return ControlConnection(
-        sock,
+        reader,
+        writer,
         peer_id=welcome.server_id,
         peer_compat=peer_compat,
         handler=handler,
         on_disconnect=on_disconnect,
-        counters=counters,
+        counters=Counters(),
     ).start()
+
+
+async def _client_handshake(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    token: bytes,
+    node_id: str,
+    compat: Compatibility,
+    address: str,
+) -> tuple[AuthWelcome, Compatibility]:
+    challenge = expect_type(await wire.read_message(reader), AuthChallenge)
+    nonce = os.urandom(_NONCE_BYTES)
+    mac = _mac(token, b"client", challenge.nonce, nonce, node_id)
+    await wire.write_message(writer, AuthHello(node_id, nonce, mac, compat))
+    reply: Message = await wire.read_message(reader)
+    if isinstance(reply, Refused):
+        raise _refusal_error(reply, address)
+    welcome: AuthWelcome = expect_type(reply, AuthWelcome)
+    expected = _mac(token, b"server", nonce, challenge.nonce, welcome.server_id)
+    if not hmac.compare_digest(expected, welcome.mac):
+        raise AuthenticationError("server failed to prove the cluster token", peer=address)
+    peer_compat = welcome.compat
+    mismatches = compat.mismatches(peer_compat)
+    if mismatches:
+        raise IncompatiblePeerError("incompatible peer: " + "; ".join(mismatches), peer=address)
+    return welcome, peer_compat
 
 
 def _refusal_error(refused: Refused, address: str) -> TransferError:
@@ -240,9 +268,9 @@ def _refusal_code(exc: TransferError) -> str:
     return "protocol"
 
 
-def _try_send(sock: socket.socket, message: Message) -> None:
+async def _try_send(writer: asyncio.StreamWriter, message: Message) -> None:
     try:
-        wire.send_message(sock, message)
+        await wire.write_message(writer, message)
     except ConnectionLostError:
         pass  # the peer is already gone; the refusal is logged by the caller
 

@@ -67,10 +67,6 @@ class AuthenticationError(TransferError):
     """The peer did not prove it knows the cluster token."""
 
 
-class NoCommonProtocolError(TransferError):
-    """The two nodes share no transfer protocol they can use between them."""
-
-
 class UnknownProtocolError(TransferError):
     """A protocol name that no transport is registered for (or whose module failed to import)."""
 

@@ -77,7 +77,7 @@ class IpcTarget(StreamTarget):
 
     def _endpoint_extra(self, kv_cache: KVCache) -> dict[str, Any]:
         if kv_cache.device.type == "cpu":
-            return {"device": "cpu", "shm_name": kv_cache.shm_name}
+            return {"device": "cpu", "shm_name": kv_cache.shm_name or ""}
         # torch's own export gives the handle of the cudaMalloc block AND our offset inside it (the
         # caching allocator may place the KV buffer inside a larger block); cupy opens it on P.
         storage = kv_cache.tensor.untyped_storage()
@@ -203,12 +203,12 @@ def _map_cuda(endpoint: Endpoint, geometry: KVCacheGeometry, device: torch.devic
     index = device.index if device.index is not None else torch.cuda.current_device()
     with cupy.cuda.Device(index):
         base = cupy.cuda.runtime.ipcOpenMemHandle(
-            endpoint["cuda_ipc_handle"], cupy.cuda.runtime.cudaIpcMemLazyEnablePeerAccess
+            endpoint.cuda_ipc_handle, cupy.cuda.runtime.cudaIpcMemLazyEnablePeerAccess
         )
-        nbytes = int(endpoint["cuda_offset_bytes"]) + geometry.total_bytes
+        nbytes = endpoint.cuda_offset_bytes + geometry.total_bytes
         memory = cupy.cuda.UnownedMemory(base, nbytes, owner=None, device_id=index)
         flat = cupy.ndarray((nbytes,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(memory, 0))
-        view = torch.as_tensor(flat, device=torch.device("cuda", index))[int(endpoint["cuda_offset_bytes"]) :]
+        view = torch.as_tensor(flat, device=torch.device("cuda", index))[endpoint.cuda_offset_bytes :]
     return _Mapping(view.view(geometry.torch_dtype).view(geometry.shape), cuda_ptr=int(base))
 
 
@@ -267,19 +267,19 @@ class IpcInitiator(StreamInitiator):
         for event in events:
             while not event.query():
                 if time.monotonic() > deadline:
-                    self.counters.incr("fence_timeouts")
+                    self.counters.inc("fence_timeouts")
                     log.error("ipc: queued CUDA copies did not complete in time", req_id=req_id)
                     return
                 time.sleep(0.0002)
 
     def _attach_peer(self, peer_id: str, endpoint: Endpoint, geometry: KVCacheGeometry) -> Any:
         local = self._require_kv()
-        if endpoint.get("device") != local.device.type:
+        if endpoint.device != local.device.type:
             raise IncompatiblePeerError(
-                f"peer KV cache is on {endpoint.get('device')}, ours on {local.device.type}", peer=peer_id
+                f"peer KV cache is on {endpoint.device}, ours on {local.device.type}", peer=peer_id
             )
         if local.device.type == "cpu":
-            return _map_shm(str(endpoint["shm_name"]), geometry, peer_id)
+            return _map_shm(endpoint.shm_name, geometry, peer_id)
         return _map_cuda(endpoint, geometry, local.device)
 
     def _detach_peer(self, peer: Peer) -> None:

@@ -31,10 +31,13 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from splitwise.engine.sampling_params import SamplingParams
+from splitwise.kv_geometry import KVGeometry
+from splitwise.transfer.base import Endpoint
 from splitwise.transfer.errors import ProtocolError
 from splitwise.wire_codec import MessageCodec
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: typed SamplingParams, Compatibility, KVGeometry and Endpoint (were maps)
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,7 @@ class XferHello(Message):
 
     TAG: ClassVar[str] = "xfer_hello"
     initiator_id: str
-    geometry: dict[str, Any]
+    geometry: KVGeometry
     access_key: str
 
 
@@ -61,7 +64,7 @@ class XferHelloReply(Message):
     TAG: ClassVar[str] = "xfer_hello_reply"
     ok: bool
     reason: str
-    geometry: dict[str, Any]
+    geometry: KVGeometry
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,22 @@ class RequestResult(Message):
 
 
 @dataclass(frozen=True)
+class Compatibility:
+    """What two nodes must agree on to exchange KV blocks (checked both ways at the handshake)."""
+
+    model_id: str
+    kv: KVGeometry
+
+    def mismatches(self, other: Compatibility) -> list[str]:
+        model = (
+            []
+            if self.model_id == other.model_id
+            else [f"model_id: ours {self.model_id!r}, peer {other.model_id!r}"]
+        )
+        return model + self.kv.mismatches(other.kv)
+
+
+@dataclass(frozen=True)
 class AuthChallenge(Message):
     TAG: ClassVar[str] = "auth_challenge"
     server_id: str
@@ -136,7 +155,7 @@ class AuthHello(Message):
     client_id: str
     nonce: bytes
     mac: bytes
-    compat: dict[str, Any]
+    compat: Compatibility
 
 
 @dataclass(frozen=True)
@@ -144,7 +163,7 @@ class AuthWelcome(Message):
     TAG: ClassVar[str] = "auth_welcome"
     server_id: str
     mac: bytes
-    compat: dict[str, Any]
+    compat: Compatibility
 
 
 @dataclass(frozen=True)
@@ -158,16 +177,18 @@ class Refused(Message):
 
 @dataclass(frozen=True)
 class PrefillTask(Message):
-    """D -> P: prefill ``prompt_token_ids`` and ship the KV into ``dst_block_ids`` on D."""
+    """D -> P: prefill ``prompt_token_ids`` and ship the KV into ``dst_block_ids`` on D.
+    ``sampling_params`` travels as the engine's own dataclass (a map of its fields): a field added
+    there reaches P with no converter to edit; its validation runs again on decode."""
 
     TAG: ClassVar[str] = "prefill_task"
     call_id: int
     req_id: str
     prompt_token_ids: list[int]
-    sampling_params: dict[str, Any]
+    sampling_params: SamplingParams
     dst_block_ids: list[int]
     protocol: str
-    endpoint: dict[str, Any]
+    endpoint: Endpoint
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,7 @@
-"""Protocol name -> transport classes, and the choice of protocol for a P/D pair.
+"""Protocol name -> transport classes.
+
+The choice of protocol for a P/D pair is made once, where the pair is chosen:
+``scheduler.dispatch.choose_protocol``.
 
 Built-in transports register lazily (their module is imported on first lookup), so importing
 ``splitwise.transfer`` stays cheap and an optional dependency (pyverbs for rdma) is only needed
@@ -12,10 +15,11 @@ import importlib
 import threading
 from dataclasses import dataclass
 
+from splitwise.codes import PROTOCOLS
 from splitwise.transfer.base import TransportInitiator, TransportOptions, TransportTarget
-from splitwise.transfer.errors import NoCommonProtocolError, UnknownProtocolError
+from splitwise.transfer.errors import UnknownProtocolError
 
-KNOWN_PROTOCOLS = ("ipc", "rdma", "tcp")
+KNOWN_PROTOCOLS = PROTOCOLS  # the one list (splitwise.codes.Protocol)
 
 _LAZY_MODULES = {
     "ipc": "splitwise.transfer.ipc",
@@ -81,42 +85,3 @@ def parse_protocols(value: str) -> tuple[str, ...]:
     if len(set(names)) != len(names):
         raise ValueError(f"--cache-transfer-protocol: {value!r} repeats a protocol")
     return names
-
-
-@dataclass(frozen=True)
-class NodeTransferInfo:
-    """What a node advertises about transfers: its host (as peers see it) and protocols it serves,
-    in its own preference order."""
-
-    host: str
-    protocols: tuple[str, ...]
-
-
-def select_protocol(local: NodeTransferInfo, peer: NodeTransferInfo) -> str:
-    """The protocol for a transfer between ``local`` and ``peer`` (FastDeploy semantics).
-
-    ``ipc`` wins whenever both nodes offer it and run on the same host (it is strictly cheaper
-    there and impossible elsewhere). Otherwise the first protocol in ``local``'s preference order
-    that ``peer`` also offers, ``ipc`` excluded.
-
-    =====================  =====================  =========  ==========
-    local                  peer                   same host  chosen
-    =====================  =====================  =========  ==========
-    rdma,ipc               rdma,ipc               yes        ipc
-    rdma,ipc               rdma,ipc               no         rdma
-    tcp,rdma               rdma,tcp               no         tcp
-    ipc                    ipc,tcp                no         (error)
-    =====================  =====================  =========  ==========
-    """
-    same_host = local.host == peer.host
-    if same_host and "ipc" in local.protocols and "ipc" in peer.protocols:
-        return "ipc"
-    for name in local.protocols:
-        if name != "ipc" and name in peer.protocols:
-            return name
-    where = "the same host" if same_host else f"hosts {local.host} and {peer.host}"
-    raise NoCommonProtocolError(
-        f"no common transfer protocol on {where}: local offers {list(local.protocols)}, "
-        f"peer offers {list(peer.protocols)} (ipc needs both on one host)",
-        peer=peer.host,
-    )

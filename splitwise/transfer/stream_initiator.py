@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from splitwise.counters import Counters
 from splitwise.engine.kv_cache import KVCache, KVCacheGeometry
 from splitwise.logging import get_logger
 from splitwise.transfer import wire
@@ -18,15 +19,12 @@ from splitwise.transfer.base import (
     BlockRun,
     Endpoint,
     ReadyToken,
-    TransferCounters,
     TransferStatus,
     TransportInitiator,
     TransportOptions,
     check_block_ids,
     check_compatible,
     coalesce_runs,
-    geometry_from_dict,
-    geometry_to_dict,
     wait_ready,
 )
 from splitwise.transfer.errors import (
@@ -109,7 +107,7 @@ class StreamInitiator(TransportInitiator):
 
     def __init__(self, options: TransportOptions) -> None:
         self.options = options
-        self.counters = TransferCounters()
+        self.counters = Counters()
         self._requests = InitiatorRequests(self.protocol, self.counters)
         self._kv: KVCache | None = None
         self._peers: dict[str, Peer] = {}
@@ -135,15 +133,15 @@ class StreamInitiator(TransportInitiator):
             return
         if existing is not None:
             self._drop_peer(existing)
-        if endpoint.get("protocol") != self.protocol:
+        if endpoint.protocol != self.protocol:
             raise IncompatiblePeerError(
-                f"endpoint is for {endpoint.get('protocol')!r}, not {self.protocol!r}", peer=peer_id
+                f"endpoint is for {endpoint.protocol!r}, not {self.protocol!r}", peer=peer_id
             )
-        remote = geometry_from_dict(endpoint["geometry"])
+        remote = endpoint.geometry
         check_compatible(kv.geometry, remote, peer=peer_id)
-        sock = wire.connect(str(endpoint["host"]), int(endpoint["port"]), self.options.connect_timeout_s)
+        sock = wire.connect(endpoint.host, endpoint.port, self.options.connect_timeout_s)
         try:
-            reply = self._hello(sock, kv, peer_id, str(endpoint.get("access_key", "")))
+            reply = self._hello(sock, kv, peer_id, endpoint.access_key)
             if not reply.ok:
                 raise IncompatiblePeerError(f"target refused the connection: {reply.reason}", peer=peer_id)
             attachment = self._attach_peer(peer_id, endpoint, remote)
@@ -225,7 +223,7 @@ class StreamInitiator(TransportInitiator):
             with peer.idle:
                 idle = peer.idle.wait_for(_not_busy_with(peer, req_id), timeout=_FORGET_WAIT_S)
             if not idle:
-                self.counters.incr("forget_wait_timeouts")
+                self.counters.inc("forget_wait_timeouts")
                 log.warning(
                     "forget: a copy is still running; dropping the connection",
                     protocol=self.protocol,
@@ -244,7 +242,7 @@ class StreamInitiator(TransportInitiator):
             peer = self._peers.get(peer_id)
         if peer is None:
             return
-        self.counters.incr("peers_aborted")
+        self.counters.inc("peers_aborted")
         self._peer_lost(peer, f"aborted: {reason}")
 
     def close(self) -> None:
@@ -334,7 +332,7 @@ class StreamInitiator(TransportInitiator):
             self._abort(peer, job.req_id, f"{type(exc).__name__}: {exc}")
 
     def _abort(self, peer: Peer, req_id: str, reason: str) -> None:
-        self.counters.incr("write_errors")
+        self.counters.inc("write_errors")
         log.error(
             "transfer write failed", protocol=self.protocol, req_id=req_id, peer=peer.peer_id, reason=reason
         )
@@ -376,7 +374,7 @@ class StreamInitiator(TransportInitiator):
         peer.broken.set()  # the sender skips every job from now on
         with peer.grant_arrived:
             peer.grant_arrived.notify_all()  # a sender waiting for a grant gives up now
-        self.counters.incr("connections_lost")
+        self.counters.inc("connections_lost")
         log.warning("target connection lost", protocol=self.protocol, peer=peer.peer_id, reason=reason)
         self._requests.fail_peer(peer.peer_id, f"connection to {peer.peer_id} lost: {reason}")
         if self.one_sided:
@@ -390,7 +388,7 @@ class StreamInitiator(TransportInitiator):
         if sender is not None and sender is not threading.current_thread():
             with peer.idle:
                 if not peer.idle.wait_for(lambda: peer.busy_req is None, timeout=_FORGET_WAIT_S):
-                    self.counters.incr("forget_wait_timeouts")
+                    self.counters.inc("forget_wait_timeouts")
         self._fence(None)
 
     def _drop_peer(self, peer: Peer) -> None:
@@ -408,7 +406,7 @@ class StreamInitiator(TransportInitiator):
         # D's ``revoke(peer_id)`` finds our connections by this id: our node id when we have one.
         initiator_id = self.options.node_id or f"{socket.gethostname()}:{id(self):x}"
         try:
-            wire.send_message(sock, XferHello(initiator_id, geometry_to_dict(kv.geometry), access_key))
+            wire.send_message(sock, XferHello(initiator_id, kv.geometry, access_key))
             return expect_type(wire.recv_message(sock), XferHelloReply)  # type: ignore[no-any-return]
         finally:
             sock.settimeout(None)

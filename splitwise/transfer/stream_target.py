@@ -16,6 +16,7 @@ on D) and what the endpoint carries besides host/port/geometry.
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import itertools
 import secrets
@@ -25,19 +26,17 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from splitwise.counters import Counters
 from splitwise.engine.kv_cache import KVCache
 from splitwise.logging import get_logger
 from splitwise.transfer import wire
 from splitwise.transfer.base import (
     Endpoint,
-    TransferCounters,
     TransferStatus,
     TransportOptions,
     TransportTarget,
     check_block_ids,
     check_compatible,
-    geometry_from_dict,
-    geometry_to_dict,
 )
 from splitwise.transfer.errors import (
     AuthenticationError,
@@ -60,7 +59,7 @@ from splitwise.transfer.messages import (
     XferHelloReply,
     expect_type,
 )
-from splitwise.transfer.tracking import Clock, TargetRequests
+from splitwise.transfer.tracking import AnyClock, TargetRequests
 from splitwise.transfer.wire import shutdown
 
 log = get_logger("splitwise.transfer")
@@ -69,10 +68,14 @@ log = get_logger("splitwise.transfer")
 class StreamTarget(TransportTarget):
     count_writes = True  # every write passes through this socket, so D can count them
 
-    def __init__(self, options: TransportOptions, clock: Clock = time.monotonic) -> None:
+    def __init__(self, options: TransportOptions, clock: AnyClock | None = None) -> None:
         self.options = options
-        self.counters = TransferCounters()
-        self._requests = TargetRequests(self.protocol, self.counters, clock)
+        self.counters = Counters()
+        self._requests = (
+            TargetRequests(self.protocol, self.counters, clock)
+            if clock is not None
+            else TargetRequests(self.protocol, self.counters)
+        )
         self._kv: KVCache | None = None
         self._listener: socket.socket | None = None
         self._conn_ids = itertools.count(1)
@@ -100,14 +103,14 @@ class StreamTarget(TransportTarget):
     def endpoint(self) -> Endpoint:
         kv = self._require_kv()
         assert self._listener is not None
-        return {
-            "protocol": self.protocol,
-            "host": self.options.host,
-            "port": int(self._listener.getsockname()[1]),
-            "geometry": geometry_to_dict(kv.geometry),
-            "access_key": self._access_key,
-            **self._endpoint_extra(kv),
-        }
+        endpoint = Endpoint(
+            protocol=self.protocol,
+            host=self.options.host,
+            port=int(self._listener.getsockname()[1]),
+            geometry=kv.geometry,
+            access_key=self._access_key,
+        )
+        return dataclasses.replace(endpoint, **self._endpoint_extra(kv))
 
     def expect(self, req_id: str, dst_block_ids: Sequence[int], timeout_s: float | None = None) -> None:
         check_block_ids(
@@ -127,7 +130,7 @@ class StreamTarget(TransportTarget):
                 lambda: req_id not in self._receiving.values(), timeout=self.options.connect_timeout_s
             )
         if not done:
-            self.counters.incr("forget_wait_timeouts")
+            self.counters.inc("forget_wait_timeouts")
             log.warning("forget: a payload is still being received", protocol=self.protocol, req_id=req_id)
 
     def revoke(self, peer_id: str) -> bool:
@@ -140,7 +143,7 @@ class StreamTarget(TransportTarget):
                 for conn_id, sock in self._conns.items()
                 if self._conn_peers.get(conn_id) == peer_id
             ]
-        self.counters.incr("revokes")
+        self.counters.inc("revokes")
         fenced = True
         for conn_id, sock, thread in conns:
             self._requests.connection_lost(conn_id, f"access of {peer_id} revoked")
@@ -155,7 +158,7 @@ class StreamTarget(TransportTarget):
                 thread.join(timeout=self.options.connect_timeout_s)
                 fenced = fenced and not thread.is_alive()
         if not fenced:
-            self.counters.incr("revokes_unconfirmed")
+            self.counters.inc("revokes_unconfirmed")
             log.error("revoke: peer did not hang up in time", protocol=self.protocol, peer=peer_id)
         return fenced
 
@@ -184,6 +187,7 @@ class StreamTarget(TransportTarget):
         """Release what ``_attach_local`` prepared."""
 
     def _endpoint_extra(self, kv_cache: KVCache) -> dict[str, Any]:
+        """Protocol-specific ``Endpoint`` fields (field name -> value)."""
         return {}
 
     def _on_layer_write(self, conn_id: int, sock: socket.socket, header: LayerWrite) -> None:
@@ -197,7 +201,7 @@ class StreamTarget(TransportTarget):
                 sock, addr = self._listener.accept()
             except OSError as exc:
                 if not self._closed.is_set():
-                    self.counters.incr("accept_errors")
+                    self.counters.inc("accept_errors")
                     log.error("accept failed", protocol=self.protocol, error=str(exc))
                     time.sleep(0.05)
                 continue
@@ -219,11 +223,11 @@ class StreamTarget(TransportTarget):
         except ConnectionLostError as exc:
             reason = str(exc)
             if not self._closed.is_set():
-                self.counters.incr("connections_lost")
+                self.counters.inc("connections_lost")
                 log.info("initiator connection closed", protocol=self.protocol, peer=peer, reason=reason)
         except (ProtocolError, IncompatiblePeerError, TransferError) as exc:
             reason = str(exc)
-            self.counters.incr("connections_refused")
+            self.counters.inc("connections_refused")
             log.warning("initiator connection refused", protocol=self.protocol, peer=peer, reason=reason)
         finally:
             self._requests.connection_lost(conn_id, reason)
@@ -237,14 +241,14 @@ class StreamTarget(TransportTarget):
         kv = self._require_kv()
         sock.settimeout(self.options.connect_timeout_s)
         hello = expect_type(wire.recv_message(sock), XferHello)
-        local = geometry_to_dict(kv.geometry)
+        local = kv.geometry
         if not hmac.compare_digest(hello.access_key.encode(), self._access_key.encode()):
             wire.send_message(
                 sock, XferHelloReply(False, "wrong access key: endpoint not from this target", local)
             )
             raise AuthenticationError("wrong access key", peer=peer)
         try:
-            check_compatible(kv.geometry, geometry_from_dict(hello.geometry), peer=hello.initiator_id)
+            check_compatible(kv.geometry, hello.geometry, peer=hello.initiator_id)
         except (IncompatiblePeerError, KeyError, ValueError, TypeError) as exc:
             wire.send_message(sock, XferHelloReply(False, str(exc), local))
             raise IncompatiblePeerError(str(exc), peer=peer) from None
@@ -259,10 +263,10 @@ class StreamTarget(TransportTarget):
             try:
                 allowed = self._requests.admit(message.req_id, conn_id)
             except UnexpectedBlocksError as exc:
-                self.counters.incr("frames_rejected")
+                self.counters.inc("frames_rejected")
                 wire.send_message(sock, RequestGrant(message.req_id, False, str(exc), []))
             else:
-                self.counters.incr("requests_begun")
+                self.counters.inc("requests_begun")
                 wire.send_message(sock, RequestGrant(message.req_id, True, "", sorted(allowed)))
         elif isinstance(message, RequestAbort):
             self._requests.fail(message.req_id, f"initiator aborted: {message.reason}")
@@ -275,7 +279,7 @@ class StreamTarget(TransportTarget):
             raise ProtocolError(f"unexpected {message.TAG} frame from an initiator")
 
     def _refuse(self, sock: socket.socket, req_id: str, exc: TransferError) -> None:
-        self.counters.incr("frames_rejected")
+        self.counters.inc("frames_rejected")
         log.warning("frame refused", protocol=self.protocol, req_id=req_id, reason=str(exc))
         wire.send_message(sock, RequestResult(req_id, False, str(exc)))
 

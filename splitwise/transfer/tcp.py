@@ -108,7 +108,7 @@ class TcpTarget(StreamTarget):
         finally:
             self._end_receive(conn_id)
         self._requests.landed(header.req_id, num_blocks)
-        self.counters.incr("bytes_received", header.payload_bytes)
+        self.counters.inc("bytes_received", header.payload_bytes)
 
 
 class TcpInitiator(StreamInitiator):
@@ -137,7 +137,7 @@ class TcpInitiator(StreamInitiator):
         wire.send_buffers(
             peer.sock, [wire.frame_bytes(header), *_run_views(self._bytes, geometry, job.layer, runs)]
         )
-        self.counters.incr("bytes_sent", header.payload_bytes)
+        self.counters.inc("bytes_sent", header.payload_bytes)
 
     def _write_layer_staged(self, peer: Peer, job: LayerJob) -> None:
         assert self._stage is not None
@@ -151,7 +151,7 @@ class TcpInitiator(StreamInitiator):
         )
         payload = self._stage.gather(job.layer, [[run.src_start, run.num_blocks] for run in job.runs])
         wire.send_buffers(peer.sock, [wire.frame_bytes(header), payload])
-        self.counters.incr("bytes_sent", header.payload_bytes)
+        self.counters.inc("bytes_sent", header.payload_bytes)
 
 
 register_transport("tcp", TcpInitiator, TcpTarget)

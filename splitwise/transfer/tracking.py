@@ -14,17 +14,24 @@ and counted here, once, at the transition.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from scheduler.clock import SYSTEM_CLOCK, Clock
+from splitwise.counters import Counters
 from splitwise.logging import get_logger
-from splitwise.transfer.base import DONE, PENDING, TransferCounters, TransferStatus, failed
+from splitwise.transfer.base import DONE, PENDING, TransferStatus, failed
 from splitwise.transfer.errors import TransferError, UnexpectedBlocksError
 
 log = get_logger("splitwise.transfer")
 
-Clock = Callable[[], float]
+# The project's one Clock (scheduler.clock): tests inject a fake. A bare monotonic function is
+# still accepted (the older form of this parameter).
+AnyClock = Clock | Callable[[], float]
+
+
+def _monotonic(clock: AnyClock) -> Callable[[], float]:
+    return clock.monotonic if isinstance(clock, Clock) else clock
 
 
 @dataclass
@@ -39,10 +46,10 @@ class _Expected:
 class TargetRequests:
     """D's table of expected requests. Thread-safe; every method is non-blocking."""
 
-    def __init__(self, protocol: str, counters: TransferCounters, clock: Clock = time.monotonic) -> None:
+    def __init__(self, protocol: str, counters: Counters, clock: AnyClock = SYSTEM_CLOCK) -> None:
         self._protocol = protocol
         self._counters = counters
-        self._clock = clock
+        self._clock = _monotonic(clock)
         self._lock = threading.Lock()
         self._requests: dict[str, _Expected] = {}
 
@@ -101,7 +108,7 @@ class TargetRequests:
                 self._fail_locked(req_id, entry, reason)
                 return entry.status
             entry.status = DONE
-        self._counters.incr("transfers_done")
+        self._counters.inc("transfers_done")
         return DONE
 
     def fail(self, req_id: str, reason: str) -> None:
@@ -143,7 +150,7 @@ class TargetRequests:
 
     def _fail_locked(self, req_id: str, entry: _Expected, reason: str) -> None:
         entry.status = failed(reason)
-        self._counters.incr("transfers_failed")
+        self._counters.inc("transfers_failed")
         log.warning("transfer failed", side="target", protocol=self._protocol, req_id=req_id, reason=reason)
 
 
@@ -158,7 +165,7 @@ class _Outgoing:
 class InitiatorRequests:
     """P's table of requests in flight. Thread-safe; only ``wait`` blocks."""
 
-    def __init__(self, protocol: str, counters: TransferCounters) -> None:
+    def __init__(self, protocol: str, counters: Counters) -> None:
         self._protocol = protocol
         self._counters = counters
         self._lock = threading.Lock()
@@ -192,9 +199,9 @@ class InitiatorRequests:
             entry.status = DONE if ok else failed(reason)
             entry.done.set()
         if ok:
-            self._counters.incr("transfers_done")
+            self._counters.inc("transfers_done")
         else:
-            self._counters.incr("transfers_failed")
+            self._counters.inc("transfers_failed")
             log.warning(
                 "transfer failed",
                 side="initiator",
@@ -232,5 +239,8 @@ class InitiatorRequests:
         return self.poll(req_id)
 
     def forget(self, req_id: str) -> None:
+        """Drop the request; a ``wait`` on it returns now (FAILED: unknown) instead of at its timeout."""
         with self._lock:
-            self._requests.pop(req_id, None)
+            entry = self._requests.pop(req_id, None)
+        if entry is not None:
+            entry.done.set()

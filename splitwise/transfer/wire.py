@@ -14,10 +14,11 @@ memoryviews of the destination blocks: no copy through Python bytes on either si
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Sequence
 
-from splitwise.framing import pack_frame, recv_frame
+from splitwise.framing import pack_frame, read_frame, recv_frame
 from splitwise.transfer.errors import ConnectionLostError, ProtocolError, TransferTimeoutError
 from splitwise.transfer.messages import Message, decode, encode
 
@@ -115,6 +116,41 @@ def recv_into_buffers(sock: socket.socket, views: Sequence[memoryview]) -> None:
 def recv_message(sock: socket.socket) -> Message:
     """Read one framed message. ProtocolError on a bad length or a malformed header."""
     return decode(recv_frame(sock, max_bytes=MAX_HEADER_BYTES, error=ProtocolError, fill=recv_into_exact))
+
+
+async def read_message(reader: asyncio.StreamReader) -> Message:
+    """``recv_message`` on an asyncio stream (the control channel). ConnectionLostError on EOF."""
+    try:
+        return decode(await read_frame(reader, max_bytes=MAX_HEADER_BYTES, error=ProtocolError))
+    except asyncio.IncompleteReadError:
+        raise ConnectionLostError("peer closed the connection") from None
+    except OSError as exc:
+        raise ConnectionLostError(f"receive failed: {exc}") from None
+
+
+async def write_message(writer: asyncio.StreamWriter, message: Message) -> None:
+    """Send one framed message on an asyncio stream. ConnectionLostError when the peer is gone."""
+    try:
+        writer.write(frame_bytes(message))
+        await writer.drain()
+    except OSError as exc:
+        raise ConnectionLostError(f"send failed: {exc}") from None
+
+
+async def open_connection(
+    host: str, port: int, timeout_s: float
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """``connect`` for asyncio streams (Nagle off)."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+    except (OSError, asyncio.TimeoutError) as exc:
+        raise ConnectionLostError(
+            f"cannot connect to {host}:{port}: {exc or 'timed out'}", peer=f"{host}:{port}"
+        ) from None
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return reader, writer
 
 
 def discard(sock: socket.socket, num_bytes: int, scratch_bytes: int = 1 << 20) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -141,3 +143,25 @@ def _call(fn: Callable[..., object], args: tuple[object, ...], kwargs: dict[str,
         return fn(*args, **kwargs)
     except BaseException as exc:  # noqa: BLE001 - handed to Background.result
         return exc
+
+
+class Frozen:
+    """``with Frozen(child):`` stops an instance with SIGSTOP (a wedged node: its sockets stay open
+    and nothing it would send arrives) and continues it on exit. Tests use it to hold a request
+    in a state (P never answers) for as long as they need, instead of slowing production code."""
+
+    def __init__(self, child: Child) -> None:
+        self.child = child
+
+    def __enter__(self) -> Frozen:
+        os.kill(self.child.process.pid, signal.SIGSTOP)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.child.process.poll() is None:
+            os.kill(self.child.process.pid, signal.SIGCONT)
+
+
+# Nodes stay "alive" in the registry for the whole test while one is frozen or killed on purpose,
+# so the frontend keeps the pair it dispatched to (the scheduler tests cover node expiry).
+NEVER_EXPIRE = ["--scheduler-dead-after-missed", "1000"]

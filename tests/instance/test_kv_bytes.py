@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import queue
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
+from splitwise.counters import Counters
 from splitwise.engine.config import EngineConfig
 from splitwise.engine.engine import LLMEngine
 from splitwise.engine.kv_cache import default_shm_name
@@ -35,17 +35,16 @@ from splitwise.engine.sequence import FinishReason
 from splitwise.instance.engine_worker import EngineWorker
 from splitwise.instance.pd_channel import PDChannel
 from splitwise.instance.prefill_flow import PrefillFlow
-from splitwise.transfer.base import TransferCounters, TransportOptions
+from splitwise.transfer.base import TransportOptions
 from splitwise.transfer.control import connect_control
-from splitwise.transfer.control_connection import Compatibility, ControlConnection
-from splitwise.transfer.messages import CallMessage, PrefillResult, PrefillTask
+from splitwise.transfer.control_connection import ControlConnection
+from splitwise.transfer.messages import CallMessage, Compatibility, PrefillResult, PrefillTask
 from splitwise.transfer.registry import create_initiator, create_target
 
 BLOCK_SIZE = 4
 CHUNK_TOKENS = 8  # max_num_batched_tokens: a 30-token prompt takes 4 steps
 TOKEN = "kv-bytes-test-token"
 HEADROOM_TOKENS = 8  # D reserves the prompt plus two more blocks that P must never touch
-
 SHARED_PREFIX = [(7 * i + 3) % 500 + 3 for i in range(24)]  # 6 full blocks
 PROMPTS = {
     "one-token": [42],
@@ -70,8 +69,7 @@ def _engine_config(model: Path, **changes: object) -> EngineConfig:
 
 
 def _compat(engine: LLMEngine) -> Compatibility:
-    g = engine.kv_cache.geometry
-    return Compatibility("tiny", g.dtype, g.block_size, g.num_layers, g.num_kv_heads, g.head_dim)
+    return Compatibility("tiny", engine.kv_cache.geometry)
 
 
 def _local_prefill(
@@ -96,25 +94,17 @@ class Landed:
 class PrefillSide:
     """P: the real PrefillFlow behind a real control server, on this test's event loop."""
 
-    def __init__(
-        self, engine: LLMEngine, protocol: str, loop: asyncio.AbstractEventLoop, *, pipelined: bool
-    ) -> None:
+    def __init__(self, engine: LLMEngine, protocol: str, *, pipelined: bool) -> None:
         self.engine = engine
-        self.worker = EngineWorker(engine, loop)
-        self.worker.start()
+        self.worker = EngineWorker(engine, asyncio.get_running_loop())
         self.initiator = create_initiator(protocol, TransportOptions())
         self.initiator.register(engine.kv_cache)
-        self.counters = TransferCounters()
-        self.flow: PrefillFlow | None = None
+        self.counters = Counters()
         self.channel = PDChannel(
-            loop,
             node_id="p0",
             token=TOKEN,
             compat=_compat(engine),
-            host="127.0.0.1",
-            port=0,
-            on_message=lambda conn, msg: self._flow().on_message(conn, msg),
-            validate=lambda conn, msg: self._flow().validate(conn, msg),
+            on_message=lambda conn, msg: self.flow.handle(conn, msg),
         )
         self.flow = PrefillFlow(
             self.worker,
@@ -124,13 +114,10 @@ class PrefillSide:
             transfer_timeout_s=20.0,
             pipelined=pipelined,
         )
+        self.worker.start()
 
-    def _flow(self) -> PrefillFlow:
-        assert self.flow is not None
-        return self.flow
-
-    def close(self) -> None:
-        self.channel.close()
+    async def close(self) -> None:
+        await self.channel.close()
         self.initiator.close()
         self.worker.stop()
 
@@ -138,41 +125,40 @@ class PrefillSide:
 class DecodeSide:
     """D: reserve -> expect -> PrefillTask over the control channel -> result -> poll DONE."""
 
-    def __init__(self, engine: LLMEngine, protocol: str, p_port: int) -> None:
+    def __init__(self, engine: LLMEngine, protocol: str) -> None:
         self.engine = engine
         self.protocol = protocol
         self.target = create_target(protocol, TransportOptions())
         self.target.register(engine.kv_cache)
-        self.replies: queue.Queue[CallMessage] = queue.Queue()
-        self.conn: ControlConnection = connect_control(
+        self.replies: asyncio.Queue[CallMessage] = asyncio.Queue()
+
+    async def connect(self, p_port: int) -> DecodeSide:
+        self.conn: ControlConnection = await connect_control(
             "127.0.0.1",
             p_port,
             node_id="d0",
             token=TOKEN,
-            compat=_compat(engine),
-            handler=lambda _conn, msg: self.replies.put(msg),
+            compat=_compat(self.engine),
+            handler=lambda _conn, msg: self.replies.put_nowait(msg),
         )
+        return self
 
-    def transfer(self, req_id: str, prompt: list[int], params: SamplingParams) -> Landed:
+    async def transfer(self, req_id: str, prompt: list[int], params: SamplingParams) -> Landed:
         reserved = self.engine.reserve(req_id, len(prompt) + HEADROOM_TOKENS)
         num_prompt_blocks = -(-len(prompt) // BLOCK_SIZE)
         dst, headroom = reserved[:num_prompt_blocks], reserved[num_prompt_blocks:]
         self.target.expect(req_id, dst, timeout_s=20.0)
-        raw_params = dataclasses.asdict(params)
-        raw_params["stop"], raw_params["stop_token_ids"] = list(params.stop), list(params.stop_token_ids)
-        self.conn.call(
-            PrefillTask(
-                call_id=0,
-                req_id=req_id,
-                prompt_token_ids=prompt,
-                sampling_params=raw_params,
-                dst_block_ids=dst,
-                protocol=self.protocol,
-                endpoint=self.target.endpoint(),
-            ),
-            10.0,
+        task = PrefillTask(
+            call_id=0,
+            req_id=req_id,
+            prompt_token_ids=prompt,
+            sampling_params=params,
+            dst_block_ids=dst,
+            protocol=self.protocol,
+            endpoint=self.target.endpoint(),
         )
-        reply = self.replies.get(timeout=30.0)
+        await self.conn.call(task, 10.0)
+        reply = await asyncio.wait_for(self.replies.get(), 30.0)
         assert isinstance(reply, PrefillResult), f"P answered {reply!r}"
         assert reply.req_id == req_id
         status = self.target.poll(req_id)
@@ -180,8 +166,8 @@ class DecodeSide:
         self.target.forget(req_id)
         return Landed(dst, headroom, reply.first_token_id)
 
-    def close(self) -> None:
-        self.conn.close("test done")
+    async def close(self) -> None:
+        await self.conn.close("test done")
         self.target.close()
 
 
@@ -219,18 +205,18 @@ def test_transferred_kv_bytes_equal_local_prefill(
     protocol = "ipc" if d_engine.kv_cache.shm_name else "tcp"
 
     async def run() -> dict[str, tuple[Landed, list[int], int, int]]:
-        loop = asyncio.get_running_loop()
-        p_side = PrefillSide(p_engine, protocol, loop, pipelined=pipelined)
-        d_side = await loop.run_in_executor(None, DecodeSide, d_engine, protocol, p_side.channel.port)
+        p_side = PrefillSide(p_engine, protocol, pipelined=pipelined)
+        await p_side.channel.start("127.0.0.1", 0)
+        d_side = await DecodeSide(d_engine, protocol).connect(p_side.channel.port)
         results = {}
         try:
             for name, prompt in PROMPTS.items():
-                landed = await loop.run_in_executor(None, d_side.transfer, name, prompt, params)
+                landed = await d_side.transfer(name, prompt, params)
                 r_blocks, r_first, r_cached = _local_prefill(r_engine, name, prompt, params)
                 results[name] = (landed, r_blocks, r_first, r_cached)
         finally:
-            d_side.close()
-            p_side.close()
+            await d_side.close()
+            await p_side.close()
         assert p_side.counters.get("prefills_shipped") == len(PROMPTS)
         return results
 

@@ -1,13 +1,13 @@
 """Abort/cancel at any stage frees KV blocks on both sides (no block leaks).
 
-A real 1P1D cluster; P is slowed (hidden ``--debug-prefill-layer-delay-ms``) so a request closed
-right after it was sent is cancelled while P prefills and ships its KV into D's reserved blocks,
-and every step pauses (hidden ``--debug-step-delay-ms``) so a stream closed mid-decode is cancelled
-before D finishes it.
-Streaming requests are cancelled by closing the client connection at three points: right after
-sending (mid-prefill/mid-transfer), after the first token, and mid-stream; others complete
-normally. Afterwards every instance's /metrics shows no KV block in use and nothing running,
-the cancels were counted as cancels, and D did not "fall back" to prefilling a cancelled request.
+A real 1P1D cluster, smoke-testing the cancel plumbing (client hang-up -> frontend -> Redis -> D
+and P -> blocks freed); every cancel race of the hand-off itself is tested deterministically in
+test_handoff_decode.py / test_handoff_prefill.py. Streaming requests are cancelled by closing the
+client connection at three points: before D admitted the request (P is frozen with SIGSTOP, so the
+request is held waiting for P's answer until the cancel has landed), after the first token, and
+mid-stream (long decodes: ~1000 steps against one chunk's delivery); others complete normally.
+Afterwards every instance's /metrics shows no KV block in use and nothing running, the cancels were
+counted as cancels, and D did not "fall back" to prefilling a cancelled request.
 """
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ import json
 import socket
 
 import httpx
-import pytest
 
 from splitwise.cluster import LocalCluster
 from tests.instance.pd_helpers import (
+    NEVER_EXPIRE,
     Background,
+    Frozen,
     StreamedCompletion,
     log_text,
     make_prompt,
@@ -29,17 +30,6 @@ from tests.instance.pd_helpers import (
     transfer_event,
     wait_until,
 )
-
-
-def close_right_after_sending(base_url: str, prompt: list[int]) -> None:
-    """Send, then hang up before the response starts (the server answers a stream's headers only
-    with its first token): the client gives up reading after half a second."""
-    body = {"prompt": prompt, "max_tokens": 32, "temperature": 0.0, "ignore_eos": True, "stream": True}
-    with pytest.raises(httpx.ReadTimeout):
-        with httpx.stream(
-            "POST", f"{base_url}/completions", json=body, timeout=httpx.Timeout(30.0, read=0.5)
-        ):
-            pass
 
 
 def close_after(num_chunks: int):  # type: ignore[no-untyped-def]
@@ -61,25 +51,41 @@ def wait_quiet(cluster: LocalCluster, child_name: str) -> bool:
     )
 
 
+def stream_body(prompt: list[int], max_tokens: int) -> dict:
+    return {
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": True,
+    }
+
+
 def test_cancel_at_every_stage_frees_blocks_on_both_sides(cluster_factory) -> None:  # type: ignore[no-untyped-def]
-    # D's 20 ms pause per step: a 64-token decode outlives the client's hang-up even on a fast machine.
-    cluster = cluster_factory(
-        num_prefill=1,
-        num_decode=1,
-        transfer="ipc",
-        extra=["--debug-prefill-layer-delay-ms", "150", "--debug-step-delay-ms", "20"],
-    )
+    cluster = cluster_factory(num_prefill=1, num_decode=1, transfer="ipc", extra=NEVER_EXPIRE)
     p = next(c for c in cluster.children if c.role == "prefill")
     d = next(c for c in cluster.children if c.role == "decode")
     entry = p.base_url  # the frontend on P; cancels travel through Redis to both nodes
+    warm = stream_completion(entry, make_prompt(6, seed=9), max_tokens=2)  # opens D's connection to P
+    assert warm.done and wait_quiet(cluster, d.name)
 
-    # 1. Closed right after sending, while P prefills and ships (70 tokens: 3 chunks x 2 layers).
-    close_right_after_sending(entry, make_prompt(70, seed=1))
+    # 1. Closed before D admitted it: P is frozen, so D holds the reservation waiting for P.
+    with Frozen(p):
+        sock = open_raw_stream(d.base_url, stream_body(make_prompt(70, seed=1), 32))
+        try:
+            assert wait_until(lambda: metric(d, "splitwise_kv_blocks_used") > 0, 60, 0.05), cluster.log_tail(
+                d
+            )
+        finally:
+            sock.close()
+        assert wait_until(lambda: "request cancelled before decoding" in log_text(d), 30), cluster.log_tail(
+            d, 60
+        )
     # 2. Closed after the first token arrived.
-    got = stream_completion(entry, make_prompt(50, seed=2), max_tokens=64, on_chunk=close_after(1))
+    got = stream_completion(entry, make_prompt(50, seed=2), max_tokens=1000, on_chunk=close_after(1))
     assert got.num_chunks == 1 and not got.done
     # 3. Closed mid-stream.
-    got = stream_completion(entry, make_prompt(30, seed=3), max_tokens=64, on_chunk=close_after(5))
+    got = stream_completion(entry, make_prompt(30, seed=3), max_tokens=1000, on_chunk=close_after(5))
     assert got.num_chunks == 5 and not got.done
     # 4. Completed normally, streaming and not, through both frontends.
     done = stream_completion(entry, make_prompt(20, seed=4), max_tokens=8)
@@ -96,15 +102,16 @@ def test_cancel_at_every_stage_frees_blocks_on_both_sides(cluster_factory) -> No
             f"{child.name}: {metric(child, 'splitwise_kv_blocks_used')} KV blocks still used, "
             f"{metric(child, 'splitwise_num_requests_running')} running\n" + cluster.log_tail(child)
         )
-    assert wait_until(
-        lambda: metric(p, "splitwise_requests_total", endpoint="/v1/completions", outcome="cancelled") == 3,
-        10,
-    ), cluster.log_tail(p)
+    cancelled = {"endpoint": "/v1/completions", "outcome": "cancelled"}
+    assert wait_until(lambda: metric(p, "splitwise_requests_total", **cancelled) == 2, 10), cluster.log_tail(
+        p
+    )
+    assert wait_until(lambda: metric(d, "splitwise_requests_total", **cancelled) == 1, 10), cluster.log_tail(
+        d
+    )
     # Each cancel reached D; a cancel is not a failed prefill: nothing fell back to a local prefill.
     assert log_text(d).count("request cancelled by frontend") == 3, cluster.log_tail(d)
     assert transfer_event(d, "fallbacks") == 0, cluster.log_tail(d, 60)
-    # The first cancel hit the request before it was admitted on D (during P's prefill/transfer).
-    assert "request cancelled before decoding" in log_text(d), cluster.log_tail(d, 60)
     assert cluster.dead_children() == []
 
 
@@ -124,39 +131,34 @@ def open_raw_stream(base_url: str, body: dict) -> socket.socket:
 
 def test_cancel_while_waiting_for_decode_blocks_frees_everything(cluster_factory) -> None:  # type: ignore[no-untyped-def]
     # D has 40 blocks of 4 tokens: the first 100-token request reserves 29 of them (prompt + 16
-    # tokens headroom) while P (slowed) prefills it, so the second one waits in D's queue.
+    # tokens headroom) and holds them while P is frozen, so the second one waits in D's queue.
     cluster = cluster_factory(
-        num_prefill=1,
-        num_decode=1,
-        transfer="tcp",
-        extra=["--num-kv-blocks", "40", "--debug-prefill-layer-delay-ms", "300"],
+        num_prefill=1, num_decode=1, transfer="tcp", extra=["--num-kv-blocks", "40", *NEVER_EXPIRE]
     )
     p = next(c for c in cluster.children if c.role == "prefill")
     d = next(c for c in cluster.children if c.role == "decode")
-    first = Background(stream_completion, d.base_url, make_prompt(100, seed=6), max_tokens=12)
-    assert wait_until(lambda: metric(d, "splitwise_kv_blocks_used") > 0, 60, 0.05)
-    body = {
-        "prompt": make_prompt(100, seed=7),
-        "max_tokens": 12,
-        "temperature": 0.0,
-        "ignore_eos": True,
-        "stream": True,
-    }
-    sock = open_raw_stream(d.base_url, body)
-    try:
-        assert wait_until(lambda: metric(d, "splitwise_num_requests_waiting") >= 1, 30, 0.1), (
-            cluster.log_tail(d)
+    warm = stream_completion(d.base_url, make_prompt(6, seed=9), max_tokens=2)  # opens D's connection to P
+    assert warm.done and wait_quiet(cluster, d.name)
+    with Frozen(p):
+        first = Background(stream_completion, d.base_url, make_prompt(100, seed=6), max_tokens=12)
+        assert wait_until(lambda: metric(d, "splitwise_kv_blocks_used") > 0, 60, 0.05)
+        sock = open_raw_stream(d.base_url, stream_body(make_prompt(100, seed=7), 12))
+        try:
+            assert wait_until(lambda: metric(d, "splitwise_num_requests_waiting") >= 1, 30, 0.1), (
+                cluster.log_tail(d)
+            )
+        finally:
+            sock.close()  # the client hangs up while its request waits for KV blocks on D
+        assert wait_until(lambda: "request cancelled before decoding" in log_text(d), 30), cluster.log_tail(
+            d, 40
         )
-    finally:
-        sock.close()  # the client hangs up while its request waits for KV blocks on D
 
     got = first.result()
     assert isinstance(got, StreamedCompletion) and got.done and got.usage["completion_tokens"] == 12
     for child in cluster.children:
         assert wait_quiet(cluster, child.name), cluster.log_tail(child)
     assert wait_until(lambda: metric(d, "splitwise_num_requests_waiting") == 0, 10)
-    assert "request cancelled before decoding" in log_text(d), cluster.log_tail(d, 40)
     # The cancelled request never reached P and was not prefilled anywhere.
-    assert transfer_event(d, "transfers_ok") == 1
+    assert transfer_event(d, "transfers_ok") == 2  # the warm-up and the first
     assert transfer_event(d, "fallbacks") == 0
-    assert transfer_event(p, "prefills_shipped") == 1
+    assert transfer_event(p, "prefills_shipped") == 2

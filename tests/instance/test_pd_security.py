@@ -10,6 +10,7 @@ the instance keeps serving disaggregated requests afterwards.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import socket
@@ -21,11 +22,11 @@ import redis
 from scheduler.keys import KeySchema
 from splitwise.cluster import Child, LocalCluster
 from splitwise.engine.config import ModelConfig
+from splitwise.kv_geometry import KVGeometry
 from splitwise.transfer import wire
 from splitwise.transfer.control import connect_control
-from splitwise.transfer.control_connection import Compatibility
 from splitwise.transfer.errors import AuthenticationError, IncompatiblePeerError
-from splitwise.transfer.messages import AuthChallenge, AuthHello, Refused
+from splitwise.transfer.messages import AuthChallenge, AuthHello, Compatibility, Refused
 from tests.instance.helpers import complete
 from tests.instance.pd_helpers import log_text, metric, wait_until
 
@@ -34,6 +35,19 @@ BLOCK_SIZE = 4  # tests/instance/helpers.ENGINE_ARGS
 
 def _ignore(_conn: object, _msg: object) -> None:
     return None
+
+
+def _connect(port: int, *, node_id: str, token: str, compat: Compatibility) -> str:
+    """One control connection from this test (its own event loop): the peer id, then close."""
+
+    async def connect() -> str:
+        conn = await connect_control(
+            "127.0.0.1", port, node_id=node_id, token=token, compat=compat, handler=_ignore
+        )
+        await conn.close("test done")
+        return conn.peer_id
+
+    return asyncio.run(connect())
 
 
 def _prefill(cluster: LocalCluster) -> Child:
@@ -53,7 +67,9 @@ def _redis_token(cluster: LocalCluster) -> str:
 
 def _instance_compat(model: Path) -> Compatibility:
     mc = ModelConfig.from_dir(model)
-    return Compatibility(model.name, "float32", BLOCK_SIZE, mc.num_layers, mc.num_kv_heads, mc.head_dim)
+    return Compatibility(
+        model.name, KVGeometry("float32", BLOCK_SIZE, mc.num_layers, mc.num_kv_heads, mc.head_dim)
+    )
 
 
 def _raw_hello(port: int, mac: bytes, compat: Compatibility) -> Refused:
@@ -61,7 +77,7 @@ def _raw_hello(port: int, mac: bytes, compat: Compatibility) -> Refused:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         challenge = wire.recv_message(sock)
         assert isinstance(challenge, AuthChallenge)
-        wire.send_message(sock, AuthHello("intruder", os.urandom(32), mac, compat.to_dict()))
+        wire.send_message(sock, AuthHello("intruder", os.urandom(32), mac, compat))
         reply = wire.recv_message(sock)
         assert isinstance(reply, Refused), reply
         assert _closed_by_peer(sock), "the server kept the refused connection open"
@@ -85,9 +101,7 @@ def test_pd_comm_port_refuses_bad_peers_and_keeps_serving(cluster_factory, tiny_
 
     # 1. A wrong token: refused as an authentication failure.
     with pytest.raises(AuthenticationError, match="wrong or missing cluster token"):
-        connect_control(
-            "127.0.0.1", port, node_id="intruder", token="not-the-" + token, compat=compat, handler=_ignore
-        )
+        _connect(port, node_id="intruder", token="not-the-" + token, compat=compat)
 
     # 2. No token at all (an empty MAC).
     refused = _raw_hello(port, b"", compat)
@@ -102,19 +116,18 @@ def test_pd_comm_port_refuses_bad_peers_and_keeps_serving(cluster_factory, tiny_
         assert _closed_by_peer(sock)
 
     # 4. The right token but another KV geometry and model: refused, naming every field.
-    other = dataclasses.replace(
-        compat, model_id="other-model", block_size=BLOCK_SIZE * 2, head_dim=compat.head_dim * 2
+    other = Compatibility(
+        "other-model",
+        dataclasses.replace(compat.kv, block_size=BLOCK_SIZE * 2, head_dim=compat.kv.head_dim * 2),
     )
     with pytest.raises(IncompatiblePeerError) as excinfo:
-        connect_control("127.0.0.1", port, node_id="odd-peer", token=token, compat=other, handler=_ignore)
+        _connect(port, node_id="odd-peer", token=token, compat=other)
     for name in ("model_id", "block_size", "head_dim"):
         assert name in str(excinfo.value)
     assert "num_layers" not in str(excinfo.value)  # only what differs
 
     # 5. Whoever can read the Redis may join: the token from Redis and our geometry are accepted.
-    conn = connect_control("127.0.0.1", port, node_id="friend", token=token, compat=compat, handler=_ignore)
-    assert conn.peer_id == p.info["node_id"]
-    conn.close("test done")
+    assert _connect(port, node_id="friend", token=token, compat=compat) == p.info["node_id"]
 
     # Counted and logged on P, each with its reason.
     assert wait_until(lambda: metric(p, "splitwise_pd_control_events_total", event="refused_auth") == 2, 10)

@@ -63,7 +63,7 @@ def read_until_eof(sock: socket.socket, timeout_s: float = 5.0) -> bytes:
 
 def raw(target: RdmaTarget) -> socket.socket:
     endpoint = target.endpoint()
-    return socket.create_connection((endpoint["host"], endpoint["port"]), timeout=5)
+    return socket.create_connection((endpoint.host, endpoint.port), timeout=5)
 
 
 def assert_still_serves(target: RdmaTarget, backend: FakeBackend) -> None:

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 import torch
-from transfer_peer import GEOMETRY
+from transfer_peer import GEOMETRY, endpoint_from_json, endpoint_to_json
 
 from splitwise.engine.kv_cache import KVCacheGeometry
-from splitwise.transfer.base import geometry_to_dict
+from splitwise.transfer.base import Endpoint, geometry_to_dict
 
 PEER_SCRIPT = Path(__file__).with_name("transfer_peer.py")
 
@@ -48,10 +48,13 @@ class PeerProcess:
         )
         self.geometry = geometry
         self.killed = False
-        self.endpoint: dict[str, Any] | None = self._read(timeout_s=30.0)["endpoint"]
+        raw = self._read(timeout_s=30.0)["endpoint"]
+        self.endpoint: Endpoint | None = endpoint_from_json(raw) if raw is not None else None
 
     def ask(self, read_timeout_s: float = 15.0, **cmd: Any) -> dict[str, Any]:
         assert self.proc.stdin is not None
+        if isinstance(cmd.get("endpoint"), Endpoint):
+            cmd = {**cmd, "endpoint": endpoint_to_json(cmd["endpoint"])}
         self.proc.stdin.write(json.dumps(cmd) + "\n")
         self.proc.stdin.flush()
         return self._read(read_timeout_s)

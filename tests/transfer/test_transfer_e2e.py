@@ -179,8 +179,7 @@ def test_cuda_ipc_lands_exactly(spawn_peer) -> None:  # type: ignore[no-untyped-
         pytest.skip("needs a CUDA GPU: the ipc CUDA path (CUDA IPC handles via cupy) is GPU-only")
     pytest.importorskip("cupy", reason="ipc on CUDA needs cupy (pip install 'splitwise[gpu]')")
     d = spawn_peer("target", "ipc", seed=D_SEED, device="cuda")
-    endpoint = dict(d.endpoint)
-    endpoint["cuda_ipc_handle"] = bytes.fromhex(endpoint["cuda_ipc_handle"])
+    endpoint = d.endpoint
     p_kv = make_cache(GEOMETRY, P_SEED, shared=False, device="cuda")
     initiator = create_initiator("ipc")
     initiator.register(p_kv)

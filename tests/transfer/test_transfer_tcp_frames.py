@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import time
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ from transfer_peer import GEOMETRY, initial_kv, make_cache
 
 from splitwise.engine.kv_cache import KVCache
 from splitwise.transfer import TransferState, create_target, wire
-from splitwise.transfer.base import TransportTarget, geometry_to_dict
+from splitwise.transfer.base import TransportTarget
 from splitwise.transfer.messages import LayerWrite, RequestFinish, RequestResult, XferHello, XferHelloReply
 
 BLOCK_BYTES = GEOMETRY.bytes_per_block
@@ -31,10 +32,10 @@ def raw_connection(
     target: TransportTarget, geometry: dict[str, object] | None = None, access_key: str | None = None
 ) -> socket.socket:
     endpoint = target.endpoint()
-    sock = wire.connect(endpoint["host"], endpoint["port"], 5.0)
+    sock = wire.connect(endpoint.host, endpoint.port, 5.0)
     sock.settimeout(5.0)
-    key = endpoint["access_key"] if access_key is None else access_key
-    wire.send_message(sock, XferHello("raw-test", geometry or geometry_to_dict(GEOMETRY), key))
+    key = endpoint.access_key if access_key is None else access_key
+    wire.send_message(sock, XferHello("raw-test", geometry or GEOMETRY, key))
     return sock
 
 
@@ -54,7 +55,7 @@ def assert_closed_by_peer(sock: socket.socket) -> None:
 def test_frames_for_unexpected_blocks_are_refused_and_the_stream_stays_usable(target) -> None:  # type: ignore[no-untyped-def]
     tcp, kv = target
     sock = raw_connection(tcp)
-    assert wire.recv_message(sock) == XferHelloReply(True, "", geometry_to_dict(GEOMETRY))
+    assert wire.recv_message(sock) == XferHelloReply(True, "", GEOMETRY)
     tcp.expect("r", [1, 2])
 
     send_layer(sock, "r", 0, [[5, 1]], fill=0xAB)  # block 5 is not r's
@@ -96,13 +97,13 @@ def test_finish_announcing_more_writes_than_landed_fails(target) -> None:  # typ
 def test_garbage_and_mismatched_hello_are_refused_and_the_target_keeps_serving(target) -> None:  # type: ignore[no-untyped-def]
     tcp, kv = target
     endpoint = tcp.endpoint()
-    garbage = socket.create_connection((endpoint["host"], endpoint["port"]))
+    garbage = socket.create_connection((endpoint.host, endpoint.port))
     garbage.sendall(b"\xff" * 64)
     garbage.settimeout(5.0)
     assert_closed_by_peer(garbage)
     garbage.close()
 
-    bad = raw_connection(tcp, {**geometry_to_dict(GEOMETRY), "head_dim": 16})
+    bad = raw_connection(tcp, dataclasses.replace(GEOMETRY, head_dim=16))
     reply = wire.recv_message(bad)
     assert isinstance(reply, XferHelloReply) and not reply.ok and "head_dim" in reply.reason
     bad.close()

@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import pytest
 
-from splitwise.transfer.base import DONE, PENDING, TransferCounters, TransferState, failed
+from scheduler.clock import Clock
+from splitwise.counters import Counters
+from splitwise.transfer.base import DONE, PENDING, TransferState, failed
 from splitwise.transfer.errors import TransferError, UnexpectedBlocksError
 from splitwise.transfer.tracking import InitiatorRequests, TargetRequests
 
 
-class FakeClock:
+class FakeClock(Clock):
     def __init__(self) -> None:
         self.now = 100.0
 
-    def __call__(self) -> float:
+    def monotonic(self) -> float:
         return self.now
 
 
-def make() -> tuple[TargetRequests, TransferCounters, FakeClock]:
-    counters, clock = TransferCounters(), FakeClock()
+def make() -> tuple[TargetRequests, Counters, FakeClock]:
+    counters, clock = Counters(), FakeClock()
     return TargetRequests("test", counters, clock), counters, clock
 
 
@@ -102,7 +104,7 @@ def test_forget_and_unknown_requests() -> None:
 
 
 def test_initiator_table_resolves_once_and_fails_by_peer() -> None:
-    counters = TransferCounters()
+    counters = Counters()
     table = InitiatorRequests("test", counters)
     table.start("a", "d0")
     table.start("b", "d1")

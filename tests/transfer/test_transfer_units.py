@@ -7,15 +7,17 @@ import dataclasses
 import msgpack
 import pytest
 
+from scheduler.dispatch import choose_protocol
+from scheduler.messages import KVGeometry, NodeInfo
+from splitwise.engine.sampling_params import SamplingParams
 from splitwise.transfer import messages
-from splitwise.transfer.base import BlockRun, check_block_ids, coalesce_runs
+from splitwise.transfer.base import BlockRun, Endpoint, check_block_ids, coalesce_runs
 from splitwise.transfer.errors import (
     InvalidBlockIdsError,
-    NoCommonProtocolError,
     ProtocolError,
     UnknownProtocolError,
 )
-from splitwise.transfer.registry import NodeTransferInfo, get_transport, parse_protocols, select_protocol
+from splitwise.transfer.registry import get_transport, parse_protocols
 
 
 @pytest.mark.parametrize(
@@ -56,8 +58,16 @@ def test_check_block_ids() -> None:
         check_block_ids([1, 1], 8, side="source")
 
 
+def _node(role: str, host: str, protocols: str) -> NodeInfo:
+    """Same-host detection compares ``host_id`` (ops, #17), so one host here means one host id."""
+    kv = KVGeometry("float32", 4, 2, 2, 8)
+    return NodeInfo(
+        f"{role}-{host}", role, host, 1, 2, "m", kv, list(parse_protocols(protocols)), host_id=f"boot-{host}"
+    )
+
+
 @pytest.mark.parametrize(
-    ("local", "peer", "same_host", "chosen"),
+    ("decode", "prefill", "same_host", "chosen"),
     [
         ("rdma,ipc", "rdma,ipc", True, "ipc"),
         ("rdma,ipc", "rdma,ipc", False, "rdma"),
@@ -67,19 +77,15 @@ def test_check_block_ids() -> None:
         ("rdma,ipc,tcp", "tcp,ipc", False, "tcp"),
         ("tcp", "ipc,tcp", True, "tcp"),  # ipc only when both offer it
         ("ipc,tcp", "tcp", True, "tcp"),
+        ("ipc", "ipc,tcp", False, None),  # ipc needs one host: no common protocol
+        ("rdma", "tcp", True, None),
     ],
 )
-def test_select_protocol(local: str, peer: str, same_host: bool, chosen: str) -> None:
-    a = NodeTransferInfo("10.0.0.1", parse_protocols(local))
-    b = NodeTransferInfo("10.0.0.1" if same_host else "10.0.0.2", parse_protocols(peer))
-    assert select_protocol(a, b) == chosen
-
-
-def test_select_protocol_without_a_common_one_names_both_sides() -> None:
-    with pytest.raises(NoCommonProtocolError, match=r"local offers \['ipc'\], peer offers \['ipc', 'tcp'\]"):
-        select_protocol(NodeTransferInfo("h1", ("ipc",)), NodeTransferInfo("h2", ("ipc", "tcp")))
-    with pytest.raises(NoCommonProtocolError):
-        select_protocol(NodeTransferInfo("h1", ("rdma",)), NodeTransferInfo("h1", ("tcp",)))
+def test_the_one_protocol_chooser(decode: str, prefill: str, same_host: bool, chosen: str | None) -> None:
+    """The decode node's preference order decides; ipc wins on one host (scheduler.dispatch)."""
+    d = _node("decode", "10.0.0.1", decode)
+    p = _node("prefill", "10.0.0.1" if same_host else "10.0.0.2", prefill)
+    assert choose_protocol(p, d) == chosen
 
 
 def test_parse_protocols_validates_the_flag() -> None:
@@ -96,9 +102,13 @@ def test_registry_knows_builtins_and_refuses_unknown_names() -> None:
         get_transport("carrier-pigeon")
 
 
+ENDPOINT = Endpoint(
+    "ipc", "h", 1, KVGeometry("float32", 4, 2, 2, 8, 64), device="cuda", cuda_ipc_handle=b"\xff"
+)
+
 SAMPLES: list[messages.Message] = [
-    messages.XferHello("p0", {"num_layers": 2, "dtype": "bfloat16"}, "9f" * 16),
-    messages.XferHelloReply(False, "head_dim 64 != 128", {}),
+    messages.XferHello("p0", KVGeometry("bfloat16", 16, 2, 8, 128, num_blocks=64), "9f" * 16),
+    messages.XferHelloReply(False, "head_dim 64 != 128", KVGeometry("bfloat16", 16, 2, 8, 64)),
     messages.LayerWrite("r-1", 3, [[0, 4], [9, 1]], 5 * 2 * 4096),
     messages.RequestBegin("r-1"),
     messages.RequestGrant("r-1", True, "", [0, 1, 2, 3, 9]),
@@ -106,17 +116,19 @@ SAMPLES: list[messages.Message] = [
     messages.RequestFinish("r-1", 20),
     messages.RequestResult("r-1", True, ""),
     messages.AuthChallenge("p0", b"\x00" * 32),
-    messages.AuthHello("d0", b"\x01" * 32, b"\x02" * 32, {"model_id": "m"}),
-    messages.AuthWelcome("p0", b"\x03" * 32, {"model_id": "m"}),
+    messages.AuthHello(
+        "d0", b"\x01" * 32, b"\x02" * 32, messages.Compatibility("m", KVGeometry("float32", 4, 2, 2, 8))
+    ),
+    messages.AuthWelcome("p0", b"\x03" * 32, messages.Compatibility("m", KVGeometry("float32", 4, 2, 2, 8))),
     messages.Refused("auth", "authentication failed"),
     messages.PrefillTask(
         7,
         "r-1",
         [1, 2, 3],
-        {"temperature": 0.0, "stop": ["\n"]},
+        SamplingParams(temperature=0.0, stop=("\n",), stop_token_ids=(2,)),
         [4, 5],
         "tcp",
-        {"host": "h", "port": 1, "blob": b"\xff"},
+        ENDPOINT,
     ),
     messages.PrefillResult(8, "r-1", 42, -0.25),
     messages.PrefillFailed(9, "r-1", "out of blocks", True),
@@ -135,8 +147,25 @@ def test_message_round_trip(message: messages.Message) -> None:
     assert messages.decode(messages.encode(message)) == message
 
 
+V = messages.SCHEMA_VERSION
+
+
 def _packed(**body: object) -> bytes:
     return msgpack.packb(body, use_bin_type=True)
+
+
+def _task(**sampling_params: object) -> bytes:
+    return _packed(
+        v=V,
+        t="prefill_task",
+        call_id=1,
+        req_id="r",
+        prompt_token_ids=[1],
+        sampling_params=sampling_params,
+        dst_block_ids=[0],
+        protocol="tcp",
+        endpoint=dataclasses.asdict(ENDPOINT),
+    )
 
 
 @pytest.mark.parametrize(
@@ -145,13 +174,16 @@ def _packed(**body: object) -> bytes:
         (b"\xc1\xc1\xc1", "undecodable"),
         (_packed(), "schema version None"),
         (msgpack.packb([1, 2]), "not a map"),
-        (_packed(v=2, t="ack", call_id=1), "schema version 2"),
-        (_packed(v=1, t="teleport", call_id=1), "unknown message type"),
-        (_packed(v=1, t="ack"), "fields"),
-        (_packed(v=1, t="ack", call_id=1, extra=2), "fields"),
-        (_packed(v=1, t="ack", call_id="1"), "call_id"),
-        (_packed(v=1, t="ack", call_id=True), "call_id"),
-        (_packed(v=1, t="layer_write", req_id="r", layer=0, runs=[[0, "x"]], payload_bytes=1), "runs"),
+        (_packed(v=V + 1, t="ack", call_id=1), f"schema version {V + 1}"),
+        (_packed(v=V, t="teleport", call_id=1), "unknown message type"),
+        (_packed(v=V, t="ack"), "fields"),
+        (_packed(v=V, t="ack", call_id=1, extra=2), "fields"),
+        (_packed(v=V, t="ack", call_id="1"), "call_id"),
+        (_packed(v=V, t="ack", call_id=True), "call_id"),
+        (_packed(v=V, t="layer_write", req_id="r", layer=0, runs=[[0, "x"]], payload_bytes=1), "runs"),
+        (_task(temperature=-1.0), "temperature must be >= 0"),
+        (_task(temperature=0.0, frobnicate=1), r"sampling_params: unknown fields \['frobnicate'\]"),
+        (_task(stop=[1]), r"sampling_params.stop\[0\]: expected str"),
     ],
 )
 def test_decode_refuses_malformed_frames(data: bytes, match: str) -> None:

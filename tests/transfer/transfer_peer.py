@@ -10,6 +10,7 @@ block held before the transfer. Logs go to stderr; stdout carries only replies.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -19,7 +20,7 @@ import torch
 
 from splitwise.engine.kv_cache import KVCache, KVCacheGeometry, default_shm_name
 from splitwise.transfer import create_initiator, create_target
-from splitwise.transfer.base import TransferState, geometry_from_dict
+from splitwise.transfer.base import Endpoint, TransferState, geometry_from_dict
 
 # 4 layers x 2 x 32 blocks x 256 B = 64 KiB: small enough to dump and compare byte for byte.
 GEOMETRY = KVCacheGeometry(
@@ -37,6 +38,18 @@ def make_cache(geometry: KVCacheGeometry, seed: int, *, shared: bool, device: st
     kv = KVCache(geometry, device=device, shm_name=shm_name)
     kv.tensor.copy_(initial_kv(geometry, seed))
     return kv
+
+
+def endpoint_to_json(endpoint: Endpoint) -> dict[str, Any]:
+    """A typed endpoint as JSON for this test's pipe (JSON carries no bytes: hex)."""
+    raw = dataclasses.asdict(endpoint)
+    raw["cuda_ipc_handle"] = endpoint.cuda_ipc_handle.hex()
+    return raw
+
+
+def endpoint_from_json(raw: dict[str, Any]) -> Endpoint:
+    fields = {**raw, "cuda_ipc_handle": bytes.fromhex(raw["cuda_ipc_handle"])}
+    return Endpoint(**{**fields, "geometry": KVCacheGeometry(**raw["geometry"])})
 
 
 def reply(**fields: Any) -> None:
@@ -57,10 +70,7 @@ def serve(role: str, protocol: str, geometry: KVCacheGeometry, seed: int, device
     kv = make_cache(geometry, seed, shared=(role == "target" and protocol == "ipc"), device=device)
     side: Any = create_target(protocol) if role == "target" else create_initiator(protocol)
     side.register(kv)
-    endpoint = side.endpoint() if role == "target" else None
-    if endpoint is not None and "cuda_ipc_handle" in endpoint:  # JSON carries no bytes
-        endpoint["cuda_ipc_handle"] = endpoint["cuda_ipc_handle"].hex()
-    reply(endpoint=endpoint)
+    reply(endpoint=endpoint_to_json(side.endpoint()) if role == "target" else None)
     try:
         for line in sys.stdin:
             cmd = json.loads(line)
@@ -69,7 +79,7 @@ def serve(role: str, protocol: str, geometry: KVCacheGeometry, seed: int, device
                 side.expect(cmd["req_id"], cmd["blocks"], cmd.get("timeout_s"))
                 reply(ok=True)
             elif op == "connect":
-                side.connect(cmd["peer_id"], cmd["endpoint"])
+                side.connect(cmd["peer_id"], endpoint_from_json(cmd["endpoint"]))
                 reply(ok=True)
             elif op == "write":
                 side.write_layer(cmd["peer_id"], cmd["req_id"], cmd["layer"], cmd["src"], cmd["dst"])
