@@ -39,14 +39,33 @@ class RedisClusterServers:
         return self.servers[0]
 
     def start(self, timeout_s: float = 30.0) -> RedisClusterServers:
+        """Start the masters and join them; on any failure every server already started is stopped
+        (a half-started cluster must not outlive the test)."""
         cli = shutil.which("redis-cli")
         if cli is None:
             raise RedisServerError(
                 "redis-cli is not installed (Debian/Ubuntu: apt-get install -y redis-tools)"
             )
+        try:
+            self._start_masters()
+            addresses = [f"{s.host}:{s.port}" for s in self.servers]
+            created = subprocess.run(
+                [cli, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+                capture_output=True,
+                text=True,
+                timeout=timeout_s,
+            )
+            if created.returncode != 0:
+                raise RedisServerError(f"redis-cli --cluster create failed: {created.stdout}{created.stderr}")
+            self._wait_ok(cli, timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start_masters(self) -> None:
         for _ in range(self.num_masters):
-            port = free_cluster_port(self.host)
-            server = RedisServer(host=self.host, port=port)
+            server = RedisServer(host=self.host, port=free_cluster_port(self.host))
             server.extra_args = [
                 "--cluster-enabled",
                 "yes",
@@ -56,18 +75,6 @@ class RedisClusterServers:
                 "2000",
             ]
             self.servers.append(server.start())
-        addresses = [f"{s.host}:{s.port}" for s in self.servers]
-        created = subprocess.run(
-            [cli, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-        )
-        if created.returncode != 0:
-            self.stop()
-            raise RedisServerError(f"redis-cli --cluster create failed: {created.stdout}{created.stderr}")
-        self._wait_ok(cli, timeout_s)
-        return self
 
     def _wait_ok(self, cli: str, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

@@ -36,6 +36,14 @@ class SentinelSet:
             raise RedisServerError(
                 "redis-server is not installed (Debian/Ubuntu: apt-get install -y redis-server)"
             )
+        try:
+            self._start_all(exe, timeout_s)
+        except BaseException:  # a half-started set must not outlive the test
+            self.stop()
+            raise
+        return self
+
+    def _start_all(self, exe: str, timeout_s: float) -> None:
         self.master = RedisServer(host=self.host).start()
         self.replica = RedisServer(
             host=self.host, extra_args=["--replicaof", self.host, str(self.master.port)]
@@ -58,7 +66,6 @@ class SentinelSet:
                 )
             )
         self._wait_ready(timeout_s)
-        return self
 
     def _cli(self, port: int, *args: str) -> str:
         return subprocess.run(
