@@ -3,8 +3,8 @@
 Everywhere: the dma-buf range arithmetic, the decision logic over a fake CUDA driver, and whole
 transfers over the fake verbs fabric where "GPU" KV caches are host buffers inside larger
 page-aligned "allocations", registered as IOVA-addressed dma-buf MRs (so a VA/IOVA mix-up lands
-bytes in the wrong place or fails). On a GPU (``gpu``), and a GPU plus an RDMA NIC (``gpu`` and
-``rdma``): the real driver's export, and a real GPU-to-GPU transfer; both skip with the reason.
+bytes in the wrong place or fails). The real CUDA driver and a real NIC:
+test_rdma_gpu_hardware.py.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from rdma.gpu_memory import (
     plan_dmabuf_range,
 )
 from rdma.resources import OPTION_GPU_REGISTRATION, GpuPolicy, KvMemory, NicResources, open_nics
-from rdma.testing import pyverbs_backend_or_skip
 from rdma.transport import RdmaInitiator, RdmaTarget
 from rdma.verbs import Access, WcStatus, WorkRequest
 from splitwise.engine.kv_cache import KVCache, KVCacheGeometry
@@ -408,97 +407,6 @@ def test_gpu_kv_transfer_lands_in_the_right_blocks(
                 )
         outside = torch.cat([d_gpu.arena[: d_gpu.offset_bytes], d_gpu.arena[d_gpu.offset_bytes + KV_BYTES :]])
         assert not outside.any()  # not a byte outside D's KV tensor
-    finally:
-        initiator.close()
-        target.close()
-
-
-# --------------------------------------------------------------------------- real hardware
-
-
-def test_without_any_cuda_binding_the_error_names_both_attempts(monkeypatch: pytest.MonkeyPatch) -> None:
-    import rdma.cuda_driver as cuda_driver
-
-    def no_cuda_python() -> None:
-        raise ImportError("No module named 'cuda'")
-
-    def no_libcuda() -> None:
-        raise OSError("libcuda.so.1: cannot open shared object file")
-
-    monkeypatch.setattr(cuda_driver, "CudaPythonDriver", no_cuda_python)
-    monkeypatch.setattr(cuda_driver, "CtypesCudaDriver", no_libcuda)
-    with pytest.raises(
-        CudaUnavailableError, match="cuda-python is not importable.*libcuda.so.1 does not load"
-    ):
-        cuda_driver.load_cuda_driver()
-
-
-def cuda_or_skip() -> None:
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU (torch.cuda.is_available() is False)")
-
-
-@pytest.mark.gpu
-def test_real_driver_exports_a_tensor_inside_a_larger_allocation() -> None:
-    """The real CUDA driver: the range found around a slice of a tensor, and a dma-buf fd for it."""
-    cuda_or_skip()
-    from rdma.cuda_driver import load_cuda_driver
-
-    try:
-        driver = load_cuda_driver()
-    except CudaUnavailableError as exc:
-        pytest.skip(str(exc))
-    whole = torch.empty(8 << 20, dtype=torch.uint8, device="cuda")
-    piece = whole[(1 << 20) + 256 : (2 << 20)]
-    base, size = driver.address_range(0, piece.data_ptr())
-    assert base <= whole.data_ptr() and piece.data_ptr() + piece.numel() <= base + size
-    try:
-        export = export_dmabuf(driver, 0, piece.data_ptr(), piece.numel())
-    except DmaBufUnsupportedError as exc:
-        pytest.skip(f"dma-buf is not supported on this machine: {exc}")
-    try:
-        assert export.fd >= 0
-        assert export.range.tensor_offset == piece.data_ptr() - base
-        assert export.range.mr_offset % PAGE == 0 and export.range.mr_length % PAGE == 0
-    finally:
-        driver.close_dmabuf(export.fd)
-
-
-@pytest.mark.gpu
-@pytest.mark.rdma
-@pytest.mark.parametrize("mode", ["dmabuf", "peermem"])
-def test_gpu_kv_transfer_over_pyverbs_loopback(mode: str) -> None:
-    """GPU to GPU through a real NIC (P and D on one device), by each registration path."""
-    cuda_or_skip()
-    backend, name = pyverbs_backend_or_skip()
-    options = TransportOptions(
-        cluster_token="test-cluster-token", host="127.0.0.1", port=0, extra={OPTION_GPU_REGISTRATION: mode}
-    )
-    target, initiator = (
-        RdmaTarget(options, backend=backend, nics=[name]),
-        RdmaInitiator(options, backend=backend, nics=[name]),
-    )
-    p_cache, d_cache = KVCache(GEOMETRY, device="cuda"), KVCache(GEOMETRY, device="cuda")
-    p_cache.as_bytes().copy_(torch.randint(0, 256, (KV_BYTES,), dtype=torch.uint8, device="cuda"))
-    try:
-        try:
-            target.register(d_cache)
-            initiator.register(p_cache)
-        except (GpuRegistrationError, CudaUnavailableError) as exc:
-            pytest.skip(f"GPU memory cannot be registered by {mode} on {name}: {exc}")
-        initiator.connect("d", target.endpoint())
-        src, dst = [1, 2, 3, 9], [5, 6, 7, 0]
-        target.expect("r1", dst, timeout_s=30)
-        for layer in range(GEOMETRY.num_layers):
-            initiator.write_layer("d", "r1", layer, src, dst)
-        initiator.finish("d", "r1")
-        assert initiator.wait("r1", 30).is_done and target.poll("r1").is_done
-        torch.cuda.synchronize()
-        for layer in range(GEOMETRY.num_layers):
-            for kind in (0, 1):
-                assert torch.equal(
-                    d_cache.tensor[layer, kind, dst].cpu(), p_cache.tensor[layer, kind, src].cpu()
-                )
     finally:
         initiator.close()
         target.close()
