@@ -33,6 +33,7 @@ from rdma.plan import plan_layer, stripe
 from rdma.resources import GpuPolicy, NicResources, choose_nics, default_backend, open_nics, qp_policy
 from rdma.target import AUTH_DOMAIN, require_token
 from rdma.verbs import Access, QPCaps, VerbsBackend
+from splitwise.codes import Protocol
 from splitwise.engine.kv_cache import KVCache, KVCacheGeometry
 from splitwise.logging import get_logger
 from splitwise.transfer import auth
@@ -47,8 +48,6 @@ from splitwise.transfer.base import (
     check_block_ids,
     check_compatible,
     coalesce_runs,
-    geometry_from_dict,
-    geometry_to_dict,
     wait_ready,
 )
 from splitwise.transfer.errors import (
@@ -99,7 +98,7 @@ class _Peer:
 
 
 class RdmaInitiator(TransportInitiator):
-    protocol = "rdma"
+    protocol = Protocol.RDMA
 
     def __init__(
         self,
@@ -163,7 +162,7 @@ class RdmaInitiator(TransportInitiator):
 
     def _handshake(self, peer_id: str, endpoint: Endpoint) -> _Peer:
         assert self._kv_cache is not None
-        if endpoint.protocol != "rdma" or endpoint.schema != messages.SCHEMA_VERSION:
+        if endpoint.protocol != Protocol.RDMA or endpoint.schema != messages.SCHEMA_VERSION:
             raise IncompatiblePeerError(
                 f"not an rdma endpoint of schema {messages.SCHEMA_VERSION}", peer=peer_id
             )
@@ -209,7 +208,7 @@ class RdmaInitiator(TransportInitiator):
             for conn, nic, remote in zip(conns, self._nics, reply.lanes, strict=True)
         ]
         self.counters.inc("peers_connected")
-        return _Peer(peer_id, sock, lanes, geometry_from_dict(reply.geometry))
+        return _Peer(peer_id, sock, lanes, reply.geometry)
 
     def _hello(self, sock: socket.socket, conns: list[RcConnection]) -> HelloReply:
         """The cluster-token challenge, then the QP exchange (D reveals its rkeys only after it)."""
@@ -224,9 +223,7 @@ class RdmaInitiator(TransportInitiator):
             compat=Compatibility("", self._kv_cache.geometry),  # the hello below checks the geometry
         )
         sock.settimeout(self.options.connect_timeout_s)
-        hello = Hello(
-            self._initiator_id, geometry_to_dict(self._kv_cache.geometry), [c.local_endpoint() for c in conns]
-        )
+        hello = Hello(self._initiator_id, self._kv_cache.geometry, [c.local_endpoint() for c in conns])
         messages.send_message(sock, hello)
         reply = messages.recv_message(sock)
         if not isinstance(reply, HelloReply) or not reply.ok:

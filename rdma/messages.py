@@ -25,13 +25,14 @@ import socket
 import typing
 import zlib
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from rdma.errors import InvalidConnectionInfoError
 from splitwise.framing import pack_frame, recv_frame
+from splitwise.kv_geometry import KVGeometry
 from splitwise.wire_codec import MessageCodec
 
-SCHEMA_VERSION = 2  # 2: authenticated side channel, RequestBegin/RequestGrant
+SCHEMA_VERSION = 3  # 2: authenticated side channel, RequestBegin/RequestGrant; 3: typed KVGeometry
 MAX_FRAME_BYTES = 1 << 20
 
 
@@ -75,7 +76,7 @@ class Message:
 class Hello(Message):
     TAG: ClassVar[str] = "rdma_hello"
     initiator_id: str
-    geometry: dict[str, Any]
+    geometry: KVGeometry
     lanes: list[QpEndpoint]
 
 
@@ -84,7 +85,7 @@ class HelloReply(Message):
     TAG: ClassVar[str] = "rdma_hello_reply"
     ok: bool
     reason: str
-    geometry: dict[str, Any]
+    geometry: KVGeometry
     lanes: list[TargetLane]
 
 

@@ -33,6 +33,7 @@ from rdma.lane import Backoff
 from rdma.messages import Hello, HelloReply, RequestBegin, RequestGrant, RequestResult, TargetLane
 from rdma.resources import GpuPolicy, NicResources, choose_nics, default_backend, open_nics, qp_policy
 from rdma.verbs import Access, QPCaps, VerbsBackend
+from splitwise.codes import Protocol
 from splitwise.engine.kv_cache import KVCache
 from splitwise.logging import get_logger
 from splitwise.transfer import auth
@@ -44,8 +45,6 @@ from splitwise.transfer.base import (
     TransportTarget,
     check_block_ids,
     check_compatible,
-    geometry_from_dict,
-    geometry_to_dict,
 )
 from splitwise.transfer.errors import NotRegisteredError, TransferError, UnexpectedBlocksError
 from splitwise.transfer.messages import Compatibility
@@ -81,7 +80,7 @@ class _Initiator:
 
 
 class RdmaTarget(TransportTarget):
-    protocol = "rdma"
+    protocol = Protocol.RDMA
 
     def __init__(
         self,
@@ -140,7 +139,7 @@ class RdmaTarget(TransportTarget):
         if self._kv_cache is None or self._listener is None:
             raise NotRegisteredError("rdma target: endpoint() before register()")
         return Endpoint(
-            protocol="rdma",
+            protocol=Protocol.RDMA,
             host=self.options.host,
             port=int(self._listener.getsockname()[1]),
             geometry=self._kv_cache.geometry,
@@ -263,13 +262,11 @@ class RdmaTarget(TransportTarget):
             raise RdmaError("expected a Hello with at least one lane", peer=address)
         if len(hello.lanes) > 4 * len(self._nics) + 8:
             raise RdmaError(f"{len(hello.lanes)} lanes asked: too many", peer=address)
-        check_compatible(self._kv_cache.geometry, geometry_from_dict(hello.geometry), peer=client_id)
+        check_compatible(self._kv_cache.geometry, hello.geometry, peer=client_id)
         lanes, replies = self._open_lanes(hello)
         initiator = _Initiator(next(self._conn_ids), client_id or address, sock, lanes)
         try:
-            messages.send_message(
-                sock, HelloReply(True, "", geometry_to_dict(self._kv_cache.geometry), replies)
-            )
+            messages.send_message(sock, HelloReply(True, "", self._kv_cache.geometry, replies))
         except OSError:
             for conn in lanes:
                 conn.close()

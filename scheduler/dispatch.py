@@ -18,23 +18,24 @@ from scheduler.keys import KeySchema
 from scheduler.messages import Assignment, NodeInfo
 from scheduler.registry import CandidateGroup, split_member
 from scheduler.scripting import Batch
+from splitwise.codes import Mode, Protocol
 
 # Candidates sampled per role and pick: ties among up to this many least-loaded nodes are broken
 # at random, and up to this many lapsed members are cleaned out per round.
 SAMPLE_SIZE = 8
 
 
-def choose_protocol(prefill: NodeInfo, decode: NodeInfo) -> str | None:
+def choose_protocol(prefill: NodeInfo, decode: NodeInfo) -> Protocol | None:
     """ipc when both are on one host (equal host ids, never addresses) and offer it; else the first
     protocol in the decode node's preference list (its --cache-transfer-protocol) that the prefill
     node also offers, ipc excluded.
     With the default preference "ipc,rdma,tcp" that is: ipc, else rdma, else tcp. None: no common one.
     """
     common = [p for p in decode.transfer_protocols if p in prefill.transfer_protocols]
-    if "ipc" in common and prefill.host_id != "" and prefill.host_id == decode.host_id:
-        return "ipc"
+    if Protocol.IPC in common and prefill.host_id != "" and prefill.host_id == decode.host_id:
+        return Protocol.IPC
     for protocol in common:
-        if protocol != "ipc":
+        if protocol != Protocol.IPC:
             return protocol
     return None
 
@@ -143,7 +144,7 @@ class Dispatcher:
             "bookings": bookings,
         }
         if mode == "mixed":
-            return Assignment(mode="mixed", **common)  # type: ignore[arg-type]
+            return Assignment(mode=Mode.MIXED, **common)  # type: ignore[arg-type]
         protocol = choose_protocol(prefill, decode)
         if protocol is None:
             raise NoCapacityError(
@@ -152,10 +153,10 @@ class Dispatcher:
                 req_id=req_id,
             )
         return Assignment(
-            mode="disagg",
+            mode=Mode.DISAGG,
             protocol=protocol,
-            prefill_endpoint=prefill.transfer_endpoints.get(protocol, {}),
-            decode_endpoint=decode.transfer_endpoints.get(protocol, {}),
+            prefill_endpoint=prefill.transfer_endpoints.get(protocol),
+            decode_endpoint=decode.transfer_endpoints.get(protocol),
             **common,  # type: ignore[arg-type]
         )
 

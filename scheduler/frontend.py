@@ -56,6 +56,7 @@ from scheduler.scripting import Batch
 from scheduler.states import FrontendState
 from scheduler.streams import ResultStream
 from scheduler.tasks import stop_tasks
+from splitwise.codes import FailureCode
 from splitwise.logging import get_logger
 
 log = get_logger("scheduler.frontend")
@@ -180,7 +181,10 @@ class FrontendScheduler:
         for fl in list(self._inflight.values()):
             try:
                 await self.fail(
-                    fl, "scheduler_closed", "the frontend scheduler shut down", notify_nodes="closed"
+                    fl,
+                    FailureCode.SCHEDULER_CLOSED,
+                    "the frontend scheduler shut down",
+                    notify_nodes="closed",
                 )
             except REDIS_DOWN_ERRORS:
                 self._inflight.pop(fl.req_id, None)
@@ -253,7 +257,7 @@ class FrontendScheduler:
         item = WorkItem(
             req_id=fl.req_id,
             prompt_token_ids=list(fl.request.prompt_token_ids),
-            sampling_params=dict(fl.request.sampling_params),
+            sampling_params=fl.request.sampling_params,
             frontend_id=self.frontend_id,
             created_ms=fl.created_ms,
             deadline_ms=fl.deadline_ms,
@@ -319,7 +323,9 @@ class FrontendScheduler:
             self.stats.inc("redis_errors")
             log.warning("finish_cleanup_failed", req_id=fl.req_id, error=str(exc))
 
-    async def fail(self, fl: FrontendRecord, code: str, message: str, *, notify_nodes: str | None) -> None:
+    async def fail(
+        self, fl: FrontendRecord, code: FailureCode, message: str, *, notify_nodes: str | None
+    ) -> None:
         """End ``fl`` with an explicit error (``Failed`` with ``code``)."""
         await self.finish(
             fl,
@@ -350,7 +356,7 @@ class FrontendScheduler:
             self.stats.inc("redispatch_exhausted")
             log.error("redispatch_exhausted", req_id=fl.req_id, attempts=fl.attempt + 1, reason=reason)
             message = f"{reason}; gave up after {fl.attempt + 1} attempts (--max-redispatch {self.config.max_redispatch})"
-            await self.fail(fl, "node_lost", message, notify_nodes="failed")
+            await self.fail(fl, FailureCode.NODE_LOST, message, notify_nodes="failed")
             return
         if not fl.move(FrontendState.PENDING, self.stats, why=reason):
             return
@@ -389,7 +395,7 @@ class FrontendScheduler:
             since = fl.pending_since_ms if fl.pending_since_ms is not None else now
             if now - since >= 2 * self.config.dead_after_ms:
                 self.stats.inc("no_capacity")
-                await self.fail(fl, "no_capacity", str(exc), notify_nodes=None)
+                await self.fail(fl, FailureCode.NO_CAPACITY, str(exc), notify_nodes=None)
 
     # --- heartbeat (thread) and small helpers ---------------------------------------------------------
     def _beat(self, client: redis.Redis) -> None:

@@ -34,6 +34,7 @@ from scheduler.messages import (
 )
 from scheduler.metrics import Counters
 from scheduler.streams import ResultStream
+from splitwise.codes import FailureCode, Mode
 from splitwise.logging import get_logger
 
 log = get_logger("scheduler.local")
@@ -94,14 +95,14 @@ class LocalFrontend:
         work = WorkItem(
             req_id=request.req_id,
             prompt_token_ids=list(request.prompt_token_ids),
-            sampling_params=dict(request.sampling_params),
+            sampling_params=request.sampling_params,
             frontend_id=self.frontend_id,
             created_ms=now,
             deadline_ms=now + int(ttl_s * 1000),
             attempt=0,
             resume_token_ids=[],
             assignment=Assignment(
-                mode="mixed",
+                mode=Mode.MIXED,
                 prefill_node_id=node.node_id,
                 decode_node_id=node.node_id,
                 prefill_host=node.host,
@@ -186,7 +187,7 @@ class LocalNode:
                 Failed(
                     req_id=work.req_id,
                     attempt=0,
-                    code="dropped_by_node",
+                    code=FailureCode.DROPPED_BY_NODE,
                     message="the node gave the request up",
                 ),
                 tell_node=None,

@@ -18,26 +18,29 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from scheduler.errors import MessageDecodeError
-from splitwise.codes import PROTOCOLS, ROLES
+from splitwise.codes import FailureCode, Mode, Protocol, Role
+from splitwise.endpoint import Endpoint
+from splitwise.engine.sampling_params import SamplingParams
 from splitwise.kv_geometry import KVGeometry as KVGeometry  # re-exported; nodes pair on kv.compat_key
 from splitwise.wire_codec import MessageCodec
 
-SCHEMA_VERSION = 2
+# 3: typed SamplingParams, Endpoint per protocol, and Role/Mode/Protocol/FailureCode (were maps, strings)
+SCHEMA_VERSION = 3
 
 
 @dataclass(frozen=True)
 class NodeInfo:
     TYPE: ClassVar[str] = "node"
     node_id: str
-    role: str
+    role: Role
     host: str  # the address peers connect to (--advertise-host), never a wildcard
     http_port: int
     pd_comm_port: int
     model_id: str
     kv: KVGeometry
-    # Preference order (the node's --cache-transfer-protocol); endpoints: protocol -> endpoint info.
-    transfer_protocols: list[str] = field(default_factory=lambda: ["tcp"])
-    transfer_endpoints: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Preference order (the node's --cache-transfer-protocol); a decode node's targets' endpoints.
+    transfer_protocols: list[Protocol] = field(default_factory=lambda: [Protocol.TCP])
+    transfer_endpoints: dict[Protocol, Endpoint] = field(default_factory=dict)
     # Same-host detection (ipc) compares this, never ``host``: boot id + IPC namespace
     # (splitwise/instance/host_identity.py); empty: unknown, never the same host as anyone.
     host_id: str = ""
@@ -46,13 +49,16 @@ class NodeInfo:
     started_ms: int = 0
 
     def __post_init__(self) -> None:
-        if self.role not in ROLES:
-            raise ValueError(f"--splitwise-role: {self.role!r} is not one of {list(ROLES)}")
-        unknown = [p for p in self.transfer_protocols if p not in PROTOCOLS]
-        if unknown:
+        # Typed fields; a caller's plain string becomes the member (or a ValueError naming the flag).
+        _set_enum(self, "role", Role, "--splitwise-role")
+        try:
+            protocols = [Protocol(p) for p in self.transfer_protocols]
+        except ValueError:
             raise ValueError(
-                f"--cache-transfer-protocol: unknown {unknown}, expected some of {list(PROTOCOLS)}"
-            )
+                f"--cache-transfer-protocol: unknown in {list(self.transfer_protocols)},"
+                f" expected some of {[p.value for p in Protocol]}"
+            ) from None
+        object.__setattr__(self, "transfer_protocols", protocols)
 
     @property
     def compat_key(self) -> tuple[str, tuple[str, int, int, int, int]]:
@@ -81,12 +87,13 @@ class Assignment:
     """Where a request runs. ``mixed``: one node does everything. ``disagg``: the work item goes to the
     DECODE node, which reserves KV blocks and then drives the prefill node over its pd-comm channel."""
 
-    mode: str  # "mixed" | "disagg"
+    mode: Mode
     prefill_node_id: str
     decode_node_id: str
-    protocol: str | None = None
-    prefill_endpoint: dict[str, Any] = field(default_factory=dict)
-    decode_endpoint: dict[str, Any] = field(default_factory=dict)
+    protocol: Protocol | None = None
+    # disagg: each node's transport endpoint of ``protocol`` from its NodeInfo (None: it has none)
+    prefill_endpoint: Endpoint | None = None
+    decode_endpoint: Endpoint | None = None
     prefill_host: str = ""
     prefill_pd_comm_port: int = 0
     prefill_incarnation: str = ""
@@ -98,7 +105,9 @@ class Assignment:
 
     @property
     def node_ids(self) -> tuple[str, ...]:
-        return (self.decode_node_id,) if self.mode == "mixed" else (self.prefill_node_id, self.decode_node_id)
+        return (
+            (self.decode_node_id,) if self.mode == Mode.MIXED else (self.prefill_node_id, self.decode_node_id)
+        )
 
     def booking(self, kind: str) -> str | None:
         """The booking member of ``kind`` ('p' prompt tokens on P, 'd' decode slot, 'm' mixed)."""
@@ -110,7 +119,7 @@ class WorkItem:
     TYPE: ClassVar[str] = "work"
     req_id: str
     prompt_token_ids: list[int]
-    sampling_params: dict[str, Any]
+    sampling_params: SamplingParams
     frontend_id: str
     created_ms: int
     deadline_ms: int
@@ -154,7 +163,7 @@ class Failed:
     TYPE: ClassVar[str] = "error"
     req_id: str
     attempt: int
-    code: str
+    code: FailureCode
     message: str
     retryable: bool = False
     is_terminal: ClassVar[bool] = True
@@ -224,9 +233,17 @@ class SubmitRequest:
 
     req_id: str
     prompt_token_ids: list[int]
-    sampling_params: dict[str, Any] = field(default_factory=dict)
+    sampling_params: SamplingParams = field(default_factory=SamplingParams)
     model_id: str | None = None  # None: the frontend's own model
     ttl_s: float | None = None  # None: --scheduler-ttl
+
+
+def _set_enum(message: object, name: str, enum_type: type[Role], flag: str) -> None:
+    value = getattr(message, name)
+    try:
+        object.__setattr__(message, name, enum_type(value))
+    except ValueError:
+        raise ValueError(f"{flag}: {value!r} is not one of {[m.value for m in enum_type]}") from None
 
 
 def encode(msg: Message) -> bytes:

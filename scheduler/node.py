@@ -46,6 +46,7 @@ from scheduler.outbox import Outbox
 from scheduler.records import record_line
 from scheduler.retry import Retrier
 from scheduler.states import NODE_TRANSITIONS, NodeState, transition
+from splitwise.codes import FailureCode
 from splitwise.logging import get_logger
 
 log = get_logger("scheduler.node")
@@ -234,7 +235,7 @@ class NodeAgent:
                 Failed(
                     req_id=work.req_id,
                     attempt=work.attempt,
-                    code="dropped_by_node",
+                    code=FailureCode.DROPPED_BY_NODE,
                     message=f"node {self.node_id} gave the request up",
                     retryable=True,
                 ),

@@ -18,13 +18,16 @@ from scheduler.config import SchedulerConfig, scheduler_options
 from scheduler.frontend import FrontendScheduler
 from scheduler.messages import SubmitRequest
 from scheduler.sim_node import config_args, spawn_module
+from splitwise.engine.sampling_params import SamplingParams
 
 
 async def _main(config: SchedulerConfig, req_id: str, model_id: str, max_tokens: int) -> None:
     fe = FrontendScheduler(config, model_id=model_id)
     await fe.start()
     stream = await fe.submit(
-        SubmitRequest(req_id=req_id, prompt_token_ids=[1, 2, 3], sampling_params={"max_tokens": max_tokens})
+        SubmitRequest(
+            req_id=req_id, prompt_token_ids=[1, 2, 3], sampling_params=SamplingParams(max_tokens=max_tokens)
+        )
     )
     assignment = fe.inflight[req_id].assignment
     assert assignment is not None

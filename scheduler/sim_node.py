@@ -28,6 +28,8 @@ from scheduler.config import SchedulerConfig, scheduler_options
 from scheduler.errors import SchedulerError
 from scheduler.messages import Finished, KVGeometry, NodeInfo, TokenChunk, WorkItem
 from scheduler.node import NodeAgent
+from splitwise.codes import Protocol, Role
+from splitwise.endpoint import Endpoint
 from splitwise.logging import get_logger
 
 log = get_logger("scheduler.sim_node")
@@ -43,7 +45,7 @@ def sim_token(prompt_token_ids: list[int], index: int) -> int:
 
 @dataclass(frozen=True)
 class SimBehavior:
-    num_tokens: int = 4  # when sampling_params has no max_tokens
+    num_tokens: int | None = None  # None: the request's max_tokens; set: this many, whatever it asks
     token_delay_s: float = 0.0
     chunk_tokens: int = 1
 
@@ -78,7 +80,7 @@ class SimNode:
             if work.assignment.mode == "disagg":  # a real D learns this from P over pd-comm
                 await agent.mark(work.req_id, "transferred", detail=str(work.assignment.protocol))
             await agent.mark(work.req_id, "decoding")
-            total = int(work.sampling_params.get("max_tokens", b.num_tokens))
+            total = work.sampling_params.max_tokens if b.num_tokens is None else b.num_tokens
             index = len(work.resume_token_ids)
             while index < total:
                 if agent.is_cancelled(work.req_id, work.attempt):
@@ -133,18 +135,17 @@ def make_node_info(
     http_port: int = 0,
 ) -> NodeInfo:
     protocols = protocols or ["ipc", "rdma", "tcp"]
-    endpoints: dict[str, dict[str, Any]] = {
-        p: {"host": host, "port": 7000 + i, "node": node_id} for i, p in enumerate(protocols)
-    }
+    typed = [Protocol(p) for p in protocols]
+    endpoints = {p: Endpoint(protocol=p, host=host, port=7000 + i, geometry=kv) for i, p in enumerate(typed)}
     return NodeInfo(
         node_id=node_id,
-        role=role,
+        role=Role(role),
         host=host,
         http_port=http_port,
         pd_comm_port=pd_comm_port,
         model_id=model_id,
         kv=kv,
-        transfer_protocols=protocols,
+        transfer_protocols=typed,
         transfer_endpoints=endpoints,
     )
 
@@ -236,7 +237,7 @@ async def _main(config: SchedulerConfig, info: NodeInfo, behavior: SimBehavior) 
 @click.option("--host", default="127.0.0.1")
 @click.option("--model-id", default="sim-model")
 @click.option("--protocols", default="ipc,rdma,tcp", help="--cache-transfer-protocol preference list.")
-@click.option("--num-tokens", type=int, default=4)
+@click.option("--num-tokens", type=int, default=None, help="Default: each request's max_tokens.")
 @click.option("--token-delay-ms", type=float, default=0.0)
 def main(
     node_id: str,
@@ -244,7 +245,7 @@ def main(
     host: str,
     model_id: str,
     protocols: str,
-    num_tokens: int,
+    num_tokens: int | None,
     token_delay_ms: float,
     **options: Any,
 ) -> None:

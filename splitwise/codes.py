@@ -42,5 +42,13 @@ class FailureCode(enum.StrEnum):
     INTERNAL = "internal"  # a bug: logged with its traceback
 
 
+class RefusalCode(enum.StrEnum):
+    """``Refused.code``: why a control-channel or side-channel server closed a connection."""
+
+    AUTH = "auth"  # wrong or missing cluster token
+    INCOMPATIBLE = "incompatible"  # model id or KV geometry differ
+    PROTOCOL = "protocol"  # a malformed or out-of-order handshake frame
+
+
 ROLES: tuple[str, ...] = tuple(r.value for r in Role)  # plain strings: error messages list them
 PROTOCOLS: tuple[str, ...] = tuple(p.value for p in Protocol)

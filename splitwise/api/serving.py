@@ -239,7 +239,7 @@ class ServingContext:
         request = SubmitRequest(
             req_id=req_id,
             prompt_token_ids=prompt_token_ids,
-            sampling_params=params.to_wire(),
+            sampling_params=params,
             model_id=None,
         )
         try:

@@ -1,16 +1,14 @@
 """Per-request sampling parameters: frozen and validated at construction.
 
-The dataclass is also the wire form between nodes (``dataclasses.asdict`` -> msgpack -> dict ->
-``SamplingParams(**raw)``): msgpack turns tuples into lists, so sequence fields are normalised back
-to tuples here, and ``logit_bias`` is a tuple of ``(token_id, bias)`` pairs (msgpack maps with int
-keys do not decode by default).
+The dataclass is also the wire form between processes: ``splitwise.wire_codec`` carries it as a
+map of its fields inside WorkItem (scheduler) and PrefillTask (P<->D control channel), rebuilding
+tuples and re-running this validation on decode, so there is no converter to keep in step. Sequence
+fields are normalised to tuples here so a caller may pass lists.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
 from splitwise.engine.errors import InvalidRequestError
 
@@ -99,22 +97,6 @@ class SamplingParams:
             raise InvalidRequestError(
                 f"structured_kind {self.structured_kind!r} is not one of {sorted(STRUCTURED_KINDS)}"
             )
-
-    @classmethod
-    def from_wire(cls, raw: dict[str, Any]) -> SamplingParams:
-        """Rebuild from ``to_wire`` output; unknown keys are an error naming them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise InvalidRequestError(f"unknown sampling params: {unknown}")
-        return cls(**raw)
-
-    def to_wire(self) -> dict[str, Any]:
-        raw = dataclasses.asdict(self)
-        for name in _TUPLE_FIELDS:
-            raw[name] = list(raw[name])
-        raw["logit_bias"] = [[t, b] for t, b in self.logit_bias]
-        return raw
 
     @property
     def is_greedy(self) -> bool:

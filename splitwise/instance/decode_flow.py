@@ -24,6 +24,7 @@ from typing import Any, Protocol, TypeVar
 
 from scheduler.clock import SYSTEM_CLOCK, Clock
 from scheduler.messages import WorkItem
+from splitwise import codes
 from splitwise.counters import Counters
 from splitwise.engine.errors import EngineError, InvalidRequestError, OutOfBlocksError
 from splitwise.engine.outputs import RequestOutput
@@ -108,7 +109,7 @@ class DecodeRecord(Record[DecodeState]):
     item: WorkItem | None = None
     prompt: list[int] = field(default_factory=list)
     params: SamplingParams = field(default_factory=SamplingParams)
-    protocol: str = "tcp"
+    protocol: codes.Protocol = codes.Protocol.TCP
     block_ids: list[int] = field(default_factory=list)
     started_s: float = 0.0
     conn: Connection | None = None
@@ -160,7 +161,7 @@ class DecodeFlow:
             item=item,
             prompt=prompt,
             params=params,
-            protocol=a.protocol or "tcp",
+            protocol=a.protocol or codes.Protocol.TCP,
         )
         if item.req_id in self.records:
             raise EngineError("request is already being handed off here", req_id=item.req_id)

@@ -11,7 +11,6 @@ raises a SplitwiseError/ValueError with a clear message before anything is serve
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import secrets
 import socket
 import uuid
@@ -25,7 +24,9 @@ from scheduler.local import LocalScheduler
 from scheduler.messages import LoadReport, NodeInfo
 from scheduler.node import NodeAgent
 from splitwise.api.metrics import ApiMetrics
+from splitwise.codes import Protocol, Role
 from splitwise.counters import Counters
+from splitwise.endpoint import Endpoint
 from splitwise.engine.engine import LLMEngine
 from splitwise.engine.kv_cache import default_shm_name
 from splitwise.instance.cluster_token import explicit_token, token_from_redis
@@ -55,7 +56,7 @@ class Ports:
     http: int = 0
     pd_comm: int = 0
     metrics: int | None = None
-    transfer: dict[str, Any] = field(default_factory=dict)
+    transfer: dict[Protocol, Endpoint] = field(default_factory=dict)
 
 
 class Instance:
@@ -140,9 +141,10 @@ class Instance:
                     target = create_target(protocol, options)
                     target.register(self.engine.kv_cache)
                     self.targets[protocol] = target
-                    # The registry record is the scheduler's map form of the typed endpoint.
-                    endpoint = advertised(target.endpoint(), cfg.advertised_host)
-                    self.ports.transfer[protocol] = dataclasses.asdict(endpoint)
+                    # The registry record carries the typed endpoint, advertised address in it.
+                    self.ports.transfer[Protocol(protocol)] = advertised(
+                        target.endpoint(), cfg.advertised_host
+                    )
                 else:
                     initiator = create_initiator(protocol, options)
                     initiator.register(self.engine.kv_cache)
@@ -238,14 +240,14 @@ class Instance:
             self.node = NodeAgent(cfg.scheduler, load_provider=self._load_report)
         info = NodeInfo(
             node_id=self.node_id,
-            role=cfg.role,
+            role=Role(cfg.role),
             host=cfg.advertised_host,
             host_id=host_id(),
             http_port=self.ports.http,
             pd_comm_port=self.ports.pd_comm,
             model_id=cfg.model_id,
             kv=kv,
-            transfer_protocols=list(getattr(self, "_usable_protocols", ["tcp"])),
+            transfer_protocols=[Protocol(p) for p in getattr(self, "_usable_protocols", ["tcp"])],
             transfer_endpoints=dict(self.ports.transfer),
         )
         await self.node.start(info)

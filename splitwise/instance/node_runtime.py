@@ -50,15 +50,9 @@ class PreparedRequest:
 
 
 def prepare(item: WorkItem) -> PreparedRequest:
-    """Sampling params from the wire dict, adjusted for tokens already delivered (re-dispatch)."""
-    raw: dict[str, Any] = dict(item.sampling_params)
-    for key in ("stop", "stop_token_ids"):
-        if key in raw and raw[key] is not None:
-            raw[key] = tuple(raw[key])
-    try:
-        params = SamplingParams(**raw)
-    except TypeError as exc:
-        raise EngineError(f"bad sampling params: {exc}", req_id=item.req_id) from None
+    """The item's sampling params (typed and validated by the codec), adjusted for tokens already
+    delivered (re-dispatch)."""
+    params = item.sampling_params
     resumed = list(item.resume_token_ids)
     if resumed:
         params = dataclasses.replace(params, max_tokens=max(1, params.max_tokens - len(resumed)))
@@ -150,19 +144,7 @@ class NodeRuntime:
                 )
 
     async def _serve_inner(self, item: WorkItem) -> None:
-        try:
-            req = prepare(item)
-        except EngineError as exc:
-            await self._terminal(
-                item,
-                Failed(
-                    req_id=item.req_id,
-                    attempt=item.attempt,
-                    code=FailureCode.INVALID_REQUEST,
-                    message=str(exc),
-                ),
-            )
-            return
+        req = prepare(item)  # the params were validated when the work item was decoded
         if item.assignment.mode == Mode.DISAGG:
             if self.decoder is None:
                 raise EngineError("this node cannot decode disaggregated requests (role is not decode)")

@@ -26,6 +26,7 @@ import os
 import socket
 import time
 
+from splitwise.codes import RefusalCode
 from splitwise.framing import pack_frame, recv_frame
 from splitwise.transfer.errors import (
     AuthenticationError,
@@ -125,11 +126,11 @@ def serve_challenge(
     try:
         hello = expect_type(_recv(sock, deadline), AuthHello)
     except ProtocolError as exc:
-        _try_send(sock, Refused("protocol", str(exc)))
+        _try_send(sock, Refused(RefusalCode.PROTOCOL, str(exc)))
         raise
     expected = mac(token, b"client", server_nonce, hello.nonce, hello.client_id, domain=domain)
     if len(hello.nonce) != NONCE_BYTES or not hmac.compare_digest(expected, hello.mac):
-        _try_send(sock, Refused("auth", "authentication failed: wrong or missing cluster token"))
+        _try_send(sock, Refused(RefusalCode.AUTH, "authentication failed: wrong or missing cluster token"))
         raise AuthenticationError("authentication failed: wrong or missing cluster token")
     proof = mac(token, b"server", hello.nonce, server_nonce, server_id, domain=domain)
     _send(sock, AuthWelcome(server_id, proof, compat))

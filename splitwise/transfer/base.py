@@ -62,17 +62,18 @@ import enum
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
+from splitwise.codes import Protocol
 from splitwise.counters import Counters
+from splitwise.endpoint import Endpoint as Endpoint  # torch-free: the scheduler carries it too
 from splitwise.engine.kv_cache import KVCache, KVCacheGeometry
 
 # Re-exported: transports and flows take the ready-token types from here.
 from splitwise.engine.layer_ready import COMPLETED as COMPLETED
 from splitwise.engine.layer_ready import ReadyToken as ReadyToken
-from splitwise.kv_geometry import KVGeometry
 from splitwise.transfer.errors import IncompatiblePeerError, InvalidBlockIdsError
 
 
@@ -108,25 +109,6 @@ DONE = TransferStatus(TransferState.DONE)
 
 def failed(reason: str) -> TransferStatus:
     return TransferStatus(TransferState.FAILED, reason)
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """What a target publishes so an initiator can ``connect``: in D's PrefillTask over the
-    authenticated control channel, and in D's registry record. One typed record for every
-    protocol (it crosses process boundaries through the codec); fields a protocol does not use
-    keep their defaults."""
-
-    protocol: str
-    host: str
-    port: int
-    geometry: KVGeometry
-    access_key: str = ""  # tcp/ipc: only a peer handed this endpoint may write (XferHello checks it)
-    schema: int = 0  # rdma: the side channel's schema version
-    device: str = "cpu"  # ipc: where the KV cache lives ("cpu": shared memory, "cuda": CUDA IPC)
-    shm_name: str = ""  # ipc on cpu: the /dev/shm segment of D's cache
-    cuda_ipc_handle: bytes = b""  # ipc on cuda: the exported cudaMalloc block
-    cuda_offset_bytes: int = 0  # ipc on cuda: the cache's offset inside that block
 
 
 @dataclass(frozen=True)
@@ -240,30 +222,7 @@ def check_block_ids(
         raise InvalidBlockIdsError(f"{side} block ids repeat", req_id=req_id, block_ids=list(block_ids))
 
 
-# --------------------------------------------------------------------------- geometry on the wire
-
-
-# The geometry as a plain map (rdma's side channel, test peers passing it as JSON).
-def geometry_to_dict(geometry: KVCacheGeometry) -> dict[str, Any]:
-    return {
-        "num_layers": geometry.num_layers,
-        "num_blocks": geometry.num_blocks,
-        "block_size": geometry.block_size,
-        "num_kv_heads": geometry.num_kv_heads,
-        "head_dim": geometry.head_dim,
-        "dtype": geometry.dtype,
-    }
-
-
-def geometry_from_dict(data: Mapping[str, Any]) -> KVCacheGeometry:
-    return KVGeometry(
-        num_layers=int(data["num_layers"]),
-        num_blocks=int(data["num_blocks"]),
-        block_size=int(data["block_size"]),
-        num_kv_heads=int(data["num_kv_heads"]),
-        head_dim=int(data["head_dim"]),
-        dtype=str(data["dtype"]),
-    )
+# --------------------------------------------------------------------------- geometry
 
 
 def check_compatible(local: KVCacheGeometry, remote: KVCacheGeometry, *, peer: str | None = None) -> None:
@@ -284,7 +243,7 @@ def check_compatible(local: KVCacheGeometry, remote: KVCacheGeometry, *, peer: s
 class TransportTarget(abc.ABC):
     """D's side: owns the destination KV memory and says when a request's blocks have landed."""
 
-    protocol: str  # registry name, e.g. "tcp"
+    protocol: Protocol  # registry name, e.g. Protocol.TCP
 
     @abc.abstractmethod
     def register(self, kv_cache: KVCache) -> None:
@@ -334,7 +293,7 @@ class TransportTarget(abc.ABC):
 class TransportInitiator(abc.ABC):
     """P's side: pushes its KV blocks into a peer's reserved blocks and learns when they landed."""
 
-    protocol: str
+    protocol: Protocol
 
     @abc.abstractmethod
     def register(self, kv_cache: KVCache) -> None:

@@ -32,6 +32,7 @@ import hmac
 import os
 import socket
 
+from splitwise.codes import RefusalCode
 from splitwise.counters import Counters
 from splitwise.logging import get_logger
 from splitwise.transfer import auth, wire
@@ -166,17 +167,19 @@ class ControlServer:
         try:
             hello = expect_type(await wire.read_message(reader), AuthHello)
         except ProtocolError as exc:
-            await _try_send(writer, Refused("protocol", str(exc)))
+            await _try_send(writer, Refused(RefusalCode.PROTOCOL, str(exc)))
             raise
         expected = _mac(self._token, b"client", server_nonce, hello.nonce, hello.client_id)
         if len(hello.nonce) != _NONCE_BYTES or not hmac.compare_digest(expected, hello.mac):
-            await _try_send(writer, Refused("auth", "authentication failed: wrong or missing cluster token"))
+            await _try_send(
+                writer, Refused(RefusalCode.AUTH, "authentication failed: wrong or missing cluster token")
+            )
             raise AuthenticationError("authentication failed: wrong or missing cluster token", peer=address)
         peer_compat = hello.compat
         mismatches = self.compat.mismatches(peer_compat)
         if mismatches:
             reason = "incompatible peer: " + "; ".join(mismatches)
-            await _try_send(writer, Refused("incompatible", reason))
+            await _try_send(writer, Refused(RefusalCode.INCOMPATIBLE, reason))
             raise IncompatiblePeerError(reason, peer=hello.client_id)
         mac = _mac(self._token, b"server", hello.nonce, server_nonce, self.node_id)
         await wire.write_message(writer, AuthWelcome(self.node_id, mac, self.compat))
@@ -249,9 +252,9 @@ async def _client_handshake(
 
 def _refusal_error(refused: Refused, address: str) -> TransferError:
     reason = f"refused by server: {refused.reason}"
-    if refused.code == "auth":
+    if refused.code is RefusalCode.AUTH:
         return AuthenticationError(reason, peer=address)
-    if refused.code == "incompatible":
+    if refused.code is RefusalCode.INCOMPATIBLE:
         return IncompatiblePeerError(reason, peer=address)
     return ProtocolError(reason, peer=address)
 

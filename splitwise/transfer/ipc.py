@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from splitwise.codes import Protocol
 from splitwise.engine.kv_cache import KVCache, KVCacheGeometry
 from splitwise.logging import get_logger
 from splitwise.transfer import wire
@@ -66,7 +67,7 @@ def _cupy() -> Any:
 
 
 class IpcTarget(StreamTarget):
-    protocol = "ipc"
+    protocol = Protocol.IPC
     count_writes = False
 
     def _attach_local(self, kv_cache: KVCache) -> None:
@@ -213,7 +214,7 @@ def _map_cuda(endpoint: Endpoint, geometry: KVCacheGeometry, device: torch.devic
 
 
 class IpcInitiator(StreamInitiator):
-    protocol = "ipc"
+    protocol = Protocol.IPC
     one_sided = True
     _copy_stream: Any = None
     # CUDA: req_id -> an event recorded on the copy stream after its latest copies. The stream runs

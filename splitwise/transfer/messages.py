@@ -31,13 +31,15 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from splitwise.codes import Protocol, RefusalCode
 from splitwise.engine.sampling_params import SamplingParams
 from splitwise.kv_geometry import KVGeometry
 from splitwise.transfer.base import Endpoint
 from splitwise.transfer.errors import ProtocolError
 from splitwise.wire_codec import MessageCodec
 
-SCHEMA_VERSION = 2  # 2: typed SamplingParams, Compatibility, KVGeometry and Endpoint (were maps)
+# 2: typed SamplingParams, Compatibility, KVGeometry and Endpoint (were maps); 3: enums (were strings)
+SCHEMA_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -168,10 +170,10 @@ class AuthWelcome(Message):
 
 @dataclass(frozen=True)
 class Refused(Message):
-    """Server -> client before closing: ``code`` is "auth", "incompatible" or "protocol"."""
+    """Server -> client before closing, saying why."""
 
     TAG: ClassVar[str] = "refused"
-    code: str
+    code: RefusalCode
     reason: str
 
 
@@ -187,7 +189,7 @@ class PrefillTask(Message):
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     dst_block_ids: list[int]
-    protocol: str
+    protocol: Protocol
     endpoint: Endpoint
 
 

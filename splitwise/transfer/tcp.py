@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import socket
 
+from splitwise.codes import Protocol
 from splitwise.engine.kv_cache import KIND_K, KIND_V, KVCache, KVCacheGeometry
 from splitwise.transfer import wire
 from splitwise.transfer.errors import UnexpectedBlocksError, UnsupportedDeviceError
@@ -63,7 +64,7 @@ def _attach(kv_cache: KVCache) -> tuple[memoryview | None, DeviceStage | None]:
 
 
 class TcpTarget(StreamTarget):
-    protocol = "tcp"
+    protocol = Protocol.TCP
     _stage: DeviceStage | None = None
 
     def _attach_local(self, kv_cache: KVCache) -> None:
@@ -112,7 +113,7 @@ class TcpTarget(StreamTarget):
 
 
 class TcpInitiator(StreamInitiator):
-    protocol = "tcp"
+    protocol = Protocol.TCP
     _stage: DeviceStage | None = None
 
     def _attach_local(self, kv_cache: KVCache) -> None:

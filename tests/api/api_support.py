@@ -100,7 +100,7 @@ class ScriptedNode:
                 ),
             )
             return
-        max_tokens = int(work.sampling_params["max_tokens"])
+        max_tokens = work.sampling_params.max_tokens
         script = self.script[:3] + [self.tokenizer.eos_token_ids[0]] if "[eos]" in prompt else self.script
         index = 0
         while index < min(max_tokens, len(script)):
@@ -121,7 +121,7 @@ class ScriptedNode:
             if "[slow]" in prompt:
                 await asyncio.sleep(SLOW_TOKEN_DELAY_S)
             # top_logprobs k: the chosen token first, then the next script tokens, 1 nat apart each.
-            k = int(work.sampling_params.get("top_logprobs", 0))
+            k = work.sampling_params.top_logprobs
             top = [script[(index + j) % len(script)] for j in range(k)]
             await self.node.publish(
                 TokenChunk(

@@ -43,7 +43,7 @@ def test_chat_default_max_tokens_is_the_rest_of_the_context(
 ) -> None:
     out = client.chat.completions.create(model=MODEL_ID, messages=MESSAGES)  # type: ignore[arg-type]
     params = next(r for r in local_stack.backend.submitted if r.req_id == out.id).sampling_params
-    assert params["max_tokens"] == MAX_MODEL_LEN - len(chat_prompt(tokenizer))
+    assert params.max_tokens == MAX_MODEL_LEN - len(chat_prompt(tokenizer))
     assert out.choices[0].message.content == SCRIPT_TEXT  # the node ran out of script: eos
     assert out.choices[0].finish_reason == "stop"
 

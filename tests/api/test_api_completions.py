@@ -36,7 +36,7 @@ def test_completion_text_usage_and_finish_reason(
     )
     submitted = next(r for r in local_stack.backend.submitted if r.req_id == out.id)
     assert submitted.prompt_token_ids == tokenizer.encode("Say hi")
-    assert submitted.sampling_params["max_tokens"] == 5
+    assert submitted.sampling_params.max_tokens == 5
 
 
 def test_token_id_prompt_is_used_as_is(client: openai.OpenAI, local_stack: LocalStack) -> None:
@@ -58,9 +58,9 @@ def test_sampling_fields_reach_the_backend(client: openai.OpenAI, local_stack: L
         extra_body={"top_k": 7, "ignore_eos": True},
     )
     params = next(r for r in local_stack.backend.submitted if r.req_id == out.id).sampling_params
-    assert params["temperature"] == 0.5 and params["top_p"] == 0.9 and params["top_k"] == 7
-    assert params["seed"] == 1234 and list(params["stop"]) == ["zzz", "qqq"] and params["ignore_eos"] is True
-    assert params["logprobs"] is False
+    assert params.temperature == 0.5 and params.top_p == 0.9 and params.top_k == 7
+    assert params.seed == 1234 and list(params.stop) == ["zzz", "qqq"] and params.ignore_eos is True
+    assert params.logprobs is False
 
 
 def test_default_max_tokens_is_16(client: openai.OpenAI) -> None:
@@ -106,8 +106,7 @@ def test_logprobs_of_chosen_tokens(
         {t: pytest.approx(v)} for t, v in zip(tokens, [-0.1, -0.2, -0.3, -0.4], strict=True)
     ]
     assert (
-        next(r for r in local_stack.backend.submitted if r.req_id == out.id).sampling_params["logprobs"]
-        is True
+        next(r for r in local_stack.backend.submitted if r.req_id == out.id).sampling_params.logprobs is True
     )
 
 

@@ -371,7 +371,7 @@ def test_n_choices_are_separate_requests_started_after_the_first_token(local_sta
     assert body["usage"]["prompt_tokens"] == len(local_stack.backend.submitted[-1].prompt_token_ids)
     subs = local_stack.backend.submitted[-3:]
     assert [s.req_id for s in subs] == [f"{body['id']}-{i}" for i in range(3)]
-    assert [s.sampling_params["seed"] for s in subs] == [5, 6, 7]
+    assert [s.sampling_params.seed for s in subs] == [5, 6, 7]
 
 
 def test_sibling_choices_wait_for_the_first_token(local_stack: LocalStack) -> None:

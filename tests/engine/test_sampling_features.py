@@ -84,17 +84,15 @@ def test_top_logprobs_are_the_raw_top_k() -> None:
     assert out.top_logprobs[1] == []
 
 
-def test_params_wire_round_trip_and_validation() -> None:
-    params = SamplingParams(stop=("a",), logit_bias=((3, 1.5),), allowed_token_ids=(1, 2), min_tokens=2)
-    wire = params.to_wire()
-    assert wire["logit_bias"] == [[3, 1.5]]
-    assert SamplingParams.from_wire(json.loads(json.dumps(wire))) == params
+def test_params_validation() -> None:
+    # The wire round trip is the codec's (tests/scheduler/test_messages.py, tests/transfer).
+    assert SamplingParams(stop=["a"], logit_bias=[[3, 1.5]]) == SamplingParams(
+        stop=("a",), logit_bias=((3, 1.5),)
+    )
     with pytest.raises(InvalidRequestError, match="presence_penalty"):
         SamplingParams(presence_penalty=3.0)
     with pytest.raises(InvalidRequestError, match="min_tokens"):
         SamplingParams(min_tokens=20, max_tokens=5)
-    with pytest.raises(InvalidRequestError, match="unknown sampling params"):
-        SamplingParams.from_wire({"bogus": 1})
 
 
 # -- through the engine ------------------------------------------------------------------------

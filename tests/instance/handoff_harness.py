@@ -376,7 +376,7 @@ def work_item(req_id: str = "r1", num_prompt_tokens: int = 10, peer: str = "P1",
     return WorkItem(
         req_id=req_id,
         prompt_token_ids=list(range(1, num_prompt_tokens + 1)),
-        sampling_params={"max_tokens": 4, **params},
+        sampling_params=SamplingParams(**{"max_tokens": 4, **params}),
         frontend_id="F1",
         created_ms=0,
         deadline_ms=10**12,

@@ -124,7 +124,7 @@ def test_a_hello_without_the_challenge_reveals_nothing(target: tuple[RdmaTarget,
     fake_lane = messages.QpEndpoint(
         "p0", 1, "Ethernet", 0, "0000:0000:0000:0000:0000:ffff:0a00:0002", 9, 1, 1024
     )
-    hello = messages.Hello("intruder", {}, [fake_lane])
+    hello = messages.Hello("intruder", GEOMETRY, [fake_lane])
     with raw(d) as sock:
         messages.send_message(sock, hello)  # skips the challenge: an old client or an attacker
         received = read_until_eof(sock)

@@ -161,8 +161,8 @@ LANE = TargetLane(
 @pytest.mark.parametrize(
     "message",
     [
-        Hello("p0", {"num_layers": 2}, [peer("Ethernet"), peer("InfiniBand")]),
-        HelloReply(True, "", {"num_layers": 2}, [LANE]),
+        Hello("p0", GEOMETRY, [peer("Ethernet"), peer("InfiniBand")]),
+        HelloReply(True, "", GEOMETRY, [LANE]),
         RequestResult("req-1", False, "completion error"),
     ],
 )
@@ -171,7 +171,7 @@ def test_messages_round_trip(message: messages.Message) -> None:
 
 
 def test_messages_refuse_other_versions_and_bad_fields() -> None:
-    body = msgpack.unpackb(messages.encode(HelloReply(True, "", {}, [LANE])))
+    body = msgpack.unpackb(messages.encode(HelloReply(True, "", GEOMETRY, [LANE])))
     with pytest.raises(InvalidConnectionInfoError, match="schema version"):
         messages.decode(msgpack.packb({**body, "v": 99}))
     lane = dict(body["lanes"][0], kv_rkey="x")
@@ -181,6 +181,9 @@ def test_messages_refuse_other_versions_and_bad_fields() -> None:
         messages.decode(msgpack.packb({**body, "extra": 1}))
     with pytest.raises(InvalidConnectionInfoError):
         messages.decode(b"\xc1garbage")
+    geometry = dict(body["geometry"], block_size="16")
+    with pytest.raises(InvalidConnectionInfoError, match="geometry.block_size"):
+        messages.decode(msgpack.packb({**body, "geometry": geometry}))
     assert dataclasses.asdict(LANE)["qp"]["qpn"] == 0x77
 
 

@@ -22,6 +22,8 @@ from scheduler.config import SchedulerConfig
 from scheduler.errors import NoCapacityError
 from scheduler.messages import Finished, KVGeometry, SubmitRequest, TokenChunk
 from scheduler.sim_node import SimBehavior, sim_token
+from splitwise.codes import Protocol
+from splitwise.engine.sampling_params import SamplingParams
 
 
 def _tokens(msgs: list) -> list[int]:
@@ -44,7 +46,9 @@ def test_xpyd_from_several_frontends(config: SchedulerConfig) -> None:
                         prompt,
                         await fes[i % 3].submit(
                             SubmitRequest(
-                                req_id=f"r{i}", prompt_token_ids=prompt, sampling_params={"max_tokens": 5}
+                                req_id=f"r{i}",
+                                prompt_token_ids=prompt,
+                                sampling_params=SamplingParams(max_tokens=5),
                             )
                         ),
                     )
@@ -71,7 +75,14 @@ def test_mixed_only_cluster(config: SchedulerConfig) -> None:
             await c.add_node("m1", "mixed")
             fe = await c.add_frontend()
             streams = [
-                await fe.submit(SubmitRequest(req_id=f"r{i}", prompt_token_ids=[1, 2, 3])) for i in range(10)
+                await fe.submit(
+                    SubmitRequest(
+                        req_id=f"r{i}",
+                        prompt_token_ids=[1, 2, 3],
+                        sampling_params=SamplingParams(max_tokens=4),
+                    )
+                )
+                for i in range(10)
             ]
             for stream in streams:
                 msgs = await stream.collect()
@@ -184,8 +195,9 @@ def test_transfer_protocol_choice(config: SchedulerConfig) -> None:
             work = await d0.agent.next_work()
             assert work.assignment.mode == "disagg"
             assert work.assignment.protocol == "rdma"  # different hosts: no ipc
-            assert work.assignment.prefill_endpoint["node"] == "p0"
-            assert work.assignment.decode_endpoint["node"] == "d0"
+            assert work.assignment.prefill_endpoint.host == "10.0.0.1"
+            assert work.assignment.decode_endpoint.host == "10.0.0.2"
+            assert work.assignment.decode_endpoint.protocol is Protocol.RDMA
             assert work.assignment.decode_incarnation == d0.agent.info.incarnation
 
     run(body())

@@ -10,6 +10,7 @@ from scheduler_support import booked, cluster, dispatched_pair, eventually, requ
 from scheduler.config import SchedulerConfig
 from scheduler.messages import Cancelled, Expired, Failed, Finished, SubmitRequest, TokenChunk
 from scheduler.sim_node import SimBehavior, sim_token
+from splitwise.engine.sampling_params import SamplingParams
 from splitwise.testing.redis_server import RedisServer
 
 
@@ -30,7 +31,9 @@ def test_node_killed_mid_request_is_redispatched_and_finishes(config: SchedulerC
             prompts = {f"r{i}": [i + 1, 2, 3] for i in range(4)}
             streams = {
                 rid: await fe.submit(
-                    SubmitRequest(req_id=rid, prompt_token_ids=p, sampling_params={"max_tokens": 20})
+                    SubmitRequest(
+                        req_id=rid, prompt_token_ids=p, sampling_params=SamplingParams(max_tokens=20)
+                    )
                 )
                 for rid, p in prompts.items()
             }
@@ -65,7 +68,9 @@ def test_redispatch_budget_exhausted_fails_explicitly(config: SchedulerConfig, s
         async with cluster(config) as c:
             fe = await c.add_frontend()
             stream = await fe.submit(
-                SubmitRequest(req_id="r0", prompt_token_ids=[1], sampling_params={"max_tokens": 50})
+                SubmitRequest(
+                    req_id="r0", prompt_token_ids=[1], sampling_params=SamplingParams(max_tokens=50)
+                )
             )
             assert isinstance(await stream.__anext__(), TokenChunk)
             proc.kill()
@@ -102,7 +107,9 @@ def test_redis_restart_nodes_reregister_and_requests_flow(
                 after = await (
                     await fe.submit(
                         SubmitRequest(
-                            req_id=f"after{i}", prompt_token_ids=[2], sampling_params={"max_tokens": 2}
+                            req_id=f"after{i}",
+                            prompt_token_ids=[2],
+                            sampling_params=SamplingParams(max_tokens=2),
                         )
                     )
                 ).collect()

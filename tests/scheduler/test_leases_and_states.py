@@ -16,6 +16,7 @@ from scheduler.node_record import HeldWork
 from scheduler.retry import Retrier
 from scheduler.states import NODE_TRANSITIONS, FrontendState, NodeState, transition
 from scheduler.streams import ResultStream
+from splitwise.engine.sampling_params import SamplingParams
 from splitwise.testing.fake_clock import FakeClock
 
 
@@ -86,7 +87,7 @@ def test_node_record_transitions() -> None:
     work = WorkItem(
         req_id="r0",
         prompt_token_ids=[1],
-        sampling_params={},
+        sampling_params=SamplingParams(),
         frontend_id="fe",
         created_ms=0,
         deadline_ms=1,

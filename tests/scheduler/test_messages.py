@@ -25,28 +25,33 @@ from scheduler.messages import (
     decode,
     encode,
 )
+from splitwise.codes import FailureCode, Mode, Protocol, Role
+from splitwise.endpoint import Endpoint
+from splitwise.engine.sampling_params import SamplingParams
 
 KV = KVGeometry(dtype="bfloat16", block_size=16, num_layers=28, num_kv_heads=8, head_dim=128)
 NODE = NodeInfo(
     node_id="d0",
-    role="decode",
+    role=Role.DECODE,
     host="10.0.0.2",
     http_port=8000,
     pd_comm_port=8100,
     model_id="qwen",
     kv=KV,
-    transfer_protocols=["rdma", "tcp"],
-    transfer_endpoints={"rdma": {"ports": [9000, 9001], "nic": "mlx5_0"}, "tcp": {"port": 9100}},
+    transfer_protocols=[Protocol.RDMA, Protocol.TCP],
+    transfer_endpoints={
+        Protocol.RDMA: Endpoint(Protocol.RDMA, "10.0.0.2", 9000, KV, schema=3),
+        Protocol.TCP: Endpoint(Protocol.TCP, "10.0.0.2", 9100, KV, access_key="k"),
+    },
     incarnation="abc",
     started_ms=12,
 )
 ASSIGN = Assignment(
-    mode="disagg",
+    mode=Mode.DISAGG,
     prefill_node_id="p0",
     decode_node_id="d0",
-    protocol="rdma",
-    prefill_endpoint={"ports": [1]},
-    decode_endpoint={"ports": [2]},
+    protocol=Protocol.RDMA,
+    decode_endpoint=Endpoint(Protocol.RDMA, "10.0.0.2", 9000, KV, schema=3),
     prefill_host="10.0.0.1",
     prefill_pd_comm_port=8100,
     prefill_incarnation="i1",
@@ -54,12 +59,15 @@ ASSIGN = Assignment(
     group="abc123",
     bookings=["p|abc123|p0|i1|r1|1|3", "d|abc123|d0|i2|r1|1|1048576"],
 )
+PARAMS = SamplingParams(
+    temperature=0.7, stop=("\n",), logit_bias=((3, 1.5),), seed=7, prompt_logprobs=2, structured_kind="regex"
+)
 MESSAGES = [
     NODE,
     WorkItem(
         req_id="r1",
         prompt_token_ids=[1, 2, 3],
-        sampling_params={"temperature": 0.7, "stop": ["\n"], "n": 1},
+        sampling_params=PARAMS,
         frontend_id="fe1",
         created_ms=1,
         deadline_ms=2,
@@ -70,7 +78,7 @@ MESSAGES = [
     TokenChunk(req_id="r1", attempt=0, index=5, token_ids=[4, 5], logprobs=[-0.1, -2.0]),
     TokenChunk(req_id="r1", attempt=0, index=0, token_ids=[4]),
     Finished(req_id="r1", attempt=2, finish_reason="stop", prompt_tokens=3, completion_tokens=7),
-    Failed(req_id="r1", attempt=0, code="oom", message="out of blocks", retryable=True),
+    Failed(req_id="r1", attempt=0, code=FailureCode.DECODE_CAPACITY, message="out of blocks", retryable=True),
     Expired(req_id="r1", attempt=1),
     Cancelled(req_id="r1", attempt=0),
     CancelMessage(req_id="r1", attempt=0, reason="client gone"),
@@ -83,6 +91,41 @@ def test_round_trip(msg: object) -> None:
     payload = encode(msg)  # type: ignore[arg-type]
     assert decode(payload) == msg
     assert msgpack.unpackb(payload)["v"] == SCHEMA_VERSION
+
+
+def test_typed_fields_come_back_typed() -> None:
+    work = decode(encode(MESSAGES[1]))
+    assert work.sampling_params == PARAMS and isinstance(work.sampling_params.stop, tuple)
+    assert work.assignment.mode is Mode.DISAGG and work.assignment.protocol is Protocol.RDMA
+    assert work.assignment.decode_endpoint.geometry == KV and work.assignment.prefill_endpoint is None
+    node = decode(encode(NODE))
+    assert node.role is Role.DECODE and list(node.transfer_endpoints) == [Protocol.RDMA, Protocol.TCP]
+    assert all(type(p) is Protocol for p in node.transfer_protocols)
+    failed = decode(encode(MESSAGES[5]))
+    assert failed.code is FailureCode.DECODE_CAPACITY
+    # On the wire the enums are their strings (readable in redis-cli, stable across versions).
+    raw = msgpack.unpackb(encode(NODE), strict_map_key=False)["f"]
+    assert raw["role"] == "decode" and sorted(raw["transfer_endpoints"]) == ["rdma", "tcp"]
+
+
+def _work_fields(**params: object) -> bytes:
+    body = msgpack.unpackb(encode(MESSAGES[1]), strict_map_key=False)
+    body["f"]["sampling_params"].update(params)
+    return msgpack.packb(body)
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (_work_fields(bogus=1), r"sampling_params: unknown fields \['bogus'\]"),
+        (_work_fields(stop=[1]), r"sampling_params.stop\[0\]: expected str"),
+        (_work_fields(top_p=2.0), "invalid .*sampling_params.*top_p"),
+        (_work_fields(logit_bias=[[1]]), r"logit_bias\[0\]"),
+    ],
+)
+def test_rejects_bad_sampling_params(payload: bytes, reason: str) -> None:
+    with pytest.raises(MessageDecodeError, match=reason):
+        decode(payload)
 
 
 def _envelope(**overrides: object) -> bytes:
@@ -119,6 +162,7 @@ def test_expect_restricts_the_type() -> None:
         decode(encode(MESSAGES[2]), WorkItem)
     nested_bad = msgpack.unpackb(encode(NODE))
     nested_bad["f"]["kv"]["block_size"] = "16"
+    nested_bad["f"]["transfer_endpoints"] = {}
     with pytest.raises(MessageDecodeError, match="kv.block_size"):
         decode(msgpack.packb(nested_bad))
 

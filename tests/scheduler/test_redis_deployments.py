@@ -16,6 +16,7 @@ from scheduler.errors import NoCapacityError, SchedulerConnectionError
 from scheduler.keys import KeySchema
 from scheduler.messages import Finished, SubmitRequest, TokenChunk
 from scheduler.sim_node import SimBehavior, sim_token
+from splitwise.engine.sampling_params import SamplingParams
 from splitwise.testing.redis_cluster import RedisClusterServers
 from splitwise.testing.redis_sentinel import SERVICE, SentinelSet
 
@@ -75,7 +76,9 @@ def test_pd_dispatch_cancel_and_redispatch_through_a_redis_cluster(cluster_confi
             prompts = {f"r{i}": [i + 1, 5] for i in range(12)}
             streams = {
                 rid: await fe.submit(
-                    SubmitRequest(req_id=rid, prompt_token_ids=p, sampling_params={"max_tokens": 6})
+                    SubmitRequest(
+                        req_id=rid, prompt_token_ids=p, sampling_params=SamplingParams(max_tokens=6)
+                    )
                 )
                 for rid, p in prompts.items()
             }
@@ -86,7 +89,9 @@ def test_pd_dispatch_cancel_and_redispatch_through_a_redis_cluster(cluster_confi
             # a node that leaves mid-request: its work is re-dispatched and resumes
             await c.nodes["d0"].agent.close()
             slow = await fe.submit(
-                SubmitRequest(req_id="slow", prompt_token_ids=[3], sampling_params={"max_tokens": 30})
+                SubmitRequest(
+                    req_id="slow", prompt_token_ids=[3], sampling_params=SamplingParams(max_tokens=30)
+                )
             )
             first = await slow.__anext__()
             assert isinstance(first, TokenChunk)
@@ -189,7 +194,10 @@ async def _first_served(fe, *, deadline_s: float) -> float:  # type: ignore[no-u
             msgs = await (
                 await fe.submit(
                     SubmitRequest(
-                        req_id=f"after{i}", prompt_token_ids=[1], sampling_params={"max_tokens": 2}, ttl_s=5.0
+                        req_id=f"after{i}",
+                        prompt_token_ids=[1],
+                        sampling_params=SamplingParams(max_tokens=2),
+                        ttl_s=5.0,
                     )
                 )
             ).collect()

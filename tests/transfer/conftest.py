@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import select
@@ -15,7 +16,7 @@ import torch
 from transfer_peer import GEOMETRY, endpoint_from_json, endpoint_to_json
 
 from splitwise.engine.kv_cache import KVCacheGeometry
-from splitwise.transfer.base import Endpoint, geometry_to_dict
+from splitwise.transfer.base import Endpoint
 
 PEER_SCRIPT = Path(__file__).with_name("transfer_peer.py")
 
@@ -35,7 +36,7 @@ class PeerProcess:
                 "--protocol",
                 protocol,
                 "--geometry",
-                json.dumps(geometry_to_dict(geometry)),
+                json.dumps(dataclasses.asdict(geometry)),
                 "--seed",
                 str(seed),
                 "--device",

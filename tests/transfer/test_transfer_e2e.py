@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 
@@ -11,7 +12,7 @@ from transfer_peer import GEOMETRY, initial_kv, make_cache
 
 from splitwise.engine.kv_cache import KVCache
 from splitwise.transfer import TransferState, TransferStatus, create_initiator, create_target
-from splitwise.transfer.base import TransportInitiator, TransportOptions, TransportTarget, geometry_to_dict
+from splitwise.transfer.base import TransportInitiator, TransportOptions, TransportTarget
 from splitwise.transfer.errors import IncompatiblePeerError, InvalidBlockIdsError
 
 PROTOCOLS = ["ipc", "tcp"]
@@ -165,7 +166,7 @@ def test_expected_request_that_never_starts_times_out(local_d) -> None:  # type:
 @pytest.mark.parametrize("local_d", PROTOCOLS, indirect=True)
 def test_incompatible_geometry_is_refused_at_connect(local_d) -> None:  # type: ignore[no-untyped-def]
     target, _ = local_d
-    other = make_cache(type(GEOMETRY)(**{**geometry_to_dict(GEOMETRY), "block_size": 8}), 0, shared=False)
+    other = make_cache(dataclasses.replace(GEOMETRY, block_size=8), 0, shared=False)
     initiator = create_initiator(target.protocol)
     initiator.register(other)
     with pytest.raises(IncompatiblePeerError, match="block_size 8 != 4"):

@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
+from splitwise.codes import Protocol
 from splitwise.engine.kv_cache import KVCache, KVCacheGeometry, default_shm_name
 from splitwise.transfer import create_initiator, create_target
-from splitwise.transfer.base import Endpoint, TransferState, geometry_from_dict
+from splitwise.transfer.base import Endpoint, TransferState
 
 # 4 layers x 2 x 32 blocks x 256 B = 64 KiB: small enough to dump and compare byte for byte.
 GEOMETRY = KVCacheGeometry(
@@ -49,7 +50,9 @@ def endpoint_to_json(endpoint: Endpoint) -> dict[str, Any]:
 
 def endpoint_from_json(raw: dict[str, Any]) -> Endpoint:
     fields = {**raw, "cuda_ipc_handle": bytes.fromhex(raw["cuda_ipc_handle"])}
-    return Endpoint(**{**fields, "geometry": KVCacheGeometry(**raw["geometry"])})
+    return Endpoint(
+        **{**fields, "protocol": Protocol(raw["protocol"]), "geometry": KVCacheGeometry(**raw["geometry"])}
+    )
 
 
 def reply(**fields: Any) -> None:
@@ -110,7 +113,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    serve(args.role, args.protocol, geometry_from_dict(json.loads(args.geometry)), args.seed, args.device)
+    serve(args.role, args.protocol, KVCacheGeometry(**json.loads(args.geometry)), args.seed, args.device)
 
 
 if __name__ == "__main__":
