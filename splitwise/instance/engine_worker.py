@@ -11,6 +11,13 @@ asyncio. The worker thread owns the engine; everything else talks to it through 
 Loop: drain commands -> step (if there is work) -> deliver outputs. When idle it blocks on the
 command queue (no busy loop). This thread is the engine's error boundary: a bug inside
 ``step()`` fails every in-flight request with an explicit error and the worker keeps serving.
+
+Ownership: the event loop owns the output queues (``_queues``: created, routed to and removed only
+on the loop); the engine thread owns the engine and ``_in_engine`` (the ids it holds). The engine
+thread reaches the loop only by posting events (``call_soon_threadsafe``): one per step with that
+step's outputs, one per ``call`` result. So a request id is never looked up on one thread while
+the other replaces it, and a second request with the id of one whose last output is still on its
+way is refused (EngineError) instead of receiving that output.
 """
 
 from __future__ import annotations
@@ -58,7 +65,8 @@ class EngineWorker:
         self.num_kv_blocks: int = engine.block_manager.num_blocks
         self._loop = loop
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._queues: dict[str, asyncio.Queue[RequestOutput]] = {}
+        self._queues: dict[str, asyncio.Queue[RequestOutput]] = {}  # loop only
+        self._in_engine: set[str] = set()  # engine thread only: ids added or admitted, not finished
         self._running = False
         self._thread: threading.Thread | None = None
         self.load = self._snapshot()
@@ -85,13 +93,14 @@ class EngineWorker:
         self, req_id: str, prompt_token_ids: list[int], params: SamplingParams, *, prefill_only: bool = False
     ) -> asyncio.Queue[RequestOutput]:
         """Queue a request; its outputs (ending with one whose ``finished`` is True) arrive on the
-        returned queue. Input errors arrive as a final output with ``error`` set."""
-        out_q: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        self._queues[req_id] = out_q
+        returned queue. Input errors arrive as a final output with ``error`` set; an id whose
+        previous request has not delivered its last output yet raises EngineError."""
+        out_q = self.attach(req_id)
 
         def add() -> None:
             try:
                 self.engine.add_request(req_id, prompt_token_ids, params, prefill_only=prefill_only)
+                self._in_engine.add(req_id)
                 if self.request_stats is not None:
                     self.request_stats.added(self.engine, req_id, prefill_only=prefill_only)
             except EngineError as exc:
@@ -103,7 +112,10 @@ class EngineWorker:
         return out_q
 
     def attach(self, req_id: str) -> asyncio.Queue[RequestOutput]:
-        """An output queue for a request that enters the engine through ``call`` (a prefilled one)."""
+        """An output queue for a request that enters the engine through ``call`` (a prefilled one).
+        Loop only. Raises EngineError while ``req_id`` still has a queue (its last output not routed)."""
+        if req_id in self._queues:
+            raise EngineError("a request with this id is still running on this node", req_id=req_id)
         out_q: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._queues[req_id] = out_q
         return out_q
@@ -134,10 +146,6 @@ class EngineWorker:
         self._commands.put(run)
         result: T = await future
         return result
-
-    def deliver_from_engine_thread(self, outputs: list[RequestOutput]) -> None:
-        """For code running inside ``call``: hand outputs to their queues."""
-        self._deliver(outputs)
 
     # -- the disaggregation calls (each one hop to the engine thread) --------------------------
 
@@ -181,6 +189,7 @@ class EngineWorker:
                 first_top_logprobs,
                 prompt_logprobs,
             )
+            self._in_engine.add(req_id)
             self._deliver([first])
 
         try:
@@ -238,7 +247,7 @@ class EngineWorker:
 
     def _fail_all(self, message: str) -> list[RequestOutput]:
         failed = []
-        for req_id in list(self._queues):
+        for req_id in sorted(self._in_engine):
             try:
                 self.engine.abort(req_id)
             except EngineError:
@@ -247,15 +256,24 @@ class EngineWorker:
         return failed
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """Engine thread: post this batch of outputs to the loop (one event), which routes them."""
         if self.request_stats is not None:
             self.request_stats.delivered(outputs)
         for out in outputs:
+            if out.finished:
+                self._in_engine.discard(out.req_id)
+        if outputs:
+            self._loop.call_soon_threadsafe(self._route, outputs)
+
+    def _route(self, outputs: list[RequestOutput]) -> None:
+        """Loop: hand each output to its request's queue; a request's last output removes it."""
+        for out in outputs:
             out_q = self._queues.get(out.req_id)
             if out_q is None:
-                continue
+                continue  # nobody waits for it (an abort of an unknown or finished request)
             if out.finished:
-                self._queues.pop(out.req_id, None)
-            self._loop.call_soon_threadsafe(out_q.put_nowait, out)
+                del self._queues[out.req_id]
+            out_q.put_nowait(out)
 
     def _snapshot(self) -> LoadSnapshot:
         engine = self.engine
