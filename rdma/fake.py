@@ -378,12 +378,7 @@ class FakeQueuePair(QueuePair):
                 if self.state is QPState.ERROR:
                     self._send_cq.append(Completion(wr.wr_id, WcStatus.WR_FLUSH_ERR, None, self.qpn))
                     continue
-                status = self._execute(wr)
-                if status is not WcStatus.SUCCESS:
-                    self._send_cq.append(Completion(wr.wr_id, status, None, self.qpn))
-                    self._enter_error()
-                elif wr.signaled:
-                    self._send_cq.append(Completion(wr.wr_id, status, WcOpcode.RDMA_WRITE, self.qpn))
+                self._execute_and_complete(wr)
 
     def run_deferred(self, wr: WorkRequest) -> None:
         """The delayed DMA engine executes ``wr`` now (reading its source now)."""
@@ -393,12 +388,17 @@ class FakeQueuePair(QueuePair):
             if self.state is not QPState.RTS:
                 self._send_cq.append(Completion(wr.wr_id, WcStatus.WR_FLUSH_ERR, None, self.qpn))
                 return
-            status = self._execute(wr)
-            if status is not WcStatus.SUCCESS:
-                self._send_cq.append(Completion(wr.wr_id, status, None, self.qpn))
-                self._enter_error()
-            elif wr.signaled:
-                self._send_cq.append(Completion(wr.wr_id, status, WcOpcode.RDMA_WRITE, self.qpn))
+            self._execute_and_complete(wr)
+
+    def _execute_and_complete(self, wr: WorkRequest) -> None:
+        """Under ``_lock``: run ``wr``; a failure completes it with its status and breaks the QP,
+        a success completes it only when signaled (as a real send queue does)."""
+        status = self._execute(wr)
+        if status is not WcStatus.SUCCESS:
+            self._send_cq.append(Completion(wr.wr_id, status, None, self.qpn))
+            self._enter_error()
+        elif wr.signaled:
+            self._send_cq.append(Completion(wr.wr_id, status, WcOpcode.RDMA_WRITE, self.qpn))
 
     def poll_send(self, max_entries: int) -> list[Completion]:
         with self._lock:

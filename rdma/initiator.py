@@ -30,8 +30,7 @@ from rdma.gpu_memory import CudaDriver
 from rdma.lane import Lane
 from rdma.messages import Hello, HelloReply, RequestBegin, RequestGrant, RequestResult
 from rdma.plan import plan_layer, stripe
-from rdma.resources import GpuPolicy, NicResources, choose_nics, default_backend, open_nics, qp_policy
-from rdma.target import AUTH_DOMAIN, require_token
+from rdma.side import AUTH_DOMAIN, RdmaSide
 from rdma.verbs import Access, QPCaps, VerbsBackend
 from splitwise.codes import Protocol
 from splitwise.engine.kv_cache import KVCache, KVCacheGeometry
@@ -41,7 +40,6 @@ from splitwise.transfer.base import (
     BlockRun,
     Endpoint,
     ReadyToken,
-    TransferCounters,
     TransferStatus,
     TransportInitiator,
     TransportOptions,
@@ -97,9 +95,7 @@ class _Peer:
     send_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-class RdmaInitiator(TransportInitiator):
-    protocol = Protocol.RDMA
-
+class RdmaInitiator(RdmaSide, TransportInitiator):
     def __init__(
         self,
         options: TransportOptions,
@@ -112,33 +108,20 @@ class RdmaInitiator(TransportInitiator):
         completion_timeout_s: float = 30.0,
         cuda_driver: CudaDriver | None = None,
     ) -> None:
-        self.options = options
-        self.counters = TransferCounters()
-        self._token = require_token(options)
-        self._backend = backend
-        self._gpu_policy = GpuPolicy.from_options(options, cuda_driver)
-        self._nic_names = list(nics) if nics else None
-        self._policy = policy or qp_policy(options)
+        super().__init__(options, backend=backend, nics=nics, policy=policy, cuda_driver=cuda_driver)
         # D's revoke(peer_id) finds our QPs by this authenticated id: our node id.
         self._initiator_id = initiator_id or options.node_id or "prefill"
         self._caps = QPCaps(max_send_wr=send_queue_depth, max_recv_wr=1)
         self._completion_timeout_s = completion_timeout_s
         self._requests = InitiatorRequests(self.protocol, self.counters)
         self._lock = threading.Lock()
-        self._nics: list[NicResources] = []
-        self._kv_cache: KVCache | None = None
         self._peers: dict[str, _Peer] = {}
         self._closed = False
 
     # ------------------------------------------------------------------ set-up
 
     def register(self, kv_cache: KVCache) -> None:
-        backend = self._backend or default_backend(self.options)
-        names = self._nic_names or choose_nics(kv_cache, self.options)
-        self._nics = open_nics(
-            backend, names, kv_cache, Access.LOCAL_WRITE, gpu=self._gpu_policy, counters=self.counters
-        )
-        self._kv_cache = kv_cache
+        self.register_nics(kv_cache, Access.LOCAL_WRITE)
 
     def connect(self, peer_id: str, endpoint: Endpoint) -> None:
         if self._kv_cache is None:

@@ -31,7 +31,7 @@ from rdma.errors import InvalidConnectionInfoError, RdmaError
 from rdma.gpu_memory import CudaDriver
 from rdma.lane import Backoff
 from rdma.messages import Hello, HelloReply, RequestBegin, RequestGrant, RequestResult, TargetLane
-from rdma.resources import GpuPolicy, NicResources, choose_nics, default_backend, open_nics, qp_policy
+from rdma.side import AUTH_DOMAIN, RdmaSide
 from rdma.verbs import Access, QPCaps, VerbsBackend
 from splitwise.codes import Protocol
 from splitwise.engine.kv_cache import KVCache
@@ -39,7 +39,6 @@ from splitwise.logging import get_logger
 from splitwise.transfer import auth
 from splitwise.transfer.base import (
     Endpoint,
-    TransferCounters,
     TransferStatus,
     TransportOptions,
     TransportTarget,
@@ -53,16 +52,6 @@ from splitwise.transfer.tracking import AnyClock, TargetRequests
 log = get_logger("rdma")
 
 RECV_DEPTH = 64
-AUTH_DOMAIN = b"splitwise-rdma-v1"  # proofs for the control channel are worthless here
-
-
-def require_token(options: TransportOptions) -> bytes:
-    if not options.cluster_token:
-        raise ValueError(
-            "rdma transport: no cluster token (TransportOptions.cluster_token); the side channel "
-            "authenticates peers with it before revealing any memory key"
-        )
-    return auth.token_bytes(options.cluster_token)
 
 
 @dataclass
@@ -79,9 +68,7 @@ class _Initiator:
     broken: bool = False
 
 
-class RdmaTarget(TransportTarget):
-    protocol = Protocol.RDMA
-
+class RdmaTarget(RdmaSide, TransportTarget):
     def __init__(
         self,
         options: TransportOptions,
@@ -93,18 +80,10 @@ class RdmaTarget(TransportTarget):
         cuda_driver: CudaDriver | None = None,
         clock: AnyClock = time.monotonic,
     ) -> None:
-        self.options = options
-        self.counters = TransferCounters()
-        self._token = require_token(options)
-        self._backend = backend
-        self._gpu_policy = GpuPolicy.from_options(options, cuda_driver)
-        self._nic_names = list(nics) if nics else None
-        self._policy = policy or qp_policy(options)
+        super().__init__(options, backend=backend, nics=nics, policy=policy, cuda_driver=cuda_driver)
         self._backoff = backoff or Backoff(max_s=0.0005)
         self._requests = TargetRequests(self.protocol, self.counters, clock)
         self._lock = threading.Lock()
-        self._nics: list[NicResources] = []
-        self._kv_cache: KVCache | None = None
         self._by_tag: dict[int, str] = {}
         self._initiators: list[_Initiator] = []
         self._conn_ids = itertools.count(1)
@@ -116,17 +95,7 @@ class RdmaTarget(TransportTarget):
     # ------------------------------------------------------------------ TransportTarget
 
     def register(self, kv_cache: KVCache) -> None:
-        backend = self._backend or default_backend(self.options)
-        names = self._nic_names or choose_nics(kv_cache, self.options)
-        self._nics = open_nics(
-            backend,
-            names,
-            kv_cache,
-            Access.LOCAL_WRITE | Access.REMOTE_WRITE,
-            gpu=self._gpu_policy,
-            counters=self.counters,
-        )
-        self._kv_cache = kv_cache
+        self.register_nics(kv_cache, Access.LOCAL_WRITE | Access.REMOTE_WRITE)
         listener = socket.create_server((self.options.host, self.options.port))
         listener.settimeout(0.2)
         self._listener = listener

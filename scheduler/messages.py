@@ -130,10 +130,18 @@ class WorkItem:
 
 
 @dataclass(frozen=True)
-class TokenChunk:
-    TYPE: ClassVar[str] = "tokens"
+class _PerAttempt:
+    """The fields every per-request message starts with (first on the wire too): which request,
+    and which attempt of it (a re-dispatch is a new attempt; older attempts' messages are stale)."""
+
     req_id: str
     attempt: int
+    is_terminal: ClassVar[bool] = False
+
+
+@dataclass(frozen=True)
+class TokenChunk(_PerAttempt):
+    TYPE: ClassVar[str] = "tokens"
     index: int
     token_ids: list[int]
     logprobs: list[float] | None = None
@@ -144,14 +152,11 @@ class TokenChunk:
     prompt_logprobs: list[float] | None = None
     prompt_top_token_ids: list[list[int]] | None = None
     prompt_top_logprobs: list[list[float]] | None = None
-    is_terminal: ClassVar[bool] = False
 
 
 @dataclass(frozen=True)
-class Finished:
+class Finished(_PerAttempt):
     TYPE: ClassVar[str] = "finished"
-    req_id: str
-    attempt: int
     finish_reason: str  # "stop" | "length" | ...
     prompt_tokens: int
     completion_tokens: int
@@ -159,10 +164,8 @@ class Finished:
 
 
 @dataclass(frozen=True)
-class Failed:
+class Failed(_PerAttempt):
     TYPE: ClassVar[str] = "error"
-    req_id: str
-    attempt: int
     code: FailureCode
     message: str
     retryable: bool = False
@@ -170,42 +173,31 @@ class Failed:
 
 
 @dataclass(frozen=True)
-class _Ended:
-    """A terminal message that carries nothing but which request (and attempt) ended."""
-
-    req_id: str
-    attempt: int
+class Expired(_PerAttempt):
+    TYPE: ClassVar[str] = "expired"
     is_terminal: ClassVar[bool] = True
 
 
 @dataclass(frozen=True)
-class Expired(_Ended):
-    TYPE: ClassVar[str] = "expired"
-
-
-@dataclass(frozen=True)
-class Cancelled(_Ended):
+class Cancelled(_PerAttempt):
     TYPE: ClassVar[str] = "cancelled"
+    is_terminal: ClassVar[bool] = True
 
 
 @dataclass(frozen=True)
-class CancelMessage:
+class CancelMessage(_PerAttempt):
     """Frontend -> node control stream: drop this request (client gone, expired or re-dispatched)."""
 
     TYPE: ClassVar[str] = "cancel"
-    req_id: str
-    attempt: int
     reason: str
 
 
 @dataclass(frozen=True)
-class NodeEvent:
+class NodeEvent(_PerAttempt):
     """Node -> frontend, alongside results: one lifecycle event of a request (``received``,
     ``decoding``, ...). The frontend writes the request's whole record to ``{t}:log`` when it ends."""
 
     TYPE: ClassVar[str] = "event"
-    req_id: str
-    attempt: int
     event: str
     node: str
     detail: str

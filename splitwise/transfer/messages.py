@@ -47,6 +47,27 @@ class Message:
     TAG: ClassVar[str] = ""
 
 
+@dataclass(frozen=True)
+class PerRequest(Message):
+    """A data-plane message about one request (its id goes first on the wire)."""
+
+    req_id: str
+
+
+@dataclass(frozen=True)
+class Numbered(Message):
+    """A control-channel message: ``call_id`` numbers a call, and a reply carries its call's."""
+
+    call_id: int
+
+
+@dataclass(frozen=True)
+class Call(Numbered):
+    """A control-channel call about one request (answered by an Ack or ErrorReply)."""
+
+    req_id: str
+
+
 # --------------------------------------------------------------------------- data plane
 
 
@@ -70,57 +91,51 @@ class XferHelloReply(Message):
 
 
 @dataclass(frozen=True)
-class LayerWrite(Message):
+class LayerWrite(PerRequest):
     """Header of one layer's blocks for one request. ``runs`` = [[dst_start, num_blocks], ...];
     the payload is K of every run in order, then V of every run in order."""
 
     TAG: ClassVar[str] = "layer_write"
-    req_id: str
     layer: int
     runs: list[list[int]]
     payload_bytes: int
 
 
 @dataclass(frozen=True)
-class RequestBegin(Message):
+class RequestBegin(PerRequest):
     TAG: ClassVar[str] = "request_begin"
-    req_id: str
 
 
 @dataclass(frozen=True)
-class RequestGrant(Message):
+class RequestGrant(PerRequest):
     """D -> P answer to RequestBegin: the blocks P may write for the request (ipc checks before
     every copy), or ``ok=False`` with the reason when D does not expect the request."""
 
     TAG: ClassVar[str] = "request_grant"
-    req_id: str
     ok: bool
     reason: str
     dst_block_ids: list[int]
 
 
 @dataclass(frozen=True)
-class RequestAbort(Message):
+class RequestAbort(PerRequest):
     """P -> D: P gave up on the request (a local copy or validation failed); D fails it now."""
 
     TAG: ClassVar[str] = "request_abort"
-    req_id: str
     reason: str
 
 
 @dataclass(frozen=True)
-class RequestFinish(Message):
+class RequestFinish(PerRequest):
     """``num_block_writes`` = sum over write_layer calls of their block count (K and V as one)."""
 
     TAG: ClassVar[str] = "request_finish"
-    req_id: str
     num_block_writes: int
 
 
 @dataclass(frozen=True)
-class RequestResult(Message):
+class RequestResult(PerRequest):
     TAG: ClassVar[str] = "request_result"
-    req_id: str
     ok: bool
     reason: str
 
@@ -178,14 +193,12 @@ class Refused(Message):
 
 
 @dataclass(frozen=True)
-class PrefillTask(Message):
+class PrefillTask(Call):
     """D -> P: prefill ``prompt_token_ids`` and ship the KV into ``dst_block_ids`` on D.
     ``sampling_params`` travels as the engine's own dataclass (a map of its fields): a field added
     there reaches P with no converter to edit; its validation runs again on decode."""
 
     TAG: ClassVar[str] = "prefill_task"
-    call_id: int
-    req_id: str
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     dst_block_ids: list[int]
@@ -194,12 +207,10 @@ class PrefillTask(Message):
 
 
 @dataclass(frozen=True)
-class PrefillResult(Message):
+class PrefillResult(Call):
     """P -> D: the KV transfer completed and this is the first generated token."""
 
     TAG: ClassVar[str] = "prefill_result"
-    call_id: int
-    req_id: str
     first_token_id: int
     logprob: float
     # The first position's top_logprobs alternatives (SamplingParams.top_logprobs of them), most likely first.
@@ -212,32 +223,26 @@ class PrefillResult(Message):
 
 
 @dataclass(frozen=True)
-class PrefillFailed(Message):
+class PrefillFailed(Call):
     TAG: ClassVar[str] = "prefill_failed"
-    call_id: int
-    req_id: str
     reason: str
     retryable: bool
 
 
 @dataclass(frozen=True)
-class CancelRequest(Message):
+class CancelRequest(Call):
     TAG: ClassVar[str] = "cancel_request"
-    call_id: int
-    req_id: str
     reason: str
 
 
 @dataclass(frozen=True)
-class Ack(Message):
+class Ack(Numbered):
     TAG: ClassVar[str] = "ack"
-    call_id: int
 
 
 @dataclass(frozen=True)
-class ErrorReply(Message):
+class ErrorReply(Numbered):
     TAG: ClassVar[str] = "error_reply"
-    call_id: int
     reason: str
     retryable: bool
 

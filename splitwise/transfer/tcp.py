@@ -63,14 +63,20 @@ def _attach(kv_cache: KVCache) -> tuple[memoryview | None, DeviceStage | None]:
     return _byte_view(kv_cache), None
 
 
-class TcpTarget(StreamTarget):
-    protocol = Protocol.TCP
+class _TcpLocal:
+    """Both tcp sides see their own cache the same way: a byte view on CPU, a staging area on CUDA."""
+
     _stage: DeviceStage | None = None
+    _bytes: memoryview
 
     def _attach_local(self, kv_cache: KVCache) -> None:
         view, self._stage = _attach(kv_cache)
         if view is not None:
             self._bytes = view
+
+
+class TcpTarget(_TcpLocal, StreamTarget):
+    protocol = Protocol.TCP
 
     def _detach_local(self) -> None:
         if self._stage is None:
@@ -112,14 +118,8 @@ class TcpTarget(StreamTarget):
         self.counters.inc("bytes_received", header.payload_bytes)
 
 
-class TcpInitiator(StreamInitiator):
+class TcpInitiator(_TcpLocal, StreamInitiator):
     protocol = Protocol.TCP
-    _stage: DeviceStage | None = None
-
-    def _attach_local(self, kv_cache: KVCache) -> None:
-        view, self._stage = _attach(kv_cache)
-        if view is not None:
-            self._bytes = view
 
     def _write_layer(self, peer: Peer, job: LayerJob) -> None:
         if self._stage is not None:  # CUDA KV: through host staging (the token was waited for)
