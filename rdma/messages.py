@@ -30,9 +30,17 @@ from typing import ClassVar
 from rdma.errors import InvalidConnectionInfoError
 from splitwise.framing import pack_frame, recv_frame
 from splitwise.kv_geometry import KVGeometry
+
+# The per-request messages are the transfer package's own (same fields, same meaning, one class).
+from splitwise.transfer.messages import Message as Message
+from splitwise.transfer.messages import RequestBegin as RequestBegin
+from splitwise.transfer.messages import RequestGrant as RequestGrant
+from splitwise.transfer.messages import RequestResult as RequestResult
 from splitwise.wire_codec import MessageCodec
 
-SCHEMA_VERSION = 3  # 2: authenticated side channel, RequestBegin/RequestGrant; 3: typed KVGeometry
+# 2: authenticated side channel, RequestBegin/RequestGrant; 3: typed KVGeometry, the transfer
+# package's RequestBegin/RequestGrant/RequestResult (tags "request_*", were "rdma_request_*")
+SCHEMA_VERSION = 3
 MAX_FRAME_BYTES = 1 << 20
 
 
@@ -68,11 +76,6 @@ class TargetLane:
 
 
 @dataclass(frozen=True)
-class Message:
-    TAG: ClassVar[str] = ""
-
-
-@dataclass(frozen=True)
 class Hello(Message):
     TAG: ClassVar[str] = "rdma_hello"
     initiator_id: str
@@ -87,29 +90,6 @@ class HelloReply(Message):
     reason: str
     geometry: KVGeometry
     lanes: list[TargetLane]
-
-
-@dataclass(frozen=True)
-class RequestResult(Message):
-    TAG: ClassVar[str] = "rdma_request_result"
-    req_id: str
-    ok: bool
-    reason: str
-
-
-@dataclass(frozen=True)
-class RequestBegin(Message):
-    TAG: ClassVar[str] = "rdma_request_begin"
-    req_id: str
-
-
-@dataclass(frozen=True)
-class RequestGrant(Message):
-    TAG: ClassVar[str] = "rdma_request_grant"
-    req_id: str
-    ok: bool
-    reason: str
-    dst_block_ids: list[int]
 
 
 CODEC = MessageCodec(
