@@ -80,9 +80,10 @@ def init_attrs(port: PortInfo) -> InitAttrs:
 
 
 def rtr_attrs(local: PortInfo, peer: QpEndpoint, policy: QPPolicy) -> RtrAttrs:
-    if peer.link_layer != local.link_layer.value:
+    if peer.link_layer is not local.link_layer:
         raise InvalidConnectionInfoError(
-            f"link layers differ: local {local.link_layer.value}, peer {peer.link_layer}", peer=peer.device
+            f"link layers differ: local {local.link_layer.value}, peer {peer.link_layer.value}",
+            peer=peer.device,
         )
     roce = local.link_layer is LinkLayer.ETHERNET
     return RtrAttrs(
@@ -150,7 +151,7 @@ class RcConnection:
         return QpEndpoint(
             device=self.device.name,
             port_num=self.port.port_num,
-            link_layer=self.port.link_layer.value,
+            link_layer=self.port.link_layer,
             lid=self.port.lid,
             gid=self.port.gid,
             qpn=self.qp.qpn,

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from rdma.errors import InvalidConnectionInfoError
+from rdma.verbs import LinkLayer
 from splitwise.framing import pack_frame, recv_frame
 from splitwise.kv_geometry import KVGeometry
 
@@ -39,7 +40,7 @@ from splitwise.transfer.messages import RequestResult as RequestResult
 from splitwise.wire_codec import MessageCodec
 
 # 2: authenticated side channel, RequestBegin/RequestGrant; 3: typed KVGeometry, the transfer
-# package's RequestBegin/RequestGrant/RequestResult (tags "request_*", were "rdma_request_*")
+# package's RequestBegin/RequestGrant/RequestResult (tags "request_*", were "rdma_request_*"), LinkLayer
 SCHEMA_VERSION = 3
 MAX_FRAME_BYTES = 1 << 20
 
@@ -55,7 +56,7 @@ class QpEndpoint:
 
     device: str
     port_num: int
-    link_layer: str  # "InfiniBand" | "Ethernet"
+    link_layer: LinkLayer  # its value on the wire: "InfiniBand" | "Ethernet"
     lid: int
     gid: str
     qpn: int

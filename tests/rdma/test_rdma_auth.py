@@ -15,6 +15,7 @@ import torch
 from rdma import messages
 from rdma.fake import FakeBackend, FakeFabric
 from rdma.transport import RdmaInitiator, RdmaTarget
+from rdma.verbs import LinkLayer
 from splitwise.engine.kv_cache import KVCache, KVCacheGeometry
 from splitwise.transfer.base import TransportOptions
 from splitwise.transfer.errors import AuthenticationError
@@ -122,7 +123,7 @@ def test_garbage_before_auth_is_refused_without_any_key(
 def test_a_hello_without_the_challenge_reveals_nothing(target: tuple[RdmaTarget, FakeBackend]) -> None:
     d, backend = target
     fake_lane = messages.QpEndpoint(
-        "p0", 1, "Ethernet", 0, "0000:0000:0000:0000:0000:ffff:0a00:0002", 9, 1, 1024
+        "p0", 1, LinkLayer.ETHERNET, 0, "0000:0000:0000:0000:0000:ffff:0a00:0002", 9, 1, 1024
     )
     hello = messages.Hello("intruder", GEOMETRY, [fake_lane])
     with raw(d) as sock:

@@ -114,7 +114,7 @@ IB = PortInfo(1, True, LinkLayer.INFINIBAND, 4096, 7, "fe80:0000:0000:0000:0002:
 
 def peer(link_layer: str, mtu: int = 1024) -> QpEndpoint:
     return QpEndpoint(
-        "mlx5_1", 1, link_layer, 9, "0000:0000:0000:0000:0000:ffff:0a00:0002", 0x77, 0xABCDE, mtu
+        "mlx5_1", 1, LinkLayer(link_layer), 9, "0000:0000:0000:0000:0000:ffff:0a00:0002", 0x77, 0xABCDE, mtu
     )
 
 

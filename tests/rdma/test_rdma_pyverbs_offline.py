@@ -67,7 +67,7 @@ def test_qp_attributes_and_masks_build_offline() -> None:
         1, True, LinkLayer.ETHERNET, 4096, 0, "0000:0000:0000:0000:0000:ffff:0a00:0001", 3, 1 << 30
     )
     peer = QpEndpoint(
-        "mlx5_1", 1, "Ethernet", 0, "0000:0000:0000:0000:0000:ffff:0a00:0002", 0x99, 0x1234, 1024
+        "mlx5_1", 1, LinkLayer.ETHERNET, 0, "0000:0000:0000:0000:0000:ffff:0a00:0002", 0x99, 0x1234, 1024
     )
     policy = QPPolicy()
     attr, mask = build_qp_attr(pv, QPState.INIT, *init_fields(init_attrs(port)))

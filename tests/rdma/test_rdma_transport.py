@@ -3,6 +3,7 @@ real TCP side channel, real threads, bytes compared exactly."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Iterator
@@ -109,7 +110,10 @@ def test_completion_error_fails_the_request_and_reconnect_recreates_the_qps(pair
     nic = target._nics[0]
     nic.device.deregister_memory(nic.kv)  # P's rkey is now invalid: REM_ACCESS_ERR
     target.expect("bad", [3])
-    transfer(initiator, "bad", [3], [3])
+    # The first WRITE's error may break the connection before the later layers are queued: those
+    # write_layer calls then raise NotConnectedError (the contract), and the request is FAILED either way.
+    with contextlib.suppress(NotConnectedError):
+        transfer(initiator, "bad", [3], [3])
     status = initiator.wait("bad", 10)
     assert status.is_failed and "REM_ACCESS_ERR" in (status.reason or "")
     assert blocks(d_cache, 0, 0, [3]) == bytes(GEOMETRY.bytes_per_block)  # never success
