@@ -99,6 +99,7 @@ async def drive(port: int, topic: str, num_nodes: int, requests: int, inflight: 
     from scheduler.config import SchedulerConfig
     from scheduler.frontend import FrontendScheduler
     from scheduler.messages import Finished, SubmitRequest
+    from splitwise.engine.sampling_params import SamplingParams
 
     config = SchedulerConfig(scheduler_port=port, scheduler_topic=topic)
     probe = aioredis.Redis(port=port)
@@ -118,7 +119,9 @@ async def drive(port: int, topic: str, num_nodes: int, requests: int, inflight: 
         start = time.perf_counter()
         stream = await fe.submit(
             SubmitRequest(
-                req_id=f"b{next(seq)}", prompt_token_ids=[1] * 32, sampling_params={"max_tokens": 1}
+                req_id=f"b{next(seq)}",
+                prompt_token_ids=[1] * 32,
+                sampling_params=SamplingParams(max_tokens=1),
             )
         )
         dispatched = time.perf_counter()
