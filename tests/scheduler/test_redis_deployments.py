@@ -71,7 +71,7 @@ def test_pd_dispatch_cancel_and_redispatch_through_a_redis_cluster(cluster_confi
         async with cluster(cluster_config) as c:
             await c.add_node("p0", "prefill")
             await c.add_node("d0", "decode")
-            await c.add_node("d1", "decode", behavior=SimBehavior(num_tokens=400, token_delay_s=0.02))
+            await c.add_node("d1", "decode", behavior=SimBehavior(token_delay_s=0.02))  # max_tokens applies
             fe = await c.add_frontend()
             prompts = {f"r{i}": [i + 1, 5] for i in range(12)}
             streams = {
