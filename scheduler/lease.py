@@ -48,6 +48,11 @@ class LeaseWatch:
         since = self._lapsed_since.setdefault(who, now_ms)
         return now_ms - since >= self.grace_ms
 
+    @property
+    def watching(self) -> bool:
+        """Whether any lapse is being watched (a beat must report even an empty observation)."""
+        return bool(self._lapsed_since)
+
     def forget(self, who: str) -> None:
         self._lapsed_since.pop(who, None)
 
