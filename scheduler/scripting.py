@@ -14,6 +14,7 @@ single pool) use redis-py's pipeline.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 from collections.abc import Callable
@@ -33,7 +34,7 @@ class LuaScript:
     name: str
     source: str
 
-    @property
+    @functools.cached_property
     def sha(self) -> str:
         return hashlib.sha1(self.source.encode()).hexdigest()
 
@@ -43,11 +44,23 @@ class LuaScript:
         pipe.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
 
     async def call(self, client: aioredis.Redis, keys: list[str], args: list[Any]) -> Any:
-        try:
-            return await client.evalsha(self.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            await client.script_load(self.source)
-            return await client.evalsha(self.sha, len(keys), *keys, *args)
+        pool = getattr(client, "connection_pool", None)
+        if not isinstance(pool, ConnectionPool):  # Redis Cluster: redis-py routes by the keys
+            try:
+                return await client.evalsha(self.sha, len(keys), *keys, *args)
+            except NoScriptError:
+                await client.script_load(self.source)
+                return await client.evalsha(self.sha, len(keys), *keys, *args)
+        command: Command = (("EVALSHA", self.sha, len(keys), *keys, *args), {})
+        (reply,) = await send_commands(client, pool, [command])
+        if isinstance(reply, NoScriptError):
+            # Load and call in one round trip (both replies are read: the connection stays in step).
+            _loaded, reply = await send_commands(
+                client, pool, [(("SCRIPT", "LOAD", self.source), {}), command]
+            )
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
 
     def call_sync(self, client: redis.Redis, keys: list[str], args: list[Any]) -> Any:
         try:
