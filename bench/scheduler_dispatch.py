@@ -10,6 +10,8 @@ interleaved rounds:
   throughput phase ``--inflight`` requests in flight from one frontend: dispatches/s
   both phases     Redis commands per request (``INFO commandstats``, every command of every
                   client, heartbeats included) and Redis CPU per request (``INFO cpu``)
+  throughput phase client CPU per request of the frontend process and of the node-host processes
+                  (utime + stime from /proc/<pid>/stat, every thread, idle background included)
 
     .venv/bin/python bench/scheduler_dispatch.py [--nodes 2,8,32,128,512] [--rounds 2]
         [--reference c5d8111] [--requests 2000] [--inflight 32]
