@@ -10,6 +10,8 @@ interleaved rounds:
   throughput phase ``--inflight`` requests in flight from one frontend: dispatches/s
   both phases     Redis commands per request (``INFO commandstats``, every command of every
                   client, heartbeats included) and Redis CPU per request (``INFO cpu``)
+  throughput phase client CPU per request of the frontend process and of the node-host processes
+                  (utime + stime from /proc/<pid>/stat, every thread, idle background included)
 
     .venv/bin/python bench/scheduler_dispatch.py [--nodes 2,8,32,128,512] [--rounds 2]
         [--reference c5d8111] [--requests 2000] [--inflight 32]
@@ -92,7 +94,19 @@ async def script_usec(client: Any) -> tuple[int, float]:
     return int(stats.get("calls", 0)), float(stats.get("usec", 0))
 
 
-async def drive(port: int, topic: str, num_nodes: int, requests: int, inflight: int) -> dict[str, float]:
+def process_cpu_s(pids: list[int]) -> float:
+    """User + system CPU seconds of these processes so far (all their threads), from /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
+    return total / ticks
+
+
+async def drive(
+    port: int, topic: str, num_nodes: int, requests: int, inflight: int, host_pids: list[int]
+) -> dict[str, float]:
     """Frontend driver: the latency phase, then the throughput phase; prints one JSON line."""
     import redis.asyncio as aioredis
 
@@ -144,6 +158,8 @@ async def drive(port: int, topic: str, num_nodes: int, requests: int, inflight: 
     latency_s = time.perf_counter() - t0
     calls1, cpu1 = await redis_counters(probe)
     scripts1 = await script_usec(probe)
+    me = [os.getpid()]
+    fe_cpu1, nodes_cpu1 = process_cpu_s(me), process_cpu_s(host_pids)
 
     done: list[tuple[float, float]] = []
     counter = iter(range(requests))
@@ -156,6 +172,7 @@ async def drive(port: int, topic: str, num_nodes: int, requests: int, inflight: 
     await asyncio.gather(*(worker() for _ in range(inflight)))
     elapsed = time.perf_counter() - start
     calls2, cpu2 = await redis_counters(probe)
+    fe_cpu2, nodes_cpu2 = process_cpu_s(me), process_cpu_s(host_pids)
     await fe.close()
     await probe.aclose()
     dispatch = [d for d, _ in samples]
@@ -174,6 +191,8 @@ async def drive(port: int, topic: str, num_nodes: int, requests: int, inflight: 
         "dispatch_s": requests / elapsed,
         "cmds_req_n": (calls2 - calls1 - 2) / requests,
         "cpu_ms_req_n": (cpu2 - cpu1) * 1000 / requests,
+        "fe_cpu_ms_req_n": (fe_cpu2 - fe_cpu1) * 1000 / requests,
+        "nodes_cpu_ms_req_n": (nodes_cpu2 - nodes_cpu1) * 1000 / requests,
         "failures": failures,
     }
 
@@ -221,6 +240,7 @@ def run_case(
             str(num_nodes),
             str(args.requests),
             str(args.inflight),
+            ",".join(str(h.pid) for h in hosts),
             stderr=subprocess.PIPE,
         )
         out, err = driver.communicate(timeout=600)
@@ -249,7 +269,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000, help="requests in the throughput phase")
     parser.add_argument("--inflight", type=int, default=32, help="requests in flight in the throughput phase")
     parser.add_argument("--serve", nargs=5, help=argparse.SUPPRESS)
-    parser.add_argument("--drive", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--drive", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve or args.drive:
         _import_path()
@@ -260,10 +280,10 @@ def main() -> None:
             port, topic, first, count, total = args.serve
             asyncio.run(serve_nodes(int(port), topic, int(first), int(count), int(total)))
         else:
-            port, topic, num_nodes, requests, inflight = args.drive
-            print(
-                json.dumps(asyncio.run(drive(int(port), topic, int(num_nodes), int(requests), int(inflight))))
-            )
+            port, topic, num_nodes, requests, inflight, pids = args.drive
+            host_pids = [int(p) for p in pids.split(",")]
+            result = drive(int(port), topic, int(num_nodes), int(requests), int(inflight), host_pids)
+            print(json.dumps(asyncio.run(result)))
         return
 
     sys.path.insert(0, str(ROOT))
@@ -315,6 +335,8 @@ COLUMNS = (
     ("Redis us per script call", "script_us", ".1f"),
     ("Redis CPU ms/req (1)", "cpu_ms_req_1", ".3f"),
     ("(loaded)", "cpu_ms_req_n", ".3f"),
+    ("frontend CPU ms/req (loaded)", "fe_cpu_ms_req_n", ".3f"),
+    ("node hosts CPU ms/req (loaded)", "nodes_cpu_ms_req_n", ".3f"),
 )
 
 

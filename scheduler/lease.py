@@ -46,7 +46,15 @@ class LeaseWatch:
             self._lapsed_since.pop(who, None)
             return False
         since = self._lapsed_since.setdefault(who, now_ms)
-        return now_ms - since >= self.grace_ms
+        # The lapse began at the later of our first look and the expiry of the lease seen now: a
+        # renewal between two looks that we never saw (an earlier, transient lapse) must not count.
+        began = since if expiry_ms is None else max(since, expiry_ms)
+        return now_ms - began >= self.grace_ms
+
+    @property
+    def watching(self) -> bool:
+        """Whether any lapse is being watched (a beat must report even an empty observation)."""
+        return bool(self._lapsed_since)
 
     def forget(self, who: str) -> None:
         self._lapsed_since.pop(who, None)

@@ -419,6 +419,8 @@ class NodeAgent:
             self._server_clock.observe(int(measured))
         server_now = int(expiry) - self.config.dead_after_ms
         assert self._loop is not None
+        if not snap.frontend_ids and not (registered and not first) and not self._frontend_leases.watching:
+            return  # nothing for the loop to learn: do not wake it
         try:
             self._loop.call_soon_threadsafe(
                 self._on_beat,

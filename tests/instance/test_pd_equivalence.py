@@ -2,7 +2,9 @@
 
 Real processes (redis-server, `splitwise serve` instances), real sockets, the real HTTP API.
 Requests go one at a time so both sides run the same batch shapes: greedy outputs (and their
-logprobs) must then be identical token for token.
+logprobs) must then be identical token for token. Every shape runs twice: coordinated through
+one redis-server, and through a real 3-master Redis Cluster (``--scheduler-cluster``; one
+cluster for the whole session, a topic per test).
 """
 
 from __future__ import annotations
@@ -50,15 +52,36 @@ def _tokens(resp: dict) -> tuple[list[int], list[float]]:
     return choice["text"], choice["logprobs"]["token_logprobs"]
 
 
+def _backend_spec(request: pytest.FixtureRequest, backend: str, name: str) -> dict[str, object]:
+    """start_cluster arguments for the Redis deployment: its own redis-server, or the session's
+    Redis Cluster under a topic of this test's own."""
+    if backend == "redis":
+        return {}
+    servers = request.getfixturevalue("redis_cluster")
+    return {
+        "scheduler_host": servers.seed.host,
+        "scheduler_port": servers.seed.port,
+        "topic": f"eq-{name}",
+        "extra": ["--scheduler-cluster"],
+    }
+
+
+@pytest.mark.parametrize("backend", ["redis", "redis-cluster"])
 @pytest.mark.parametrize(
     ("num_prefill", "num_decode", "transfer"),
     [(1, 1, "ipc"), (1, 1, "tcp"), (2, 2, "ipc"), (1, 3, "tcp")],
     ids=["1P1D-ipc", "1P1D-tcp", "2P2D-ipc", "1P3D-tcp"],
 )
 def test_disaggregated_equals_mixed(
-    cluster_factory, mixed_outputs, num_prefill: int, num_decode: int, transfer: str
+    cluster_factory, mixed_outputs, request, backend: str, num_prefill: int, num_decode: int, transfer: str
 ) -> None:  # type: ignore[no-untyped-def]
-    cluster = cluster_factory(num_prefill=num_prefill, num_decode=num_decode, transfer=transfer)
+    name = f"{num_prefill}p{num_decode}d-{transfer}"
+    cluster = cluster_factory(
+        num_prefill=num_prefill,
+        num_decode=num_decode,
+        transfer=transfer,
+        **_backend_spec(request, backend, name),
+    )
     # Send through every instance's frontend in turn: any instance accepts requests.
     urls = [c.base_url for c in cluster.children]
     got = [_tokens(complete(urls[i % len(urls)], p)) for i, p in enumerate(PROMPTS)]

@@ -38,6 +38,16 @@ def test_a_late_beat_inside_grace_is_no_death() -> None:
     assert watch.observe("n|1", expiry_ms=8200, now_ms=9200)
 
 
+def test_an_unseen_renewal_between_two_lapsed_looks_restarts_the_lapse() -> None:
+    """A transient lapse, a renewal we never observed, then the participant really dies: the
+    lapse is counted from the last lease's expiry, not from the earlier transient look."""
+    watch = LeaseWatch(grace_ms=1000)
+    assert not watch.observe("fe", expiry_ms=5000, now_ms=5100)  # transient lapse (a late beat)
+    assert not watch.observe("fe", expiry_ms=6500, now_ms=6600)  # renewed to 6500 meanwhile, then died
+    assert not watch.observe("fe", expiry_ms=6500, now_ms=7499)  # 999 ms after the real expiry
+    assert watch.observe("fe", expiry_ms=6500, now_ms=7500)
+
+
 def test_missing_lease_counts_as_lapsed_and_retain_bounds_memory() -> None:
     watch = LeaseWatch(grace_ms=500)
     assert not watch.observe("fe-a", expiry_ms=None, now_ms=100)

@@ -81,6 +81,7 @@ def test_work_of_a_dead_frontend_is_aborted_within_a_lease(config: SchedulerConf
     """Real processes: a node serving a long request; SIGKILL the frontend that accepted it. The node
     aborts the request once the frontend's lease stayed lapsed for a whole lease: its booking is
     released, an ``orphaned`` record is written and no more tokens are produced."""
+    node_grace_ms = config.dead_after_ms  # the sim node process runs with the fixture's config
     config = dataclasses.replace(config, heartbeat_interval_s=0.2, dead_after_missed=3)
     sim_processes("m0", "mixed", "--token-delay-ms", "20")
     frontend, line = spawn_sim_frontend(config, "orphan-1", max_tokens=100_000)
@@ -96,6 +97,9 @@ def test_work_of_a_dead_frontend_is_aborted_within_a_lease(config: SchedulerConf
             assert (await booked(probe))["m0"]["decode_requests"] == 1
             frontend.kill()
             frontend.wait(timeout=10)
+            assert probe._client is not None
+            # The dead frontend's last lease expiry (server ms): nothing extends it any more.
+            last_lease_ms = int(await probe._client.zscore(probe.keys.frontends, frontend_id) or 0)
             await wait_for_async(lambda: booked(probe), lambda b: b == {}, "orphan's booking released", 30)
             await wait_for_async(
                 lambda: request_events(probe, req_id),
@@ -105,6 +109,11 @@ def test_work_of_a_dead_frontend_is_aborted_within_a_lease(config: SchedulerConf
             )
             events = [e for e in await request_events(probe, req_id) if e["event"] == "orphaned"]
             assert events[0]["node"] == "m0" and events[0]["detail"] == frontend_id
+            # Never early: the lapse must persist for a whole lease after the lease ran out (the
+            # node's clock is the server's up to the offset it measures, a few ms on one host).
+            aborted_after_ms = int(events[0]["ts_ms"]) - last_lease_ms
+            print(f"orphan aborted {aborted_after_ms} ms after the frontend's lease ran out")
+            assert aborted_after_ms >= node_grace_ms - 50
             # no more tokens for the dead frontend (its stream may have expired: length 0 then)
             length = await _xlen(probe, results)
             await asyncio.sleep(config.dead_after_ms / 1000)
