@@ -169,6 +169,7 @@ class ModelRunner:
             block_tables=[c.seq.block_table[: _num_blocks_needed(c, self.block_size)] for c in chunks],
             block_size=self.block_size,
             device=self.device,
+            num_kv_heads=self.model_config.num_kv_heads,
             sliding_window=self.model_config.sliding_window,
             buffers=self.gather_buffers,
         )
