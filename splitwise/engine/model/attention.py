@@ -14,6 +14,7 @@ from splitwise.engine.model.attention_metadata import (
     PrefillChunk,
 )
 from splitwise.engine.model.layers import RMSNorm
+from splitwise.engine.model.packed_linear import linear, pack_weight
 from splitwise.engine.model.rope import apply_rotary
 
 
@@ -214,6 +215,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
         self.qkv_weight: torch.Tensor | None = None
         self.qkv_bias: torch.Tensor | None = None
+        self.qkv_packed: torch.Tensor | None = None  # see packed_linear
 
     def fuse_qkv(self) -> None:
         """After loading: q, k and v in one matmul. The three projections' parameters become views
@@ -232,6 +234,13 @@ class Attention(nn.Module):
                     proj.bias = nn.Parameter(self.qkv_bias[start : start + rows], requires_grad=False)
                 start += rows
 
+    def pack_weights(self) -> bool:
+        """After ``fuse_qkv``: a oneDNN-packed copy of the fused weight (bf16 on CPU only)."""
+        if self.qkv_weight is None:
+            raise RuntimeError("Attention.fuse_qkv() must run before pack_weights()")
+        self.qkv_packed = pack_weight(self.qkv_weight)
+        return self.qkv_packed is not None
+
     def forward(
         self,
         hidden: torch.Tensor,
@@ -244,7 +253,7 @@ class Attention(nn.Module):
         if self.qkv_weight is None:
             raise RuntimeError("Attention.fuse_qkv() was not called (CausalLM.materialize does it)")
         num_tokens, num_q = hidden.shape[0], self.num_heads
-        qkv = F.linear(hidden, self.qkv_weight, self.qkv_bias)
+        qkv = linear(hidden, self.qkv_weight, self.qkv_bias, self.qkv_packed)
         heads = qkv.view(num_tokens, num_q + 2 * self.num_kv_heads, self.head_dim)
         v = heads[:, num_q + self.num_kv_heads :]
         if self.q_norm is not None and self.k_norm is not None:
