@@ -41,7 +41,11 @@ def bench() -> None:
 @click.option("--decode-tokens", default=32, show_default=True, type=click.IntRange(min=3))
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N] (both systems).")
 @click.option(
-    "--dtype", default="float32", show_default=True, help="float32, bfloat16 or float16 (both systems)."
+    "--dtype",
+    default="auto",
+    show_default=True,
+    help="auto, float32, bfloat16 or float16 (both systems); auto: bfloat16 on a CPU with native bf16 "
+    "(avx512_bf16/AMX) and on GPUs, else float32.",
 )
 @click.option(
     "--reference-dtype",
@@ -95,6 +99,9 @@ def engine_cmd(
         )
     if threads is not None:
         torch.set_num_threads(threads)
+    from splitwise.engine.cpu_dtype import resolve_dtype
+
+    dtype = resolve_dtype(dtype, device)
     spec = BenchSpec(
         model_dir=resolve_model(model, default_size="small"),
         batches=list(batches),

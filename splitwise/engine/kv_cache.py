@@ -6,13 +6,20 @@ Layout (one contiguous buffer, C order)::
     0     layer         num_layers      outermost: "layer L" is one contiguous slab
     1     kind          2               0 = K, 1 = V
     2     block         num_blocks      block ids index this dimension
-    3     slot          block_size      token position within the block
-    4     kv_head       num_kv_heads
+    3     kv_head       num_kv_heads    head-major inside a block (see below)
+    4     slot          block_size      token position within the block
     5     head_dim      head_dim
 
     bytes_per_block      = block_size * num_kv_heads * head_dim * itemsize
     region(L, kind)      = base + (L * 2 + kind) * num_blocks * bytes_per_block
     address(L, kind, b)  = region(L, kind) + b * bytes_per_block
+
+``tensor`` keeps ``KVGeometry.shape`` (..., block_size, num_kv_heads, head_dim): transports, the
+geometry and the peers only ever address whole blocks, so the order inside a block is the engine's
+own. The engine reads and writes a layer through ``k(layer)`` / ``v(layer)``, views of shape
+[num_blocks, num_kv_heads, block_size, head_dim] over the same bytes: one kv head's keys of a block
+are one contiguous [block_size, head_dim] row, so a decode step gathers K as [seq, head, key, dim]
+with a single index_select and multiplies it as is (``model.attention_metadata``).
 
 So "the blocks of request R in layer L" are (region(L, K), block ids, bytes_per_block) and the same
 for V: a transport reads or writes them in place, without staging. Because every (layer, kind)
@@ -39,7 +46,7 @@ KVCacheGeometry = KVGeometry
 
 class KVCache:
     """Owns the KV buffer. ``tensor`` has ``geometry.shape``; ``k(layer)``/``v(layer)`` are views
-    of shape [num_blocks, block_size, num_kv_heads, head_dim].
+    of shape [num_blocks, num_kv_heads, block_size, head_dim] (head-major blocks).
 
     On CPU with ``shm_name`` the buffer lives in POSIX shared memory (/dev/shm/<name>) so a peer
     process on the same host can map it and copy blocks straight in (the ipc transport). The
@@ -68,10 +75,14 @@ class KVCache:
         return int(self.tensor.data_ptr())
 
     def k(self, layer: int) -> torch.Tensor:
-        return self.tensor[layer, KIND_K]
+        return self._head_major(self.tensor[layer, KIND_K])
 
     def v(self, layer: int) -> torch.Tensor:
-        return self.tensor[layer, KIND_V]
+        return self._head_major(self.tensor[layer, KIND_V])
+
+    def _head_major(self, region: torch.Tensor) -> torch.Tensor:
+        g = self.geometry
+        return region.view(g.num_blocks, g.num_kv_heads, g.block_size, g.head_dim)
 
     def block_address(self, layer: int, kind: int, block_id: int) -> int:
         return self.base_address + self.geometry.block_offset(layer, kind, block_id)

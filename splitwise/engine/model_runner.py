@@ -22,6 +22,7 @@ from splitwise.engine.layer_ready import ReadyToken, record_layer_ready
 from splitwise.engine.loader import load_model
 from splitwise.engine.model.attention_metadata import AttentionMetadata, GatherBuffers
 from splitwise.engine.model.llama import CausalLM
+from splitwise.engine.model.packed_linear import pack_linears
 from splitwise.engine.sequence import Sequence
 from splitwise.engine.static_decode import DecodeInput, StaticDecodeStep
 
@@ -97,6 +98,7 @@ class ModelRunner:
         self.model: CausalLM = load_model(
             engine_config.model, model_config, dtype=engine_config.torch_dtype, device=self.device
         )
+        pack_linears(self.model)  # bf16 on CPU: oneDNN-packed weights (model/packed_linear.py)
         # CUDA: all-decode steps replay a captured graph per bucket. CPU: the dynamic path (the
         # padded static step measured no faster there; it is tested on CPU without capture).
         self.static_decode = (
@@ -169,6 +171,7 @@ class ModelRunner:
             block_tables=[c.seq.block_table[: _num_blocks_needed(c, self.block_size)] for c in chunks],
             block_size=self.block_size,
             device=self.device,
+            num_kv_heads=self.model_config.num_kv_heads,
             sliding_window=self.model_config.sliding_window,
             buffers=self.gather_buffers,
         )

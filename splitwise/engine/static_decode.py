@@ -11,7 +11,9 @@ Padding (batch bucket Bk >= B, context bucket nblk >= blocks needed, J = nblk * 
     input_ids       each chunk's new token               row 0's token
     positions       num_computed_tokens                  row 0's position
     slot_mapping    its cache slot                       row 0's slot
+    kv_write_rows   its slot's K/V row per kv head       row 0's rows
     block_ids       its table, padded with block 0       row 0's table
+    kv_rows         the table's rows per kv head         row 0's rows
     attn_mask       0 for keys j <= position, else -inf  row 0's mask
 
 A padding row is an exact copy of row 0, so its K/V write to row 0's slot stores the same bytes
@@ -33,7 +35,12 @@ from typing import Any
 import torch
 
 from splitwise.engine.kv_cache import KVCache
-from splitwise.engine.model.attention_metadata import AttentionMetadata, DecodeBatch
+from splitwise.engine.model.attention_metadata import (
+    AttentionMetadata,
+    DecodeBatch,
+    kv_rows,
+    kv_write_rows,
+)
 from splitwise.engine.model.llama import CausalLM
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -62,23 +69,34 @@ class _Bucket:
     """Preallocated buffers (and, on CUDA, the captured graph) of one (Bk, nblk) shape."""
 
     def __init__(
-        self, batch: int, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype
+        self,
+        batch: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        device: torch.device,
+        dtype: torch.dtype,
     ) -> None:
         self.batch, self.num_blocks, self.block_size = batch, num_blocks, block_size
+        self.num_kv_heads = num_kv_heads
         self.input_ids = torch.zeros(batch, dtype=torch.int64, device=device)
         self.positions = torch.zeros(batch, dtype=torch.int64, device=device)
         self.slot_mapping = torch.zeros(batch, dtype=torch.int64, device=device)
+        self.kv_write_rows = torch.zeros(batch, num_kv_heads, dtype=torch.int64, device=device)
         self.block_ids = torch.zeros(batch * num_blocks, dtype=torch.int64, device=device)
+        self.kv_rows = torch.zeros(batch * num_kv_heads * num_blocks, dtype=torch.int64, device=device)
         self.attn_mask = torch.zeros(batch, 1, 1, num_blocks * block_size, dtype=dtype, device=device)
         self.logits_indices = torch.arange(batch, dtype=torch.int64, device=device)
         self.meta = AttentionMetadata(
             positions=self.positions,
             slot_mapping=self.slot_mapping,
+            kv_write_rows=self.kv_write_rows,
             decode=DecodeBatch(
                 token_rows=tuple(range(batch)),
                 first_row=0,
                 token_index=self.logits_indices,
                 block_ids=self.block_ids,
+                kv_rows=self.kv_rows,
                 num_blocks=num_blocks,
                 num_keys=num_blocks * block_size,
                 attn_mask=self.attn_mask,
@@ -100,11 +118,15 @@ class _Bucket:
         mask = torch.zeros(self.batch, nblk * bs, dtype=self.attn_mask.dtype)
         mask.masked_fill_(key_pos > positions[:, None], float("-inf"))
         pin = self.input_ids.device.type == "cuda"
+        slot_mapping = torch.tensor(slots, dtype=torch.int64)
+        block_ids = torch.tensor(table, dtype=torch.int64)
         staged = (
             (self.input_ids, torch.tensor([r.token_id for r in rows], dtype=torch.int64)),
             (self.positions, positions),
-            (self.slot_mapping, torch.tensor(slots, dtype=torch.int64)),
-            (self.block_ids, torch.tensor(table, dtype=torch.int64).view(-1)),
+            (self.slot_mapping, slot_mapping),
+            (self.kv_write_rows, kv_write_rows(slot_mapping, bs, self.num_kv_heads)),
+            (self.block_ids, block_ids.view(-1)),
+            (self.kv_rows, kv_rows(block_ids, self.num_kv_heads)),
             (self.attn_mask, mask.view(self.attn_mask.shape)),
         )
         for dst, src in staged:
@@ -138,7 +160,9 @@ class StaticDecodeStep:
         key = (bucket_of(len(inputs), BATCH_BUCKETS), blocks_bucket(needed))
         bucket = self._buckets.get(key)
         if bucket is None:
-            bucket = self._buckets[key] = _Bucket(*key, self.block_size, self.device, self.dtype)
+            bucket = self._buckets[key] = _Bucket(
+                *key, self.block_size, self.kv_cache.geometry.num_kv_heads, self.device, self.dtype
+            )
         bucket.fill(inputs)
         with torch.inference_mode():
             if not self.use_graphs:

@@ -27,7 +27,6 @@ import mmap
 import os
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,15 +119,19 @@ def copy_runs(remote: torch.Tensor, local: torch.Tensor, runs: list[BlockRun]) -
     index_select/index_copy_ on uint8 ran at 0.5-1 GB/s and a copy_ per run at 0.06 of memcpy.
     On CUDA: index_select + index_copy_.
     """
-    num_blocks = sum(run.num_blocks for run in runs)
-    if len(runs) * SHORT_RUN_BLOCKS <= num_blocks:
+    _copy_blocks(remote, local, runs, *_block_ids(runs))
+
+
+def _copy_blocks(
+    remote: torch.Tensor, local: torch.Tensor, runs: list[BlockRun], src: np.ndarray, dst: np.ndarray
+) -> None:
+    """``copy_runs`` with the runs' block ids already expanded (``_block_ids``)."""
+    if len(runs) * SHORT_RUN_BLOCKS <= len(src):
         for run in runs:
             remote[:, run.dst_start : run.dst_start + run.num_blocks].copy_(
                 local[:, run.src_start : run.src_start + run.num_blocks], non_blocking=True
             )
         return
-    src = _expand(runs, lambda run: run.src_start)
-    dst = _expand(runs, lambda run: run.dst_start)
     if local.device.type == "cpu" and remote.device.type == "cpu":
         for kind in range(2):
             _copy_rows_cpu(remote[kind], local[kind], src, dst)
@@ -149,10 +152,11 @@ def _copy_rows_cpu(remote: torch.Tensor, local: torch.Tensor, src: np.ndarray, d
     numpy scatters fast (``remote[idx] = rows``: 13 GB/s, 0.7 of memcpy, for 4 KiB rows) but
     gathers slowly (``local[idx]``: 1.4 GB/s). So pairs are sorted by source id and each run of
     consecutive sources is scattered from a plain view; only a source side fragmented into more
-    than ``_MAX_SOURCE_RUNS`` runs falls back to gather + scatter.
+    than ``_MAX_SOURCE_RUNS`` runs falls back to gather + scatter. A row is one numpy ``void``
+    element (one memcpy per block instead of a byte loop: 0.20 vs 0.26 ms per 8 MiB of 4 KiB rows).
     """
-    remote_bytes = remote.reshape(remote.shape[0], -1).view(torch.uint8).numpy()
-    local_bytes = local.reshape(local.shape[0], -1).view(torch.uint8).numpy()
+    remote_bytes = _void_rows(remote)
+    local_bytes = _void_rows(local)
     order = np.argsort(src, kind="stable")
     src, dst = src[order], dst[order]
     starts = np.concatenate(([0], np.flatnonzero(np.diff(src) != 1) + 1, [len(src)]))
@@ -163,14 +167,24 @@ def _copy_rows_cpu(remote: torch.Tensor, local: torch.Tensor, src: np.ndarray, d
         remote_bytes[dst[first:end]] = local_bytes[src[first] : src[first] + end - first]
 
 
-def _expand(runs: list[BlockRun], first: Callable[[BlockRun], int]) -> np.ndarray:
-    """Every block id of the runs, in order (int64)."""
-    starts = np.fromiter((first(run) for run in runs), dtype=np.int64, count=len(runs))
-    lengths = np.fromiter((run.num_blocks for run in runs), dtype=np.int64, count=len(runs))
-    if (lengths == 1).all():
-        return starts
+def _void_rows(blocks: torch.Tensor) -> np.ndarray:
+    """[num_blocks] numpy void elements, one block's bytes each, over the same memory."""
+    rows = blocks.reshape(blocks.shape[0], -1).view(torch.uint8).numpy()
+    return rows.view(np.dtype((np.void, rows.shape[1]))).reshape(-1)
+
+
+def _block_ids(runs: list[BlockRun]) -> tuple[np.ndarray, np.ndarray]:
+    """Every source and destination block id of the runs, in order (int64). The runs' columns
+    are split by one ``zip`` (C speed; per-run Python was ~1 ms per 2,048-run layer, the time of
+    copying those 16 MiB)."""
+    if not runs:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty
+    src_starts, dst_starts, lengths = (np.array(column, dtype=np.int64) for column in zip(*runs, strict=True))
+    if len(src_starts) == int(lengths.sum()):  # every run is one block
+        return src_starts, dst_starts
     offsets = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    return np.repeat(starts, lengths) + offsets
+    return np.repeat(src_starts, lengths) + offsets, np.repeat(dst_starts, lengths) + offsets
 
 
 def _map_shm(name: str, geometry: KVCacheGeometry, peer_id: str) -> _Mapping:
@@ -298,7 +312,8 @@ class IpcInitiator(StreamInitiator):
         allowed = self._grant(peer, job.req_id)
         if not self._requests.is_pending(job.req_id):
             return  # forgotten while we waited for the grant: copy nothing
-        dst_ids = _expand(job.runs, lambda run: run.dst_start).tolist()
+        src, dst = _block_ids(job.runs)  # once per layer: the check and the copy share them
+        dst_ids = dst.tolist()
         stray = [] if allowed.issuperset(dst_ids) else sorted(set(dst_ids) - allowed)
         if stray:
             raise UnexpectedBlocksError(
@@ -310,11 +325,11 @@ class IpcInitiator(StreamInitiator):
         local = self._require_kv().tensor[job.layer]
         remote = peer.attachment.tensor[job.layer]
         if self._copy_stream is None:
-            copy_runs(remote, local, job.runs)
+            _copy_blocks(remote, local, job.runs, src, dst)
             return
         with torch.cuda.stream(self._copy_stream):
             self._copy_stream.wait_event(job.ready)
-            copy_runs(remote, local, job.runs)
+            _copy_blocks(remote, local, job.runs, src, dst)
 
     def _grant(self, peer: Peer, req_id: str) -> frozenset[int]:
         """The blocks D reserved for ``req_id``: asked once per request (one round trip on this

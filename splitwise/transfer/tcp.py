@@ -44,13 +44,21 @@ def _run_views(
     """Views of [start, start + n) blocks of ``layer``: K of every run, then V of every run.
 
     Offsets computed here rather than with ``geometry.block_offset`` per run: that recomputes the
-    dtype size with a torch call, which for 4 KiB blocks cost more than moving the bytes.
+    dtype size with a torch call, which for 4 KiB blocks cost more than moving the bytes. Runs that
+    follow each other on this side (P's fresh blocks are often consecutive while D's are not) are
+    merged into one view: the byte stream is the same, with one iovec instead of one per block.
     """
     block_bytes = geometry.bytes_per_block
+    merged: list[list[int]] = []
+    for start, n in runs:
+        if merged and merged[-1][0] + merged[-1][1] == start:
+            merged[-1][1] += n
+        else:
+            merged.append([start, n])
     views = []
     for kind in (KIND_K, KIND_V):
         region = geometry.region_offset(layer, kind)
-        for start, n in runs:
+        for start, n in merged:
             offset = region + start * block_bytes
             views.append(buffer[offset : offset + n * block_bytes])
     return views

@@ -94,6 +94,7 @@ def test_metadata_index_arithmetic_is_exact() -> None:
         block_tables=[[0, 3], [5, 1], [2]],
         block_size=4,
         device="cpu",
+        num_kv_heads=2,
     )
     # chunk 0 pos 4 -> block 3 slot 0 = 12; chunk 1 pos 2, 3 -> block 5 = 22, 23; pos 4 -> block 1 = 4;
     # chunk 2 pos 0 -> block 2 = 8
@@ -105,14 +106,19 @@ def test_metadata_index_arithmetic_is_exact() -> None:
     assert decode.token_rows == (0, 4)
     assert decode.first_row is None  # rows 0 and 4 are not adjacent: gathered by token_index
     assert decode.token_index.tolist() == [0, 4]
-    assert decode.num_blocks == 2 and decode.num_keys == 5
+    assert decode.num_blocks == 2 and decode.num_keys == 8  # whole blocks; the tail is masked
     assert decode.block_ids.tolist() == [0, 3, 2, 0]  # chunk 2's table padded with block 0
+    # rows of cache.view(-1, bs, D), (chunk, kv head, block) order: block * 2 + head
+    assert decode.kv_rows.tolist() == [0, 6, 1, 7, 4, 0, 5, 1]
+    # token rows of cache.view(-1, D): block * 2 * 4 + head * 4 + offset (slots 12, 22, 23, 4, 8)
+    assert meta.kv_write_rows.tolist() == [[24, 28], [42, 46], [43, 47], [8, 12], [16, 20]]
     assert decode.attn_mask is not None
-    assert decode.attn_mask[:, 0, 0].tolist() == [[True] * 5, [True] + [False] * 4]
+    assert decode.attn_mask[:, 0, 0].tolist() == [[True] * 5 + [False] * 3, [True] + [False] * 7]
 
     (prefill,) = meta.prefills
     assert (prefill.first_row, prefill.num_tokens, prefill.num_keys) == (1, 3, 5)
     assert prefill.block_ids is not None and prefill.block_ids.tolist() == [5, 1]
+    assert prefill.kv_rows is not None and prefill.kv_rows.tolist() == [10, 2, 11, 3]
     assert prefill.attn_mask is not None
     assert prefill.attn_mask[0, 0].tolist() == [
         [True] * 3 + [False] * 2,  # position 2 sees 0..2
@@ -123,15 +129,16 @@ def test_metadata_index_arithmetic_is_exact() -> None:
 
 def test_equal_length_decode_and_fresh_prefill_need_no_mask() -> None:
     meta = AttentionMetadata.build(
-        starts=[6, 6, 0],
+        starts=[7, 7, 0],
         num_new_tokens=[1, 1, 5],
         block_tables=[[1, 2], [3, 4], [5, 6]],
         block_size=4,
         device="cpu",
+        num_kv_heads=2,
     )
     assert meta.decode is not None
-    assert meta.decode.first_row == 0 and meta.decode.num_keys == 7
-    assert meta.decode.attn_mask is None  # both see keys 0..6: SDPA without a mask
+    assert meta.decode.first_row == 0 and meta.decode.num_keys == 8
+    assert meta.decode.attn_mask is None  # both see keys 0..7, all of their two blocks: no mask
     (prefill,) = meta.prefills
     assert prefill.block_ids is None  # fresh prefill attends to its own k/v, is_causal
     assert prefill.attn_mask is None
@@ -144,10 +151,11 @@ def test_sliding_window_masks_decode_and_fresh_prefill() -> None:
         block_tables=[[1, 2], [3]],
         block_size=4,
         device="cpu",
+        num_kv_heads=2,
         sliding_window=3,
     )
     assert meta.decode is not None and meta.decode.attn_mask is not None
-    assert meta.decode.attn_mask[0, 0, 0].tolist() == [False] * 3 + [True] * 3  # 5 sees 3, 4, 5
+    assert meta.decode.attn_mask[0, 0, 0].tolist() == [False] * 3 + [True] * 3 + [False] * 2  # 5 sees 3..5
     (prefill,) = meta.prefills
     assert prefill.attn_mask is not None
     assert prefill.attn_mask[0, 0, 3].tolist() == [False, True, True, True]

@@ -14,6 +14,7 @@ from splitwise.engine.model.attention_metadata import (
     PrefillChunk,
 )
 from splitwise.engine.model.layers import RMSNorm
+from splitwise.engine.model.packed_linear import linear, pack_weight
 from splitwise.engine.model.rope import apply_rotary
 
 
@@ -25,16 +26,15 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
 ) -> torch.Tensor:
-    """Write k/v [T, Hkv, D] into the layer's cache [num_blocks, bs, Hkv, D], then attend.
+    """Write k/v [T, Hkv, D] into the layer's cache [num_blocks, Hkv, bs, D], then attend.
 
     Returns [T, Hq, D]. Scale is 1/sqrt(D) (SDPA's default, as in every supported family).
     No host syncs: every index was built on the host once per step.
     """
-    num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
-    k_rows = k_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
-    v_rows = v_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
-    k_rows.index_copy_(0, meta.slot_mapping, k.to(k_rows.dtype))
-    v_rows.index_copy_(0, meta.slot_mapping, v.to(v_rows.dtype))
+    head_dim = k_cache.shape[-1]
+    k_rows, v_rows = k_cache.view(-1, head_dim), v_cache.view(-1, head_dim)
+    k_rows.index_put_((meta.kv_write_rows,), k.to(k_rows.dtype))
+    v_rows.index_put_((meta.kv_write_rows,), v.to(v_rows.dtype))
 
     decode = meta.decode
     if decode is not None and not meta.prefills and decode.first_row == 0:
@@ -55,26 +55,31 @@ def paged_attention(
 def _gather_kv(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    block_ids: torch.Tensor,
+    kv_rows: torch.Tensor,
     num_seqs: int,
     num_keys: int,
     buffers: GatherBuffers | None,
+    math_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V [num_seqs, num_keys, Hkv, D]: whole blocks copied by one index_select each (into
-    the reusable buffers when given), then narrowed to the visible keys (a view)."""
-    _, _, num_kv_heads, head_dim = k_cache.shape
+    """K and V [num_seqs, Hkv, num_keys, D] in ``math_dtype``: rows [bs, D] (one kv head of one
+    block) copied by one index_select each, in (seq, head, block) order, then narrowed to the
+    visible keys (a view)."""
+    _, num_kv_heads, block_size, head_dim = k_cache.shape
+    k_src, v_src = k_cache.view(-1, block_size, head_dim), v_cache.view(-1, block_size, head_dim)
     if buffers is None:
-        k_blocks, v_blocks = k_cache.index_select(0, block_ids), v_cache.index_select(0, block_ids)
+        k_got, v_got = k_src.index_select(0, kv_rows), v_src.index_select(0, kv_rows)
     else:
-        k_blocks, v_blocks = buffers.get(k_cache, block_ids.shape[0])
-        torch.index_select(k_cache, 0, block_ids, out=k_blocks)
-        torch.index_select(v_cache, 0, block_ids, out=v_blocks)
-        math_dtype = _math_dtype(k_cache)
-        if math_dtype != k_cache.dtype:  # convert whole contiguous blocks: the fast cast path
-            k_math, v_math = buffers.get(k_cache, block_ids.shape[0], math_dtype)
-            k_blocks, v_blocks = k_math.copy_(k_blocks), v_math.copy_(v_blocks)
-    keys = k_blocks.view(num_seqs, -1, num_kv_heads, head_dim)[:, :num_keys]
-    values = v_blocks.view(num_seqs, -1, num_kv_heads, head_dim)[:, :num_keys]
+        k_got, v_got = buffers.get(k_src, kv_rows.shape[0])
+        torch.index_select(k_src, 0, kv_rows, out=k_got)
+        torch.index_select(v_src, 0, kv_rows, out=v_got)
+    if math_dtype != k_cache.dtype:  # convert whole contiguous rows: the fast cast path
+        if buffers is None:
+            k_got, v_got = k_got.to(math_dtype), v_got.to(math_dtype)
+        else:
+            k_math, v_math = buffers.get(k_src, kv_rows.shape[0], math_dtype)
+            k_got, v_got = k_math.copy_(k_got), v_math.copy_(v_got)
+    keys = k_got.view(num_seqs, num_kv_heads, -1, head_dim)[:, :, :num_keys]
+    values = v_got.view(num_seqs, num_kv_heads, -1, head_dim)[:, :, :num_keys]
     return keys, values
 
 
@@ -86,26 +91,54 @@ def _sdpa(
     *,
     is_causal: bool = False,
 ) -> torch.Tensor:
-    """[N, Lq, Hq, D] x [N, Lk, Hkv, D] -> [N, Lq, Hq, D] in the queries' dtype; the transposes
-    are views."""
-    dtype, math_dtype = queries.dtype, _math_dtype(queries)
+    """[N, Lq, Hq, D] x [N, Hkv, Lk, D] -> [N, Lq, Hq, D] in the queries' dtype (keys and values
+    already in the math dtype); the transposes are views."""
+    dtype, math_dtype = queries.dtype, keys.dtype
     attended = F.scaled_dot_product_attention(
         queries.to(math_dtype).transpose(1, 2),
-        keys.to(math_dtype).transpose(1, 2),
-        values.to(math_dtype).transpose(1, 2),
+        keys,
+        values,
         attn_mask=attn_mask,
         is_causal=is_causal,
-        enable_gqa=queries.shape[2] != keys.shape[2],
+        enable_gqa=queries.shape[2] != keys.shape[1],
     )
     return attended.transpose(1, 2).to(dtype)
 
 
-def _math_dtype(x: torch.Tensor) -> torch.dtype:
+def _sdpa_math_dtype(x: torch.Tensor) -> torch.dtype:
     """float32 for half precision on CPU: torch's CPU flash kernel measured 5x slower in bf16 than
     in fp32 at decode (4.2 vs 0.8 ms per layer, batch 8, context 512), far more than the casts."""
     if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
         return torch.float32
     return x.dtype
+
+
+def _decode_math_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of the CPU decode matmuls: bf16 stays bf16 (native bf16 dot products, measured
+    2.2x faster than casting to fp32 for SDPA at batch 8 / context 512), fp16 runs in fp32."""
+    return torch.float32 if x.dtype == torch.float16 else x.dtype
+
+
+def _decode_bmm(
+    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, attn_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """[G, Hq, D] x [G, Hkv, J, D] -> [G, Hq, D] with two batched matmuls over (sequence, kv head):
+    the Hq / Hkv query heads of a group are the rows of one matmul (GQA without repeating K/V).
+    Scores and softmax in float32; ``attn_mask`` [G, 1, 1, J] bool (True = may attend) or additive."""
+    g, num_q, head_dim = queries.shape
+    _, num_kv, num_keys, _ = keys.shape
+    group = num_q // num_kv
+    q = queries.to(keys.dtype).reshape(g * num_kv, group, head_dim)
+    scores = torch.bmm(q, keys.reshape(g * num_kv, num_keys, head_dim).transpose(1, 2))
+    scores = scores.view(g, num_kv, group, num_keys).float().mul_(head_dim**-0.5)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill_(attn_mask.logical_not(), float("-inf"))
+        else:
+            scores = scores.add_(attn_mask)
+    probs = torch.softmax(scores, dim=-1).to(values.dtype).view(g * num_kv, group, num_keys)
+    out = torch.bmm(probs, values.reshape(g * num_kv, num_keys, head_dim))
+    return out.view(g, num_q, head_dim).to(queries.dtype)
 
 
 def _attend_decode(
@@ -115,13 +148,18 @@ def _attend_decode(
     batch: DecodeBatch,
     buffers: GatherBuffers | None,
 ) -> torch.Tensor:
-    """[G, Hq, D] for the G decode queries."""
+    """[G, Hq, D] for the G decode queries. CPU: two bmm (``_decode_bmm``); CUDA: SDPA, whose
+    kernels take the head-major keys as they are."""
     g = batch.num_chunks
     if batch.first_row is not None:
         queries = q.narrow(0, batch.first_row, g)
     else:
         queries = q.index_select(0, batch.token_index)
-    keys, values = _gather_kv(k_cache, v_cache, batch.block_ids, g, batch.num_keys, buffers)
+    on_cpu = q.device.type == "cpu"
+    math_dtype = _decode_math_dtype(k_cache) if on_cpu else k_cache.dtype
+    keys, values = _gather_kv(k_cache, v_cache, batch.kv_rows, g, batch.num_keys, buffers, math_dtype)
+    if on_cpu:
+        return _decode_bmm(queries, keys, values, batch.attn_mask)
     return _sdpa(queries[:, None], keys, values, batch.attn_mask)[:, 0]
 
 
@@ -136,12 +174,13 @@ def _attend_prefill(
 ) -> torch.Tensor:
     """[n, Hq, D] for one chunk's n queries."""
     queries = q.narrow(0, chunk.first_row, chunk.num_tokens)[None]
-    if chunk.block_ids is None:  # fresh prefill: its keys are exactly its own new tokens
-        keys = k.narrow(0, chunk.first_row, chunk.num_tokens)[None]
-        values = v.narrow(0, chunk.first_row, chunk.num_tokens)[None]
+    math_dtype = _sdpa_math_dtype(k_cache)
+    if chunk.kv_rows is None:  # fresh prefill: its keys are exactly its own new tokens
+        keys = k.narrow(0, chunk.first_row, chunk.num_tokens)[None].to(math_dtype).transpose(1, 2)
+        values = v.narrow(0, chunk.first_row, chunk.num_tokens)[None].to(math_dtype).transpose(1, 2)
         causal = chunk.attn_mask is None
         return _sdpa(queries, keys, values, chunk.attn_mask, is_causal=causal)[0]
-    keys, values = _gather_kv(k_cache, v_cache, chunk.block_ids, 1, chunk.num_keys, buffers)
+    keys, values = _gather_kv(k_cache, v_cache, chunk.kv_rows, 1, chunk.num_keys, buffers, math_dtype)
     return _sdpa(queries, keys, values, chunk.attn_mask)[0]
 
 
@@ -176,6 +215,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else None
         self.qkv_weight: torch.Tensor | None = None
         self.qkv_bias: torch.Tensor | None = None
+        self.qkv_packed: torch.Tensor | None = None  # see packed_linear
 
     def fuse_qkv(self) -> None:
         """After loading: q, k and v in one matmul. The three projections' parameters become views
@@ -194,6 +234,13 @@ class Attention(nn.Module):
                     proj.bias = nn.Parameter(self.qkv_bias[start : start + rows], requires_grad=False)
                 start += rows
 
+    def pack_weights(self) -> bool:
+        """After ``fuse_qkv``: a oneDNN-packed copy of the fused weight (bf16 on CPU only)."""
+        if self.qkv_weight is None:
+            raise RuntimeError("Attention.fuse_qkv() must run before pack_weights()")
+        self.qkv_packed = pack_weight(self.qkv_weight)
+        return self.qkv_packed is not None
+
     def forward(
         self,
         hidden: torch.Tensor,
@@ -206,7 +253,7 @@ class Attention(nn.Module):
         if self.qkv_weight is None:
             raise RuntimeError("Attention.fuse_qkv() was not called (CausalLM.materialize does it)")
         num_tokens, num_q = hidden.shape[0], self.num_heads
-        qkv = F.linear(hidden, self.qkv_weight, self.qkv_bias)
+        qkv = linear(hidden, self.qkv_weight, self.qkv_bias, self.qkv_packed)
         heads = qkv.view(num_tokens, num_q + 2 * self.num_kv_heads, self.head_dim)
         v = heads[:, num_q + self.num_kv_heads :]
         if self.q_norm is not None and self.k_norm is not None:

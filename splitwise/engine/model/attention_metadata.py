@@ -10,27 +10,36 @@ Index arithmetic (bs = block_size, table_b = chunk b's block table)::
     what                        index                                   into
     new token i of chunk b      t = n_0 + ... + n_{b-1} + i             flat q/k/v [T, H, D]
       its position              p = start_b + i
-      its cache row (slot)      table_b[p // bs] * bs + p % bs          cache.view(-1, H, D)
-    key j of chunk b            gathered[j] = cache[table_b[j // bs], j % bs]
-      (so key j IS position j)
+      its cache slot            table_b[p // bs] * bs + p % bs          (slot_mapping)
+      its K/V row, kv head h    (slot // bs) * Hkv * bs + h * bs        cache.view(-1, D)
+                                + slot % bs                             (kv_write_rows [T, Hkv])
+    key j of chunk b, head h    gathered[h, j] = cache[table_b[j // bs], h, j % bs]
+      (so key j IS position j)  row table_b[n] * Hkv + h of             cache.view(-1, bs, D)
+                                (kv_rows, ordered (b, h, n))
       visible to token i iff    j <= start_b + i  (and j > p - window with a sliding window)
 
-How each kind of chunk is attended (one SDPA call each; chosen by measurement, see below)::
+The cache is head-major inside a block ([num_blocks, Hkv, bs, D] per layer, see ``kv_cache``), so
+one ``index_select`` of rows [bs, D] in (chunk, head, block) order yields K as [G, Hkv, J, D],
+contiguous per head: attention multiplies it directly (no transpose copy, no mask for the tail).
+
+How each kind of chunk is attended (one call each; chosen by measurement, see below)::
 
     kind                 keys read from                          mask
-    decode (n = 1), all  cache blocks, one index_select per      none if every chunk sees the same
-      in one batch       layer over ``block_ids`` [G * nblk]     number of keys, else [G,1,1,J] bool
+    decode (n = 1), all  cache rows, one index_select per        none if every chunk sees all J =
+      in one batch       layer over ``kv_rows`` [G * Hkv * nblk] nblk * bs keys, else [G,1,1,J] bool
     fresh prefill        the chunk's own new k/v (no cache read) is_causal (a bool mask only with
       (start 0)                                                  a sliding window shorter than n)
     continued prefill    its cache blocks, index_select          [1,1,n,ctx] bool
       (start > 0: chunked or prefix-cached)
 
-Why: on this project's CPU, at batch 8 / context 512 one layer's decode attention measured
-1.16 ms with advanced indexing ``cache[tables]`` + a bool mask, 0.44 ms with ``index_select``
-over block ids (6x faster gather: it copies whole 4-16 KiB blocks) + SDPA, and 0.93 ms with a
-head-major layout (SDPA then reads keys with a large stride). New K/V are written to the cache
-before the gather, so a decode or continued chunk sees its own tokens exactly as it sees
-prefix-cached tokens or blocks another process wrote: only through the cache.
+Why: on this project's CPU (1 thread, batch 8 / context 512, one layer's decode attention, best
+of 7): ``index_select`` of whole token-major blocks + SDPA 1.28 ms in bf16 (SDPA's CPU kernel is
+5x slower in bf16, so the blocks were cast to fp32 first) and 1.71 ms in fp32; head-major rows +
+two ``bmm`` 0.58 ms in bf16 and 1.31 ms in fp32 (batch 32: 7.6 -> 2.9 ms; context 2048, batch 8:
+7.3 -> 3.0 ms). The earlier token-major ``cache[tables]`` + mask was 1.16 ms in fp32. The gather
+itself is cheap (0.1 ms of the 0.58: the rows sit in cache-sized 2 KiB runs). New K/V are written
+to the cache before the gather, so a decode or continued chunk sees its own tokens exactly as it
+sees prefix-cached tokens or blocks another process wrote: only through the cache.
 """
 
 from __future__ import annotations
@@ -50,21 +59,21 @@ class GatherBuffers:
         self._kv: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def get(
-        self, cache: torch.Tensor, num_blocks: int, dtype: torch.dtype | None = None
+        self, rows: torch.Tensor, num_rows: int, dtype: torch.dtype | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two [num_blocks, *cache.shape[1:]] views shaped like ``cache`` blocks, in ``dtype``
-        (default the cache's; a second pair holds half-precision blocks converted for math)."""
-        dtype = dtype or cache.dtype
+        """Two [num_rows, *rows.shape[1:]] buffers shaped like the cache's ``rows``, in ``dtype``
+        (default the cache's; a second pair holds half-precision rows converted for math)."""
+        dtype = dtype or rows.dtype
         pair = self._kv.get(dtype)
-        if pair is None or pair[0].shape[0] < num_blocks or pair[0].shape[1:] != cache.shape[1:]:
-            capacity = max(num_blocks, 2 * pair[0].shape[0] if pair is not None else 0)
-            shape = (capacity, *cache.shape[1:])
+        if pair is None or pair[0].shape[0] < num_rows or pair[0].shape[1:] != rows.shape[1:]:
+            capacity = max(num_rows, 2 * pair[0].shape[0] if pair is not None else 0)
+            shape = (capacity, *rows.shape[1:])
             pair = (
-                torch.empty(shape, dtype=dtype, device=cache.device),
-                torch.empty(shape, dtype=dtype, device=cache.device),
+                torch.empty(shape, dtype=dtype, device=rows.device),
+                torch.empty(shape, dtype=dtype, device=rows.device),
             )
             self._kv[dtype] = pair
-        return pair[0][:num_blocks], pair[1][:num_blocks]
+        return pair[0][:num_rows], pair[1][:num_rows]
 
 
 @dataclass(frozen=True)
@@ -75,8 +84,9 @@ class DecodeBatch:
     first_row: int | None  # rows are first_row .. first_row + G - 1 (q/out are narrowed views)
     token_index: torch.Tensor  # [G] int64: token_rows, for the non-contiguous case
     block_ids: torch.Tensor  # [G * num_blocks] int64: chunk g's table, padded with block 0
+    kv_rows: torch.Tensor  # [G * Hkv * num_blocks] int64: block_ids[g, n] * Hkv + h, (g, h, n) order
     num_blocks: int  # blocks per chunk after padding
-    num_keys: int  # J: keys gathered per chunk that any chunk may see
+    num_keys: int  # J = num_blocks * block_size: keys gathered per chunk
     attn_mask: torch.Tensor | None  # [G, 1, 1, J] bool (True = may attend); None = all visible
 
     @property
@@ -91,6 +101,7 @@ class PrefillChunk:
     first_row: int
     num_tokens: int
     block_ids: torch.Tensor | None  # [num_blocks] int64; None: fresh prefill, keys = its own k/v
+    kv_rows: torch.Tensor | None  # [Hkv * num_blocks] int64: block_ids[n] * Hkv + h, (h, n) order
     num_keys: int  # start + num_tokens
     attn_mask: torch.Tensor | None  # [1, 1, n, num_keys] bool; None: plain causal
 
@@ -100,7 +111,8 @@ class AttentionMetadata:
     """Per step: positions and cache slots of the new tokens, and how to attend."""
 
     positions: torch.Tensor  # [T] int64: absolute position of each new token
-    slot_mapping: torch.Tensor  # [T] int64: cache row of each new token
+    slot_mapping: torch.Tensor  # [T] int64: cache slot (block * bs + offset) of each new token
+    kv_write_rows: torch.Tensor  # [T, Hkv] int64: K/V row of each new token's kv heads
     decode: DecodeBatch | None
     prefills: tuple[PrefillChunk, ...]
     num_tokens: int
@@ -113,6 +125,8 @@ class AttentionMetadata:
         block_tables: Sequence[Sequence[int]],
         block_size: int,
         device: torch.device | str,
+        *,
+        num_kv_heads: int,
         sliding_window: int | None = None,
         buffers: GatherBuffers | None = None,
     ) -> AttentionMetadata:
@@ -133,22 +147,40 @@ class AttentionMetadata:
                 [starts[b] for b in decode_members],
                 [block_tables[b] for b in decode_members],
                 block_size,
+                num_kv_heads,
                 device,
                 sliding_window,
             )
         prefills = tuple(
-            _prefill_chunk(first_rows[b], starts[b], n, block_tables[b], block_size, device, sliding_window)
+            _prefill_chunk(
+                first_rows[b], starts[b], n, block_tables[b], block_size, num_kv_heads, device, sliding_window
+            )
             for b, n in enumerate(num_new_tokens)
             if n > 1
         )
+        slot_mapping = torch.tensor(slots, dtype=torch.int64)
         return AttentionMetadata(
             positions=torch.tensor(positions, dtype=torch.int64).to(device),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(device),
+            slot_mapping=slot_mapping.to(device),
+            kv_write_rows=kv_write_rows(slot_mapping, block_size, num_kv_heads).to(device),
             decode=decode,
             prefills=prefills,
             num_tokens=len(positions),
             buffers=buffers,
         )
+
+
+def kv_write_rows(slots: torch.Tensor, block_size: int, num_kv_heads: int) -> torch.Tensor:
+    """[T, Hkv]: the row of cache.view(-1, D) that token t's kv head h is written to."""
+    heads = torch.arange(num_kv_heads, dtype=torch.int64) * block_size
+    base = (slots // block_size) * (num_kv_heads * block_size) + slots % block_size
+    return base[:, None] + heads[None, :]
+
+
+def kv_rows(block_ids: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """block_ids [G, nblk] -> [G * Hkv * nblk]: rows of cache.view(-1, bs, D) in (g, h, n) order."""
+    heads = torch.arange(num_kv_heads, dtype=torch.int64)
+    return (block_ids[:, None, :] * num_kv_heads + heads[None, :, None]).reshape(-1)
 
 
 def _visible(query_pos: torch.Tensor, key_pos: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
@@ -164,24 +196,30 @@ def _decode_batch(
     starts: list[int],
     tables: list[Sequence[int]],
     block_size: int,
+    num_kv_heads: int,
     device: torch.device | str,
     sliding_window: int | None,
 ) -> DecodeBatch:
-    num_keys = max(starts) + 1
-    num_blocks = -(-num_keys // block_size)
+    # Keys are whole blocks (J = num_blocks * bs): the gathered K/V then merge (chunk, head) into
+    # one batch dimension as a view; keys past a chunk's position are masked, not narrowed away
+    # (a narrowed view made bf16 bmm copy its operand: 2.5 vs 0.4 ms at batch 8 / context 512).
+    num_blocks = -(-(max(starts) + 1) // block_size)
+    num_keys = num_blocks * block_size
     padded = [list(t[:num_blocks]) + [0] * (num_blocks - len(t[:num_blocks])) for t in tables]
     windowed = sliding_window is not None and num_keys > sliding_window
     mask = None
-    if windowed or min(starts) != max(starts):
+    if windowed or min(starts) != num_keys - 1:
         query_pos = torch.tensor(starts, dtype=torch.int64)[:, None, None, None]
         key_pos = torch.arange(num_keys, dtype=torch.int64)[None, None, None, :]
         mask = _visible(query_pos, key_pos, sliding_window).to(device)
     contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
+    block_ids = torch.tensor(padded, dtype=torch.int64)
     return DecodeBatch(
         token_rows=tuple(rows),
         first_row=rows[0] if contiguous else None,
         token_index=torch.tensor(rows, dtype=torch.int64).to(device),
-        block_ids=torch.tensor(padded, dtype=torch.int64).view(-1).to(device),
+        block_ids=block_ids.view(-1).to(device),
+        kv_rows=kv_rows(block_ids, num_kv_heads).to(device),
         num_blocks=num_blocks,
         num_keys=num_keys,
         attn_mask=mask,
@@ -194,6 +232,7 @@ def _prefill_chunk(
     count: int,
     table: Sequence[int],
     block_size: int,
+    num_kv_heads: int,
     device: torch.device | str,
     sliding_window: int | None,
 ) -> PrefillChunk:
@@ -203,7 +242,8 @@ def _prefill_chunk(
     if start == 0:
         windowed = sliding_window is not None and count > sliding_window
         mask = _visible(query_pos, key_pos, sliding_window).to(device) if windowed else None
-        return PrefillChunk(first_row, count, None, num_keys, mask)
+        return PrefillChunk(first_row, count, None, None, num_keys, mask)
     block_ids = torch.tensor(list(table[: -(-num_keys // block_size)]), dtype=torch.int64)
     mask = _visible(query_pos, key_pos, sliding_window).to(device)
-    return PrefillChunk(first_row, count, block_ids.to(device), num_keys, mask)
+    rows = kv_rows(block_ids[None], num_kv_heads)
+    return PrefillChunk(first_row, count, block_ids.to(device), rows.to(device), num_keys, mask)

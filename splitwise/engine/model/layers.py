@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from splitwise.engine.model.packed_linear import linear, pack_weight
+
 
 class RMSNorm(nn.Module):
     """x / rms(x) * weight over the last dimension.
@@ -36,6 +38,7 @@ class SwiGLUMLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
         self.gate_up_weight: torch.Tensor | None = None
+        self.gate_up_packed: torch.Tensor | None = None  # see packed_linear
 
     def fuse_gate_up(self) -> None:
         """After loading: gate and up in one matmul; their weights become views of the fused one."""
@@ -45,10 +48,17 @@ class SwiGLUMLP(nn.Module):
             self.gate_proj.weight = nn.Parameter(self.gate_up_weight[:n], requires_grad=False)
             self.up_proj.weight = nn.Parameter(self.gate_up_weight[n:], requires_grad=False)
 
+    def pack_weights(self) -> bool:
+        """After ``fuse_gate_up``: a oneDNN-packed copy of the fused weight (bf16 on CPU only)."""
+        if self.gate_up_weight is None:
+            raise RuntimeError("SwiGLUMLP.fuse_gate_up() must run before pack_weights()")
+        self.gate_up_packed = pack_weight(self.gate_up_weight)
+        return self.gate_up_packed is not None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_weight is None:
             raise RuntimeError("SwiGLUMLP.fuse_gate_up() was not called (CausalLM.materialize does it)")
-        gate_up = F.linear(x, self.gate_up_weight)
+        gate_up = linear(x, self.gate_up_weight, None, self.gate_up_packed)
         n = self.intermediate_size
         out: torch.Tensor = self.down_proj(F.silu(gate_up[:, :n]) * gate_up[:, n:])
         return out
