@@ -158,6 +158,13 @@ def stream_entries(answer: Any) -> list[StreamEntry]:
     return [(entry_id, fields) for _stream, batch in (answer or []) for entry_id, fields in batch]
 
 
+def stream_id(entry_id: bytes | str) -> tuple[int, int]:
+    """A stream entry id as a comparable (ms, seq)."""
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
 def after_id(entry_id: str) -> str:
     """The smallest stream id after ``entry_id`` ('' before anything was read): trimming with it as
     MINID removes exactly what was read."""
