@@ -106,10 +106,11 @@ class Monitor:
         """The node of ``fl`` whose lease lapsed and stayed lapsed for the grace period, if any."""
         a = fl.assignment
         assert a is not None
+        # Only the node holding the work item: D-first, the decode node handles a lost or stopped
+        # prefill node itself (its transfer timeout or the lost control connection ends the hand-off,
+        # then --pd-fallback). A re-dispatch here would race D's fallback, and with no other prefill
+        # node fail a request D was about to serve.
         needed = [(a.decode_node_id, a.decode_incarnation)]
-        # The prefill node matters until the first token shows prefill and KV transfer are done.
-        if a.mode != "mixed" and not fl.first_token_seen:
-            needed.append((a.prefill_node_id, a.prefill_incarnation))
         for node_id, incarnation in needed:
             who = f"{node_id}|{incarnation}"
             watched.add(who)
