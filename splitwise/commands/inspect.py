@@ -1,6 +1,11 @@
 """`splitwise inspect`: what the Redis-coordinated scheduler sees — nodes with role, load and
 heartbeat age, queue depths, frontends, dead letters; ``--request ID`` shows one request's lifecycle.
 
+A frontend's "results backlog" is the entries its results stream still holds: each frontend
+heartbeat trims exactly what the frontend has read (``XTRIM MINID``), so it counts entries not read
+as of that frontend's last heartbeat. Poison (keys of the wrong type, non-numeric fields) is shown
+as such (``poison:`` lines, ``problems`` in --json) instead of failing the report.
+
 Read-only: it never writes to Redis. ``--json`` prints one JSON document (for scripts).
 """
 
