@@ -127,6 +127,11 @@ class SchedulerConfig:
             "scheduler_sentinel_service": "scheduler_sentinel_service",
         }
         kwargs = {field: options[opt] for opt, field in mapping.items() if options.get(opt) is not None}
+        if options.get("scheduler_password_file"):
+            kwargs["scheduler_password"] = read_password_file(
+                str(options["scheduler_password_file"]),
+                also_given=options.get("scheduler_password") is not None,
+            )
         if options.get("scheduler_url"):
             kwargs.update(parse_scheduler_url(str(options["scheduler_url"])))
         kwargs.update(overrides)
@@ -188,7 +193,16 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
         {
             "default": None,
             "envvar": "SPLITWISE_SCHEDULER_PASSWORD",
-            "help": "Redis password (or env SPLITWISE_SCHEDULER_PASSWORD).",
+            "help": "Redis password. A flag is visible in the process list: prefer env "
+            "SPLITWISE_SCHEDULER_PASSWORD or --scheduler-password-file.",
+        },
+    ),
+    (
+        "--scheduler-password-file",
+        {
+            "default": None,
+            "envvar": "SPLITWISE_SCHEDULER_PASSWORD_FILE",
+            "help": "Read the Redis password from this file (first line), e.g. a mounted secret.",
         },
     ),
     ("--scheduler-topic", {"default": "splitwise", "help": "Key prefix; one topic = one cluster."}),
@@ -219,6 +233,20 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ),
     ("--max-redispatch", {"type": int, "default": 2, "help": "Re-dispatches of a request after node loss."}),
 ]
+
+
+def read_password_file(path: str, *, also_given: bool) -> str:
+    """The first line of ``path`` (a secret mounted as a file), for --scheduler-password-file."""
+    if also_given:
+        raise ValueError("--scheduler-password-file: give either it or --scheduler-password, not both")
+    try:
+        with open(path, encoding="utf-8") as f:
+            password = f.readline().rstrip("\r\n")
+    except OSError as exc:
+        raise ValueError(f"--scheduler-password-file: cannot read {path}: {exc.strerror}") from None
+    if not password:
+        raise ValueError(f"--scheduler-password-file: {path} is empty")
+    return password
 
 
 def scheduler_options(func: F) -> F:

@@ -60,8 +60,11 @@ def _connection_kwargs(config: SchedulerConfig, *, socket_timeout_s: float) -> d
 def make_client(config: SchedulerConfig, *, max_connections: int = 64) -> aioredis.Redis:
     """A pooled asyncio client. Blocking reads hold their own pooled connection while they wait.
 
-    No redis-py internal retry: our loops own retry/back-off (``scheduler.retry``) so a down server
-    costs a few attempts per second, and the caller decides what to do meanwhile. A Redis Cluster
+    One immediate redis-py retry, on a connection error only: a pooled connection that died with a
+    restarted server fails once and is replaced at once (without it, every stale connection of the
+    pool failed one request in turn: 503s for tens of seconds after Redis was back). Anything longer
+    is our loops' retry/back-off (``scheduler.retry``), so a down server costs a few attempts per
+    second, and the caller decides what to do meanwhile. A Redis Cluster
     client is typed as ``Redis``: we only use commands both clients offer, on keys of one slot.
     """
     # Must exceed the longest BLOCK we issue (a node's idle read: 4 x block_ms).
@@ -76,7 +79,7 @@ def make_client(config: SchedulerConfig, *, max_connections: int = 64) -> aiored
                 **kwargs,
             ),
         )
-    kwargs["retry"] = AsyncRetry(NoBackoff(), 0)
+    kwargs["retry"] = AsyncRetry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
     if config.scheduler_sentinel:
         sentinel = AsyncSentinel(  # type: ignore[no-untyped-call]
             config.sentinel_addresses(),
@@ -98,7 +101,7 @@ def make_sync_client(config: SchedulerConfig) -> redis.Redis:
         return cast(
             redis.Redis, RedisCluster(host=config.scheduler_host, port=config.scheduler_port, **kwargs)
         )
-    kwargs["retry"] = Retry(NoBackoff(), 0)
+    kwargs["retry"] = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
     if config.scheduler_sentinel:
         sync_sentinel = Sentinel(  # type: ignore[no-untyped-call]
             config.sentinel_addresses(),
@@ -156,6 +159,13 @@ StreamEntry = tuple[bytes, dict[bytes, bytes]]
 def stream_entries(answer: Any) -> list[StreamEntry]:
     """Flatten an XREAD reply ([[stream, [(id, fields), ...]], ...]) into its entries."""
     return [(entry_id, fields) for _stream, batch in (answer or []) for entry_id, fields in batch]
+
+
+def stream_id(entry_id: bytes | str) -> tuple[int, int]:
+    """A stream entry id as a comparable (ms, seq)."""
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
 
 
 def after_id(entry_id: str) -> str:

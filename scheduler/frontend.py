@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from scheduler import scripts
 from scheduler.clock import SYSTEM_CLOCK, Clock
 from scheduler.config import SchedulerConfig
-from scheduler.connection import REDIS_DOWN_ERRORS, after_id, check_server, make_client
+from scheduler.connection import REDIS_DOWN_ERRORS, after_id, check_server, make_client, stream_id
 from scheduler.dispatch import Dispatcher, booking_members, queue_release
 from scheduler.errors import (
     DuplicateRequestError,
@@ -33,7 +33,7 @@ from scheduler.frontend_monitor import Monitor
 from scheduler.frontend_record import FrontendRecord
 from scheduler.frontend_results import ResultsReader
 from scheduler.heartbeat import Heartbeater
-from scheduler.keys import KeySchema, check_id
+from scheduler.keys import ROLE_LETTERS, KeySchema, check_id
 from scheduler.lease import ServerClock
 from scheduler.messages import (
     Assignment,
@@ -49,8 +49,9 @@ from scheduler.messages import (
 )
 from scheduler.metrics import Counters
 from scheduler.outbox import log_fields
+from scheduler.poison import Repairer, frontend_key_types, republish_view
 from scheduler.records import lines, write_dead_letter
-from scheduler.registry import ClusterView, split_member
+from scheduler.registry import ClusterView, node_group, split_member
 from scheduler.retry import Retrier
 from scheduler.scripting import Batch
 from scheduler.states import FrontendState
@@ -99,6 +100,9 @@ class FrontendScheduler:
         self._tasks: list[asyncio.Task[None]] = []
         self._results = ResultsReader(self)
         self.epoch_seen = ""
+        # node -> id of its re-created work stream: items queued before it were lost (the monitor re-dispatches)
+        self.lost_work_streams: dict[str, tuple[int, int]] = {}
+        self.results_lost = False  # set when a repair replaced our results stream (the monitor reads it)
         self._stopping = False
 
     # --- public API ---------------------------------------------------------------------------------
@@ -108,12 +112,18 @@ class FrontendScheduler:
         await check_server(self._client, self.config)
         self._dispatcher = Dispatcher(self._client, self.keys)
         self._view = ClusterView(self._client, self.keys)
+        types = lambda: frontend_key_types(self.keys, self.frontend_id, self._view_candidate_keys())  # noqa: E731
+        self._repairer = Repairer(
+            self.keys, self.config, self.stats, types, who=self.frontend_id, after=self._after_repair
+        )
+        self._retrier.repair = self._repair
+        beat = self._repairer.guard(self._beat)
         self._heartbeater = Heartbeater(
-            f"frontend-heartbeat-{self.frontend_id}", self.config, self._retrier, self._beat
+            f"frontend-heartbeat-{self.frontend_id}", self.config, self._retrier, beat
         )
         await self._heartbeater.start()
         self._monitor = Monitor(self, self._client, self._view, self.epoch_seen)
-        await self._monitor.refresh_view()
+        await self._retrier.call("refresh_view", self._monitor.refresh_view, give_up_after_s=SUBMIT_RETRY_S)
         self._tasks = [
             asyncio.create_task(
                 self._retrier.loop("frontend_results", self._results.once, running=self._running),
@@ -265,15 +275,20 @@ class FrontendScheduler:
             resume_token_ids=list(fl.delivered),
             assignment=assignment,
         )
-        entry_id: Any = await self._client.xadd(
-            self.keys.work(assignment.decode_node_id),
-            {"m": encode(item)},
-            maxlen=self.config.stream_maxlen,
-            approximate=True,
-            nomkstream=True,
-        )
-        if entry_id is None:  # its work stream is gone (Redis lost data): the node re-registers soon
+        work_key = self.keys.work(assignment.decode_node_id)
+        entry_id = await self._xadd_work(work_key, encode(item))
+        if entry_id is None:
+            # The node's lease was live a moment ago (dispatch checked it), so only its stream was
+            # lost (deleted by hand, or repaired as poison): give it an empty one and enqueue again.
             self.stats.inc("work_stream_missing")
+            log.warning("work_stream_recreated", node_id=assignment.decode_node_id, req_id=fl.req_id)
+            pipe = self._client.pipeline(transaction=False)
+            pipe.xadd(work_key, {"created": self._clock.time_ms()}, maxlen=0)
+            pipe.pexpire(work_key, self.config.ttl_ms)
+            created_id, _ = await pipe.execute()
+            self.lost_work_streams[assignment.decode_node_id] = stream_id(created_id)
+            entry_id = await self._xadd_work(work_key, encode(item))
+        if entry_id is None:
             await self._dispatcher.release(list(assignment.bookings))
             return False
         fl.note(
@@ -286,6 +301,13 @@ class FrontendScheduler:
         fl.assignment, fl.entry_id, fl.pending_since_ms = assignment, entry_id, None
         fl.move(FrontendState.QUEUED, self.stats, why="dispatched")
         return True
+
+    async def _xadd_work(self, work_key: str, payload: bytes) -> bytes | None:
+        assert self._client is not None
+        entry_id: Any = await self._client.xadd(
+            work_key, {"m": payload}, maxlen=self.config.stream_maxlen, approximate=True, nomkstream=True
+        )
+        return entry_id  # type: ignore[no-any-return]
 
     # --- endings ----------------------------------------------------------------------------------------
     async def finish(
@@ -414,6 +436,24 @@ class FrontendScheduler:
         )
         self.server_clock.observe(int(now_ms))
         self.epoch_seen = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
+
+    def _view_candidate_keys(self) -> list[str]:
+        groups = {node_group(s.info) for s in self._view.nodes.values()} if self._view else set()
+        return [self.keys.candidates(g, letter) for g in sorted(groups) for letter in ROLE_LETTERS.values()]
+
+    async def _repair(self) -> None:
+        """A loop or a dispatch met a key of the wrong type (scheduler.poison): repair, put back what
+        our view knows of the registry, and start our results over if that stream was lost."""
+        fixed = await self._repairer.run(self.client)
+        if fixed and self._view is not None:
+            pipe = self.client.pipeline(transaction=False)
+            republish_view(pipe, self.keys, self._view, fixed)
+            await pipe.execute()
+
+    def _after_repair(self, fixed: dict[str, str]) -> None:
+        """(Any thread.) A repaired results stream lost what it held: re-dispatch every request."""
+        if self.keys.results(self.frontend_id) in fixed:
+            self.results_lost = True
 
     def restart_reading(self) -> None:
         """Redis lost its data: our results stream starts afresh."""

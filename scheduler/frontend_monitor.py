@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 
+from scheduler.connection import stream_id
 from scheduler.dispatch import queue_release
 from scheduler.frontend_record import FrontendRecord
 from scheduler.lease import LeaseWatch
@@ -44,7 +45,8 @@ class Monitor:
         await fe._clock.sleep(fe.config.heartbeat_interval_s)
         if not fe._running():
             return
-        data_lost = fe.epoch_seen != self._epoch
+        data_lost = fe.epoch_seen != self._epoch or fe.results_lost
+        fe.results_lost = False
         server = await self._server_id()
         if server != self._server and self._server:
             # Another server answers (Sentinel failover, restart): writes of the last moments may be
@@ -76,6 +78,7 @@ class Monitor:
         now = fe._clock.time_ms()
         server_now = fe.server_clock.now_ms()
         watched: set[str] = set()
+        lost_streams, fe.lost_work_streams = fe.lost_work_streams, {}
         for fl in list(fe.inflight.values()):
             if now >= fl.deadline_ms:
                 await fe.finish(fl, Expired(req_id=fl.req_id, attempt=fl.attempt), notify_nodes="expired")
@@ -85,6 +88,14 @@ class Monitor:
                 continue  # submit() is dispatching it right now
             elif data_lost:
                 await fe.redispatch(fl, reason="Redis lost its data")
+            elif (
+                fl.assignment.decode_node_id in lost_streams
+                and fl.state is FrontendState.QUEUED
+                and fl.entry_id is not None
+                and stream_id(fl.entry_id) < lost_streams[fl.assignment.decode_node_id]
+                and not fl.is_received()
+            ):
+                await fe.redispatch(fl, reason=f"work stream of {fl.assignment.decode_node_id} was deleted")
             else:
                 lost = self._lost_node(fl, server_now, watched)
                 if lost is not None:
@@ -95,10 +106,11 @@ class Monitor:
         """The node of ``fl`` whose lease lapsed and stayed lapsed for the grace period, if any."""
         a = fl.assignment
         assert a is not None
+        # Only the node holding the work item: D-first, the decode node handles a lost or stopped
+        # prefill node itself (its transfer timeout or the lost control connection ends the hand-off,
+        # then --pd-fallback). A re-dispatch here would race D's fallback, and with no other prefill
+        # node fail a request D was about to serve.
         needed = [(a.decode_node_id, a.decode_incarnation)]
-        # The prefill node matters until the first token shows prefill and KV transfer are done.
-        if a.mode != "mixed" and not fl.first_token_seen:
-            needed.append((a.prefill_node_id, a.prefill_incarnation))
         for node_id, incarnation in needed:
             who = f"{node_id}|{incarnation}"
             watched.add(who)

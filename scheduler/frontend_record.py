@@ -47,6 +47,15 @@ class FrontendRecord:
     def note(self, ts_ms: int, event: str, node: str, detail: str = "") -> None:
         self.events.append((ts_ms, event, node, detail))
 
+    def is_received(self) -> bool:
+        """The node of the current attempt has read its work item (its ``received`` event came)."""
+        for _ts, event, _node, _detail in reversed(self.events):
+            if event == "received":
+                return True
+            if event == "dispatched":
+                return False
+        return False
+
     def take_events(self) -> list[tuple[int, str, str, str]]:
         events, self.events = self.events, []
         return events

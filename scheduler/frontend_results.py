@@ -9,7 +9,15 @@ from typing import TYPE_CHECKING, Any
 
 from scheduler.errors import MessageDecodeError
 from scheduler.frontend_record import FrontendRecord
-from scheduler.messages import RESULTS_STREAM_TYPES, Failed, NodeEvent, ResultMessage, TokenChunk, decode
+from scheduler.messages import (
+    RESULTS_STREAM_TYPES,
+    Failed,
+    Finished,
+    NodeEvent,
+    ResultMessage,
+    TokenChunk,
+    decode,
+)
 from scheduler.scripting import Batch
 from scheduler.states import FrontendState
 from splitwise.logging import get_logger
@@ -65,6 +73,19 @@ class ResultsReader:
             await fe.redispatch(fl, reason=f"token gap at {len(fl.delivered)}")
         elif isinstance(msg, TokenChunk):
             self._deliver_tokens(fl, msg)
+        elif isinstance(msg, Finished) and msg.completion_tokens > len(fl.delivered):
+            # The last tokens went missing (a failover lost them) but the terminal came: never a
+            # success with a gap, resume from what the client has.
+            fe.stats.inc("token_gaps")
+            log.error(
+                "token_gap_at_end",
+                req_id=msg.req_id,
+                delivered=len(fl.delivered),
+                total=msg.completion_tokens,
+            )
+            await fe.redispatch(
+                fl, reason=f"token gap at {len(fl.delivered)} (finished at {msg.completion_tokens})"
+            )
         elif isinstance(msg, Failed) and msg.retryable:
             await fe.redispatch(fl, reason=f"node error {msg.code}: {msg.message}")
         else:

@@ -16,6 +16,7 @@ import asyncio
 import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 
 import redis
 import redis.asyncio as aioredis
@@ -43,6 +44,7 @@ from scheduler.metrics import Counters
 from scheduler.node_record import BeatSnapshot, HeldWork
 from scheduler.node_streams import NodeReader
 from scheduler.outbox import Outbox
+from scheduler.poison import Repairer, node_key_types
 from scheduler.records import record_line
 from scheduler.retry import Retrier
 from scheduler.states import NODE_TRANSITIONS, NodeState, transition
@@ -128,9 +130,11 @@ class NodeAgent:
         self._outbox = Outbox(self._client, self.keys, self.config, self._retrier)
         self._reader = NodeReader(self._client, self.keys, self.node_id, self.config, self.stats, self._clock)
         self._snapshot = BeatSnapshot(load=self._load_provider())
-        self._heartbeater = Heartbeater(
-            f"node-heartbeat-{self.node_id}", self.config, self._retrier, self._beat
-        )
+        types = partial(node_key_types, self.keys, self.node_id, self._candidates_key())
+        repairer = Repairer(self.keys, self.config, self.stats, types, who=self.node_id, rejoin=self._member)
+        self._retrier.repair = partial(repairer.run, self._client)  # poison keys (scheduler.poison)
+        beat = repairer.guard(self._beat)
+        self._heartbeater = Heartbeater(f"node-heartbeat-{self.node_id}", self.config, self._retrier, beat)
         await self._heartbeater.start()
         self._tasks = [
             asyncio.create_task(
@@ -407,10 +411,13 @@ class NodeAgent:
         self._last_load_sent, self._last_trimmed = snap.load, read
         registered, expiry, measured = 0, 0, 0
         if not flags:
-            # A steady beat is one command: extend the lease if the member is still there (XX CH
-            # answers 0 when it is gone: re-register through the script below).
+            # A steady beat is one round trip: extend the lease if the member is still there (XX CH
+            # answers 0 when it is gone), check our stream and description exist, else run the script.
             expiry = self._server_clock.now_ms() + self.config.dead_after_ms
-            if not client.zadd(self.keys.alive, {self._member: expiry}, xx=True, ch=True):
+            pipe = client.pipeline(transaction=False)
+            pipe.zadd(self.keys.alive, {self._member: expiry}, xx=True, ch=True)
+            pipe.exists(self.keys.work(self.node_id)).hexists(self.keys.nodes, self.node_id)  # type: ignore[attr-defined]
+            if not all(pipe.execute()):
                 flags = "t"
         if flags:
             registered, expiry, measured = self._full_beat(client, snap, flags)

@@ -149,9 +149,9 @@ async def booked_load(client: aioredis.Redis, keys: KeySchema) -> dict[str, dict
     out: dict[str, dict[str, int]] = {}
     members: list[Any] = await client.zrange(keys.bookings, 0, -1)
     for raw in members:
-        parts = raw.decode().split("|")
-        if len(parts) != 7:
-            continue  # the '~' keeper
+        parts = raw.decode("utf-8", "replace").split("|")
+        if len(parts) != 7 or not parts[6].isdigit():
+            continue  # the '~' keeper, or not a booking of ours (RELEASE skips it as well)
         kind, node_id, amount = parts[0], parts[2], int(parts[6])
         load = out.setdefault(node_id, {"prefill_tokens": 0, "decode_requests": 0})
         if kind == "p":

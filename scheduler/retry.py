@@ -7,6 +7,9 @@ Rules, in one place:
 - Any other exception in a background loop is a bug in handling one message: counted as
   ``<loop>_errors``, logged with the traceback, and the loop goes on after the same back-off.
 - A bounded retry (``call``) gives up after its deadline with ``SchedulerConnectionError``.
+- A step that failed on a key of the wrong type (``WRONGTYPE``, poison written by someone else)
+  runs the owner's ``repair`` (scheduler.poison: dead-letter, delete, re-create) before the next
+  try, so the loop heals instead of failing on the same key forever.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from scheduler.clock import Clock, ExponentialBackoff
 from scheduler.connection import REDIS_DOWN_ERRORS
 from scheduler.errors import SchedulerConnectionError
 from scheduler.metrics import Counters
+from scheduler.poison import is_wrong_type
 from splitwise.logging import get_logger
 
 log = get_logger("scheduler.retry")
@@ -33,6 +37,8 @@ class Retrier:
     stats: Counters
     base_s: float = 0.05
     cap_s: float = 2.0
+    # Set by the owner (node agent, frontend): repairs its keys after a WRONGTYPE answer.
+    repair: Callable[[], Awaitable[object]] | None = None
 
     def backoff(self) -> ExponentialBackoff:
         return ExponentialBackoff(base_s=self.base_s, cap_s=self.cap_s)
@@ -47,6 +53,15 @@ class Retrier:
             log.error("loop_error", op=name, error=repr(exc), exc_info=exc)
         return backoff.next_delay_s()
 
+    async def _repair_after(self, name: str, exc: BaseException) -> None:
+        if self.repair is None or not is_wrong_type(exc):
+            return
+        try:
+            await self.repair()
+        except Exception as repair_exc:  # noqa: BLE001 - the next step retries the repair
+            self.stats.inc("repair_errors")
+            log.error("repair_failed", op=name, error=repr(repair_exc))
+
     async def loop(
         self, name: str, step: Callable[[], Awaitable[None]], *, running: Callable[[], bool]
     ) -> None:
@@ -59,7 +74,9 @@ class Retrier:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a background loop must survive one bad step
-                await self.clock.sleep(self._failed(name, exc, backoff))
+                delay = self._failed(name, exc, backoff)
+                await self._repair_after(name, exc)
+                await self.clock.sleep(delay)
 
     async def call(self, name: str, op: Callable[[], Awaitable[T]], *, give_up_after_s: float) -> T:
         """``op()`` through Redis blips for up to ``give_up_after_s``, then SchedulerConnectionError."""
@@ -68,10 +85,13 @@ class Retrier:
         while True:
             try:
                 return await op()
-            except REDIS_DOWN_ERRORS as exc:
+            except Exception as exc:
+                if not isinstance(exc, REDIS_DOWN_ERRORS) and not (self.repair and is_wrong_type(exc)):
+                    raise
                 delay = self._failed(name, exc, backoff)
                 if self.clock.monotonic() >= give_up_at:
                     raise SchedulerConnectionError(f"{name}: Redis unavailable: {exc}") from None
+                await self._repair_after(name, exc)
                 await self.clock.sleep(delay)
 
     def run_sync(

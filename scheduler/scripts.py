@@ -61,7 +61,10 @@ while true do
   local ties = {}
   for i, member in ipairs(members) do
     local role, score = owner[i], scores[i]
-    if leases[i] and tonumber(leases[i]) > now then
+    local lease = leases[i] and tonumber(leases[i])
+    if not score then
+      -- not a number (poison): never picked, never booked
+    elseif lease and lease > now then
       local b = best[role]
       if not b or score < b[2] then
         best[role], ties[role] = {member, score}, 1
@@ -147,16 +150,20 @@ if string.find(ARGV[6], 't', 1, true) then
 end
 local expiry = now + tonumber(ARGV[4])
 local registered = redis.call('ZADD', KEYS[2], expiry, ARGV[2])
+-- Our description was deleted (by hand, or repaired as poison): register again in full.
+if registered == 0 and redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then registered = 1 end
 local unit = tonumber(ARGV[7])
 local refresh = registered == 1 or string.find(ARGV[6], 'r', 1, true) ~= nil
 local load_changed = registered == 1 or string.find(ARGV[6], 'l', 1, true) ~= nil
 if registered == 1 then
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
   redis.call('ZADD', KEYS[3], 'NX', 0, ARGV[2])
-  if redis.call('EXISTS', KEYS[5]) == 0 then
-    -- An empty stream (MAXLEN 0 trims the creating entry) so frontends may XADD NOMKSTREAM.
-    redis.call('XADD', KEYS[5], 'MAXLEN', '0', '*', 'created', now)
-  end
+end
+if redis.call('EXISTS', KEYS[5]) == 0 then
+  -- An empty stream (MAXLEN 0 trims the creating entry) so frontends may XADD NOMKSTREAM; also
+  -- after someone deleted it (the steady beat checks it exists).
+  redis.call('XADD', KEYS[5], 'MAXLEN', '0', '*', 'created', now)
+  redis.call('PEXPIRE', KEYS[5], ARGV[5])
 end
 if unit > 0 and load_changed then
   local score = tonumber(redis.call('ZSCORE', KEYS[3], ARGV[2]) or '0')

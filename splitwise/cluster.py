@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -86,6 +87,7 @@ class LocalCluster:
     def __init__(self, spec: ClusterSpec, *, log_dir: Path | None = None) -> None:
         self.spec = spec
         self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="splitwise-cluster-"))
+        self._owns_log_dir = log_dir is None  # a temp dir of ours: removed by stop()
         self.redis: RedisServer | None = None
         self.children: list[Child] = []
 
@@ -235,6 +237,8 @@ class LocalCluster:
         if self.redis is not None:
             self.redis.stop()
             self.redis = None
+        if self._owns_log_dir:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
 
 
 def _protocols(transfer: str) -> str:

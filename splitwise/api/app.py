@@ -11,8 +11,9 @@ Routes:
 ``X-Request-Id``: when a client sends one, the request id is ``<cmpl|chatcmpl>-<X-Request-Id>`` (in
 the response ``id`` and every log line about the request, on every node) and the header is echoed.
 
-With ``api_key`` set, the /v1 routes need ``Authorization: Bearer <api_key>`` (health and metrics
-stay open for probes and scrapers). The app does not start or stop the backend: the caller owns
+With ``api_key`` set, the /v1 routes and /tokenize, /detokenize need ``Authorization: Bearer
+<api_key>``; /health, /ping, /version and /metrics stay open for probes and scrapers, and /docs,
+/redoc, /openapi.json are disabled (404). Bodies above ``max_request_bytes`` are a 413 before parsing. The app does not start or stop the backend: the caller owns
 its lifecycle (start it before serving, close it after).
 """
 
@@ -26,6 +27,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from splitwise.api.body_limit import DEFAULT_MAX_REQUEST_BYTES, BodyLimit
 from splitwise.api.chat import create_chat_completion, render_chat
 from splitwise.api.completions import create_completion
 from splitwise.api.errors import AuthenticationError, BadRequestError, install_error_handlers
@@ -40,7 +42,7 @@ from splitwise.api.protocol import (
 )
 from splitwise.api.request_params import GrammarCheck
 from splitwise.api.serving import REQUEST_ID_HEADER, FrontendBackend, ServingContext
-from splitwise.api.text_checks import check_text
+from splitwise.api.text_checks import check_text, longest_token_chars
 from splitwise.api.tools import TOOL_CALL_PARSERS
 from splitwise.engine.stop_checker import StopChecker
 from splitwise.engine.tokenizer import Tokenizer
@@ -103,6 +105,7 @@ def create_app(
     api_key: str | None = None,
     eos_token_ids: Iterable[int] | None = None,
     tool_call_parser: str | None = None,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
 ) -> FastAPI:
     """Build the app. ``eos_token_ids`` defaults to the tokenizer's (pass the engine's when it adds more);
     ``metrics`` defaults to a fresh registry (pass the runtime's to share engine gauges)."""
@@ -125,8 +128,19 @@ def create_app(
         metrics=metrics,
         grammar=GrammarCheck(tokenizer),
         tool_call_parser=tool_call_parser,
+        max_prompt_chars=max_model_len * longest_token_chars(tokenizer),
     )
-    app = FastAPI(title="splitwise", summary="OpenAI-compatible API of a splitwise instance")
+    # With --api-key the interactive docs and the schema are off: they would be the only /v1-level
+    # information open to anyone (health, ping, version and metrics stay open for probes).
+    public_docs = api_key is None
+    app = FastAPI(
+        title="splitwise",
+        summary="OpenAI-compatible API of a splitwise instance",
+        docs_url="/docs" if public_docs else None,
+        redoc_url="/redoc" if public_docs else None,
+        openapi_url="/openapi.json" if public_docs else None,
+    )
+    app.add_middleware(BodyLimit, max_bytes=max_request_bytes, metrics=metrics)
     app.add_middleware(EchoRequestId)
     app.state.serving = ctx
     install_error_handlers(app, metrics)
@@ -155,7 +169,7 @@ def create_app(
             ids = render_chat(ctx, body.messages, add_generation_prompt=body.add_generation_prompt)
         else:
             assert body.prompt is not None
-            check_text(body.prompt, "prompt")
+            check_text(body.prompt, "prompt", max_chars=ctx.max_prompt_chars)
             ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         out: dict[str, object] = {"count": len(ids), "max_model_len": max_model_len, "tokens": ids}
         if body.return_token_strs:

@@ -36,7 +36,7 @@ from splitwise.api.protocol import (
 )
 from splitwise.api.serving import MISSING_LOGPROB, ServingContext, TokenPiece
 from splitwise.api.streaming import collect, respond_streaming, unless_disconnected
-from splitwise.api.text_checks import check_value
+from splitwise.api.text_checks import check_length, check_value
 from splitwise.api.tools import ToolPlan, ToolStreamFilter, calls_of_constrained, parse_tool_calls, plan_tools
 from splitwise.engine.errors import InvalidRequestError
 from splitwise.logging import bind_request
@@ -87,10 +87,13 @@ def render_chat(
     for name, value in (("tools", tools), ("documents", documents)):
         if value is not None:
             kwargs[name] = value
+    flat = _flatten_content(messages)
+    # The rendered text holds every content string: longer ones than max_model_len allows are refused
+    # before the template and the tokenizer run.
+    contents = sum(len(m["content"]) for m in flat if isinstance(m.get("content"), str))
+    check_length(contents, "messages", ctx.max_prompt_chars)
     try:
-        text = ctx.tokenizer.apply_chat_template(
-            _flatten_content(messages), add_generation_prompt=add_generation_prompt, **kwargs
-        )
+        text = ctx.tokenizer.apply_chat_template(flat, add_generation_prompt=add_generation_prompt, **kwargs)
     except InvalidRequestError as exc:  # the template (or the tokenizer's checks) rejected the messages
         raise BadRequestError(str(exc), param="messages") from None
     # The template writes its own special tokens (bos included, if the model wants one).

@@ -53,7 +53,7 @@ def prompt_list(ctx: ServingContext, prompt: PromptInput) -> list[tuple[list[int
     for i, one in enumerate(batch):
         param = "prompt" if len(batch) == 1 else f"prompt[{i}]"
         if isinstance(one, str):
-            check_text(one, param)
+            check_text(one, param, max_chars=ctx.max_prompt_chars)
             ids = ctx.tokenizer.encode(one) if one else []
         else:
             ids = [int(t) for t in one]

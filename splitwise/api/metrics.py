@@ -49,6 +49,7 @@ ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health",
 OUTCOMES = (
     "success",
     "invalid_request",
+    "too_large",
     "unauthorized",
     "not_found",
     "no_capacity",

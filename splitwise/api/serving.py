@@ -113,6 +113,9 @@ class ServingContext:
     metrics: ApiMetrics
     grammar: GrammarCheck
     tool_call_parser: str | None = None  # --tool-call-parser: "auto" tool choice parses calls with it
+    # A text longer than this cannot fit max_model_len tokens (text_checks.longest_token_chars):
+    # it is refused before the tokenizer spends time on it.
+    max_prompt_chars: int = 1 << 62
 
     def request_id(self, request: Request, prefix: str) -> str:
         """``<prefix>-<X-Request-Id>`` when the client sent one (checked), else a random id."""

@@ -1,6 +1,11 @@
 """`splitwise inspect`: what the Redis-coordinated scheduler sees — nodes with role, load and
 heartbeat age, queue depths, frontends, dead letters; ``--request ID`` shows one request's lifecycle.
 
+A frontend's "results backlog" is the entries its results stream still holds: each frontend
+heartbeat trims exactly what the frontend has read (``XTRIM MINID``), so it counts entries not read
+as of that frontend's last heartbeat. Poison (keys of the wrong type, non-numeric fields) is shown
+as such (``poison:`` lines, ``problems`` in --json) instead of failing the report.
+
 Read-only: it never writes to Redis. ``--json`` prints one JSON document (for scripts).
 """
 
@@ -18,25 +23,47 @@ import click
 from scheduler.config import SchedulerConfig, scheduler_options
 
 
-def _iso(ts_ms: int | str) -> str:
-    return datetime.fromtimestamp(int(ts_ms) / 1000, tz=timezone.utc).isoformat(timespec="milliseconds")
+def _iso(ts_ms: int | str | bytes) -> str:
+    from scheduler.poison import parse_int
+
+    try:
+        return datetime.fromtimestamp(parse_int(ts_ms) / 1000, tz=timezone.utc).isoformat(
+            timespec="milliseconds"
+        )
+    except (OverflowError, OSError, ValueError):
+        return f"invalid time {ts_ms!r}"
+
+
+async def _read(what: Any, default: Any) -> tuple[Any, str | None]:
+    """One read of a key that may hold poison (a wrong type): (answer, None) or (default, reason)."""
+    from redis.exceptions import ResponseError
+
+    try:
+        return await what, None
+    except ResponseError as exc:
+        return default, str(exc).split(".")[0]
 
 
 async def _nodes(client: Any, keys: Any) -> list[dict[str, Any]]:
     from scheduler.errors import MessageDecodeError
     from scheduler.messages import LoadReport, NodeInfo, decode
+    from scheduler.poison import parse_int
     from scheduler.registry import booked_load, split_member
 
     leases: dict[str, tuple[str, int]] = {}
-    for member, score in await client.zrange(keys.alive, 0, -1, withscores=True):
+    alive_members, _ = await _read(client.zrange(keys.alive, 0, -1, withscores=True), [])
+    for member, score in alive_members:
         node_id, incarnation = split_member(member)
         if node_id not in leases or score > leases[node_id][1]:
             leases[node_id] = (incarnation, int(score))
-    booked = await booked_load(client, keys)
+    booked, _ = await _read(booked_load(client, keys), {})
     server_s, server_us = await client.time()
     now_ms = int(server_s) * 1000 + int(server_us) // 1000
     rows = []
-    for node_id_b, payload in sorted((await client.hgetall(keys.nodes)).items()):
+    descriptions, error = await _read(client.hgetall(keys.nodes), {})
+    if error is not None:
+        rows.append({"node_id": "?", "role": "?", "alive": False, "error": f"{keys.nodes}: {error}"})
+    for node_id_b, payload in sorted(descriptions.items()):
         node_id = node_id_b.decode()
         try:
             info = decode(payload, NodeInfo)
@@ -44,9 +71,16 @@ async def _nodes(client: Any, keys: Any) -> list[dict[str, Any]]:
             rows.append({"node_id": node_id, "role": "?", "alive": False, "error": str(exc)})
             continue
         incarnation, expiry = leases.get(node_id, ("", 0))
-        hb = {k.decode(): v.decode() for k, v in (await client.hgetall(keys.heartbeat(node_id))).items()}
+        raw_hb, hb_error = await _read(client.hgetall(keys.heartbeat(node_id)), {})
+        hb = {k.decode(): v.decode("utf-8", "replace") for k, v in raw_hb.items()}
+        load_fields = {name: str(parse_int(hb.get(name, 0))) for name in LoadReport.__dataclass_fields__}
         alive = incarnation == info.incarnation and expiry > now_ms
         load = booked.get(node_id, {"prefill_tokens": 0, "decode_requests": 0})
+        ts_ms = parse_int(hb.get("ts_ms"), -1)
+        depth, depth_error = await _read(client.xlen(keys.work(node_id)), 0)
+        problems = [e for e in (hb_error, depth_error) if e] + (
+            [f"heartbeat ts_ms {hb['ts_ms']!r} is not a number"] if "ts_ms" in hb and ts_ms < 0 else []
+        )
         rows.append(
             {
                 "node_id": node_id,
@@ -59,12 +93,13 @@ async def _nodes(client: Any, keys: Any) -> list[dict[str, Any]]:
                 "kv": dataclasses.asdict(info.kv),
                 "protocols": info.transfer_protocols,
                 "incarnation": info.incarnation,
-                "heartbeat_age_s": round((now_ms - int(hb.get("ts_ms", 0))) / 1000, 3) if alive else None,
+                "heartbeat_age_s": round((now_ms - ts_ms) / 1000, 3) if alive and ts_ms >= 0 else None,
                 "lease_left_s": round((expiry - now_ms) / 1000, 3) if alive else None,
-                "load": LoadReport.from_fields(hb).to_fields(),
+                "load": LoadReport.from_fields(load_fields).to_fields(),
                 "booked_prefill_tokens": load["prefill_tokens"],
                 "booked_decode_requests": load["decode_requests"],
-                "queue_depth": await client.xlen(keys.work(node_id)),
+                "queue_depth": depth,
+                "problems": problems,
             }
         )
     return rows
@@ -74,14 +109,16 @@ async def _frontends(client: Any, keys: Any) -> list[dict[str, Any]]:
     server_s, server_us = await client.time()
     now_ms = int(server_s) * 1000 + int(server_us) // 1000
     rows = []
-    for raw, expiry in await client.zrange(keys.frontends, 0, -1, withscores=True):
+    members, _ = await _read(client.zrange(keys.frontends, 0, -1, withscores=True), [])
+    for raw, expiry in members:
         frontend_id = raw.decode()
+        backlog, _ = await _read(client.xlen(keys.results(frontend_id)), 0)
         rows.append(
             {
                 "frontend_id": frontend_id,
                 "alive": expiry > now_ms,
                 "lease_left_s": round((expiry - now_ms) / 1000, 3),
-                "results_backlog": await client.xlen(keys.results(frontend_id)),
+                "results_backlog": backlog,
             }
         )
     return sorted(rows, key=lambda r: r["frontend_id"])
@@ -90,7 +127,9 @@ async def _frontends(client: Any, keys: Any) -> list[dict[str, Any]]:
 async def _dead_letters(client: Any, keys: Any, limit: int) -> dict[str, Any]:
     from scheduler.records import decode_fields
 
-    entries = await client.xrevrange(keys.dead_letters, count=limit)
+    entries, error = await _read(client.xrevrange(keys.dead_letters, count=limit), [])
+    if error is not None:
+        return {"count": 0, "recent": [], "error": f"{keys.dead_letters}: {error}"}
     recent = []
     for entry_id, fields in entries:
         payload = fields.get(b"payload", b"")
@@ -177,6 +216,8 @@ def _print_text(report: dict[str, Any]) -> None:
             f"{load['free_kv_blocks']:>8} {load['waiting_requests']:>7} {n['booked_prefill_tokens']:>8} "
             f"{n['booked_decode_requests']:>8}  {n['model_id']}"
         )
+        for problem in n["problems"]:
+            echo(f"{'':<16} poison: {problem}")
     echo("\nFRONTENDS")
     for f in report["frontends"]:
         alive = "alive" if f["alive"] else "LAPSED"
@@ -184,7 +225,7 @@ def _print_text(report: dict[str, Any]) -> None:
             f"{f['frontend_id']:<24} {alive:<6} lease {f['lease_left_s']:>7} s  results backlog {f['results_backlog']}"
         )
     dead = report["dead_letters"]
-    echo(f"\nDEAD LETTERS ({dead['count']})")
+    echo(f"\nDEAD LETTERS ({dead['count']}){'  ' + dead['error'] if 'error' in dead else ''}")
     for d in dead["recent"]:
         echo(f"{d['time']}  {d['source']:<28} {d['reason']}  ({d['payload_bytes']} bytes)")
 

@@ -64,6 +64,7 @@ def _instance_config(opts: dict[str, Any]) -> Any:
         kv_transfer_port=opts["kv_transfer_port"],
         cluster_token=opts["cluster_token"],
         api_key=opts["api_key"],
+        max_request_bytes=opts["max_request_bytes"],
         tool_call_parser=opts["tool_call_parser"],
         served_model_name=opts["served_model_name"],
         pd_fallback=opts["pd_fallback"],
@@ -176,6 +177,13 @@ def _check_model(model_dir: str, max_model_len: int | None) -> None:
     default=None,
     envvar="SPLITWISE_API_KEY",
     help="Require 'Authorization: Bearer KEY' (or env SPLITWISE_API_KEY).",
+)
+@click.option(
+    "--max-request-bytes",
+    type=int,
+    default=8 * 1024 * 1024,
+    show_default=True,
+    help="HTTP request bodies larger than this are answered 413 before they are read or parsed.",
 )
 @click.option(
     "--tool-call-parser",

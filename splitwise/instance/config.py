@@ -45,6 +45,7 @@ class InstanceConfig:
     kv_transfer_port: int = 0  # the tcp transport's listener on a decode node
     cluster_token: str | None = None
     api_key: str | None = None
+    max_request_bytes: int = 8 * 1024 * 1024  # HTTP bodies above this are a 413 before parsing
     tool_call_parser: str | None = None  # "auto" tool choice: hermes | llama3_json (splitwise/api/tools.py)
     served_model_name: str | None = None
     pd_fallback: str = "local"  # P lost / transfer failed: "local" prefill on D, or "fail" the request
@@ -91,6 +92,8 @@ class InstanceConfig:
             raise ValueError(f"--pd-fallback: {self.pd_fallback!r} is not one of {list(PD_FALLBACKS)}")
         if self.transfer_timeout_s <= 0:
             raise ValueError(f"--transfer-timeout: {self.transfer_timeout_s} must be > 0 seconds")
+        if self.max_request_bytes < 1:
+            raise ValueError(f"--max-request-bytes: {self.max_request_bytes} must be >= 1")
         if self.max_waiting_for_blocks < 1:
             raise ValueError(f"--max-waiting-for-blocks: {self.max_waiting_for_blocks} must be >= 1")
         for flag, value, high in (

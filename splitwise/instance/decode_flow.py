@@ -17,6 +17,7 @@ land in blocks another request already uses.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -117,6 +118,7 @@ class DecodeRecord(Record[DecodeState]):
     # Resolved by the transition that ends PREFILLING (whatever caused it): the driver wakes up.
     prefill_ended: asyncio.Future[None] | None = None
     local_outputs: asyncio.Queue[RequestOutput] | None = None  # FALLING_BACK: the local request
+    ended: asyncio.Event = field(default_factory=asyncio.Event)  # set once the record is forgotten
 
 
 class DecodeFlow:
@@ -144,6 +146,7 @@ class DecodeFlow:
         self.last_transfer: dict[str, str] = {}
         self.records: dict[str, DecodeRecord] = {}
         self.num_waiting_for_blocks = 0
+        self._quarantined: set[str] = set()  # req_ids whose reservation is kept for good (unfenced)
         self._background: set[asyncio.Task[None]] = set()
 
     # -- NodeRuntime's DisaggDecoder ----------------------------------------------------------
@@ -163,8 +166,7 @@ class DecodeFlow:
             params=params,
             protocol=a.protocol or codes.Protocol.TCP,
         )
-        if item.req_id in self.records:
-            raise EngineError("request is already being handed off here", req_id=item.req_id)
+        await self._retire_earlier_attempt(item)
         self.records[item.req_id] = rec
         try:
             outputs = await self._drive(rec)
@@ -183,6 +185,17 @@ class DecodeFlow:
             out_q.put_nowait(RequestOutput(req_id=rec.req_id, finish_reason=FinishReason.ABORT))
             return out_q
         return outputs
+
+    async def _retire_earlier_attempt(self, item: WorkItem) -> None:
+        """The earlier attempt may still fence its reservation (keyed by req_id): cancel it, wait (bounded);
+        else (or quarantined) a retryable DecodeCapacityError: the frontend places the request elsewhere."""
+        old = self.records.get(item.req_id)
+        if old is not None and old.item is not None and old.item.attempt < item.attempt:
+            self.cancel(item.req_id)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(old.ended.wait(), self.config.transfer_timeout_s)
+        if item.req_id in self.records or item.req_id in self._quarantined:
+            raise DecodeCapacityError("request is already being handed off here", req_id=item.req_id)
 
     def cancel(self, req_id: str) -> bool:
         """The frontend cancelled ``req_id``. True when this flow owns its cleanup (not admitted
@@ -441,6 +454,7 @@ class DecodeFlow:
                     self.counters.inc("reservations_quarantined")
                     log.error("could not fence the prefill node; KV blocks stay reserved", peer=rec.peer_id)
                     self.transitions.move(rec, S.QUARANTINED, "unfenced", "revoke not confirmed")
+                    self._quarantined.add(rec.req_id)
                     self._forget_if_ended(rec)
                     return
                 event = "revoked"
@@ -478,6 +492,7 @@ class DecodeFlow:
     def _forget_if_ended(self, rec: DecodeRecord) -> None:
         if not self.transitions.moves[rec.state] and self.records.get(rec.req_id) is rec:
             del self.records[rec.req_id]
+            rec.ended.set()
 
     async def close(self) -> None:
         """Wait for the background retirements (bounded by the channel's call timeout)."""

@@ -78,6 +78,7 @@ async def start_http_server(
         is_ready=instance.is_ready,
         metrics=metrics,
         api_key=instance.config.api_key,
+        max_request_bytes=instance.config.max_request_bytes,
         tool_call_parser=instance.config.tool_call_parser,
         eos_token_ids=sorted(engine.stop_checker.eos_token_ids),
     )

@@ -29,7 +29,7 @@ from splitwise.counters import Counters
 from splitwise.endpoint import Endpoint
 from splitwise.engine.engine import LLMEngine
 from splitwise.engine.kv_cache import default_shm_name
-from splitwise.instance.cluster_token import explicit_token, token_from_redis
+from splitwise.instance.cluster_token import explicit_token, keep_published, token_from_redis
 from splitwise.instance.config import InstanceConfig
 from splitwise.instance.decode_flow import DecodeFlow
 from splitwise.instance.engine_worker import EngineWorker
@@ -82,6 +82,7 @@ class Instance:
         self._http_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()  # abort_peer calls after a lost D
+        self._token_keeper: tuple[asyncio.Task[None], Any] | None = None  # re-publishes the Redis token
 
     # -- start --------------------------------------------------------------------------------
 
@@ -180,11 +181,17 @@ class Instance:
             return secrets.token_hex(32)  # no peers to authenticate
         from scheduler.connection import make_client
 
-        client = make_client(self.config.scheduler)
+        client = make_client(self.config.scheduler, max_connections=2)
+        keys = KeySchema(self.config.scheduler.scheduler_topic)
         try:
-            return await token_from_redis(client, KeySchema(self.config.scheduler.scheduler_topic))
-        finally:
+            token = await token_from_redis(client, keys)
+        except BaseException:
             await client.aclose()
+            raise
+        interval_s = self.config.scheduler.heartbeat_interval_s
+        keeper = keep_published(client, keys, token, interval_s=interval_s, counters=self.counters)
+        self._token_keeper = (asyncio.get_running_loop().create_task(keeper, name="cluster-token"), client)
+        return token
 
     def _compat(self) -> Compatibility:
         assert self.engine is not None
@@ -319,6 +326,10 @@ class Instance:
                     await asyncio.wait_for(side.close(), _CLOSE_STEP_S)
                 except (Exception, asyncio.TimeoutError) as exc:  # noqa: BLE001 - best effort at shutdown
                     log.warning("scheduler close failed", error=str(exc) or type(exc).__name__)
+        if self._token_keeper is not None:
+            self._token_keeper[0].cancel()
+            await asyncio.gather(self._token_keeper[0], return_exceptions=True)
+            await self._token_keeper[1].aclose()
         if self.decode_flow is not None:
             await self.decode_flow.close()
         if self.channel is not None:

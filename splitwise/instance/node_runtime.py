@@ -47,6 +47,9 @@ class PreparedRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     first_index: int  # index of the first token this attempt produces in the client's stream
+    # The tokens already delivered end the request (max_tokens reached, or a stop token): the
+    # attempt answers at once instead of generating one more (FinishReason value).
+    finished_by: str | None = None
 
 
 def prepare(item: WorkItem) -> PreparedRequest:
@@ -54,9 +57,19 @@ def prepare(item: WorkItem) -> PreparedRequest:
     delivered (re-dispatch)."""
     params = item.sampling_params
     resumed = list(item.resume_token_ids)
-    if resumed:
-        params = dataclasses.replace(params, max_tokens=max(1, params.max_tokens - len(resumed)))
-    return PreparedRequest(list(item.prompt_token_ids) + resumed, params, len(resumed))
+    prompt = list(item.prompt_token_ids) + resumed
+    if not resumed:
+        return PreparedRequest(prompt, params, 0)
+    if len(resumed) >= params.max_tokens:
+        return PreparedRequest(prompt, params, len(resumed), finished_by=FinishReason.LENGTH.value)
+    if resumed[-1] in params.stop_token_ids and len(resumed) >= params.min_tokens:
+        return PreparedRequest(prompt, params, len(resumed), finished_by=FinishReason.STOP.value)
+    params = dataclasses.replace(
+        params,
+        max_tokens=params.max_tokens - len(resumed),
+        min_tokens=max(0, params.min_tokens - len(resumed)),
+    )
+    return PreparedRequest(prompt, params, len(resumed))
 
 
 class NodeRuntime:
@@ -145,6 +158,19 @@ class NodeRuntime:
 
     async def _serve_inner(self, item: WorkItem) -> None:
         req = prepare(item)  # the params were validated when the work item was decoded
+        if req.finished_by is not None:
+            # Its node died after the last token but before the terminal: nothing is left to generate.
+            await self._terminal(
+                item,
+                Finished(
+                    req_id=item.req_id,
+                    attempt=item.attempt,
+                    finish_reason=req.finished_by,
+                    prompt_tokens=len(item.prompt_token_ids),
+                    completion_tokens=req.first_index,
+                ),
+            )
+            return
         if item.assignment.mode == Mode.DISAGG:
             if self.decoder is None:
                 raise EngineError("this node cannot decode disaggregated requests (role is not decode)")

@@ -55,6 +55,7 @@ class RedisServer:
         raise AssertionError("unreachable")
 
     def _start_once(self, timeout_s: float) -> RedisServer:
+        self.workdir.mkdir(parents=True, exist_ok=True)
         exe = shutil.which("redis-server")
         if exe is None:
             raise RedisServerError(
@@ -105,6 +106,7 @@ class RedisServer:
         )
 
     def stop(self) -> None:
+        """Stop the server and remove its working directory (start() makes a fresh one)."""
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
@@ -113,6 +115,7 @@ class RedisServer:
                 self.process.kill()
                 self.process.wait()
         self.process = None
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:

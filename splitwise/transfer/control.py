@@ -17,6 +17,9 @@ nonces so a recorded exchange cannot be replayed::
 
 Anything else (garbage bytes, silence past ``handshake_timeout_s``, a wrong message) is refused
 with Refused("protocol") where possible, logged, counted, and closed; the server keeps running.
+Before authentication a peer costs a bounded amount: its hello frame may declare at most
+``wire.PRE_AUTH_MAX_BYTES``, the whole handshake has one deadline, and at most ``MAX_HANDSHAKING``
+handshakes run at once (more connections are closed on accept).
 
 asyncio, on the instance's one event loop: the P/D flows that call and handle these messages own
 their requests' state on that loop, so a message is handled where the state lives, with no
@@ -58,6 +61,8 @@ from splitwise.transfer.messages import (
 log = get_logger("splitwise.transfer.control")
 
 _NONCE_BYTES = auth.NONCE_BYTES
+# Handshakes in progress per server (each also bounded by handshake_timeout_s and a hello-sized frame).
+MAX_HANDSHAKING = 32
 
 
 # The MAC and token rules live in splitwise.transfer.auth, shared with the rdma side channel (#11).
@@ -121,6 +126,11 @@ class ControlServer:
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
 
     def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._handshakes) >= MAX_HANDSHAKING:
+            # Unauthenticated connections are bounded: past the cap a new one is closed at once.
+            self.counters.inc("refused_over_cap")
+            writer.close()
+            return
         task = asyncio.get_running_loop().create_task(self._admit(reader, writer), name="control-handshake")
         self._handshakes.add(task)
         task.add_done_callback(self._handshakes.discard)
@@ -165,7 +175,7 @@ class ControlServer:
         server_nonce = os.urandom(_NONCE_BYTES)
         await wire.write_message(writer, AuthChallenge(self.node_id, server_nonce))
         try:
-            hello = expect_type(await wire.read_message(reader), AuthHello)
+            hello = expect_type(await wire.read_message(reader, max_bytes=wire.PRE_AUTH_MAX_BYTES), AuthHello)
         except ProtocolError as exc:
             await _try_send(writer, Refused(RefusalCode.PROTOCOL, str(exc)))
             raise

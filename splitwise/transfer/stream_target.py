@@ -63,6 +63,8 @@ from splitwise.transfer.tracking import AnyClock, TargetRequests
 from splitwise.transfer.wire import shutdown
 
 log = get_logger("splitwise.transfer")
+# Connections still in their handshake, per listening port: more are closed at once.
+MAX_HANDSHAKING = 32
 
 
 class StreamTarget(TransportTarget):
@@ -207,6 +209,12 @@ class StreamTarget(TransportTarget):
                 continue
             conn_id = next(self._conn_ids)
             with self._lock:
+                if len(self._conns) - len(self._conn_peers) >= MAX_HANDSHAKING:
+                    # Unauthenticated connections (and their threads) are bounded per port.
+                    self.counters.inc("connections_over_cap")
+                    log.warning("too many unauthenticated connections; closing", peer=f"{addr[0]}:{addr[1]}")
+                    sock.close()
+                    continue
                 self._conns[conn_id] = sock
                 self._conn_threads[conn_id] = self._spawn(
                     self._serve, f"conn-{conn_id}", conn_id, sock, f"{addr[0]}:{addr[1]}"
@@ -239,8 +247,13 @@ class StreamTarget(TransportTarget):
 
     def _handshake(self, sock: socket.socket, peer: str) -> str:
         kv = self._require_kv()
-        sock.settimeout(self.options.connect_timeout_s)
-        hello = expect_type(wire.recv_message(sock), XferHello)
+        # Before the hello is checked: a frame no larger than a hello, within one deadline for
+        # the whole handshake (a byte-per-interval drip is cut when it passes).
+        deadline = time.monotonic() + self.options.connect_timeout_s
+        hello = expect_type(
+            wire.recv_message(sock, max_bytes=wire.PRE_AUTH_MAX_BYTES, deadline=deadline), XferHello
+        )
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
         local = kv.geometry
         if not hmac.compare_digest(hello.access_key.encode(), self._access_key.encode()):
             wire.send_message(

@@ -16,13 +16,17 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 from splitwise.framing import pack_frame, read_frame, recv_frame
 from splitwise.transfer.errors import ConnectionLostError, ProtocolError, TransferTimeoutError
 from splitwise.transfer.messages import Message, decode, encode
 
 MAX_HEADER_BYTES = 16 * 1024 * 1024  # a header lists runs, never KV bytes; larger means garbage
+# Before authentication a peer may send only its hello (ids, nonce, mac, KV geometry: well under
+# 1 KiB): a larger declared frame is refused before anything is allocated for it.
+PRE_AUTH_MAX_BYTES = 16 * 1024
 _IOV_MAX = 512  # below every platform's IOV_MAX (1024 on Linux)
 # Bytes offered to one sendmsg/recvmsg_into call. Each call costs Python a buffer export per iovec,
 # but moves only about a socket buffer's worth, so offering many more iovecs than that makes the
@@ -113,15 +117,42 @@ def recv_into_buffers(sock: socket.socket, views: Sequence[memoryview]) -> None:
         first = _advance(pending, first, got)
 
 
-def recv_message(sock: socket.socket) -> Message:
-    """Read one framed message. ProtocolError on a bad length or a malformed header."""
-    return decode(recv_frame(sock, max_bytes=MAX_HEADER_BYTES, error=ProtocolError, fill=recv_into_exact))
+def recv_message(
+    sock: socket.socket, *, max_bytes: int = MAX_HEADER_BYTES, deadline: float | None = None
+) -> Message:
+    """Read one framed message. ProtocolError on a bad length or a malformed header. ``deadline``
+    (``time.monotonic``) bounds the whole read, not each recv: a peer dripping a byte at a time
+    cannot hold the connection past it (TransferTimeoutError)."""
+    fill = recv_into_exact if deadline is None else _fill_before(deadline)
+    return decode(recv_frame(sock, max_bytes=max_bytes, error=ProtocolError, fill=fill))
 
 
-async def read_message(reader: asyncio.StreamReader) -> Message:
+def _fill_before(deadline: float) -> Callable[[socket.socket, memoryview], None]:
+    def fill(sock: socket.socket, view: memoryview) -> None:
+        view = view.cast("B")
+        got = 0
+        while got < len(view):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TransferTimeoutError(f"deadline passed ({got}/{len(view)} bytes of a read)")
+            sock.settimeout(remaining)  # what is left of the deadline, however the bytes trickle in
+            try:
+                n = sock.recv_into(view[got:])
+            except TimeoutError:
+                raise TransferTimeoutError(f"deadline passed ({got}/{len(view)} bytes of a read)") from None
+            except OSError as exc:
+                raise ConnectionLostError(f"receive failed: {exc}") from None
+            if n == 0:
+                raise ConnectionLostError(f"peer closed the connection ({got}/{len(view)} bytes of a read)")
+            got += n
+
+    return fill
+
+
+async def read_message(reader: asyncio.StreamReader, *, max_bytes: int = MAX_HEADER_BYTES) -> Message:
     """``recv_message`` on an asyncio stream (the control channel). ConnectionLostError on EOF."""
     try:
-        return decode(await read_frame(reader, max_bytes=MAX_HEADER_BYTES, error=ProtocolError))
+        return decode(await read_frame(reader, max_bytes=max_bytes, error=ProtocolError))
     except asyncio.IncompleteReadError:
         raise ConnectionLostError("peer closed the connection") from None
     except OSError as exc:

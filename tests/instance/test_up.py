@@ -83,6 +83,7 @@ def test_up_serves_and_cleans_up(tiny_model: Path, tmp_path: Path) -> None:
             proc.kill()
             proc.wait()
     assert _pids_mentioning(log_dir) == []
+    assert not Path(log_dir).exists()  # temp dirs (logs, redis-server's) are removed on exit
     assert not _port_open(redis_port)
     port = int(base_url.rsplit(":", 1)[1].split("/")[0])
     assert not _port_open(port)

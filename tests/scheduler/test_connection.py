@@ -82,3 +82,15 @@ def test_outage_backs_off_then_recovers(config: SchedulerConfig, redis_server: R
             assert node.agent.stats.get("reregistered") >= 1
 
     run(body())
+
+
+def test_redis_server_fixture_removes_its_working_directory() -> None:
+    from splitwise.testing.redis_server import RedisServer
+
+    server = RedisServer().start()
+    workdir = server.workdir
+    assert workdir.is_dir()
+    server.restart()  # a restart starts empty, in a fresh directory
+    assert workdir.is_dir()
+    server.stop()
+    assert not workdir.exists()

@@ -87,3 +87,31 @@ def test_inspect_reports_unreachable_redis_clearly(config: SchedulerConfig, redi
     redis_server.stop()
     code, _out, err = run(_inspect(config, "--json"))
     assert code == 1 and "cannot reach Redis" in err and "--scheduler-host" in err
+
+
+def test_results_backlog_counts_only_unread_entries(config: SchedulerConfig) -> None:
+    """Entries the frontend already read are trimmed at its next heartbeat (exact MINID), so the
+    backlog inspect shows drops to 0 once the results are consumed (issue #13, item 9)."""
+    from splitwise.commands.inspect import collect
+
+    async def body() -> None:
+        async with cluster(config) as c:
+            await c.add_node("m0", "mixed")
+            fe = await c.add_frontend()
+            for i in range(5):
+                msgs = await (
+                    await fe.submit(SubmitRequest(req_id=f"r{i}", prompt_token_ids=[1, 2]))
+                ).collect()
+                assert isinstance(msgs[-1], Finished)
+
+            async def backlog() -> int:
+                report = await collect(config, req_id=None, dead_letter_limit=1)
+                [row] = [f for f in report["frontends"] if f["frontend_id"] == fe.frontend_id]
+                return int(row["results_backlog"])
+
+            deadline = asyncio.get_running_loop().time() + 10
+            while await backlog() != 0:
+                assert asyncio.get_running_loop().time() < deadline, await backlog()
+                await asyncio.sleep(0.05)
+
+    run(body())
