@@ -41,6 +41,13 @@ class SchedulerConfig:
     stream_maxlen: int = 100_000
     # The request log ({t}:log) keeps about this many entries (each holds one or more requests).
     log_maxlen: int = 100_000
+    # Conditional disaggregation (#15): the decode node prefills locally when the prompt's uncached
+    # part is shorter than this many tokens (0: never), or when every prefill node's booked prompt
+    # tokens exceed ``disagg_max_prefill_queue`` (0: never; then a group without a live prefill
+    # node is also served by its decode nodes alone). The dataclass defaults are off; the CLI's
+    # default for the first is DISAGG_MIN_PREFILL_TOKENS_DEFAULT (measured, docs/benchmarks.md).
+    disagg_min_prefill_tokens: int = 0
+    disagg_max_prefill_queue: int = 0
 
     def __post_init__(self) -> None:
         if self.scheduler_name not in SCHEDULER_NAMES:
@@ -64,6 +71,8 @@ class SchedulerConfig:
             ("--max-redispatch", self.max_redispatch, 0, False),
             ("--scheduler-dead-letter-ttl", self.dead_letter_ttl_s, 0, True),
             ("block_ms", self.block_ms, 1, False),
+            ("--disagg-min-prefill-tokens", self.disagg_min_prefill_tokens, 0, False),
+            ("--disagg-max-prefill-queue", self.disagg_max_prefill_queue, 0, False),
         ]
         for flag, value, low, strict in bounds:
             if value < low or (strict and value == low):
@@ -125,6 +134,8 @@ class SchedulerConfig:
             "scheduler_cluster": "scheduler_cluster",
             "scheduler_sentinel": "scheduler_sentinel",
             "scheduler_sentinel_service": "scheduler_sentinel_service",
+            "disagg_min_prefill_tokens": "disagg_min_prefill_tokens",
+            "disagg_max_prefill_queue": "disagg_max_prefill_queue",
         }
         kwargs = {field: options[opt] for opt, field in mapping.items() if options.get(opt) is not None}
         if options.get("scheduler_url"):
@@ -169,6 +180,10 @@ def parse_scheduler_url(url: str) -> dict[str, Any]:
 
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+# Below this many uncached prompt tokens the P/D hand-off costs more than prefilling on D
+# (measured on the development machine; docs/benchmarks.md, "Conditional disaggregation").
+DISAGG_MIN_PREFILL_TOKENS_DEFAULT = 32
 
 # (flag, click kwargs). Defaults repeat the dataclass defaults so --help shows them.
 _OPTIONS: list[tuple[str, dict[str, Any]]] = [
@@ -218,6 +233,23 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
         {"type": int, "default": 3, "help": "Missed heartbeats before a lease lapses (node or frontend)."},
     ),
     ("--max-redispatch", {"type": int, "default": 2, "help": "Re-dispatches of a request after node loss."}),
+    (
+        "--disagg-min-prefill-tokens",
+        {
+            "type": int,
+            "default": DISAGG_MIN_PREFILL_TOKENS_DEFAULT,
+            "help": "Prefill on the decode node when fewer prompt tokens than this are uncached (0: never).",
+        },
+    ),
+    (
+        "--disagg-max-prefill-queue",
+        {
+            "type": int,
+            "default": 0,
+            "help": "Prefill on the decode node when every prefill node has more booked prompt tokens "
+            "than this, or none is live (0: never).",
+        },
+    ),
 ]
 
 

@@ -57,6 +57,8 @@ def booking_members(
     """The booking members ``scripts.DISPATCH`` wrote for this pick (same format, rebuilt here)."""
     mode, p_member, d_member = picked
     tail = f"|{req_id}|{attempt}|"
+    if mode.startswith("local/"):  # conditional disaggregation: D alone, one decode slot
+        return [f"d|{group}|{d_member}{tail}{scripts.DECODE_BOOKING_UNIT}"]
     if mode == "mixed":
         return [f"m|{group}|{p_member}{tail}{prompt_tokens + 1}"]
     return [
@@ -68,10 +70,20 @@ def booking_members(
 class Dispatcher:
     """Runs the dispatch script for one topic."""
 
-    def __init__(self, client: aioredis.Redis, keys: KeySchema, *, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        keys: KeySchema,
+        *,
+        rng: random.Random | None = None,
+        min_prefill_tokens: int = 0,
+        max_prefill_queue: int = 0,
+    ) -> None:
         self._client = client
         self._keys = keys
         self._rng = rng or random.Random()
+        self._min_prefill_tokens = min_prefill_tokens  # --disagg-min-prefill-tokens
+        self._max_prefill_queue = max_prefill_queue  # --disagg-max-prefill-queue
 
     async def pick(
         self,
@@ -84,7 +96,8 @@ class Dispatcher:
         expire_at_ms: int,
     ) -> tuple[str, str, str] | None:
         """Pick and book within one group: (mode, prefill member, decode member), None when nobody
-        live can take it."""
+        live can take it. Mode ``local/<why>`` (why: short_prompt, prefill_queue, no_prefill): the
+        decode node was booked alone and prefills locally (conditional disaggregation)."""
         k = self._keys
         answer = await scripts.DISPATCH.call(
             self._client,
@@ -106,6 +119,8 @@ class Dispatcher:
                 self._rng.randrange(1, 2147483646),
                 group.group,
                 scripts.DECODE_BOOKING_UNIT,
+                self._min_prefill_tokens,
+                self._max_prefill_queue,
             ],
         )
         if not answer:
@@ -142,7 +157,7 @@ class Dispatcher:
             "group": group.group,
             "bookings": bookings,
         }
-        if mode == "mixed":
+        if mode == "mixed" or mode.startswith("local/"):  # local: D serves it alone, as a mixed node
             return Assignment(mode="mixed", **common)  # type: ignore[arg-type]
         protocol = choose_protocol(prefill, decode)
         if protocol is None:

@@ -105,7 +105,12 @@ class FrontendScheduler:
         """Connect, check Redis >= 6.2 and read the cluster. Raises SchedulerConnectionError/RedisVersionError."""
         self._client = make_client(self.config)
         await check_server(self._client, self.config)
-        self._dispatcher = Dispatcher(self._client, self.keys)
+        self._dispatcher = Dispatcher(
+            self._client,
+            self.keys,
+            min_prefill_tokens=self.config.disagg_min_prefill_tokens,
+            max_prefill_queue=self.config.disagg_max_prefill_queue,
+        )
         self._view = ClusterView(self._client, self.keys)
         self._heartbeater = Heartbeater(
             f"frontend-heartbeat-{self.frontend_id}", self.config, self._retrier, self._beat
@@ -242,13 +247,14 @@ class FrontendScheduler:
                     )
                     await self._dispatcher.release(members)
                     raise
-                if await self._enqueue(fl, assignment):
+                if await self._enqueue(fl, assignment, local=picked[0].partition("/")[2]):
                     return
         raise NoCapacityError(
             f"no live prefill/decode pair or mixed node serves model {fl.model_id!r}", req_id=fl.req_id
         )
 
-    async def _enqueue(self, fl: FrontendRecord, assignment: Assignment) -> bool:
+    async def _enqueue(self, fl: FrontendRecord, assignment: Assignment, *, local: str = "") -> bool:
+        """``local``: why the decode node prefills this request itself (conditional disaggregation)."""
         assert self._client is not None and self._dispatcher is not None
         item = WorkItem(
             req_id=fl.req_id,
@@ -272,11 +278,14 @@ class FrontendScheduler:
             self.stats.inc("work_stream_missing")
             await self._dispatcher.release(list(assignment.bookings))
             return False
+        mode = f"local({local})" if local else assignment.mode
+        if local:
+            self.stats.inc(f"dispatched_local_{local}")
         fl.note(
             self._clock.time_ms(),
             "dispatched",
             self.frontend_id,
-            f"{assignment.mode} p={assignment.prefill_node_id} d={assignment.decode_node_id} "
+            f"{mode} p={assignment.prefill_node_id} d={assignment.decode_node_id} "
             f"protocol={assignment.protocol} attempt={fl.attempt}",
         )
         fl.assignment, fl.entry_id, fl.pending_since_ms = assignment, entry_id, None

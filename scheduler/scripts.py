@@ -28,14 +28,17 @@ DISPATCH = LuaScript(
 -- ARGV[5] prompt tokens  ARGV[6] roles present in the group ('p','d','m' letters)
 -- ARGV[7] sample size k  ARGV[8] random seed (tie-break)  ARGV[9] group id
 -- ARGV[10] decode booking unit
+-- ARGV[11] min prefill tokens, ARGV[12] max prefill queue (conditional disaggregation; 0: off)
 -- Cost: one ZRANGE of k members per role present, one ZMSCORE, one ZADD, one ZADD INCR per booked
 -- node, whatever the number of nodes. Members whose lease lapsed are removed from their candidate
 -- set and the alive set (their next heartbeat re-registers them), so they are paid for once.
--- Returns {} when no live pair or mixed node exists, else {mode, prefill member, decode member}.
+-- Returns {} when no live pair or mixed node exists, else {mode, prefill member, decode member};
+-- mode 'local/<why>' books the decode node alone, which then prefills locally.
 local alive, bookings = KEYS[1], KEYS[2]
 local now, expire_at, req_id, attempt = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
 local prompt, roles, k, seed, group = tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9]
 local unit = tonumber(ARGV[10])
+local min_prefill, max_queue = tonumber(ARGV[11] or 0), tonumber(ARGV[12] or 0)
 local sets = {p = KEYS[3], d = KEYS[4], m = KEYS[5]}
 local best = {}
 
@@ -89,6 +92,21 @@ if best.m and (not (best.p and best.d) or best.m[2] <= best.p[2]) then
   redis.call('ZADD', bookings, expire_at, 'm|' .. group .. '|' .. m .. tail .. (prompt + 1))
   redis.call('ZADD', sets.m, 'XX', 'INCR', prompt + 1, m)
   return {'mixed', m, m}
+end
+-- Conditional disaggregation (#15), a section of its own: the decode node prefills locally when
+-- the prompt is too short to be worth a hand-off, when even the least-loaded prefill queue is past
+-- the limit, or (with that limit set) when no prefill node is live. Only D is booked.
+if best.d then
+  local why = nil
+  if max_queue > 0 and not best.p then why = 'no_prefill'
+  elseif best.p and max_queue > 0 and best.p[2] > max_queue then why = 'prefill_queue'
+  elseif best.p and prompt < min_prefill then why = 'short_prompt' end
+  if why then
+    local d = best.d[1]
+    redis.call('ZADD', bookings, expire_at, 'd|' .. group .. '|' .. d .. tail .. unit)
+    redis.call('ZADD', sets.d, 'XX', 'INCR', unit, d)
+    return {'local/' .. why, d, d}
+  end
 end
 if not (best.p and best.d) then return {} end
 local p, d = best.p[1], best.d[1]

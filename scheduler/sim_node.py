@@ -162,6 +162,10 @@ def config_args(config: SchedulerConfig) -> list[str]:
         str(config.heartbeat_interval_s),
         "--scheduler-dead-after-missed",
         str(config.dead_after_missed),
+        "--disagg-min-prefill-tokens",
+        str(config.disagg_min_prefill_tokens),
+        "--disagg-max-prefill-queue",
+        str(config.disagg_max_prefill_queue),
     ]
     if config.scheduler_cluster:
         args.append("--scheduler-cluster")

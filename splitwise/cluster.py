@@ -64,7 +64,8 @@ class ClusterSpec:
     heartbeat_interval_s: float = 1.0
     dead_after_missed: int = 3
     threads_per_instance: int | None = None
-    extra_args: list[str] = field(default_factory=list)
+    extra_args: list[str] = field(default_factory=list)  # `serve` flags of every instance
+    scheduler_args: list[str] = field(default_factory=list)  # scheduler flags of instances and routers
     env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -141,13 +142,15 @@ class LocalCluster:
             str(self.spec.heartbeat_interval_s),
             "--scheduler-dead-after-missed",
             str(self.spec.dead_after_missed),
+            *self.spec.scheduler_args,
         ]
 
-    def spawn_router(self, name: str, port: int = 0) -> Child:
-        """Start one `splitwise router` (more than one may serve a cluster; tests start a second)."""
+    def spawn_router(self, name: str, port: int = 0, extra: list[str] | None = None) -> Child:
+        """Start one `splitwise router` (more than one may serve a cluster; tests start a second).
+        ``extra``: its own flags after the cluster's scheduler flags (the later one wins)."""
         ready = self.log_dir / f"{name}.ready.json"
         args = [sys.executable, "-m", "splitwise.cli", "--log-level", "INFO", "router", "--port", str(port)]
-        args += [*self._scheduler_args(), "--ready-file", str(ready)]
+        args += [*self._scheduler_args(), *(extra or []), "--ready-file", str(ready)]
         if self.spec.model:
             args += ["--model", self.spec.model]
         return self._popen(name, "router", args, ready, {})
