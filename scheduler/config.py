@@ -48,6 +48,10 @@ class SchedulerConfig:
     # default for the first is DISAGG_MIN_PREFILL_TOKENS_DEFAULT (measured, docs/benchmarks.md).
     disagg_min_prefill_tokens: int = 0
     disagg_max_prefill_queue: int = 0
+    # KV-aware routing (#15; scripts.DISPATCH documents the formula): how much a candidate's cached
+    # prefix lowers its load score. 0: load only. The CLI's defaults are 1.0.
+    kv_overlap_weight_prefill: float = 0.0
+    kv_overlap_weight_decode: float = 0.0
 
     def __post_init__(self) -> None:
         if self.scheduler_name not in SCHEDULER_NAMES:
@@ -73,6 +77,8 @@ class SchedulerConfig:
             ("block_ms", self.block_ms, 1, False),
             ("--disagg-min-prefill-tokens", self.disagg_min_prefill_tokens, 0, False),
             ("--disagg-max-prefill-queue", self.disagg_max_prefill_queue, 0, False),
+            ("--kv-overlap-weight-prefill", self.kv_overlap_weight_prefill, 0, False),
+            ("--kv-overlap-weight-decode", self.kv_overlap_weight_decode, 0, False),
         ]
         for flag, value, low, strict in bounds:
             if value < low or (strict and value == low):
@@ -136,6 +142,8 @@ class SchedulerConfig:
             "scheduler_sentinel_service": "scheduler_sentinel_service",
             "disagg_min_prefill_tokens": "disagg_min_prefill_tokens",
             "disagg_max_prefill_queue": "disagg_max_prefill_queue",
+            "kv_overlap_weight_prefill": "kv_overlap_weight_prefill",
+            "kv_overlap_weight_decode": "kv_overlap_weight_decode",
         }
         kwargs = {field: options[opt] for opt, field in mapping.items() if options.get(opt) is not None}
         if options.get("scheduler_url"):
@@ -248,6 +256,24 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
             "default": 0,
             "help": "Prefill on the decode node when every prefill node has more booked prompt tokens "
             "than this, or none is live (0: never).",
+        },
+    ),
+    (
+        "--kv-overlap-weight-prefill",
+        {
+            "type": float,
+            "default": 1.0,
+            "help": "KV-aware routing: prompt tokens a prefill node's cached prefix takes off its "
+            "booked load, per cached token (0: load only).",
+        },
+    ),
+    (
+        "--kv-overlap-weight-decode",
+        {
+            "type": float,
+            "default": 1.0,
+            "help": "KV-aware routing: booked requests a decode node holding the whole prompt prefix "
+            "is worth (scaled by the cached fraction; 0: load only).",
         },
     ),
 ]

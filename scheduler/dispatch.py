@@ -78,12 +78,14 @@ class Dispatcher:
         rng: random.Random | None = None,
         min_prefill_tokens: int = 0,
         max_prefill_queue: int = 0,
+        overlap_weights: tuple[float, float] = (0.0, 0.0),
     ) -> None:
         self._client = client
         self._keys = keys
         self._rng = rng or random.Random()
         self._min_prefill_tokens = min_prefill_tokens  # --disagg-min-prefill-tokens
         self._max_prefill_queue = max_prefill_queue  # --disagg-max-prefill-queue
+        self._overlap_weights = overlap_weights  # --kv-overlap-weight-prefill/-decode
 
     async def pick(
         self,
@@ -94,10 +96,16 @@ class Dispatcher:
         attempt: int,
         now_ms: int,
         expire_at_ms: int,
+        prefix_hashes: list[str] | None = None,
+        block_size: int = 0,
+        hits_out: list[int] | None = None,
     ) -> tuple[str, str, str] | None:
         """Pick and book within one group: (mode, prefill member, decode member), None when nobody
         live can take it. Mode ``local/<why>`` (why: short_prompt, prefill_queue, no_prefill): the
-        decode node was booked alone and prefills locally (conditional disaggregation)."""
+        decode node was booked alone and prefills locally (conditional disaggregation).
+        ``prefix_hashes`` (``prefix_index.prompt_block_hashes``) turn on KV-aware scoring when a
+        weight is set; ``hits_out`` then receives the cached prefix blocks of the picked P and D."""
+        hashes = prefix_hashes if any(self._overlap_weights) and block_size > 0 else None
         k = self._keys
         answer = await scripts.DISPATCH.call(
             self._client,
@@ -121,11 +129,17 @@ class Dispatcher:
                 scripts.DECODE_BOOKING_UNIT,
                 self._min_prefill_tokens,
                 self._max_prefill_queue,
+                *self._overlap_weights,
+                k.prefix_index(""),
+                block_size,
+                *(hashes or []),
             ],
         )
         if not answer:
             return None
-        mode, p_member, d_member = (v.decode() for v in answer)
+        mode, p_member, d_member = (v.decode() for v in answer[:3])
+        if hits_out is not None:
+            hits_out[:] = [int(v) for v in answer[3:5]]
         return mode, p_member, d_member
 
     def assignment(

@@ -49,8 +49,9 @@ from scheduler.messages import (
 )
 from scheduler.metrics import Counters
 from scheduler.outbox import log_fields
+from scheduler.prefix_index import prompt_block_hashes
 from scheduler.records import lines, write_dead_letter
-from scheduler.registry import ClusterView, split_member
+from scheduler.registry import CandidateGroup, ClusterView, split_member
 from scheduler.retry import Retrier
 from scheduler.scripting import Batch
 from scheduler.states import FrontendState
@@ -110,6 +111,7 @@ class FrontendScheduler:
             self.keys,
             min_prefill_tokens=self.config.disagg_min_prefill_tokens,
             max_prefill_queue=self.config.disagg_max_prefill_queue,
+            overlap_weights=(self.config.kv_overlap_weight_prefill, self.config.kv_overlap_weight_decode),
         )
         self._view = ClusterView(self._client, self.keys)
         self._heartbeater = Heartbeater(
@@ -223,6 +225,8 @@ class FrontendScheduler:
             if refresh:
                 await self._monitor.refresh_view()  # a node may have just joined
             for group in self._view.candidate_groups(fl.model_id, self.kv, now):
+                block_size, hashes = self._prefix_hashes(fl, group)
+                hits: list[int] = []
                 picked = await self._dispatcher.pick(
                     fl.req_id,
                     group,
@@ -230,6 +234,9 @@ class FrontendScheduler:
                     attempt=fl.attempt,
                     now_ms=now,
                     expire_at_ms=fl.deadline_ms,
+                    prefix_hashes=hashes,
+                    block_size=block_size,
+                    hits_out=hits,
                 )
                 if picked is None:
                     continue
@@ -247,14 +254,28 @@ class FrontendScheduler:
                     )
                     await self._dispatcher.release(members)
                     raise
-                if await self._enqueue(fl, assignment, local=picked[0].partition("/")[2]):
+                kv = f" kv_blocks={hits[0]}/{hits[1]}/{len(hashes)}" if hits and hashes else ""
+                if await self._enqueue(fl, assignment, local=picked[0].partition("/")[2], kv=kv):
                     return
         raise NoCapacityError(
             f"no live prefill/decode pair or mixed node serves model {fl.model_id!r}", req_id=fl.req_id
         )
 
-    async def _enqueue(self, fl: FrontendRecord, assignment: Assignment, *, local: str = "") -> bool:
-        """``local``: why the decode node prefills this request itself (conditional disaggregation)."""
+    def _prefix_hashes(self, fl: FrontendRecord, group: CandidateGroup) -> tuple[int, list[str]]:
+        """(block size, the prompt's leading block hashes) for KV-aware scoring in ``group``."""
+        if not (self.config.kv_overlap_weight_prefill or self.config.kv_overlap_weight_decode):
+            return 0, []
+        block_size = next(iter(group.nodes.values())).kv.block_size if group.nodes else 0
+        if block_size < 1:
+            return 0, []
+        tokens = [*fl.request.prompt_token_ids, *fl.delivered]
+        return block_size, prompt_block_hashes(tokens, block_size)
+
+    async def _enqueue(
+        self, fl: FrontendRecord, assignment: Assignment, *, local: str = "", kv: str = ""
+    ) -> bool:
+        """``local``: why the decode node prefills this request itself (conditional disaggregation);
+        ``kv``: the cached prefix blocks of P / D / hashed, for the record (KV-aware routing)."""
         assert self._client is not None and self._dispatcher is not None
         item = WorkItem(
             req_id=fl.req_id,
@@ -286,7 +307,7 @@ class FrontendScheduler:
             "dispatched",
             self.frontend_id,
             f"{mode} p={assignment.prefill_node_id} d={assignment.decode_node_id} "
-            f"protocol={assignment.protocol} attempt={fl.attempt}",
+            f"protocol={assignment.protocol} attempt={fl.attempt}{kv}",
         )
         fl.assignment, fl.entry_id, fl.pending_since_ms = assignment, entry_id, None
         fl.move(FrontendState.QUEUED, self.stats, why="dispatched")

@@ -166,6 +166,10 @@ def config_args(config: SchedulerConfig) -> list[str]:
         str(config.disagg_min_prefill_tokens),
         "--disagg-max-prefill-queue",
         str(config.disagg_max_prefill_queue),
+        "--kv-overlap-weight-prefill",
+        str(config.kv_overlap_weight_prefill),
+        "--kv-overlap-weight-decode",
+        str(config.kv_overlap_weight_decode),
     ]
     if config.scheduler_cluster:
         args.append("--scheduler-cluster")

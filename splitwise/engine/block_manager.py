@@ -88,6 +88,12 @@ class BlockManager:
     def referenced_block_ids(self) -> list[int]:
         return self._pool.referenced_block_ids()
 
+    def take_cache_changes(
+        self, *, full: bool = False
+    ) -> tuple[list[tuple[BlockHash, bool]], list[BlockHash] | None]:
+        """The prefix cache's changes for the Redis prefix index (``BlockPool.take_changes``)."""
+        return self._pool.take_changes(full=full)
+
     def ref_count(self, block_id: int) -> int:
         return self._pool.ref_count(block_id)
 

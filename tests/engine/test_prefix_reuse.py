@@ -49,3 +49,17 @@ def test_reuse_counts_unreferenced_hit_blocks_as_taken() -> None:
         bm.reserve("big", 4 * 5, prefix)  # 2 reused + 3 fresh > 4 blocks
     assert bm.num_referenced_blocks == 0 and not bm.has_reservation("big")
     assert bm.reserve("fits", 16, prefix)[:2] == list(prefix.block_ids)
+
+
+def test_the_pool_logs_cached_and_evicted_hashes_for_the_prefix_index() -> None:
+    bm = BlockManager(num_blocks=3, block_size=4)
+    assert bm.take_cache_changes() == ([], [])  # first call: a snapshot (of an empty cache)
+    cached_turn(bm, list(range(8)))  # caches 2 blocks
+    changes, snapshot = bm.take_cache_changes()
+    assert snapshot is None and [cached for _h, cached in changes] == [True, True]
+    first, second = (h for h, _c in changes)
+    seq = Sequence(req_id="other", prompt_token_ids=[90] * 12, params=SamplingParams())
+    bm.allocate(seq, 12)  # needs all 3 blocks: both cached ones are evicted (the LRU first)
+    changes, snapshot = bm.take_cache_changes()
+    assert snapshot is None and sorted(changes) == sorted([(first, False), (second, False)])
+    assert bm.take_cache_changes(full=True) == ([], [])
