@@ -104,8 +104,9 @@ class Dispatcher:
         live can take it. Mode ``local/<why>`` (why: short_prompt, prefill_queue, no_prefill): the
         decode node was booked alone and prefills locally (conditional disaggregation).
         ``prefix_hashes`` (``prefix_index.prompt_block_hashes``) turn on KV-aware scoring when a
-        weight is set; ``hits_out`` then receives the cached prefix blocks of the picked P and D."""
-        hashes = prefix_hashes if any(self._overlap_weights) and block_size > 0 else None
+        weight is set; ``hits_out`` receives the cached prefix blocks of the picked P and D (also
+        with both weights 0: load-only routing, recorded for comparison)."""
+        hashes = prefix_hashes if block_size > 0 else None
         k = self._keys
         answer = await scripts.DISPATCH.call(
             self._client,

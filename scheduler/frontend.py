@@ -262,9 +262,8 @@ class FrontendScheduler:
         )
 
     def _prefix_hashes(self, fl: FrontendRecord, group: CandidateGroup) -> tuple[int, list[str]]:
-        """(block size, the prompt's leading block hashes) for KV-aware scoring in ``group``."""
-        if not (self.config.kv_overlap_weight_prefill or self.config.kv_overlap_weight_decode):
-            return 0, []
+        """(block size, the prompt's leading block hashes) for KV-aware scoring in ``group`` (sent
+        with weights 0 too: the record then shows what load-only routing found cached)."""
         block_size = next(iter(group.nodes.values())).kv.block_size if group.nodes else 0
         if block_size < 1:
             return 0, []

@@ -3,7 +3,7 @@
 Node side (``PrefixIndexPublisher``): each prefill/decode node mirrors its prefix cache into one
 SET ``{t}:pfx:<node>`` of block hashes, the engine's own chained hashes (``hash_block``) cut to 64
 bits as 16 hex digits. It sends only what changed since the last publish (blocks cached, blocks
-evicted), once per heartbeat interval, and a full snapshot at start, after a Redis error, and when
+evicted), every 100 ms when something changed, and a full snapshot at start, after a Redis error, and when
 more changed than the cache holds. Every publish refreshes the key's TTL; a node that dies leaves a
 set that expires, and dispatch never scores a node whose lease lapsed anyway.
 

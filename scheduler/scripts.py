@@ -148,7 +148,8 @@ redis.call('ZADD', bookings, expire_at, 'p|' .. group .. '|' .. p .. tail .. pro
   expire_at, 'd|' .. group .. '|' .. d .. tail .. unit)
 redis.call('ZADD', sets.p, 'XX', 'INCR', prompt, p)
 redis.call('ZADD', sets.d, 'XX', 'INCR', unit, d)
-return {'disagg', p, d, hits[p] or 0, hits[d] or 0}
+if #hashes == 0 then return {'disagg', p, d} end
+return {'disagg', p, d, cached_blocks(p), cached_blocks(d)}  -- for the record, weights or not
 """,
 )
 

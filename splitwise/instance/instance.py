@@ -260,7 +260,7 @@ class Instance:
         """KV-aware routing: mirror this node's prefix cache into the Redis prefix index."""
         from scheduler.connection import make_client
         from scheduler.prefix_index import PrefixIndexPublisher
-        from splitwise.instance.prefix_publisher import PrefixIndexLoop
+        from splitwise.instance.prefix_publisher import PUBLISH_INTERVAL_S, PrefixIndexLoop
 
         assert self.worker is not None
         sched = self.config.scheduler
@@ -269,7 +269,10 @@ class Instance:
             self._index_client, KeySchema(sched.scheduler_topic), self.node_id, ttl_ms=sched.ttl_ms
         )
         self.prefix_index = PrefixIndexLoop(
-            self.worker, publisher, self.counters, interval_s=sched.heartbeat_interval_s
+            self.worker,
+            publisher,
+            self.counters,
+            interval_s=min(PUBLISH_INTERVAL_S, sched.heartbeat_interval_s),
         )
         self.prefix_index.start()
 

@@ -1,6 +1,6 @@
 """Keeps this node's entry of the Redis prefix index current (KV-aware routing, #15).
 
-    every heartbeat interval: take the prefix cache's changes (engine thread) -> publish them
+    every 100 ms: take the prefix cache's changes (engine thread) -> publish them, if any
 
 The engine thread owns the block pool; the loop reaches it only through ``EngineWorker.call``
 between steps. A failed publish (Redis away) loses that delta, so the next one is a full snapshot.
@@ -19,7 +19,10 @@ from splitwise.logging import get_logger
 
 log = get_logger(__name__)
 
-_REFRESH_EVERY = 10  # intervals without a change after which the key's TTL is refreshed anyway
+# Publishing often keeps the index close to the cache (a chat's next turn may follow within a
+# second): a tick without changes costs one hop to the engine thread and nothing in Redis.
+PUBLISH_INTERVAL_S = 0.1
+_REFRESH_EVERY = 100  # ticks without a change after which the key's TTL is refreshed anyway
 
 
 class PrefixIndexLoop:

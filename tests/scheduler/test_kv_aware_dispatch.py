@@ -97,14 +97,20 @@ def test_evicted_blocks_leave_the_index_and_load_decides_again(config: Scheduler
     run(body())
 
 
-def test_weights_zero_is_load_only_and_sends_no_hashes(config: SchedulerConfig) -> None:
+def test_weights_zero_is_load_only_but_records_what_was_cached(config: SchedulerConfig) -> None:
+    prompt = list(range(1, 120))
+
     async def body() -> None:
-        async with cluster(config) as c:
+        async with cluster(config) as c:  # weights 0 (the dataclass default)
             await c.add_node("p0", "prefill", serve=False)
+            await c.add_node("p1", "prefill", serve=False)
             await c.add_node("d0", "decode", serve=False)
             fe = await c.add_frontend()
-            await fe.submit(SubmitRequest(req_id="r", prompt_token_ids=list(range(100))))
+            await fe.submit(SubmitRequest(req_id="warm", prompt_token_ids=[7] * 100))
+            [busy] = booked_prefill(await booked(fe))
+            await PrefixIndexPublisher(fe.client, fe.keys, busy, ttl_ms=60_000).publish([], chain(prompt, 7))
+            await fe.submit(SubmitRequest(req_id="r", prompt_token_ids=prompt))
             detail = dispatched(fe, "r")
-            assert "kv_blocks" not in detail
+            assert f"p={busy}" not in detail and "kv_blocks=0/0/7" in detail, detail  # load decided
 
     run(body())
