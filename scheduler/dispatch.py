@@ -105,7 +105,8 @@ class Dispatcher:
         decode node was booked alone and prefills locally (conditional disaggregation).
         ``prefix_hashes`` (``prefix_index.prompt_block_hashes``) turn on KV-aware scoring when a
         weight is set; ``hits_out`` receives the cached prefix blocks of the picked P and D (also
-        with both weights 0: load-only routing, recorded for comparison)."""
+        with both weights 0: load-only routing, recorded for comparison) and the prompt tokens
+        booked on P (the ``prompt_tokens`` of ``booking_members`` for this pick)."""
         hashes = prefix_hashes if block_size > 0 else None
         k = self._keys
         answer = await scripts.DISPATCH.call(
@@ -140,7 +141,7 @@ class Dispatcher:
             return None
         mode, p_member, d_member = (v.decode() for v in answer[:3])
         if hits_out is not None:
-            hits_out[:] = [int(v) for v in answer[3:5]]
+            hits_out[:] = [int(v) for v in answer[3:6]]
         return mode, p_member, d_member
 
     def assignment(

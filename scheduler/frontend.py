@@ -240,17 +240,18 @@ class FrontendScheduler:
                 )
                 if picked is None:
                     continue
+                booked = hits[2] if len(hits) > 2 else prompt_tokens  # P's booking: uncached tokens
                 nodes = group.nodes
                 if any(split_member(m)[0] not in nodes for m in picked[1:]):
                     await self._monitor.refresh_view()  # booked a node that registered after our last look
                     nodes = {n: s.info for n, s in self._view.nodes.items()}
                 try:
                     assignment = self._dispatcher.assignment(
-                        fl.req_id, group, picked, prompt_tokens=prompt_tokens, attempt=fl.attempt, nodes=nodes
+                        fl.req_id, group, picked, prompt_tokens=booked, attempt=fl.attempt, nodes=nodes
                     )
                 except NoCapacityError:
                     members = booking_members(
-                        fl.req_id, group.group, picked, prompt_tokens=prompt_tokens, attempt=fl.attempt
+                        fl.req_id, group.group, picked, prompt_tokens=booked, attempt=fl.attempt
                     )
                     await self._dispatcher.release(members)
                     raise

@@ -36,7 +36,8 @@ DISPATCH = LuaScript(
 -- set and the alive set (their next heartbeat re-registers them), so they are paid for once.
 -- Returns {} when no live pair or mixed node exists, else {mode, prefill member, decode member};
 -- mode 'local/<why>' books the decode node alone, which then prefills locally. A disaggregated
--- pick also returns the cached prefix blocks of P and of D found in the index.
+-- pick with hashes also returns the cached prefix blocks of P and of D found in the index and the
+-- prompt tokens booked on P (with a prefill weight set: the uncached part only).
 local alive, bookings = KEYS[1], KEYS[2]
 local now, expire_at, req_id, attempt = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
 local prompt, roles, k, seed, group = tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9]
@@ -144,12 +145,16 @@ if best.d then
 end
 if not (best.p and best.d) then return {} end
 local p, d = best.p[1], best.d[1]
-redis.call('ZADD', bookings, expire_at, 'p|' .. group .. '|' .. p .. tail .. prompt,
+-- KV-aware: P is booked for the tokens it will compute (its cached prefix is not work to queue).
+local p_amount = prompt
+if #hashes > 0 and w_p > 0 then p_amount = math.max(1, prompt - cached_blocks(p) * block_size) end
+redis.call('ZADD', bookings, expire_at, 'p|' .. group .. '|' .. p .. tail .. p_amount,
   expire_at, 'd|' .. group .. '|' .. d .. tail .. unit)
-redis.call('ZADD', sets.p, 'XX', 'INCR', prompt, p)
+redis.call('ZADD', sets.p, 'XX', 'INCR', p_amount, p)
 redis.call('ZADD', sets.d, 'XX', 'INCR', unit, d)
 if #hashes == 0 then return {'disagg', p, d} end
-return {'disagg', p, d, cached_blocks(p), cached_blocks(d)}  -- for the record, weights or not
+-- for the record (weights or not) and the booking members: P's and D's cached blocks, P's amount
+return {'disagg', p, d, cached_blocks(p), cached_blocks(d), p_amount}
 """,
 )
 

@@ -8,8 +8,8 @@ the previous one ended.
 Configurations, in one run (the built-in `small` model unless --tokenizer names another dir):
 
   cluster A (decode-side reuse on): router `load-only` (overlap weights 0) and router `kv-aware`
-      (weights 1), the conversations split between them and run at the same time (interleaved);
-  cluster B (--no-decode-prefix-reuse): router `kv-aware, no reuse`.
+      (weights 1), each with its own conversations, all running at the same time (interleaved);
+  cluster B (--no-decode-prefix-reuse): the same two routers and load, after cluster A.
 
 Every request is handed off (``--disagg-min-prefill-tokens 0``) so the figures isolate routing and
 reuse. Per request the scheduler's record in Redis gives: P's cached prefix blocks at dispatch (the
@@ -212,7 +212,7 @@ def run_multiturn(spec: MultiturnSpec) -> tuple[list[Turn], int]:
     block_bytes = 0
     setups: list[tuple[list[str], dict[str, list[str]]]] = [
         ([], {"load-only": LOAD_ONLY, "kv-aware": []}),
-        (["--no-decode-prefix-reuse"], {"kv-aware, no reuse": []}),
+        (["--no-decode-prefix-reuse"], {"load-only, no reuse": LOAD_ONLY, "kv-aware, no reuse": []}),
     ]
     for extra, routers in setups:
         cluster = _cluster(spec, extra)

@@ -66,6 +66,10 @@ def test_the_node_holding_the_prefix_wins_over_a_less_loaded_one(config: Schedul
             assert "p=p1" in detail, detail
             assert "kv_blocks=10/12/12" in detail, detail
             assert "d=d1" in detail, detail
+            # P is booked for what it computes: 199 prompt tokens - 160 cached.
+            assert booked_prefill(await booked(fe)) == {"p0": 100, "p1": 100 + 39}
+            await fe.cancel("r")  # releases exactly the members the script booked
+            assert booked_prefill(await booked(fe)) == {"p0": 100, "p1": 100}
 
     run(body())
 
