@@ -49,7 +49,7 @@ class SchedulerConfig:
     disagg_min_prefill_tokens: int = 0
     disagg_max_prefill_queue: int = 0
     # KV-aware routing (#15; scripts.DISPATCH documents the formula): how much a candidate's cached
-    # prefix lowers its load score. 0: load only. The CLI's defaults are 1.0.
+    # prefix lowers its load score. 0: load only. The CLI's defaults are 1.0 (prefill), 2.0 (decode).
     kv_overlap_weight_prefill: float = 0.0
     kv_overlap_weight_decode: float = 0.0
 
@@ -192,6 +192,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 # Below this many uncached prompt tokens the P/D hand-off costs more than prefilling on D
 # (measured on the development machine; docs/benchmarks.md, "Conditional disaggregation").
 DISAGG_MIN_PREFILL_TOKENS_DEFAULT = 32
+# A decode node holding the whole prefix is worth 2 booked requests: with 1, a D one request busier
+# never won even with the prefix, and the multi-turn bench reused only 0.75 of the ideal on D
+# (docs/benchmarks.md); one more request in a decode batch costs far less than shipping the prefix.
+KV_OVERLAP_WEIGHT_DECODE_DEFAULT = 2.0
 
 # (flag, click kwargs). Defaults repeat the dataclass defaults so --help shows them.
 _OPTIONS: list[tuple[str, dict[str, Any]]] = [
@@ -271,7 +275,7 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
         "--kv-overlap-weight-decode",
         {
             "type": float,
-            "default": 1.0,
+            "default": KV_OVERLAP_WEIGHT_DECODE_DEFAULT,
             "help": "KV-aware routing: booked requests a decode node holding the whole prompt prefix "
             "is worth (scaled by the cached fraction; 0: load only).",
         },

@@ -8,7 +8,7 @@ the previous one ended.
 Configurations, in one run (the built-in `small` model unless --tokenizer names another dir):
 
   cluster A (decode-side reuse on): router `load-only` (overlap weights 0) and router `kv-aware`
-      (weights 1), each with its own conversations, all running at the same time (interleaved);
+      (the default weights), each with its own conversations, all running at the same time (interleaved);
   cluster B (--no-decode-prefix-reuse): the same two routers and load, after cluster A.
 
 Every request is handed off (``--disagg-min-prefill-tokens 0``) so the figures isolate routing and
