@@ -41,6 +41,17 @@ class SchedulerConfig:
     stream_maxlen: int = 100_000
     # The request log ({t}:log) keeps about this many entries (each holds one or more requests).
     log_maxlen: int = 100_000
+    # Conditional disaggregation (#15): the decode node prefills locally when the prompt's uncached
+    # part is shorter than this many tokens (0: never), or when every prefill node's booked prompt
+    # tokens exceed ``disagg_max_prefill_queue`` (0: never; then a group without a live prefill
+    # node is also served by its decode nodes alone). The dataclass defaults are off; the CLI's
+    # default for the first is DISAGG_MIN_PREFILL_TOKENS_DEFAULT (measured, docs/benchmarks.md).
+    disagg_min_prefill_tokens: int = 0
+    disagg_max_prefill_queue: int = 0
+    # KV-aware routing (#15; scripts.DISPATCH documents the formula): how much a candidate's cached
+    # prefix lowers its load score. 0: load only. The CLI's defaults are 1.0 (prefill), 2.0 (decode).
+    kv_overlap_weight_prefill: float = 0.0
+    kv_overlap_weight_decode: float = 0.0
 
     def __post_init__(self) -> None:
         if self.scheduler_name not in SCHEDULER_NAMES:
@@ -64,6 +75,10 @@ class SchedulerConfig:
             ("--max-redispatch", self.max_redispatch, 0, False),
             ("--scheduler-dead-letter-ttl", self.dead_letter_ttl_s, 0, True),
             ("block_ms", self.block_ms, 1, False),
+            ("--disagg-min-prefill-tokens", self.disagg_min_prefill_tokens, 0, False),
+            ("--disagg-max-prefill-queue", self.disagg_max_prefill_queue, 0, False),
+            ("--kv-overlap-weight-prefill", self.kv_overlap_weight_prefill, 0, False),
+            ("--kv-overlap-weight-decode", self.kv_overlap_weight_decode, 0, False),
         ]
         for flag, value, low, strict in bounds:
             if value < low or (strict and value == low):
@@ -125,6 +140,10 @@ class SchedulerConfig:
             "scheduler_cluster": "scheduler_cluster",
             "scheduler_sentinel": "scheduler_sentinel",
             "scheduler_sentinel_service": "scheduler_sentinel_service",
+            "disagg_min_prefill_tokens": "disagg_min_prefill_tokens",
+            "disagg_max_prefill_queue": "disagg_max_prefill_queue",
+            "kv_overlap_weight_prefill": "kv_overlap_weight_prefill",
+            "kv_overlap_weight_decode": "kv_overlap_weight_decode",
         }
         kwargs = {field: options[opt] for opt, field in mapping.items() if options.get(opt) is not None}
         if options.get("scheduler_password_file"):
@@ -174,6 +193,14 @@ def parse_scheduler_url(url: str) -> dict[str, Any]:
 
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+# Below this many uncached prompt tokens the P/D hand-off costs more than prefilling on D
+# (measured on the development machine; docs/benchmarks.md, "Conditional disaggregation").
+DISAGG_MIN_PREFILL_TOKENS_DEFAULT = 32
+# A decode node holding the whole prefix is worth 2 booked requests: with 1, a D one request busier
+# never won even with the prefix, and the multi-turn bench reused only 0.75 of the ideal on D
+# (docs/benchmarks.md); one more request in a decode batch costs far less than shipping the prefix.
+KV_OVERLAP_WEIGHT_DECODE_DEFAULT = 2.0
 
 # (flag, click kwargs). Defaults repeat the dataclass defaults so --help shows them.
 _OPTIONS: list[tuple[str, dict[str, Any]]] = [
@@ -232,6 +259,41 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
         {"type": int, "default": 3, "help": "Missed heartbeats before a lease lapses (node or frontend)."},
     ),
     ("--max-redispatch", {"type": int, "default": 2, "help": "Re-dispatches of a request after node loss."}),
+    (
+        "--disagg-min-prefill-tokens",
+        {
+            "type": int,
+            "default": DISAGG_MIN_PREFILL_TOKENS_DEFAULT,
+            "help": "Prefill on the decode node when fewer prompt tokens than this are uncached (0: never).",
+        },
+    ),
+    (
+        "--disagg-max-prefill-queue",
+        {
+            "type": int,
+            "default": 0,
+            "help": "Prefill on the decode node when every prefill node has more booked prompt tokens "
+            "than this, or none is live (0: never).",
+        },
+    ),
+    (
+        "--kv-overlap-weight-prefill",
+        {
+            "type": float,
+            "default": 1.0,
+            "help": "KV-aware routing: prompt tokens a prefill node's cached prefix takes off its "
+            "booked load, per cached token (0: load only).",
+        },
+    ),
+    (
+        "--kv-overlap-weight-decode",
+        {
+            "type": float,
+            "default": KV_OVERLAP_WEIGHT_DECODE_DEFAULT,
+            "help": "KV-aware routing: booked requests a decode node holding the whole prompt prefix "
+            "is worth (scaled by the cached fraction; 0: load only).",
+        },
+    ),
 ]
 
 

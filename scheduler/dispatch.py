@@ -58,6 +58,8 @@ def booking_members(
     """The booking members ``scripts.DISPATCH`` wrote for this pick (same format, rebuilt here)."""
     mode, p_member, d_member = picked
     tail = f"|{req_id}|{attempt}|"
+    if mode.startswith("local/"):  # conditional disaggregation: D alone, one decode slot
+        return [f"d|{group}|{d_member}{tail}{scripts.DECODE_BOOKING_UNIT}"]
     if mode == "mixed":
         return [f"m|{group}|{p_member}{tail}{prompt_tokens + 1}"]
     return [
@@ -69,10 +71,22 @@ def booking_members(
 class Dispatcher:
     """Runs the dispatch script for one topic."""
 
-    def __init__(self, client: aioredis.Redis, keys: KeySchema, *, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        keys: KeySchema,
+        *,
+        rng: random.Random | None = None,
+        min_prefill_tokens: int = 0,
+        max_prefill_queue: int = 0,
+        overlap_weights: tuple[float, float] = (0.0, 0.0),
+    ) -> None:
         self._client = client
         self._keys = keys
         self._rng = rng or random.Random()
+        self._min_prefill_tokens = min_prefill_tokens  # --disagg-min-prefill-tokens
+        self._max_prefill_queue = max_prefill_queue  # --disagg-max-prefill-queue
+        self._overlap_weights = overlap_weights  # --kv-overlap-weight-prefill/-decode
 
     async def pick(
         self,
@@ -83,9 +97,18 @@ class Dispatcher:
         attempt: int,
         now_ms: int,
         expire_at_ms: int,
+        prefix_hashes: list[str] | None = None,
+        block_size: int = 0,
+        hits_out: list[int] | None = None,
     ) -> tuple[str, str, str] | None:
         """Pick and book within one group: (mode, prefill member, decode member), None when nobody
-        live can take it."""
+        live can take it. Mode ``local/<why>`` (why: short_prompt, prefill_queue, no_prefill): the
+        decode node was booked alone and prefills locally (conditional disaggregation).
+        ``prefix_hashes`` (``prefix_index.prompt_block_hashes``) turn on KV-aware scoring when a
+        weight is set; ``hits_out`` receives the cached prefix blocks of the picked P and D (also
+        with both weights 0: load-only routing, recorded for comparison) and the prompt tokens
+        booked on P (the ``prompt_tokens`` of ``booking_members`` for this pick)."""
+        hashes = prefix_hashes if block_size > 0 else None
         k = self._keys
         answer = await scripts.DISPATCH.call(
             self._client,
@@ -107,11 +130,19 @@ class Dispatcher:
                 self._rng.randrange(1, 2147483646),
                 group.group,
                 scripts.DECODE_BOOKING_UNIT,
+                self._min_prefill_tokens,
+                self._max_prefill_queue,
+                *self._overlap_weights,
+                k.prefix_index(""),
+                block_size,
+                *(hashes or []),
             ],
         )
         if not answer:
             return None
-        mode, p_member, d_member = (v.decode() for v in answer)
+        mode, p_member, d_member = (v.decode() for v in answer[:3])
+        if hits_out is not None:
+            hits_out[:] = [int(v) for v in answer[3:6]]
         return mode, p_member, d_member
 
     def assignment(
@@ -143,7 +174,7 @@ class Dispatcher:
             "group": group.group,
             "bookings": bookings,
         }
-        if mode == "mixed":
+        if mode == "mixed" or mode.startswith("local/"):  # local: D serves it alone, as a mixed node
             return Assignment(mode=Mode.MIXED, **common)  # type: ignore[arg-type]
         protocol = choose_protocol(prefill, decode)
         if protocol is None:

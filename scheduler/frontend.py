@@ -50,8 +50,9 @@ from scheduler.messages import (
 from scheduler.metrics import Counters
 from scheduler.outbox import log_fields
 from scheduler.poison import Repairer, frontend_key_types, republish_view
+from scheduler.prefix_index import prompt_block_hashes
 from scheduler.records import lines, write_dead_letter
-from scheduler.registry import ClusterView, node_group, split_member
+from scheduler.registry import CandidateGroup, ClusterView, node_group, split_member
 from scheduler.retry import Retrier
 from scheduler.scripting import Batch
 from scheduler.states import FrontendState
@@ -110,7 +111,13 @@ class FrontendScheduler:
         """Connect, check Redis >= 6.2 and read the cluster. Raises SchedulerConnectionError/RedisVersionError."""
         self._client = make_client(self.config)
         await check_server(self._client, self.config)
-        self._dispatcher = Dispatcher(self._client, self.keys)
+        self._dispatcher = Dispatcher(
+            self._client,
+            self.keys,
+            min_prefill_tokens=self.config.disagg_min_prefill_tokens,
+            max_prefill_queue=self.config.disagg_max_prefill_queue,
+            overlap_weights=(self.config.kv_overlap_weight_prefill, self.config.kv_overlap_weight_decode),
+        )
         self._view = ClusterView(self._client, self.keys)
         types = lambda: frontend_key_types(self.keys, self.frontend_id, self._view_candidate_keys())  # noqa: E731
         self._repairer = Repairer(
@@ -232,6 +239,8 @@ class FrontendScheduler:
             if refresh:
                 await self._monitor.refresh_view()  # a node may have just joined
             for group in self._view.candidate_groups(fl.model_id, self.kv, now):
+                block_size, hashes = self._prefix_hashes(fl, group)
+                hits: list[int] = []
                 picked = await self._dispatcher.pick(
                     fl.req_id,
                     group,
@@ -239,30 +248,48 @@ class FrontendScheduler:
                     attempt=fl.attempt,
                     now_ms=now,
                     expire_at_ms=fl.deadline_ms,
+                    prefix_hashes=hashes,
+                    block_size=block_size,
+                    hits_out=hits,
                 )
                 if picked is None:
                     continue
+                booked = hits[2] if len(hits) > 2 else prompt_tokens  # P's booking: uncached tokens
                 nodes = group.nodes
                 if any(split_member(m)[0] not in nodes for m in picked[1:]):
                     await self._monitor.refresh_view()  # booked a node that registered after our last look
                     nodes = {n: s.info for n, s in self._view.nodes.items()}
                 try:
                     assignment = self._dispatcher.assignment(
-                        fl.req_id, group, picked, prompt_tokens=prompt_tokens, attempt=fl.attempt, nodes=nodes
+                        fl.req_id, group, picked, prompt_tokens=booked, attempt=fl.attempt, nodes=nodes
                     )
                 except NoCapacityError:
                     members = booking_members(
-                        fl.req_id, group.group, picked, prompt_tokens=prompt_tokens, attempt=fl.attempt
+                        fl.req_id, group.group, picked, prompt_tokens=booked, attempt=fl.attempt
                     )
                     await self._dispatcher.release(members)
                     raise
-                if await self._enqueue(fl, assignment):
+                kv = f" kv_blocks={hits[0]}/{hits[1]}/{len(hashes)}" if hits and hashes else ""
+                if await self._enqueue(fl, assignment, local=picked[0].partition("/")[2], kv=kv):
                     return
         raise NoCapacityError(
             f"no live prefill/decode pair or mixed node serves model {fl.model_id!r}", req_id=fl.req_id
         )
 
-    async def _enqueue(self, fl: FrontendRecord, assignment: Assignment) -> bool:
+    def _prefix_hashes(self, fl: FrontendRecord, group: CandidateGroup) -> tuple[int, list[str]]:
+        """(block size, the prompt's leading block hashes) for KV-aware scoring in ``group`` (sent
+        with weights 0 too: the record then shows what load-only routing found cached)."""
+        block_size = next(iter(group.nodes.values())).kv.block_size if group.nodes else 0
+        if block_size < 1:
+            return 0, []
+        tokens = [*fl.request.prompt_token_ids, *fl.delivered]
+        return block_size, prompt_block_hashes(tokens, block_size)
+
+    async def _enqueue(
+        self, fl: FrontendRecord, assignment: Assignment, *, local: str = "", kv: str = ""
+    ) -> bool:
+        """``local``: why the decode node prefills this request itself (conditional disaggregation);
+        ``kv``: the cached prefix blocks of P / D / hashed, for the record (KV-aware routing)."""
         assert self._client is not None and self._dispatcher is not None
         item = WorkItem(
             req_id=fl.req_id,
@@ -291,12 +318,15 @@ class FrontendScheduler:
         if entry_id is None:
             await self._dispatcher.release(list(assignment.bookings))
             return False
+        mode = f"local({local})" if local else assignment.mode
+        if local:
+            self.stats.inc(f"dispatched_local_{local}")
         fl.note(
             self._clock.time_ms(),
             "dispatched",
             self.frontend_id,
-            f"{assignment.mode} p={assignment.prefill_node_id} d={assignment.decode_node_id} "
-            f"protocol={assignment.protocol} attempt={fl.attempt}",
+            f"{mode} p={assignment.prefill_node_id} d={assignment.decode_node_id} "
+            f"protocol={assignment.protocol} attempt={fl.attempt}{kv}",
         )
         fl.assignment, fl.entry_id, fl.pending_since_ms = assignment, entry_id, None
         fl.move(FrontendState.QUEUED, self.stats, why="dispatched")

@@ -79,6 +79,8 @@ class KeySchema:
     work = _PerId("work", "STREAM of msgpack WorkItems for one node.")
     control = _PerId("ctl", "STREAM of msgpack CancelMessages for one node.")
     results = _PerId("results", "STREAM of msgpack results (and node events) for one frontend.")
+    # KV-aware routing (#15): which prefix blocks a node's cache holds
+    prefix_index = _PerId("pfx", "SET of a node's cached block hashes (16 hex digits each).")
     # records
     log = _Fixed("log", "STREAM of request records (one entry carries the records of many requests).")
     dead_letters = _Fixed("dead", "STREAM of undecodable payloads with source and reason.")
@@ -111,6 +113,6 @@ class KeySchema:
         if kind == "cand":
             group, _, letter = ident.partition(":")
             return "cand" if group and letter in ROLE_LETTERS.values() else None
-        if kind in {"hb", "work", "ctl", "results"}:
+        if kind in {"hb", "work", "ctl", "results", "pfx"}:
             return kind
         return None

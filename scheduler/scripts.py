@@ -28,14 +28,52 @@ DISPATCH = LuaScript(
 -- ARGV[5] prompt tokens  ARGV[6] roles present in the group ('p','d','m' letters)
 -- ARGV[7] sample size k  ARGV[8] random seed (tie-break)  ARGV[9] group id
 -- ARGV[10] decode booking unit
+-- ARGV[11] min prefill tokens, ARGV[12] max prefill queue (conditional disaggregation; 0: off)
+-- ARGV[13] prefill overlap weight  ARGV[14] decode overlap weight  ARGV[15] prefix-index key head
+-- ARGV[16] block size  ARGV[17..] the prompt's leading block hashes (KV-aware scoring; none: off)
 -- Cost: one ZRANGE of k members per role present, one ZMSCORE, one ZADD, one ZADD INCR per booked
 -- node, whatever the number of nodes. Members whose lease lapsed are removed from their candidate
 -- set and the alive set (their next heartbeat re-registers them), so they are paid for once.
--- Returns {} when no live pair or mixed node exists, else {mode, prefill member, decode member}.
+-- Returns {} when no live pair or mixed node exists, else {mode, prefill member, decode member};
+-- mode 'local/<why>' books the decode node alone, which then prefills locally. A disaggregated
+-- pick with hashes also returns the cached prefix blocks of P and of D found in the index and the
+-- prompt tokens booked on P (with a prefill weight set: the uncached part only).
 local alive, bookings = KEYS[1], KEYS[2]
 local now, expire_at, req_id, attempt = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
 local prompt, roles, k, seed, group = tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9]
 local unit = tonumber(ARGV[10])
+local min_prefill, max_queue = tonumber(ARGV[11] or 0), tonumber(ARGV[12] or 0)
+
+-- KV-aware scoring (#15), a section of its own: a candidate's score is its load minus what its
+-- cached prefix saves, found in its prefix index {t}:pfx:<node> (a SET of block hashes; the keys
+-- are built here from the sampled members, under the topic's hash tag, so one slot):
+--   prefill: booked prompt tokens - w_p * cached prefix tokens (the prefill work it would do)
+--   decode:  its load score - w_d * (cached blocks / hashed blocks) * booking unit
+--            (a D holding the whole prefix is worth w_d fewer booked requests)
+-- The cached prefix is found by binary search over the hashes (a chain: a cache holds a block's
+-- prefix whenever it holds the block, eviction taking the tail first): O(log n) per candidate.
+local w_p, w_d = tonumber(ARGV[13] or 0), tonumber(ARGV[14] or 0)
+local pfx_head, block_size = ARGV[15] or '', tonumber(ARGV[16] or 0)
+local hashes = {}
+for i = 17, #ARGV do hashes[#hashes + 1] = ARGV[i] end
+local hits = {}
+local function cached_blocks(member)
+  if hits[member] then return hits[member] end
+  local key = pfx_head .. string.match(member, '^([^|]+)')
+  local lo, hi = 0, #hashes
+  while lo < hi do
+    local mid = math.floor((lo + hi + 1) / 2)
+    if redis.call('SISMEMBER', key, hashes[mid]) == 1 then lo = mid else hi = mid - 1 end
+  end
+  hits[member] = lo
+  return lo
+end
+local function overlap_bonus(role, member)
+  if #hashes == 0 then return 0 end
+  if role == 'p' and w_p > 0 then return w_p * cached_blocks(member) * block_size end
+  if role == 'd' and w_d > 0 then return w_d * cached_blocks(member) / #hashes * unit end
+  return 0
+end
 local sets = {p = KEYS[3], d = KEYS[4], m = KEYS[5]}
 local best = {}
 
@@ -51,7 +89,7 @@ while true do
     local sample = redis.call('ZRANGE', sets[role], 0, k - 1, 'WITHSCORES')
     for i = 1, #sample, 2 do
       local n = #members + 1
-      members[n], scores[n], owner[n] = sample[i], tonumber(sample[i + 1]), role
+      members[n], scores[n], owner[n] = sample[i], tonumber(sample[i + 1]) - overlap_bonus(role, sample[i]), role
     end
   end
   if #members == 0 then break end
@@ -93,13 +131,33 @@ if best.m and (not (best.p and best.d) or best.m[2] <= best.p[2]) then
   redis.call('ZADD', sets.m, 'XX', 'INCR', prompt + 1, m)
   return {'mixed', m, m}
 end
+-- Conditional disaggregation (#15), a section of its own: the decode node prefills locally when
+-- the prompt is too short to be worth a hand-off, when even the least-loaded prefill queue is past
+-- the limit, or (with that limit set) when no prefill node is live. Only D is booked.
+if best.d then
+  local why = nil
+  if max_queue > 0 and not best.p then why = 'no_prefill'
+  elseif best.p and max_queue > 0 and best.p[2] > max_queue then why = 'prefill_queue'
+  elseif best.p and prompt < min_prefill then why = 'short_prompt' end
+  if why then
+    local d = best.d[1]
+    redis.call('ZADD', bookings, expire_at, 'd|' .. group .. '|' .. d .. tail .. unit)
+    redis.call('ZADD', sets.d, 'XX', 'INCR', unit, d)
+    return {'local/' .. why, d, d}
+  end
+end
 if not (best.p and best.d) then return {} end
 local p, d = best.p[1], best.d[1]
-redis.call('ZADD', bookings, expire_at, 'p|' .. group .. '|' .. p .. tail .. prompt,
+-- KV-aware: P is booked for the tokens it will compute (its cached prefix is not work to queue).
+local p_amount = prompt
+if #hashes > 0 and w_p > 0 then p_amount = math.max(1, prompt - cached_blocks(p) * block_size) end
+redis.call('ZADD', bookings, expire_at, 'p|' .. group .. '|' .. p .. tail .. p_amount,
   expire_at, 'd|' .. group .. '|' .. d .. tail .. unit)
-redis.call('ZADD', sets.p, 'XX', 'INCR', prompt, p)
+redis.call('ZADD', sets.p, 'XX', 'INCR', p_amount, p)
 redis.call('ZADD', sets.d, 'XX', 'INCR', unit, d)
-return {'disagg', p, d}
+if #hashes == 0 then return {'disagg', p, d} end
+-- for the record (weights or not) and the booking members: P's and D's cached blocks, P's amount
+return {'disagg', p, d, cached_blocks(p), cached_blocks(d), p_amount}
 """,
 )
 

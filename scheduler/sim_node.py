@@ -163,6 +163,14 @@ def config_args(config: SchedulerConfig) -> list[str]:
         str(config.heartbeat_interval_s),
         "--scheduler-dead-after-missed",
         str(config.dead_after_missed),
+        "--disagg-min-prefill-tokens",
+        str(config.disagg_min_prefill_tokens),
+        "--disagg-max-prefill-queue",
+        str(config.disagg_max_prefill_queue),
+        "--kv-overlap-weight-prefill",
+        str(config.kv_overlap_weight_prefill),
+        "--kv-overlap-weight-decode",
+        str(config.kv_overlap_weight_decode),
     ]
     if config.scheduler_cluster:
         args.append("--scheduler-cluster")

@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "generate": "splitwise.commands.generate:generate",
     "serve": "splitwise.commands.serve:serve",
     "up": "splitwise.commands.up:up",
+    "router": "splitwise.commands.router:router",
     "inspect": "splitwise.commands.inspect:inspect_cmd",
     "bench": "splitwise.commands.bench:bench",
 }

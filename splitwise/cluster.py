@@ -54,7 +54,9 @@ class ClusterSpec:
     num_prefill: int = 1
     num_decode: int = 1
     num_mixed: int = 0
-    port: int = 0  # HTTP port of the first decode (or mixed) instance, the "entry" one
+    # HTTP port of the entry: the router when there is one, else the first decode (or mixed) instance
+    port: int = 0
+    router: bool = False  # also start a `splitwise router` (the entry, its URL the base URL)
     transfer: str = "ipc"
     scheduler_host: str | None = None
     scheduler_port: int = 6379
@@ -63,7 +65,8 @@ class ClusterSpec:
     heartbeat_interval_s: float = 1.0
     dead_after_missed: int = 3
     threads_per_instance: int | None = None
-    extra_args: list[str] = field(default_factory=list)
+    extra_args: list[str] = field(default_factory=list)  # `serve` flags of every instance
+    scheduler_args: list[str] = field(default_factory=list)  # scheduler flags of instances and routers
     env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -100,8 +103,8 @@ class LocalCluster:
 
     @property
     def entry(self) -> Child:
-        """The instance whose URL is printed (first decode, else first mixed)."""
-        for role in ("decode", "mixed", "prefill"):
+        """The process whose URL is printed: the router, else the first decode, else the first mixed."""
+        for role in ("router", "decode", "mixed", "prefill"):
             for child in self.children:
                 if child.role == role:
                     return child
@@ -117,7 +120,7 @@ class LocalCluster:
         )
         threads = self.spec.threads_per_instance or max(1, (os.cpu_count() or 1) // max(1, len(roles)))
         counts: dict[str, int] = {}
-        entry_assigned = False
+        entry_assigned = self.spec.router
         for role in sorted(roles, key=lambda r: {"decode": 0, "mixed": 1, "prefill": 2}[r]):
             index = counts.get(role, 0)
             counts[role] = index + 1
@@ -125,11 +128,37 @@ class LocalCluster:
             if not entry_assigned and role in ("decode", "mixed"):
                 port, entry_assigned = self.spec.port, True
             self.children.append(self._spawn(f"{role}-{index}", role, port, threads))
+        if self.spec.router:
+            self.children.append(self.spawn_router("router-0", self.spec.port))
+
+    def _scheduler_args(self) -> list[str]:
+        host, sport = self.scheduler_address
+        return [
+            "--scheduler-host",
+            host,
+            "--scheduler-port",
+            str(sport),
+            "--scheduler-topic",
+            self.spec.topic,
+            "--scheduler-heartbeat-interval",
+            str(self.spec.heartbeat_interval_s),
+            "--scheduler-dead-after-missed",
+            str(self.spec.dead_after_missed),
+            *self.spec.scheduler_args,
+        ]
+
+    def spawn_router(self, name: str, port: int = 0, extra: list[str] | None = None) -> Child:
+        """Start one `splitwise router` (more than one may serve a cluster; tests start a second).
+        ``extra``: its own flags after the cluster's scheduler flags (the later one wins)."""
+        ready = self.log_dir / f"{name}.ready.json"
+        args = [sys.executable, "-m", "splitwise.cli", "--log-level", "INFO", "router", "--port", str(port)]
+        args += [*self._scheduler_args(), *(extra or []), "--ready-file", str(ready)]
+        if self.spec.model:
+            args += ["--model", self.spec.model]
+        return self._popen(name, "router", args, ready, {})
 
     def _spawn(self, name: str, role: str, port: int, threads: int) -> Child:
-        host, sport = self.scheduler_address
         ready = self.log_dir / f"{name}.ready.json"
-        log_path = self.log_dir / f"{name}.log"
         args = [
             sys.executable,
             "-m",
@@ -145,16 +174,7 @@ class LocalCluster:
             name,
             "--scheduler-name",
             "splitwise",
-            "--scheduler-host",
-            host,
-            "--scheduler-port",
-            str(sport),
-            "--scheduler-topic",
-            self.spec.topic,
-            "--scheduler-heartbeat-interval",
-            str(self.spec.heartbeat_interval_s),
-            "--scheduler-dead-after-missed",
-            str(self.spec.dead_after_missed),
+            *self._scheduler_args(),
             "--cache-transfer-protocol",
             _protocols(self.spec.transfer),
             "--torch-threads",
@@ -165,7 +185,11 @@ class LocalCluster:
         if self.spec.model:
             args += ["--model", self.spec.model]
         args += self.spec.extra_args
-        env = {**os.environ, **self.spec.env, "OMP_NUM_THREADS": str(threads)}
+        return self._popen(name, role, args, ready, {"OMP_NUM_THREADS": str(threads)})
+
+    def _popen(self, name: str, role: str, args: list[str], ready: Path, env_extra: dict[str, str]) -> Child:
+        log_path = self.log_dir / f"{name}.log"
+        env = {**os.environ, **self.spec.env, **env_extra}
         with open(log_path, "wb") as log_fh:
             process = subprocess.Popen(
                 args, stdout=log_fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env

@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from splitwise.bench.goodput import GoodputCommand
+from splitwise.bench.workload import build_workload
 from splitwise.commands.options import resolve_model
 from splitwise.errors import SplitwiseError
 
@@ -263,8 +264,13 @@ def _with_workload_options(
     "--model", default=None, help="Model id sent in requests (default: the first id of GET /models)."
 )
 @click.option(
-    "--dataset-name", type=click.Choice(["random", "sharegpt"]), default="random", show_default=True
+    "--dataset-name",
+    type=click.Choice(["random", "sharegpt", "multiturn"]),
+    default="random",
+    show_default=True,
+    help="multiturn: conversations on 2P2D clusters it starts (splitwise/bench/multiturn.py).",
 )
+@click.option("--turns", default=6, show_default=True, type=int, help="multiturn: turns per conversation.")
 @click.option(
     "--dataset-path",
     default=None,
@@ -296,6 +302,11 @@ def serve_cmd(**opts: Any) -> None:
     """Load-test an OpenAI-compatible server: TTFT, TPOT, ITL, E2E, throughput, SLO attainment, goodput."""
     from splitwise.bench.serve_bench import format_report, run_load, served_model_id
 
+    if opts["dataset_name"] == "multiturn":
+        from splitwise.bench.multiturn import run_from_options
+
+        return run_from_options(opts, click.echo)
+
     try:
         config = _load_config(
             opts,
@@ -305,7 +316,7 @@ def serve_cmd(**opts: Any) -> None:
             max_concurrency=opts["max_concurrency"],
             progress=opts["progress"],
         )
-        requests = _build_workload(opts, num_prompts=opts["num_prompts"], seed=opts["seed"])
+        requests = build_workload(opts, num_prompts=opts["num_prompts"], seed=opts["seed"])
         if not config.model:
             config = dataclasses.replace(config, model=asyncio.run(served_model_id(config.base_urls[0])))
     except ValueError as exc:
@@ -315,40 +326,6 @@ def serve_cmd(**opts: Any) -> None:
     if opts["result_file"]:
         Path(opts["result_file"]).write_text(json.dumps(run.to_dict(), indent=2) + "\n")
         click.echo(f"results written to {opts['result_file']}")
-
-
-def _build_workload(opts: dict[str, Any], *, num_prompts: int, seed: int) -> list[Any]:
-    from splitwise.bench.dataset import random_requests, sharegpt_requests
-    from splitwise.engine.tokenizer import Tokenizer
-
-    try:
-        model_dir = resolve_model(opts["tokenizer"], default_size="small")
-    except click.BadParameter as exc:
-        raise ValueError(f"--tokenizer: {exc.message}") from None
-    try:
-        tokenizer = Tokenizer.from_dir(model_dir)
-    except SplitwiseError as exc:
-        raise ValueError(f"--tokenizer: {str(exc).removeprefix('--model: ')}") from None
-    endpoint = opts.get("endpoint", "completions")
-    if opts.get("dataset_path") or opts.get("dataset_name") == "sharegpt":
-        if not opts.get("dataset_path"):
-            raise ValueError("--dataset-path: --dataset-name sharegpt needs a ShareGPT JSON file")
-        return sharegpt_requests(
-            tokenizer,
-            opts["dataset_path"],
-            num_prompts=num_prompts,
-            seed=seed,
-            output_len=opts.get("sharegpt_output_len"),
-        )
-    return random_requests(
-        tokenizer,
-        num_prompts=num_prompts,
-        input_len=opts["random_input_len"],
-        output_len=opts["random_output_len"],
-        range_ratio=opts["random_range_ratio"],
-        seed=seed,
-        as_text=endpoint == "chat",
-    )
 
 
 def _slo(opts: dict[str, Any]) -> Any:
@@ -487,15 +464,15 @@ def compare_cmd(**opts: Any) -> None:
             output_dir=Path(opts["output_dir"]),
             show_progress=opts["progress"],
         )
-        _build_workload(opts, num_prompts=1, seed=0)  # bad workload flags fail before any process starts
+        build_workload(opts, num_prompts=1, seed=0)  # bad workload flags fail before any process starts
     except ValueError as exc:
         raise _fail_on_value_error(exc) from None
 
     def workload(num_prompts: int, seed: int) -> list[Any]:
-        return _build_workload(opts, num_prompts=num_prompts, seed=seed)
+        return build_workload(opts, num_prompts=num_prompts, seed=seed)
 
     def warmup(num_prompts: int, seed: int) -> list[Any]:
-        return _build_workload(
+        return build_workload(
             {**opts, "random_output_len": 4, "random_range_ratio": 0.0}, num_prompts=num_prompts, seed=seed
         )
 

@@ -159,6 +159,9 @@ async def _request(client: Any, keys: Any, req_id: str) -> dict[str, Any] | None
         if event["event"] == "dispatched":
             state.update(dict(part.split("=", 1) for part in event["detail"].split() if "=" in part))
             state["prefill"], state["decode"] = state.pop("p", ""), state.pop("d", "")
+            state["mode"] = event["detail"].split(" ", 1)[0]  # disagg | mixed | local(<why>)
+        elif event["event"] == "decoding":
+            state["prefilled_by"] = event.get("detail", "")  # remote prefill | local prefill (...)
     return {"req_id": req_id, "state": state, "events": events}
 
 

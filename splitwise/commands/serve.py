@@ -71,6 +71,7 @@ def _instance_config(opts: dict[str, Any]) -> Any:
         transfer_timeout_s=opts["transfer_timeout"],
         max_waiting_for_blocks=opts["max_waiting_for_blocks"],
         decode_headroom_tokens=opts["decode_headroom_tokens"],
+        decode_prefix_reuse=opts["decode_prefix_reuse"],
         node_id=opts["node_id"],
         pipelined_transfer=not opts["debug_unpipelined_transfer"],
     )
@@ -211,6 +212,12 @@ def _check_model(model_dir: str, max_model_len: int | None) -> None:
     default=16,
     show_default=True,
     help="Decode: KV reserved beyond the prompt when a request arrives.",
+)
+@click.option(
+    "--decode-prefix-reuse/--no-decode-prefix-reuse",
+    default=True,
+    show_default=True,
+    help="Decode: reuse the prompt blocks D's prefix cache holds; P computes and ships only the rest.",
 )
 @click.option(
     "--transfer-timeout",

@@ -70,7 +70,11 @@ UNSUPPORTED: dict[str, str] = {
     "--dp-size": "not supported; data parallelism means more instances: start one `splitwise serve` per GPU",
     "--pipeline-parallel-size": "pipeline parallelism is not supported (one GPU per instance)",
     "--pp": "pipeline parallelism is not supported (one GPU per instance)",
-    "--router": "not needed: there is no router process; send requests to any instance (the Redis scheduler picks the pair)",
+    "--router": (
+        "instances do not register with a router: they join the cluster through Redis "
+        "(--scheduler-host/--scheduler-port/--scheduler-topic, or --scheduler-url); the front door is "
+        "`splitwise router` with the same Redis flags (or send requests to any instance)"
+    ),
     "--innode-prefill-ports": "not supported; start each prefill instance as its own `splitwise serve --splitwise-role prefill`",
     "--kv-transfer-config": "not supported; P/D is configured with --splitwise-role and --cache-transfer-protocol",
     "--load-format": "not supported; checkpoints are loaded from safetensors",

@@ -1,8 +1,10 @@
 """`splitwise up`: a local P/D cluster in one command.
 
-Starts its own redis-server (unless --scheduler-host is given), N prefill and M decode instances,
-shows progress while they load, prints the OpenAI base URL once every instance is healthy, and
-shuts everything down (children included) on Ctrl-C or SIGTERM.
+Starts its own redis-server (unless --scheduler-host is given), N prefill and M decode instances
+and a `splitwise router` (the front door: its URL is the base URL), shows progress while they
+load, prints the OpenAI base URL once every process is healthy, and shuts everything down
+(children included) on Ctrl-C or SIGTERM. With the router, an instance that dies is reported and
+the cluster goes on serving through the others; the router dying ends `up`.
 """
 
 from __future__ import annotations
@@ -42,7 +44,14 @@ from splitwise.commands.serve_flags import ServeCommand
     type=click.IntRange(0, 65535),
     default=8000,
     show_default=True,
-    help="HTTP port of the entry (first decode) instance.",
+    help="HTTP port of the entry: the router (or, with --no-router, the first decode instance).",
+)
+@click.option(
+    "--router/--no-router",
+    "with_router",
+    default=True,
+    show_default=True,
+    help="Start a `splitwise router` as the front door.",
 )
 @click.option(
     "--transfer",
@@ -81,6 +90,7 @@ def up(
     num_prefill: int,
     num_decode: int,
     port: int,
+    with_router: bool,
     transfer: str,
     scheduler_host: str | None,
     scheduler_port: int,
@@ -89,13 +99,14 @@ def up(
     scheduler_dead_after_missed: int,
     timeout_s: float,
 ) -> None:
-    """Start a local cluster: redis-server, N prefill and M decode instances."""
+    """Start a local cluster: redis-server, N prefill and M decode instances, and a router."""
     try:
         spec = ClusterSpec(
             model=model,
             num_prefill=num_prefill,
             num_decode=num_decode,
             port=port,
+            router=with_router,
             transfer=transfer,
             scheduler_host=scheduler_host,
             scheduler_port=scheduler_port,
@@ -141,14 +152,16 @@ def up(
             err=True,
         )
         sys.stdout.flush()
+        reported: set[str] = set()
         while not stop.is_set():
-            dead = cluster.dead_children()
-            if dead:
-                for child in dead:
-                    click.echo(
-                        f"{child.name} exited unexpectedly with {child.process.returncode}\n{cluster.log_tail(child)}",
-                        err=True,
-                    )
+            dead = [c for c in cluster.dead_children() if c.name not in reported]
+            for child in dead:
+                reported.add(child.name)
+                click.echo(
+                    f"{child.name} exited unexpectedly with {child.process.returncode}\n{cluster.log_tail(child)}",
+                    err=True,
+                )
+            if dead and (not with_router or any(c.role == "router" for c in dead)):
                 code = 1
                 break
             stop.wait(0.5)

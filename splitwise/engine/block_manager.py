@@ -88,6 +88,12 @@ class BlockManager:
     def referenced_block_ids(self) -> list[int]:
         return self._pool.referenced_block_ids()
 
+    def take_cache_changes(
+        self, *, full: bool = False
+    ) -> tuple[list[tuple[BlockHash, bool]], list[BlockHash] | None]:
+        """The prefix cache's changes for the Redis prefix index (``BlockPool.take_changes``)."""
+        return self._pool.take_changes(full=full)
+
     def ref_count(self, block_id: int) -> int:
         return self._pool.ref_count(block_id)
 
@@ -102,9 +108,15 @@ class BlockManager:
         Never covers the last token: a step must compute at least one token to get logits.
         Sequences that already hold blocks get no match.
         """
-        if not self.enable_prefix_caching or seq.block_table:
+        if seq.block_table:
             return NO_MATCH
-        token_ids = seq.token_ids
+        return self.cached_prefix(seq.token_ids)
+
+    def cached_prefix(self, token_ids: list[int]) -> PrefixMatch:
+        """``match_prefix`` for a prompt that has no sequence yet (a lookup: nothing is referenced).
+        Never covers the last token, so a request always has at least one block to compute."""
+        if not self.enable_prefix_caching:
+            return NO_MATCH
         max_blocks = (len(token_ids) - 1) // self.block_size
         block_ids: list[int] = []
         hashes: list[BlockHash] = []
@@ -190,22 +202,34 @@ class BlockManager:
     def can_reserve(self, num_tokens: int) -> bool:
         return self.num_blocks_for(num_tokens) <= self.num_free_blocks
 
-    def reserve(self, req_id: str, num_tokens: int) -> list[int]:
+    def reserve(self, req_id: str, num_tokens: int, prefix: PrefixMatch = NO_MATCH) -> list[int]:
         """Reserve blocks for ``num_tokens`` tokens of KV that a transport will write.
 
         The blocks are referenced (never evicted) and not cached until a sequence adopts them.
+        With a ``prefix`` (``cached_prefix`` of the prompt: decode-side reuse) the reservation
+        starts with those cached blocks, referenced too, so only the rest is written from outside::
+
+            reservation  [ prefix block 0 .. k-1 (cached, shared) | fresh block k .. n-1 ]
         """
         if num_tokens < 1:
             raise InvalidRequestError(f"cannot reserve KV for {num_tokens} tokens", req_id=req_id)
         if req_id in self._reservations:
             raise InvalidRequestError("request already holds a KV reservation", req_id=req_id)
-        num_needed = self.num_blocks_for(num_tokens)
-        if num_needed > self.num_free_blocks:
+        if prefix.num_tokens > num_tokens:
+            raise ValueError(f"{req_id}: a {prefix.num_tokens}-token prefix exceeds {num_tokens} tokens")
+        num_needed = self.num_blocks_for(num_tokens) - prefix.num_blocks
+        # Hit blocks nobody references count as free, but taking them removes them (as can_allocate).
+        num_available = self.num_free_blocks - sum(
+            1 for b in prefix.block_ids if self._pool.ref_count(b) == 0
+        )
+        if num_needed > num_available:
             raise OutOfBlocksError(
-                f"need {num_needed} KV blocks for {num_tokens} tokens, {self.num_free_blocks} free",
+                f"need {num_needed} KV blocks for {num_tokens} tokens, {num_available} free",
                 req_id=req_id,
             )
-        block_ids = self._pool.allocate(num_needed)
+        for block_id in prefix.block_ids:
+            self._pool.touch(block_id)
+        block_ids = [*prefix.block_ids, *self._pool.allocate(num_needed)]
         self._reservations[req_id] = block_ids
         return list(block_ids)
 

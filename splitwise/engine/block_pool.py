@@ -49,6 +49,24 @@ class BlockPool:
         # block id -> None, oldest-freed first; every entry has ref 0 and a hash.
         self._evictable: OrderedDict[int, None] = OrderedDict()
         self._cached: dict[BlockHash, int] = {}
+        # Prefix-cache changes since the last ``take_changes`` (hash, cached?), for the prefix index
+        # in Redis; None until someone tracks them (nothing grows on nodes that do not publish).
+        self._changes: list[tuple[BlockHash, bool]] | None = None
+
+    # -- change log (KV-aware routing) --------------------------------------------------------
+
+    def take_changes(
+        self, *, full: bool = False
+    ) -> tuple[list[tuple[BlockHash, bool]], list[BlockHash] | None]:
+        """(changes since the last call, None) -- or, on the first call, with ``full`` and whenever
+        the log grew past twice the pool's size, ([], every cached hash): a full snapshot that
+        replaces the published set."""
+        changes = self._changes
+        if full or changes is None or len(changes) > 2 * self.num_blocks:
+            self._changes = []
+            return [], list(self._cached)
+        self._changes = []
+        return changes, None
 
     # -- accounting ---------------------------------------------------------------------------
 
@@ -104,6 +122,8 @@ class BlockPool:
         assert block_hash is not None and self._cached.get(block_hash) == block_id
         del self._cached[block_hash]
         self._hashes[block_id] = None
+        if self._changes is not None:
+            self._changes.append((block_hash, False))
         return block_id
 
     def free(self, block_ids: Iterable[int]) -> None:
@@ -142,4 +162,6 @@ class BlockPool:
             return False
         self._cached[block_hash] = block_id
         self._hashes[block_id] = block_hash
+        if self._changes is not None:
+            self._changes.append((block_hash, True))
         return True

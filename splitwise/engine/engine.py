@@ -196,6 +196,14 @@ class LLMEngine:
         """Reserve blocks for ``num_tokens`` of incoming KV. Raises OutOfBlocksError when full."""
         return self.block_manager.reserve(req_id, num_tokens)
 
+    def reserve_reusing(
+        self, req_id: str, prompt_token_ids: list[int], num_tokens: int
+    ) -> tuple[list[int], int]:
+        """``reserve``, starting with the cached blocks of the prompt's prefix (decode-side reuse):
+        returns (block ids, how many leading ones are cached and need no KV from outside)."""
+        prefix = self.block_manager.cached_prefix(prompt_token_ids)
+        return self.block_manager.reserve(req_id, num_tokens, prefix), prefix.num_blocks
+
     def release_reservation(self, req_id: str) -> None:
         self.block_manager.release(req_id)
 

@@ -52,6 +52,9 @@ class InstanceConfig:
     transfer_timeout_s: float = 60.0
     max_waiting_for_blocks: int = 256  # decode: bounded queue of requests waiting for KV blocks
     decode_headroom_tokens: int = 16  # decode: reserve prompt + this many tokens of KV up front
+    # decode: start a reservation with the prompt's blocks already in D's prefix cache, so P ships
+    # only the rest (--decode-prefix-reuse; the CLI's default is on, the dataclass's off).
+    decode_prefix_reuse: bool = False
     # Hidden benchmark knob (prefill side): ship all layers only after the prefill finished instead
     # of layer by layer (bench/pd_ttft.py measures what pipelining hides).
     pipelined_transfer: bool = True

@@ -88,7 +88,11 @@ class DecodeWorker(Protocol):
     num_kv_blocks: int
 
     async def validate_prompt(self, req_id: str, prompt_token_ids: list[int]) -> None: ...
+    async def cached_prefix_tokens(self, prompt_token_ids: list[int]) -> int: ...
     async def reserve(self, req_id: str, num_tokens: int) -> list[int]: ...
+    async def reserve_reusing(
+        self, req_id: str, prompt_token_ids: list[int], num_tokens: int
+    ) -> tuple[list[int], int]: ...
     async def release_reservation(self, req_id: str) -> None: ...
     async def admit_prefilled(
         self,
@@ -112,6 +116,7 @@ class DecodeRecord(Record[DecodeState]):
     params: SamplingParams = field(default_factory=SamplingParams)
     protocol: codes.Protocol = codes.Protocol.TCP
     block_ids: list[int] = field(default_factory=list)
+    num_reused_blocks: int = 0  # leading block_ids from D's prefix cache: P ships none of them
     started_s: float = 0.0
     conn: Connection | None = None
     result: PrefillResult | None = None
@@ -144,6 +149,8 @@ class DecodeFlow:
         self.transitions = Transitions("decode", DECODE_MOVES, counters)
         # req_id -> what the transfer did (for the request's lifecycle record); read once by the runtime.
         self.last_transfer: dict[str, str] = {}
+        # req_id -> why it was prefilled here by choice (conditional disaggregation); read once too.
+        self.last_local: dict[str, str] = {}
         self.records: dict[str, DecodeRecord] = {}
         self.num_waiting_for_blocks = 0
         self._quarantined: set[str] = set()  # req_ids whose reservation is kept for good (unfenced)
@@ -156,6 +163,14 @@ class DecodeFlow:
     ) -> asyncio.Queue[RequestOutput]:
         """Run the hand-off up to admission; the returned queue carries the request's outputs
         (a lone ABORT output when it was cancelled before decoding)."""
+        why = await self._local_reason(prompt)
+        if why:
+            # Conditional disaggregation: no hand-off at all, the engine owns the request from here
+            # (no record: a cancel is an engine abort).
+            log.info("prefilling locally by choice", reason=why)
+            self.counters.inc("local_prefills_cached")
+            self.last_local[item.req_id] = why
+            return self.worker.submit(item.req_id, prompt, params)
         a = item.assignment
         rec = DecodeRecord(
             item.req_id,
@@ -196,6 +211,18 @@ class DecodeFlow:
                 await asyncio.wait_for(old.ended.wait(), self.config.transfer_timeout_s)
         if item.req_id in self.records or item.req_id in self._quarantined:
             raise DecodeCapacityError("request is already being handed off here", req_id=item.req_id)
+
+    async def _local_reason(self, prompt: list[int]) -> str:
+        """Why D should prefill this prompt itself: what its prefix cache lacks is shorter than
+        --disagg-min-prefill-tokens ("" otherwise). The frontend already sent the prompts that are
+        short as a whole to D alone; here D's own cache makes a long prompt short (multi-turn)."""
+        limit = self.config.scheduler.disagg_min_prefill_tokens
+        if limit <= 0:
+            return ""
+        uncached = len(prompt) - await self.worker.cached_prefix_tokens(prompt)
+        if uncached >= limit:
+            return ""
+        return f"{uncached} uncached prompt tokens < --disagg-min-prefill-tokens {limit}"
 
     def cancel(self, req_id: str) -> bool:
         """The frontend cancelled ``req_id``. True when this flow owns its cleanup (not admitted
@@ -306,7 +333,12 @@ class DecodeFlow:
         try:
             while rec.is_in(S.RESERVING):
                 try:
-                    rec.block_ids = await self.worker.reserve(rec.req_id, num_tokens)
+                    if self.config.decode_prefix_reuse:
+                        rec.block_ids, rec.num_reused_blocks = await self.worker.reserve_reusing(
+                            rec.req_id, rec.prompt, num_tokens
+                        )
+                    else:
+                        rec.block_ids = await self.worker.reserve(rec.req_id, num_tokens)
                 except OutOfBlocksError:
                     self.counters.inc("reserve_waits")
                     await self.clock.sleep(delay)
@@ -332,7 +364,8 @@ class DecodeFlow:
                 f"this decode node offers no {rec.protocol!r} transport",
             )
             return
-        dst = rec.block_ids[: -(-len(rec.prompt) // self.worker.block_size)]
+        # Only the blocks D's cache lacks: the reused prefix is neither expected nor written.
+        dst = rec.block_ids[rec.num_reused_blocks : -(-len(rec.prompt) // self.worker.block_size)]
         loop = asyncio.get_running_loop()
         rec.prefill_ended = loop.create_future()
         rec.started_s = self.clock.monotonic()
@@ -362,6 +395,7 @@ class DecodeFlow:
                     prompt_token_ids=rec.prompt,
                     sampling_params=rec.params,
                     dst_block_ids=dst,
+                    skip_blocks=rec.num_reused_blocks,
                     protocol=rec.protocol,
                     endpoint=advertised(target.endpoint(), self.config.advertised_host),
                 )
@@ -384,16 +418,23 @@ class DecodeFlow:
         self.counters.inc("transfer_latency_ms", int(elapsed_s * 1000))
         num_prompt_blocks = -(-len(rec.prompt) // self.worker.block_size)
         if self.transfer_metrics is not None:
-            self.transfer_metrics.landed(rec.protocol, elapsed_s, num_prompt_blocks)
+            # Bytes that came in: the reused prefix never travelled.
+            self.transfer_metrics.landed(rec.protocol, elapsed_s, num_prompt_blocks - rec.num_reused_blocks)
         landed_ms = round(elapsed_s * 1000, 1)
         log.info(
             "remote prefill landed",
             peer=a.prefill_node_id,
             protocol=rec.protocol,
             num_blocks=len(rec.block_ids),
+            reused_blocks=rec.num_reused_blocks,
             ms=landed_ms,
         )
-        self.last_transfer[rec.req_id] = f"protocol={rec.protocol} blocks={len(rec.block_ids)} ms={landed_ms}"
+        if rec.num_reused_blocks:
+            self.counters.inc("prefix_blocks_reused", rec.num_reused_blocks)
+        self.counters.inc("prompt_blocks_handed_off", num_prompt_blocks)
+        self.last_transfer[rec.req_id] = (
+            f"protocol={rec.protocol} blocks={len(rec.block_ids)} reused={rec.num_reused_blocks} ms={landed_ms}"
+        )
         if rec.is_in(S.CANCELLED):  # cancelled once landed: every write is in, the blocks go back now
             await self.worker.release_reservation(rec.req_id)
             return None

@@ -152,9 +152,19 @@ class EngineWorker:
     async def validate_prompt(self, req_id: str, prompt_token_ids: list[int]) -> None:
         await self.call(lambda e: e.validate_prompt(prompt_token_ids, req_id=req_id))
 
+    async def cached_prefix_tokens(self, prompt_token_ids: list[int]) -> int:
+        """Leading prompt tokens whose KV this node's prefix cache holds now (a lookup, no reference)."""
+        return int(await self.call(lambda e: e.block_manager.cached_prefix(prompt_token_ids).num_tokens))
+
     async def reserve(self, req_id: str, num_tokens: int) -> list[int]:
         """Reserve KV blocks for incoming KV; raises OutOfBlocksError when full."""
         return await self.call(lambda e: e.reserve(req_id, num_tokens))
+
+    async def reserve_reusing(
+        self, req_id: str, prompt_token_ids: list[int], num_tokens: int
+    ) -> tuple[list[int], int]:
+        """``reserve`` whose first blocks are the prompt's cached prefix: (block ids, cached count)."""
+        return await self.call(lambda e: e.reserve_reusing(req_id, prompt_token_ids, num_tokens))
 
     async def release_reservation(self, req_id: str) -> None:
         """Free a reservation; an unknown one (already released or aborted) is a no-op."""

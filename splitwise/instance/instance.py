@@ -83,6 +83,8 @@ class Instance:
         self._stopped = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()  # abort_peer calls after a lost D
         self._token_keeper: tuple[asyncio.Task[None], Any] | None = None  # re-publishes the Redis token
+        self.prefix_index: Any = None  # PrefixIndexLoop on prefill/decode nodes (KV-aware routing)
+        self._index_client: Any = None
 
     # -- start --------------------------------------------------------------------------------
 
@@ -259,7 +261,29 @@ class Instance:
         )
         await self.node.start(info)
         await self.frontend.start()
+        if cfg.scheduler.scheduler_name != "local" and cfg.role != "mixed":
+            self._start_prefix_index()
         self.registered = True
+
+    def _start_prefix_index(self) -> None:
+        """KV-aware routing: mirror this node's prefix cache into the Redis prefix index."""
+        from scheduler.connection import make_client
+        from scheduler.prefix_index import PrefixIndexPublisher
+        from splitwise.instance.prefix_publisher import PUBLISH_INTERVAL_S, PrefixIndexLoop
+
+        assert self.worker is not None
+        sched = self.config.scheduler
+        self._index_client = make_client(sched)
+        publisher = PrefixIndexPublisher(
+            self._index_client, KeySchema(sched.scheduler_topic), self.node_id, ttl_ms=sched.ttl_ms
+        )
+        self.prefix_index = PrefixIndexLoop(
+            self.worker,
+            publisher,
+            self.counters,
+            interval_s=min(PUBLISH_INTERVAL_S, sched.heartbeat_interval_s),
+        )
+        self.prefix_index.start()
 
     def _load_report(self) -> LoadReport:
         assert self.worker is not None
@@ -319,6 +343,9 @@ class Instance:
                 await asyncio.gather(self._http_task, return_exceptions=True)
         if self.runtime is not None:
             await self.runtime.close()
+        if self.prefix_index is not None:
+            await _bounded(self.prefix_index.close(), "prefix index close")
+            await _bounded(self._index_client.aclose(), "prefix index client close")
         for side in (self.node, self.frontend):
             if side is not None:
                 try:
@@ -343,6 +370,14 @@ class Instance:
         if self.engine is not None:
             self.engine.close()
         log.info("instance stopped", node_id=self.node_id)
+
+
+async def _bounded(step: Awaitable[object], what: str) -> None:
+    """One best-effort shutdown step, bounded (with Redis gone it cannot succeed)."""
+    try:
+        await asyncio.wait_for(step, _CLOSE_STEP_S)
+    except (Exception, asyncio.TimeoutError) as exc:  # noqa: BLE001 - best effort at shutdown
+        log.warning(f"{what} failed", error=str(exc) or type(exc).__name__)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

@@ -40,6 +40,7 @@ class DisaggDecoder(Protocol):
     def cancel(self, req_id: str) -> bool: ...  # True: the flow frees the request's blocks itself
 
     last_transfer: dict[str, str]  # req_id -> what the KV transfer did, taken once by the runtime
+    last_local: dict[str, str]  # req_id -> why it was prefilled locally by choice, taken once
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,13 +177,11 @@ class NodeRuntime:
                 raise EngineError("this node cannot decode disaggregated requests (role is not decode)")
             outputs = await self.decoder.start_request(item, req.prompt_token_ids, req.params)
             transferred = self.decoder.last_transfer.pop(item.req_id, None)
+            local = self.decoder.last_local.pop(item.req_id, None)
             if transferred is not None:
                 await self.node.mark(item.req_id, "transferred", detail=transferred)
-            await self.node.mark(
-                item.req_id,
-                "decoding",
-                detail="remote prefill" if transferred else "local prefill (fallback)",
-            )
+            how = "remote prefill" if transferred else "local prefill (fallback)"
+            await self.node.mark(item.req_id, "decoding", detail=f"local prefill ({local})" if local else how)
         else:
             outputs = self.worker.submit(item.req_id, req.prompt_token_ids, req.params)
             await self.node.mark(item.req_id, "running")

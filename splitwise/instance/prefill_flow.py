@@ -18,6 +18,13 @@ Which blocks a chunk ships (positions ``start .. end-1`` of the sequence, block 
         (prefix-cache hits were not computed now, but D needs them too)
     later chunks:                                            blocks start//bs .. (end-1)//bs
         (a block a previous chunk left partial is sent again, complete)
+    decode-side reuse (task.skip_blocks = k): blocks below k are never shipped (D holds them in
+        its prefix cache); block i >= k goes to dst_block_ids[i - k]
+
+P still computes the whole prompt's KV (attention over the prefix needs it): from its own prefix
+cache where it holds the prefix, else by recomputing it. That is the simplest correct choice: D
+sending its prefix KV to P would cost the transfer the reuse saves, and computing it is what P does
+for any prompt.
 """
 
 from __future__ import annotations
@@ -80,6 +87,7 @@ class _Shipment:
     peer_id: str
     initiator: TransportInitiator
     dst_block_ids: tuple[int, ...]
+    skip_blocks: int = 0  # the prompt's leading blocks D already holds (decode-side reuse)
     # Unpipelined mode only: (layer, src, dst, ready) writes held back until the prefill finished.
     deferred: list[tuple[int, list[int], list[int], ReadyToken]] = field(default_factory=list)
     first_write_s: float | None = None  # kv_transfer_latency starts here, not at the task's arrival
@@ -218,7 +226,7 @@ class PrefillFlow:
         await self._offload(lambda: initiator.connect(rec.peer_id, task.endpoint))
         self._check_live(rec)
         self.transitions.move(rec, S.PREFILLING, "connected")
-        shipment = _Shipment(rec.peer_id, initiator, tuple(task.dst_block_ids))
+        shipment = _Shipment(rec.peer_id, initiator, tuple(task.dst_block_ids), task.skip_blocks)
         self._start_shipping(req_id, shipment)
         outputs = self.worker.submit(
             req_id, list(task.prompt_token_ids), task.sampling_params, prefill_only=True
@@ -313,12 +321,14 @@ class PrefillFlow:
                 continue
             start = seq.num_computed_tokens
             end = start + chunk.num_new_tokens
+            skip = shipment.skip_blocks
             first_block = 0 if start == seq.num_cached_tokens else start // self.block_size
-            last_block = min((end - 1) // self.block_size, len(shipment.dst_block_ids) - 1)
+            first_block = max(first_block, skip)
+            last_block = min((end - 1) // self.block_size, skip + len(shipment.dst_block_ids) - 1)
             if last_block < first_block:
                 continue
             src = list(seq.block_table[first_block : last_block + 1])
-            dst = list(shipment.dst_block_ids[first_block : last_block + 1])
+            dst = list(shipment.dst_block_ids[first_block - skip : last_block - skip + 1])
             if not self.pipelined:
                 shipment.deferred.append((layer, src, dst, ready))
                 continue

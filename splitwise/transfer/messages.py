@@ -194,7 +194,8 @@ class Refused(Message):
 
 @dataclass(frozen=True)
 class PrefillTask(Call):
-    """D -> P: prefill ``prompt_token_ids`` and ship the KV into ``dst_block_ids`` on D.
+    """D -> P: prefill ``prompt_token_ids`` and ship the KV of its blocks ``skip_blocks`` .. into
+    ``dst_block_ids`` on D.
     ``sampling_params`` travels as the engine's own dataclass (a map of its fields): a field added
     there reaches P with no converter to edit; its validation runs again on decode."""
 
@@ -204,6 +205,9 @@ class PrefillTask(Call):
     dst_block_ids: list[int]
     protocol: Protocol
     endpoint: Endpoint
+    # Decode-side reuse: D holds the prompt's first ``skip_blocks`` blocks in its prefix cache, so
+    # ``dst_block_ids`` are D's blocks for prompt blocks skip_blocks.. and P ships only those.
+    skip_blocks: int = 0
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,8 @@ def test_every_problem_is_reported_at_once_with_a_suggestion() -> None:
         "--quantization: quantized weights are not supported; serve the float16/bfloat16/float32 checkpoint",
         "no such option: --bogus",
     ]
+    [router] = normalize(["--router", "10.0.0.1:9000"], KNOWN).errors
+    assert router.startswith("--router: ") and "--scheduler-host" in router and "splitwise router" in router
     assert normalize(["--modle", "/m"], KNOWN).errors == ["no such option: --modle; did you mean --model?"]
     assert normalize(["/a", "/b"], KNOWN).errors == [
         "unexpected arguments ['/a', '/b']: give one model directory"

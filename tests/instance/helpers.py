@@ -21,7 +21,12 @@ ENGINE_ARGS = [
 ]
 
 
+# The hand-off tests want every request handed off, however short (conditional disaggregation off).
+ALWAYS_DISAGG = ["--disagg-min-prefill-tokens", "0"]
+
+
 def start_cluster(model: Path, *, extra: list[str] | None = None, **spec: object) -> LocalCluster:
+    spec.setdefault("scheduler_args", ALWAYS_DISAGG)
     cluster = LocalCluster(
         ClusterSpec(model=str(model), extra_args=ENGINE_ARGS + (extra or []), threads_per_instance=1, **spec)
     )  # type: ignore[arg-type]

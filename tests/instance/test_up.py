@@ -68,6 +68,7 @@ def test_up_serves_and_cleans_up(tiny_model: Path, tmp_path: Path) -> None:
             time.sleep(0.2)
         progress = err_path.read_text()
         assert "prefill-0" in progress and "decode-0" in progress and "ready in" in progress
+        assert "router-0" in progress
         log_dir = re.search(r"logs in (\S+)\)", progress).group(1)  # type: ignore[union-attr]
         redis_port = int(re.search(r"redis-server on 127\.0\.0\.1:(\d+)", progress).group(1))  # type: ignore[union-attr]
         resp = httpx.post(
@@ -75,7 +76,7 @@ def test_up_serves_and_cleans_up(tiny_model: Path, tmp_path: Path) -> None:
         )
         assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 4
         instance_pids = _pids_mentioning(log_dir)
-        assert len(instance_pids) == 2  # the two instances
+        assert len(instance_pids) == 3  # the two instances and the router (whose URL is the base URL)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0, err_path.read_text()
     finally:
