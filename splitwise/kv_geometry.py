@@ -31,6 +31,11 @@ class KVGeometry:
     num_kv_heads: int
     head_dim: int
     num_blocks: int = 0  # this cache's size; 0 where only the layout matters (a registry record)
+    # Tensor parallelism (#14): the instance's ranks, and the model's KV heads when
+    # num_kv_heads counts per-rank replicas (tp > model heads); 0 = num_kv_heads. Neither is in
+    # the compat key: an instance's buffer holds every head whatever its TP (engine.parallel.layout).
+    tp_size: int = 1
+    model_kv_heads: int = 0
 
     COMPAT_FIELDS: ClassVar[tuple[str, ...]] = (
         "dtype",
@@ -43,6 +48,11 @@ class KVGeometry:
     @property
     def compat_key(self) -> tuple[str, int, int, int, int]:
         return (self.dtype, self.block_size, self.num_layers, self.num_kv_heads, self.head_dim)
+
+    @property
+    def logical_kv_heads(self) -> int:
+        """The model's KV heads (num_kv_heads counts replicas when tp > the model's heads)."""
+        return self.model_kv_heads or self.num_kv_heads
 
     def compatible_with(self, other: KVGeometry) -> bool:
         return self.compat_key == other.compat_key

@@ -299,13 +299,17 @@ def serve(**opts: Any) -> None:
 
         torch.set_num_threads(opts["torch_threads"])
     check_ports_free(config)
+    instance = Instance(config)
     try:
-        asyncio.run(_run(Instance(config), opts["ready_file"]))
+        asyncio.run(_run(instance, opts["ready_file"]))
     except Exception as exc:
         line = explain_startup_error(exc, config)
         if line is None:
             raise
         raise StartupError(line) from None
+    if instance.fatal_reason is not None:
+        click.echo(f"error: {instance.fatal_reason}", err=True)
+        sys.exit(1)
 
 
 def _explicit(opts: dict[str, Any]) -> set[str]:

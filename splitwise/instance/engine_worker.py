@@ -11,6 +11,9 @@ asyncio. The worker thread owns the engine; everything else talks to it through 
 Loop: drain commands -> step (if there is work) -> deliver outputs. When idle it blocks on the
 command queue (no busy loop). This thread is the engine's error boundary: a bug inside
 ``step()`` fails every in-flight request with an explicit error and the worker keeps serving.
+A *fatal* engine error (``exc.fatal``: a tensor-parallel rank is gone, #14) also fails them, then
+stops stepping for good and reports to ``on_fatal`` (the instance exits non-zero); later requests
+fail at once. A rank that exits while the engine is idle is reported the same way.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from splitwise.engine.engine import LLMEngine
 from splitwise.engine.errors import EngineError, UnknownRequestError
 from splitwise.engine.model_runner import LayerCallback
 from splitwise.engine.outputs import RequestOutput
+from splitwise.engine.parallel.runner import TPModelRunner
 from splitwise.engine.prompt_logprobs import PromptLogprob
 from splitwise.engine.sampling_params import SamplingParams
 from splitwise.engine.sequence import FinishReason
@@ -65,6 +69,12 @@ class EngineWorker:
         self.num_step_errors = 0
         # Set before start(): the node's request-phase metrics (called on the engine thread).
         self.request_stats: RequestStats | None = None
+        # Set before start(): called on the loop once the engine cannot serve any more.
+        self.on_fatal: Callable[[str], None] | None = None
+        self.fatal_reason: str | None = None
+        runner = engine.runner
+        if isinstance(runner, TPModelRunner):
+            runner.on_rank_lost = self._rank_lost
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -90,6 +100,11 @@ class EngineWorker:
         self._queues[req_id] = out_q
 
         def add() -> None:
+            if self.fatal_reason is not None:
+                self._deliver(
+                    [RequestOutput(req_id=req_id, finish_reason=FinishReason.ABORT, error=self.fatal_reason)]
+                )
+                return
             try:
                 self.engine.add_request(req_id, prompt_token_ids, params, prefill_only=prefill_only)
                 if self.request_stats is not None:
@@ -209,8 +224,9 @@ class EngineWorker:
 
     def _run(self) -> None:
         while self._running:
-            self._drain_commands(block=not self.engine.has_unfinished())
-            if not self.engine.has_unfinished():
+            stepping = self.fatal_reason is None and self.engine.has_unfinished()
+            self._drain_commands(block=not stepping)
+            if self.fatal_reason is not None or not self.engine.has_unfinished():
                 continue
             try:
                 outputs = self.engine.step()
@@ -218,10 +234,28 @@ class EngineWorker:
                 self.num_step_errors += 1
                 log.exception("engine step failed; failing in-flight requests", error=str(exc))
                 outputs = self._fail_all(f"internal engine error: {exc}")
+                if getattr(exc, "fatal", False):
+                    self._deliver(outputs)
+                    self._fatal(str(exc))
+                    continue
             if self.request_stats is not None:
                 self.request_stats.stepped(self.engine)
             self._deliver(outputs)
             self.load = self._snapshot()
+
+    def _rank_lost(self, reason: str) -> None:
+        """From the TP runner's monitor thread: fail everything on the engine thread."""
+        self._commands.put(lambda: self._fatal(reason))
+
+    def _fatal(self, reason: str) -> None:
+        """On the engine thread: no more steps; every request held fails; the owner is told."""
+        if self.fatal_reason is not None:
+            return
+        self.fatal_reason = f"engine lost: {reason}"
+        log.error("engine cannot serve any more", reason=reason)
+        self._deliver(self._fail_all(self.fatal_reason))
+        if self.on_fatal is not None:
+            self._loop.call_soon_threadsafe(self.on_fatal, self.fatal_reason)
 
     def _drain_commands(self, *, block: bool) -> None:
         try:
