@@ -62,6 +62,9 @@ class ClusterSpec:
     heartbeat_interval_s: float = 1.0
     dead_after_missed: int = 3
     threads_per_instance: int | None = None
+    # Tensor-parallel size of each role's instances (--prefill-tp / --decode-tp; mixed uses decode's).
+    prefill_tp: int = 1
+    decode_tp: int = 1
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
 
@@ -78,6 +81,8 @@ class ClusterSpec:
             raise ValueError(
                 f"--scheduler-heartbeat-interval: must be > 0 seconds, got {self.heartbeat_interval_s}"
             )
+        if self.prefill_tp < 1 or self.decode_tp < 1:
+            raise ValueError("--prefill-tp/--decode-tp: tensor-parallel sizes must be >= 1")
         if self.dead_after_missed < 1:
             raise ValueError(f"--scheduler-dead-after-missed: must be >= 1, got {self.dead_after_missed}")
 
@@ -162,6 +167,9 @@ class LocalCluster:
         ]
         if self.spec.model:
             args += ["--model", self.spec.model]
+        tp = self.spec.prefill_tp if role == "prefill" else self.spec.decode_tp
+        if tp > 1:
+            args += ["--tensor-parallel-size", str(tp)]
         args += self.spec.extra_args
         env = {**os.environ, **self.spec.env, "OMP_NUM_THREADS": str(threads)}
         with open(log_path, "wb") as log_fh:

@@ -29,7 +29,14 @@ def _instance_config(opts: dict[str, Any]) -> Any:
     from splitwise.transfer.registry import parse_protocols
 
     model_dir = resolve_model(opts["model"], default_size=opts["default_model_size"])
-    _check_model(str(model_dir), opts["max_model_len"])
+    _check_model(str(model_dir), opts["max_model_len"], opts["tensor_parallel_size"], opts["device"])
+    rdma_ports = parse_ports(opts["rdma_comm_ports"], "--rdma-comm-ports")
+    if len(rdma_ports) > 1 and len(rdma_ports) != opts["tensor_parallel_size"]:
+        raise click.BadParameter(
+            f"{len(rdma_ports)} ports given: give one, or one per tensor-parallel rank "
+            f"({opts['tensor_parallel_size']})",
+            param_hint="--rdma-comm-ports",
+        )
     dtype = opts["dtype"]
     if dtype == "auto":
         dtype = dtype_from_checkpoint(str(model_dir), opts["device"], read_model_config)
@@ -45,6 +52,7 @@ def _instance_config(opts: dict[str, Any]) -> Any:
         max_num_batched_tokens=opts["max_num_batched_tokens"],
         enable_prefix_caching=opts["enable_prefix_caching"],
         seed=opts["seed"],
+        tensor_parallel_size=opts["tensor_parallel_size"],
         detokenize=False,  # the HTTP frontend detokenizes; the engine only checks stop strings
     )
     return InstanceConfig(
@@ -57,7 +65,7 @@ def _instance_config(opts: dict[str, Any]) -> Any:
         metrics_port=opts["metrics_port"],
         pd_comm_port=opts["pd_comm_port"],
         cache_transfer_protocols=parse_protocols(opts["cache_transfer_protocol"]),
-        rdma_comm_ports=parse_ports(opts["rdma_comm_ports"], "--rdma-comm-ports"),
+        rdma_comm_ports=rdma_ports,
         rdma_gid_index=opts["rdma_gid_index"],
         rdma_traffic_class=opts["rdma_traffic_class"],
         rdma_service_level=opts["rdma_service_level"],
@@ -75,10 +83,11 @@ def _instance_config(opts: dict[str, Any]) -> Any:
     )
 
 
-def _check_model(model_dir: str, max_model_len: int | None) -> None:
+def _check_model(model_dir: str, max_model_len: int | None, tp_size: int = 1, device: str = "cpu") -> None:
     """What config.json alone can refuse, before the weights load (minutes on a real model)."""
     from splitwise.engine.config import ModelConfig
     from splitwise.engine.errors import ModelLoadError
+    from splitwise.engine.parallel.layout import TP_FLAG, TPLayout
 
     try:
         model = ModelConfig.from_dir(model_dir)
@@ -89,6 +98,15 @@ def _check_model(model_dir: str, max_model_len: int | None) -> None:
             f"{max_model_len} exceeds the model's context (max_position_embeddings {model.max_position_embeddings})",
             param_hint="--max-model-len",
         )
+    if tp_size > 1 and device != "cpu":
+        raise click.BadParameter(
+            "tensor parallelism runs on CPU (gloo) in this version; the CUDA (nccl) path is not verified",
+            param_hint=TP_FLAG,
+        )
+    try:
+        TPLayout(tp_size, model.num_heads, model.num_kv_heads, model.intermediate_size, model.vocab_size)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc).removeprefix(f"{TP_FLAG}: "), param_hint=TP_FLAG) from None
 
 
 @click.command("serve", cls=ServeCommand)
@@ -132,7 +150,21 @@ def _check_model(model_dir: str, max_model_len: int | None) -> None:
     show_default=True,
     help="Preference list of KV transfer protocols (ipc, rdma, tcp), as in FastDeploy.",
 )
-@click.option("--rdma-comm-ports", default=None, help="Comma list of RDMA listener ports (decode).")
+@click.option(
+    "--rdma-comm-ports",
+    default=None,
+    help="Comma list of RDMA listener ports (decode): one, or one per tensor-parallel rank as in FastDeploy.",
+)
+@click.option(
+    "--tensor-parallel-size",
+    "--tp",
+    "--tp-size",
+    "tensor_parallel_size",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Ranks of this instance: one process each, the model sharded Megatron-style (CPU: gloo).",
+)
 @click.option(
     "--rdma-gid-index",
     type=click.IntRange(0, 255),

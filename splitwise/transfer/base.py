@@ -252,6 +252,8 @@ def geometry_to_dict(geometry: KVCacheGeometry) -> dict[str, Any]:
         "num_kv_heads": geometry.num_kv_heads,
         "head_dim": geometry.head_dim,
         "dtype": geometry.dtype,
+        "tp_size": geometry.tp_size,
+        "model_kv_heads": geometry.model_kv_heads,
     }
 
 
@@ -263,12 +265,24 @@ def geometry_from_dict(data: Mapping[str, Any]) -> KVCacheGeometry:
         num_kv_heads=int(data["num_kv_heads"]),
         head_dim=int(data["head_dim"]),
         dtype=str(data["dtype"]),
+        tp_size=int(data.get("tp_size", 1)),
+        model_kv_heads=int(data.get("model_kv_heads", 0)),
     )
 
 
-def check_compatible(local: KVCacheGeometry, remote: KVCacheGeometry, *, peer: str | None = None) -> None:
-    """Raise IncompatiblePeerError naming every field that differs (num_blocks may differ)."""
+def check_compatible(
+    local: KVCacheGeometry, remote: KVCacheGeometry, *, peer: str | None = None, head_remap: bool = False
+) -> None:
+    """Raise IncompatiblePeerError naming every field that differs (num_blocks may differ).
+    ``head_remap``: this transport can move KV between buffers holding different numbers of head
+    replicas (tensor parallelism, #14); without it those must hold the same heads."""
     if local.compatible_with(remote):
+        if local.needs_head_remap(remote) and not head_remap:
+            raise IncompatiblePeerError(
+                f"KV buffers hold {local.num_kv_heads} and {remote.num_kv_heads} head replicas "
+                "(different tensor-parallel sizes); this transport cannot remap heads",
+                peer=peer,
+            )
         return
     diffs = [
         f"{name} {getattr(local, name)} != {getattr(remote, name)}"
