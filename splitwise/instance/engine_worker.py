@@ -233,11 +233,10 @@ class EngineWorker:
             except Exception as exc:  # noqa: BLE001 - the engine thread's error boundary
                 self.num_step_errors += 1
                 log.exception("engine step failed; failing in-flight requests", error=str(exc))
-                outputs = self._fail_all(f"internal engine error: {exc}")
                 if getattr(exc, "fatal", False):
-                    self._deliver(outputs)
                     self._fatal(str(exc))
                     continue
+                outputs = self._fail_all(f"internal engine error: {exc}")
             if self.request_stats is not None:
                 self.request_stats.stepped(self.engine)
             self._deliver(outputs)

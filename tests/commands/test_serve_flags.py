@@ -244,3 +244,9 @@ def test_up_reports_unknown_flags_the_same_way() -> None:
     scan = normalize(["--prefil", "2", "--model-path", "/m"], known)
     assert scan.errors == ["no such option: --prefil; did you mean --prefill?"]
     assert scan.args == ["--model", "/m"]
+
+
+def test_rdma_comm_ports_one_or_one_per_rank(tiny_model: Path) -> None:
+    result = run_serve("--model", str(tiny_model), "--tp", "2", "--rdma-comm-ports", "7671,7672,7673")
+    assert result.returncode == 2
+    assert "--rdma-comm-ports" in result.stderr and "one per tensor-parallel rank (2)" in result.stderr

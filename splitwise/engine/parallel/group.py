@@ -109,4 +109,9 @@ class RankGroup:
         try:
             work.wait()
         except RuntimeError as exc:
-            raise RankLostError(f"rank {self.rank}: {what} failed, a rank is gone: {exc}") from None
+            detail = (
+                str(exc).split("] ", 1)[-1].split(". ", 1)[0]
+            )  # gloo: "[file:line] Connection closed by peer ..."
+            raise RankLostError(
+                f"rank {self.rank}: {what} failed: a tensor-parallel rank is gone ({detail})"
+            ) from None
