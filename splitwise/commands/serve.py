@@ -29,7 +29,10 @@ def _instance_config(opts: dict[str, Any]) -> Any:
     from splitwise.transfer.registry import parse_protocols
 
     model_dir = resolve_model(opts["model"], default_size=opts["default_model_size"])
-    _check_model(str(model_dir), opts["max_model_len"], opts["tensor_parallel_size"], opts["device"])
+    _check_model(str(model_dir), opts["max_model_len"])
+    _check_tensor_parallel(
+        str(model_dir), opts["tensor_parallel_size"], opts["device"], opts["splitwise_role"]
+    )
     rdma_ports = parse_ports(opts["rdma_comm_ports"], "--rdma-comm-ports")
     if len(rdma_ports) > 1 and len(rdma_ports) != opts["tensor_parallel_size"]:
         raise click.BadParameter(
@@ -83,11 +86,10 @@ def _instance_config(opts: dict[str, Any]) -> Any:
     )
 
 
-def _check_model(model_dir: str, max_model_len: int | None, tp_size: int = 1, device: str = "cpu") -> None:
+def _check_model(model_dir: str, max_model_len: int | None) -> None:
     """What config.json alone can refuse, before the weights load (minutes on a real model)."""
     from splitwise.engine.config import ModelConfig
     from splitwise.engine.errors import ModelLoadError
-    from splitwise.engine.parallel.layout import TP_FLAG, TPLayout
 
     try:
         model = ModelConfig.from_dir(model_dir)
@@ -98,11 +100,23 @@ def _check_model(model_dir: str, max_model_len: int | None, tp_size: int = 1, de
             f"{max_model_len} exceeds the model's context (max_position_embeddings {model.max_position_embeddings})",
             param_hint="--max-model-len",
         )
+
+
+def _check_tensor_parallel(model_dir: str, tp_size: int, device: str, role: str) -> None:
+    """The model must shard over ``tp_size`` ranks; CUDA TP (nccl, one KV buffer per GPU) has
+    no per-rank transfer lanes yet, so only a mixed instance may use it."""
+    from splitwise.engine.config import ModelConfig
+    from splitwise.engine.parallel.layout import TP_FLAG, TPLayout
+
+    model = ModelConfig.from_dir(model_dir)
     if tp_size > 1 and device != "cpu":
-        raise click.BadParameter(
-            "tensor parallelism runs on CPU (gloo) in this version; the CUDA (nccl) path is not verified",
-            param_hint=TP_FLAG,
-        )
+        if role != "mixed":
+            raise click.BadParameter(
+                f"{tp_size} on {device} serves --splitwise-role mixed only: KV transfer from per-GPU "
+                "ranks is not built (CPU tensor parallelism serves every role)",
+                param_hint=TP_FLAG,
+            )
+        click.echo(f"warning: {TP_FLAG} {tp_size} on {device} (nccl) has not been run on a GPU yet", err=True)
     try:
         TPLayout(tp_size, model.num_heads, model.num_kv_heads, model.intermediate_size, model.vocab_size)
     except ValueError as exc:

@@ -250,3 +250,11 @@ def test_rdma_comm_ports_one_or_one_per_rank(tiny_model: Path) -> None:
     result = run_serve("--model", str(tiny_model), "--tp", "2", "--rdma-comm-ports", "7671,7672,7673")
     assert result.returncode == 2
     assert "--rdma-comm-ports" in result.stderr and "one per tensor-parallel rank (2)" in result.stderr
+
+
+def test_cuda_tensor_parallel_is_mixed_only(tiny_model: Path) -> None:
+    result = run_serve(
+        "--model", str(tiny_model), "--tp", "2", "--device", "cuda", "--splitwise-role", "decode"
+    )
+    assert result.returncode == 2
+    assert "--tensor-parallel-size" in result.stderr and "mixed only" in result.stderr

@@ -87,3 +87,11 @@ def test_rank_messages_round_trip() -> None:
     assert decode_rank_message(encode(Shutdown("bye"))) == Shutdown("bye")
     with pytest.raises(TensorParallelError):
         decode_rank_message(b"\x00garbage")
+
+
+def test_rank_devices() -> None:
+    from splitwise.engine.parallel.runner import rank_device
+
+    assert str(rank_device("cpu", 1)) == "cpu"
+    assert str(rank_device("cuda", 1)) == "cuda:1"
+    assert str(rank_device("cuda:2", 1)) == "cuda:3"

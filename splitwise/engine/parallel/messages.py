@@ -26,7 +26,7 @@ class RankLaunch:
     rank: int
     world_size: int
     store_port: int
-    kv_shm_name: str  # the instance's KV buffer; the rank maps it and uses its head slice
+    kv_shm_name: str  # CPU: the instance's KV buffer (the rank maps its head slice); CUDA: "" (own)
     num_kv_blocks: int
     compute_timeout_s: float
     num_threads: int

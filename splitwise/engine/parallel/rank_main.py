@@ -11,6 +11,7 @@ import threading
 import torch
 
 from splitwise.engine.config import ModelConfig
+from splitwise.engine.kv_cache import KVCache
 from splitwise.engine.model.attention_metadata import GatherBuffers
 from splitwise.engine.parallel.group import RankGroup
 from splitwise.engine.parallel.kv_view import RankKVView
@@ -18,7 +19,7 @@ from splitwise.engine.parallel.launch import LENGTH
 from splitwise.engine.parallel.layout import TPLayout
 from splitwise.engine.parallel.loader import load_shard
 from splitwise.engine.parallel.messages import RankLaunch, Shutdown, decode_launch, decode_rank_message
-from splitwise.engine.parallel.runner import instance_kv_geometry, layout_of
+from splitwise.engine.parallel.runner import instance_kv_geometry, layout_of, rank_device, rank_kv_cache
 from splitwise.engine.parallel.step import StepContext, run_plan
 from splitwise.logging import configure_logging, get_logger
 
@@ -44,10 +45,9 @@ def _watch_parent() -> None:
 def serve(launch: RankLaunch) -> None:
     cfg = launch.engine
     torch.set_num_threads(launch.num_threads)
-    device = torch.device(cfg.device)
+    device = rank_device(cfg.device, launch.rank)
     if device.type == "cuda":
-        torch.cuda.set_device(launch.rank)
-        device = torch.device("cuda", launch.rank)
+        torch.cuda.set_device(device)
     model_config = ModelConfig.from_dir(cfg.model)
     layout: TPLayout = layout_of(model_config, launch.world_size)
     group = RankGroup(
@@ -58,8 +58,12 @@ def serve(launch: RankLaunch) -> None:
         device=device,
         compute_timeout_s=launch.compute_timeout_s,
     )
-    geometry = instance_kv_geometry(model_config, cfg, layout, launch.num_kv_blocks)
-    kv = RankKVView.map_shared(launch.kv_shm_name, geometry, layout.physical_kv_heads(launch.rank))
+    kv: KVCache
+    if launch.kv_shm_name:  # CPU: the instance's one buffer, this rank's head slice
+        geometry = instance_kv_geometry(model_config, cfg, layout, launch.num_kv_blocks)
+        kv = RankKVView.map_shared(launch.kv_shm_name, geometry, layout.physical_kv_heads(launch.rank))
+    else:  # CUDA: its own heads on its own GPU
+        kv = rank_kv_cache(model_config, cfg, layout, launch.num_kv_blocks, launch.rank)
     model = load_shard(
         cfg.model, model_config, layout, rank=launch.rank, group=group, dtype=cfg.torch_dtype, device=device
     )

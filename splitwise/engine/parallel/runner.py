@@ -10,6 +10,7 @@ layer-L K/V, so the whole buffer's layer L is in place (shared memory, same host
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from collections.abc import Sequence as SequenceOf
 
@@ -65,14 +66,35 @@ def instance_kv_geometry(
     )
 
 
+def rank_device(device: str, rank: int) -> torch.device:
+    """CPU: every rank on the CPU. CUDA: rank r on GPU (the given index, default 0) + r."""
+    base = torch.device(device)
+    if base.type != "cuda":
+        return base
+    return torch.device("cuda", (base.index or 0) + rank)
+
+
+def rank_kv_cache(
+    model_config: ModelConfig, engine_config: EngineConfig, layout: TPLayout, num_blocks: int, rank: int
+) -> KVCache:
+    """CUDA (written, not yet run on a GPU): each rank's own KV memory on its GPU, its heads only."""
+    geometry = dataclasses.replace(
+        instance_kv_geometry(model_config, engine_config, layout, num_blocks),
+        num_kv_heads=layout.kv_heads_per_rank,
+    )
+    return KVCache(geometry, device=str(rank_device(engine_config.device, rank)))
+
+
 def _num_blocks(model_config: ModelConfig, engine_config: EngineConfig, layout: TPLayout) -> int:
     if engine_config.num_kv_blocks is not None:
         return engine_config.num_kv_blocks
+    # CPU: one buffer of every head; CUDA: --kv-cache-memory-gb per GPU, each its own heads.
+    cuda = torch.device(engine_config.device).type == "cuda"
     return KVGeometry.blocks_for_memory(
         engine_config.kv_cache_memory_bytes,
         num_layers=model_config.num_layers,
         block_size=engine_config.block_size,
-        num_kv_heads=layout.num_physical_kv_heads,
+        num_kv_heads=layout.kv_heads_per_rank if cuda else layout.num_physical_kv_heads,
         head_dim=model_config.head_dim,
         dtype=engine_config.dtype,
     )
@@ -86,22 +108,23 @@ class TPModelRunner(ModelRunner):
         self.model_config = model_config
         self.engine_config = engine_config
         self.layout = layout_of(model_config, engine_config.tensor_parallel_size)
-        self.device = torch.device(engine_config.device)
-        if self.device.type != "cpu":
-            # Each rank's KV would live on its own GPU: the one-buffer design below is CPU only.
-            raise ValueError(
-                "--tensor-parallel-size > 1 runs on CPU (gloo) in this version; the CUDA (nccl) "
-                "group is written but its per-GPU KV memory is not"
-            )
+        self.device = rank_device(engine_config.device, 0)
         self.block_size = engine_config.block_size
         self.static_decode = None
         self.gather_buffers = GatherBuffers()
         self.lost: str | None = None
         self.on_rank_lost: Callable[[str], None] | None = None
         num_blocks = _num_blocks(model_config, engine_config, self.layout)
-        geometry = instance_kv_geometry(model_config, engine_config, self.layout, num_blocks)
-        shm_name = engine_config.kv_cache_shm_name or default_shm_name()
-        self.kv_cache = KVCache(geometry, device="cpu", shm_name=shm_name)
+        if self.device.type == "cuda":
+            # Each rank keeps its heads on its own GPU (nccl): engine.kv_cache is rank 0's only,
+            # so such an instance serves mixed only (serve refuses P/D roles: no per-rank lanes).
+            torch.cuda.set_device(self.device)
+            shm_name = ""
+            self.kv_cache = rank_kv_cache(model_config, engine_config, self.layout, num_blocks, 0)
+        else:
+            geometry = instance_kv_geometry(model_config, engine_config, self.layout, num_blocks)
+            shm_name = engine_config.kv_cache_shm_name or default_shm_name()
+            self.kv_cache = KVCache(geometry, device="cpu", shm_name=shm_name)
         self.ranks: RankProcesses | None = None
         try:
             self._start_ranks(shm_name, num_blocks)
@@ -135,8 +158,10 @@ class TPModelRunner(ModelRunner):
             compute_timeout_s=COMPUTE_TIMEOUT_S,
             store=store,
         )
-        self.rank_kv = RankKVView(
-            self.kv_cache.tensor, self.kv_cache.geometry, self.layout.physical_kv_heads(0)
+        self.rank_kv: KVCache = (
+            self.kv_cache
+            if self.device.type == "cuda"
+            else RankKVView(self.kv_cache.tensor, self.kv_cache.geometry, self.layout.physical_kv_heads(0))
         )
         self.model = load_shard(
             cfg.model,
