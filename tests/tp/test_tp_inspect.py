@@ -53,3 +53,15 @@ def test_cluster_spec_checks_tp_sizes() -> None:
     with pytest.raises(ValueError, match="--prefill-tp/--decode-tp"):
         ClusterSpec(prefill_tp=0)
     assert ClusterSpec(prefill_tp=2, decode_tp=1).prefill_tp == 2
+
+
+def test_bench_compare_runs_p_and_d_at_their_tp_sizes() -> None:
+    from splitwise.bench.compare import SETUP_DISAGG, SETUP_MIXED, CompareConfig
+
+    config = CompareConfig(request_rates=(1.0,), num_prompts=1, prefill_tp=2, decode_tp=1)
+    mixed, disagg = config.spec(SETUP_MIXED), config.spec(SETUP_DISAGG)
+    assert (mixed.prefill_tp, mixed.decode_tp) == (1, 1)
+    assert (disagg.prefill_tp, disagg.decode_tp) == (2, 1)
+    assert config.label(SETUP_DISAGG) == "1P1D (tp 2/1)"
+    with pytest.raises(ValueError, match="--prefill-tp"):
+        CompareConfig(request_rates=(1.0,), num_prompts=1, decode_tp=0)
