@@ -84,3 +84,21 @@ def test_ranks_die_with_their_parent() -> None:
     finally:
         parent.kill()
         parent.wait()
+
+
+def test_a_rank_that_dies_at_start_up_fails_the_engine_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not after the group's 300 s join timeout: the monitor sees the exit while rank 0 waits."""
+    from splitwise.engine.parallel import launch
+    from splitwise.engine.parallel.errors import TensorParallelError
+
+    def crashing_spawn(message: launch.RankLaunch) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"], stdin=subprocess.PIPE)
+        return proc
+
+    monkeypatch.setattr(launch.RankProcesses, "_spawn", staticmethod(crashing_spawn))
+    start = time.monotonic()
+    with pytest.raises(
+        TensorParallelError, match="rank 1 exited with code 3 before the tensor-parallel group formed"
+    ):
+        engine("tiny", "llama", 2)
+    assert time.monotonic() - start < 120  # far below the join timeout (300 s)

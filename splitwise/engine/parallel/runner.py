@@ -11,8 +11,10 @@ layer-L K/V, so the whole buffer's layer L is in place (shared memory, same host
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Callable
 from collections.abc import Sequence as SequenceOf
+from typing import Any
 
 import torch
 
@@ -38,6 +40,7 @@ log = get_logger(__name__)
 # A collective inside a forward that takes longer than this means a wedged rank (a crashed one
 # is noticed at once: its sockets close). Generous: a first step on a loaded CPU is slow.
 COMPUTE_TIMEOUT_S = 300.0
+_JOIN_POLL_S = 0.2
 
 
 def layout_of(model_config: ModelConfig, tp_size: int) -> TPLayout:
@@ -149,15 +152,7 @@ class TPModelRunner(ModelRunner):
             for rank in range(1, world)
         ]
         self.ranks = RankProcesses(launches, self._rank_exited)
-        self.group = RankGroup(
-            rank=0,
-            world_size=world,
-            store_host="127.0.0.1",
-            store_port=int(store.port),
-            device=self.device,
-            compute_timeout_s=COMPUTE_TIMEOUT_S,
-            store=store,
-        )
+        self.group = self._join(store, world)
         self.rank_kv: KVCache = (
             self.kv_cache
             if self.device.type == "cuda"
@@ -181,6 +176,38 @@ class TPModelRunner(ModelRunner):
             self.gather_buffers,
         )
         log.info("tensor-parallel group ready", world_size=world, pids=self.ranks.pids)
+
+    def _join(self, store: Any, world: int) -> RankGroup:
+        """Rank 0 joins the group, which blocks until every rank has; a rank that exits first
+        (bad install, out of memory) fails the start-up at once instead of after the timeout."""
+        joined: list[RankGroup | BaseException] = []
+
+        def join() -> None:
+            try:
+                joined.append(
+                    RankGroup(
+                        rank=0,
+                        world_size=world,
+                        store_host="127.0.0.1",
+                        store_port=int(store.port),
+                        device=self.device,
+                        compute_timeout_s=COMPUTE_TIMEOUT_S,
+                        store=store,
+                    )
+                )
+            except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
+                joined.append(exc)
+
+        thread = threading.Thread(target=join, name="tp-group-join", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(_JOIN_POLL_S)  # a blocked C++ join cannot be interrupted: watch the ranks
+            if self.lost is not None and thread.is_alive():
+                raise TensorParallelError(f"{self.lost} before the tensor-parallel group formed")
+        result = joined[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
     def _rank_exited(self, rank: int, code: int) -> None:
         self.lost = f"tensor-parallel rank {rank} exited with code {code}"
