@@ -26,6 +26,7 @@ from splitwise.engine.parallel.errors import RankLostError, TensorParallelError
 
 _IDLE_TIMEOUT = datetime.timedelta(days=30)  # control group: ranks wait for work this long
 LENGTH_DTYPE = torch.int64
+FIRST_FRAME_BYTES = 4096  # a decode step plan of dozens of sequences fits
 
 
 class RankGroup:
@@ -91,19 +92,39 @@ class RankGroup:
         return parts
 
     def broadcast_bytes(self, payload: bytes | None) -> bytes:
-        """Rank 0 sends ``payload``; every other rank passes None and receives it."""
-        length = torch.tensor([len(payload) if payload is not None else 0], dtype=LENGTH_DTYPE)
-        if self.device.type == "cuda":  # nccl moves device tensors only
-            length = length.to(self.device)
-        self._wait(self._control.broadcast(length, 0), "broadcast")
+        """Rank 0 sends ``payload``; every other rank passes None and receives it.
+
+        One collective for the usual step plan: a fixed ``FIRST_FRAME_BYTES`` frame carries the
+        length and the first bytes; only a longer plan needs a second broadcast (each costs a
+        round trip through every rank, the largest part of a TP decode step on a loaded CPU)::
+
+            frame  [0:8) length (int64, little endian)  [8:FIRST_FRAME_BYTES) payload head
+            rest   payload[FIRST_FRAME_BYTES - 8:]      (second broadcast, only if needed)
+        """
+        head_room = FIRST_FRAME_BYTES - 8
+        frame = torch.zeros(FIRST_FRAME_BYTES, dtype=torch.uint8)
         if payload is not None:
-            data = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-        else:
-            data = torch.empty(int(length.item()), dtype=torch.uint8)
-        if self.device.type == "cuda":
-            data = data.to(self.device)
-        self._wait(self._control.broadcast(data, 0), "broadcast")
-        return payload if payload is not None else bytes(data.cpu().numpy())
+            frame[:8] = torch.tensor([len(payload)], dtype=LENGTH_DTYPE).view(torch.uint8)
+            head = payload[:head_room]
+            if head:
+                frame[8 : 8 + len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
+        frame = self._broadcast(frame)
+        length = int(frame[:8].clone().view(LENGTH_DTYPE).item())
+        if payload is not None:
+            if length > head_room:
+                self._broadcast(torch.frombuffer(bytearray(payload[head_room:]), dtype=torch.uint8))
+            return payload
+        received = bytes(frame[8 : 8 + min(length, head_room)].numpy())
+        if length > head_room:
+            rest = self._broadcast(torch.empty(length - head_room, dtype=torch.uint8))
+            received += bytes(rest.numpy())
+        return received
+
+    def _broadcast(self, data: torch.Tensor) -> torch.Tensor:
+        """From rank 0, in place; a CPU tensor in and out (nccl moves device tensors only)."""
+        moved = data.to(self.device) if self.device.type == "cuda" else data
+        self._wait(self._control.broadcast(moved, 0), "broadcast")
+        return moved.cpu()
 
     def _wait(self, work: Any, what: str) -> None:
         try:
