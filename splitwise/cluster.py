@@ -65,6 +65,9 @@ class ClusterSpec:
     heartbeat_interval_s: float = 1.0
     dead_after_missed: int = 3
     threads_per_instance: int | None = None
+    # Tensor-parallel size of each role's instances (--prefill-tp / --decode-tp; mixed uses decode's).
+    prefill_tp: int = 1
+    decode_tp: int = 1
     extra_args: list[str] = field(default_factory=list)  # `serve` flags of every instance
     scheduler_args: list[str] = field(default_factory=list)  # scheduler flags of instances and routers
     env: dict[str, str] = field(default_factory=dict)
@@ -82,6 +85,8 @@ class ClusterSpec:
             raise ValueError(
                 f"--scheduler-heartbeat-interval: must be > 0 seconds, got {self.heartbeat_interval_s}"
             )
+        if self.prefill_tp < 1 or self.decode_tp < 1:
+            raise ValueError("--prefill-tp/--decode-tp: tensor-parallel sizes must be >= 1")
         if self.dead_after_missed < 1:
             raise ValueError(f"--scheduler-dead-after-missed: must be >= 1, got {self.dead_after_missed}")
 
@@ -184,6 +189,9 @@ class LocalCluster:
         ]
         if self.spec.model:
             args += ["--model", self.spec.model]
+        tp = self.spec.prefill_tp if role == "prefill" else self.spec.decode_tp
+        if tp > 1:
+            args += ["--tensor-parallel-size", str(tp)]
         args += self.spec.extra_args
         return self._popen(name, role, args, ready, {"OMP_NUM_THREADS": str(threads)})
 

@@ -2,8 +2,11 @@
 node records, the P<->D control channel and every transport (torch-free, so the scheduler and
 simulated nodes can carry it without importing torch).
 
-Two nodes may exchange KV blocks iff their ``compat_key``s are equal: every field except
-``num_blocks`` (each node sizes its own cache). Byte layout of one cache (``shape``)::
+Two nodes may exchange KV blocks iff their ``compat_key``s are equal: every layout field except
+``num_blocks`` (each node sizes its own cache), with the model's KV heads rather than the buffer's:
+instances of different tensor-parallel sizes pair, and where their buffers hold a different
+number of head replicas (``needs_head_remap``) the transport remaps heads (engine.parallel.layout).
+Byte layout of one cache (``shape``)::
 
     [num_layers, 2 (K, V), num_blocks, block_size, num_kv_heads, head_dim]
 
@@ -31,18 +34,32 @@ class KVGeometry:
     num_kv_heads: int
     head_dim: int
     num_blocks: int = 0  # this cache's size; 0 where only the layout matters (a registry record)
+    # Tensor parallelism (#14): the instance's ranks, and the model's KV heads when
+    # num_kv_heads counts per-rank replicas (tp > model heads); 0 = num_kv_heads. Neither is in
+    # the compat key: an instance's buffer holds every head whatever its TP (engine.parallel.layout).
+    tp_size: int = 1
+    model_kv_heads: int = 0
 
     COMPAT_FIELDS: ClassVar[tuple[str, ...]] = (
         "dtype",
         "block_size",
         "num_layers",
-        "num_kv_heads",
+        "logical_kv_heads",
         "head_dim",
     )
 
     @property
     def compat_key(self) -> tuple[str, int, int, int, int]:
-        return (self.dtype, self.block_size, self.num_layers, self.num_kv_heads, self.head_dim)
+        return (self.dtype, self.block_size, self.num_layers, self.logical_kv_heads, self.head_dim)
+
+    def needs_head_remap(self, other: KVGeometry) -> bool:
+        """Compatible, but the buffers hold different numbers of head replicas (tp > heads)."""
+        return self.num_kv_heads != other.num_kv_heads
+
+    @property
+    def logical_kv_heads(self) -> int:
+        """The model's KV heads (num_kv_heads counts replicas when tp > the model's heads)."""
+        return self.model_kv_heads or self.num_kv_heads
 
     def compatible_with(self, other: KVGeometry) -> bool:
         return self.compat_key == other.compat_key

@@ -47,6 +47,8 @@ class CompareConfig:
     num_mixed: int = 2
     num_prefill: int = 1
     num_decode: int = 1
+    prefill_tp: int = 1  # tensor-parallel ranks of each P / D instance (#14); each rank gets torch_threads
+    decode_tp: int = 1
     torch_threads: int = 1
     model: str | None = None
     transfer: str = "ipc"
@@ -76,6 +78,8 @@ class CompareConfig:
                 f"--prefill/--decode: P + D ({self.num_prefill} + {self.num_decode}) must equal --mixed "
                 f"({self.num_mixed}) so both setups get the same CPUs"
             )
+        if self.prefill_tp < 1 or self.decode_tp < 1:
+            raise ValueError("--prefill-tp/--decode-tp: tensor-parallel sizes must be >= 1")
         if self.torch_threads < 1:
             raise ValueError(f"--torch-threads: must be at least 1, got {self.torch_threads}")
 
@@ -89,12 +93,17 @@ class CompareConfig:
             num_prefill=0 if is_mixed else self.num_prefill,
             num_decode=0 if is_mixed else self.num_decode,
             num_mixed=self.num_mixed if is_mixed else 0,
+            prefill_tp=1 if is_mixed else self.prefill_tp,
+            decode_tp=1 if is_mixed else self.decode_tp,
         )
 
     def label(self, setup: str) -> str:
         if setup == SETUP_MIXED:
             return f"{self.num_mixed} mixed"
-        return f"{self.num_prefill}P{self.num_decode}D"
+        tp = (
+            f" (tp {self.prefill_tp}/{self.decode_tp})" if (self.prefill_tp, self.decode_tp) != (1, 1) else ""
+        )
+        return f"{self.num_prefill}P{self.num_decode}D{tp}"
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "output_dir": str(self.output_dir)}

@@ -403,6 +403,20 @@ def _rates(value: str) -> tuple[float, ...]:
 )
 @click.option("--decode", "num_decode", default=1, show_default=True, type=int, help="Decode instances.")
 @click.option(
+    "--prefill-tp",
+    default=1,
+    show_default=True,
+    type=int,
+    help="Tensor-parallel ranks of each prefill instance (each rank uses --torch-threads: more CPUs).",
+)
+@click.option(
+    "--decode-tp",
+    default=1,
+    show_default=True,
+    type=int,
+    help="Tensor-parallel ranks of each decode instance.",
+)
+@click.option(
     "--torch-threads", default=1, show_default=True, type=int, help="Torch CPU threads of every instance."
 )
 @click.option(
@@ -453,6 +467,8 @@ def compare_cmd(**opts: Any) -> None:
             num_mixed=opts["num_mixed"],
             num_prefill=opts["num_prefill"],
             num_decode=opts["num_decode"],
+            prefill_tp=opts["prefill_tp"],
+            decode_tp=opts["decode_tp"],
             torch_threads=opts["torch_threads"],
             model=str(resolve_model(opts["model"], default_size="small")),
             transfer=opts["transfer"],

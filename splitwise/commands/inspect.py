@@ -91,6 +91,8 @@ async def _nodes(client: Any, keys: Any) -> list[dict[str, Any]]:
                 "pd_comm_port": info.pd_comm_port,
                 "model_id": info.model_id,
                 "kv": dataclasses.asdict(info.kv),
+                "tp_size": info.kv.tp_size,
+                "ranks": rank_layout(info.kv),
                 "protocols": info.transfer_protocols,
                 "incarnation": info.incarnation,
                 "heartbeat_age_s": round((now_ms - ts_ms) / 1000, 3) if alive and ts_ms >= 0 else None,
@@ -102,6 +104,40 @@ async def _nodes(client: Any, keys: Any) -> list[dict[str, Any]]:
                 "problems": problems,
             }
         )
+    return rows
+
+
+def rank_layout(kv: Any) -> list[dict[str, Any]]:
+    """Each rank's slice of the node's KV buffer (physical heads; engine.parallel.layout)."""
+    per_rank = kv.num_kv_heads // max(1, kv.tp_size)
+    return [{"rank": r, "kv_heads": [r * per_rank, (r + 1) * per_rank]} for r in range(max(1, kv.tp_size))]
+
+
+def pairing(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each live prefill node: the decode nodes it pairs with, or why it pairs with none
+    (the scheduler pairs only equal models and KV compat keys)."""
+    from splitwise.kv_geometry import KVGeometry
+
+    live = [n for n in nodes if n.get("alive") and "kv" in n]
+    decodes = [n for n in live if n["role"] == "decode"]
+    rows = []
+    for p in (n for n in live if n["role"] == "prefill"):
+        p_kv = KVGeometry(**p["kv"])
+        partners, reasons = [], []
+        for d in decodes:
+            why = (
+                []
+                if d["model_id"] == p["model_id"]
+                else [f"model: ours {p['model_id']!r}, peer {d['model_id']!r}"]
+            )
+            why += p_kv.mismatches(KVGeometry(**d["kv"]))
+            if why:
+                reasons.append(f"{d['node_id']}: " + "; ".join(why))
+            else:
+                partners.append(d["node_id"])
+        if not decodes:
+            reasons.append("no live decode node")
+        rows.append({"prefill": p["node_id"], "decode": partners, "why_not": [] if partners else reasons})
     return rows
 
 
@@ -188,6 +224,7 @@ async def collect(config: SchedulerConfig, *, req_id: str | None, dead_letter_li
             report["request"] = await _request(client, keys, req_id)
             return report
         report["nodes"] = await _nodes(client, keys)
+        report["pairing"] = pairing(report["nodes"])
         report["frontends"] = await _frontends(client, keys)
         report["dead_letters"] = await _dead_letters(client, keys, dead_letter_limit)
         return report
@@ -203,7 +240,7 @@ def _print_text(report: dict[str, Any]) -> None:
         return
     echo("\nNODES")
     header = (
-        f"{'node':<16} {'role':<8} {'alive':<5} {'hb_age_s':>8} {'queue':>5} {'lease_s':>7} "
+        f"{'node':<16} {'role':<8} {'tp':>2} {'alive':<5} {'hb_age_s':>8} {'queue':>5} {'lease_s':>7} "
         f"{'q_prefill_tok':>13} {'running':>7} {'free_blk':>8} {'waiting':>7} {'booked_p':>8} {'booked_d':>8}  model"
     )
     echo(header)
@@ -214,13 +251,24 @@ def _print_text(report: dict[str, Any]) -> None:
         load = n["load"]
         age = "-" if n["heartbeat_age_s"] is None else f"{n['heartbeat_age_s']:.2f}"
         echo(
-            f"{n['node_id']:<16} {n['role']:<8} {'yes' if n['alive'] else 'NO':<5} {age:>8} {n['queue_depth']:>5} "
+            f"{n['node_id']:<16} {n['role']:<8} {n['tp_size']:>2} {'yes' if n['alive'] else 'NO':<5} {age:>8} {n['queue_depth']:>5} "
             f"{n['lease_left_s'] or 0:>7} {load['queued_prefill_tokens']:>13} {load['running_requests']:>7} "
             f"{load['free_kv_blocks']:>8} {load['waiting_requests']:>7} {n['booked_prefill_tokens']:>8} "
             f"{n['booked_decode_requests']:>8}  {n['model_id']}"
         )
         for problem in n["problems"]:
             echo(f"{'':<16} poison: {problem}")
+        if n["tp_size"] > 1:
+            slices = "  ".join(
+                f"rank {r['rank']}: KV heads {r['kv_heads'][0]}-{r['kv_heads'][1] - 1}" for r in n["ranks"]
+            )
+            echo(f"{'':<16} ranks  {slices}")
+    echo("\nPAIRING")
+    for row in report["pairing"]:
+        if row["decode"]:
+            echo(f"{row['prefill']:<16} -> {', '.join(row['decode'])}")
+        else:
+            echo(f"{row['prefill']:<16} -> none: {' | '.join(row['why_not'])}")
     echo("\nFRONTENDS")
     for f in report["frontends"]:
         alive = "alive" if f["alive"] else "LAPSED"

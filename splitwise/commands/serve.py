@@ -30,6 +30,16 @@ def _instance_config(opts: dict[str, Any]) -> Any:
 
     model_dir = resolve_model(opts["model"], default_size=opts["default_model_size"])
     _check_model(str(model_dir), opts["max_model_len"])
+    _check_tensor_parallel(
+        str(model_dir), opts["tensor_parallel_size"], opts["device"], opts["splitwise_role"]
+    )
+    rdma_ports = parse_ports(opts["rdma_comm_ports"], "--rdma-comm-ports")
+    if len(rdma_ports) > 1 and len(rdma_ports) != opts["tensor_parallel_size"]:
+        raise click.BadParameter(
+            f"{len(rdma_ports)} ports given: give one, or one per tensor-parallel rank "
+            f"({opts['tensor_parallel_size']})",
+            param_hint="--rdma-comm-ports",
+        )
     dtype = opts["dtype"]
     if dtype == "auto":
         dtype = dtype_from_checkpoint(str(model_dir), opts["device"], read_model_config)
@@ -45,6 +55,7 @@ def _instance_config(opts: dict[str, Any]) -> Any:
         max_num_batched_tokens=opts["max_num_batched_tokens"],
         enable_prefix_caching=opts["enable_prefix_caching"],
         seed=opts["seed"],
+        tensor_parallel_size=opts["tensor_parallel_size"],
         detokenize=False,  # the HTTP frontend detokenizes; the engine only checks stop strings
     )
     return InstanceConfig(
@@ -57,7 +68,7 @@ def _instance_config(opts: dict[str, Any]) -> Any:
         metrics_port=opts["metrics_port"],
         pd_comm_port=opts["pd_comm_port"],
         cache_transfer_protocols=parse_protocols(opts["cache_transfer_protocol"]),
-        rdma_comm_ports=parse_ports(opts["rdma_comm_ports"], "--rdma-comm-ports"),
+        rdma_comm_ports=rdma_ports,
         rdma_gid_index=opts["rdma_gid_index"],
         rdma_traffic_class=opts["rdma_traffic_class"],
         rdma_service_level=opts["rdma_service_level"],
@@ -91,6 +102,27 @@ def _check_model(model_dir: str, max_model_len: int | None) -> None:
             f"{max_model_len} exceeds the model's context (max_position_embeddings {model.max_position_embeddings})",
             param_hint="--max-model-len",
         )
+
+
+def _check_tensor_parallel(model_dir: str, tp_size: int, device: str, role: str) -> None:
+    """The model must shard over ``tp_size`` ranks; CUDA TP (nccl, one KV buffer per GPU) has
+    no per-rank transfer lanes yet, so only a mixed instance may use it."""
+    from splitwise.engine.config import ModelConfig
+    from splitwise.engine.parallel.layout import TP_FLAG, TPLayout
+
+    model = ModelConfig.from_dir(model_dir)
+    if tp_size > 1 and device != "cpu":
+        if role != "mixed":
+            raise click.BadParameter(
+                f"{tp_size} on {device} serves --splitwise-role mixed only: KV transfer from per-GPU "
+                "ranks is not built (CPU tensor parallelism serves every role)",
+                param_hint=TP_FLAG,
+            )
+        click.echo(f"warning: {TP_FLAG} {tp_size} on {device} (nccl) has not been run on a GPU yet", err=True)
+    try:
+        TPLayout(tp_size, model.num_heads, model.num_kv_heads, model.intermediate_size, model.vocab_size)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc).removeprefix(f"{TP_FLAG}: "), param_hint=TP_FLAG) from None
 
 
 @click.command("serve", cls=ServeCommand)
@@ -134,7 +166,21 @@ def _check_model(model_dir: str, max_model_len: int | None) -> None:
     show_default=True,
     help="Preference list of KV transfer protocols (ipc, rdma, tcp), as in FastDeploy.",
 )
-@click.option("--rdma-comm-ports", default=None, help="Comma list of RDMA listener ports (decode).")
+@click.option(
+    "--rdma-comm-ports",
+    default=None,
+    help="Comma list of RDMA listener ports (decode): one, or one per tensor-parallel rank as in FastDeploy.",
+)
+@click.option(
+    "--tensor-parallel-size",
+    "--tp",
+    "--tp-size",
+    "tensor_parallel_size",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Ranks of this instance: one process each, the model sharded Megatron-style (CPU: gloo).",
+)
 @click.option(
     "--rdma-gid-index",
     type=click.IntRange(0, 255),
@@ -314,13 +360,17 @@ def serve(**opts: Any) -> None:
 
         torch.set_num_threads(opts["torch_threads"])
     check_ports_free(config)
+    instance = Instance(config)
     try:
-        asyncio.run(_run(Instance(config), opts["ready_file"]))
+        asyncio.run(_run(instance, opts["ready_file"]))
     except Exception as exc:
         line = explain_startup_error(exc, config)
         if line is None:
             raise
         raise StartupError(line) from None
+    if instance.fatal_reason is not None:
+        click.echo(f"error: {instance.fatal_reason}", err=True)
+        sys.exit(1)
 
 
 def _explicit(opts: dict[str, Any]) -> set[str]:

@@ -90,7 +90,6 @@ NO_EFFECT_SWITCHES = frozenset(
         "--enable-metrics",
     }
 )
-TENSOR_PARALLEL = ("--tensor-parallel-size", "--tp", "--tp-size")
 DTYPE_VALUES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -188,30 +187,12 @@ def _one_flag(arg: str, cursor: _Cursor, known: dict[str, bool], scan: _Scan) ->
         scan.notes.append(f"{flag} has no effect: {NO_EFFECT[flag]}")
         return
     value = inline if eq else cursor.value(unknown_flag=True)
-    if flag in TENSOR_PARALLEL:
-        _tensor_parallel(flag, value, scan.errors)
-    elif flag in NO_EFFECT:
+    if flag in NO_EFFECT:
         scan.notes.append(f"{flag} has no effect: {NO_EFFECT[flag]}")
     elif flag in UNSUPPORTED:
         scan.errors.append(f"{flag}: {UNSUPPORTED[flag]}")
     else:
         scan.errors.append(_unknown(flag, known))
-
-
-def _tensor_parallel(flag: str, v: str | None, errors: list[str]) -> None:
-    try:
-        size = int(v) if v is not None else 0
-    except ValueError:
-        size = 0
-    if size == 1:
-        return  # what every instance runs
-    if size < 1:
-        errors.append(f"{flag}: {v!r} is not a number of GPUs")
-    else:
-        errors.append(
-            f"{flag} {size}: tensor parallelism is not supported yet (one GPU per instance); "
-            "use a model that fits one GPU, or start more instances"
-        )
 
 
 def _positional_model(positional: list[str], out: list[str], errors: list[str]) -> None:
@@ -224,7 +205,7 @@ def _positional_model(positional: list[str], out: list[str], errors: list[str]) 
 
 
 def _unknown(flag: str, known: dict[str, bool]) -> str:
-    candidates = [*known, *ALIASES, *NO_EFFECT, *UNSUPPORTED, *TENSOR_PARALLEL]
+    candidates = [*known, *ALIASES, *NO_EFFECT, *UNSUPPORTED]
     close = difflib.get_close_matches(flag, candidates, n=1, cutoff=0.7)
     hint = f"; did you mean {ALIASES.get(close[0], close[0])}?" if close else ""
     return f"no such option: {flag}{hint}"

@@ -60,6 +60,20 @@ from splitwise.commands.serve_flags import ServeCommand
     show_default=True,
     help="KV transfer protocol between P and D.",
 )
+@click.option(
+    "--prefill-tp",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Tensor-parallel size of each prefill instance.",
+)
+@click.option(
+    "--decode-tp",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Tensor-parallel size of each decode instance.",
+)
 @click.option("--scheduler-host", default=None, help="Use this Redis instead of starting one.")
 @click.option("--scheduler-port", type=click.IntRange(1, 65535), default=6379, show_default=True)
 @click.option("--scheduler-topic", default="splitwise", show_default=True)
@@ -92,6 +106,8 @@ def up(
     port: int,
     with_router: bool,
     transfer: str,
+    prefill_tp: int,
+    decode_tp: int,
     scheduler_host: str | None,
     scheduler_port: int,
     scheduler_topic: str,
@@ -108,6 +124,8 @@ def up(
             port=port,
             router=with_router,
             transfer=transfer,
+            prefill_tp=prefill_tp,
+            decode_tp=decode_tp,
             scheduler_host=scheduler_host,
             scheduler_port=scheduler_port,
             topic=scheduler_topic,

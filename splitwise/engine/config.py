@@ -149,6 +149,8 @@ class EngineConfig:
     detokenize: bool = True
     # CUDA only: replay all-decode steps as captured CUDA graphs, one per (batch, context) bucket.
     cuda_graphs: bool = True
+    # Ranks of one instance (#14): one process per rank, Megatron-style sharding (engine.parallel).
+    tensor_parallel_size: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -161,6 +163,8 @@ class EngineConfig:
             raise ValueError(f"--num-kv-blocks: {self.num_kv_blocks} must be >= 1")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"--max-model-len: {self.max_model_len} must be >= 1")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"--tensor-parallel-size: {self.tensor_parallel_size} must be >= 1")
         if self.max_num_seqs < 1:
             raise ValueError(f"--max-num-seqs: {self.max_num_seqs} must be >= 1")
         if self.max_num_batched_tokens < self.block_size:

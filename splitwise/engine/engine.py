@@ -69,8 +69,17 @@ class LLMEngine:
         self.model_config = ModelConfig.from_dir(config.model)
         self.max_model_len = _resolve_max_model_len(config, self.model_config)
         self.tokenizer = Tokenizer.from_dir(config.model)
-        self.kv_cache = kv_cache if kv_cache is not None else build_kv_cache(self.model_config, config)
-        self.runner = ModelRunner(self.model_config, config, self.kv_cache)
+        self.runner: ModelRunner
+        if config.tensor_parallel_size > 1:  # #14: ranks in their own processes (engine.parallel)
+            from splitwise.engine.parallel.runner import TPModelRunner
+
+            if kv_cache is not None:
+                raise ValueError("--tensor-parallel-size > 1: the engine allocates its own KV buffer")
+            self.runner = TPModelRunner(self.model_config, config)
+            self.kv_cache = self.runner.kv_cache
+        else:
+            self.kv_cache = kv_cache if kv_cache is not None else build_kv_cache(self.model_config, config)
+            self.runner = ModelRunner(self.model_config, config, self.kv_cache)
         self.block_manager = BlockManager(
             self.kv_cache.geometry.num_blocks,
             config.block_size,
@@ -416,6 +425,10 @@ class LLMEngine:
         ]
 
     def close(self) -> None:
+        closer = getattr(self.runner, "close", None)  # the TP runner stops its ranks, frees the buffer
+        if closer is not None:
+            closer()
+            return
         self.kv_cache.close()
 
 

@@ -87,6 +87,28 @@ SIZES: dict[str, ModelShape] = {
         intermediate_size=128,
         max_position_embeddings=2048,
     ),
+    # The tiny shape with one KV head (MQA) and with a KV head per query head (MHA): tensor
+    # parallelism replicates KV heads when TP > num_kv_heads, splits them otherwise (#14).
+    "tiny-mqa": ModelShape(
+        vocab_size=1024,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=1,
+        head_dim=16,
+        intermediate_size=128,
+        max_position_embeddings=2048,
+    ),
+    "tiny-mha": ModelShape(
+        vocab_size=1024,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=4,
+        head_dim=16,
+        intermediate_size=128,
+        max_position_embeddings=2048,
+    ),
     # 28-32M parameters: prefill of a few thousand tokens costs real time, so P/D splitting shows.
     "small": ModelShape(
         vocab_size=8192,

@@ -18,6 +18,10 @@ thread reaches the loop only by posting events (``call_soon_threadsafe``): one p
 step's outputs, one per ``call`` result. So a request id is never looked up on one thread while
 the other replaces it, and a second request with the id of one whose last output is still on its
 way is refused (EngineError) instead of receiving that output.
+
+A *fatal* engine error (``exc.fatal``: a tensor-parallel rank is gone, #14) also fails them, then
+stops stepping for good and reports to ``on_fatal`` (the instance exits non-zero); later requests
+fail at once. A rank that exits while the engine is idle is reported the same way.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from splitwise.engine.engine import LLMEngine
 from splitwise.engine.errors import EngineError, UnknownRequestError
 from splitwise.engine.model_runner import LayerCallback
 from splitwise.engine.outputs import RequestOutput
+from splitwise.engine.parallel.runner import TPModelRunner
 from splitwise.engine.prompt_logprobs import PromptLogprob
 from splitwise.engine.sampling_params import SamplingParams
 from splitwise.engine.sequence import FinishReason
@@ -73,6 +78,12 @@ class EngineWorker:
         self.num_step_errors = 0
         # Set before start(): the node's request-phase metrics (called on the engine thread).
         self.request_stats: RequestStats | None = None
+        # Set before start(): called on the loop once the engine cannot serve any more.
+        self.on_fatal: Callable[[str], None] | None = None
+        self.fatal_reason: str | None = None
+        runner = engine.runner
+        if isinstance(runner, TPModelRunner):
+            runner.on_rank_lost = self._rank_lost
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -98,6 +109,11 @@ class EngineWorker:
         out_q = self.attach(req_id)
 
         def add() -> None:
+            if self.fatal_reason is not None:
+                self._deliver(
+                    [RequestOutput(req_id=req_id, finish_reason=FinishReason.ABORT, error=self.fatal_reason)]
+                )
+                return
             try:
                 self.engine.add_request(req_id, prompt_token_ids, params, prefill_only=prefill_only)
                 self._in_engine.add(req_id)
@@ -228,19 +244,37 @@ class EngineWorker:
 
     def _run(self) -> None:
         while self._running:
-            self._drain_commands(block=not self.engine.has_unfinished())
-            if not self.engine.has_unfinished():
+            stepping = self.fatal_reason is None and self.engine.has_unfinished()
+            self._drain_commands(block=not stepping)
+            if self.fatal_reason is not None or not self.engine.has_unfinished():
                 continue
             try:
                 outputs = self.engine.step()
             except Exception as exc:  # noqa: BLE001 - the engine thread's error boundary
                 self.num_step_errors += 1
                 log.exception("engine step failed; failing in-flight requests", error=str(exc))
+                if getattr(exc, "fatal", False):
+                    self._fatal(str(exc))
+                    continue
                 outputs = self._fail_all(f"internal engine error: {exc}")
             if self.request_stats is not None:
                 self.request_stats.stepped(self.engine)
             self._deliver(outputs)
             self.load = self._snapshot()
+
+    def _rank_lost(self, reason: str) -> None:
+        """From the TP runner's monitor thread: fail everything on the engine thread."""
+        self._commands.put(lambda: self._fatal(reason))
+
+    def _fatal(self, reason: str) -> None:
+        """On the engine thread: no more steps; every request held fails; the owner is told."""
+        if self.fatal_reason is not None:
+            return
+        self.fatal_reason = f"engine lost: {reason}"
+        log.error("engine cannot serve any more", reason=reason)
+        self._deliver(self._fail_all(self.fatal_reason))
+        if self.on_fatal is not None:
+            self._loop.call_soon_threadsafe(self.on_fatal, self.fatal_reason)
 
     def _drain_commands(self, *, block: bool) -> None:
         try:

@@ -81,6 +81,7 @@ class Instance:
         self._http_server: Any = None
         self._http_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
+        self.fatal_reason: str | None = None  # set when the engine was lost: exit non-zero
         self._background: set[asyncio.Task[None]] = set()  # abort_peer calls after a lost D
         self._token_keeper: tuple[asyncio.Task[None], Any] | None = None  # re-publishes the Redis token
         self.prefix_index: Any = None  # PrefixIndexLoop on prefill/decode nodes (KV-aware routing)
@@ -101,6 +102,7 @@ class Instance:
         self.engine = await loop.run_in_executor(None, LLMEngine, cfg.engine)
         self.worker = EngineWorker(self.engine, loop)
         self.worker.request_stats = RequestStats(self.metrics)
+        self.worker.on_fatal = self._on_engine_fatal
         self.worker.start()
         token = await self._cluster_token()
         self._start_transports(token)  # after the token: the rdma side channel authenticates with it
@@ -325,6 +327,12 @@ class Instance:
             await self.node.release_prefill(req_id)
 
     # -- readiness and shutdown ---------------------------------------------------------------
+
+    def _on_engine_fatal(self, reason: str) -> None:
+        """The engine cannot serve (a tensor-parallel rank died): stop; the process exits 1."""
+        log.error("stopping the instance: its engine is lost", reason=reason)
+        self.fatal_reason = reason
+        self.request_stop()
 
     def is_ready(self) -> bool:
         return self.engine is not None and self.registered and not self._stopped.is_set()

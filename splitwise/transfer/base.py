@@ -225,9 +225,19 @@ def check_block_ids(
 # --------------------------------------------------------------------------- geometry
 
 
-def check_compatible(local: KVCacheGeometry, remote: KVCacheGeometry, *, peer: str | None = None) -> None:
-    """Raise IncompatiblePeerError naming every field that differs (num_blocks may differ)."""
+def check_compatible(
+    local: KVCacheGeometry, remote: KVCacheGeometry, *, peer: str | None = None, head_remap: bool = False
+) -> None:
+    """Raise IncompatiblePeerError naming every field that differs (num_blocks may differ).
+    ``head_remap``: this transport can move KV between buffers holding different numbers of head
+    replicas (tensor parallelism, #14); without it those must hold the same heads."""
     if local.compatible_with(remote):
+        if local.needs_head_remap(remote) and not head_remap:
+            raise IncompatiblePeerError(
+                f"KV buffers hold {local.num_kv_heads} and {remote.num_kv_heads} head replicas "
+                "(different tensor-parallel sizes); this transport cannot remap heads",
+                peer=peer,
+            )
         return
     diffs = [
         f"{name} {getattr(local, name)} != {getattr(remote, name)}"

@@ -45,6 +45,7 @@ from splitwise.transfer.errors import (
     UnexpectedBlocksError,
     UnsupportedDeviceError,
 )
+from splitwise.transfer.head_remap import copy_runs_remapped, remap_index
 from splitwise.transfer.messages import RequestBegin
 from splitwise.transfer.registry import register_transport
 from splitwise.transfer.stream_initiator import LayerJob, Peer, StreamInitiator
@@ -322,8 +323,13 @@ class IpcInitiator(StreamInitiator):
                 peer=peer.peer_id,
                 block_ids=stray,
             )
-        local = self._require_kv().tensor[job.layer]
+        kv = self._require_kv()
+        local = kv.tensor[job.layer]
         remote = peer.attachment.tensor[job.layer]
+        index = remap_index(kv.geometry, peer.geometry)  # different TP replicas (#14): CPU only
+        if index is not None:
+            copy_runs_remapped(remote, local, job.runs, index)
+            return
         if self._copy_stream is None:
             _copy_blocks(remote, local, job.runs, src, dst)
             return

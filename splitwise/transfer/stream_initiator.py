@@ -138,7 +138,7 @@ class StreamInitiator(TransportInitiator):
                 f"endpoint is for {endpoint.protocol!r}, not {self.protocol!r}", peer=peer_id
             )
         remote = endpoint.geometry
-        check_compatible(kv.geometry, remote, peer=peer_id)
+        check_compatible(kv.geometry, remote, peer=peer_id, head_remap=True)  # ipc/tcp remap at P
         sock = wire.connect(endpoint.host, endpoint.port, self.options.connect_timeout_s)
         try:
             reply = self._hello(sock, kv, peer_id, endpoint.access_key)

@@ -261,7 +261,7 @@ class StreamTarget(TransportTarget):
             )
             raise AuthenticationError("wrong access key", peer=peer)
         try:
-            check_compatible(kv.geometry, hello.geometry, peer=hello.initiator_id)
+            check_compatible(kv.geometry, hello.geometry, peer=hello.initiator_id, head_remap=True)
         except (IncompatiblePeerError, KeyError, ValueError, TypeError) as exc:
             wire.send_message(sock, XferHelloReply(False, str(exc), local))
             raise IncompatiblePeerError(str(exc), peer=peer) from None

@@ -25,6 +25,7 @@ from splitwise.codes import Protocol
 from splitwise.engine.kv_cache import KIND_K, KIND_V, KVCache, KVCacheGeometry
 from splitwise.transfer import wire
 from splitwise.transfer.errors import UnexpectedBlocksError, UnsupportedDeviceError
+from splitwise.transfer.head_remap import gather_remapped, remap_index
 from splitwise.transfer.messages import LayerWrite
 from splitwise.transfer.registry import register_transport
 from splitwise.transfer.stream_initiator import LayerJob, Peer, StreamInitiator
@@ -133,19 +134,22 @@ class TcpInitiator(_TcpLocal, StreamInitiator):
         if self._stage is not None:  # CUDA KV: through host staging (the token was waited for)
             self._write_layer_staged(peer, job)
             return
-        geometry = self._require_kv().geometry
-        block_bytes = geometry.bytes_per_block
+        kv = self._require_kv()
+        geometry = kv.geometry
         num_blocks = sum(run.num_blocks for run in job.runs)
         header = LayerWrite(
             job.req_id,
             job.layer,
             [[run.dst_start, run.num_blocks] for run in job.runs],
-            2 * num_blocks * block_bytes,
+            2 * num_blocks * peer.geometry.bytes_per_block,  # D's layout (differs when heads remap)
         )
         runs = [[run.src_start, run.num_blocks] for run in job.runs]
-        wire.send_buffers(
-            peer.sock, [wire.frame_bytes(header), *_run_views(self._bytes, geometry, job.layer, runs)]
-        )
+        index = remap_index(geometry, peer.geometry)  # different TP replicas (#14)
+        if index is None:
+            payload = _run_views(self._bytes, geometry, job.layer, runs)
+        else:
+            payload = gather_remapped(kv.tensor[job.layer], runs, index)
+        wire.send_buffers(peer.sock, [wire.frame_bytes(header), *payload])
         self.counters.inc("bytes_sent", header.payload_bytes)
 
     def _write_layer_staged(self, peer: Peer, job: LayerJob) -> None:

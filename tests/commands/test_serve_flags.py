@@ -54,7 +54,7 @@ def test_fastdeploy_pd_command_runs_as_documented() -> None:
     scan = normalize(args, KNOWN)
     assert scan.errors == []
     assert "--engine-worker-queue-port" not in scan.args and "8182" not in scan.args
-    assert "--tensor-parallel-size" not in scan.args
+    assert scan.args[scan.args.index("--tensor-parallel-size") + 1] == "1"
     assert [n.split(" ", 1)[0] for n in scan.notes] == ["--engine-worker-queue-port", "--cache-queue-port"]
     assert scan.args[scan.args.index("--max-num-seqs") + 1] == "16"
 
@@ -87,8 +87,6 @@ def test_every_problem_is_reported_at_once_with_a_suggestion() -> None:
     assert scan.errors == [
         "no such option: --max-num-seq; did you mean --max-num-seqs?",
         "--gpu-memory-utilization: not supported; size the KV cache with --kv-cache-memory-gb or --num-kv-blocks",
-        "--tp 4: tensor parallelism is not supported yet (one GPU per instance); use a model that fits one GPU, "
-        "or start more instances",
         "--quantization: quantized weights are not supported; serve the float16/bfloat16/float32 checkpoint",
         "no such option: --bogus",
     ]
@@ -112,8 +110,15 @@ def test_unknown_flags_exit_2_all_named(tiny_model: Path) -> None:
     result = run_serve("--model", str(tiny_model), "--max-num-seq", "4", "--foo", "--tp", "2")
     assert result.returncode == 2
     errors = error_lines(result)
-    assert len(errors) == 3 and "did you mean --max-num-seqs?" in errors[0]
-    assert "--foo" in errors[1] and errors[2].startswith("error: --tp 2: tensor parallelism")
+    assert len(errors) == 2 and "did you mean --max-num-seqs?" in errors[0]
+    assert "--foo" in errors[1]
+
+
+def test_tensor_parallel_size_the_model_cannot_shard_exits_2(tiny_model: Path) -> None:
+    result = run_serve("--model", str(tiny_model), "--tp", "3")
+    assert result.returncode == 2
+    (line,) = [line for line in result.stderr.splitlines() if "--tensor-parallel-size" in line]
+    assert "3 does not divide the model's 4 attention heads" in line
 
 
 def test_taken_port_is_one_line_before_the_model_loads(tiny_model: Path) -> None:
@@ -241,3 +246,17 @@ def test_up_reports_unknown_flags_the_same_way() -> None:
     scan = normalize(["--prefil", "2", "--model-path", "/m"], known)
     assert scan.errors == ["no such option: --prefil; did you mean --prefill?"]
     assert scan.args == ["--model", "/m"]
+
+
+def test_rdma_comm_ports_one_or_one_per_rank(tiny_model: Path) -> None:
+    result = run_serve("--model", str(tiny_model), "--tp", "2", "--rdma-comm-ports", "7671,7672,7673")
+    assert result.returncode == 2
+    assert "--rdma-comm-ports" in result.stderr and "one per tensor-parallel rank (2)" in result.stderr
+
+
+def test_cuda_tensor_parallel_is_mixed_only(tiny_model: Path) -> None:
+    result = run_serve(
+        "--model", str(tiny_model), "--tp", "2", "--device", "cuda", "--splitwise-role", "decode"
+    )
+    assert result.returncode == 2
+    assert "--tensor-parallel-size" in result.stderr and "mixed only" in result.stderr
