@@ -6,7 +6,8 @@ Two nodes may exchange KV blocks iff their ``compat_key``s are equal: every layo
 ``num_blocks`` (each node sizes its own cache), with the model's KV heads rather than the buffer's:
 instances of different tensor-parallel sizes pair, and where their buffers hold a different
 number of head replicas (``needs_head_remap``) the transport remaps heads (engine.parallel.layout).
-Byte layout of one cache (``shape``)::
+Byte layout of one cache (``shape``; the order inside a block is the engine's own, head-major:
+``engine.kv_cache``)::
 
     [num_layers, 2 (K, V), num_blocks, block_size, num_kv_heads, head_dim]
 

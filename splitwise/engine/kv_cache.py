@@ -74,6 +74,12 @@ class KVCache:
     def base_address(self) -> int:
         return int(self.tensor.data_ptr())
 
+    @property
+    def kv_heads(self) -> range:
+        """The heads of ``k()``/``v()`` this process computes: all of them (a tensor-parallel
+        rank's view of a shared buffer: its slice, ``engine.parallel.kv_view``)."""
+        return range(self.geometry.num_kv_heads)
+
     def k(self, layer: int) -> torch.Tensor:
         return self._head_major(self.tensor[layer, KIND_K])
 

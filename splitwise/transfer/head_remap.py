@@ -6,6 +6,11 @@ block by block as usual when both hold the same heads; otherwise P reads, for ev
 buffer, the source head ``head_map`` names (one ``index_select`` over the head dimension of the
 run's blocks) and writes D's layout. D's side is unchanged: it receives its own layout.
 
+Blocks are head-major (``engine.kv_cache``): head h of a block is the contiguous [block_size,
+head_dim] slab at byte h * block_size * head_dim * itemsize, so the remap selects over the head
+dimension of the layer viewed as [2, blocks, heads, block_size, head_dim], never over ``tensor``'s
+own (token-major) shape, whose head index would pick bytes of other heads and slots.
+
     model KV heads 1:  P tp=2 [h0 h0'] -> D tp=1 [h0]        index [0]
                        P tp=1 [h0]     -> D tp=2 [h0 h0]     index [0, 0]
 """
@@ -27,23 +32,31 @@ def remap_index(local: KVGeometry, remote: KVGeometry) -> torch.Tensor | None:
     return torch.tensor(mapping, dtype=torch.int64)
 
 
+def head_major(layer: torch.Tensor) -> torch.Tensor:
+    """One layer of a cache's ``tensor`` [2, blocks, bs, H, D] as its bytes are laid out:
+    [2, blocks, H, bs, D] (a view)."""
+    kinds, blocks, block_size, heads, head_dim = layer.shape
+    return layer.view(kinds, blocks, heads, block_size, head_dim)
+
+
 def copy_runs_remapped(
     remote: torch.Tensor, local: torch.Tensor, runs: list[BlockRun], index: torch.Tensor
 ) -> None:
-    """``remote[:, d:d+n] <- local[:, s:s+n][..., index, :]`` per run; both one layer [2, blocks, bs, H, D]."""
+    """Per run, destination head q of blocks d:d+n <- source head index[q] of blocks s:s+n;
+    ``remote`` and ``local`` are one layer of each cache's ``tensor`` [2, blocks, bs, H, D]."""
+    src, dst = head_major(local), head_major(remote)
     for run in runs:
-        rows = local[:, run.src_start : run.src_start + run.num_blocks].index_select(
-            -2, index.to(local.device)
-        )
-        remote[:, run.dst_start : run.dst_start + run.num_blocks].copy_(rows)
+        heads = src[:, run.src_start : run.src_start + run.num_blocks].index_select(2, index.to(local.device))
+        dst[:, run.dst_start : run.dst_start + run.num_blocks].copy_(heads)
 
 
 def gather_remapped(layer: torch.Tensor, runs: list[list[int]], index: torch.Tensor) -> list[memoryview]:
     """The tcp payload in the destination's layout: K of every run, then V, as byte views of
-    fresh contiguous tensors (``layer`` is one layer [2, blocks, bs, H, D] on the CPU)."""
+    fresh contiguous tensors (``layer`` is one layer of ``tensor`` [2, blocks, bs, H, D] on the CPU)."""
+    blocks = head_major(layer)
     views = []
     for kind in range(2):
         for start, n in runs:
-            rows = layer[kind, start : start + n].index_select(-2, index).contiguous()
+            rows = blocks[kind, start : start + n].index_select(1, index).contiguous()
             views.append(memoryview(rows.view(torch.uint8).numpy()).cast("B"))  # type: ignore[arg-type]
     return views

@@ -62,11 +62,17 @@ def test_replicated_heads_land_at_every_destination_replica(protocol: str, p_tp:
     finally:
         initiator.close()
         target.close()
-    expected = before.clone()
+    expected = heads_of(before.clone())
     for replica in range(d_kv.geometry.num_kv_heads):
-        expected[:, :, dst, :, replica] = p_kv.tensor[:, :, src, :, 0]  # P's first replica of head 0
-    assert torch.equal(d_kv.tensor, expected)
+        expected[:, :, dst, replica] = heads_of(p_kv.tensor)[:, :, src, 0]  # P's first replica of head 0
+    assert torch.equal(heads_of(d_kv.tensor), expected)
     d_kv.close()
+
+
+def heads_of(tensor: torch.Tensor) -> torch.Tensor:
+    """A cache's tensor as its bytes are laid out: head-major blocks [L, 2, blocks, H, bs, D]."""
+    layers, kinds, blocks, block_size, heads, head_dim = tensor.shape
+    return tensor.view(layers, kinds, blocks, heads, block_size, head_dim)
 
 
 def test_a_transport_without_remap_refuses_different_replicas() -> None:

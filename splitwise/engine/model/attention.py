@@ -26,8 +26,10 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
 ) -> torch.Tensor:
-    """Write k/v [T, Hkv, D] into the layer's cache [num_blocks, Hkv, bs, D], then attend.
+    """Write k/v [T, Hkv, D] into the layer's cache [num_blocks, Hc, bs, D], then attend.
 
+    Hc = Hkv except on a tensor-parallel rank on CPU, whose cache holds every head of the
+    instance and whose Hkv heads ``meta``'s rows address (``attention_metadata``).
     Returns [T, Hq, D]. Scale is 1/sqrt(D) (SDPA's default, as in every supported family).
     No host syncs: every index was built on the host once per step.
     """
@@ -38,10 +40,10 @@ def paged_attention(
 
     decode = meta.decode
     if decode is not None and not meta.prefills and decode.first_row == 0:
-        return _attend_decode(q, k_cache, v_cache, decode, meta.buffers)  # all decode: no scatter
+        return _attend_decode(q, k_cache, v_cache, decode, meta.buffers, k.shape[1])  # all decode: no scatter
     out = torch.empty_like(q)
     if decode is not None:
-        attended = _attend_decode(q, k_cache, v_cache, decode, meta.buffers)
+        attended = _attend_decode(q, k_cache, v_cache, decode, meta.buffers, k.shape[1])
         if decode.first_row is not None:
             out.narrow(0, decode.first_row, decode.num_chunks).copy_(attended)
         else:
@@ -57,6 +59,7 @@ def _gather_kv(
     v_cache: torch.Tensor,
     kv_rows: torch.Tensor,
     num_seqs: int,
+    num_kv_heads: int,
     num_keys: int,
     buffers: GatherBuffers | None,
     math_dtype: torch.dtype,
@@ -64,7 +67,7 @@ def _gather_kv(
     """K and V [num_seqs, Hkv, num_keys, D] in ``math_dtype``: rows [bs, D] (one kv head of one
     block) copied by one index_select each, in (seq, head, block) order, then narrowed to the
     visible keys (a view)."""
-    _, num_kv_heads, block_size, head_dim = k_cache.shape
+    _, _, block_size, head_dim = k_cache.shape
     k_src, v_src = k_cache.view(-1, block_size, head_dim), v_cache.view(-1, block_size, head_dim)
     if buffers is None:
         k_got, v_got = k_src.index_select(0, kv_rows), v_src.index_select(0, kv_rows)
@@ -147,8 +150,9 @@ def _attend_decode(
     v_cache: torch.Tensor,
     batch: DecodeBatch,
     buffers: GatherBuffers | None,
+    num_kv_heads: int,
 ) -> torch.Tensor:
-    """[G, Hq, D] for the G decode queries. CPU: two bmm (``_decode_bmm``); CUDA: SDPA, whose
+    """[G, Hq, D] for the G decode queries (of ``num_kv_heads`` kv heads). CPU: two bmm (``_decode_bmm``); CUDA: SDPA, whose
     kernels take the head-major keys as they are."""
     g = batch.num_chunks
     if batch.first_row is not None:
@@ -157,7 +161,9 @@ def _attend_decode(
         queries = q.index_select(0, batch.token_index)
     on_cpu = q.device.type == "cpu"
     math_dtype = _decode_math_dtype(k_cache) if on_cpu else k_cache.dtype
-    keys, values = _gather_kv(k_cache, v_cache, batch.kv_rows, g, batch.num_keys, buffers, math_dtype)
+    keys, values = _gather_kv(
+        k_cache, v_cache, batch.kv_rows, g, num_kv_heads, batch.num_keys, buffers, math_dtype
+    )
     if on_cpu:
         return _decode_bmm(queries, keys, values, batch.attn_mask)
     return _sdpa(queries[:, None], keys, values, batch.attn_mask)[:, 0]
@@ -180,7 +186,9 @@ def _attend_prefill(
         values = v.narrow(0, chunk.first_row, chunk.num_tokens)[None].to(math_dtype).transpose(1, 2)
         causal = chunk.attn_mask is None
         return _sdpa(queries, keys, values, chunk.attn_mask, is_causal=causal)[0]
-    keys, values = _gather_kv(k_cache, v_cache, chunk.kv_rows, 1, chunk.num_keys, buffers, math_dtype)
+    keys, values = _gather_kv(
+        k_cache, v_cache, chunk.kv_rows, 1, k.shape[1], chunk.num_keys, buffers, math_dtype
+    )
     return _sdpa(queries, keys, values, chunk.attn_mask)[0]
 
 

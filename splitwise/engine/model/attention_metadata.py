@@ -11,12 +11,17 @@ Index arithmetic (bs = block_size, table_b = chunk b's block table)::
     new token i of chunk b      t = n_0 + ... + n_{b-1} + i             flat q/k/v [T, H, D]
       its position              p = start_b + i
       its cache slot            table_b[p // bs] * bs + p % bs          (slot_mapping)
-      its K/V row, kv head h    (slot // bs) * Hkv * bs + h * bs        cache.view(-1, D)
+      its K/V row, kv head h    (slot // bs) * Hc * bs + (h0 + h) * bs  cache.view(-1, D)
                                 + slot % bs                             (kv_write_rows [T, Hkv])
-    key j of chunk b, head h    gathered[h, j] = cache[table_b[j // bs], h, j % bs]
-      (so key j IS position j)  row table_b[n] * Hkv + h of             cache.view(-1, bs, D)
+    key j of chunk b, head h    gathered[h, j] = cache[table_b[j // bs], h0 + h, j % bs]
+      (so key j IS position j)  row table_b[n] * Hc + h0 + h of         cache.view(-1, bs, D)
                                 (kv_rows, ordered (b, h, n))
       visible to token i iff    j <= start_b + i  (and j > p - window with a sliding window)
+
+Hkv is the number of kv heads the step computes, Hc the number each cache block holds and h0 the
+first of the step's heads in a block: Hc = Hkv, h0 = 0, except on a tensor-parallel rank on CPU,
+whose cache is the instance's shared buffer of every head and whose heads are the slice
+[h0, h0 + Hkv) of each block (``engine.parallel.kv_view``).
 
 The cache is head-major inside a block ([num_blocks, Hkv, bs, D] per layer, see ``kv_cache``), so
 one ``index_select`` of rows [bs, D] in (chunk, head, block) order yields K as [G, Hkv, J, D],
@@ -84,7 +89,7 @@ class DecodeBatch:
     first_row: int | None  # rows are first_row .. first_row + G - 1 (q/out are narrowed views)
     token_index: torch.Tensor  # [G] int64: token_rows, for the non-contiguous case
     block_ids: torch.Tensor  # [G * num_blocks] int64: chunk g's table, padded with block 0
-    kv_rows: torch.Tensor  # [G * Hkv * num_blocks] int64: block_ids[g, n] * Hkv + h, (g, h, n) order
+    kv_rows: torch.Tensor  # [G * Hkv * num_blocks] int64: block_ids[g, n] * Hc + h0 + h, (g, h, n) order
     num_blocks: int  # blocks per chunk after padding
     num_keys: int  # J = num_blocks * block_size: keys gathered per chunk
     attn_mask: torch.Tensor | None  # [G, 1, 1, J] bool (True = may attend); None = all visible
@@ -101,7 +106,7 @@ class PrefillChunk:
     first_row: int
     num_tokens: int
     block_ids: torch.Tensor | None  # [num_blocks] int64; None: fresh prefill, keys = its own k/v
-    kv_rows: torch.Tensor | None  # [Hkv * num_blocks] int64: block_ids[n] * Hkv + h, (h, n) order
+    kv_rows: torch.Tensor | None  # [Hkv * num_blocks] int64: block_ids[n] * Hc + h0 + h, (h, n) order
     num_keys: int  # start + num_tokens
     attn_mask: torch.Tensor | None  # [1, 1, n, num_keys] bool; None: plain causal
 
@@ -127,10 +132,18 @@ class AttentionMetadata:
         device: torch.device | str,
         *,
         num_kv_heads: int,
+        first_kv_head: int = 0,
+        cache_kv_heads: int | None = None,
         sliding_window: int | None = None,
         buffers: GatherBuffers | None = None,
     ) -> AttentionMetadata:
-        """``block_tables[b]`` must cover positions [0, starts[b] + num_new_tokens[b])."""
+        """``block_tables[b]`` must cover positions [0, starts[b] + num_new_tokens[b]).
+
+        The step's ``num_kv_heads`` heads are [first_kv_head, + num_kv_heads) of the
+        ``cache_kv_heads`` (default ``num_kv_heads``) in each cache block."""
+        heads = _Heads(num_kv_heads, first_kv_head, cache_kv_heads or num_kv_heads)
+        if heads.first + heads.count > heads.per_block:
+            raise ValueError(f"kv heads [{heads.first}, +{heads.count}) outside a block's {heads.per_block}")
         positions: list[int] = []
         slots: list[int] = []
         first_rows: list[int] = []
@@ -147,13 +160,13 @@ class AttentionMetadata:
                 [starts[b] for b in decode_members],
                 [block_tables[b] for b in decode_members],
                 block_size,
-                num_kv_heads,
+                heads,
                 device,
                 sliding_window,
             )
         prefills = tuple(
             _prefill_chunk(
-                first_rows[b], starts[b], n, block_tables[b], block_size, num_kv_heads, device, sliding_window
+                first_rows[b], starts[b], n, block_tables[b], block_size, heads, device, sliding_window
             )
             for b, n in enumerate(num_new_tokens)
             if n > 1
@@ -162,7 +175,7 @@ class AttentionMetadata:
         return AttentionMetadata(
             positions=torch.tensor(positions, dtype=torch.int64).to(device),
             slot_mapping=slot_mapping.to(device),
-            kv_write_rows=kv_write_rows(slot_mapping, block_size, num_kv_heads).to(device),
+            kv_write_rows=heads.write_rows(slot_mapping, block_size).to(device),
             decode=decode,
             prefills=prefills,
             num_tokens=len(positions),
@@ -170,17 +183,45 @@ class AttentionMetadata:
         )
 
 
-def kv_write_rows(slots: torch.Tensor, block_size: int, num_kv_heads: int) -> torch.Tensor:
-    """[T, Hkv]: the row of cache.view(-1, D) that token t's kv head h is written to."""
-    heads = torch.arange(num_kv_heads, dtype=torch.int64) * block_size
-    base = (slots // block_size) * (num_kv_heads * block_size) + slots % block_size
+@dataclass(frozen=True)
+class _Heads:
+    """The step's kv heads in a cache block: ``count`` of them from ``first``, of ``per_block``."""
+
+    count: int
+    first: int
+    per_block: int
+
+    def write_rows(self, slots: torch.Tensor, block_size: int) -> torch.Tensor:
+        return kv_write_rows(slots, block_size, self.count, first_head=self.first, cache_heads=self.per_block)
+
+    def rows(self, block_ids: torch.Tensor) -> torch.Tensor:
+        return kv_rows(block_ids, self.count, first_head=self.first, cache_heads=self.per_block)
+
+
+def kv_write_rows(
+    slots: torch.Tensor,
+    block_size: int,
+    num_kv_heads: int,
+    *,
+    first_head: int = 0,
+    cache_heads: int | None = None,
+) -> torch.Tensor:
+    """[T, Hkv]: the row of cache.view(-1, D) that token t's kv head h is written to (head
+    first_head + h of the cache_heads, default num_kv_heads, in a block)."""
+    per_block = cache_heads or num_kv_heads
+    heads = (torch.arange(num_kv_heads, dtype=torch.int64) + first_head) * block_size
+    base = (slots // block_size) * (per_block * block_size) + slots % block_size
     return base[:, None] + heads[None, :]
 
 
-def kv_rows(block_ids: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-    """block_ids [G, nblk] -> [G * Hkv * nblk]: rows of cache.view(-1, bs, D) in (g, h, n) order."""
-    heads = torch.arange(num_kv_heads, dtype=torch.int64)
-    return (block_ids[:, None, :] * num_kv_heads + heads[None, :, None]).reshape(-1)
+def kv_rows(
+    block_ids: torch.Tensor, num_kv_heads: int, *, first_head: int = 0, cache_heads: int | None = None
+) -> torch.Tensor:
+    """block_ids [G, nblk] -> [G * Hkv * nblk]: rows of cache.view(-1, bs, D) in (g, h, n) order
+    (head first_head + h of the cache_heads, default num_kv_heads, in a block)."""
+    per_block = cache_heads or num_kv_heads
+    heads = torch.arange(num_kv_heads, dtype=torch.int64) + first_head
+    return (block_ids[:, None, :] * per_block + heads[None, :, None]).reshape(-1)
 
 
 def _visible(query_pos: torch.Tensor, key_pos: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
@@ -196,7 +237,7 @@ def _decode_batch(
     starts: list[int],
     tables: list[Sequence[int]],
     block_size: int,
-    num_kv_heads: int,
+    heads: _Heads,
     device: torch.device | str,
     sliding_window: int | None,
 ) -> DecodeBatch:
@@ -219,7 +260,7 @@ def _decode_batch(
         first_row=rows[0] if contiguous else None,
         token_index=torch.tensor(rows, dtype=torch.int64).to(device),
         block_ids=block_ids.view(-1).to(device),
-        kv_rows=kv_rows(block_ids, num_kv_heads).to(device),
+        kv_rows=heads.rows(block_ids).to(device),
         num_blocks=num_blocks,
         num_keys=num_keys,
         attn_mask=mask,
@@ -232,7 +273,7 @@ def _prefill_chunk(
     count: int,
     table: Sequence[int],
     block_size: int,
-    num_kv_heads: int,
+    heads: _Heads,
     device: torch.device | str,
     sliding_window: int | None,
 ) -> PrefillChunk:
@@ -245,5 +286,5 @@ def _prefill_chunk(
         return PrefillChunk(first_row, count, None, None, num_keys, mask)
     block_ids = torch.tensor(list(table[: -(-num_keys // block_size)]), dtype=torch.int64)
     mask = _visible(query_pos, key_pos, sliding_window).to(device)
-    rows = kv_rows(block_ids[None], num_kv_heads)
+    rows = heads.rows(block_ids[None])
     return PrefillChunk(first_row, count, block_ids.to(device), rows.to(device), num_keys, mask)

@@ -1,15 +1,17 @@
 """Each rank's view of the instance's KV buffer (CPU: one POSIX shared-memory segment).
 
-    buffer  [layers, 2, blocks, block_size, physical_kv_heads, head_dim]   (rank 0 creates it)
-    rank r  buffer[..., r * kvr : (r+1) * kvr, :]                           (a strided view)
+    buffer  [layers, 2, blocks, physical_kv_heads, block_size, head_dim]   (head-major blocks,
+                                                                           rank 0 creates it)
+    rank r  heads [r * kvr, (r+1) * kvr) of every block                    (``kv_heads``)
 
-The attention code only ever views a layer's cache as [blocks * block_size, heads, head_dim]
-and gathers whole blocks, both of which a head slice supports without a copy.
+A head slice of a head-major block is not one run of rows the attention can index flat, so a
+rank's ``k()``/``v()`` are the whole layer, exactly as the instance's ``KVCache`` gives them, and
+the rank's attention metadata addresses its heads in it (row = block * physical_kv_heads +
+r * kvr + h, ``model.attention_metadata``). No two ranks write the same bytes.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import mmap
 import os
 
@@ -21,20 +23,26 @@ from splitwise.kv_geometry import KVGeometry
 
 
 class RankKVView(KVCache):
-    """A KVCache over a head slice of another buffer; owns nothing (``close`` unmaps only what
-    ``map_shared`` mapped). Its ``geometry`` gives the slice's shape, not a byte layout: the
-    transports use the instance's KVCache, never this view."""
+    """A KVCache over another process's buffer (``geometry`` is that whole buffer's) of which the
+    rank computes ``kv_heads``; owns nothing (``close`` unmaps only what ``map_shared`` mapped)."""
 
     def __init__(
         self, full: torch.Tensor, geometry: KVGeometry, heads: range, *, mapped: mmap.mmap | None = None
     ) -> None:
         # KVCache.__init__ would allocate a buffer: this class only views one.
-        self.geometry = dataclasses.replace(geometry, num_kv_heads=len(heads))
+        if heads.start < 0 or heads.stop > geometry.num_kv_heads or not heads:
+            raise TensorParallelError(f"kv heads {heads} outside the buffer's {geometry.num_kv_heads}")
+        self.geometry = geometry
         self.device = full.device
         self.shm_name = None
         self._shm = None
         self._mapped = mapped
-        self.tensor = full[..., heads.start : heads.stop, :]
+        self._heads = heads
+        self.tensor = full
+
+    @property
+    def kv_heads(self) -> range:
+        return self._heads
 
     @classmethod
     def map_shared(cls, shm_name: str, geometry: KVGeometry, heads: range) -> RankKVView:

@@ -35,7 +35,7 @@ class StepContext:
     """What a rank needs besides the plan; fixed at start-up."""
 
     model: CausalLM
-    kv_cache: KVCache  # this rank's head slice of the instance's KV buffer
+    kv_cache: KVCache  # CPU: the instance's KV buffer, of which this rank computes ``kv_heads``
     block_size: int
     sliding_window: int | None
     device: torch.device
@@ -55,12 +55,17 @@ def run_plan(
     for b in order:
         row_of[b] = len(token_ids)
         token_ids.extend(chunks[b].token_ids)
+    heads = ctx.kv_cache.kv_heads
     meta = AttentionMetadata.build(
         starts=[chunks[b].start for b in order],
         num_new_tokens=[len(chunks[b].token_ids) for b in order],
         block_tables=[chunks[b].block_table for b in order],
         block_size=ctx.block_size,
         device=ctx.device,
+        # CPU: this rank's heads of the instance's shared buffer; CUDA: all of its own cache.
+        num_kv_heads=len(heads),
+        first_kv_head=heads.start,
+        cache_kv_heads=ctx.kv_cache.geometry.num_kv_heads,
         sliding_window=ctx.sliding_window,
         buffers=ctx.buffers,
     )
