@@ -123,22 +123,22 @@ def _decode_math_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _decode_bmm(
-    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, attn_mask: torch.Tensor | None
+    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, masked: torch.Tensor | None
 ) -> torch.Tensor:
     """[G, Hq, D] x [G, Hkv, J, D] -> [G, Hq, D] with two batched matmuls over (sequence, kv head):
     the Hq / Hkv query heads of a group are the rows of one matmul (GQA without repeating K/V).
-    Scores and softmax in float32; ``attn_mask`` [G, 1, 1, J] bool (True = may attend) or additive."""
+    Scores and softmax in float32; ``masked`` [G, 1, 1, J] bool (True = may NOT attend) or additive."""
     g, num_q, head_dim = queries.shape
     _, num_kv, num_keys, _ = keys.shape
     group = num_q // num_kv
     q = queries.to(keys.dtype).reshape(g * num_kv, group, head_dim)
     scores = torch.bmm(q, keys.reshape(g * num_kv, num_keys, head_dim).transpose(1, 2))
     scores = scores.view(g, num_kv, group, num_keys).float().mul_(head_dim**-0.5)
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill_(attn_mask.logical_not(), float("-inf"))
+    if masked is not None:
+        if masked.dtype == torch.bool:
+            scores = scores.masked_fill_(masked, float("-inf"))
         else:
-            scores = scores.add_(attn_mask)
+            scores = scores.add_(masked)
     probs = torch.softmax(scores, dim=-1).to(values.dtype).view(g * num_kv, group, num_keys)
     out = torch.bmm(probs, values.reshape(g * num_kv, num_keys, head_dim))
     return out.view(g, num_q, head_dim).to(queries.dtype)
@@ -165,7 +165,8 @@ def _attend_decode(
         k_cache, v_cache, batch.kv_rows, g, num_kv_heads, batch.num_keys, buffers, math_dtype
     )
     if on_cpu:
-        return _decode_bmm(queries, keys, values, batch.attn_mask)
+        masked = batch.masked_out if batch.masked_out is not None else batch.attn_mask
+        return _decode_bmm(queries, keys, values, masked)
     return _sdpa(queries[:, None], keys, values, batch.attn_mask)[:, 0]
 
 

@@ -93,6 +93,7 @@ class DecodeBatch:
     num_blocks: int  # blocks per chunk after padding
     num_keys: int  # J = num_blocks * block_size: keys gathered per chunk
     attn_mask: torch.Tensor | None  # [G, 1, 1, J] bool (True = may attend); None = all visible
+    masked_out: torch.Tensor | None = None  # ~attn_mask, built on the host (the CPU kernel's fill)
 
     @property
     def num_chunks(self) -> int:
@@ -252,7 +253,7 @@ def _decode_batch(
     if windowed or min(starts) != num_keys - 1:
         query_pos = torch.tensor(starts, dtype=torch.int64)[:, None, None, None]
         key_pos = torch.arange(num_keys, dtype=torch.int64)[None, None, None, :]
-        mask = _visible(query_pos, key_pos, sliding_window).to(device)
+        mask = _visible(query_pos, key_pos, sliding_window)
     contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
     block_ids = torch.tensor(padded, dtype=torch.int64)
     return DecodeBatch(
@@ -263,7 +264,8 @@ def _decode_batch(
         kv_rows=heads.rows(block_ids).to(device),
         num_blocks=num_blocks,
         num_keys=num_keys,
-        attn_mask=mask,
+        attn_mask=None if mask is None else mask.to(device),
+        masked_out=None if mask is None else mask.logical_not().to(device),
     )
 
 
