@@ -46,6 +46,7 @@ class FakeEngine:
     scheduler: _Scheduler = field(default_factory=_Scheduler)
     added: list[str] = field(default_factory=list)
     threads: set[str] = field(default_factory=set)
+    runner: object = None  # a single-process runner: no tensor-parallel ranks to watch
 
     def num_queued_prefill_tokens(self) -> int:
         return 0

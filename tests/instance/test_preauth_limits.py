@@ -18,6 +18,7 @@ import redis
 from scheduler.keys import KeySchema
 from scheduler.messages import NodeInfo, decode
 from splitwise.cluster import Child, LocalCluster
+from splitwise.codes import Protocol
 from splitwise.transfer import wire
 from splitwise.transfer.control import MAX_HANDSHAKING as CONTROL_CAP
 from splitwise.transfer.messages import AuthChallenge, Refused
@@ -47,7 +48,7 @@ def _kv_port(cluster: LocalCluster, node_id: str) -> int:
     finally:
         client.close()
     assert isinstance(payload, bytes)
-    return int(decode(payload, NodeInfo).transfer_endpoints["tcp"]["port"])
+    return int(decode(payload, NodeInfo).transfer_endpoints[Protocol.TCP].port)
 
 
 def _closed_within(sock: socket.socket, timeout_s: float) -> bool:

@@ -7,6 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 from scheduler.messages import Assignment, WorkItem
+from splitwise.codes import Mode
+from splitwise.engine.sampling_params import SamplingParams
 from splitwise.instance.node_runtime import prepare
 
 
@@ -14,13 +16,13 @@ def _item(resume: list[int], **params: Any) -> WorkItem:
     return WorkItem(
         req_id="r1",
         prompt_token_ids=[1, 2, 3],
-        sampling_params=params,
+        sampling_params=SamplingParams(**params),
         frontend_id="F1",
         created_ms=0,
         deadline_ms=10**12,
         attempt=1,
         resume_token_ids=resume,
-        assignment=Assignment(mode="mixed", prefill_node_id="m", decode_node_id="m"),
+        assignment=Assignment(mode=Mode.MIXED, prefill_node_id="m", decode_node_id="m"),
     )
 
 
@@ -41,10 +43,10 @@ def test_resume_with_tokens_left_generates_exactly_the_rest() -> None:
 
 
 def test_resume_after_a_stop_token_finishes_with_stop() -> None:
-    req = prepare(_item([7, 99], max_tokens=32, stop_token_ids=[99]))
+    req = prepare(_item([7, 99], max_tokens=32, stop_token_ids=(99,)))
     assert req.finished_by == "stop"
     # below min_tokens a stop token does not end the request: the resume continues
-    early = prepare(_item([99], max_tokens=32, min_tokens=3, stop_token_ids=[99]))
+    early = prepare(_item([99], max_tokens=32, min_tokens=3, stop_token_ids=(99,)))
     assert early.finished_by is None
 
 
