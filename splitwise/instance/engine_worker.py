@@ -68,6 +68,7 @@ class EngineWorker:
         # Fixed at start-up, so safe to read from the loop without a hop to the engine thread.
         self.block_size: int = engine.config.block_size
         self.num_kv_blocks: int = engine.block_manager.num_blocks
+        self.eos_token_ids: frozenset[int] = engine.stop_checker.eos_token_ids
         self._loop = loop
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._queues: dict[str, asyncio.Queue[RequestOutput]] = {}  # loop only

@@ -53,9 +53,10 @@ class PreparedRequest:
     finished_by: str | None = None
 
 
-def prepare(item: WorkItem) -> PreparedRequest:
+def prepare(item: WorkItem, eos_token_ids: frozenset[int] = frozenset()) -> PreparedRequest:
     """The item's sampling params (typed and validated by the codec), adjusted for tokens already
-    delivered (re-dispatch)."""
+    delivered (re-dispatch). Delivered tokens that already end the request (max_tokens, a stop
+    token or the model's eos past min_tokens, as the engine's StopChecker decides) finish it here."""
     params = item.sampling_params
     resumed = list(item.resume_token_ids)
     prompt = list(item.prompt_token_ids) + resumed
@@ -63,7 +64,9 @@ def prepare(item: WorkItem) -> PreparedRequest:
         return PreparedRequest(prompt, params, 0)
     if len(resumed) >= params.max_tokens:
         return PreparedRequest(prompt, params, len(resumed), finished_by=FinishReason.LENGTH.value)
-    if resumed[-1] in params.stop_token_ids and len(resumed) >= params.min_tokens:
+    last = resumed[-1]
+    stops = last in params.stop_token_ids or (not params.ignore_eos and last in eos_token_ids)
+    if stops and len(resumed) >= params.min_tokens:
         return PreparedRequest(prompt, params, len(resumed), finished_by=FinishReason.STOP.value)
     params = dataclasses.replace(
         params,
@@ -158,7 +161,7 @@ class NodeRuntime:
                 )
 
     async def _serve_inner(self, item: WorkItem) -> None:
-        req = prepare(item)  # the params were validated when the work item was decoded
+        req = prepare(item, self.worker.eos_token_ids)  # params were validated by the codec
         if req.finished_by is not None:
             # Its node died after the last token but before the terminal: nothing is left to generate.
             await self._terminal(

@@ -16,6 +16,7 @@ from splitwise.engine.errors import EngineError
 from splitwise.engine.outputs import RequestOutput
 from splitwise.engine.sampling_params import SamplingParams
 from splitwise.engine.sequence import FinishReason
+from splitwise.engine.stop_checker import StopChecker
 from splitwise.instance.engine_worker import EngineWorker
 
 
@@ -47,6 +48,7 @@ class FakeEngine:
     added: list[str] = field(default_factory=list)
     threads: set[str] = field(default_factory=set)
     runner: object = None  # a single-process runner: no tensor-parallel ranks to watch
+    stop_checker: StopChecker = field(default_factory=StopChecker)
 
     def num_queued_prefill_tokens(self) -> int:
         return 0

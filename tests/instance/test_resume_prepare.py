@@ -53,3 +53,13 @@ def test_resume_after_a_stop_token_finishes_with_stop() -> None:
 def test_first_attempt_is_unchanged() -> None:
     req = prepare(_item([], max_tokens=5, min_tokens=2))
     assert req.params.max_tokens == 5 and req.params.min_tokens == 2 and req.first_index == 0
+
+
+def test_resume_after_the_models_eos_finishes_with_stop_unless_eos_is_ignored() -> None:
+    eos = frozenset({2})
+    req = prepare(_item([7, 2], max_tokens=32), eos)
+    assert req.finished_by == "stop" and req.first_index == 2
+    ignored = prepare(_item([7, 2], max_tokens=32, ignore_eos=True), eos)
+    assert ignored.finished_by is None and ignored.params.max_tokens == 30
+    unknown = prepare(_item([7, 2], max_tokens=32))  # no eos given: nothing to detect
+    assert unknown.finished_by is None
