@@ -17,7 +17,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from rdma.errors import NoRdmaDeviceError, PyverbsUnavailableError, QueuePairStateError, VerbsCallError
@@ -222,15 +222,15 @@ class PyverbsDevice(VerbsDevice):
             rate_gbps=rate,
         )
 
+    def _mr_error(self, message: str, errno_code: int | None) -> VerbsCallError:
+        return VerbsCallError(message, errno_code=errno_code, device=self.name)
+
     def register_memory(self, addr: int, length: int, access: Access) -> MemoryRegion:
         try:
             mr = self.pv.mr.MR(self.pd, length, int(access), address=addr)
         except self.pv.Error as exc:
-            raise VerbsCallError(
-                f"ibv_reg_mr of {length} bytes at {addr:#x} failed: {exc}",
-                errno_code=errno_of(exc),
-                device=self.name,
-            ) from None
+            message = f"ibv_reg_mr of {length} bytes at {addr:#x} failed: {exc}"
+            raise self._mr_error(message, errno_of(exc)) from None
         self._mrs[mr.lkey] = mr
         return MemoryRegion(mr.buf, length, mr.lkey, mr.rkey, access)
 
@@ -239,31 +239,21 @@ class PyverbsDevice(VerbsDevice):
     ) -> MemoryRegion:
         unsupported = errno.EOPNOTSUPP
         if iova is not None and iova != offset:
-            raise VerbsCallError(
+            message = (
                 f"pyverbs' DmaBufMR registers at iova = offset ({offset:#x}), not {iova:#x}; "
-                "a VA-addressed dma-buf MR needs ibv_reg_mr_ex (rdma-core 60+)",
-                errno_code=unsupported,
-                device=self.name,
+                "a VA-addressed dma-buf MR needs ibv_reg_mr_ex (rdma-core 60+)"
             )
+            raise self._mr_error(message, unsupported)
         dmabuf_mr = getattr(self.pv.mr, "DmaBufMR", None)
         if dmabuf_mr is None:
-            raise VerbsCallError(
-                "this pyverbs has no DmaBufMR (rdma-core < 34)", errno_code=unsupported, device=self.name
-            )
+            raise self._mr_error("this pyverbs has no DmaBufMR (rdma-core < 34)", unsupported)
         try:
             mr = dmabuf_mr(self.pd, length, int(access), dmabuf=fd, offset=offset)
         except TypeError:  # builds whose DmaBufMR takes only pyverbs' own (DRM) DmaBuf objects
-            raise VerbsCallError(
-                "this pyverbs' DmaBufMR does not accept a dma-buf fd",
-                errno_code=unsupported,
-                device=self.name,
-            ) from None
+            raise self._mr_error("this pyverbs' DmaBufMR does not accept a dma-buf fd", unsupported) from None
         except self.pv.Error as exc:
-            raise VerbsCallError(
-                f"ibv_reg_dmabuf_mr of {length} bytes at offset {offset:#x} of fd {fd} failed: {exc}",
-                errno_code=errno_of(exc),
-                device=self.name,
-            ) from None
+            message = f"ibv_reg_dmabuf_mr of {length} bytes at offset {offset:#x} of fd {fd} failed: {exc}"
+            raise self._mr_error(message, errno_of(exc)) from None
         self._mrs[mr.lkey] = mr
         return MemoryRegion(offset, length, mr.lkey, mr.rkey, access)  # mr.buf is 0: the IOVA is the offset
 
@@ -427,14 +417,17 @@ class PyverbsQueuePair(QueuePair):
             send.set_wr_rdma(wr.rkey, wr.remote_addr)
             keep += [sge, send]
             head = send
+        self._post("ibv_post_send", self.qp.post_send, head, keep)
+
+    def _post(self, call: str, post: Callable[[Any], None], wr: Any, owned: Sequence[Any]) -> None:
+        """``post(wr)``, then close each of ``owned`` exactly once, whatever happened: pyverbs does
+        not keep chained WRs alive, and SGE/SendWR/RecvWR leak unless closed."""
         try:
-            self.qp.post_send(head)
+            post(wr)
         except self.pv.Error as exc:
-            raise VerbsCallError(
-                f"QP {self.qpn}: ibv_post_send failed: {exc}", device=self.device.name
-            ) from None
+            raise VerbsCallError(f"QP {self.qpn}: {call} failed: {exc}", device=self.device.name) from None
         finally:
-            for obj in keep:
+            for obj in owned:
                 obj.close()
 
     def post_recv(self, wr_ids: Sequence[int]) -> None:
@@ -448,15 +441,7 @@ class PyverbsQueuePair(QueuePair):
         for wr_id in wr_ids:
             sge = self.pv.wr.SGE(scratch.buf, 1, scratch.lkey)
             recv = self.pv.wr.RecvWR(wr_id=wr_id, num_sge=1, sg=[sge])
-            try:
-                self.qp.post_recv(recv)
-            except self.pv.Error as exc:
-                raise VerbsCallError(
-                    f"QP {self.qpn}: ibv_post_recv failed: {exc}", device=self.device.name
-                ) from None
-            finally:
-                sge.close()
-                recv.close()
+            self._post("ibv_post_recv", self.qp.post_recv, recv, (sge, recv))
             self._num_posted_recvs += 1
 
     def _completions(self, cq: Any, max_entries: int) -> list[Completion]:

@@ -10,9 +10,11 @@ worthless on another (the control channel's domain is ``splitwise-pd-v1``)::
     S -> C  AuthWelcome(server_id, HMAC(token, domain | "server" | nc | ns | server_id), compat)
     C       bad mac -> AuthenticationError (that server does not know the token)
 
-``serve_challenge``/``answer_challenge`` run that exchange for a channel that needs nothing else
-from it (the rdma side channel, which sends its geometry as ``compat`` and checks it in its own
-hello; the control channel adds its compatibility check around ``mac``).
+``new_challenge``/``hello_for``/``hello_is_authentic``/``welcome_for``/``welcome_is_authentic`` are
+its steps, with no I/O: the asyncio control channel runs them with its compatibility check in
+between; ``serve_challenge``/``answer_challenge`` run them over a blocking socket for a channel
+that needs nothing else from the exchange (the rdma side channel, which sends its geometry as
+``compat`` and checks it in its own hello).
 Before authentication a frame may be at most ``PRE_AUTH_MAX_BYTES`` and the whole exchange must
 finish by a deadline, so garbage, huge length prefixes and slow clients cost the server a bounded
 read and one thread for a bounded time.
@@ -27,13 +29,8 @@ import socket
 import time
 
 from splitwise.codes import RefusalCode
-from splitwise.framing import pack_frame, recv_frame
-from splitwise.transfer.errors import (
-    AuthenticationError,
-    ConnectionLostError,
-    ProtocolError,
-    TransferTimeoutError,
-)
+from splitwise.transfer import wire
+from splitwise.transfer.errors import AuthenticationError, ConnectionLostError, ProtocolError
 from splitwise.transfer.messages import (
     AuthChallenge,
     AuthHello,
@@ -41,14 +38,13 @@ from splitwise.transfer.messages import (
     Compatibility,
     Message,
     Refused,
-    decode,
-    encode,
     expect_type,
 )
 
 NONCE_BYTES = 32
 PRE_AUTH_MAX_BYTES = 4096  # an AuthHello is ~200 bytes; anything bigger before auth is refused
 CONTROL_DOMAIN = b"splitwise-pd-v1"
+AUTH_FAILED = "authentication failed: wrong or missing cluster token"
 
 
 def mac(
@@ -65,45 +61,67 @@ def token_bytes(token: str | bytes) -> bytes:
     return raw
 
 
-class _Deadline:
-    """One deadline for a whole exchange: every read gets only the time that is left."""
-
-    def __init__(self, timeout_s: float) -> None:
-        self.end = time.monotonic() + timeout_s
-
-    def fill(self, sock: socket.socket, view: memoryview) -> None:
-        view = view.cast("B")
-        got = 0
-        while got < len(view):
-            left = self.end - time.monotonic()
-            if left <= 0:
-                raise TransferTimeoutError("handshake deadline passed")
-            sock.settimeout(left)
-            try:
-                n = sock.recv_into(view[got:])
-            except TimeoutError:
-                raise TransferTimeoutError("handshake deadline passed") from None
-            except OSError as exc:
-                raise ConnectionLostError(f"handshake read failed: {exc}") from None
-            if n == 0:
-                raise ConnectionLostError("peer closed the connection during the handshake")
-            got += n
+# The exchange's steps, shared by both channels (each does its own I/O around them).
+def new_challenge(server_id: str) -> AuthChallenge:
+    return AuthChallenge(server_id, os.urandom(NONCE_BYTES))
 
 
-def _recv(sock: socket.socket, deadline: _Deadline) -> Message:
-    return decode(recv_frame(sock, max_bytes=PRE_AUTH_MAX_BYTES, error=ProtocolError, fill=deadline.fill))
+def hello_for(
+    challenge: AuthChallenge,
+    *,
+    token: bytes,
+    client_id: str,
+    compat: Compatibility,
+    domain: bytes = CONTROL_DOMAIN,
+) -> AuthHello:
+    """The client's answer: a fresh nonce and its proof of the token, bound to both nonces."""
+    nonce = os.urandom(NONCE_BYTES)
+    return AuthHello(
+        client_id, nonce, mac(token, b"client", challenge.nonce, nonce, client_id, domain=domain), compat
+    )
 
 
-def _send(sock: socket.socket, message: Message) -> None:
-    try:
-        sock.sendall(pack_frame(encode(message)))
-    except OSError as exc:
-        raise ConnectionLostError(f"handshake send failed: {exc}") from None
+def hello_is_authentic(
+    hello: AuthHello, challenge: AuthChallenge, *, token: bytes, domain: bytes = CONTROL_DOMAIN
+) -> bool:
+    expected = mac(token, b"client", challenge.nonce, hello.nonce, hello.client_id, domain=domain)
+    return len(hello.nonce) == NONCE_BYTES and hmac.compare_digest(expected, hello.mac)
+
+
+def welcome_for(
+    hello: AuthHello,
+    challenge: AuthChallenge,
+    *,
+    token: bytes,
+    compat: Compatibility,
+    domain: bytes = CONTROL_DOMAIN,
+) -> AuthWelcome:
+    """The server's proof of the token, bound to both nonces (the hello's first)."""
+    server_id = challenge.server_id
+    return AuthWelcome(
+        server_id, mac(token, b"server", hello.nonce, challenge.nonce, server_id, domain=domain), compat
+    )
+
+
+def welcome_is_authentic(
+    welcome: AuthWelcome,
+    hello: AuthHello,
+    challenge: AuthChallenge,
+    *,
+    token: bytes,
+    domain: bytes = CONTROL_DOMAIN,
+) -> bool:
+    expected = mac(token, b"server", hello.nonce, challenge.nonce, welcome.server_id, domain=domain)
+    return hmac.compare_digest(expected, welcome.mac)
+
+
+def _recv(sock: socket.socket, deadline: float) -> Message:
+    return wire.recv_message(sock, max_bytes=PRE_AUTH_MAX_BYTES, deadline=deadline)
 
 
 def _try_send(sock: socket.socket, message: Message) -> None:
     try:
-        _send(sock, message)
+        wire.send_message(sock, message)
     except ConnectionLostError:
         pass  # the peer is gone already; the caller logs the refusal
 
@@ -120,20 +138,18 @@ def serve_challenge(
     """Server side; returns the authenticated client id. Raises AuthenticationError, ProtocolError
     (garbage, oversize frame, wrong message), TransferTimeoutError, ConnectionLostError, after
     sending Refused where the peer can still read it."""
-    deadline = _Deadline(timeout_s)
-    server_nonce = os.urandom(NONCE_BYTES)
-    _send(sock, AuthChallenge(server_id, server_nonce))
+    deadline = time.monotonic() + timeout_s
+    challenge = new_challenge(server_id)
+    wire.send_message(sock, challenge)
     try:
         hello = expect_type(_recv(sock, deadline), AuthHello)
     except ProtocolError as exc:
         _try_send(sock, Refused(RefusalCode.PROTOCOL, str(exc)))
         raise
-    expected = mac(token, b"client", server_nonce, hello.nonce, hello.client_id, domain=domain)
-    if len(hello.nonce) != NONCE_BYTES or not hmac.compare_digest(expected, hello.mac):
-        _try_send(sock, Refused(RefusalCode.AUTH, "authentication failed: wrong or missing cluster token"))
-        raise AuthenticationError("authentication failed: wrong or missing cluster token")
-    proof = mac(token, b"server", hello.nonce, server_nonce, server_id, domain=domain)
-    _send(sock, AuthWelcome(server_id, proof, compat))
+    if not hello_is_authentic(hello, challenge, token=token, domain=domain):
+        _try_send(sock, Refused(RefusalCode.AUTH, AUTH_FAILED))
+        raise AuthenticationError(AUTH_FAILED)
+    wire.send_message(sock, welcome_for(hello, challenge, token=token, compat=compat, domain=domain))
     return str(hello.client_id)
 
 
@@ -148,16 +164,14 @@ def answer_challenge(
 ) -> str:
     """Client side; returns the authenticated server id. Raises AuthenticationError (refused, or
     the server does not know the token), ProtocolError, TransferTimeoutError, ConnectionLostError."""
-    deadline = _Deadline(timeout_s)
+    deadline = time.monotonic() + timeout_s
     challenge = expect_type(_recv(sock, deadline), AuthChallenge)
-    nonce = os.urandom(NONCE_BYTES)
-    proof = mac(token, b"client", challenge.nonce, nonce, client_id, domain=domain)
-    _send(sock, AuthHello(client_id, nonce, proof, compat))
+    hello = hello_for(challenge, token=token, client_id=client_id, compat=compat, domain=domain)
+    wire.send_message(sock, hello)
     reply = _recv(sock, deadline)
     if isinstance(reply, Refused):
         raise AuthenticationError(f"refused by the server: {reply.reason}")
     welcome = expect_type(reply, AuthWelcome)
-    expected = mac(token, b"server", nonce, challenge.nonce, welcome.server_id, domain=domain)
-    if not hmac.compare_digest(expected, welcome.mac):
+    if not welcome_is_authentic(welcome, hello, challenge, token=token, domain=domain):
         raise AuthenticationError("the server failed to prove the cluster token")
     return str(welcome.server_id)

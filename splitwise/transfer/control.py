@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
-import os
 import socket
 
 from splitwise.codes import RefusalCode
@@ -60,13 +58,11 @@ from splitwise.transfer.messages import (
 
 log = get_logger("splitwise.transfer.control")
 
-_NONCE_BYTES = auth.NONCE_BYTES
 # Handshakes in progress per server (each also bounded by handshake_timeout_s and a hello-sized frame).
 MAX_HANDSHAKING = 32
 
 
 # The MAC and token rules live in splitwise.transfer.auth, shared with the rdma side channel (#11).
-_mac = auth.mac
 _token_bytes = auth.token_bytes
 
 
@@ -172,27 +168,25 @@ class ControlServer:
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        server_nonce = os.urandom(_NONCE_BYTES)
-        await wire.write_message(writer, AuthChallenge(self.node_id, server_nonce))
+        challenge = auth.new_challenge(self.node_id)
+        await wire.write_message(writer, challenge)
         try:
             hello = expect_type(await wire.read_message(reader, max_bytes=wire.PRE_AUTH_MAX_BYTES), AuthHello)
         except ProtocolError as exc:
             await _try_send(writer, Refused(RefusalCode.PROTOCOL, str(exc)))
             raise
-        expected = _mac(self._token, b"client", server_nonce, hello.nonce, hello.client_id)
-        if len(hello.nonce) != _NONCE_BYTES or not hmac.compare_digest(expected, hello.mac):
-            await _try_send(
-                writer, Refused(RefusalCode.AUTH, "authentication failed: wrong or missing cluster token")
-            )
-            raise AuthenticationError("authentication failed: wrong or missing cluster token", peer=address)
+        if not auth.hello_is_authentic(hello, challenge, token=self._token):
+            await _try_send(writer, Refused(RefusalCode.AUTH, auth.AUTH_FAILED))
+            raise AuthenticationError(auth.AUTH_FAILED, peer=address)
         peer_compat = hello.compat
         mismatches = self.compat.mismatches(peer_compat)
         if mismatches:
             reason = "incompatible peer: " + "; ".join(mismatches)
             await _try_send(writer, Refused(RefusalCode.INCOMPATIBLE, reason))
             raise IncompatiblePeerError(reason, peer=hello.client_id)
-        mac = _mac(self._token, b"server", hello.nonce, server_nonce, self.node_id)
-        await wire.write_message(writer, AuthWelcome(self.node_id, mac, self.compat))
+        await wire.write_message(
+            writer, auth.welcome_for(hello, challenge, token=self._token, compat=self.compat)
+        )
         return hello.client_id, peer_compat
 
 
@@ -243,15 +237,13 @@ async def _client_handshake(
     address: str,
 ) -> tuple[AuthWelcome, Compatibility]:
     challenge = expect_type(await wire.read_message(reader), AuthChallenge)
-    nonce = os.urandom(_NONCE_BYTES)
-    mac = _mac(token, b"client", challenge.nonce, nonce, node_id)
-    await wire.write_message(writer, AuthHello(node_id, nonce, mac, compat))
+    hello = auth.hello_for(challenge, token=token, client_id=node_id, compat=compat)
+    await wire.write_message(writer, hello)
     reply: Message = await wire.read_message(reader)
     if isinstance(reply, Refused):
         raise _refusal_error(reply, address)
     welcome: AuthWelcome = expect_type(reply, AuthWelcome)
-    expected = _mac(token, b"server", nonce, challenge.nonce, welcome.server_id)
-    if not hmac.compare_digest(expected, welcome.mac):
+    if not auth.welcome_is_authentic(welcome, hello, challenge, token=token):
         raise AuthenticationError("server failed to prove the cluster token", peer=address)
     peer_compat = welcome.compat
     mismatches = compat.mismatches(peer_compat)

@@ -15,9 +15,10 @@ memoryviews of the destination blocks: no copy through Python bytes on either si
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from splitwise.framing import pack_frame, read_frame, recv_frame
 from splitwise.transfer.errors import ConnectionLostError, ProtocolError, TransferTimeoutError
@@ -84,15 +85,23 @@ def _advance(pending: list[memoryview], first: int, done: int) -> int:
     return first
 
 
-def recv_into_exact(sock: socket.socket, view: memoryview) -> None:
-    """Fill ``view`` completely from ``sock``; ConnectionLostError on EOF or socket error."""
+def recv_into_exact(sock: socket.socket, view: memoryview, *, deadline: float | None = None) -> None:
+    """Fill ``view`` completely from ``sock``; ConnectionLostError on EOF or socket error,
+    TransferTimeoutError when the socket times out. ``deadline`` (``time.monotonic``) bounds the
+    whole read, not each recv: every recv gets only what is left of it."""
     view = view.cast("B")
+    timed_out = "receive timed out" if deadline is None else "deadline passed"
     got = 0
     while got < len(view):
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TransferTimeoutError(f"deadline passed ({got}/{len(view)} bytes of a read)")
+            sock.settimeout(remaining)  # what is left of the deadline, however the bytes trickle in
         try:
             n = sock.recv_into(view[got:])
         except TimeoutError:
-            raise TransferTimeoutError(f"receive timed out ({got}/{len(view)} bytes of a read)") from None
+            raise TransferTimeoutError(f"{timed_out} ({got}/{len(view)} bytes of a read)") from None
         except OSError as exc:
             raise ConnectionLostError(f"receive failed: {exc}") from None
         if n == 0:
@@ -123,30 +132,8 @@ def recv_message(
     """Read one framed message. ProtocolError on a bad length or a malformed header. ``deadline``
     (``time.monotonic``) bounds the whole read, not each recv: a peer dripping a byte at a time
     cannot hold the connection past it (TransferTimeoutError)."""
-    fill = recv_into_exact if deadline is None else _fill_before(deadline)
+    fill = functools.partial(recv_into_exact, deadline=deadline)
     return decode(recv_frame(sock, max_bytes=max_bytes, error=ProtocolError, fill=fill))
-
-
-def _fill_before(deadline: float) -> Callable[[socket.socket, memoryview], None]:
-    def fill(sock: socket.socket, view: memoryview) -> None:
-        view = view.cast("B")
-        got = 0
-        while got < len(view):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TransferTimeoutError(f"deadline passed ({got}/{len(view)} bytes of a read)")
-            sock.settimeout(remaining)  # what is left of the deadline, however the bytes trickle in
-            try:
-                n = sock.recv_into(view[got:])
-            except TimeoutError:
-                raise TransferTimeoutError(f"deadline passed ({got}/{len(view)} bytes of a read)") from None
-            except OSError as exc:
-                raise ConnectionLostError(f"receive failed: {exc}") from None
-            if n == 0:
-                raise ConnectionLostError(f"peer closed the connection ({got}/{len(view)} bytes of a read)")
-            got += n
-
-    return fill
 
 
 async def read_message(reader: asyncio.StreamReader, *, max_bytes: int = MAX_HEADER_BYTES) -> Message:
