@@ -140,6 +140,13 @@ class _PerAttempt:
 
 
 @dataclass(frozen=True)
+class _Terminal(_PerAttempt):
+    """A result that ends its attempt's stream: nothing of that attempt follows it."""
+
+    is_terminal: ClassVar[bool] = True
+
+
+@dataclass(frozen=True)
 class TokenChunk(_PerAttempt):
     TYPE: ClassVar[str] = "tokens"
     index: int
@@ -155,33 +162,29 @@ class TokenChunk(_PerAttempt):
 
 
 @dataclass(frozen=True)
-class Finished(_PerAttempt):
+class Finished(_Terminal):
     TYPE: ClassVar[str] = "finished"
     finish_reason: str  # "stop" | "length" | ...
     prompt_tokens: int
     completion_tokens: int
-    is_terminal: ClassVar[bool] = True
 
 
 @dataclass(frozen=True)
-class Failed(_PerAttempt):
+class Failed(_Terminal):
     TYPE: ClassVar[str] = "error"
     code: FailureCode
     message: str
     retryable: bool = False
-    is_terminal: ClassVar[bool] = True
 
 
 @dataclass(frozen=True)
-class Expired(_PerAttempt):
+class Expired(_Terminal):
     TYPE: ClassVar[str] = "expired"
-    is_terminal: ClassVar[bool] = True
 
 
 @dataclass(frozen=True)
-class Cancelled(_PerAttempt):
+class Cancelled(_Terminal):
     TYPE: ClassVar[str] = "cancelled"
-    is_terminal: ClassVar[bool] = True
 
 
 @dataclass(frozen=True)

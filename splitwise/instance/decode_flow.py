@@ -19,9 +19,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Protocol
 
 from scheduler.clock import SYSTEM_CLOCK, Clock
 from scheduler.messages import WorkItem
@@ -29,12 +28,12 @@ from splitwise import codes
 from splitwise.counters import Counters
 from splitwise.engine.errors import EngineError, InvalidRequestError, OutOfBlocksError
 from splitwise.engine.outputs import RequestOutput
-from splitwise.engine.prompt_logprobs import PromptLogprob
 from splitwise.engine.prompt_logprobs import from_wire as prompt_logprobs_from_wire
 from splitwise.engine.sampling_params import SamplingParams
 from splitwise.engine.sequence import FinishReason
 from splitwise.errors import SplitwiseError
 from splitwise.instance.config import InstanceConfig
+from splitwise.instance.engine_worker import PrefilledFirst
 from splitwise.instance.handoff_state import (
     DECODE_MOVES,
     DECODE_OWNS_CLEANUP,
@@ -43,6 +42,7 @@ from splitwise.instance.handoff_state import (
     Transitions,
 )
 from splitwise.instance.host_identity import advertised
+from splitwise.instance.offload import Offload, run_in_executor
 from splitwise.instance.pd_channel import Channel, Connection
 from splitwise.instance.transfer_metrics import TransferMetrics
 from splitwise.logging import get_logger
@@ -51,15 +51,8 @@ from splitwise.transfer.messages import CallMessage, CancelRequest, PrefillFaile
 
 log = get_logger(__name__)
 
-T = TypeVar("T")
-# Runs a blocking transport call (forget, revoke) off the loop; tests run it inline.
-Offload = Callable[[Callable[[], Any]], Awaitable[Any]]
 _RESERVE_POLL_S = (0.005, 0.2)  # back-off bounds while waiting for free blocks (never a busy loop)
 S = DecodeState
-
-
-def _run_in_executor(fn: Callable[[], T]) -> Awaitable[T]:
-    return asyncio.get_running_loop().run_in_executor(None, fn)
 
 
 class PrefillUnavailable(SplitwiseError):
@@ -95,14 +88,7 @@ class DecodeWorker(Protocol):
     ) -> tuple[list[int], int]: ...
     async def release_reservation(self, req_id: str) -> None: ...
     async def admit_prefilled(
-        self,
-        req_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        first_token_id: int,
-        first_logprob: float,
-        first_top_logprobs: list[tuple[int, float]] | None = None,
-        prompt_logprobs: list[PromptLogprob] | None = None,
+        self, req_id: str, prompt_token_ids: list[int], params: SamplingParams, first: PrefilledFirst
     ) -> asyncio.Queue[RequestOutput]: ...
     def submit(
         self, req_id: str, prompt_token_ids: list[int], params: SamplingParams
@@ -136,7 +122,7 @@ class DecodeFlow:
         counters: Counters,
         transfer_metrics: TransferMetrics | None = None,
         clock: Clock = SYSTEM_CLOCK,
-        offload: Offload = _run_in_executor,
+        offload: Offload = run_in_executor,
     ) -> None:
         self.config = config
         self.worker = worker
@@ -446,11 +432,13 @@ class DecodeFlow:
                 rec.req_id,
                 rec.prompt,
                 rec.params,
-                first.first_token_id,
-                first.logprob,
-                list(zip(first.top_token_ids, first.top_logprobs, strict=True)),
-                prompt_logprobs_from_wire(
-                    first.prompt_logprobs, first.prompt_top_token_ids, first.prompt_top_logprobs
+                PrefilledFirst(
+                    first.first_token_id,
+                    first.logprob,
+                    list(zip(first.top_token_ids, first.top_logprobs, strict=True)),
+                    prompt_logprobs_from_wire(
+                        first.prompt_logprobs, first.prompt_top_token_ids, first.prompt_top_logprobs
+                    ),
                 ),
             )
         except EngineError:

@@ -62,6 +62,17 @@ class LoadSnapshot:
     kv_usage: float = 0.0
 
 
+@dataclass(frozen=True)
+class PrefilledFirst:
+    """What P computed for a prefilled request's first position: the first token, its logprob and
+    the logprob extras the request asked for (api, #17)."""
+
+    token_id: int
+    logprob: float
+    top_logprobs: list[tuple[int, float]] | None = None
+    prompt_logprobs: list[PromptLogprob] | None = None
+
+
 class EngineWorker:
     def __init__(self, engine: LLMEngine, loop: asyncio.AbstractEventLoop) -> None:
         self.engine = engine
@@ -193,31 +204,24 @@ class EngineWorker:
         await self.call(release)
 
     async def admit_prefilled(
-        self,
-        req_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        first_token_id: int,
-        first_logprob: float,
-        first_top_logprobs: list[tuple[int, float]] | None = None,
-        prompt_logprobs: list[PromptLogprob] | None = None,
+        self, req_id: str, prompt_token_ids: list[int], params: SamplingParams, first: PrefilledFirst
     ) -> asyncio.Queue[RequestOutput]:
         """Admit a request whose KV landed in its reservation; its outputs (the first token
-        first) arrive on the returned queue. The logprob extras are what P computed (api, #17)."""
+        first) arrive on the returned queue."""
         out_q = self.attach(req_id)
 
         def admit(engine: LLMEngine) -> None:
-            first = engine.add_prefilled_request(
+            output = engine.add_prefilled_request(
                 req_id,
                 prompt_token_ids,
                 params,
-                first_token_id,
-                first_logprob,
-                first_top_logprobs,
-                prompt_logprobs,
+                first.token_id,
+                first.logprob,
+                first.top_logprobs,
+                first.prompt_logprobs,
             )
             self._in_engine.add(req_id)
-            self._deliver([first])
+            self._deliver([output])
 
         try:
             await self.call(admit)

@@ -137,43 +137,17 @@ class NodeRuntime:
                 raise
             except SplitwiseError as exc:  # deliberate: bad input, no capacity, remote prefill failed
                 log.warning("request failed", error=str(exc), retryable=exc.retryable)
-                code = _failure_code(exc)
-                await self._terminal(
-                    item,
-                    Failed(
-                        req_id=item.req_id,
-                        attempt=item.attempt,
-                        code=code,
-                        message=str(exc),
-                        retryable=exc.retryable,
-                    ),
-                )
+                await self._terminal(item, _failed(item, _failure_code(exc), str(exc), exc.retryable))
             except Exception as exc:  # noqa: BLE001 - this request's error boundary: a bug
                 log.exception("request failed with an internal error", error=str(exc))
-                await self._terminal(
-                    item,
-                    Failed(
-                        req_id=item.req_id,
-                        attempt=item.attempt,
-                        code=FailureCode.INTERNAL,
-                        message=f"internal error: {type(exc).__name__}: {exc}",
-                    ),
-                )
+                message = f"internal error: {type(exc).__name__}: {exc}"
+                await self._terminal(item, _failed(item, FailureCode.INTERNAL, message))
 
     async def _serve_inner(self, item: WorkItem) -> None:
         req = prepare(item, self.worker.eos_token_ids)  # params were validated by the codec
         if req.finished_by is not None:
             # Its node died after the last token but before the terminal: nothing is left to generate.
-            await self._terminal(
-                item,
-                Finished(
-                    req_id=item.req_id,
-                    attempt=item.attempt,
-                    finish_reason=req.finished_by,
-                    prompt_tokens=len(item.prompt_token_ids),
-                    completion_tokens=req.first_index,
-                ),
-            )
+            await self._terminal(item, _finished(item, req.finished_by, completion_tokens=req.first_index))
             return
         if item.assignment.mode == Mode.DISAGG:
             if self.decoder is None:
@@ -224,20 +198,12 @@ class NodeRuntime:
 
     async def _finish(self, item: WorkItem, out: RequestOutput, *, completion_tokens: int) -> None:
         if out.error is not None:
-            result: ResultMessage | None = Failed(
-                req_id=item.req_id, attempt=item.attempt, code=FailureCode.ENGINE_ERROR, message=out.error
-            )
+            result: ResultMessage | None = _failed(item, FailureCode.ENGINE_ERROR, out.error)
         elif out.finish_reason is FinishReason.ABORT:
             result = None  # cancelled by the frontend: it already ended the stream
         else:
             assert out.finish_reason is not None
-            result = Finished(
-                req_id=item.req_id,
-                attempt=item.attempt,
-                finish_reason=out.finish_reason.value,
-                prompt_tokens=len(item.prompt_token_ids),
-                completion_tokens=completion_tokens,
-            )
+            result = _finished(item, out.finish_reason.value, completion_tokens=completion_tokens)
         await self._terminal(item, result)
 
     async def _terminal(self, item: WorkItem, result: ResultMessage | None) -> None:
@@ -249,6 +215,20 @@ class NodeRuntime:
         except SchedulerError as exc:
             # Redis stayed away past the dead-after time: the frontend re-dispatches or fails it.
             log.warning("could not report terminal result", error=str(exc))
+
+
+def _failed(item: WorkItem, code: FailureCode, message: str, retryable: bool = False) -> Failed:
+    return Failed(req_id=item.req_id, attempt=item.attempt, code=code, message=message, retryable=retryable)
+
+
+def _finished(item: WorkItem, finish_reason: str, *, completion_tokens: int) -> Finished:
+    return Finished(
+        req_id=item.req_id,
+        attempt=item.attempt,
+        finish_reason=finish_reason,
+        prompt_tokens=len(item.prompt_token_ids),
+        completion_tokens=completion_tokens,
+    )
 
 
 def _prompt_logprobs_fields(batch: list[RequestOutput]) -> dict[str, Any]:

@@ -36,7 +36,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 from scheduler.errors import SchedulerError
 from splitwise.counters import Counters
@@ -48,6 +48,7 @@ from splitwise.engine.sampling_params import SamplingParams
 from splitwise.engine.sequence import FinishReason
 from splitwise.errors import SplitwiseError
 from splitwise.instance.handoff_state import PREFILL_MOVES, PrefillState, Record, Transitions
+from splitwise.instance.offload import Offload, run_in_executor
 from splitwise.instance.pd_channel import Channel, Connection
 from splitwise.instance.transfer_metrics import TransferMetrics
 from splitwise.logging import bind_request, get_logger
@@ -56,9 +57,6 @@ from splitwise.transfer.messages import CallMessage, CancelRequest, PrefillFaile
 
 log = get_logger(__name__)
 S = PrefillState
-T = TypeVar("T")
-# Runs a blocking call (transport connect / wait / forget) off the loop; tests run it step by step.
-Offload = Callable[[Callable[[], Any]], Awaitable[Any]]
 ReleaseBooking = Callable[[str], Awaitable[None]]  # the scheduler's release_prefill
 
 
@@ -99,10 +97,6 @@ class PrefillRecord(Record[PrefillState]):
     conn: Connection | None = None
 
 
-def _run_in_executor(fn: Callable[[], T]) -> Awaitable[T]:
-    return asyncio.get_running_loop().run_in_executor(None, fn)
-
-
 class PrefillFlow:
     def __init__(
         self,
@@ -115,7 +109,7 @@ class PrefillFlow:
         transfer_timeout_s: float = 60.0,
         transfer_metrics: TransferMetrics | None = None,
         pipelined: bool = True,
-        offload: Offload = _run_in_executor,
+        offload: Offload = run_in_executor,
     ) -> None:
         self.worker = worker
         self.channel = channel

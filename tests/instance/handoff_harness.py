@@ -22,10 +22,10 @@ from splitwise.engine.config import EngineConfig
 from splitwise.engine.errors import InvalidRequestError, OutOfBlocksError, UnknownRequestError
 from splitwise.engine.model_runner import LayerCallback
 from splitwise.engine.outputs import RequestOutput
-from splitwise.engine.prompt_logprobs import PromptLogprob
 from splitwise.engine.sampling_params import SamplingParams
 from splitwise.engine.sequence import FinishReason
 from splitwise.instance.config import InstanceConfig
+from splitwise.instance.engine_worker import PrefilledFirst
 from splitwise.kv_geometry import KVGeometry
 from splitwise.transfer.base import (
     DONE,
@@ -140,23 +140,16 @@ class FakeWorker:
         self.free.extend(self.reservations.pop(req_id, []))
 
     async def admit_prefilled(
-        self,
-        req_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        first_token_id: int,
-        first_logprob: float,
-        first_top_logprobs: list[tuple[int, float]] | None = None,
-        prompt_logprobs: list[PromptLogprob] | None = None,
+        self, req_id: str, prompt_token_ids: list[int], params: SamplingParams, first: PrefilledFirst
     ) -> asyncio.Queue[RequestOutput]:
         self.log.append(("admit", req_id))
-        self.admitted_extras[req_id] = (first_top_logprobs, prompt_logprobs)
+        self.admitted_extras[req_id] = (first.top_logprobs, first.prompt_logprobs)
         if req_id not in self.reservations:
             raise UnknownRequestError("no KV reservation for this request", req_id=req_id)
-        self.admitted[req_id] = first_token_id
+        self.admitted[req_id] = first.token_id
         out_q = self.outputs[req_id] = asyncio.Queue()
         out_q.put_nowait(
-            RequestOutput(req_id=req_id, new_token_ids=[first_token_id], new_logprobs=[first_logprob])
+            RequestOutput(req_id=req_id, new_token_ids=[first.token_id], new_logprobs=[first.logprob])
         )
         return out_q
 
