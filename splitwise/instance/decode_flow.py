@@ -19,26 +19,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from dataclasses import dataclass, field
-from typing import Protocol
 
 from scheduler.clock import SYSTEM_CLOCK, Clock
 from scheduler.messages import WorkItem
 from splitwise import codes
 from splitwise.counters import Counters
-from splitwise.engine.errors import EngineError, InvalidRequestError, OutOfBlocksError
+from splitwise.engine.errors import EngineError, OutOfBlocksError
 from splitwise.engine.outputs import RequestOutput
 from splitwise.engine.prompt_logprobs import from_wire as prompt_logprobs_from_wire
 from splitwise.engine.sampling_params import SamplingParams
 from splitwise.engine.sequence import FinishReason
 from splitwise.errors import SplitwiseError
 from splitwise.instance.config import InstanceConfig
+from splitwise.instance.decode_record import (
+    DecodeCapacityError,
+    DecodeRecord,
+    DecodeWorker,
+    PrefillUnavailable,
+    PromptTooLargeError,
+)
 from splitwise.instance.engine_worker import PrefilledFirst
 from splitwise.instance.handoff_state import (
     DECODE_MOVES,
     DECODE_OWNS_CLEANUP,
     DecodeState,
-    Record,
     Transitions,
 )
 from splitwise.instance.host_identity import advertised
@@ -51,65 +55,17 @@ from splitwise.transfer.messages import CallMessage, CancelRequest, PrefillFaile
 
 log = get_logger(__name__)
 
+__all__ = [
+    "DecodeCapacityError",
+    "DecodeFlow",
+    "DecodeRecord",
+    "DecodeWorker",
+    "PrefillUnavailable",
+    "PromptTooLargeError",
+]
+
 _RESERVE_POLL_S = (0.005, 0.2)  # back-off bounds while waiting for free blocks (never a busy loop)
 S = DecodeState
-
-
-class PrefillUnavailable(SplitwiseError):
-    """The remote prefill did not produce usable KV (P lost, refused, failed, or transfer failed)."""
-
-    retryable = True
-
-
-class PromptTooLargeError(InvalidRequestError):
-    """The prompt cannot fit this decode node's whole KV cache, however long it waits (HTTP 400:
-    like a prompt past max_model_len, no retry can help)."""
-
-    retryable = False
-
-
-class DecodeCapacityError(EngineError):
-    """Too many requests already wait for KV blocks on this decode node."""
-
-    retryable = True
-
-
-class DecodeWorker(Protocol):
-    """What the decode flow needs of the engine worker (``EngineWorker``; a fake in tests)."""
-
-    block_size: int
-    num_kv_blocks: int
-
-    async def validate_prompt(self, req_id: str, prompt_token_ids: list[int]) -> None: ...
-    async def cached_prefix_tokens(self, prompt_token_ids: list[int]) -> int: ...
-    async def reserve(self, req_id: str, num_tokens: int) -> list[int]: ...
-    async def reserve_reusing(
-        self, req_id: str, prompt_token_ids: list[int], num_tokens: int
-    ) -> tuple[list[int], int]: ...
-    async def release_reservation(self, req_id: str) -> None: ...
-    async def admit_prefilled(
-        self, req_id: str, prompt_token_ids: list[int], params: SamplingParams, first: PrefilledFirst
-    ) -> asyncio.Queue[RequestOutput]: ...
-    def submit(
-        self, req_id: str, prompt_token_ids: list[int], params: SamplingParams
-    ) -> asyncio.Queue[RequestOutput]: ...
-
-
-@dataclass
-class DecodeRecord(Record[DecodeState]):
-    item: WorkItem | None = None
-    prompt: list[int] = field(default_factory=list)
-    params: SamplingParams = field(default_factory=SamplingParams)
-    protocol: codes.Protocol = codes.Protocol.TCP
-    block_ids: list[int] = field(default_factory=list)
-    num_reused_blocks: int = 0  # leading block_ids from D's prefix cache: P ships none of them
-    started_s: float = 0.0
-    conn: Connection | None = None
-    result: PrefillResult | None = None
-    # Resolved by the transition that ends PREFILLING (whatever caused it): the driver wakes up.
-    prefill_ended: asyncio.Future[None] | None = None
-    local_outputs: asyncio.Queue[RequestOutput] | None = None  # FALLING_BACK: the local request
-    ended: asyncio.Event = field(default_factory=asyncio.Event)  # set once the record is forgotten
 
 
 class DecodeFlow:
