@@ -44,18 +44,17 @@ from scheduler.messages import (
     KVGeometry,
     ResultMessage,
     SubmitRequest,
-    WorkItem,
     encode,
 )
 from scheduler.metrics import Counters
 from scheduler.outbox import log_fields
 from scheduler.poison import Repairer, frontend_key_types, republish_view
-from scheduler.prefix_index import prompt_block_hashes
+from scheduler.prefix_index import group_prefix_hashes
 from scheduler.records import lines, write_dead_letter
-from scheduler.registry import CandidateGroup, ClusterView, node_group, split_member
+from scheduler.registry import ClusterView, node_group, split_member
 from scheduler.retry import Retrier
 from scheduler.scripting import Batch
-from scheduler.states import FrontendState
+from scheduler.states import FRONTEND_TERMINAL_STATES, FrontendState
 from scheduler.streams import ResultStream
 from scheduler.tasks import stop_tasks
 from splitwise.codes import FailureCode
@@ -64,12 +63,6 @@ from splitwise.logging import get_logger
 log = get_logger("scheduler.frontend")
 
 SUBMIT_RETRY_S = 1.0
-_TERMINAL_STATE = {
-    "finished": FrontendState.FINISHED,
-    "error": FrontendState.FAILED,
-    "expired": FrontendState.EXPIRED,
-    "cancelled": FrontendState.CANCELLED,
-}
 
 
 class FrontendScheduler:
@@ -239,7 +232,7 @@ class FrontendScheduler:
             if refresh:
                 await self._monitor.refresh_view()  # a node may have just joined
             for group in self._view.candidate_groups(fl.model_id, self.kv, now):
-                block_size, hashes = self._prefix_hashes(fl, group)
+                block_size, hashes = group_prefix_hashes(fl.tokens, group)
                 hits: list[int] = []
                 picked = await self._dispatcher.pick(
                     fl.req_id,
@@ -276,32 +269,13 @@ class FrontendScheduler:
             f"no live prefill/decode pair or mixed node serves model {fl.model_id!r}", req_id=fl.req_id
         )
 
-    def _prefix_hashes(self, fl: FrontendRecord, group: CandidateGroup) -> tuple[int, list[str]]:
-        """(block size, the prompt's leading block hashes) for KV-aware scoring in ``group`` (sent
-        with weights 0 too: the record then shows what load-only routing found cached)."""
-        block_size = next(iter(group.nodes.values())).kv.block_size if group.nodes else 0
-        if block_size < 1:
-            return 0, []
-        tokens = [*fl.request.prompt_token_ids, *fl.delivered]
-        return block_size, prompt_block_hashes(tokens, block_size)
-
     async def _enqueue(
         self, fl: FrontendRecord, assignment: Assignment, *, local: str = "", kv: str = ""
     ) -> bool:
         """``local``: why the decode node prefills this request itself (conditional disaggregation);
         ``kv``: the cached prefix blocks of P / D / hashed, for the record (KV-aware routing)."""
         assert self._client is not None and self._dispatcher is not None
-        item = WorkItem(
-            req_id=fl.req_id,
-            prompt_token_ids=list(fl.request.prompt_token_ids),
-            sampling_params=fl.request.sampling_params,
-            frontend_id=self.frontend_id,
-            created_ms=fl.created_ms,
-            deadline_ms=fl.deadline_ms,
-            attempt=fl.attempt,
-            resume_token_ids=list(fl.delivered),
-            assignment=assignment,
-        )
+        item = fl.work_item(self.frontend_id, assignment)
         work_key = self.keys.work(assignment.decode_node_id)
         entry_id = await self._xadd_work(work_key, encode(item))
         if entry_id is None:
@@ -351,7 +325,7 @@ class FrontendScheduler:
         """Deliver the one terminal message, record it, and clean up what nodes may still hold.
         With ``batch`` the Redis writes join that batch (the results loop sends one per read)."""
         if self._inflight.get(fl.req_id) is not fl or not fl.move(
-            _TERMINAL_STATE[terminal.TYPE], self.stats, why=terminal.TYPE
+            FRONTEND_TERMINAL_STATES[terminal.TYPE], self.stats, why=terminal.TYPE
         ):
             return
         del self._inflight[fl.req_id]

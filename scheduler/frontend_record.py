@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from scheduler.messages import Assignment, SubmitRequest
+from scheduler.messages import Assignment, SubmitRequest, WorkItem
 from scheduler.metrics import Counters
 from scheduler.states import FRONTEND_TRANSITIONS, FrontendState, is_live, transition
 from scheduler.streams import ResultStream
@@ -31,6 +31,25 @@ class FrontendRecord:
     @property
     def req_id(self) -> str:
         return self.request.req_id
+
+    @property
+    def tokens(self) -> list[int]:
+        """The prompt and the tokens its client already has (what a re-dispatch prefills)."""
+        return [*self.request.prompt_token_ids, *self.delivered]
+
+    def work_item(self, frontend_id: str, assignment: Assignment) -> WorkItem:
+        """This attempt's work for the decode (or mixed) node of ``assignment``."""
+        return WorkItem(
+            req_id=self.req_id,
+            prompt_token_ids=list(self.request.prompt_token_ids),
+            sampling_params=self.request.sampling_params,
+            frontend_id=frontend_id,
+            created_ms=self.created_ms,
+            deadline_ms=self.deadline_ms,
+            attempt=self.attempt,
+            resume_token_ids=list(self.delivered),
+            assignment=assignment,
+        )
 
     @property
     def is_live(self) -> bool:

@@ -41,7 +41,7 @@ from scheduler.messages import (
     encode,
 )
 from scheduler.metrics import Counters
-from scheduler.node_record import BeatSnapshot, HeldWork
+from scheduler.node_record import BeatSnapshot, HeldWork, drop_reason
 from scheduler.node_streams import NodeReader
 from scheduler.outbox import Outbox
 from scheduler.poison import Repairer, node_key_types
@@ -200,7 +200,9 @@ class NodeAgent:
         raise SchedulerClosedError("node agent closed")
 
     def _accept(self, item: WorkItem) -> bool:
-        reason = self._drop_reason(item)
+        reason = drop_reason(
+            item, self.info.incarnation, self._cancelled.get(item.req_id, -1), self._clock.time_ms()
+        )
         if reason is not None:
             self.stats.inc("dropped_" + reason)
             log.info("work_dropped", req_id=item.req_id, reason=reason, attempt=item.attempt)
@@ -212,15 +214,6 @@ class NodeAgent:
         self._queue_event(item, "received", f"attempt={item.attempt}")
         self._publish_snapshot()
         return True
-
-    def _drop_reason(self, item: WorkItem) -> str | None:
-        if item.assignment.decode_incarnation != self.info.incarnation:
-            return "stale_incarnation"  # sent to our previous life; its frontend re-dispatches it
-        if self._cancelled.get(item.req_id, -1) >= item.attempt:
-            return "cancelled"
-        if self._clock.time_ms() >= item.deadline_ms:
-            return "expired"
-        return None
 
     async def ack(self, work: WorkItem) -> None:
         """The request is done here (terminal published, or dropped after a cancel): release its

@@ -29,3 +29,15 @@ class BeatSnapshot:
     frontend_ids: tuple[str, ...] = ()
     last_work_id: str = ""
     last_control_id: str = ""
+
+
+def drop_reason(item: WorkItem, incarnation: str, cancelled_attempt: int, now_ms: int) -> str | None:
+    """Why a node must not take ``item`` (None: take it). ``cancelled_attempt``: the highest attempt
+    of this request cancelled here (-1: none)."""
+    if item.assignment.decode_incarnation != incarnation:
+        return "stale_incarnation"  # sent to our previous life; its frontend re-dispatches it
+    if cancelled_attempt >= item.attempt:
+        return "cancelled"
+    if now_ms >= item.deadline_ms:
+        return "expired"
+    return None

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import redis.asyncio as aioredis
 
 from scheduler.keys import KeySchema
+from scheduler.registry import CandidateGroup
 from splitwise.engine.block_pool import hash_block
 
 # Hashes per dispatch: prefixes longer than this many blocks score as this many (bounded cost).
@@ -86,3 +87,12 @@ class PrefixIndexPublisher:
 
     async def clear(self) -> None:
         await self._client.delete(self._key)
+
+
+def group_prefix_hashes(token_ids: Sequence[int], group: CandidateGroup) -> tuple[int, list[str]]:
+    """(block size, the prompt's leading block hashes) for KV-aware scoring in ``group`` (sent
+    with weights 0 too: the record then shows what load-only routing found cached)."""
+    block_size = next(iter(group.nodes.values())).kv.block_size if group.nodes else 0
+    if block_size < 1:
+        return 0, []
+    return block_size, prompt_block_hashes(token_ids, block_size)

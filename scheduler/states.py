@@ -41,6 +41,15 @@ class FrontendState(enum.Enum):
     CANCELLED = "cancelled"
 
 
+# The state a request's terminal result message (by its TYPE) ends it in on the frontend.
+FRONTEND_TERMINAL_STATES = {
+    "finished": FrontendState.FINISHED,
+    "error": FrontendState.FAILED,
+    "expired": FrontendState.EXPIRED,
+    "cancelled": FrontendState.CANCELLED,
+}
+
+
 class NodeState(enum.Enum):
     RECEIVED = "received"
     RUNNING = "running"
