@@ -124,8 +124,12 @@ class TimedStream:
         self.thread.join(300)
 
     def max_gap(self, start: float, end: float) -> float:
-        inside = [t for t in self.times if start <= t <= end]
-        return max((b - a for a, b in zip(inside, inside[1:], strict=False)), default=float("inf"))
+        """The longest wait between tokens across [start, end], counting from the last token before
+        it to the first after it (a window shorter than one token's time still measures its stall)."""
+        times = list(self.times)
+        points = [t for t in times if t < start][-1:] + [t for t in times if start <= t <= end]
+        points += [t for t in times if t > end][:1]
+        return max((b - a for a, b in zip(points, points[1:], strict=False)), default=float("inf"))
 
 
 @pytest.fixture(scope="module")
