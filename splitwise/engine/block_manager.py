@@ -214,7 +214,7 @@ class BlockManager:
         if num_tokens < 1:
             raise InvalidRequestError(f"cannot reserve KV for {num_tokens} tokens", req_id=req_id)
         if req_id in self._reservations:
-            raise InvalidRequestError("request already holds a KV reservation", req_id=req_id)
+            raise InvalidRequestError(f"KV reservation {req_id!r} already exists", req_id=req_id)
         if prefix.num_tokens > num_tokens:
             raise ValueError(f"{req_id}: a {prefix.num_tokens}-token prefix exceeds {num_tokens} tokens")
         num_needed = self.num_blocks_for(num_tokens) - prefix.num_blocks
@@ -243,14 +243,16 @@ class BlockManager:
     def has_reservation(self, req_id: str) -> bool:
         return req_id in self._reservations
 
-    def adopt(self, seq: Sequence) -> None:
-        """Hand the reservation made under ``seq.req_id`` to ``seq`` as its block table.
+    def adopt(self, seq: Sequence, reservation_id: str | None = None) -> None:
+        """Hand the reservation made under ``reservation_id`` (default ``seq.req_id``) to ``seq``
+        as its block table.
 
         ``seq.num_computed_tokens`` must already count the KV that was written into it.
         """
-        block_ids = self._reservations.get(seq.req_id)
+        key = seq.req_id if reservation_id is None else reservation_id
+        block_ids = self._reservations.get(key)
         if block_ids is None:
-            raise UnknownRequestError("no KV reservation for this request", req_id=seq.req_id)
+            raise UnknownRequestError(f"no KV reservation {key!r}", req_id=seq.req_id)
         if seq.block_table:
             raise InvalidRequestError("sequence already holds KV blocks", req_id=seq.req_id)
         if self.num_blocks_for(seq.num_computed_tokens) > len(block_ids):
@@ -258,6 +260,6 @@ class BlockManager:
                 f"{seq.num_computed_tokens} computed tokens do not fit the {len(block_ids)} reserved blocks",
                 req_id=seq.req_id,
             )
-        del self._reservations[seq.req_id]
+        del self._reservations[key]
         seq.block_table.extend(block_ids)
         seq.num_cached_tokens = 0

@@ -225,8 +225,10 @@ class LLMEngine:
         first_logprob: float,
         first_top_logprobs: list[tuple[int, float]] | None = None,
         prompt_logprobs: list[PromptLogprob] | None = None,
+        reservation_id: str | None = None,
     ) -> RequestOutput:
-        """Admit a request whose prompt KV was written into its reservation from outside.
+        """Admit a request whose prompt KV was written into its reservation from outside (made
+        under ``reservation_id``, default ``req_id``: D reserves per hand-off attempt).
 
         Returns the output for the first token (it may already be the last: eos, max_tokens=1,
         a stop string; then the reservation is released at once). A structured-output request's
@@ -235,8 +237,9 @@ class LLMEngine:
         self.validate_prompt(prompt_token_ids, req_id=req_id)
         matcher = self._new_matcher(params, req_id=req_id, accepted=[first_token_id])
         tops = [list(first_top_logprobs or [])]
-        if not self.block_manager.has_reservation(req_id):
-            raise UnknownRequestError("no KV reservation for this request", req_id=req_id)
+        reservation_id = req_id if reservation_id is None else reservation_id
+        if not self.block_manager.has_reservation(reservation_id):
+            raise UnknownRequestError(f"no KV reservation {reservation_id!r}", req_id=req_id)
         seq = Sequence(req_id=req_id, prompt_token_ids=list(prompt_token_ids), params=params)
         seq.num_computed_tokens = seq.num_prompt_tokens
         seq.output_token_ids.append(first_token_id)
@@ -247,7 +250,7 @@ class LLMEngine:
         self.stats.num_prompt_tokens += seq.num_prompt_tokens
         self.stats.num_generated_tokens += 1
         if reason is not None:
-            self.block_manager.release(req_id)
+            self.block_manager.release(reservation_id)
             seq.finish_reason = reason
             seq.stop_text = delta.stop
             tail = "" if delta.stop is not None or text is None else text.finish()
@@ -255,7 +258,7 @@ class LLMEngine:
             return _output(
                 seq, [first_token_id], [first_logprob], delta.text + tail, reason, tops, prompt_logprobs
             )
-        self.scheduler.add_prefilled(seq)
+        self.scheduler.add_prefilled(seq, reservation_id)
         if text is not None:
             self._texts[req_id] = text
         if matcher is not None:

@@ -139,10 +139,10 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self._waiting.append(seq)
 
-    def add_prefilled(self, seq: Sequence) -> None:
+    def add_prefilled(self, seq: Sequence, reservation_id: str | None = None) -> None:
         """Queue a sequence whose KV was written from outside into a reservation.
 
-        The engine reserved ``block_manager.reserve(seq.req_id, ...)``, the transport wrote the
+        The engine reserved ``block_manager.reserve(reservation_id or seq.req_id, ...)``, the transport wrote the
         prompt's KV, and ``seq`` has ``num_computed_tokens`` = prompt length and its first output
         token appended. The sequence adopts the reservation and decodes once admitted (ahead of
         ``waiting``: it already holds blocks, and nothing can free them but running it).
@@ -154,7 +154,7 @@ class Scheduler:
                 req_id=seq.req_id,
             )
         self._check_fits_pool(seq)
-        self.block_manager.adopt(seq)
+        self.block_manager.adopt(seq, reservation_id)
         self.block_manager.mark_computed(seq)
         seq.status = SequenceStatus.WAITING
         self._prefilled.append(seq)

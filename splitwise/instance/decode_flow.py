@@ -17,7 +17,6 @@ land in blocks another request already uses.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 
 from scheduler.clock import SYSTEM_CLOCK, Clock
@@ -51,7 +50,14 @@ from splitwise.instance.pd_channel import Channel, Connection
 from splitwise.instance.transfer_metrics import TransferMetrics
 from splitwise.logging import get_logger
 from splitwise.transfer.base import TransportTarget
-from splitwise.transfer.messages import CallMessage, CancelRequest, PrefillFailed, PrefillResult, PrefillTask
+from splitwise.transfer.messages import (
+    CallMessage,
+    CancelRequest,
+    PrefillFailed,
+    PrefillResult,
+    PrefillTask,
+    handoff_id,
+)
 
 log = get_logger(__name__)
 
@@ -93,9 +99,8 @@ class DecodeFlow:
         self.last_transfer: dict[str, str] = {}
         # req_id -> why it was prefilled here by choice (conditional disaggregation); read once too.
         self.last_local: dict[str, str] = {}
-        self.records: dict[str, DecodeRecord] = {}
+        self.records: dict[str, DecodeRecord] = {}  # by hand-off id (request and attempt)
         self.num_waiting_for_blocks = 0
-        self._quarantined: set[str] = set()  # req_ids whose reservation is kept for good (unfenced)
         self._background: set[asyncio.Task[None]] = set()
 
     # -- NodeRuntime's DisaggDecoder ----------------------------------------------------------
@@ -117,14 +122,15 @@ class DecodeFlow:
         rec = DecodeRecord(
             item.req_id,
             S.RESERVING,
+            handoff=handoff_id(item.req_id, item.attempt),
             peer_id=a.prefill_node_id,
             item=item,
             prompt=prompt,
             params=params,
             protocol=a.protocol or codes.Protocol.TCP,
         )
-        await self._retire_earlier_attempt(item)
-        self.records[item.req_id] = rec
+        self._supersede_earlier_attempts(rec)
+        self.records[rec.handoff] = rec
         try:
             outputs = await self._drive(rec)
         except BaseException as exc:
@@ -143,16 +149,16 @@ class DecodeFlow:
             return out_q
         return outputs
 
-    async def _retire_earlier_attempt(self, item: WorkItem) -> None:
-        """The earlier attempt may still fence its reservation (keyed by req_id): cancel it, wait (bounded);
-        else (or quarantined) a retryable DecodeCapacityError: the frontend places the request elsewhere."""
-        old = self.records.get(item.req_id)
-        if old is not None and old.item is not None and old.item.attempt < item.attempt:
-            self.cancel(item.req_id)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(old.ended.wait(), self.config.transfer_timeout_s)
-        if item.req_id in self.records or item.req_id in self._quarantined:
-            raise DecodeCapacityError("request is already being handed off here", req_id=item.req_id)
+    def _supersede_earlier_attempts(self, rec: DecodeRecord) -> None:
+        """A re-dispatched attempt gets its own reservation at once (everything is keyed by the
+        hand-off id): an earlier attempt of the request still handed off here is cancelled, and its
+        own fencing frees its blocks whenever P lets go. The same attempt twice is refused."""
+        if rec.handoff in self.records:
+            raise DecodeCapacityError("this attempt is already being handed off here", req_id=rec.req_id)
+        assert rec.item is not None
+        if self.cancel(rec.req_id, max_attempt=rec.item.attempt - 1):
+            self.counters.inc("handoffs_superseded")
+            log.info("an earlier attempt of the request is still handed off here; cancelled it")
 
     async def _local_reason(self, prompt: list[int]) -> str:
         """Why D should prefill this prompt itself: what its prefix cache lacks is shorter than
@@ -166,17 +172,24 @@ class DecodeFlow:
             return ""
         return f"{uncached} uncached prompt tokens < --disagg-min-prefill-tokens {limit}"
 
-    def cancel(self, req_id: str) -> bool:
-        """The frontend cancelled ``req_id``. True when this flow owns its cleanup (not admitted
-        yet); False when the engine has it and an engine abort frees its blocks."""
-        rec = self.records.get(req_id)
-        if rec is None or rec.state not in DECODE_OWNS_CLEANUP:
-            return False
-        if rec.is_in(S.RESERVING, S.LANDED):
-            self.transitions.move(rec, S.CANCELLED, "cancel", "cancelled by the frontend")
-        elif rec.is_in(S.PREFILLING):
-            self._end_prefill(rec, S.CANCELLING, "cancel", "cancelled by the frontend")
-        return True  # CANCELLING / FAILING: already on their way out, nothing more to do
+    def cancel(self, req_id: str, max_attempt: int | None = None) -> bool:
+        """The frontend cancelled ``req_id`` (its attempts up to ``max_attempt``, when given: a
+        CancelMessage's attempt; a later attempt handed off here meanwhile goes on).
+        True when this flow owns the cleanup of one (not admitted yet); False when none is here
+        and, for a cancel, the engine has it and an engine abort frees its blocks."""
+        owned = False
+        for rec in list(self.records.values()):
+            if rec.req_id != req_id or rec.state not in DECODE_OWNS_CLEANUP:
+                continue
+            if max_attempt is not None and (rec.item is None or rec.item.attempt > max_attempt):
+                continue
+            owned = True
+            if rec.is_in(S.RESERVING, S.LANDED):
+                self.transitions.move(rec, S.CANCELLED, "cancel", "cancelled by the frontend")
+            elif rec.is_in(S.PREFILLING):
+                self._end_prefill(rec, S.CANCELLING, "cancel", "cancelled by the frontend")
+            # CANCELLING / FAILING: already on their way out, nothing more to do
+        return owned
 
     # -- events from P (event loop) -----------------------------------------------------------
 
@@ -203,7 +216,7 @@ class DecodeFlow:
                 )
 
     def _on_prefill_result(self, rec: DecodeRecord, result: PrefillResult) -> None:
-        status = self.targets[rec.protocol].poll(rec.req_id)
+        status = self.targets[rec.protocol].poll(rec.handoff)
         if not status.is_done:
             reason = f"KV transfer not complete: {status.state.value} {status.reason or ''}".strip()
             self._end_prefill(rec, self._failure_state(), "not_landed", reason)
@@ -277,10 +290,10 @@ class DecodeFlow:
                 try:
                     if self.config.decode_prefix_reuse:
                         rec.block_ids, rec.num_reused_blocks = await self.worker.reserve_reusing(
-                            rec.req_id, rec.prompt, num_tokens
+                            rec.handoff, rec.prompt, num_tokens
                         )
                     else:
-                        rec.block_ids = await self.worker.reserve(rec.req_id, num_tokens)
+                        rec.block_ids = await self.worker.reserve(rec.handoff, num_tokens)
                 except OutOfBlocksError:
                     self.counters.inc("reserve_waits")
                     await self.clock.sleep(delay)
@@ -289,7 +302,7 @@ class DecodeFlow:
                 if rec.is_in(S.RESERVING):
                     return True
                 # Cancelled while the reservation was being made: nobody was told about the blocks.
-                await self.worker.release_reservation(rec.req_id)
+                await self.worker.release_reservation(rec.handoff)
             return False
         finally:
             self.num_waiting_for_blocks -= 1
@@ -311,11 +324,11 @@ class DecodeFlow:
         loop = asyncio.get_running_loop()
         rec.prefill_ended = loop.create_future()
         rec.started_s = self.clock.monotonic()
-        target.expect(rec.req_id, dst, timeout_s=self.config.transfer_timeout_s)
-        timer = loop.create_task(self._time_out(rec), name=f"handoff-timeout-{rec.req_id}")
+        target.expect(rec.handoff, dst, timeout_s=self.config.transfer_timeout_s)
+        timer = loop.create_task(self._time_out(rec), name=f"handoff-timeout-{rec.handoff}")
         # Sending runs beside the wait: a cancel or a lost peer ends PREFILLING even while P has
         # not acknowledged the task yet (a wedged P must not hold the request for a call timeout).
-        sender = loop.create_task(self._send_task(rec, target, dst), name=f"handoff-send-{rec.req_id}")
+        sender = loop.create_task(self._send_task(rec, target, dst), name=f"handoff-send-{rec.handoff}")
         self._background.add(sender)
         sender.add_done_callback(self._background.discard)
         try:
@@ -333,7 +346,7 @@ class DecodeFlow:
             if rec.is_in(S.PREFILLING):
                 task = PrefillTask(
                     call_id=0,
-                    req_id=rec.req_id,
+                    req_id=rec.handoff,
                     prompt_token_ids=rec.prompt,
                     sampling_params=rec.params,
                     dst_block_ids=dst,
@@ -353,7 +366,7 @@ class DecodeFlow:
     async def _admit(self, rec: DecodeRecord) -> asyncio.Queue[RequestOutput] | None:
         assert rec.item is not None and rec.result is not None
         # Every write landed (the target said DONE): forget returns at once, but it may lock.
-        await self._offload(functools.partial(self.targets[rec.protocol].forget, rec.req_id))
+        await self._offload(functools.partial(self.targets[rec.protocol].forget, rec.handoff))
         a = rec.item.assignment
         elapsed_s = self.clock.monotonic() - rec.started_s
         self.counters.inc("transfers_ok")
@@ -378,7 +391,7 @@ class DecodeFlow:
             f"protocol={rec.protocol} blocks={len(rec.block_ids)} reused={rec.num_reused_blocks} ms={landed_ms}"
         )
         if rec.is_in(S.CANCELLED):  # cancelled once landed: every write is in, the blocks go back now
-            await self.worker.release_reservation(rec.req_id)
+            await self.worker.release_reservation(rec.handoff)
             return None
         # No await between these two: a cancel from now on is an engine abort, queued after admit.
         self.transitions.move(rec, S.ADMITTED, "admitted")
@@ -396,9 +409,10 @@ class DecodeFlow:
                         first.prompt_logprobs, first.prompt_top_token_ids, first.prompt_top_logprobs
                     ),
                 ),
+                reservation_id=rec.handoff,
             )
         except EngineError:
-            await self.worker.release_reservation(rec.req_id)  # not admitted: nothing else frees it
+            await self.worker.release_reservation(rec.handoff)  # not admitted: nothing else frees it
             raise
 
     def _fall_back(self, rec: DecodeRecord) -> asyncio.Queue[RequestOutput]:
@@ -431,7 +445,7 @@ class DecodeFlow:
         async def retire() -> None:
             target = self.targets.get(rec.protocol)
             if target is not None:
-                await self._offload(functools.partial(target.forget, rec.req_id))
+                await self._offload(functools.partial(target.forget, rec.handoff))
             if not await self._p_confirmed_stop(rec):
                 if target is not None and not await self._offload(
                     functools.partial(target.revoke, rec.peer_id)
@@ -439,19 +453,18 @@ class DecodeFlow:
                     self.counters.inc("reservations_quarantined")
                     log.error("could not fence the prefill node; KV blocks stay reserved", peer=rec.peer_id)
                     self.transitions.move(rec, S.QUARANTINED, "unfenced", "revoke not confirmed")
-                    self._quarantined.add(rec.req_id)
                     self._forget_if_ended(rec)
                     return
                 event = "revoked"
             else:
                 event = "p_stopped"
             try:
-                await self.worker.release_reservation(rec.req_id)
+                await self.worker.release_reservation(rec.handoff)
             finally:
                 self.transitions.move(rec, end, event)
                 self._forget_if_ended(rec)
 
-        task = asyncio.get_running_loop().create_task(retire(), name=f"handoff-retire-{rec.req_id}")
+        task = asyncio.get_running_loop().create_task(retire(), name=f"handoff-retire-{rec.handoff}")
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -466,7 +479,7 @@ class DecodeFlow:
             return False
         try:
             await self.channel.call(
-                conn, CancelRequest(call_id=0, req_id=rec.req_id, reason="decode gave up")
+                conn, CancelRequest(call_id=0, req_id=rec.handoff, reason="decode gave up")
             )
             return True
         except SplitwiseError as exc:
@@ -475,8 +488,8 @@ class DecodeFlow:
             return False
 
     def _forget_if_ended(self, rec: DecodeRecord) -> None:
-        if not self.transitions.moves[rec.state] and self.records.get(rec.req_id) is rec:
-            del self.records[rec.req_id]
+        if not self.transitions.moves[rec.state] and self.records.get(rec.handoff) is rec:
+            del self.records[rec.handoff]
             rec.ended.set()
 
     async def close(self) -> None:

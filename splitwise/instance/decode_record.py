@@ -52,7 +52,12 @@ class DecodeWorker(Protocol):
     ) -> tuple[list[int], int]: ...
     async def release_reservation(self, req_id: str) -> None: ...
     async def admit_prefilled(
-        self, req_id: str, prompt_token_ids: list[int], params: SamplingParams, first: PrefilledFirst
+        self,
+        req_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        first: PrefilledFirst,
+        reservation_id: str | None = None,
     ) -> asyncio.Queue[RequestOutput]: ...
     def submit(
         self, req_id: str, prompt_token_ids: list[int], params: SamplingParams
@@ -61,6 +66,11 @@ class DecodeWorker(Protocol):
 
 @dataclass
 class DecodeRecord(Record[DecodeState]):
+    """``handoff`` (``messages.handoff_id``: req_id and attempt) keys everything of this attempt
+    that outlives a retry: the flow's records, the KV reservation, the target's expect/forget and
+    the messages to P. ``req_id`` stays the request's: the engine runs (or falls back) under it."""
+
+    handoff: str = ""
     item: WorkItem | None = None
     prompt: list[int] = field(default_factory=list)
     params: SamplingParams = field(default_factory=SamplingParams)

@@ -204,10 +204,15 @@ class EngineWorker:
         await self.call(release)
 
     async def admit_prefilled(
-        self, req_id: str, prompt_token_ids: list[int], params: SamplingParams, first: PrefilledFirst
+        self,
+        req_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        first: PrefilledFirst,
+        reservation_id: str | None = None,
     ) -> asyncio.Queue[RequestOutput]:
-        """Admit a request whose KV landed in its reservation; its outputs (the first token
-        first) arrive on the returned queue."""
+        """Admit a request whose KV landed in its reservation (made under ``reservation_id``,
+        default ``req_id``); its outputs (the first token first) arrive on the returned queue."""
         out_q = self.attach(req_id)
 
         def admit(engine: LLMEngine) -> None:
@@ -219,6 +224,7 @@ class EngineWorker:
                 first.logprob,
                 first.top_logprobs,
                 first.prompt_logprobs,
+                reservation_id=reservation_id,
             )
             self._in_engine.add(req_id)
             self._deliver([output])

@@ -37,7 +37,9 @@ class DisaggDecoder(Protocol):
     async def start_request(
         self, item: WorkItem, prompt: list[int], params: SamplingParams
     ) -> asyncio.Queue[RequestOutput]: ...
-    def cancel(self, req_id: str) -> bool: ...  # True: the flow frees the request's blocks itself
+    def cancel(
+        self, req_id: str, max_attempt: int | None = None
+    ) -> bool: ...  # True: the flow frees the blocks
 
     last_transfer: dict[str, str]  # req_id -> what the KV transfer did, taken once by the runtime
     last_local: dict[str, str]  # req_id -> why it was prefilled locally by choice, taken once
@@ -122,7 +124,7 @@ class NodeRuntime:
             log.info("request cancelled by frontend", req_id=cancel.req_id, reason=cancel.reason)
             # Before admission a prefill node may still write into the request's reserved blocks:
             # the decode flow releases them once it cannot (an engine abort would free them now).
-            if self.decoder is not None and self.decoder.cancel(cancel.req_id):
+            if self.decoder is not None and self.decoder.cancel(cancel.req_id, cancel.attempt):
                 continue
             self.worker.abort(cancel.req_id)
 

@@ -53,7 +53,14 @@ from splitwise.instance.pd_channel import Channel, Connection
 from splitwise.instance.transfer_metrics import TransferMetrics
 from splitwise.logging import bind_request, get_logger
 from splitwise.transfer.base import ReadyToken, TransferStatus, TransportInitiator
-from splitwise.transfer.messages import CallMessage, CancelRequest, PrefillFailed, PrefillResult, PrefillTask
+from splitwise.transfer.messages import (
+    CallMessage,
+    CancelRequest,
+    PrefillFailed,
+    PrefillResult,
+    PrefillTask,
+    request_of,
+)
 
 log = get_logger(__name__)
 S = PrefillState
@@ -209,7 +216,7 @@ class PrefillFlow:
                     log.warning("could not answer the decode node", error=str(exc))
             if self.release_booking is not None:
                 try:
-                    await self.release_booking(req_id)
+                    await self.release_booking(request_of(req_id))  # req_id: the hand-off id
                 except SchedulerError as exc:
                     log.warning("could not release the prefill booking", error=str(exc))
 

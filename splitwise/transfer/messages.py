@@ -192,10 +192,24 @@ class Refused(Message):
     reason: str
 
 
+def handoff_id(req_id: str, attempt: int) -> str:
+    """The id of one attempt's hand-off: D's reservation, its target's expect/forget, and every
+    control and data-plane message of the hand-off (``PrefillTask.req_id`` and after) carry it,
+    so a re-dispatched attempt never meets the earlier attempt's reservation or writes (#13)."""
+    return f"{req_id}@{attempt}"
+
+
+def request_of(handoff: str) -> str:
+    """The request id of a hand-off id (P releases its Redis booking by it)."""
+    req_id, sep, _attempt = handoff.rpartition("@")
+    return req_id if sep else handoff
+
+
 @dataclass(frozen=True)
 class PrefillTask(Call):
     """D -> P: prefill ``prompt_token_ids`` and ship the KV of its blocks ``skip_blocks`` .. into
-    ``dst_block_ids`` on D.
+    ``dst_block_ids`` on D. ``req_id`` is the attempt's ``handoff_id``: P keys its record, its
+    engine request and its writes by it.
     ``sampling_params`` travels as the engine's own dataclass (a map of its fields): a field added
     there reaches P with no converter to edit; its validation runs again on decode."""
 

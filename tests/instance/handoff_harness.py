@@ -110,7 +110,8 @@ class FakeWorker:
         self.block_size = BLOCK_SIZE
         self.num_kv_blocks = num_kv_blocks
         self.free = list(range(num_kv_blocks))
-        self.reservations: dict[str, list[int]] = {}
+        self.reservations: dict[str, list[int]] = {}  # by reservation (hand-off) id
+        self.adopted: dict[str, list[int]] = {}  # req_id -> the reservation it took when admitted
         self.admitted: dict[str, int] = {}  # req_id -> first token
         self.admitted_extras: dict[str, tuple[Any, Any]] = {}  # req_id -> (top logprobs, prompt logprobs)
         self.submitted: dict[str, tuple[list[int], SamplingParams, bool]] = {}
@@ -140,13 +141,19 @@ class FakeWorker:
         self.free.extend(self.reservations.pop(req_id, []))
 
     async def admit_prefilled(
-        self, req_id: str, prompt_token_ids: list[int], params: SamplingParams, first: PrefilledFirst
+        self,
+        req_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        first: PrefilledFirst,
+        reservation_id: str | None = None,
     ) -> asyncio.Queue[RequestOutput]:
         self.log.append(("admit", req_id))
         self.admitted_extras[req_id] = (first.top_logprobs, first.prompt_logprobs)
-        if req_id not in self.reservations:
+        if (reservation_id or req_id) not in self.reservations:
             raise UnknownRequestError("no KV reservation for this request", req_id=req_id)
         self.admitted[req_id] = first.token_id
+        self.adopted[req_id] = self.reservations.pop(reservation_id or req_id)
         out_q = self.outputs[req_id] = asyncio.Queue()
         out_q.put_nowait(
             RequestOutput(req_id=req_id, new_token_ids=[first.token_id], new_logprobs=[first.logprob])

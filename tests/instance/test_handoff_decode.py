@@ -27,7 +27,7 @@ from splitwise.instance.decode_flow import (
 from splitwise.instance.handoff_state import DecodeState, IllegalTransitionError
 from splitwise.transfer.base import failed
 from splitwise.transfer.errors import RemoteError, TransferTimeoutError
-from splitwise.transfer.messages import CancelRequest, PrefillFailed, PrefillResult, PrefillTask
+from splitwise.transfer.messages import CancelRequest, PrefillFailed, PrefillResult, PrefillTask, handoff_id
 from tests.instance.handoff_harness import (
     FakeChannel,
     FakeClock,
@@ -40,6 +40,11 @@ from tests.instance.handoff_harness import (
 )
 
 S = DecodeState
+
+
+def hid(req_id: str = "r1", attempt: int = 1) -> str:
+    """The hand-off id D keys a request's attempt by (work_item's attempt is 1)."""
+    return handoff_id(req_id, attempt)
 
 
 class Harness:
@@ -70,19 +75,19 @@ class Harness:
         await settle()
 
     def state(self, req_id: str = "r1") -> DecodeState | None:
-        rec = self.flow.records.get(req_id)
+        rec = self.flow.records.get(hid(req_id))
         return rec.state if rec is not None else None
 
     def task_sent(self, req_id: str = "r1") -> PrefillTask:
-        [task] = [t for t in self.channel.of_type(PrefillTask) if t.req_id == req_id]
+        [task] = [t for t in self.channel.of_type(PrefillTask) if t.req_id == hid(req_id)]
         return task
 
     def conn(self) -> Any:
         return self.channel.connections["P1"]
 
     async def reply_landed(self, req_id: str = "r1", token: int = 42) -> None:
-        self.target.land(req_id)
-        self.flow.on_message(self.conn(), PrefillResult(0, req_id, token, -0.25))
+        self.target.land(hid(req_id))
+        self.flow.on_message(self.conn(), PrefillResult(0, hid(req_id), token, -0.25))
         await settle()
 
     async def outputs(self, req_id: str = "r1") -> asyncio.Queue[RequestOutput]:
@@ -110,9 +115,9 @@ def test_reserve_prefill_land_admit() -> None:
         await h.start(temperature=0.0, stop=("x",))
         assert h.state() is S.PREFILLING
         # prompt 10 + headroom 16 = 26 tokens -> 7 blocks reserved, the prompt's 3 sent to P.
-        assert h.worker.reservations["r1"] == [0, 1, 2, 3, 4, 5, 6]
+        assert h.worker.reservations["r1@1"] == [0, 1, 2, 3, 4, 5, 6]
         task = h.task_sent()
-        assert task.dst_block_ids == [0, 1, 2] == h.target.expected["r1"]
+        assert task.dst_block_ids == [0, 1, 2] == h.target.expected["r1@1"]
         assert task.sampling_params == SamplingParams(max_tokens=4, temperature=0.0, stop=("x",))
         await h.clock.advance(0.25)
         await h.reply_landed(token=42)
@@ -122,7 +127,7 @@ def test_reserve_prefill_land_admit() -> None:
         assert h.state() is None  # the record ended with ADMITTED
         assert h.count("transfers_ok") == 1 and h.count("transfer_latency_ms") == 250
         assert h.flow.last_transfer["r1"].startswith("protocol=tcp blocks=7")
-        assert "r1" in h.target.forgotten
+        assert "r1@1" in h.target.forgotten
         assert h.flow.cancel("r1") is False  # the engine owns it now: an abort frees its blocks
 
     run(scenario)
@@ -141,7 +146,7 @@ def test_cancel_while_the_reservation_is_being_made_releases_it_once_made() -> N
         assert h.state() is S.CANCELLED
         await h.worker.gates.open("reserve")
         assert is_abort(await h.outputs())
-        assert h.worker.reservations == {} and h.worker.calls("release_reservation") == ["r1"]
+        assert h.worker.reservations == {} and h.worker.calls("release_reservation") == ["r1@1"]
         assert h.channel.sent == []  # P never heard of it
         assert h.state() is None
 
@@ -162,7 +167,7 @@ def test_cancel_while_waiting_for_free_blocks_stops_waiting() -> None:
         await h.clock.advance(1.0)
         assert is_abort(await h.outputs())
         assert h.count("reserve_waits") == 2 and h.flow.num_waiting_for_blocks == 0
-        assert "r1" not in h.worker.reservations
+        assert "r1@1" not in h.worker.reservations
 
     run(scenario)
 
@@ -175,17 +180,17 @@ def test_cancel_during_the_transfer_releases_blocks_only_once_p_confirmed() -> N
         assert h.flow.cancel("r1") is True
         await settle()
         assert h.state() is S.CANCELLING
-        assert "r1" in h.target.forgotten  # the target refuses further writes from now on
+        assert "r1@1" in h.target.forgotten  # the target refuses further writes from now on
         [cancel] = h.channel.of_type(CancelRequest)
-        assert cancel.req_id == "r1"
+        assert cancel.req_id == "r1@1"
         assert is_abort(await h.outputs())
         # P has not confirmed: a one-sided write may still land, so the blocks stay reserved.
-        assert h.worker.reservations["r1"] == [0, 1, 2, 3, 4, 5, 6]
+        assert h.worker.reservations["r1@1"] == [0, 1, 2, 3, 4, 5, 6]
         await h.channel.gates.open("CancelRequest")
         assert h.worker.reservations == {} and h.state() is None
         assert h.count("fallbacks") == 0 and h.count("transfer_failures") == 0
         # P's reply, arriving now, is late and only counted.
-        h.flow.on_message(h.conn(), PrefillFailed(0, "r1", "aborted", True))
+        h.flow.on_message(h.conn(), PrefillFailed(0, "r1@1", "aborted", True))
         assert h.count("late_prefill_replies") == 1
 
     run(scenario)
@@ -208,8 +213,8 @@ def test_cancel_after_landing_releases_at_once_and_never_admits() -> None:
     async def scenario() -> None:
         h = Harness()
         await h.start()
-        h.target.land("r1")
-        h.flow.on_message(h.conn(), PrefillResult(0, "r1", 42, -0.25))
+        h.target.land("r1@1")
+        h.flow.on_message(h.conn(), PrefillResult(0, "r1@1", 42, -0.25))
         assert h.state() is S.LANDED
         assert h.flow.cancel("r1") is True  # before the driver ran again
         assert h.state() is S.CANCELLED
@@ -256,7 +261,7 @@ def test_a_cancel_right_after_the_fallback_started_is_the_engines() -> None:
         h = Harness()
         await h.start()
         h.channel.gates.hold("CancelRequest")
-        h.flow.on_message(h.conn(), PrefillFailed(0, "r1", "oom", True))
+        h.flow.on_message(h.conn(), PrefillFailed(0, "r1@1", "oom", True))
         assert h.state() is S.FALLING_BACK and h.worker.calls("submit") == ["r1"]
         # The local request was queued in the same step: an engine abort now follows it.
         assert h.flow.cancel("r1") is False
@@ -270,7 +275,7 @@ def test_transfer_timeout_falls_back_and_a_late_result_is_only_counted() -> None
     async def scenario() -> None:
         h = Harness(transfer_timeout_s=5.0)
         await h.start()
-        rec = h.flow.records["r1"]
+        rec = h.flow.records["r1@1"]
         await h.clock.advance(4.9)
         assert h.state() is S.PREFILLING
         await h.clock.advance(0.1)
@@ -289,10 +294,10 @@ def test_result_without_every_write_landed_falls_back() -> None:
     async def scenario() -> None:
         h = Harness()
         await h.start()
-        h.target.status["r1"] = failed("count mismatch")
-        h.flow.on_message(h.conn(), PrefillResult(0, "r1", 42, -0.25))
+        h.target.status["r1@1"] = failed("count mismatch")
+        h.flow.on_message(h.conn(), PrefillResult(0, "r1@1", 42, -0.25))
         assert h.state() is S.FALLING_BACK
-        assert "count mismatch" in h.flow.records["r1"].reason
+        assert "count mismatch" in h.flow.records["r1@1"].reason
         await settle()
         assert h.worker.admitted == {} and h.count("fallbacks") == 1
 
@@ -318,7 +323,7 @@ def test_prefill_node_refusing_the_task_falls_back() -> None:
         await h.start()
         await h.outputs()
         assert h.count("fallbacks") == 1
-        assert [m.req_id for m in h.channel.of_type(CancelRequest)] == ["r1"]
+        assert [m.req_id for m in h.channel.of_type(CancelRequest)] == ["r1@1"]
         assert h.worker.reservations == {}
 
     run(scenario)
@@ -328,7 +333,7 @@ def test_with_pd_fallback_fail_the_request_fails_after_p_stopped() -> None:
     async def scenario() -> None:
         h = Harness(pd_fallback="fail")
         await h.start()
-        h.flow.on_message(h.conn(), PrefillFailed(0, "r1", "oom", True))
+        h.flow.on_message(h.conn(), PrefillFailed(0, "r1@1", "oom", True))
         assert h.state() is S.FAILING
         with pytest.raises(PrefillUnavailable, match="oom"):
             await h.outputs()
@@ -395,7 +400,7 @@ def test_an_illegal_transition_is_rejected_logged_and_counted() -> None:
     async def scenario() -> None:
         h = Harness()
         await h.start()
-        rec = h.flow.records["r1"]
+        rec = h.flow.records["r1@1"]
         with pytest.raises(IllegalTransitionError, match="prefilling -> admitted"):
             h.flow.transitions.move(rec, S.ADMITTED, "admitted")
         assert rec.state is S.PREFILLING and h.count("illegal_transitions") == 1
@@ -415,7 +420,7 @@ def test_cancel_while_p_has_not_acknowledged_the_task_does_not_wait_for_the_ack(
         h.flow.cancel("r1")
         assert is_abort(await h.outputs())
         await settle()
-        assert [m.req_id for m in h.channel.of_type(CancelRequest)] == ["r1"]
+        assert [m.req_id for m in h.channel.of_type(CancelRequest)] == ["r1@1"]
         assert h.worker.reservations == {} and h.state() is None
         await h.channel.gates.open("PrefillTask")  # the Ack finally comes: nothing changes
         assert h.count("illegal_transitions") == 0 and h.count("fallbacks") == 0

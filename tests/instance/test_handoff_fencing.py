@@ -38,7 +38,7 @@ def test_d_releases_after_the_acknowledgement_without_revoking() -> None:
     async def scenario() -> None:
         h = DHarness()
         await h.start()
-        rec = h.flow.records["r1"]
+        rec = h.flow.records["r1@1"]
         h.flow.cancel("r1")
         await settle()
         assert is_abort(await h.outputs())
@@ -52,14 +52,14 @@ def test_d_revokes_an_unanswering_p_before_releasing() -> None:
     async def scenario() -> None:
         h = DHarness()
         await h.start()
-        rec = h.flow.records["r1"]
+        rec = h.flow.records["r1@1"]
         h.channel.refuse[CancelRequest] = TransferTimeoutError("no reply")
         h.offload.auto = False  # the target's forget, then its revoke, are held until run_next
         h.flow.cancel("r1")
         await settle()
         await h.offload.run_next()  # forget
         assert h.conn().closed_reason == "cancel not confirmed"
-        assert h.worker.reservations["r1"] == RESERVED  # not before the revoke returned
+        assert h.worker.reservations["r1@1"] == RESERVED  # not before the revoke returned
         await h.offload.run_next()  # revoke
         assert h.target.revoked == ["P1"] and h.worker.reservations == {}
         assert rec.history[-1] == ("revoked", D.CANCELLED)
@@ -72,13 +72,13 @@ def test_d_quarantines_the_blocks_when_the_revoke_cannot_be_confirmed() -> None:
     async def scenario() -> None:
         h = DHarness()
         await h.start()
-        rec = h.flow.records["r1"]
+        rec = h.flow.records["r1@1"]
         h.channel.refuse[CancelRequest] = TransferTimeoutError("no reply")
         h.target.revoke_confirms = False
         h.flow.cancel("r1")
         await settle()
         assert h.target.revoked == ["P1"]
-        assert h.worker.reservations["r1"] == RESERVED  # never released
+        assert h.worker.reservations["r1@1"] == RESERVED  # never released
         assert h.worker.calls("release_reservation") == []
         assert rec.state is D.QUARANTINED and h.state() is None
         assert h.count("reservations_quarantined") == 1
@@ -90,7 +90,7 @@ def test_d_revokes_a_lost_p_before_the_fallback_releases_the_old_reservation() -
     async def scenario() -> None:
         h = DHarness()
         await h.start()
-        rec = h.flow.records["r1"]
+        rec = h.flow.records["r1@1"]
         h.conn().closed_reason = "peer closed"
         h.flow.on_peer_lost("P1")
         await settle()
@@ -98,7 +98,7 @@ def test_d_revokes_a_lost_p_before_the_fallback_releases_the_old_reservation() -
         assert h.channel.of_type(CancelRequest) == []  # nobody to ask: the connection is gone
         assert h.target.revoked == ["P1"]
         assert rec.history[-1] == ("revoked", D.FELL_BACK)
-        assert "r1" not in h.worker.reservations
+        assert "r1@1" not in h.worker.reservations
 
     run(scenario)
 
@@ -107,10 +107,10 @@ def test_d_admits_with_p_top_logprobs_and_prompt_logprobs() -> None:
     async def scenario() -> None:
         h = DHarness()
         await h.start()
-        h.target.land("r1")
+        h.target.land("r1@1")
         result = PrefillResult(
             0,
-            "r1",
+            "r1@1",
             42,
             -0.25,
             top_token_ids=[42, 3],
