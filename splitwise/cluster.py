@@ -23,7 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from splitwise.errors import SplitwiseError
+from splitwise.logging import get_logger
 from splitwise.testing.redis_server import RedisServer
+
+log = get_logger(__name__)
 
 
 class ClusterError(SplitwiseError):
@@ -95,7 +98,7 @@ class LocalCluster:
     def __init__(self, spec: ClusterSpec, *, log_dir: Path | None = None) -> None:
         self.spec = spec
         self.log_dir = log_dir or Path(tempfile.mkdtemp(prefix="splitwise-cluster-"))
-        self._owns_log_dir = log_dir is None  # a temp dir of ours: removed by stop()
+        self._owns_log_dir = log_dir is None  # a temp dir of ours: removed by stop() unless kept
         self.redis: RedisServer | None = None
         self.children: list[Child] = []
 
@@ -254,7 +257,11 @@ class LocalCluster:
             child.process.send_signal(signal.SIGKILL)
             child.process.wait()
 
-    def stop(self, grace_s: float = 15.0) -> None:
+    def stop(self, grace_s: float = 15.0, *, keep_logs: bool = False) -> Path | None:
+        """Stop every instance, then redis. Returns the folder holding the instances' logs when
+        they outlive the cluster: a ``log_dir`` the caller passed in always does; our own temp
+        folder is removed unless ``keep_logs`` (a failed test or start), and then its path is
+        logged so it can be read."""
         for child in self.children:
             if child.process.poll() is None:
                 child.process.send_signal(signal.SIGTERM)
@@ -269,8 +276,13 @@ class LocalCluster:
         if self.redis is not None:
             self.redis.stop()
             self.redis = None
-        if self._owns_log_dir:
-            shutil.rmtree(self.log_dir, ignore_errors=True)
+        if not self._owns_log_dir:
+            return self.log_dir
+        if keep_logs:
+            log.warning("kept the cluster's logs", log_dir=str(self.log_dir))
+            return self.log_dir
+        shutil.rmtree(self.log_dir, ignore_errors=True)
+        return None
 
 
 def _protocols(transfer: str) -> str:

@@ -7,7 +7,7 @@ import pytest
 
 from splitwise.cluster import LocalCluster
 from splitwise.engine.tiny_model import default_model_dir
-from tests.instance.helpers import start_cluster
+from tests.instance.helpers import has_failed, start_cluster
 
 
 @pytest.fixture(scope="session")
@@ -16,7 +16,7 @@ def tiny_model() -> Path:
 
 
 @pytest.fixture()
-def cluster_factory(tiny_model: Path) -> Iterator[object]:
+def cluster_factory(tiny_model: Path, request: pytest.FixtureRequest) -> Iterator[object]:
     started: list[LocalCluster] = []
 
     def make(**spec: object) -> LocalCluster:
@@ -26,4 +26,6 @@ def cluster_factory(tiny_model: Path) -> Iterator[object]:
 
     yield make
     for cluster in started:
-        cluster.stop()
+        kept = cluster.stop(keep_logs=has_failed(request))  # a failed test keeps the instances' logs
+        if kept is not None:
+            print(f"cluster logs kept in {kept}")

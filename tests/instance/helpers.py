@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+import pytest
 
 from splitwise.cluster import ClusterSpec, LocalCluster
 
@@ -25,6 +26,13 @@ ENGINE_ARGS = [
 ALWAYS_DISAGG = ["--disagg-min-prefill-tokens", "0"]
 
 
+def has_failed(request: pytest.FixtureRequest) -> bool:
+    """True when the test that ``request`` belongs to failed in its setup or body (the reports
+    tests/conftest.py's ``pytest_runtest_makereport`` keeps on the item)."""
+    reports = (getattr(request.node, f"rep_{when}", None) for when in ("setup", "call"))
+    return any(getattr(report, "failed", False) for report in reports)
+
+
 def start_cluster(model: Path, *, extra: list[str] | None = None, **spec: object) -> LocalCluster:
     spec.setdefault("scheduler_args", ALWAYS_DISAGG)
     cluster = LocalCluster(
@@ -34,7 +42,8 @@ def start_cluster(model: Path, *, extra: list[str] | None = None, **spec: object
         cluster.start()
         cluster.wait_ready(timeout_s=180)
     except BaseException:
-        cluster.stop()
+        kept = cluster.stop(keep_logs=True)  # why it did not come up is in the instances' logs
+        print(f"cluster logs kept in {kept}")
         raise
     return cluster
 
