@@ -204,6 +204,7 @@ class FrontendScheduler:
                 self.take_records(batch)
                 batch.add(lambda pipe: pipe.zrem(self.keys.frontends, self.frontend_id))
                 batch.add(lambda pipe: pipe.delete(self.keys.results(self.frontend_id)))
+                batch.add(lambda pipe: pipe.delete(self.keys.results_read(self.frontend_id)))
                 await batch.execute()
             except REDIS_DOWN_ERRORS as exc:
                 log.warning("frontend_close_cleanup_failed", error=str(exc))

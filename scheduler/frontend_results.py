@@ -40,6 +40,9 @@ class ResultsReader:
         fe.take_records(batch)
         key = fe.keys.results(fe.frontend_id)
         last_id = self.last_id
+        # Where this frontend stands, as of now: inspect counts the entries after it (exact backlog).
+        read_key, ttl_ms = fe.keys.results_read(fe.frontend_id), fe.config.ttl_ms
+        batch.add(lambda pipe: pipe.set(read_key, last_id, px=ttl_ms))
         batch.add(lambda pipe: pipe.xread({key: last_id}, count=512, block=fe.config.block_ms))
         answer = (await batch.execute())[-1]
         cleanup = Batch(client)

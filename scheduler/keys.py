@@ -79,6 +79,7 @@ class KeySchema:
     work = _PerId("work", "STREAM of msgpack WorkItems for one node.")
     control = _PerId("ctl", "STREAM of msgpack CancelMessages for one node.")
     results = _PerId("results", "STREAM of msgpack results (and node events) for one frontend.")
+    results_read = _PerId("rread", "STRING: id of the last results entry its frontend handled (inspect).")
     # KV-aware routing (#15): which prefix blocks a node's cache holds
     prefix_index = _PerId("pfx", "SET of a node's cached block hashes (16 hex digits each).")
     # records
@@ -113,6 +114,6 @@ class KeySchema:
         if kind == "cand":
             group, _, letter = ident.partition(":")
             return "cand" if group and letter in ROLE_LETTERS.values() else None
-        if kind in {"hb", "work", "ctl", "results", "pfx"}:
+        if kind in {"hb", "work", "ctl", "results", "rread", "pfx"}:
             return kind
         return None

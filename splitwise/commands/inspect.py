@@ -1,9 +1,10 @@
 """`splitwise inspect`: what the Redis-coordinated scheduler sees — nodes with role, load and
 heartbeat age, queue depths, frontends, dead letters; ``--request ID`` shows one request's lifecycle.
 
-A frontend's "results backlog" is the entries its results stream still holds: each frontend
-heartbeat trims exactly what the frontend has read (``XTRIM MINID``), so it counts entries not read
-as of that frontend's last heartbeat. Poison (keys of the wrong type, non-numeric fields) is shown
+A frontend's "results backlog" is the entries of its results stream it has not handled yet, exact
+as of this read: the frontend records the id of the last entry it handled with every results read
+(``{t}:rread:<frontend>``), and inspect counts the entries after it (entries read since the
+frontend's last heartbeat, which trims them, are not counted). Poison (keys of the wrong type, non-numeric fields) is shown
 as such (``poison:`` lines, ``problems`` in --json) instead of failing the report.
 
 Read-only: it never writes to Redis. ``--json`` prints one JSON document (for scripts).
@@ -148,7 +149,7 @@ async def _frontends(client: Any, keys: Any) -> list[dict[str, Any]]:
     members, _ = await _read(client.zrange(keys.frontends, 0, -1, withscores=True), [])
     for raw, expiry in members:
         frontend_id = raw.decode()
-        backlog, _ = await _read(client.xlen(keys.results(frontend_id)), 0)
+        backlog = await _results_backlog(client, keys, frontend_id)
         rows.append(
             {
                 "frontend_id": frontend_id,
@@ -158,6 +159,18 @@ async def _frontends(client: Any, keys: Any) -> list[dict[str, Any]]:
             }
         )
     return sorted(rows, key=lambda r: r["frontend_id"])
+
+
+async def _results_backlog(client: Any, keys: Any, frontend_id: str) -> int:
+    """Entries after the last one the frontend handled (all of them when it recorded none)."""
+    results = keys.results(frontend_id)
+    length, _ = await _read(client.xlen(results), 0)
+    handled_id, _ = await _read(client.get(keys.results_read(frontend_id)), None)
+    if not length or handled_id is None:
+        return int(length)
+    # Handled but not trimmed yet: at most one heartbeat interval's worth of entries.
+    handled, _ = await _read(client.xrange(results, "-", handled_id), [])
+    return max(0, int(length) - len(handled))
 
 
 async def _dead_letters(client: Any, keys: Any, limit: int) -> dict[str, Any]:

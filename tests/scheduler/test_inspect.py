@@ -115,3 +115,47 @@ def test_results_backlog_counts_only_unread_entries(config: SchedulerConfig) -> 
                 await asyncio.sleep(0.05)
 
     run(body())
+
+
+def test_results_backlog_is_exact_between_heartbeats(config: SchedulerConfig) -> None:
+    """inspect counts the entries a frontend has not handled as of the inspect itself, not as of
+    its last heartbeat: the frontend's reader records the last entry it handled with every read,
+    and entries up to it are not backlog even while the stream still holds them (the heartbeat
+    trims them later)."""
+    from splitwise.commands.inspect import collect
+
+    async def body() -> None:
+        async with cluster(config) as c:
+            await c.add_node("m0", "mixed")
+            fe = await c.add_frontend()
+            for i in range(5):
+                msgs = await (
+                    await fe.submit(SubmitRequest(req_id=f"r{i}", prompt_token_ids=[1, 2]))
+                ).collect()
+                assert isinstance(msgs[-1], Finished)
+            client, keys = fe._client, fe.keys
+
+            async def backlogs() -> dict[str, int]:
+                report = await collect(config, req_id=None, dead_letter_limit=1)
+                return {f["frontend_id"]: int(f["results_backlog"]) for f in report["frontends"]}
+
+            # A frontend whose reader is stuck: 3 entries in its stream, none handled, then 1.
+            await client.zadd(keys.frontends, {"fe-stuck": 2**50})
+            ids = [await client.xadd(keys.results("fe-stuck"), {"m0": b"x"}) for _ in range(3)]
+            assert (await backlogs())["fe-stuck"] == 3  # no position recorded: all unread
+            await client.set(keys.results_read("fe-stuck"), ids[0])
+            assert (await backlogs())["fe-stuck"] == 2  # the handled, untrimmed entry is not counted
+            # The live frontend's reader records where it stands with its next read.
+            [(last_id, _)] = await client.xrevrange(keys.results(fe.frontend_id), count=1)
+            deadline = asyncio.get_running_loop().time() + 10
+            while _stream_id(await client.get(keys.results_read(fe.frontend_id))) < _stream_id(last_id):
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.05)
+            assert (await backlogs())[fe.frontend_id] == 0
+
+    run(body())
+
+
+def _stream_id(raw: bytes | None) -> tuple[int, int]:
+    millis, _, seq = (raw or b"0-0").decode().partition("-")
+    return int(millis), int(seq)
