@@ -127,6 +127,9 @@ async def drive(
         await refresh()
     seq = iter(range(10**9))
     failures = 0
+    # The reference commit's SubmitRequest took sampling params as a plain map.
+    typed = "SamplingParams" in str(SubmitRequest.__dataclass_fields__["sampling_params"].type)
+    params: Any = SamplingParams(max_tokens=1) if typed else {"max_tokens": 1}
 
     async def one() -> tuple[float, float]:
         nonlocal failures
@@ -135,7 +138,7 @@ async def drive(
             SubmitRequest(
                 req_id=f"b{next(seq)}",
                 prompt_token_ids=[1] * 32,
-                sampling_params=SamplingParams(max_tokens=1),
+                sampling_params=params,
             )
         )
         dispatched = time.perf_counter()

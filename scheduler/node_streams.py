@@ -14,11 +14,15 @@ import redis.asyncio as aioredis
 
 from scheduler.clock import Clock
 from scheduler.config import SchedulerConfig
-from scheduler.errors import MessageDecodeError
+from scheduler.dispatch import EntryDecoder
+from scheduler.errors import MessageDecodeError, NoCapacityError
 from scheduler.keys import KeySchema
 from scheduler.messages import CancelMessage, WorkItem, decode
 from scheduler.metrics import Counters
 from scheduler.records import write_dead_letter
+from splitwise.logging import get_logger
+
+log = get_logger("scheduler.node_streams")
 
 # A node's read wakes up for work or cancels at once; when idle it re-issues its read only every
 # IDLE_BLOCK_FACTOR x block_ms (the client's socket timeout leaves 5 s of margin above that).
@@ -47,6 +51,7 @@ class NodeReader:
         self.last_work_id = "0-0"
         self.last_control_id = "0-0"
         self._items: asyncio.Queue[WorkItem | None] = asyncio.Queue()
+        self._entries = EntryDecoder()
 
     async def next_item(self) -> WorkItem | None:
         """The next work item read (None once closed)."""
@@ -77,9 +82,12 @@ class NodeReader:
                     continue  # the stream's creation marker
                 try:
                     if is_work:
-                        self._items.put_nowait(decode(payload, WorkItem))
+                        self._items.put_nowait(self._entries.work_item(fields))
                     else:
                         cancels.append(decode(payload, CancelMessage))
+                except NoCapacityError as exc:  # the frontend found it too, withdrew it, released it
+                    self._stats.inc("dropped_no_protocol")
+                    log.warning("work_dropped", reason="no_protocol", error=str(exc))
                 except MessageDecodeError as exc:
                     source = ("work:" if is_work else "ctl:") + self._node_id
                     await write_dead_letter(

@@ -30,14 +30,25 @@ DISPATCH = LuaScript(
 -- ARGV[10] decode booking unit
 -- ARGV[11] min prefill tokens, ARGV[12] max prefill queue (conditional disaggregation; 0: off)
 -- ARGV[13] prefill overlap weight  ARGV[14] decode overlap weight  ARGV[15] prefix-index key head
--- ARGV[16] block size  ARGV[17..] the prompt's leading block hashes (KV-aware scoring; none: off)
+-- ARGV[16] block size
+-- ARGV[17] the WorkItem payload to enqueue ('' = book only)  ARGV[18] work stream key head
+-- ARGV[19] work stream MAXLEN (approximate)  ARGV[20] TTL ms of a re-created work stream
+-- ARGV[21..] the prompt's leading block hashes (KV-aware scoring; none: off)
+-- KEYS[6] nodes HASH (the pair's descriptions ride in the work entry)
 -- Cost: one ZRANGE of k members per role present, one ZMSCORE, one ZADD, one ZADD INCR per booked
--- node, whatever the number of nodes. Members whose lease lapsed are removed from their candidate
+-- node, and with a payload HMGET + XADD, whatever the number of nodes. Members whose lease lapsed are removed from their candidate
 -- set and the alive set (their next heartbeat re-registers them), so they are paid for once.
--- Returns {} when no live pair or mixed node exists, else {mode, prefill member, decode member};
--- mode 'local/<why>' books the decode node alone, which then prefills locally. A disaggregated
--- pick with hashes also returns the cached prefix blocks of P and of D found in the index and the
--- prompt tokens booked on P (with a prefill weight set: the uncached part only).
+-- Returns {} when no live pair or mixed node exists, else {mode, prefill member, decode member,
+-- work entry id, id of a re-created work stream's marker, cached prefix blocks of P, of D, prompt
+-- tokens booked on P}; mode 'local/<why>' books the decode node alone, which then prefills locally.
+-- The entry id is '' when nothing was enqueued (no payload, or a description is missing: the
+-- caller enqueues); the marker id is '' unless the stream had to be created (it was lost). The
+-- cached blocks are found in the index for a disaggregated pick with hashes (else 0), and P's
+-- booking is the uncached part of the prompt only with a prefill weight set.
+-- Enqueue (#12): the work entry is {m: WorkItem payload (its assignment a placeholder), mode,
+-- p, d: the members, g: group, b: booking members (space-separated), pi, di: P's and D's NodeInfo
+-- payloads}; the node builds the Assignment from it (dispatch.build_assignment), as the frontend
+-- does from its view, so the hand-off costs no second round trip.
 local alive, bookings = KEYS[1], KEYS[2]
 local now, expire_at, req_id, attempt = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
 local prompt, roles, k, seed, group = tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9]
@@ -54,8 +65,9 @@ local min_prefill, max_queue = tonumber(ARGV[11] or 0), tonumber(ARGV[12] or 0)
 -- prefix whenever it holds the block, eviction taking the tail first): O(log n) per candidate.
 local w_p, w_d = tonumber(ARGV[13] or 0), tonumber(ARGV[14] or 0)
 local pfx_head, block_size = ARGV[15] or '', tonumber(ARGV[16] or 0)
+local payload, work_head, work_maxlen, work_ttl = ARGV[17] or '', ARGV[18] or '', ARGV[19], ARGV[20]
 local hashes = {}
-for i = 17, #ARGV do hashes[#hashes + 1] = ARGV[i] end
+for i = 21, #ARGV do hashes[#hashes + 1] = ARGV[i] end
 local hits = {}
 local function cached_blocks(member)
   if hits[member] then return hits[member] end
@@ -122,14 +134,34 @@ while true do
   if best.m or (best.p and best.d) then break end
 end
 
+local function node_of(member) return string.match(member, '^([^|]+)') end
+local function enqueue(mode, p, d, members)
+  if payload == '' then return '', '' end
+  local infos = redis.call('HMGET', KEYS[6], node_of(p), node_of(d))
+  if not infos[1] or not infos[2] then return '', '' end
+  local key, created = work_head .. node_of(d), ''
+  local entry = {'m', payload, 'mode', mode, 'p', p, 'd', d, 'g', group, 'b', table.concat(members, ' '),
+    'pi', infos[1], 'di', infos[2]}
+  local id = redis.call('XADD', key, 'NOMKSTREAM', 'MAXLEN', '~', work_maxlen, '*', unpack(entry))
+  if not id then
+    -- lost (deleted, repaired as poison): an empty one again; the caller re-dispatches what it held
+    created = redis.call('XADD', key, 'MAXLEN', '0', '*', 'created', now)
+    redis.call('PEXPIRE', key, work_ttl)
+    id = redis.call('XADD', key, 'MAXLEN', '~', work_maxlen, '*', unpack(entry))
+  end
+  return id, created
+end
+
 -- As in FastDeploy, mixed nodes compete with prefill nodes on queued prompt tokens; a mixed
 -- winner serves the request alone.
 local tail = '|' .. req_id .. '|' .. attempt .. '|'
 if best.m and (not (best.p and best.d) or best.m[2] <= best.p[2]) then
   local m = best.m[1]
-  redis.call('ZADD', bookings, expire_at, 'm|' .. group .. '|' .. m .. tail .. (prompt + 1))
+  local booking = 'm|' .. group .. '|' .. m .. tail .. (prompt + 1)
+  redis.call('ZADD', bookings, expire_at, booking)
   redis.call('ZADD', sets.m, 'XX', 'INCR', prompt + 1, m)
-  return {'mixed', m, m}
+  local id, created = enqueue('mixed', m, m, {booking})
+  return {'mixed', m, m, id, created, 0, 0, prompt}
 end
 -- Conditional disaggregation (#15), a section of its own: the decode node prefills locally when
 -- the prompt is too short to be worth a hand-off, when even the least-loaded prefill queue is past
@@ -141,9 +173,11 @@ if best.d then
   elseif best.p and prompt < min_prefill then why = 'short_prompt' end
   if why then
     local d = best.d[1]
-    redis.call('ZADD', bookings, expire_at, 'd|' .. group .. '|' .. d .. tail .. unit)
+    local booking = 'd|' .. group .. '|' .. d .. tail .. unit
+    redis.call('ZADD', bookings, expire_at, booking)
     redis.call('ZADD', sets.d, 'XX', 'INCR', unit, d)
-    return {'local/' .. why, d, d}
+    local id, created = enqueue('local/' .. why, d, d, {booking})
+    return {'local/' .. why, d, d, id, created, 0, 0, prompt}
   end
 end
 if not (best.p and best.d) then return {} end
@@ -151,13 +185,14 @@ local p, d = best.p[1], best.d[1]
 -- KV-aware: P is booked for the tokens it will compute (its cached prefix is not work to queue).
 local p_amount = prompt
 if #hashes > 0 and w_p > 0 then p_amount = math.max(1, prompt - cached_blocks(p) * block_size) end
-redis.call('ZADD', bookings, expire_at, 'p|' .. group .. '|' .. p .. tail .. p_amount,
-  expire_at, 'd|' .. group .. '|' .. d .. tail .. unit)
+local p_booking, d_booking = 'p|' .. group .. '|' .. p .. tail .. p_amount, 'd|' .. group .. '|' .. d .. tail .. unit
+redis.call('ZADD', bookings, expire_at, p_booking, expire_at, d_booking)
 redis.call('ZADD', sets.p, 'XX', 'INCR', p_amount, p)
 redis.call('ZADD', sets.d, 'XX', 'INCR', unit, d)
-if #hashes == 0 then return {'disagg', p, d} end
+local id, created = enqueue('disagg', p, d, {p_booking, d_booking})
 -- for the record (weights or not) and the booking members: P's and D's cached blocks, P's amount
-return {'disagg', p, d, cached_blocks(p), cached_blocks(d), p_amount}
+if #hashes == 0 then return {'disagg', p, d, id, created, 0, 0, p_amount} end
+return {'disagg', p, d, id, created, cached_blocks(p), cached_blocks(d), p_amount}
 """,
 )
 

@@ -203,6 +203,34 @@ def test_transfer_protocol_choice(config: SchedulerConfig) -> None:
     run(body())
 
 
+def test_one_script_call_books_and_enqueues_the_same_assignment_both_sides(config: SchedulerConfig) -> None:
+    """The dispatch script enqueues the work entry itself (no second round trip): the decode node
+    builds the Assignment from the entry's pick and descriptions, equal to the frontend's."""
+
+    async def body() -> None:
+        async with cluster(config) as c:
+            await c.add_node("p0", "prefill", host="10.0.0.1", serve=False)
+            d0 = await c.add_node("d0", "decode", host="10.0.0.2", serve=False)
+            m0 = await c.add_node("m0", "mixed", model_id="other", serve=False)
+            fe = await c.add_frontend()
+            xadds = int((await fe.client.info("commandstats"))["cmdstat_xadd"]["calls"])
+            await fe.submit(SubmitRequest(req_id="r0", prompt_token_ids=[1] * 40))
+            assert int((await fe.client.info("commandstats"))["cmdstat_xadd"]["calls"]) == xadds + 1
+            ((_id, entry),) = await fe.client.xrange(fe.keys.work("d0"), "-", "+")
+            assert entry[b"mode"] == b"disagg" and entry[b"g"] == fe.inflight["r0"].assignment.group.encode()
+            work = await d0.agent.next_work()
+            assert work.assignment == fe.inflight["r0"].assignment
+            assert work.assignment.mode == "disagg" and work.assignment.prefill_host == "10.0.0.1"
+            assert len(work.assignment.bookings) == 2 and work.prompt_token_ids == [1] * 40
+            fe_mixed = await c.add_frontend(model_id="other")
+            await fe_mixed.submit(SubmitRequest(req_id="r1", prompt_token_ids=[2]))
+            mixed = await m0.agent.next_work()
+            assert mixed.assignment == fe_mixed.inflight["r1"].assignment
+            assert mixed.assignment.mode == "mixed" and mixed.assignment.bookings[0].startswith("m|")
+
+    run(body())
+
+
 def test_node_takes_every_queued_item_in_order(config: SchedulerConfig) -> None:
     """Work read in one batch is handed out one item at a time, none skipped."""
 

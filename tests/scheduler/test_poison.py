@@ -131,6 +131,8 @@ def test_deleted_work_stream_is_recreated_and_requests_flow(config: SchedulerCon
             await _serve_requests(fe, "before", 1)
             await r.delete(fe.keys.work("m0"))
             await _serve_requests(fe, "after", 4)
+            # the dispatch script re-created it and said so: what it held before is re-dispatched
+            assert fe.stats.get("work_stream_missing") == 1 and "m0" in fe.lost_work_streams
             # the node's own heartbeat also notices and re-creates it when nobody dispatches
             await r.delete(fe.keys.work("m0"))
             assert await eventually(lambda: r.exists(fe.keys.work("m0")), 1) == 1
