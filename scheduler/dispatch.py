@@ -25,53 +25,19 @@ from splitwise.codes import Mode, Protocol
 SAMPLE_SIZE = 8
 
 
-# Transports that move KV between buffers holding different numbers of head replicas (tensor
-# parallelism, #14: ipc and tcp remap heads on P's side, splitwise/transfer/head_remap.py). rdma
-# writes blocks as they lie in memory and refuses such a peer at connect, so a pair that needs a
-# remap is never given it.
-HEAD_REMAP_PROTOCOLS = frozenset({Protocol.IPC, Protocol.TCP})
-
-
-def usable_protocols(prefill: NodeInfo, decode: NodeInfo) -> list[Protocol]:
-    """The protocols both offer, in the decode node's preference order, that can move this pair's
-    KV: without rdma when their buffers need a head remap."""
-    common = [p for p in decode.transfer_protocols if p in prefill.transfer_protocols]
-    if prefill.kv.needs_head_remap(decode.kv):
-        return [p for p in common if p in HEAD_REMAP_PROTOCOLS]
-    return common
-
-
 def choose_protocol(prefill: NodeInfo, decode: NodeInfo) -> Protocol | None:
     """ipc when both are on one host (equal host ids, never addresses) and offer it; else the first
     protocol in the decode node's preference list (its --cache-transfer-protocol) that the prefill
-    node also offers, ipc excluded; never one that cannot remap heads when the pair needs it
-    (``usable_protocols``).
+    node also offers, ipc excluded.
     With the default preference "ipc,rdma,tcp" that is: ipc, else rdma, else tcp. None: no common one.
     """
-    common = usable_protocols(prefill, decode)
+    common = [p for p in decode.transfer_protocols if p in prefill.transfer_protocols]
     if Protocol.IPC in common and prefill.host_id != "" and prefill.host_id == decode.host_id:
         return Protocol.IPC
     for protocol in common:
         if protocol != Protocol.IPC:
             return protocol
     return None
-
-
-def remap_note(prefill: NodeInfo, decode: NodeInfo) -> str | None:
-    """Why the pair's protocol is not what the decode node prefers, when a head remap is the cause
-    (`splitwise inspect` and the no-protocol error say it); None when it is not."""
-    if not prefill.kv.needs_head_remap(decode.kv):
-        return None
-    common = [p for p in decode.transfer_protocols if p in prefill.transfer_protocols]
-    refused = [p.value for p in common if p not in HEAD_REMAP_PROTOCOLS]
-    if not refused:
-        return None
-    chosen = choose_protocol(prefill, decode)
-    return (
-        f"KV heads need a remap ({prefill.kv.num_kv_heads} -> {decode.kv.num_kv_heads} physical, "
-        f"tp {prefill.kv.tp_size} -> {decode.kv.tp_size}): {', '.join(refused)} cannot remap, "
-        + (f"{chosen.value} is used" if chosen is not None else "and no other protocol is shared")
-    )
 
 
 def booking_key(keys: KeySchema, member: str) -> str:
@@ -212,10 +178,9 @@ class Dispatcher:
             return Assignment(mode=Mode.MIXED, **common)  # type: ignore[arg-type]
         protocol = choose_protocol(prefill, decode)
         if protocol is None:
-            why = remap_note(prefill, decode)
             raise NoCapacityError(
                 f"prefill {p_id} {prefill.transfer_protocols} and decode {d_id} {decode.transfer_protocols} "
-                "share no transfer protocol (--cache-transfer-protocol)" + (f": {why}" if why else ""),
+                "share no transfer protocol (--cache-transfer-protocol)",
                 req_id=req_id,
             )
         return Assignment(

@@ -16,14 +16,11 @@ import dataclasses
 import json
 import time
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
 from scheduler.config import SchedulerConfig, scheduler_options
-
-if TYPE_CHECKING:
-    from scheduler.messages import NodeInfo
 
 
 def _iso(ts_ms: int | str | bytes) -> str:
@@ -97,7 +94,6 @@ async def _nodes(client: Any, keys: Any) -> list[dict[str, Any]]:
                 "tp_size": info.kv.tp_size,
                 "ranks": rank_layout(info.kv),
                 "protocols": info.transfer_protocols,
-                "host_id": info.host_id,
                 "incarnation": info.incarnation,
                 "heartbeat_age_s": round((now_ms - ts_ms) / 1000, 3) if alive and ts_ms >= 0 else None,
                 "lease_left_s": round((expiry - now_ms) / 1000, 3) if alive else None,
@@ -118,64 +114,31 @@ def rank_layout(kv: Any) -> list[dict[str, Any]]:
 
 
 def pairing(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """For each live prefill node: the decode nodes it pairs with, or why it pairs with none (the
-    scheduler pairs only equal models and KV compat keys, over a protocol both offer that can move
-    their KV: ``scheduler.dispatch.usable_protocols``); ``notes`` says where a head remap rules
-    out the decode node's preferred protocol."""
-    from scheduler.dispatch import choose_protocol, remap_note
+    """For each live prefill node: the decode nodes it pairs with, or why it pairs with none
+    (the scheduler pairs only equal models and KV compat keys)."""
+    from splitwise.kv_geometry import KVGeometry
 
     live = [n for n in nodes if n.get("alive") and "kv" in n]
     decodes = [n for n in live if n["role"] == "decode"]
     rows = []
     for p in (n for n in live if n["role"] == "prefill"):
-        p_info = _node_info(p)
-        partners, reasons, notes = [], [], []
+        p_kv = KVGeometry(**p["kv"])
+        partners, reasons = [], []
         for d in decodes:
-            d_info = _node_info(d)
             why = (
                 []
                 if d["model_id"] == p["model_id"]
                 else [f"model: ours {p['model_id']!r}, peer {d['model_id']!r}"]
             )
-            why += p_info.kv.mismatches(d_info.kv)
-            note = remap_note(p_info, d_info) if not why else None
-            if not why and choose_protocol(p_info, d_info) is None:
-                why.append(note or f"no shared transfer protocol ({p['protocols']} / {d['protocols']})")
-            elif note:
-                notes.append(f"{d['node_id']}: {note}")
+            why += p_kv.mismatches(KVGeometry(**d["kv"]))
             if why:
                 reasons.append(f"{d['node_id']}: " + "; ".join(why))
             else:
                 partners.append(d["node_id"])
         if not decodes:
             reasons.append("no live decode node")
-        rows.append(
-            {
-                "prefill": p["node_id"],
-                "decode": partners,
-                "why_not": [] if partners else reasons,
-                "notes": notes,
-            }
-        )
+        rows.append({"prefill": p["node_id"], "decode": partners, "why_not": [] if partners else reasons})
     return rows
-
-
-def _node_info(row: dict[str, Any]) -> NodeInfo:
-    """The fields of a node's row that pairing needs, as the scheduler's NodeInfo."""
-    from scheduler.messages import NodeInfo
-    from splitwise.kv_geometry import KVGeometry
-
-    return NodeInfo(
-        node_id=row["node_id"],
-        role=row["role"],
-        host=row.get("host", ""),
-        http_port=0,
-        pd_comm_port=0,
-        model_id=row["model_id"],
-        kv=KVGeometry(**row["kv"]),
-        transfer_protocols=row.get("protocols", ["tcp"]),
-        host_id=row.get("host_id", ""),
-    )
 
 
 async def _frontends(client: Any, keys: Any) -> list[dict[str, Any]]:
@@ -306,8 +269,6 @@ def _print_text(report: dict[str, Any]) -> None:
             echo(f"{row['prefill']:<16} -> {', '.join(row['decode'])}")
         else:
             echo(f"{row['prefill']:<16} -> none: {' | '.join(row['why_not'])}")
-        for note in row["notes"]:
-            echo(f"{'':<16}    {note}")
     echo("\nFRONTENDS")
     for f in report["frontends"]:
         alive = "alive" if f["alive"] else "LAPSED"

@@ -39,7 +39,7 @@ def test_different_tp_pairs_and_a_real_mismatch_says_why() -> None:
         node("d-model", "decode", kv(1, 1), model_id="other"),
     ]
     (row,) = pairing(nodes)
-    assert row == {"prefill": "p-tp2", "decode": ["d-tp1"], "why_not": [], "notes": []}
+    assert row == {"prefill": "p-tp2", "decode": ["d-tp1"], "why_not": []}
     (lonely,) = pairing([nodes[0], nodes[2], nodes[3]])
     assert lonely["decode"] == []
     assert lonely["why_not"] == [
