@@ -11,8 +11,9 @@ rest). ``--threads`` is torch's thread count PER RANK: TP=2 uses twice as many c
 
 Transfer: one request of ``--transfer-tokens`` tokens over the in-process tcp and ipc transports,
 per (P tp, D tp), for a model with one KV head (the only case that remaps: TP 2 keeps a replica
-per rank) and 4 KV heads (TP 2 splits them: the same bytes as TP 1, no remap). Prints bytes on
-the wire and the median ms per request.
+per rank) and 4 KV heads (TP 2 splits them: the same bytes as TP 1, no remap). The four pairs of
+one model and protocol are timed round-robin; prints the bytes landed in D, the median ms per
+request, and the ratio to the equal-TP copy into the same D layout (the remap's overhead).
 """
 
 from __future__ import annotations
@@ -69,37 +70,80 @@ def geometry(model_heads: int, tp: int, num_blocks: int) -> KVGeometry:
     )
 
 
-def transfer_ms(
-    protocol: str, p_geo: KVGeometry, d_geo: KVGeometry, num_blocks: int, repeats: int
-) -> tuple[int, float]:
-    p_kv = KVCache(p_geo)
-    d_kv = KVCache(d_geo, shm_name=default_shm_name("splitwise-bench") if protocol == "ipc" else None)
-    options = {"connect_timeout_s": 10.0, "cluster_token": "bench"}
-    target = create_target(protocol, TransportOptions(node_id="d", **options))  # type: ignore[arg-type]
-    initiator = create_initiator(protocol, TransportOptions(node_id="p", **options))  # type: ignore[arg-type]
-    times = []
-    try:
-        target.register(d_kv)
-        initiator.register(p_kv)
-        initiator.connect("d", target.endpoint())
-        blocks = list(range(num_blocks))
-        for i in range(repeats):
-            req = f"r{i}"
-            target.expect(req, blocks, 30.0)
-            start = time.perf_counter()
-            for layer in range(p_geo.num_layers):
-                initiator.write_layer("d", req, layer, blocks, blocks)
-            initiator.finish("d", req)
-            if initiator.wait(req, 30.0).state is not TransferState.DONE:
-                raise RuntimeError(f"{protocol} transfer failed")
-            times.append((time.perf_counter() - start) * 1000)
-            initiator.forget(req)
-            target.forget(req)
-    finally:
-        initiator.close()
-        target.close()
-        d_kv.close()
-    return 2 * d_geo.num_layers * num_blocks * d_geo.bytes_per_block, statistics.median(times)
+class TransferPair:
+    """One P -> D transport pair of given geometries, connected once, timed one request at a time."""
+
+    def __init__(self, protocol: str, p_geo: KVGeometry, d_geo: KVGeometry, num_blocks: int) -> None:
+        self.protocol, self.p_geo, self.d_geo = protocol, p_geo, d_geo
+        self.blocks = list(range(num_blocks))
+        self.p_kv = KVCache(p_geo)
+        shm = default_shm_name("splitwise-bench") if protocol == "ipc" else None
+        self.d_kv = KVCache(d_geo, shm_name=shm)
+        options = {"connect_timeout_s": 10.0, "cluster_token": "bench"}
+        self.target = create_target(protocol, TransportOptions(node_id="d", **options))  # type: ignore[arg-type]
+        self.initiator = create_initiator(protocol, TransportOptions(node_id="p", **options))  # type: ignore[arg-type]
+        self.target.register(self.d_kv)
+        self.initiator.register(self.p_kv)
+        self.initiator.connect("d", self.target.endpoint())
+        self.times_ms: list[float] = []
+        self._num_requests = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes landed in D per request (D's layout: what the wire or the copy writes)."""
+        return 2 * self.d_geo.num_layers * len(self.blocks) * self.d_geo.bytes_per_block
+
+    def one_request(self) -> None:
+        req = f"r{self._num_requests}"
+        self._num_requests += 1
+        self.target.expect(req, self.blocks, 30.0)
+        start = time.perf_counter()
+        for layer in range(self.p_geo.num_layers):
+            self.initiator.write_layer("d", req, layer, self.blocks, self.blocks)
+        self.initiator.finish("d", req)
+        if self.initiator.wait(req, 30.0).state is not TransferState.DONE:
+            raise RuntimeError(f"{self.protocol} transfer failed")
+        self.times_ms.append((time.perf_counter() - start) * 1000)
+        self.initiator.forget(req)
+        self.target.forget(req)
+
+    def close(self) -> None:
+        self.initiator.close()
+        self.target.close()
+        self.d_kv.close()
+
+
+def transfer_table(num_blocks: int, repeats: int) -> None:
+    """Per (model KV heads, protocol): the four (P tp, D tp) pairs timed round-robin, one request
+    each per round (a loaded machine slows them alike), and each one's ratio to the equal-TP copy
+    into the same D layout: (1,2) against (2,2), (2,1) against (1,1) -- the remap's overhead."""
+    configs = ((1, 1), (2, 2), (1, 2), (2, 1))
+    for model_heads in (1, 4):
+        for protocol in ("tcp", "ipc"):
+            pairs = {
+                (p, d): TransferPair(
+                    protocol,
+                    geometry(model_heads, p, num_blocks),
+                    geometry(model_heads, d, num_blocks),
+                    num_blocks,
+                )
+                for p, d in configs
+            }
+            try:
+                for _ in range(repeats):
+                    for pair in pairs.values():
+                        pair.one_request()
+            finally:
+                for pair in pairs.values():
+                    pair.close()
+            for (p_tp, d_tp), pair in pairs.items():
+                ms = statistics.median(pair.times_ms)
+                same_layout = statistics.median(pairs[(d_tp, d_tp)].times_ms)
+                remap = "remap" if pair.p_geo.needs_head_remap(pair.d_geo) else "copy "
+                print(
+                    f"  kv_heads={model_heads} {protocol:<3} P tp={p_tp} -> D tp={d_tp}: {remap} "
+                    f"{pair.nbytes / 1e6:7.2f} MB  {ms:8.2f} ms  x{ms / same_layout:.2f} of tp {d_tp}->{d_tp}"
+                )
 
 
 def main() -> None:
@@ -140,19 +184,7 @@ def main() -> None:
     print(
         f"\ntransfer of one {args.transfer_tokens}-token request (8 layers, head_dim 64, fp32), median of {args.repeats}"
     )
-    for model_heads in (1, 4):
-        for protocol in ("tcp", "ipc"):
-            for p_tp, d_tp in ((1, 1), (2, 2), (1, 2), (2, 1)):
-                p_geo, d_geo = (
-                    geometry(model_heads, p_tp, num_blocks),
-                    geometry(model_heads, d_tp, num_blocks),
-                )
-                nbytes, ms = transfer_ms(protocol, p_geo, d_geo, num_blocks, args.repeats)
-                remap = "remap" if p_geo.needs_head_remap(d_geo) else "copy "
-                print(
-                    f"  kv_heads={model_heads} {protocol:<3} P tp={p_tp} -> D tp={d_tp}: {remap} "
-                    f"{nbytes / 1e6:7.2f} MB  {ms:8.2f} ms"
-                )
+    transfer_table(num_blocks, args.repeats)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ Per connected peer: one lane (RC QP) per local NIC, a worker thread turning queu
 ``finish`` calls into posted WRITEs (in call order), and a reader thread for D's side-channel replies.
 
     write_layer  -> (worker) grant of the request from D (once) -> wait for the layer's ready
-                 token -> coalesce_runs -> plan_layer -> stripe over lanes -> Lane.write
+                 token -> coalesce_runs -> plan_layer (plan_layer_remapped: other head replicas)
+                 -> stripe over lanes -> Lane.write
     finish       -> Lane.notify on every lane (WRITE_WITH_IMM, imm = request_tag) -> drain
     forget       -> queued jobs skipped; a fence job drains every lane: returns once every WRITE
                     posted before it completed (landed) or flushed: nothing more can land
@@ -29,7 +30,7 @@ from rdma.errors import RdmaError
 from rdma.gpu_memory import CudaDriver
 from rdma.lane import Lane
 from rdma.messages import Hello, HelloReply, RequestBegin, RequestGrant, RequestResult
-from rdma.plan import plan_layer, stripe
+from rdma.plan import plan_layer, plan_layer_remapped, stripe
 from rdma.side import AUTH_DOMAIN, RdmaSide
 from rdma.verbs import Access, QPCaps, VerbsBackend
 from splitwise.codes import Protocol
@@ -149,7 +150,8 @@ class RdmaInitiator(RdmaSide, TransportInitiator):
             raise IncompatiblePeerError(
                 f"not an rdma endpoint of schema {messages.SCHEMA_VERSION}", peer=peer_id
             )
-        check_compatible(self._kv_cache.geometry, endpoint.geometry, peer=peer_id)
+        # A different number of head replicas (tensor parallelism) is remapped here, at P.
+        check_compatible(self._kv_cache.geometry, endpoint.geometry, peer=peer_id, head_remap=True)
         conns = [
             RcConnection(nic.device, nic.port, caps=self._caps, policy=self._policy) for nic in self._nics
         ]
@@ -337,9 +339,14 @@ class RdmaInitiator(RdmaSide, TransportInitiator):
         if not wait_ready(job.ready, is_cancelled=lambda: self._is_cancelled(peer, req_id)):
             return  # forgotten or broken while the producer was still writing: nothing read
         max_msg_bytes = min(lane.conn.port.max_msg_bytes for lane in peer.lanes)
-        ops = plan_layer(
-            peer.geometry, job.layer, job.runs, local_base=0, remote_base=0, max_msg_bytes=max_msg_bytes
-        )
+        assert self._kv_cache is not None  # write_layer checked it before queueing the job
+        local = self._kv_cache.geometry
+        if local.needs_head_remap(peer.geometry):
+            ops = plan_layer_remapped(local, peer.geometry, job.layer, job.runs, max_msg_bytes=max_msg_bytes)
+        else:
+            ops = plan_layer(
+                peer.geometry, job.layer, job.runs, local_base=0, remote_base=0, max_msg_bytes=max_msg_bytes
+            )
         for lane, lane_ops in zip(peer.lanes, stripe(ops, len(peer.lanes)), strict=True):
             lane.write(lane_ops, req_id)
         self.counters.inc("layers_posted")

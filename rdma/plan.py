@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from rdma.verbs import WorkRequest
 from splitwise.engine.kv_cache import KIND_K, KIND_V, KVCacheGeometry
+from splitwise.engine.parallel.layout import head_map
 from splitwise.transfer.base import BlockRun
 
 
@@ -72,6 +73,53 @@ def plan_layer(
                 length=run.num_blocks * geometry.bytes_per_block,
             )
             ops.extend(split(whole, chunk))
+    return ops
+
+
+def plan_layer_remapped(
+    local: KVCacheGeometry,
+    remote: KVCacheGeometry,
+    layer: int,
+    runs: Sequence[BlockRun],
+    *,
+    max_msg_bytes: int,
+) -> list[WriteOp]:
+    """The WRITEs of ``plan_layer`` between buffers holding different numbers of head replicas
+    (tensor parallelism, #14): D's head q of each block comes from P's head ``head_map[q]``.
+
+    Blocks are head-major (``engine.kv_cache``): head h is the [block_size, head_dim] slab at
+    h * slab_bytes inside its block, so each destination block gets one WRITE per group of
+    destination heads whose source heads are consecutive too::
+
+        local_addr  = local.block_offset(L, kind, src_block)  + head_map[q0] * slab_bytes
+        remote_addr = remote.block_offset(L, kind, dst_block) + q0 * slab_bytes
+        length      = (q1 - q0) * slab_bytes            for the group of heads [q0, q1)
+
+        1 model head, P tp=2 [h0 h0'] -> D tp=1 [h0]:     head_map [0]     1 WRITE per block
+                      P tp=1 [h0]     -> D tp=2 [h0 h0]:  head_map [0, 0]  2 WRITEs per block
+
+    Offsets are relative to each buffer's base (``to_work_requests`` places them).
+    """
+    if not 0 <= layer < local.num_layers:
+        raise ValueError(f"layer {layer} is not in [0, {local.num_layers})")
+    mapping = head_map(local.logical_kv_heads, local.num_kv_heads, remote.num_kv_heads)
+    slab = local.block_size * local.head_dim * local.itemsize
+    groups: list[tuple[int, int, int]] = []  # (first dst head, first src head, heads)
+    for q, h in enumerate(mapping):
+        if groups and groups[-1][0] + groups[-1][2] == q and groups[-1][1] + groups[-1][2] == h:
+            groups[-1] = (groups[-1][0], groups[-1][1], groups[-1][2] + 1)
+        else:
+            groups.append((q, h, 1))
+    chunk = max_chunk_bytes(slab, max_msg_bytes)
+    ops: list[WriteOp] = []
+    for kind in (KIND_K, KIND_V):
+        for run in runs:
+            for i in range(run.num_blocks):
+                src = local.block_offset(layer, kind, run.src_start + i)
+                dst = remote.block_offset(layer, kind, run.dst_start + i)
+                for dst_head, src_head, num_heads in groups:
+                    whole = WriteOp(src + src_head * slab, dst + dst_head * slab, num_heads * slab)
+                    ops.extend(split(whole, chunk))
     return ops
 
 

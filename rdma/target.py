@@ -231,7 +231,8 @@ class RdmaTarget(RdmaSide, TransportTarget):
             raise RdmaError("expected a Hello with at least one lane", peer=address)
         if len(hello.lanes) > 4 * len(self._nics) + 8:
             raise RdmaError(f"{len(hello.lanes)} lanes asked: too many", peer=address)
-        check_compatible(self._kv_cache.geometry, hello.geometry, peer=client_id)
+        # P remaps heads when the replicas differ (tensor parallelism): D receives its own layout.
+        check_compatible(self._kv_cache.geometry, hello.geometry, peer=client_id, head_remap=True)
         lanes, replies = self._open_lanes(hello)
         initiator = _Initiator(next(self._conn_ids), client_id or address, sock, lanes)
         try:

@@ -25,6 +25,7 @@ from splitwise.instance.host_identity import is_wildcard, routable_address
 
 def _instance_config(opts: dict[str, Any]) -> Any:
     from splitwise.engine.config import EngineConfig
+    from splitwise.engine.parallel.layout import RdmaPorts
     from splitwise.instance.config import InstanceConfig, parse_ports
     from splitwise.transfer.registry import parse_protocols
 
@@ -34,12 +35,10 @@ def _instance_config(opts: dict[str, Any]) -> Any:
         str(model_dir), opts["tensor_parallel_size"], opts["device"], opts["splitwise_role"]
     )
     rdma_ports = parse_ports(opts["rdma_comm_ports"], "--rdma-comm-ports")
-    if len(rdma_ports) > 1 and len(rdma_ports) != opts["tensor_parallel_size"]:
-        raise click.BadParameter(
-            f"{len(rdma_ports)} ports given: give one, or one per tensor-parallel rank "
-            f"({opts['tensor_parallel_size']})",
-            param_hint="--rdma-comm-ports",
-        )
+    try:
+        RdmaPorts.of(rdma_ports, opts["tensor_parallel_size"])
+    except ValueError as exc:
+        raise click.BadParameter(str(exc).split(": ", 1)[1], param_hint="--rdma-comm-ports") from None
     dtype = opts["dtype"]
     if dtype == "auto":
         dtype = dtype_from_checkpoint(str(model_dir), opts["device"], read_model_config)

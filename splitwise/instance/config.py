@@ -10,6 +10,7 @@ from scheduler.config import SchedulerConfig
 from splitwise.codes import PROTOCOLS as TRANSFER_PROTOCOLS
 from splitwise.codes import ROLES
 from splitwise.engine.config import EngineConfig
+from splitwise.engine.parallel.layout import RdmaPorts
 from splitwise.instance.host_identity import is_wildcard
 
 PD_FALLBACKS = ("local", "fail")
@@ -106,6 +107,7 @@ class InstanceConfig:
         ):
             if value is not None and not 0 <= value <= high:
                 raise ValueError(f"{flag}: {value} is not in 0..{high}")
+        RdmaPorts.of(self.rdma_comm_ports, self.engine.tensor_parallel_size)  # one, or one per rank
         if self.decode_headroom_tokens < 0:
             raise ValueError(f"--decode-headroom-tokens: {self.decode_headroom_tokens} must be >= 0")
 

@@ -29,6 +29,7 @@ from splitwise.counters import Counters
 from splitwise.endpoint import Endpoint
 from splitwise.engine.engine import LLMEngine
 from splitwise.engine.kv_cache import default_shm_name
+from splitwise.engine.parallel.layout import RdmaPorts
 from splitwise.instance.cluster_token import explicit_token, keep_published, token_from_redis
 from splitwise.instance.config import InstanceConfig
 from splitwise.instance.decode_flow import DecodeFlow
@@ -130,10 +131,17 @@ class Instance:
             return
         usable: list[str] = []
         reasons: list[str] = []
+        rdma_ports = RdmaPorts.of(cfg.rdma_comm_ports, cfg.engine.tensor_parallel_size)
+        if rdma_ports.unused_ports and "rdma" in cfg.cache_transfer_protocols:
+            log.info(
+                "rdma: the tensor-parallel ranks share one KV buffer, served on the first port",
+                port=rdma_ports.serve_port,
+                unused_ports=list(rdma_ports.unused_ports),
+            )
         for index, protocol in enumerate(cfg.cache_transfer_protocols):
             port = cfg.kv_transfer_port if protocol == "tcp" else 0
-            if protocol == "rdma" and cfg.rdma_comm_ports:
-                port = cfg.rdma_comm_ports[0]
+            if protocol == "rdma":
+                port = rdma_ports.serve_port
             options = TransportOptions(
                 host=cfg.host,
                 port=port,

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from splitwise.engine.parallel.errors import TensorParallelError
-from splitwise.engine.parallel.layout import Lane, TPLayout, head_map, num_physical_kv_heads, remap_lanes
+from splitwise.engine.parallel.layout import (
+    Lane,
+    RdmaPorts,
+    TPLayout,
+    head_map,
+    num_physical_kv_heads,
+    remap_lanes,
+)
 from splitwise.engine.parallel.loader import slice_of
 from splitwise.engine.parallel.messages import PlanChunk, Shutdown, StepPlan, decode_rank_message, encode
 
@@ -95,3 +102,29 @@ def test_rank_devices() -> None:
     assert str(rank_device("cpu", 1)) == "cpu"
     assert str(rank_device("cuda", 1)) == "cuda:1"
     assert str(rank_device("cuda:2", 1)) == "cuda:3"
+
+
+def test_rdma_comm_ports_one_or_one_per_rank_and_the_buffer_on_the_first() -> None:
+    assert RdmaPorts.of((), 2) == RdmaPorts(serve_port=0, unused_ports=())
+    assert RdmaPorts.of((7671,), 2) == RdmaPorts(serve_port=7671, unused_ports=())
+    # FastDeploy's one port per rank: the ranks share one KV buffer here, served on rank 0's port.
+    assert RdmaPorts.of((7671, 7672), 2) == RdmaPorts(serve_port=7671, unused_ports=(7672,))
+    with pytest.raises(
+        ValueError, match=r"--rdma-comm-ports: 3 ports given.*one per tensor-parallel rank \(2\)"
+    ):
+        RdmaPorts.of((1, 2, 3), 2)
+    with pytest.raises(ValueError, match="--rdma-comm-ports: .* repeats a port"):
+        RdmaPorts.of((7671, 7671), 2)
+
+
+def test_instance_config_checks_rdma_comm_ports_against_the_tp_size() -> None:
+    from scheduler.config import SchedulerConfig
+    from splitwise.engine.config import EngineConfig
+    from splitwise.instance.config import InstanceConfig
+
+    engine = EngineConfig(model="m", tensor_parallel_size=2)
+    assert InstanceConfig(
+        engine=engine, scheduler=SchedulerConfig(), rdma_comm_ports=(1, 2)
+    ).rdma_comm_ports == (1, 2)
+    with pytest.raises(ValueError, match="--rdma-comm-ports"):
+        InstanceConfig(engine=engine, scheduler=SchedulerConfig(), rdma_comm_ports=(1, 2, 3))

@@ -12,17 +12,9 @@ import pytest
 
 from splitwise.engine.tiny_model import default_model_dir
 from tests.instance.helpers import start_cluster
-from tests.tp.tp_support import is_alive
+from tests.tp.tp_support import is_alive, rank_pids
 
 pytestmark = pytest.mark.slow
-
-
-def rank_pids(log_text: str) -> list[int]:
-    pids = []
-    for line in log_text.splitlines():
-        if '"tensor-parallel rank started"' in line:
-            pids.append(int(json.loads(line)["pid"]))
-    return pids
 
 
 def test_killed_rank_fails_the_request_and_stops_the_instance() -> None:

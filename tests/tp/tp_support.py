@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -45,3 +46,12 @@ def is_alive(pid: int) -> bool:
         return stat.read_text().split(")")[-1].split()[0] != "Z"  # a zombie is gone, just unreaped
     except OSError:
         return False
+
+
+def rank_pids(log_text: str) -> list[int]:
+    """Pids of the rank processes 1..N-1 an instance started (its "tensor-parallel rank started" lines)."""
+    return [
+        int(json.loads(line)["pid"])
+        for line in log_text.splitlines()
+        if '"tensor-parallel rank started"' in line
+    ]

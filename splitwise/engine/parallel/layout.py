@@ -150,3 +150,36 @@ def remap_lanes(num_kv_heads: int, src_tp: int, dst_tp: int) -> list[Lane]:
         else:
             lanes.append(Lane(src_rank, dst_rank, src_head, dst_head, 1))
     return lanes
+
+
+RDMA_PORTS_FLAG = "--rdma-comm-ports"
+
+
+@dataclass(frozen=True)
+class RdmaPorts:
+    """What ``--rdma-comm-ports`` means for an instance (FastDeploy passes one port per TP rank).
+
+        given          GPU layout (rank r: its own KV memory)   this build (one KV buffer, rank 0)
+        nothing        -                                        one free port
+        one p          -                                        p: the buffer, every rank's heads
+        N = tp ports   rank r registers its heads on port r     port 0's: the buffer, every rank's
+                                                                heads; ports 1..N-1 stay closed
+
+    On CPU the ranks share the instance's one KV buffer (above), and only rank 0 talks to the
+    transports, so one registration and one side channel serve every rank's heads; a pair's lanes
+    (``remap_lanes``) all land in that one registration. A per-GPU build would open port r in rank
+    r with rank r's memory; CUDA P/D is refused by `serve` until then.
+    """
+
+    serve_port: int  # 0: a free port
+    unused_ports: tuple[int, ...]  # named for ranks 1..N-1, not opened (the ranks share one buffer)
+
+    @classmethod
+    def of(cls, ports: tuple[int, ...], tp_size: int) -> RdmaPorts:
+        if len(ports) > 1 and len(ports) != tp_size:
+            raise ValueError(
+                f"{RDMA_PORTS_FLAG}: {len(ports)} ports given: give one, or one per tensor-parallel rank ({tp_size})"
+            )
+        if len(set(ports)) != len(ports):
+            raise ValueError(f"{RDMA_PORTS_FLAG}: {list(ports)} repeats a port (each rank needs its own)")
+        return cls(serve_port=ports[0] if ports else 0, unused_ports=tuple(ports[1:]))
