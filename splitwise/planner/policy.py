@@ -243,7 +243,7 @@ def decide(
         or _scale_in(signals, state, config, now_s)
     )
     if decision is None:
-        return hold(_hold_reason(pressure, state, config, now_s))
+        return hold(_hold_reason(signals, pressure, state, config, now_s))
     decision = dataclasses.replace(decision, signals=summary)
     switched = decision.kind in (Kind.TO_PREFILL, Kind.TO_DECODE)
     state = dataclasses.replace(
@@ -359,7 +359,13 @@ def _idlest(nodes: list[NodeSignals]) -> str:
     ).node_id
 
 
-def _hold_reason(pressure: Pressure, state: PlannerState, config: PolicyConfig, now_s: float) -> str:
+def _hold_reason(
+    signals: Signals, pressure: Pressure, state: PlannerState, config: PolicyConfig, now_s: float
+) -> str:
+    for role in (Role.PREFILL, Role.DECODE):
+        have, need = signals.count(role), getattr(config, f"min_{role}")
+        if have < need:
+            return f"{role} nodes {have} < --min-{role} {need}, and no node to spare"
     if pressure.prefill_pressed and pressure.decode_pressed:
         return f"both sides pressed ({pressure.why_prefill}; {pressure.why_decode}): nothing to spare"
     for name, since, why in (
