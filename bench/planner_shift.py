@@ -37,8 +37,12 @@ from splitwise.bench.serve_bench import LoadConfig, run_load, served_model_id
 from splitwise.cluster import ClusterSpec, LocalCluster
 from splitwise.engine.tiny_model import default_model_dir
 
-ENGINE_ARGS = ["--block-size", "16", "--max-num-batched-tokens", "256", "--num-kv-blocks", "256"]
-ENGINE_ARGS += ["--transfer-timeout", "30"]
+
+def engine_args(args: argparse.Namespace) -> list[str]:
+    return [
+        *("--block-size", "16", "--transfer-timeout", "30"),
+        *("--max-num-batched-tokens", str(args.max_batched_tokens), "--num-kv-blocks", str(args.kv_blocks)),
+    ]
 
 
 @dataclass(frozen=True)
@@ -152,7 +156,7 @@ def run_setup(setup: str, args: argparse.Namespace, phases: list[Phase]) -> dict
         router=True,
         topic=topic,
         threads_per_instance=1,
-        extra_args=ENGINE_ARGS,
+        extra_args=engine_args(args),
         scheduler_args=["--disagg-min-prefill-tokens", "0"],
     )
     log_dir = args.out / "logs" / setup
@@ -225,6 +229,8 @@ def main() -> None:
     parser.add_argument("--prefill-tokens-high", type=int, default=2048)
     parser.add_argument("--sustain-s", type=float, default=5.0)
     parser.add_argument("--cooldown-s", type=float, default=10.0)
+    parser.add_argument("--max-batched-tokens", type=int, default=128)
+    parser.add_argument("--kv-blocks", type=int, default=512)
     parser.add_argument("--setups", default="fixed,planner")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--out", type=Path, default=Path("/tmp/planner_shift"))

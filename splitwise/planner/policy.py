@@ -122,12 +122,14 @@ class Signals:
 
     @property
     def ttft_p90_ms(self) -> float:
-        """The worst node's rolling TTFT p90 (conservative: one slow decode node is an SLO miss)."""
-        return max((n.ttft_p90_ms for n in self.nodes if n.latency_samples), default=0.0)
+        """The worst decode node's rolling TTFT p90 (conservative: one slow node is an SLO miss).
+        Decode nodes stream every disaggregated request; a prefill node's samples are stale ones
+        from before a switch to prefill."""
+        return max((n.ttft_p90_ms for n in self.of(Role.DECODE) if n.latency_samples), default=0.0)
 
     @property
     def itl_p90_ms(self) -> float:
-        return max((n.itl_p90_ms for n in self.nodes if n.latency_samples), default=0.0)
+        return max((n.itl_p90_ms for n in self.of(Role.DECODE) if n.latency_samples), default=0.0)
 
     def summary(self) -> dict[str, float | int]:
         prefill, decode = self.of(Role.PREFILL), self.of(Role.DECODE)

@@ -71,6 +71,17 @@ def run(
     return decisions, state
 
 
+def test_latency_comes_from_decode_nodes_only() -> None:
+    stale = Signals(
+        (
+            node("p0", Role.PREFILL, ttft_p90_ms=5000, itl_p90_ms=900, latency_samples=30),  # was a decode
+            node("d0", Role.DECODE, ttft_p90_ms=100, itl_p90_ms=4, latency_samples=3),
+            node("d1", Role.DECODE, ttft_p90_ms=700, itl_p90_ms=900, latency_samples=0),  # no samples
+        )
+    )
+    assert (stale.ttft_p90_ms, stale.itl_p90_ms) == (100, 4)
+
+
 def test_pressures_name_each_signal() -> None:
     p = pressures(prompt_heavy(), CFG)
     assert p.prefill_pressed and p.decode_relaxed and not p.decode_pressed
