@@ -85,6 +85,9 @@ class KeySchema:
     # records
     log = _Fixed("log", "STREAM of request records (one entry carries the records of many requests).")
     dead_letters = _Fixed("dead", "STREAM of undecodable payloads with source and reason.")
+    # the planner (#16): its decisions and its latest look at the cluster
+    planner = _Fixed("planner", "STREAM of planner decisions (kind, node, reason, signals); capped.")
+    planner_state = _Fixed("planner_state", "HASH: the running planner's latest signals and hold reason.")
     # security: no TTL; owner: the cluster (the first instance creates it with SET NX; an operator
     # DELs it to rotate)
     cluster_token = _Fixed(
@@ -105,7 +108,10 @@ class KeySchema:
         if not key.startswith(self.prefix):
             return None
         rest = key[len(self.prefix) :]
-        fixed = {"nodes", "alive", "frontends", "epoch", "bookings", "log", "dead", "cluster_token"}
+        fixed = {
+            *("nodes", "alive", "frontends", "epoch", "bookings", "log", "dead", "cluster_token"),
+            *("planner", "planner_state"),
+        }
         if rest in fixed:
             return rest
         kind, _, ident = rest.partition(":")

@@ -73,6 +73,11 @@ class LoadReport:
     running_requests: int = 0
     free_kv_blocks: int = 0
     waiting_requests: int = 0
+    # #16, the planner's SLO signals: rolling p90 over the last 30 s of the requests this node
+    # streamed (splitwise/planner/latency.py), and how many first tokens that window holds.
+    ttft_p90_ms: int = 0
+    itl_p90_ms: int = 0
+    latency_samples: int = 0
 
     def to_fields(self) -> dict[str, int]:
         return dataclasses.asdict(self)

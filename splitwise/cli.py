@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "serve": "splitwise.commands.serve:serve",
     "up": "splitwise.commands.up:up",
     "router": "splitwise.commands.router:router",
+    "planner": "splitwise.commands.planner:planner",
     "inspect": "splitwise.commands.inspect:inspect_cmd",
     "bench": "splitwise.commands.bench:bench",
 }

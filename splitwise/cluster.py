@@ -101,6 +101,8 @@ class LocalCluster:
         self._owns_log_dir = log_dir is None  # a temp dir of ours: removed by stop() unless kept
         self.redis: RedisServer | None = None
         self.children: list[Child] = []
+        self.retired: list[Child] = []  # stopped on purpose (the planner's scale-in): not "dead"
+        self._threads = 1
 
     @property
     def scheduler_address(self) -> tuple[str, int]:
@@ -127,6 +129,7 @@ class LocalCluster:
             + ["mixed"] * self.spec.num_mixed
         )
         threads = self.spec.threads_per_instance or max(1, (os.cpu_count() or 1) // max(1, len(roles)))
+        self._threads = threads
         counts: dict[str, int] = {}
         entry_assigned = self.spec.router
         for role in sorted(roles, key=lambda r: {"decode": 0, "mixed": 1, "prefill": 2}[r]):
@@ -138,6 +141,34 @@ class LocalCluster:
             self.children.append(self._spawn(f"{role}-{index}", role, port, threads))
         if self.spec.router:
             self.children.append(self.spawn_router("router-0", self.spec.port))
+
+    # -- the planner's hooks (#16): instances added, retired and switched while the cluster runs ---
+
+    def add_instance(self, role: str) -> Child:
+        """Start one more instance of ``role`` (named ``<role>-<next index>``); it registers itself
+        when ready (``wait_ready`` is not needed: the planner sees it in Redis)."""
+        names = {c.name for c in [*self.children, *self.retired]}
+        index = next(i for i in range(len(names) + 1) if f"{role}-{i}" not in names)
+        child = self._spawn(f"{role}-{index}", role, 0, self._threads)
+        self.children.append(child)
+        return child
+
+    def retire_instance(self, name: str) -> None:
+        """SIGTERM one instance on purpose (it drains, deregisters and exits); ``stop`` still waits
+        for it, ``dead_children`` no longer reports it."""
+        child = next((c for c in self.children if c.name == name), None)
+        if child is None:
+            raise ClusterError(f"no running instance named {name!r}")
+        self.children.remove(child)
+        self.retired.append(child)
+        if child.process.poll() is None:
+            child.process.send_signal(signal.SIGTERM)
+
+    def set_role(self, name: str, role: str) -> None:
+        """Record a role switch done in place (`splitwise role`): the process is the same."""
+        for child in self.children:
+            if child.name == name:
+                child.role = role
 
     def _scheduler_args(self) -> list[str]:
         host, sport = self.scheduler_address
@@ -266,7 +297,7 @@ class LocalCluster:
             if child.process.poll() is None:
                 child.process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace_s
-        for child in self.children:
+        for child in [*self.children, *self.retired]:
             remaining = max(0.1, deadline - time.monotonic())
             try:
                 child.process.wait(timeout=remaining)

@@ -196,6 +196,22 @@ async def _dead_letters(client: Any, keys: Any, limit: int) -> dict[str, Any]:
     return {"count": await client.xlen(keys.dead_letters), "recent": recent}
 
 
+async def _planner(client: Any, keys: Any, limit: int = 10) -> dict[str, Any]:
+    """The planner's latest look (None when none runs) and its last decisions, newest first (#16)."""
+    from splitwise.planner.record import parse_decisions, parse_state
+
+    state, state_error = await _read(client.hgetall(keys.planner_state), {})
+    entries, error = await _read(client.xrevrange(keys.planner, count=limit), [])
+    report: dict[str, Any] = {"state": parse_state(state), "decisions": parse_decisions(entries)}
+    for row in [report["state"] or {}, *report["decisions"]]:
+        if "ts_ms" in row:
+            row["time"] = _iso(row["ts_ms"])
+    problems = [f"{key}: {e}" for key, e in ((keys.planner_state, state_error), (keys.planner, error)) if e]
+    if problems:
+        report["problems"] = problems
+    return report
+
+
 async def _request(client: Any, keys: Any, req_id: str) -> dict[str, Any] | None:
     from scheduler.records import find_request
 
@@ -240,6 +256,7 @@ async def collect(config: SchedulerConfig, *, req_id: str | None, dead_letter_li
         report["pairing"] = pairing(report["nodes"])
         report["frontends"] = await _frontends(client, keys)
         report["dead_letters"] = await _dead_letters(client, keys, dead_letter_limit)
+        report["planner"] = await _planner(client, keys)
         return report
     finally:
         await client.aclose()
@@ -292,6 +309,33 @@ def _print_text(report: dict[str, Any]) -> None:
     echo(f"\nDEAD LETTERS ({dead['count']}){'  ' + dead['error'] if 'error' in dead else ''}")
     for d in dead["recent"]:
         echo(f"{d['time']}  {d['source']:<28} {d['reason']}  ({d['payload_bytes']} bytes)")
+    _print_planner(report["planner"])
+
+
+def _print_planner(planner: dict[str, Any]) -> None:
+    echo = click.echo
+    state = planner["state"]
+    echo("\nPLANNER" + ("" if state else "  (none running)"))
+    for problem in planner.get("problems", []):
+        echo(f"poison: {problem}")
+    if state:
+        echo(
+            f"{state.get('planner_id', '?')} at {state.get('time', '?')}: {state.get('decision', '?')}, {state.get('reason', '')}"
+        )
+        echo(f"  signals  {_pairs(state['signals'])}")
+    for d in planner["decisions"]:
+        target = f" -> {d['target']}" if d.get("target") else ""
+        echo(
+            f"{d.get('time', '?')}  {d.get('kind', '?'):<14} {d.get('node', '') or '(new)'}{target}  {d.get('outcome', '')}"
+        )
+        echo(f"{'':<30}why: {d.get('reason', '')}")
+        echo(f"{'':<30}signals: " + _pairs(d.get("signals")))
+
+
+def _pairs(values: Any) -> str:
+    return (
+        "  ".join(f"{k}={v}" for k, v in sorted(values.items())) if isinstance(values, dict) else str(values)
+    )
 
 
 def _print_request(req: dict[str, Any] | None) -> None:

@@ -14,10 +14,12 @@ import sys
 import threading
 import time
 from types import FrameType
+from typing import Any
 
 import click
 
 from splitwise.cluster import Child, ClusterError, ClusterSpec, LocalCluster
+from splitwise.commands.planner import check_loop_flags, planner_options
 from splitwise.commands.serve_flags import ServeCommand
 
 
@@ -99,6 +101,14 @@ from splitwise.commands.serve_flags import ServeCommand
     show_default=True,
     help="Seconds to wait for every instance.",
 )
+@click.option(
+    "--planner/--no-planner",
+    "with_planner",
+    default=False,
+    show_default=True,
+    help="Run the planner: switch roles and start/stop instances within --min/--max to keep the SLOs.",
+)
+@planner_options
 def up(
     model: str | None,
     num_prefill: int,
@@ -114,9 +124,14 @@ def up(
     scheduler_heartbeat_interval: float,
     scheduler_dead_after_missed: int,
     timeout_s: float,
+    with_planner: bool,
+    **planner_flags: Any,
 ) -> None:
     """Start a local cluster: redis-server, N prefill and M decode instances, and a router."""
+    from splitwise.commands.planner import policy_config
+
     try:
+        policy = policy_config(planner_flags, allow_instances=True) if with_planner else None
         spec = ClusterSpec(
             model=model,
             num_prefill=num_prefill,
@@ -134,6 +149,14 @@ def up(
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    if policy is not None:
+        check_loop_flags(planner_flags)
+        for role, count in (("prefill", num_prefill), ("decode", num_decode)):
+            low, high = getattr(policy, f"min_{role}"), getattr(policy, f"max_{role}")
+            if not low <= count <= high:
+                raise click.UsageError(
+                    f"--{role} {count} is outside --min-{role} {low} / --max-{role} {high}"
+                )
     if model is None:
         # Build the built-in model once here, so N instances do not race to generate it.
         from splitwise.engine.tiny_model import default_model_dir
@@ -170,6 +193,9 @@ def up(
             err=True,
         )
         sys.stdout.flush()
+        if policy is not None:
+            planner = _start_planner(cluster, spec, policy, planner_flags, stop)
+            click.echo(f"planner {planner.planner_id} running (decisions: splitwise inspect)", err=True)
         reported: set[str] = set()
         while not stop.is_set():
             dead = [c for c in cluster.dead_children() if c.name not in reported]
@@ -193,3 +219,26 @@ def up(
         click.echo(f"stopped ({time.monotonic() - started:.1f}s)", err=True)
     if code:
         sys.exit(code)
+
+
+def _start_planner(
+    cluster: LocalCluster, spec: ClusterSpec, policy: Any, flags: dict[str, Any], stop: threading.Event
+) -> Any:
+    """The planner's loop on a daemon thread of `up`, acting on this cluster (it ends with ``stop``)."""
+    from scheduler.config import SchedulerConfig
+    from scheduler.connection import make_sync_client
+    from scheduler.keys import KeySchema
+    from splitwise.commands.planner import serve_metrics
+    from splitwise.planner.actuators import ClusterActuator
+    from splitwise.planner.loop import Planner
+
+    host, port = cluster.scheduler_address
+    client = make_sync_client(
+        SchedulerConfig(scheduler_host=host, scheduler_port=port, scheduler_topic=spec.topic)
+    )
+    keys = KeySchema(spec.topic)
+    actuator = ClusterActuator(client, keys, cluster, grace_s=flags["planner_drain_grace_s"])
+    planner = Planner(client, keys, policy, actuator, interval_s=flags["planner_interval_s"])
+    serve_metrics(planner.metrics.registry, flags["planner_metrics_port"])
+    threading.Thread(target=planner.run, args=(stop,), name="planner", daemon=True).start()
+    return planner

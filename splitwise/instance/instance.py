@@ -41,6 +41,7 @@ from splitwise.instance.prefill_flow import PrefillFlow
 from splitwise.instance.request_stats import RequestStats
 from splitwise.instance.transfer_metrics import TransferMetrics
 from splitwise.logging import get_logger
+from splitwise.planner.latency import RollingLatency
 from splitwise.transfer.base import TransportInitiator, TransportOptions, TransportTarget
 from splitwise.transfer.control_connection import ControlConnection
 from splitwise.transfer.errors import UnknownProtocolError
@@ -73,6 +74,7 @@ class Instance:
         self.frontend: Any = None
         self.node: Any = None
         self.runtime: NodeRuntime | None = None
+        self.latency = RollingLatency()  # the node runtime's TTFT / ITL, in the LoadReport (#16)
         self.channel: PDChannel | None = None
         self.decode_flow: DecodeFlow | None = None
         self.prefill_flow: PrefillFlow | None = None
@@ -111,7 +113,7 @@ class Instance:
         self._http_sock = bind_socket(cfg.host, cfg.port)  # bound early: NodeInfo carries the real port
         self.ports.http = int(self._http_sock.getsockname()[1])
         await self._start_scheduler()
-        self.runtime = NodeRuntime(self.node, self.worker, decoder=self.decode_flow)
+        self.runtime = NodeRuntime(self.node, self.worker, decoder=self.decode_flow, latency=self.latency)
         await self.runtime.start()
         await self._start_http()
         log.info(
@@ -299,11 +301,15 @@ class Instance:
         assert self.worker is not None
         load = self.worker.load
         waiting_blocks = self.decode_flow.num_waiting_for_blocks if self.decode_flow is not None else 0
+        latency = self.latency.report()
         return LoadReport(
             queued_prefill_tokens=load.queued_prefill_tokens,
             running_requests=load.running_requests,
             free_kv_blocks=load.free_kv_blocks,
             waiting_requests=load.waiting_requests + waiting_blocks,
+            ttft_p90_ms=latency.ttft_p90_ms,
+            itl_p90_ms=latency.itl_p90_ms,
+            latency_samples=latency.samples,
         )
 
     async def _start_http(self) -> None:

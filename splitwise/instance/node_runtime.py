@@ -27,6 +27,7 @@ from splitwise.engine.sequence import FinishReason
 from splitwise.errors import SplitwiseError
 from splitwise.instance.engine_worker import EngineWorker
 from splitwise.logging import bind_request, get_logger
+from splitwise.planner.latency import RollingLatency
 
 log = get_logger(__name__)
 
@@ -79,10 +80,18 @@ def prepare(item: WorkItem, eos_token_ids: frozenset[int] = frozenset()) -> Prep
 
 
 class NodeRuntime:
-    def __init__(self, node: NodeSide, worker: EngineWorker, *, decoder: DisaggDecoder | None = None) -> None:
+    def __init__(
+        self,
+        node: NodeSide,
+        worker: EngineWorker,
+        *,
+        decoder: DisaggDecoder | None = None,
+        latency: RollingLatency | None = None,
+    ) -> None:
         self.node = node
         self.worker = worker
         self.decoder = decoder
+        self.latency = latency or RollingLatency()  # TTFT / ITL p90 for the LoadReport (planner)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._loops: list[asyncio.Task[None]] = []
 
@@ -146,6 +155,7 @@ class NodeRuntime:
                 await self._terminal(item, _failed(item, FailureCode.INTERNAL, message))
 
     async def _serve_inner(self, item: WorkItem) -> None:
+        started_s = self.latency.clock()  # TTFT on this node counts from here (P's queue included)
         req = prepare(item, self.worker.eos_token_ids)  # params were validated by the codec
         if req.finished_by is not None:
             # Its node died after the last token but before the terminal: nothing is left to generate.
@@ -164,12 +174,14 @@ class NodeRuntime:
         else:
             outputs = self.worker.submit(item.req_id, req.prompt_token_ids, req.params)
             await self.node.mark(item.req_id, "running")
-        await self._stream(item, req, outputs)
+        await self._stream(item, req, outputs, started_s)
 
     async def _stream(
-        self, item: WorkItem, req: PreparedRequest, outputs: asyncio.Queue[RequestOutput]
+        self, item: WorkItem, req: PreparedRequest, outputs: asyncio.Queue[RequestOutput], started_s: float
     ) -> None:
         index = req.first_index
+        clock = self.latency.clock
+        last_s: float | None = None
         while True:
             batch = [await outputs.get()]
             while not batch[-1].finished and not outputs.empty():
@@ -193,6 +205,12 @@ class NodeRuntime:
                     frontend_id=item.frontend_id,
                 )
                 index += len(tokens)
+                now_s = clock()
+                if last_s is None:
+                    self.latency.first_token(now_s - started_s)
+                else:
+                    self.latency.tokens(now_s - last_s, len(tokens))
+                last_s = now_s
             last = batch[-1]
             if last.finished:
                 await self._finish(item, last, completion_tokens=index)
