@@ -3,6 +3,7 @@ participants' leases (the frontend's loop-side half; its lease itself is the hea
 
     Redis lost its data? -> refresh the cluster view (dead letters, reaping) -> sweep expired
     bookings -> per request: expired? | Redis lost data -> re-dispatch | pending -> retry |
+    its queued work item gone from the node's stream on two looks -> re-dispatch |
     node's lease lapsed and still lapsed an interval later -> re-dispatch
 """
 
@@ -39,6 +40,8 @@ class Monitor:
         self._server = ""  # run_id of the server answering (one server or a Sentinel master)
         # A lapse must still be there one heartbeat interval later before work is re-dispatched.
         self._node_leases = LeaseWatch(grace_ms=int(fe.config.heartbeat_interval_s * 1000))
+        # (req_id, attempt) of queued work items found missing from their stream at the last look.
+        self._missing_once: set[tuple[str, int]] = set()
 
     async def tick(self) -> None:
         fe = self._fe
@@ -79,6 +82,7 @@ class Monitor:
         server_now = fe.server_clock.now_ms()
         watched: set[str] = set()
         lost_streams, fe.lost_work_streams = fe.lost_work_streams, {}
+        vanished = set() if data_lost else await self._vanished_work()
         for fl in list(fe.inflight.values()):
             if now >= fl.deadline_ms:
                 await fe.finish(fl, Expired(req_id=fl.req_id, attempt=fl.attempt), notify_nodes="expired")
@@ -96,11 +100,62 @@ class Monitor:
                 and not fl.is_received()
             ):
                 await fe.redispatch(fl, reason=f"work stream of {fl.assignment.decode_node_id} was deleted")
+            elif (
+                (fl.req_id, fl.attempt) in vanished
+                and fl.state is FrontendState.QUEUED
+                and not fl.is_received()
+            ):
+                node_id = fl.assignment.decode_node_id
+                fe.stats.inc("work_items_lost")
+                log.warning("work_item_lost", req_id=fl.req_id, attempt=fl.attempt, node_id=node_id)
+                await fe.redispatch(
+                    fl, reason=f"work item gone from the work stream of {node_id} (deleted or trimmed)"
+                )
             else:
                 lost = self._lost_node(fl, server_now, watched)
                 if lost is not None:
                     await fe.redispatch(fl, reason=f"node {lost} lost (lease lapsed)")
         self._node_leases.retain(watched)
+
+    async def _vanished_work(self) -> set[tuple[str, int]]:
+        """Queued requests whose work item is neither in their node's work stream nor below the
+        node's read position (``work_read`` of its heartbeat hash, written with each trim of what it
+        read) on this look and the last one: the stream was deleted (by an operator, or repaired as
+        poison, and maybe re-created since by the node's heartbeat) or trimmed before the node read
+        it. Two looks an interval apart: a stream deleted after the node read an item but before its
+        beat recorded that would otherwise look the same (a false loss costs a re-dispatch, never a
+        second run: the old attempt is cancelled). One pipeline for all of them."""
+        fe = self._fe
+        queued = [
+            fl
+            for fl in fe.inflight.values()
+            if fl.state is FrontendState.QUEUED
+            and fl.assignment is not None
+            and fl.entry_id is not None
+            and not fl.is_received()
+        ]
+        if not queued:
+            self._missing_once = set()
+            return set()
+        pipe = self._client.pipeline(transaction=False)
+        for fl in queued:
+            assert fl.assignment is not None and fl.entry_id is not None
+            pipe.xrange(fe.keys.work(fl.assignment.decode_node_id), fl.entry_id, fl.entry_id, count=1)
+            pipe.hget(fe.keys.heartbeat(fl.assignment.decode_node_id), "work_read")
+        answers = await pipe.execute(raise_on_error=False)
+        missing = set()
+        for i, fl in enumerate(queued):
+            assert fl.entry_id is not None
+            found, read = answers[2 * i], answers[2 * i + 1]
+            # An error (a key of the wrong type: poison) means the item is not there either.
+            if found and not isinstance(found, Exception):
+                continue
+            if isinstance(read, bytes) and _is_stream_id(read) and stream_id(fl.entry_id) < stream_id(read):
+                continue  # trimmed because the node read it (it holds it, or its received is on the way)
+            missing.add((fl.req_id, fl.attempt))
+        confirmed = missing & self._missing_once
+        self._missing_once = missing - confirmed
+        return confirmed
 
     def _lost_node(self, fl: FrontendRecord, server_now: int, watched: set[str]) -> str | None:
         """The node of ``fl`` whose lease lapsed and stayed lapsed for the grace period, if any."""
@@ -157,3 +212,8 @@ class Monitor:
         released = (await batch.execute())[0]
         fe.stats.inc("bookings_expired", len(members))
         log.warning("bookings_expired", count=len(members), released=int(released or 0))
+
+
+def _is_stream_id(raw: bytes) -> bool:
+    millis, sep, seq = raw.partition(b"-")
+    return millis.isdigit() and (not sep or seq.isdigit())

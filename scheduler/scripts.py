@@ -232,7 +232,8 @@ HEARTBEAT = LuaScript(
 -- ARGV[11] the node's estimate of server time ms (its offset is re-measured with 't' every few beats)
 -- ARGV[7] decode booking unit ('0' for prefill/mixed nodes)  ARGV[8] free KV blocks
 -- ARGV[9] id of the last work entry read  ARGV[10] id of the last control entry read ('' = none):
--- older entries are trimmed here, once per beat, not per request
+-- older entries are trimmed here, once per beat, not per request (the work one is kept as the
+-- heartbeat hash's ``work_read``)
 -- ARGV[12..] load report as field, value pairs
 -- Returns {registered (1/0), lease expiry ms, server now ms (0 when not measured)}.
 local now, measured = tonumber(ARGV[11]), 0
@@ -267,7 +268,12 @@ end
 if load_changed then
   redis.call('HSET', KEYS[4], 'incarnation', string.match(ARGV[2], '|(.*)$'), 'ts_ms', now, unpack(ARGV, 12))
 end
-if ARGV[9] ~= '' and registered == 0 then redis.call('XTRIM', KEYS[5], 'MINID', ARGV[9]) end
+if ARGV[9] ~= '' and registered == 0 then
+  redis.call('XTRIM', KEYS[5], 'MINID', ARGV[9])
+  -- With the trim, atomically: work entries below it left the stream because the node read them
+  -- (frontends tell those from entries a deleted stream lost, scheduler/frontend_monitor.py).
+  if redis.call('EXISTS', KEYS[4]) == 1 then redis.call('HSET', KEYS[4], 'work_read', ARGV[9]) end
+end
 if ARGV[10] ~= '' and redis.call('EXISTS', KEYS[6]) == 1 then redis.call('XTRIM', KEYS[6], 'MINID', ARGV[10]) end
 if refresh then
   for i = 1, 6 do

@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from splitwise.api.body_limit import DEFAULT_MAX_REQUEST_BYTES, BodyLimit
+from splitwise.api.body_parse import Body, body_dependency, openapi_body
 from splitwise.api.chat import create_chat_completion, render_chat
 from splitwise.api.completions import create_completion
 from splitwise.api.errors import AuthenticationError, BadRequestError, install_error_handlers
@@ -146,13 +147,21 @@ def create_app(
     install_error_handlers(app, metrics)
     authorized = [Depends(_auth_dependency(api_key))]
 
-    @app.post("/v1/completions", dependencies=authorized)
-    async def completions(request: Request, body: CompletionRequest) -> Response:
-        return await create_completion(ctx, request, body)
+    # Bodies are read by body_parse (a large one parsed, validated and tokenized off the loop).
+    @app.post("/v1/completions", dependencies=authorized, openapi_extra=openapi_body(CompletionRequest))
+    async def completions(
+        request: Request, parsed: tuple[CompletionRequest, Body] = Depends(body_dependency(CompletionRequest))
+    ) -> Response:
+        return await create_completion(ctx, request, *parsed)
 
-    @app.post("/v1/chat/completions", dependencies=authorized)
-    async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
-        return await create_chat_completion(ctx, request, body)
+    @app.post(
+        "/v1/chat/completions", dependencies=authorized, openapi_extra=openapi_body(ChatCompletionRequest)
+    )
+    async def chat_completions(
+        request: Request,
+        parsed: tuple[ChatCompletionRequest, Body] = Depends(body_dependency(ChatCompletionRequest)),
+    ) -> Response:
+        return await create_chat_completion(ctx, request, *parsed)
 
     @app.get("/v1/models", dependencies=authorized)
     async def models() -> JSONResponse:

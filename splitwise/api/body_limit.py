@@ -3,8 +3,8 @@
 An ASGI middleware in front of every route: a declared ``Content-Length`` above the limit is a
 413 at once, without reading a byte of the body; a body sent without one (chunked) is counted as
 it arrives and cut with a 413 as soon as it passes the limit. Only a body within the limit
-reaches FastAPI, which then parses and validates it; so the event loop never spends more than a
-bounded parse on one request, and a 10 MB body cannot stall other streams or the heartbeats.
+reaches the routes, whose ``body_parse`` parses and validates it (a large one on a thread, in a
+way that leaves the loop running), so a 10 MB body cannot stall other streams or the heartbeats.
 The answer has the OpenAI error shape (``{"error": {...}}``, type ``invalid_request_error``,
 code ``request_too_large``) and is counted as ``splitwise_requests_total{outcome="too_large"}``.
 """

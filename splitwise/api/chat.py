@@ -16,6 +16,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
+from splitwise.api.body_parse import Body
 from splitwise.api.choices import ChoiceEvent, ChoiceSet, expand
 from splitwise.api.errors import BadRequestError
 from splitwise.api.protocol import (
@@ -214,7 +215,7 @@ def _message(ctx: ServingContext, plan: ToolPlan, text: str) -> ChatMessage:
 
 
 async def create_chat_completion(
-    ctx: ServingContext, request: Request, body: ChatCompletionRequest
+    ctx: ServingContext, request: Request, body: ChatCompletionRequest, raw: Body | None = None
 ) -> Response:
     ctx.check_model(body.model)
     req_id = ctx.request_id(request, "chatcmpl")
@@ -224,13 +225,15 @@ async def create_chat_completion(
         if body.continue_final_message:
             raise BadRequestError("continue_final_message is not supported", param="continue_final_message")
         plan = plan_tools(body, ctx.tool_call_parser)
-        ids = render_chat(
-            ctx,
-            body.messages,
-            add_generation_prompt=body.add_generation_prompt,
-            tools=body.tools,
-            documents=body.documents,
-            template_kwargs=body.chat_template_kwargs,
+        ids = await (raw or Body(is_large=False)).off_loop(
+            lambda: render_chat(
+                ctx,
+                body.messages,
+                add_generation_prompt=body.add_generation_prompt,
+                tools=body.tools,
+                documents=body.documents,
+                template_kwargs=body.chat_template_kwargs,
+            )
         )
         # max_completion_tokens replaced max_tokens in OpenAI's API; either works, the new one wins.
         use_new = body.max_completion_tokens is not None

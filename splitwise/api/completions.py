@@ -15,6 +15,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from starlette.responses import Response
 
+from splitwise.api.body_parse import Body
 from splitwise.api.choices import ChoiceEvent, ChoiceSet, expand
 from splitwise.api.errors import BadRequestError
 from splitwise.api.protocol import (
@@ -172,11 +173,14 @@ def _joined(first: CompletionLogprobs | None, second: CompletionLogprobs) -> Com
     )
 
 
-async def create_completion(ctx: ServingContext, request: Request, body: CompletionRequest) -> Response:
+async def create_completion(
+    ctx: ServingContext, request: Request, body: CompletionRequest, raw: Body | None = None
+) -> Response:
     ctx.check_model(body.model)
     req_id = ctx.request_id(request, "cmpl")
     with bind_request(req_id):
-        prompt_texts = prompt_list(ctx, body.prompt)
+        raw = raw or Body(is_large=False)
+        prompt_texts = await raw.off_loop(lambda: prompt_list(ctx, body.prompt))  # tokenizes
         prompts = [ids for ids, _ in prompt_texts]
         top = body.logprobs or 0
         params = [

@@ -38,9 +38,8 @@ class DisaggDecoder(Protocol):
     async def start_request(
         self, item: WorkItem, prompt: list[int], params: SamplingParams
     ) -> asyncio.Queue[RequestOutput]: ...
-    def cancel(
-        self, req_id: str, max_attempt: int | None = None
-    ) -> bool: ...  # True: the flow frees the blocks
+    # True: the flow frees the request's blocks itself (its attempts up to max_attempt)
+    def cancel(self, req_id: str, max_attempt: int | None = None) -> bool: ...
 
     last_transfer: dict[str, str]  # req_id -> what the KV transfer did, taken once by the runtime
     last_local: dict[str, str]  # req_id -> why it was prefilled locally by choice, taken once

@@ -4,6 +4,7 @@ reason (shown by ``splitwise inspect``), and no loop is left failing on it."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -145,3 +146,55 @@ def test_parse_int_treats_garbage_as_missing() -> None:
     assert parse_int(b"12") == 12 and parse_int("3.0") == 3
     assert parse_int("abc") == 0 and parse_int(b"\xff", -1) == -1 and parse_int("inf", 7) == 7
     assert parse_int(None, 5) == 5
+
+
+def test_queued_items_of_a_deleted_work_stream_are_redispatched(config: SchedulerConfig) -> None:
+    """A work item still queued (its node has not read it) when the node's work stream is deleted:
+    the node's heartbeat re-creates the stream before anyone dispatches there again, so no XADD
+    notices the loss. The frontend's monitor finds the item gone on two looks and re-dispatches it
+    at once (logged, counted as work_items_lost), instead of the request waiting for its TTL; the
+    lost attempt never runs, the new one is served once."""
+    from scheduler.messages import WorkItem, decode
+
+    async def body() -> None:
+        async with cluster(config) as c:
+            sim = await c.add_node("m0", "mixed")
+            fe = await c.add_frontend()
+            r = fe.client
+            work = fe.keys.work("m0")
+            await _serve_requests(fe, "before", 1)
+            agent: Any = sim.agent
+            agent._tasks[0].cancel()  # the node's reader is wedged: what is queued stays in Redis
+            stream = await fe.submit(
+                SubmitRequest(req_id="queued", prompt_token_ids=[1, 2], sampling_params={"max_tokens": 3})
+            )
+            fl = fe.inflight["queued"]
+            first_attempt, entry_id = fl.attempt, fl.entry_id
+            assert entry_id is not None and await r.xrange(work, entry_id, entry_id)
+            await r.delete(work)
+            assert await eventually(lambda: r.exists(work), 1) == 1  # the node's heartbeat re-created it
+            assert (
+                await eventually(async_value(lambda: fe.stats.get("work_items_lost")), 1, timeout_s=20) == 1
+            )
+            assert fl.attempt == first_attempt + 1
+            [(_, fields)] = [e for e in await r.xrange(work) if b"m" in e[1]]
+            assert decode(fields[b"m"], WorkItem).attempt == fl.attempt  # queued again, as the new attempt
+            assert any(
+                event == "redispatched" and "work item gone" in detail for _, event, _, detail in fl.events
+            )
+            # The node reads again: the new attempt is served, once.
+            agent._tasks[0] = asyncio.create_task(
+                agent._retrier.loop("node_reader", agent._read_once, running=agent._running)
+            )
+            msgs = await stream.collect()
+            assert isinstance(msgs[-1], Finished) and msgs[-1].completion_tokens == 3
+            assert sim.served["queued"] == 1
+
+    run(body(), timeout_s=60)
+
+
+def async_value(get: Callable[[], Any]) -> Callable[[], Awaitable[Any]]:
+    async def check() -> Any:
+        return get()
+
+    return check
