@@ -265,6 +265,109 @@ async def drive_pair(port: int, topics: list[str], sizes: list[int], samples: in
     return out
 
 
+async def drive_bursts(port: int, topic: str, num_nodes: int, burst_s: float, inflight: int) -> None:
+    """Throughput in bursts on command: after READY, each stdin line ``go`` runs ``inflight``
+    requests in flight for ``burst_s`` seconds and prints {dispatch_s, failures}; ``stop`` ends."""
+    from scheduler.config import SchedulerConfig
+    from scheduler.frontend import FrontendScheduler
+    from scheduler.messages import Finished, SubmitRequest
+    from splitwise.engine.sampling_params import SamplingParams
+
+    fe = FrontendScheduler(SchedulerConfig(scheduler_port=port, scheduler_topic=topic), model_id="sim-model")
+    await fe.start()
+    refresh = getattr(fe, "_refresh_view", None) or fe._monitor.refresh_view  # type: ignore[union-attr]
+    deadline = time.monotonic() + 60
+    while len(fe._view.nodes) < num_nodes and time.monotonic() < deadline:  # type: ignore[union-attr]
+        await asyncio.sleep(0.2)
+        await refresh()
+    typed = "SamplingParams" in str(SubmitRequest.__dataclass_fields__["sampling_params"].type)
+    params: Any = SamplingParams(max_tokens=1) if typed else {"max_tokens": 1}
+    seq = iter(range(10**9))
+    failures = 0
+
+    async def one() -> None:
+        nonlocal failures
+        stream = await fe.submit(
+            SubmitRequest(req_id=f"t{next(seq)}", prompt_token_ids=[1] * 32, sampling_params=params)
+        )
+        failures += not isinstance((await stream.collect())[-1], Finished)
+
+    for _ in range(50):
+        await one()
+    print("READY", flush=True)
+
+    async def worker(until: float) -> int:
+        done = 0
+        while time.perf_counter() < until:
+            await one()
+            done += 1
+        return done
+
+    while (await asyncio.to_thread(sys.stdin.readline)).strip() == "go":
+        start = time.perf_counter()
+        done = sum(await asyncio.gather(*(worker(start + burst_s) for _ in range(inflight))))
+        elapsed = time.perf_counter() - start
+        print(json.dumps({"dispatch_s": done / elapsed, "failures": failures}), flush=True)
+    await fe.close()
+
+
+def run_paired_throughput(
+    impls: dict[str, Path | None], port: int, n: int, bursts: int, burst_s: float, inflight: int, tag: str
+) -> list[dict[str, float]]:
+    """Both implementations' nodes and frontends live at once; throughput bursts alternate between
+    them (old, new, then new, old, ...), so every ratio compares two neighbouring moments."""
+    hosts: list[subprocess.Popen[str]] = []
+    drivers: dict[str, subprocess.Popen[str]] = {}
+    try:
+        for name, impl in impls.items():
+            for first in range(0, n, NODES_PER_PROCESS):
+                count = min(NODES_PER_PROCESS, n - first)
+                topic = f"bburst{name}{n}{tag}"
+                hosts.append(child(impl, "--serve", str(port), topic, str(first), str(count), str(n)))
+        for host in hosts:
+            assert host.stdout is not None
+            if host.stdout.readline().strip() != "READY":
+                raise RuntimeError("node host did not start")
+        for name, impl in impls.items():
+            args = [str(port), f"bburst{name}{n}{tag}", str(n), str(burst_s), str(inflight)]
+            env_child = child(impl, "--bursts", *args, stdin=subprocess.PIPE)
+            drivers[name] = env_child
+        for driver in drivers.values():
+            assert driver.stdout is not None
+            if driver.stdout.readline().strip() != "READY":
+                raise RuntimeError("burst driver did not start")
+        out: list[dict[str, float]] = []
+        for i in range(bursts):
+            got: dict[str, float] = {}
+            for name in ("old", "new") if i % 2 == 0 else ("new", "old"):
+                driver = drivers[name]
+                assert driver.stdin is not None and driver.stdout is not None
+                driver.stdin.write("go\n")
+                driver.stdin.flush()
+                got[name] = float(json.loads(driver.stdout.readline())["dispatch_s"])
+            got["load_avg"] = os.getloadavg()[0]
+            out.append(got)
+        return out
+    finally:
+        for driver in drivers.values():
+            try:
+                assert driver.stdin is not None
+                driver.stdin.write("stop\n")
+                driver.stdin.close()
+                driver.wait(timeout=60)
+            except (OSError, subprocess.TimeoutExpired):
+                driver.kill()
+                driver.wait()
+        for host in hosts:
+            host.send_signal(signal.SIGTERM)
+        for host in hosts:
+            try:
+                host.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                host.kill()
+                host.wait()
+
+
 def run_pair(port: int, sizes: list[int], samples: int, tag: str) -> dict[str, float]:
     """Hosts for every size at once (this checkout), then the paired driver."""
     hosts: list[subprocess.Popen[str]] = []
@@ -307,14 +410,18 @@ def extract_reference(commit: str, into: Path) -> Path:
 
 
 def child(
-    impl_dir: Path | None, *args: str, stdout: Any = subprocess.PIPE, stderr: Any = subprocess.DEVNULL
+    impl_dir: Path | None,
+    *args: str,
+    stdout: Any = subprocess.PIPE,
+    stderr: Any = subprocess.DEVNULL,
+    stdin: Any = None,
 ) -> subprocess.Popen[str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop(IMPL_ENV, None)
     if impl_dir is not None:
         env[IMPL_ENV] = str(impl_dir)
     return subprocess.Popen(
-        [sys.executable, __file__, *args], stdout=stdout, stderr=stderr, text=True, env=env
+        [sys.executable, __file__, *args], stdout=stdout, stderr=stderr, stdin=stdin, text=True, env=env
     )
 
 
@@ -371,16 +478,27 @@ def main() -> None:
     parser.add_argument("--serve", nargs=5, help=argparse.SUPPRESS)
     parser.add_argument("--drive", nargs=6, help=argparse.SUPPRESS)
     parser.add_argument("--pair", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--bursts", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--paired-bursts",
+        type=int,
+        default=6,
+        help="paired throughput: bursts per implementation and node count, alternating (0: skip)",
+    )
+    parser.add_argument("--burst-s", type=float, default=3.0, help="paired throughput: seconds per burst")
     parser.add_argument(
         "--pair-samples", type=int, default=400, help="paired latency: requests per size (0: skip the phase)"
     )
     args = parser.parse_args()
-    if args.serve or args.drive or args.pair:
+    if args.serve or args.drive or args.pair or args.bursts:
         _import_path()
         from splitwise.logging import configure_logging
 
         configure_logging("ERROR", json=True)
-        if args.pair:
+        if args.bursts:
+            port, topic, num_nodes, burst_s, inflight = args.bursts
+            asyncio.run(drive_bursts(int(port), topic, int(num_nodes), float(burst_s), int(inflight)))
+        elif args.pair:
             port, topics, pair_sizes, samples = args.pair
             paired = drive_pair(
                 int(port), topics.split(","), [int(n) for n in pair_sizes.split(",")], int(samples)
@@ -428,6 +546,28 @@ def main() -> None:
                     )
         if results:
             print_table(results, sizes)
+        if args.paired_bursts and set(args.impls.split(",")) == {"old", "new"}:
+            print(
+                f"\npaired throughput: old and new live at once per node count, {args.paired_bursts} bursts of "
+                f"{args.burst_s} s each, {args.inflight} in flight, alternating (old, new, new, old, ...)",
+                flush=True,
+            )
+            print(
+                "\n| nodes | load avg | dispatches/s old | new | new/old (median of burst pairs) | min | max |"
+            )
+            print("|---:|---:|---:|---:|---:|---:|---:|")
+            for n in sizes:
+                bursts = run_paired_throughput(
+                    impls, server.port, n, args.paired_bursts, args.burst_s, args.inflight, "p"
+                )
+                ratios = [b["new"] / b["old"] for b in bursts]
+                print(
+                    f"| {n} | {statistics.median(b['load_avg'] for b in bursts):.1f} "
+                    f"| {statistics.median(b['old'] for b in bursts):.0f} "
+                    f"| {statistics.median(b['new'] for b in bursts):.0f} | x{statistics.median(ratios):.2f} "
+                    f"| x{min(ratios):.2f} | x{max(ratios):.2f} |",
+                    flush=True,
+                )
         if args.pair_samples and len(sizes) > 1:
             pair_sizes = [sizes[0], sizes[-1]]
             print(
@@ -482,9 +622,9 @@ def print_table(results: dict[tuple[str, int], list[dict[str, float]]], sizes: l
     base = sizes[0]
     print(
         f"\n| nodes | load avg | dispatches/s old | new | new/old | dispatch p50 ms old | new "
-        f"| new p50 / new p50 @{base} | cmds/req old | new |"
+        f"| new p50 / new p50 @{base} | cmds/req old | new | new, background included |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in sizes:
         old_s, new_s = med("old", n, "dispatch_s"), med("new", n, "dispatch_s")
         load = statistics.median(r["load_avg"] for name in ("old", "new") for r in results.get((name, n), []))
@@ -492,11 +632,14 @@ def print_table(results: dict[tuple[str, int], list[dict[str, float]]], sizes: l
             f"| {n} | {load:.1f} | {old_s:.0f} | {new_s:.0f} | x{new_s / old_s:.2f} "
             f"| {med('old', n, 'dispatch_p50'):.3f} | {med('new', n, 'dispatch_p50'):.3f} "
             f"| {med('new', n, 'dispatch_p50') / med('new', base, 'dispatch_p50'):.2f} "
-            f"| {med('old', n, 'cmds_req_n'):.1f} | {med('new', n, 'cmds_req_n'):.1f} |"
+            f"| {med('old', n, 'req_cmds_n'):.1f} | {med('new', n, 'req_cmds_n'):.1f} "
+            f"| {med('new', n, 'cmds_req_n'):.1f} |"
         )
     print(
-        "\n(cmds/req: every command Redis ran per request in the loaded phase, heartbeats and script "
-        "internals included; load avg: the machine's 1-minute load average during the cases)"
+        "\n(cmds/req: every command Redis ran in the loaded phase (script internals included) per "
+        "request, less the idle background rate (heartbeats, idle reads) times the phase's length; "
+        "'background included': without that subtraction; load avg: the machine's 1-minute load "
+        "average during the cases)"
     )
     print("\n| nodes | impl | " + " | ".join(title for title, _k, _f in COLUMNS) + " |")
     print("|---:|---|" + "---:|" * len(COLUMNS))
