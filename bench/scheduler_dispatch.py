@@ -1,20 +1,32 @@
 """Scheduler at scale: the current scheduler and the one at a reference commit, side by side, on one
 real redis-server (a script, not a test).
 
+Issue #12's figures, in one run::
+
+    .venv/bin/python bench/scheduler_dispatch.py --nodes 2,32,512 --rounds 3 --requests 1000
+
 For each node count (default 2, 8, 32, 128, 512 simulated nodes: half prefill, half decode, many
 per process, answering each request instantly with one token) and each implementation, in
-interleaved rounds:
+interleaved rounds (old, new, then new, old, ...):
 
   latency phase   one request in flight: dispatch p50/p99 (``submit()``: pick + book + enqueue)
                   and 1-token round trip p50/p99 (submit -> terminal message)
   throughput phase ``--inflight`` requests in flight from one frontend: dispatches/s
   both phases     Redis commands per request (``INFO commandstats``, every command of every
-                  client, heartbeats included) and Redis CPU per request (``INFO cpu``)
+                  client, heartbeats and script internals included) and Redis CPU per request
   throughput phase client CPU per request of the frontend process and of the node-host processes
                   (utime + stime from /proc/<pid>/stat, every thread, idle background included)
 
-    .venv/bin/python bench/scheduler_dispatch.py [--nodes 2,8,32,128,512] [--rounds 2]
-        [--reference c5d8111] [--requests 2000] [--inflight 32]
+then a paired latency phase (this checkout only, skipped with ``--pair-samples 0``): the smallest
+and the largest node count live at once on the same server, single requests alternating between
+their two frontends, so the p50 ratio of the two sizes is measured at the same moments of a
+shared, noisy machine (separate cases run seconds apart, and the machine's load moves between them).
+
+It prints one table with what the issue's done-when asks: per node count the machine's load
+average, dispatches/s old / new and their ratio, dispatch p50 old / new and new's p50 over new's
+p50 at the smallest count, commands per request old / new; then the detail table, then the paired
+p50 ratio. Options: [--nodes 2,8,32,128,512] [--rounds 2] [--reference c5d8111] [--requests 2000]
+[--inflight 32] [--impls old,new] [--pair-samples 400].
 
 The reference implementation is the ``scheduler`` package at ``--reference``, extracted with
 ``git archive`` into a temporary directory at run time (never committed) and put first on the
@@ -200,6 +212,193 @@ async def drive(
     }
 
 
+async def drive_pair(port: int, topics: list[str], sizes: list[int], samples: int) -> dict[str, float]:
+    """Paired latency: one frontend per topic (each topic its own set of live nodes, all on one
+    redis-server, all hosts running), single requests alternating between the topics (ABAB, the
+    order swapped every pair), so both sizes see the same moment of a shared machine."""
+    from scheduler.config import SchedulerConfig
+    from scheduler.frontend import FrontendScheduler
+    from scheduler.messages import Finished, SubmitRequest
+    from splitwise.engine.sampling_params import SamplingParams
+
+    fes = []
+    for topic, n in zip(topics, sizes, strict=True):
+        fe = FrontendScheduler(
+            SchedulerConfig(scheduler_port=port, scheduler_topic=topic), model_id="sim-model"
+        )
+        await fe.start()
+        deadline = time.monotonic() + 60
+        while len(fe._view.nodes) < n and time.monotonic() < deadline:  # type: ignore[union-attr]
+            await asyncio.sleep(0.2)
+            await fe._monitor.refresh_view()  # type: ignore[union-attr]
+        fes.append(fe)
+    seq = iter(range(10**9))
+    failures = 0
+
+    async def one(fe: FrontendScheduler) -> float:
+        nonlocal failures
+        start = time.perf_counter()
+        stream = await fe.submit(
+            SubmitRequest(
+                req_id=f"q{next(seq)}",
+                prompt_token_ids=[1] * 32,
+                sampling_params=SamplingParams(max_tokens=1),
+            )
+        )
+        dispatched = time.perf_counter()
+        failures += not isinstance((await stream.collect())[-1], Finished)
+        return (dispatched - start) * 1000
+
+    for _ in range(50):
+        for fe in fes:
+            await one(fe)
+    got: list[list[float]] = [[] for _ in fes]
+    for i in range(samples):
+        order = list(range(len(fes))) if i % 2 == 0 else list(reversed(range(len(fes))))
+        for j in order:
+            got[j].append(await one(fes[j]))
+    for fe in fes:
+        await fe.close()
+    out = {f"p50_{n}": statistics.median(g) for n, g in zip(sizes, got, strict=True)}
+    out.update({f"p99_{n}": pct(g, 0.99) for n, g in zip(sizes, got, strict=True)})
+    out["failures"] = failures
+    return out
+
+
+async def drive_bursts(port: int, topic: str, num_nodes: int, burst_s: float, inflight: int) -> None:
+    """Throughput in bursts on command: after READY, each stdin line ``go`` runs ``inflight``
+    requests in flight for ``burst_s`` seconds and prints {dispatch_s, failures}; ``stop`` ends."""
+    from scheduler.config import SchedulerConfig
+    from scheduler.frontend import FrontendScheduler
+    from scheduler.messages import Finished, SubmitRequest
+    from splitwise.engine.sampling_params import SamplingParams
+
+    fe = FrontendScheduler(SchedulerConfig(scheduler_port=port, scheduler_topic=topic), model_id="sim-model")
+    await fe.start()
+    refresh = getattr(fe, "_refresh_view", None) or fe._monitor.refresh_view  # type: ignore[union-attr]
+    deadline = time.monotonic() + 60
+    while len(fe._view.nodes) < num_nodes and time.monotonic() < deadline:  # type: ignore[union-attr]
+        await asyncio.sleep(0.2)
+        await refresh()
+    typed = "SamplingParams" in str(SubmitRequest.__dataclass_fields__["sampling_params"].type)
+    params: Any = SamplingParams(max_tokens=1) if typed else {"max_tokens": 1}
+    seq = iter(range(10**9))
+    failures = 0
+
+    async def one() -> None:
+        nonlocal failures
+        stream = await fe.submit(
+            SubmitRequest(req_id=f"t{next(seq)}", prompt_token_ids=[1] * 32, sampling_params=params)
+        )
+        failures += not isinstance((await stream.collect())[-1], Finished)
+
+    for _ in range(50):
+        await one()
+    print("READY", flush=True)
+
+    async def worker(until: float) -> int:
+        done = 0
+        while time.perf_counter() < until:
+            await one()
+            done += 1
+        return done
+
+    while (await asyncio.to_thread(sys.stdin.readline)).strip() == "go":
+        start = time.perf_counter()
+        done = sum(await asyncio.gather(*(worker(start + burst_s) for _ in range(inflight))))
+        elapsed = time.perf_counter() - start
+        print(json.dumps({"dispatch_s": done / elapsed, "failures": failures}), flush=True)
+    await fe.close()
+
+
+def run_paired_throughput(
+    impls: dict[str, Path | None], port: int, n: int, bursts: int, burst_s: float, inflight: int, tag: str
+) -> list[dict[str, float]]:
+    """Both implementations' nodes and frontends live at once; throughput bursts alternate between
+    them (old, new, then new, old, ...), so every ratio compares two neighbouring moments."""
+    hosts: list[subprocess.Popen[str]] = []
+    drivers: dict[str, subprocess.Popen[str]] = {}
+    try:
+        for name, impl in impls.items():
+            for first in range(0, n, NODES_PER_PROCESS):
+                count = min(NODES_PER_PROCESS, n - first)
+                topic = f"bburst{name}{n}{tag}"
+                hosts.append(child(impl, "--serve", str(port), topic, str(first), str(count), str(n)))
+        for host in hosts:
+            assert host.stdout is not None
+            if host.stdout.readline().strip() != "READY":
+                raise RuntimeError("node host did not start")
+        for name, impl in impls.items():
+            args = [str(port), f"bburst{name}{n}{tag}", str(n), str(burst_s), str(inflight)]
+            env_child = child(impl, "--bursts", *args, stdin=subprocess.PIPE)
+            drivers[name] = env_child
+        for driver in drivers.values():
+            assert driver.stdout is not None
+            if driver.stdout.readline().strip() != "READY":
+                raise RuntimeError("burst driver did not start")
+        out: list[dict[str, float]] = []
+        for i in range(bursts):
+            got: dict[str, float] = {}
+            for name in ("old", "new") if i % 2 == 0 else ("new", "old"):
+                driver = drivers[name]
+                assert driver.stdin is not None and driver.stdout is not None
+                driver.stdin.write("go\n")
+                driver.stdin.flush()
+                got[name] = float(json.loads(driver.stdout.readline())["dispatch_s"])
+            got["load_avg"] = os.getloadavg()[0]
+            out.append(got)
+        return out
+    finally:
+        for driver in drivers.values():
+            try:
+                assert driver.stdin is not None
+                driver.stdin.write("stop\n")
+                driver.stdin.close()
+                driver.wait(timeout=60)
+            except (OSError, subprocess.TimeoutExpired):
+                driver.kill()
+                driver.wait()
+        for host in hosts:
+            host.send_signal(signal.SIGTERM)
+        for host in hosts:
+            try:
+                host.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                host.kill()
+                host.wait()
+
+
+def run_pair(port: int, sizes: list[int], samples: int, tag: str) -> dict[str, float]:
+    """Hosts for every size at once (this checkout), then the paired driver."""
+    hosts: list[subprocess.Popen[str]] = []
+    topics = [f"bpair{n}{tag}" for n in sizes]
+    try:
+        for topic, n in zip(topics, sizes, strict=True):
+            for first in range(0, n, NODES_PER_PROCESS):
+                count = min(NODES_PER_PROCESS, n - first)
+                hosts.append(child(None, "--serve", str(port), topic, str(first), str(count), str(n)))
+        for host in hosts:
+            assert host.stdout is not None
+            if host.stdout.readline().strip() != "READY":
+                raise RuntimeError("node host did not start")
+        args = [str(port), ",".join(topics), ",".join(map(str, sizes)), str(samples)]
+        driver = child(None, "--pair", *args, stderr=subprocess.PIPE)
+        out, err = driver.communicate(timeout=600)
+        lines = out.strip().splitlines()
+        if driver.returncode != 0 or not lines:
+            raise RuntimeError(f"pair driver failed ({driver.returncode}): {err[-2000:]}")
+        return dict(json.loads(lines[-1]))
+    finally:
+        for host in hosts:
+            host.send_signal(signal.SIGTERM)
+        for host in hosts:
+            try:
+                host.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                host.kill()
+                host.wait()
+
+
 # --- orchestrator ----------------------------------------------------------------------------------
 def extract_reference(commit: str, into: Path) -> Path:
     """The ``scheduler`` package as it was at ``commit`` (git archive), under ``into``."""
@@ -211,14 +410,18 @@ def extract_reference(commit: str, into: Path) -> Path:
 
 
 def child(
-    impl_dir: Path | None, *args: str, stdout: Any = subprocess.PIPE, stderr: Any = subprocess.DEVNULL
+    impl_dir: Path | None,
+    *args: str,
+    stdout: Any = subprocess.PIPE,
+    stderr: Any = subprocess.DEVNULL,
+    stdin: Any = None,
 ) -> subprocess.Popen[str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop(IMPL_ENV, None)
     if impl_dir is not None:
         env[IMPL_ENV] = str(impl_dir)
     return subprocess.Popen(
-        [sys.executable, __file__, *args], stdout=stdout, stderr=stderr, text=True, env=env
+        [sys.executable, __file__, *args], stdout=stdout, stderr=stderr, stdin=stdin, text=True, env=env
     )
 
 
@@ -271,15 +474,37 @@ def main() -> None:
     parser.add_argument("--reference", default="c5d8111", help="commit of the 'old' scheduler")
     parser.add_argument("--requests", type=int, default=2000, help="requests in the throughput phase")
     parser.add_argument("--inflight", type=int, default=32, help="requests in flight in the throughput phase")
+    parser.add_argument("--impls", default="old,new", help="which to run (new alone: no ratios)")
     parser.add_argument("--serve", nargs=5, help=argparse.SUPPRESS)
     parser.add_argument("--drive", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument("--pair", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--bursts", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--paired-bursts",
+        type=int,
+        default=6,
+        help="paired throughput: bursts per implementation and node count, alternating (0: skip)",
+    )
+    parser.add_argument("--burst-s", type=float, default=3.0, help="paired throughput: seconds per burst")
+    parser.add_argument(
+        "--pair-samples", type=int, default=400, help="paired latency: requests per size (0: skip the phase)"
+    )
     args = parser.parse_args()
-    if args.serve or args.drive:
+    if args.serve or args.drive or args.pair or args.bursts:
         _import_path()
         from splitwise.logging import configure_logging
 
         configure_logging("ERROR", json=True)
-        if args.serve:
+        if args.bursts:
+            port, topic, num_nodes, burst_s, inflight = args.bursts
+            asyncio.run(drive_bursts(int(port), topic, int(num_nodes), float(burst_s), int(inflight)))
+        elif args.pair:
+            port, topics, pair_sizes, samples = args.pair
+            paired = drive_pair(
+                int(port), topics.split(","), [int(n) for n in pair_sizes.split(",")], int(samples)
+            )
+            print(json.dumps(asyncio.run(paired)))
+        elif args.serve:
             port, topic, first, count, total = args.serve
             asyncio.run(serve_nodes(int(port), topic, int(first), int(count), int(total)))
         else:
@@ -310,15 +535,56 @@ def main() -> None:
         for rnd in range(args.rounds):
             for n in sizes:
                 order = ("old", "new") if rnd % 2 == 0 else ("new", "old")
-                for name in order:
+                for name in (i for i in order if i in args.impls.split(",")):
                     topic = f"b{name}{n}r{rnd}"
                     r = run_case(impls[name], server.port, topic, n, args)
+                    r["load_avg"] = os.getloadavg()[0]
                     results.setdefault((name, n), []).append(r)
                     print(
                         f"  round {rnd} {name:>3} {n:>4} nodes: {json.dumps({k: round(v, 3) for k, v in r.items()})}",
                         flush=True,
                     )
-        print_table(results, sizes)
+        if results:
+            print_table(results, sizes)
+        if args.paired_bursts and set(args.impls.split(",")) == {"old", "new"}:
+            print(
+                f"\npaired throughput: old and new live at once per node count, {args.paired_bursts} bursts of "
+                f"{args.burst_s} s each, {args.inflight} in flight, alternating (old, new, new, old, ...)",
+                flush=True,
+            )
+            print(
+                "\n| nodes | load avg | dispatches/s old | new | new/old (median of burst pairs) | min | max |"
+            )
+            print("|---:|---:|---:|---:|---:|---:|---:|")
+            for n in sizes:
+                bursts = run_paired_throughput(
+                    impls, server.port, n, args.paired_bursts, args.burst_s, args.inflight, "p"
+                )
+                ratios = [b["new"] / b["old"] for b in bursts]
+                print(
+                    f"| {n} | {statistics.median(b['load_avg'] for b in bursts):.1f} "
+                    f"| {statistics.median(b['old'] for b in bursts):.0f} "
+                    f"| {statistics.median(b['new'] for b in bursts):.0f} | x{statistics.median(ratios):.2f} "
+                    f"| x{min(ratios):.2f} | x{max(ratios):.2f} |",
+                    flush=True,
+                )
+        if args.pair_samples and len(sizes) > 1:
+            pair_sizes = [sizes[0], sizes[-1]]
+            print(
+                f"\npaired dispatch latency (this checkout): {pair_sizes[0]} and {pair_sizes[-1]} nodes live at "
+                f"once, {args.pair_samples} single requests each, alternating; load avg {os.getloadavg()[0]:.1f}",
+                flush=True,
+            )
+            pairs = [
+                run_pair(server.port, pair_sizes, args.pair_samples, f"r{rnd}") for rnd in range(args.rounds)
+            ]
+            for rnd, pr in enumerate(pairs):
+                print(f"  round {rnd}: {json.dumps({k: round(v, 3) for k, v in pr.items()})}", flush=True)
+            lo, hi = (statistics.median(pr[f"p50_{n}"] for pr in pairs) for n in pair_sizes)
+            print(
+                f"  dispatch p50 {pair_sizes[0]} nodes {lo:.3f} ms, {pair_sizes[-1]} nodes {hi:.3f} ms: "
+                f"ratio {hi / lo:.2f} (medians over {len(pairs)} rounds); load avg {os.getloadavg()[0]:.1f}"
+            )
     finally:
         server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -340,37 +606,48 @@ COLUMNS = (
     ("(loaded)", "cpu_ms_req_n", ".3f"),
     ("frontend CPU ms/req (loaded)", "fe_cpu_ms_req_n", ".3f"),
     ("node hosts CPU ms/req (loaded)", "nodes_cpu_ms_req_n", ".3f"),
+    ("load avg", "load_avg", ".1f"),
 )
 
 
 def print_table(results: dict[tuple[str, int], list[dict[str, float]]], sizes: list[int]) -> None:
-    """Medians over the rounds. 'requests only' subtracts the background command rate (heartbeats,
-    idle blocking reads) measured in a 2 s window without requests, times the phase's duration."""
+    """Medians over the rounds: first the done-when table of issue #12, then the details. 'requests
+    only' subtracts the background command rate (heartbeats, idle blocking reads) measured in a 2 s
+    window without requests, times the phase's duration."""
 
     def med(name: str, n: int, key: str) -> float:
-        return statistics.median(r[key] for r in results[(name, n)])
+        runs = results.get((name, n), [])
+        return statistics.median(r[key] for r in runs) if runs else float("nan")
 
+    base = sizes[0]
+    print(
+        f"\n| nodes | load avg | dispatches/s old | new | new/old | dispatch p50 ms old | new "
+        f"| new p50 / new p50 @{base} | cmds/req old | new | new, background included |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for n in sizes:
+        old_s, new_s = med("old", n, "dispatch_s"), med("new", n, "dispatch_s")
+        load = statistics.median(r["load_avg"] for name in ("old", "new") for r in results.get((name, n), []))
+        print(
+            f"| {n} | {load:.1f} | {old_s:.0f} | {new_s:.0f} | x{new_s / old_s:.2f} "
+            f"| {med('old', n, 'dispatch_p50'):.3f} | {med('new', n, 'dispatch_p50'):.3f} "
+            f"| {med('new', n, 'dispatch_p50') / med('new', base, 'dispatch_p50'):.2f} "
+            f"| {med('old', n, 'req_cmds_n'):.1f} | {med('new', n, 'req_cmds_n'):.1f} "
+            f"| {med('new', n, 'cmds_req_n'):.1f} |"
+        )
+    print(
+        "\n(cmds/req: every command Redis ran in the loaded phase (script internals included) per "
+        "request, less the idle background rate (heartbeats, idle reads) times the phase's length; "
+        "'background included': without that subtraction; load avg: the machine's 1-minute load "
+        "average during the cases)"
+    )
     print("\n| nodes | impl | " + " | ".join(title for title, _k, _f in COLUMNS) + " |")
     print("|---:|---|" + "---:|" * len(COLUMNS))
     for n in sizes:
         for name in ("old", "new"):
-            cells = " | ".join(format(med(name, n, key), fmt) for _t, key, fmt in COLUMNS)
-            print(f"| {n} | {name} | {cells} |")
-    print("\nnew/old ratios (same run, medians):")
-    for n in sizes:
-        print(
-            f"  {n:>4} nodes: throughput x{med('new', n, 'dispatch_s') / med('old', n, 'dispatch_s'):.2f}, "
-            f"cmds/req (loaded, all) x{med('new', n, 'cmds_req_n') / med('old', n, 'cmds_req_n'):.2f}, "
-            f"dispatch p50 x{med('new', n, 'dispatch_p50') / med('old', n, 'dispatch_p50'):.2f}, "
-            f"Redis us per script call x{med('new', n, 'script_us') / med('old', n, 'script_us'):.2f}"
-        )
-    base = sizes[0]
-    for name in ("old", "new"):
-        print(
-            f"  {name}: dispatch p50 at {sizes[-1]} nodes / at {base} nodes = "
-            f"{med(name, sizes[-1], 'dispatch_p50') / med(name, base, 'dispatch_p50'):.2f}; Redis us per script "
-            f"call at {sizes[-1]} / at {base} = {med(name, sizes[-1], 'script_us') / med(name, base, 'script_us'):.2f}"
-        )
+            if (name, n) in results:
+                cells = " | ".join(format(med(name, n, key), fmt) for _t, key, fmt in COLUMNS)
+                print(f"| {n} | {name} | {cells} |")
 
 
 if __name__ == "__main__":

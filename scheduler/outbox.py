@@ -93,6 +93,10 @@ class Outbox:
 
     async def _run(self) -> None:
         async with self._lock:  # one flush at a time; the next one carries what arrived meanwhile
+            # One loop turn first: the producers that the previous flush's end woke (a request whose
+            # token waited in send_soon, about to queue its terminal and ack) ride on this flush
+            # instead of the next (one flush per short request, not two).
+            await asyncio.sleep(0)
             future, self._next = self._next, None
             pending, self._pending = self._pending, _Pending()
             assert future is not None

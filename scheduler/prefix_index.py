@@ -9,7 +9,7 @@ set that expires, and dispatch never scores a node whose lease lapsed anyway.
 
 Frontend side (``prompt_block_hashes``): the first ``MAX_PREFIX_BLOCKS`` block hashes of a prompt,
 computed exactly as the nodes' caches compute them, go to the dispatch script, which finds each
-sampled candidate's cached prefix by binary search (O(log n) SISMEMBER per candidate): the cost per
+sampled candidate's cached prefix with one SMISMEMBER of those hashes per candidate: the cost per
 dispatch depends on the sample size and n, never on how many blocks the cluster caches.
 """
 

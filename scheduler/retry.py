@@ -80,7 +80,7 @@ class Retrier:
 
     async def call(self, name: str, op: Callable[[], Awaitable[T]], *, give_up_after_s: float) -> T:
         """``op()`` through Redis blips for up to ``give_up_after_s``, then SchedulerConnectionError."""
-        backoff = self.backoff()
+        backoff: ExponentialBackoff | None = None  # made on the first failure (the hot path never fails)
         give_up_at = self.clock.monotonic() + give_up_after_s
         while True:
             try:
@@ -88,6 +88,7 @@ class Retrier:
             except Exception as exc:
                 if not isinstance(exc, REDIS_DOWN_ERRORS) and not (self.repair and is_wrong_type(exc)):
                     raise
+                backoff = backoff or self.backoff()
                 delay = self._failed(name, exc, backoff)
                 if self.clock.monotonic() >= give_up_at:
                     raise SchedulerConnectionError(f"{name}: Redis unavailable: {exc}") from None

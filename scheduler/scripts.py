@@ -61,8 +61,9 @@ local min_prefill, max_queue = tonumber(ARGV[11] or 0), tonumber(ARGV[12] or 0)
 --   prefill: booked prompt tokens - w_p * cached prefix tokens (the prefill work it would do)
 --   decode:  its load score - w_d * (cached blocks / hashed blocks) * booking unit
 --            (a D holding the whole prefix is worth w_d fewer booked requests)
--- The cached prefix is found by binary search over the hashes (a chain: a cache holds a block's
--- prefix whenever it holds the block, eviction taking the tail first): O(log n) per candidate.
+-- The cached prefix is the leading run of hashes the set holds (a chain: a cache holds a block's
+-- prefix whenever it holds the block, eviction taking the tail first), from one SMISMEMBER per
+-- candidate (one command, however many hashes: a binary search cost log2(n) commands).
 local w_p, w_d = tonumber(ARGV[13] or 0), tonumber(ARGV[14] or 0)
 local pfx_head, block_size = ARGV[15] or '', tonumber(ARGV[16] or 0)
 local payload, work_head, work_maxlen, work_ttl = ARGV[17] or '', ARGV[18] or '', ARGV[19], ARGV[20]
@@ -71,14 +72,11 @@ for i = 21, #ARGV do hashes[#hashes + 1] = ARGV[i] end
 local hits = {}
 local function cached_blocks(member)
   if hits[member] then return hits[member] end
-  local key = pfx_head .. string.match(member, '^([^|]+)')
-  local lo, hi = 0, #hashes
-  while lo < hi do
-    local mid = math.floor((lo + hi + 1) / 2)
-    if redis.call('SISMEMBER', key, hashes[mid]) == 1 then lo = mid else hi = mid - 1 end
-  end
-  hits[member] = lo
-  return lo
+  local held = redis.call('SMISMEMBER', pfx_head .. string.match(member, '^([^|]+)'), unpack(hashes))
+  local n = 0
+  while n < #held and held[n + 1] == 1 do n = n + 1 end
+  hits[member] = n
+  return n
 end
 local function overlap_bonus(role, member)
   if #hashes == 0 then return 0 end

@@ -110,6 +110,24 @@ def test_no_capacity_without_a_pair(config: SchedulerConfig) -> None:
     run(body())
 
 
+def test_pair_without_a_common_protocol_is_withdrawn_and_released(config: SchedulerConfig) -> None:
+    """The script enqueued before the frontend saw the pair shares no protocol: the frontend takes
+    the entry back and releases the bookings; a node that read it first drops it (no protocol)."""
+
+    async def body() -> None:
+        async with cluster(config) as c:
+            await c.add_node("p0", "prefill", host="10.0.0.1", protocols=["rdma"], serve=False)
+            d0 = await c.add_node("d0", "decode", host="10.0.0.2", protocols=["tcp"], serve=False)
+            fe = await c.add_frontend()
+            with pytest.raises(NoCapacityError, match="share no transfer protocol"):
+                await fe.submit(SubmitRequest(req_id="r0", prompt_token_ids=[1] * 20))
+            assert await fe.client.xlen(fe.keys.work("d0")) == 0
+            assert booked_decode(await booked(fe)) == {} and booked_prefill(await booked(fe)) == {}
+            assert "r0" not in fe.inflight and not d0.agent.holds("r0")
+
+    run(body())
+
+
 def test_mismatched_model_or_geometry_never_paired(config: SchedulerConfig) -> None:
     other_kv = KVGeometry(dtype="float16", block_size=16, num_layers=2, num_kv_heads=2, head_dim=64)
 
@@ -277,3 +295,36 @@ def test_commands_per_request_stay_flat_and_under_twenty(config: SchedulerConfig
             assert per_request <= 20, per_request
 
     run(body(), timeout_s=60)
+
+
+def test_entry_decoder_builds_the_assignment_or_refuses_a_pair_without_protocol() -> None:
+    from scheduler.dispatch import UNASSIGNED, EntryDecoder, build_assignment
+    from scheduler.errors import MessageDecodeError
+    from scheduler.messages import WorkItem, encode
+    from scheduler.sim_node import make_node_info
+
+    p = dataclasses.replace(make_node_info("p0", "prefill", host="10.0.0.1"), incarnation="a")
+    d = dataclasses.replace(make_node_info("d0", "decode", host="10.0.0.2"), incarnation="b")
+    item = WorkItem("r0", [1, 2], SamplingParams(), "fe", 1, 2, 0, [], UNASSIGNED)
+    bookings = ["p|g|p0|a|r0|0|2", "d|g|d0|b|r0|0|1048576"]
+    entry = {
+        b"m": encode(item),
+        b"mode": b"disagg",
+        b"p": b"p0|a",
+        b"d": b"d0|b",
+        b"g": b"g",
+        b"b": " ".join(bookings).encode(),
+        b"pi": encode(p),
+        b"di": encode(d),
+    }
+    decoder = EntryDecoder()
+    got = decoder.work_item(entry)
+    assert got.assignment == build_assignment("r0", "g", ("disagg", "p0|a", "d0|b"), bookings, p, d)
+    assert got.assignment.protocol == "rdma" and got.req_id == "r0"
+    assert decoder.work_item({b"m": encode(dataclasses.replace(item, assignment=got.assignment))}) == got
+    tcp_only = dataclasses.replace(d, transfer_protocols=[Protocol.TCP])
+    rdma_only = dataclasses.replace(p, transfer_protocols=[Protocol.RDMA])
+    with pytest.raises(NoCapacityError):
+        decoder.work_item({**entry, b"pi": encode(rdma_only), b"di": encode(tcp_only)})
+    with pytest.raises(MessageDecodeError):
+        decoder.work_item({k: v for k, v in entry.items() if k != b"pi"})
