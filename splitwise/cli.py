@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "up": "splitwise.commands.up:up",
     "router": "splitwise.commands.router:router",
     "inspect": "splitwise.commands.inspect:inspect_cmd",
+    "migrate": "splitwise.commands.migrate:migrate",
     "bench": "splitwise.commands.bench:bench",
 }
 

@@ -34,6 +34,9 @@ from splitwise.instance.config import InstanceConfig
 from splitwise.instance.decode_flow import DecodeFlow
 from splitwise.instance.engine_worker import EngineWorker
 from splitwise.instance.host_identity import advertised, host_id
+from splitwise.instance.migration_metrics import MigrationMetrics
+from splitwise.instance.migration_source import MigrationSource
+from splitwise.instance.migration_target import MIGRATION_MESSAGES, MigrationRefused, MigrationTarget
 from splitwise.instance.node_runtime import NodeRuntime
 from splitwise.instance.pd_channel import PDChannel
 from splitwise.instance.prefill_flow import PrefillFlow
@@ -43,7 +46,7 @@ from splitwise.logging import get_logger
 from splitwise.transfer.base import TransportInitiator, TransportOptions, TransportTarget
 from splitwise.transfer.control_connection import ControlConnection
 from splitwise.transfer.errors import UnknownProtocolError
-from splitwise.transfer.messages import CallMessage, Compatibility
+from splitwise.transfer.messages import CallMessage, Compatibility, Granted
 from splitwise.transfer.registry import create_initiator, create_target
 
 log = get_logger(__name__)
@@ -74,6 +77,8 @@ class Instance:
         self.runtime: NodeRuntime | None = None
         self.channel: PDChannel | None = None
         self.decode_flow: DecodeFlow | None = None
+        self.migration_target: MigrationTarget | None = None
+        self.migration_metrics = MigrationMetrics(self.metrics)
         self.prefill_flow: PrefillFlow | None = None
         self.targets: dict[str, TransportTarget] = {}
         self.initiators: dict[str, TransportInitiator] = {}
@@ -111,6 +116,7 @@ class Instance:
         self.ports.http = int(self._http_sock.getsockname()[1])
         await self._start_scheduler()
         self.runtime = NodeRuntime(self.node, self.worker, decoder=self.decode_flow)
+        self.runtime.migration = self._migration_source()
         await self.runtime.start()
         await self._start_http()
         log.info(
@@ -146,6 +152,7 @@ class Instance:
                     target = create_target(protocol, options)
                     target.register(self.engine.kv_cache)
                     self.targets[protocol] = target
+                    self._start_migration_initiator(protocol, options)
                     # The registry record carries the typed endpoint, advertised address in it.
                     self.ports.transfer[Protocol(protocol)] = advertised(
                         target.endpoint(), cfg.advertised_host
@@ -176,6 +183,18 @@ class Instance:
                 f"({'; '.join(reasons)})"
             )
         self._usable_protocols = usable
+
+    def _start_migration_initiator(self, protocol: str, options: TransportOptions) -> None:
+        """A decode node also sends KV: live migration to another decode node (#16)."""
+        assert self.engine is not None
+        try:
+            initiator = create_initiator(protocol, options)
+            initiator.register(self.engine.kv_cache)
+        except Exception as exc:  # noqa: BLE001 - migration over this protocol is then unavailable
+            self.counters.inc("migration_initiators_unavailable")
+            log.warning("cannot migrate out over this protocol", protocol=protocol, error=str(exc))
+            return
+        self.initiators[protocol] = initiator
 
     async def _cluster_token(self) -> str:
         token = explicit_token(self.config.cluster_token)
@@ -215,6 +234,13 @@ class Instance:
         ).start(cfg.host, cfg.pd_comm_port)
         self.ports.pd_comm = self.channel.port
         if cfg.role == "decode":
+            self.migration_target = MigrationTarget(
+                self.worker,
+                self.targets,
+                self.counters,
+                adopt=self._adopt_migrated,
+                timeout_s=cfg.transfer_timeout_s,
+            )
             self.decode_flow = DecodeFlow(
                 cfg,
                 self.worker,
@@ -307,7 +333,33 @@ class Instance:
 
     # -- control channel plumbing -------------------------------------------------------------
 
-    def _on_control_message(self, conn: ControlConnection, message: CallMessage) -> Awaitable[None] | None:
+    def _migration_source(self) -> MigrationSource | None:
+        if self.config.role != "decode" or not isinstance(self.node, NodeAgent) or self.channel is None:
+            return None
+        assert self.worker is not None and self.engine is not None
+        return MigrationSource(
+            self.worker,
+            self.channel,
+            self.initiators,
+            self.node,
+            self.counters,
+            num_layers=self.engine.kv_cache.geometry.num_layers,
+            headroom_tokens=self.config.decode_headroom_tokens,
+            timeout_s=self.config.transfer_timeout_s,
+            on_outcome=self.migration_metrics.observe,
+        )
+
+    def _adopt_migrated(self, *args: Any) -> None:
+        assert self.runtime is not None
+        self.runtime.adopt_migrated(*args)
+
+    def _on_control_message(
+        self, conn: ControlConnection, message: CallMessage
+    ) -> Awaitable[Granted | None] | None:
+        if isinstance(message, MIGRATION_MESSAGES):
+            if self.migration_target is None:
+                raise MigrationRefused("this node does not take migrated requests (role is not decode)")
+            return self.migration_target.handle(conn, message)
         if self.decode_flow is not None:
             self.decode_flow.on_message(conn, message)
         if self.prefill_flow is not None:
@@ -315,6 +367,8 @@ class Instance:
         return None
 
     def _on_peer_lost(self, peer_id: str) -> None:
+        if self.migration_target is not None:
+            self.migration_target.on_peer_lost(peer_id)
         if self.decode_flow is not None:
             self.decode_flow.on_peer_lost(peer_id)
         if self.prefill_flow is not None:  # #11: P stops writing to a D it lost
@@ -367,6 +421,8 @@ class Instance:
             await self._token_keeper[1].aclose()
         if self.decode_flow is not None:
             await self.decode_flow.close()
+        if self.migration_target is not None:
+            await self.migration_target.close()
         if self.channel is not None:
             await self.channel.close()
         for target in self.targets.values():
