@@ -117,6 +117,7 @@ class Instance:
         await self._start_scheduler()
         self.runtime = NodeRuntime(self.node, self.worker, decoder=self.decode_flow)
         self.runtime.migration = self._migration_source()
+        self.runtime.migration_in = self.migration_target
         await self.runtime.start()
         await self._start_http()
         log.info(

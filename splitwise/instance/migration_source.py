@@ -53,6 +53,10 @@ log = get_logger(__name__)
 S = SourceState
 
 MAX_PRECOPY_ROUNDS = 3  # then stop and copy whatever is left
+# The target reserves the request's length now plus this (or the headroom flag, if larger), capped at
+# the most the request can ever hold: it keeps decoding here while the pre-copy runs, and whatever it
+# reserved becomes the request's block table there (no block is wasted beyond its final length).
+GROWTH_MARGIN_TOKENS = 256
 STOP_BELOW_BLOCKS = 2  # a round that would copy fewer new full blocks than this goes straight to the stop
 
 
@@ -211,7 +215,7 @@ class MigrationSource:
         offer = MigrateOffer(
             call_id=0,
             req_id=req_id,
-            num_tokens=view.num_computed_tokens + self.headroom_tokens,
+            num_tokens=self._reservation_tokens(serving, view),
             protocol=codes.Protocol(rec.protocol),
             transfer_ids=[transfer_id(req_id, k) for k in range(MAX_PRECOPY_ROUNDS + 1)],
         )
@@ -228,11 +232,18 @@ class MigrationSource:
             view = await self._decoding(rec)
             if view.num_preemptions != preemptions:  # its blocks were dropped and recomputed
                 copied, preemptions = 0, view.num_preemptions
-            if view.num_full_blocks - copied < STOP_BELOW_BLOCKS:
+            num_full = min(view.num_full_blocks, len(rec.dst_block_ids))
+            if num_full - copied < STOP_BELOW_BLOCKS:
                 break
-            await self._copy_round(rec, initiator, view.block_ids, copied, view.num_full_blocks)
-            copied = view.num_full_blocks
+            await self._copy_round(rec, initiator, view.block_ids, copied, num_full)
+            copied = num_full
         return await self._stop_and_commit(rec, serving, conn, initiator, copied, preemptions)
+
+    def _reservation_tokens(self, serving: Serving, view: BlockView) -> int:
+        item = serving.item
+        most = len(item.prompt_token_ids) + item.sampling_params.max_tokens
+        margin = max(self.headroom_tokens, GROWTH_MARGIN_TOKENS)
+        return max(view.num_computed_tokens + 1, min(most, view.num_computed_tokens + margin))
 
     async def _decoding(self, rec: SourceRecord) -> BlockView:
         view = await self.worker.migration_blocks(rec.req_id)

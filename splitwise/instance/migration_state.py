@@ -115,3 +115,4 @@ class TargetRecord(Record[TargetState]):
     dst_block_ids: list[int] = field(default_factory=list)
     transfer_ids: list[str] = field(default_factory=list)  # every round id the target expects
     timer: asyncio.Task[None] | None = None
+    ended: asyncio.Event = field(default_factory=asyncio.Event)  # set once the record is forgotten

@@ -83,6 +83,14 @@ class MigrationTarget:
             return self._release(rec, T.RELEASED, "aborted", message.reason)
         return None
 
+    async def settled(self, req_id: str) -> None:
+        """Until no migration reservation of ``req_id`` is left here (bounded by the fence). A
+        re-dispatch of a request whose source died mid-copy may reach this node first: its own
+        reservation under the same id must wait for the migration's to be released."""
+        rec = self.records.get(req_id)
+        if rec is not None:
+            await asyncio.wait_for(rec.ended.wait(), self.timeout_s + 10)
+
     def on_peer_lost(self, peer_id: str) -> None:
         for rec in list(self.records.values()):
             if rec.peer_id == peer_id and rec.is_in(T.RESERVED):
@@ -169,7 +177,9 @@ class MigrationTarget:
             await self.worker.release_reservation(rec.req_id)
         finally:
             self._end(rec, end, event, reason)
-            log.info("migration reservation released", req_id=rec.req_id, event=event, reason=reason)
+            log.info(
+                "migration reservation released", req_id=rec.req_id, migration_event=event, reason=reason
+            )
 
     async def _forget_all(self, rec: TargetRecord) -> None:
         target = self.targets[rec.protocol]
@@ -183,6 +193,7 @@ class MigrationTarget:
             self.transitions.move(rec, end, event, reason)
         if self.records.get(rec.req_id) is rec and not self.transitions.moves[rec.state]:
             del self.records[rec.req_id]
+            rec.ended.set()
 
     async def close(self) -> None:
         if self._background:

@@ -28,6 +28,7 @@ from splitwise.errors import SplitwiseError
 from splitwise.instance.engine_worker import EngineWorker
 from splitwise.instance.migration_source import MigrationSource, Serving
 from splitwise.instance.migration_state import MigrationOutcome
+from splitwise.instance.migration_target import MigrationTarget
 from splitwise.logging import bind_request, get_logger
 
 log = get_logger(__name__)
@@ -87,8 +88,9 @@ class NodeRuntime:
         self._loops: list[asyncio.Task[None]] = []
         self._serving: dict[str, Serving] = {}  # requests streaming from this engine now
         self._migrations: set[asyncio.Task[MigrationOutcome]] = set()  # from migrate commands
-        # Set before start() on a decode node with the Redis scheduler: live migration out.
+        # Set before start() on a decode node with the Redis scheduler: live migration out / in.
         self.migration: MigrationSource | None = None
+        self.migration_in: MigrationTarget | None = None
 
     async def start(self) -> None:
         self._loops = [
@@ -207,6 +209,8 @@ class NodeRuntime:
                 await self._terminal(item, _failed(item, FailureCode.INTERNAL, message))
 
     async def _serve_inner(self, item: WorkItem) -> None:
+        if self.migration_in is not None:  # a migration in of this request is being released
+            await self.migration_in.settled(item.req_id)
         req = prepare(item, self.worker.eos_token_ids)  # params were validated by the codec
         if req.finished_by is not None:
             # Its node died after the last token but before the terminal: nothing is left to generate.

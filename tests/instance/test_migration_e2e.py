@@ -21,7 +21,7 @@ from splitwise.cluster import Child, LocalCluster
 from splitwise.commands.migrate import send
 from tests.instance.pd_helpers import Background, decode_with_running_request, make_prompt, metric, wait_until
 
-MAX_TOKENS = 600  # long enough that the migration (a few ms of copying) happens mid-stream
+MAX_TOKENS = 1500  # long enough that the migration (a few ms of copying) happens mid-stream
 
 
 def _config(cluster: LocalCluster) -> SchedulerConfig:
