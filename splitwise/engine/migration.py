@@ -61,6 +61,11 @@ def blocks_of(engine: LLMEngine, req_id: str) -> BlockView | None:
     return _view(seq, engine.config.block_size)
 
 
+def running_blocks(engine: LLMEngine) -> list[tuple[str, int]]:
+    """(req_id, blocks held) of every running sequence, in admission order (migration policies)."""
+    return [(seq.req_id, len(seq.block_table)) for seq in engine.scheduler.running]
+
+
 def pause(engine: LLMEngine, req_id: str) -> RunningState | None:
     """Stop a decoding sequence between two steps (None: it is not decoding right now)."""
     seq = engine.scheduler.pause(req_id)

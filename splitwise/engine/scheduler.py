@@ -111,6 +111,11 @@ class Scheduler:
         return len(self._running)
 
     @property
+    def running(self) -> tuple[Sequence, ...]:
+        """The running batch in admission order (a copy: read-only)."""
+        return tuple(self._running)
+
+    @property
     def num_held(self) -> int:
         return len(self._held)
 

@@ -252,6 +252,10 @@ class EngineWorker:
         """Source: the block table of a decoding request (None: not decoding now)."""
         return await self.call(lambda e: migration.blocks_of(e, req_id))
 
+    async def running_blocks(self) -> list[tuple[str, int]]:
+        """(req_id, blocks held) of every running request, in admission order."""
+        return await self.call(migration.running_blocks)
+
     async def pause_for_migration(self, req_id: str) -> migration.RunningState | None:
         """Source: stop a decoding request between two steps, blocks kept (None: not decoding).
         Every output of the steps before it is already on its way to the request's queue."""

@@ -22,6 +22,7 @@ from scheduler.frontend import FrontendScheduler
 from scheduler.keys import KeySchema
 from scheduler.local import LocalScheduler
 from scheduler.messages import LoadReport, NodeInfo
+from scheduler.migration import Peer
 from scheduler.node import NodeAgent
 from splitwise.api.metrics import ApiMetrics
 from splitwise.codes import Protocol, Role
@@ -35,7 +36,9 @@ from splitwise.instance.decode_flow import DecodeFlow
 from splitwise.instance.engine_worker import EngineWorker
 from splitwise.instance.host_identity import advertised, host_id
 from splitwise.instance.migration_metrics import MigrationMetrics
+from splitwise.instance.migration_policy import MigrationPolicy, Running
 from splitwise.instance.migration_source import MigrationSource
+from splitwise.instance.migration_state import MigrationOutcome
 from splitwise.instance.migration_target import MIGRATION_MESSAGES, MigrationRefused, MigrationTarget
 from splitwise.instance.node_runtime import NodeRuntime
 from splitwise.instance.pd_channel import PDChannel
@@ -79,6 +82,7 @@ class Instance:
         self.decode_flow: DecodeFlow | None = None
         self.migration_target: MigrationTarget | None = None
         self.migration_metrics = MigrationMetrics(self.metrics)
+        self.migration_policy: MigrationPolicy | None = None
         self.prefill_flow: PrefillFlow | None = None
         self.targets: dict[str, TransportTarget] = {}
         self.initiators: dict[str, TransportInitiator] = {}
@@ -119,6 +123,7 @@ class Instance:
         self.runtime.migration = self._migration_source()
         self.runtime.migration_in = self.migration_target
         await self.runtime.start()
+        self._start_migration_policy()
         await self._start_http()
         log.info(
             "instance ready",
@@ -350,6 +355,27 @@ class Instance:
             on_outcome=self.migration_metrics.observe,
         )
 
+    def _start_migration_policy(self) -> None:
+        policy = self.config.migration_policy()
+        if not policy.is_on or self.runtime is None or self.runtime.migration is None:
+            return
+        runtime, worker, node = self.runtime, self.worker, self.node
+        assert worker is not None
+
+        async def gather() -> tuple[int, list[Running], list[Peer]]:
+            blocks = await worker.running_blocks()
+            mine = [Running(r, n, i) for i, (r, n) in enumerate(blocks) if runtime.is_streaming(r)]
+            return worker.load.free_kv_blocks, mine, await node.decode_peers()
+
+        async def migrate(req_id: str, target: str, reason: str) -> MigrationOutcome:
+            return await runtime.migrate_out(req_id, target=target, reason=reason)
+
+        interval_s = self.config.scheduler.heartbeat_interval_s
+        self.migration_policy = MigrationPolicy(
+            policy, lambda: node.info, gather, migrate, interval_s=interval_s
+        )
+        self.migration_policy.start()
+
     def _adopt_migrated(self, *args: Any) -> None:
         assert self.runtime is not None
         self.runtime.adopt_migrated(*args)
@@ -404,6 +430,8 @@ class Instance:
             self._http_server.should_exit = True
             if self._http_task is not None:
                 await asyncio.gather(self._http_task, return_exceptions=True)
+        if self.migration_policy is not None:
+            await self.migration_policy.close()
         if self.runtime is not None:
             await self.runtime.close()
         if self.prefix_index is not None:

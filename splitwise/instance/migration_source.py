@@ -169,7 +169,7 @@ class MigrationSource:
         pause_s = 0.0
         try:
             pause_s = await self._drive(rec, serving, target)
-        except (SplitwiseError, asyncio.TimeoutError) as exc:
+        except (SplitwiseError, asyncio.TimeoutError, OSError) as exc:
             await self._abort(rec, serving, str(exc) or type(exc).__name__)
         finally:
             del self.records[req_id]

@@ -177,6 +177,7 @@ class MigrationTarget:
             await self.worker.release_reservation(rec.req_id)
         finally:
             self._end(rec, end, event, reason)
+            self.counters.inc("migrations_released")
             log.info(
                 "migration reservation released", req_id=rec.req_id, migration_event=event, reason=reason
             )

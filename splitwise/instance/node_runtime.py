@@ -163,6 +163,11 @@ class NodeRuntime:
             return MigrationOutcome(req_id, False, me, target or "", reason, why)
         return await self.migration.migrate_to(serving, target, why=reason)
 
+    def is_streaming(self, req_id: str) -> bool:
+        """``req_id`` streams from this engine now (what a migration can move)."""
+        serving = self._serving.get(req_id)
+        return serving is not None and not serving.done and not serving.migrated_to
+
     async def migrate_all_out(self, reason: str) -> list[MigrationOutcome]:
         """Migrate every request streaming here (one after the other: each pause stays short)."""
         return [await self.migrate_out(req_id, reason=reason) for req_id in list(self._serving)]
