@@ -18,6 +18,7 @@ import pytest
 
 from scheduler.config import SchedulerConfig
 from splitwise.cluster import Child, LocalCluster
+from splitwise.commands.inspect import collect
 from splitwise.commands.migrate import send
 from tests.instance.pd_helpers import Background, decode_with_running_request, make_prompt, metric, wait_until
 
@@ -93,5 +94,20 @@ def test_migration_mid_stream_is_token_exact(
     assert choice["text"] == ref["text"]
     assert got["usage"]["completion_tokens"] == MAX_TOKENS
     assert choice["logprobs"]["token_logprobs"] == pytest.approx(ref["logprobs"]["token_logprobs"], abs=1e-4)
+    # The request's record (`splitwise inspect --request`) shows the move from the source to the other.
+    [target] = [c for c in decodes if c is not source]
+    report: dict[str, Any] = {}
+
+    def recorded() -> bool:
+        report.update(asyncio.run(collect(_config(cluster), req_id="cmpl-migrated", dead_letter_limit=0)))
+        return bool(report.get("request")) and report["request"]["state"]["state"] == "finished"
+
+    assert wait_until(recorded, 60)
+    names = [(e["event"], e["node"]) for e in report["request"]["events"]]
+    assert ("migrated_out", source.name) in names and ("migrated_in", target.name) in names
+    assert (
+        report["request"]["state"]["decode"] == target.name
+        and report["request"]["state"]["migrations"] == "1"
+    )
     others = [c for c in cluster.children if c.role == "decode" and c is not source]
     assert sum(c.log_file.read_text().count("migration reservation released") for c in others) == 0
