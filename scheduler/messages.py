@@ -25,7 +25,8 @@ from splitwise.kv_geometry import KVGeometry as KVGeometry  # re-exported; nodes
 from splitwise.wire_codec import MessageCodec
 
 # 3: typed SamplingParams, Endpoint per protocol, and Role/Mode/Protocol/FailureCode (were maps, strings)
-SCHEMA_VERSION = 3
+# 4: live migration (Migrated on the results stream, MigrateCommand on a node's control stream)
+SCHEMA_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -212,19 +213,68 @@ class NodeEvent(_PerAttempt):
     ts_ms: int
 
 
+@dataclass(frozen=True)
+class Migrated(_PerAttempt):
+    """Target node -> frontend, before the first token it publishes: this attempt now runs on
+    ``decode_node_id`` (watch that lease, send cancels there). Its bookings were released by the
+    source node; the attempt carries none from here on."""
+
+    TYPE: ClassVar[str] = "migrated"
+    from_node_id: str
+    decode_node_id: str
+    decode_incarnation: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class MigrateCommand:
+    """Anyone (``splitwise migrate``) -> a decode node's control stream: move running request
+    ``req_id`` to ``target_node_id`` ("" = the node picks a live compatible decode node). A node
+    that does not run the request ignores it."""
+
+    TYPE: ClassVar[str] = "migrate"
+    req_id: str
+    target_node_id: str
+    reason: str
+
+
 ResultMessage = TokenChunk | Finished | Failed | Expired | Cancelled
+ControlMessage = CancelMessage | MigrateCommand
 Message = (
-    NodeInfo | WorkItem | TokenChunk | Finished | Failed | Expired | Cancelled | CancelMessage | NodeEvent
+    NodeInfo
+    | WorkItem
+    | TokenChunk
+    | Finished
+    | Failed
+    | Expired
+    | Cancelled
+    | CancelMessage
+    | NodeEvent
+    | Migrated
+    | MigrateCommand
 )
 CODEC = MessageCodec(
-    (NodeInfo, WorkItem, TokenChunk, Finished, Failed, Expired, Cancelled, CancelMessage, NodeEvent),
+    (
+        NodeInfo,
+        WorkItem,
+        TokenChunk,
+        Finished,
+        Failed,
+        Expired,
+        Cancelled,
+        CancelMessage,
+        NodeEvent,
+        Migrated,
+        MigrateCommand,
+    ),
     schema_version=SCHEMA_VERSION,
     error=MessageDecodeError,
     tag_attr="TYPE",
     fields_key="f",
 )
 RESULT_TYPES = (TokenChunk, Finished, Failed, Expired, Cancelled)
-RESULTS_STREAM_TYPES = (*RESULT_TYPES, NodeEvent)
+RESULTS_STREAM_TYPES = (*RESULT_TYPES, NodeEvent, Migrated)
+CONTROL_TYPES = (CancelMessage, MigrateCommand)
 
 
 @dataclass(frozen=True)

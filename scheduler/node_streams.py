@@ -1,6 +1,7 @@
 """A node's one blocking reader: its work stream and its control stream in a single XREAD.
 
-Work entries become WorkItems (queued for ``next_work``); control entries become CancelMessages.
+Work entries become WorkItems (queued for ``next_work``); control entries become CancelMessages
+(or MigrateCommands).
 Undecodable payloads go to the dead letters and reading goes on. Read positions are published to
 the heartbeat, which trims what was read (once per beat, not per request).
 """
@@ -17,7 +18,7 @@ from scheduler.config import SchedulerConfig
 from scheduler.dispatch import EntryDecoder
 from scheduler.errors import MessageDecodeError, NoCapacityError
 from scheduler.keys import KeySchema
-from scheduler.messages import CancelMessage, WorkItem, decode
+from scheduler.messages import CONTROL_TYPES, ControlMessage, WorkItem, decode
 from scheduler.metrics import Counters
 from scheduler.records import write_dead_letter
 from splitwise.logging import get_logger
@@ -60,14 +61,15 @@ class NodeReader:
     def close(self) -> None:
         self._items.put_nowait(None)
 
-    async def read_once(self) -> list[CancelMessage]:
-        """One blocking XREAD of both streams; queues work items, returns cancel messages."""
+    async def read_once(self) -> list[ControlMessage]:
+        """One blocking XREAD of both streams; queues work items, returns control messages
+        (cancels and migrate commands)."""
         answer = await self._client.xread(
             {self._work_key: self.last_work_id, self._control_key: self.last_control_id},
             count=64,
             block=self._config.block_ms * IDLE_BLOCK_FACTOR,
         )
-        cancels: list[CancelMessage] = []
+        cancels: list[ControlMessage] = []
         streams: list[Any] = list(answer or [])
         for stream, entries in streams:
             is_work = (stream.decode() if isinstance(stream, bytes) else stream) == self._work_key
@@ -84,7 +86,7 @@ class NodeReader:
                     if is_work:
                         self._items.put_nowait(self._entries.work_item(fields))
                     else:
-                        cancels.append(decode(payload, CancelMessage))
+                        cancels.append(decode(payload, CONTROL_TYPES))
                 except NoCapacityError as exc:  # the frontend found it too, withdrew it, released it
                     self._stats.inc("dropped_no_protocol")
                     log.warning("work_dropped", reason="no_protocol", error=str(exc))

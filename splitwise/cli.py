@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "router": "splitwise.commands.router:router",
     "planner": "splitwise.commands.planner:planner",
     "inspect": "splitwise.commands.inspect:inspect_cmd",
+    "migrate": "splitwise.commands.migrate:migrate",
     "bench": "splitwise.commands.bench:bench",
 }
 

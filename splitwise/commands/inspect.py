@@ -227,6 +227,10 @@ async def _request(client: Any, keys: Any, req_id: str) -> dict[str, Any] | None
             state["mode"] = event["detail"].split(" ", 1)[0]  # disagg | mixed | local(<why>)
         elif event["event"] == "decoding":
             state["prefilled_by"] = event.get("detail", "")  # remote prefill | local prefill (...)
+        elif event["event"] == "migrated":  # live migration (#16): the attempt runs on the target now
+            moved = dict(part.split("=", 1) for part in event["detail"].split() if "=" in part)
+            state["decode"] = moved.get("to", state.get("decode", ""))
+            state["migrations"] = str(int(state.get("migrations", "0")) + 1)
     return {"req_id": req_id, "state": state, "events": events}
 
 

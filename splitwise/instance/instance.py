@@ -22,6 +22,7 @@ from scheduler.frontend import FrontendScheduler
 from scheduler.keys import KeySchema
 from scheduler.local import LocalScheduler
 from scheduler.messages import LoadReport, NodeInfo
+from scheduler.migration import Peer
 from scheduler.node import NodeAgent
 from splitwise.api.metrics import ApiMetrics
 from splitwise.codes import Protocol, Role
@@ -35,6 +36,11 @@ from splitwise.instance.config import InstanceConfig
 from splitwise.instance.decode_flow import DecodeFlow
 from splitwise.instance.engine_worker import EngineWorker
 from splitwise.instance.host_identity import advertised, host_id
+from splitwise.instance.migration_metrics import MigrationMetrics
+from splitwise.instance.migration_policy import MigrationPolicy, Running
+from splitwise.instance.migration_source import MigrationSource
+from splitwise.instance.migration_state import MigrationOutcome
+from splitwise.instance.migration_target import MIGRATION_MESSAGES, MigrationRefused, MigrationTarget
 from splitwise.instance.node_runtime import NodeRuntime
 from splitwise.instance.pd_channel import PDChannel
 from splitwise.instance.prefill_flow import PrefillFlow
@@ -45,7 +51,7 @@ from splitwise.planner.latency import RollingLatency
 from splitwise.transfer.base import TransportInitiator, TransportOptions, TransportTarget
 from splitwise.transfer.control_connection import ControlConnection
 from splitwise.transfer.errors import UnknownProtocolError
-from splitwise.transfer.messages import CallMessage, Compatibility
+from splitwise.transfer.messages import CallMessage, Compatibility, Granted
 from splitwise.transfer.registry import create_initiator, create_target
 
 log = get_logger(__name__)
@@ -77,6 +83,9 @@ class Instance:
         self.latency = RollingLatency()  # the node runtime's TTFT / ITL, in the LoadReport (#16)
         self.channel: PDChannel | None = None
         self.decode_flow: DecodeFlow | None = None
+        self.migration_target: MigrationTarget | None = None
+        self.migration_metrics = MigrationMetrics(self.metrics)
+        self.migration_policy: MigrationPolicy | None = None
         self.prefill_flow: PrefillFlow | None = None
         self.targets: dict[str, TransportTarget] = {}
         self.initiators: dict[str, TransportInitiator] = {}
@@ -114,7 +123,10 @@ class Instance:
         self.ports.http = int(self._http_sock.getsockname()[1])
         await self._start_scheduler()
         self.runtime = NodeRuntime(self.node, self.worker, decoder=self.decode_flow, latency=self.latency)
+        self.runtime.migration = self._migration_source()
+        self.runtime.migration_in = self.migration_target
         await self.runtime.start()
+        self._start_migration_policy()
         await self._start_http()
         log.info(
             "instance ready",
@@ -156,6 +168,7 @@ class Instance:
                     target = create_target(protocol, options)
                     target.register(self.engine.kv_cache)
                     self.targets[protocol] = target
+                    self._start_migration_initiator(protocol, options)
                     # The registry record carries the typed endpoint, advertised address in it.
                     self.ports.transfer[Protocol(protocol)] = advertised(
                         target.endpoint(), cfg.advertised_host
@@ -186,6 +199,18 @@ class Instance:
                 f"({'; '.join(reasons)})"
             )
         self._usable_protocols = usable
+
+    def _start_migration_initiator(self, protocol: str, options: TransportOptions) -> None:
+        """A decode node also sends KV: live migration to another decode node (#16)."""
+        assert self.engine is not None
+        try:
+            initiator = create_initiator(protocol, options)
+            initiator.register(self.engine.kv_cache)
+        except Exception as exc:  # noqa: BLE001 - migration over this protocol is then unavailable
+            self.counters.inc("migration_initiators_unavailable")
+            log.warning("cannot migrate out over this protocol", protocol=protocol, error=str(exc))
+            return
+        self.initiators[protocol] = initiator
 
     async def _cluster_token(self) -> str:
         token = explicit_token(self.config.cluster_token)
@@ -225,6 +250,13 @@ class Instance:
         ).start(cfg.host, cfg.pd_comm_port)
         self.ports.pd_comm = self.channel.port
         if cfg.role == "decode":
+            self.migration_target = MigrationTarget(
+                self.worker,
+                self.targets,
+                self.counters,
+                adopt=self._adopt_migrated,
+                timeout_s=cfg.transfer_timeout_s,
+            )
             self.decode_flow = DecodeFlow(
                 cfg,
                 self.worker,
@@ -321,7 +353,54 @@ class Instance:
 
     # -- control channel plumbing -------------------------------------------------------------
 
-    def _on_control_message(self, conn: ControlConnection, message: CallMessage) -> Awaitable[None] | None:
+    def _migration_source(self) -> MigrationSource | None:
+        if self.config.role != "decode" or not isinstance(self.node, NodeAgent) or self.channel is None:
+            return None
+        assert self.worker is not None and self.engine is not None
+        return MigrationSource(
+            self.worker,
+            self.channel,
+            self.initiators,
+            self.node,
+            self.counters,
+            num_layers=self.engine.kv_cache.geometry.num_layers,
+            headroom_tokens=self.config.decode_headroom_tokens,
+            timeout_s=self.config.transfer_timeout_s,
+            on_outcome=self.migration_metrics.observe,
+        )
+
+    def _start_migration_policy(self) -> None:
+        policy = self.config.migration_policy()
+        if not policy.is_on or self.runtime is None or self.runtime.migration is None:
+            return
+        runtime, worker, node = self.runtime, self.worker, self.node
+        assert worker is not None
+
+        async def gather() -> tuple[int, list[Running], list[Peer]]:
+            blocks = await worker.running_blocks()
+            mine = [Running(r, n, i) for i, (r, n) in enumerate(blocks) if runtime.is_streaming(r)]
+            return worker.load.free_kv_blocks, mine, await node.decode_peers()
+
+        async def migrate(req_id: str, target: str, reason: str) -> MigrationOutcome:
+            return await runtime.migrate_out(req_id, target=target, reason=reason)
+
+        interval_s = self.config.scheduler.heartbeat_interval_s
+        self.migration_policy = MigrationPolicy(
+            policy, lambda: node.info, gather, migrate, interval_s=interval_s
+        )
+        self.migration_policy.start()
+
+    def _adopt_migrated(self, *args: Any) -> None:
+        assert self.runtime is not None
+        self.runtime.adopt_migrated(*args)
+
+    def _on_control_message(
+        self, conn: ControlConnection, message: CallMessage
+    ) -> Awaitable[Granted | None] | None:
+        if isinstance(message, MIGRATION_MESSAGES):
+            if self.migration_target is None:
+                raise MigrationRefused("this node does not take migrated requests (role is not decode)")
+            return self.migration_target.handle(conn, message)
         if self.decode_flow is not None:
             self.decode_flow.on_message(conn, message)
         if self.prefill_flow is not None:
@@ -329,6 +408,8 @@ class Instance:
         return None
 
     def _on_peer_lost(self, peer_id: str) -> None:
+        if self.migration_target is not None:
+            self.migration_target.on_peer_lost(peer_id)
         if self.decode_flow is not None:
             self.decode_flow.on_peer_lost(peer_id)
         if self.prefill_flow is not None:  # #11: P stops writing to a D it lost
@@ -363,6 +444,8 @@ class Instance:
             self._http_server.should_exit = True
             if self._http_task is not None:
                 await asyncio.gather(self._http_task, return_exceptions=True)
+        if self.migration_policy is not None:
+            await self.migration_policy.close()
         if self.runtime is not None:
             await self.runtime.close()
         if self.prefix_index is not None:
@@ -381,6 +464,8 @@ class Instance:
             await self._token_keeper[1].aclose()
         if self.decode_flow is not None:
             await self.decode_flow.close()
+        if self.migration_target is not None:
+            await self.migration_target.close()
         if self.channel is not None:
             await self.channel.close()
         for target in self.targets.values():

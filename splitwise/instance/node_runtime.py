@@ -26,6 +26,9 @@ from splitwise.engine.sampling_params import SamplingParams
 from splitwise.engine.sequence import FinishReason
 from splitwise.errors import SplitwiseError
 from splitwise.instance.engine_worker import EngineWorker
+from splitwise.instance.migration_source import MigrationSource, Serving
+from splitwise.instance.migration_state import MigrationOutcome
+from splitwise.instance.migration_target import MigrationTarget
 from splitwise.logging import bind_request, get_logger
 from splitwise.planner.latency import RollingLatency
 
@@ -93,17 +96,24 @@ class NodeRuntime:
         self.latency = latency or RollingLatency()  # TTFT / ITL p90 for the LoadReport (planner)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._loops: list[asyncio.Task[None]] = []
+        self._serving: dict[str, Serving] = {}  # requests streaming from this engine now
+        self._migrations: set[asyncio.Task[MigrationOutcome]] = set()  # from migrate commands
+        # Set before start() on a decode node with the Redis scheduler: live migration out / in.
+        self.migration: MigrationSource | None = None
+        self.migration_in: MigrationTarget | None = None
 
     async def start(self) -> None:
         self._loops = [
             asyncio.create_task(self._work_loop(), name="node-work"),
             asyncio.create_task(self._cancel_loop(), name="node-cancel"),
         ]
+        if self.migration is not None and hasattr(self.node, "migrate_commands"):
+            self._loops.append(asyncio.create_task(self._migrate_loop(), name="node-migrate"))
 
     async def close(self) -> None:
-        for task in [*self._loops, *self._tasks.values()]:
+        for task in [*self._loops, *self._tasks.values(), *self._migrations]:
             task.cancel()
-        await asyncio.gather(*self._loops, *self._tasks.values(), return_exceptions=True)
+        await asyncio.gather(*self._loops, *self._tasks.values(), *self._migrations, return_exceptions=True)
 
     @property
     def num_in_flight(self) -> int:
@@ -132,9 +142,69 @@ class NodeRuntime:
             log.info("request cancelled by frontend", req_id=cancel.req_id, reason=cancel.reason)
             # Before admission a prefill node may still write into the request's reserved blocks:
             # the decode flow releases them once it cannot (an engine abort would free them now).
+            if self.migration is not None:
+                self.migration.cancel(cancel.req_id)  # a migration under way must not commit it
             if self.decoder is not None and self.decoder.cancel(cancel.req_id, cancel.attempt):
                 continue
             self.worker.abort(cancel.req_id)
+
+    async def _migrate_loop(self) -> None:
+        async for command in self.node.migrate_commands():  # type: ignore[attr-defined]
+            if command.req_id in self._serving:
+                task = asyncio.create_task(
+                    self.migrate_out(
+                        command.req_id, target=command.target_node_id or None, reason=command.reason
+                    ),
+                    name=f"migrate-{command.req_id}",
+                )
+                self._migrations.add(task)
+                task.add_done_callback(self._migrations.discard)
+
+    # -- live migration -----------------------------------------------------------------------
+
+    async def migrate_out(self, req_id: str, *, target: str | None = None, reason: str) -> MigrationOutcome:
+        """Move running request ``req_id`` to ``target`` (a decode node id; None: the scheduler's
+        pick among live compatible decode nodes). The outcome says whether the target owns it now;
+        on failure the request goes on here (or ended here meanwhile). Never raises for that."""
+        me = getattr(self.node, "node_id", "")
+        serving = self._serving.get(req_id)
+        if self.migration is None or serving is None or serving.done:
+            why = "this node does not migrate" if self.migration is None else "not running here"
+            return MigrationOutcome(req_id, False, me, target or "", reason, why)
+        return await self.migration.migrate_to(serving, target, why=reason)
+
+    def is_streaming(self, req_id: str) -> bool:
+        """``req_id`` streams from this engine now (what a migration can move)."""
+        serving = self._serving.get(req_id)
+        return serving is not None and not serving.done and not serving.migrated_to
+
+    async def migrate_all_out(self, reason: str) -> list[MigrationOutcome]:
+        """Migrate every request streaming here (one after the other: each pause stays short)."""
+        return [await self.migrate_out(req_id, reason=reason) for req_id in list(self._serving)]
+
+    def adopt_migrated(
+        self,
+        item: WorkItem,
+        first_index: int,
+        next_index: int,
+        outputs: asyncio.Queue[RequestOutput],
+        from_node: str,
+    ) -> None:
+        """A request migrated here was admitted into the engine: hold its work item and stream it."""
+        held = self.node.adopt(item, from_node=from_node, reason="migration")  # type: ignore[attr-defined]
+        req = PreparedRequest(list(item.prompt_token_ids), item.sampling_params, first_index)
+
+        async def serve() -> None:
+            with bind_request(item.req_id, attempt=item.attempt):
+                try:
+                    await self._stream(held, req, outputs, next_index=next_index)
+                except asyncio.CancelledError:
+                    self.worker.abort(item.req_id)
+                    raise
+
+        task = asyncio.create_task(serve(), name=f"serve-{item.req_id}")
+        self._tasks[item.req_id] = task
+        task.add_done_callback(self._forget_task(item.req_id))
 
     # -- one request --------------------------------------------------------------------------
 
@@ -155,6 +225,8 @@ class NodeRuntime:
 
     async def _serve_inner(self, item: WorkItem) -> None:
         started_s = self.latency.clock()  # TTFT on this node counts from here (P's queue included)
+        if self.migration_in is not None:  # a migration in of this request is being released
+            await self.migration_in.settled(item.req_id)
         req = prepare(item, self.worker.eos_token_ids)  # params were validated by the codec
         if req.finished_by is not None:
             # Its node died after the last token but before the terminal: nothing is left to generate.
@@ -173,14 +245,35 @@ class NodeRuntime:
         else:
             outputs = self.worker.submit(item.req_id, req.prompt_token_ids, req.params)
             await self.node.mark(item.req_id, "running")
-        await self._stream(item, req, outputs, started_s)
+        await self._stream(item, req, outputs, started_s=started_s)
 
     async def _stream(
-        self, item: WorkItem, req: PreparedRequest, outputs: asyncio.Queue[RequestOutput], started_s: float
+        self,
+        item: WorkItem,
+        req: PreparedRequest,
+        outputs: asyncio.Queue[RequestOutput],
+        *,
+        next_index: int | None = None,
+        started_s: float | None = None,
     ) -> None:
-        index = req.first_index
+        index = req.first_index if next_index is None else next_index
+        serving = self._serving[item.req_id] = Serving(item, req.first_index, index)
+        try:
+            await self._stream_outputs(item, serving, outputs, started_s)
+        finally:
+            serving.done = True
+            serving.advanced.set()
+            if self._serving.get(item.req_id) is serving:
+                del self._serving[item.req_id]
+
+    async def _stream_outputs(
+        self, item: WorkItem, serving: Serving, outputs: asyncio.Queue[RequestOutput], started_s: float | None
+    ) -> None:
+        """``started_s``: when this node took the request (its TTFT counts from it); None for a
+        request migrated in mid-stream, which adds inter-token samples only."""
+        index = serving.next_index
         clock = self.latency.clock
-        last_s: float | None = None
+        last_s: float | None = None if started_s is not None else clock()
         while True:
             batch = [await outputs.get()]
             while not batch[-1].finished and not outputs.empty():
@@ -204,16 +297,27 @@ class NodeRuntime:
                     frontend_id=item.frontend_id,
                 )
                 index += len(tokens)
+                serving.published(index)
                 now_s = clock()
-                if last_s is None:
+                if last_s is None and started_s is not None:
                     self.latency.first_token(now_s - started_s)
-                else:
+                elif last_s is not None:
                     self.latency.tokens(now_s - last_s, len(tokens))
                 last_s = now_s
             last = batch[-1]
+            if last.finished and serving.migrated_to:
+                await self._handed_off(item)
+                return
             if last.finished:
                 await self._finish(item, last, completion_tokens=index)
                 return
+
+    async def _handed_off(self, item: WorkItem) -> None:
+        """A live migration committed: the target answers for the request; release ours, no terminal."""
+        try:
+            await self.node.ack(item)
+        except SchedulerError as exc:
+            log.warning("could not release the migrated request's booking", error=str(exc))
 
     async def _finish(self, item: WorkItem, out: RequestOutput, *, completion_tokens: int) -> None:
         if out.error is not None:
