@@ -80,6 +80,7 @@ class Dispatcher:
         min_prefill_tokens: int = 0,
         max_prefill_queue: int = 0,
         overlap_weights: tuple[float, float] = (0.0, 0.0),
+        prefill_balance_tokens: int = 0,
     ) -> None:
         self._client = client
         self._keys = keys
@@ -87,6 +88,7 @@ class Dispatcher:
         self._min_prefill_tokens = min_prefill_tokens  # --disagg-min-prefill-tokens
         self._max_prefill_queue = max_prefill_queue  # --disagg-max-prefill-queue
         self._overlap_weights = overlap_weights  # --kv-overlap-weight-prefill/-decode
+        self._prefill_balance_tokens = prefill_balance_tokens  # --kv-prefill-balance-tokens
 
     async def pick(
         self,
@@ -135,6 +137,7 @@ class Dispatcher:
                 *self._overlap_weights,
                 k.prefix_index(""),
                 block_size,
+                self._prefill_balance_tokens,
                 *(hashes or []),
             ],
         )

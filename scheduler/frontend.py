@@ -110,6 +110,7 @@ class FrontendScheduler:
             min_prefill_tokens=self.config.disagg_min_prefill_tokens,
             max_prefill_queue=self.config.disagg_max_prefill_queue,
             overlap_weights=(self.config.kv_overlap_weight_prefill, self.config.kv_overlap_weight_decode),
+            prefill_balance_tokens=self.config.kv_prefill_balance_tokens,
         )
         self._view = ClusterView(self._client, self.keys)
         types = lambda: frontend_key_types(self.keys, self.frontend_id, self._view_candidate_keys())  # noqa: E731

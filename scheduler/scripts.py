@@ -30,7 +30,8 @@ DISPATCH = LuaScript(
 -- ARGV[10] decode booking unit
 -- ARGV[11] min prefill tokens, ARGV[12] max prefill queue (conditional disaggregation; 0: off)
 -- ARGV[13] prefill overlap weight  ARGV[14] decode overlap weight  ARGV[15] prefix-index key head
--- ARGV[16] block size  ARGV[17..] the prompt's leading block hashes (KV-aware scoring; none: off)
+-- ARGV[16] block size  ARGV[17] prefill balance tokens (sticky by prefix within it; 0: off)
+-- ARGV[18..] the prompt's leading block hashes (KV-aware scoring; none: off)
 -- Cost: one ZRANGE of k members per role present, one ZMSCORE, one ZADD, one ZADD INCR per booked
 -- node, whatever the number of nodes. Members whose lease lapsed are removed from their candidate
 -- set and the alive set (their next heartbeat re-registers them), so they are paid for once.
@@ -54,8 +55,9 @@ local min_prefill, max_queue = tonumber(ARGV[11] or 0), tonumber(ARGV[12] or 0)
 -- prefix whenever it holds the block, eviction taking the tail first): O(log n) per candidate.
 local w_p, w_d = tonumber(ARGV[13] or 0), tonumber(ARGV[14] or 0)
 local pfx_head, block_size = ARGV[15] or '', tonumber(ARGV[16] or 0)
+local balance = tonumber(ARGV[17] or 0)
 local hashes = {}
-for i = 17, #ARGV do hashes[#hashes + 1] = ARGV[i] end
+for i = 18, #ARGV do hashes[#hashes + 1] = ARGV[i] end
 local hits = {}
 local function cached_blocks(member)
   if hits[member] then return hits[member] end
@@ -74,8 +76,29 @@ local function overlap_bonus(role, member)
   if role == 'd' and w_d > 0 then return w_d * cached_blocks(member) / #hashes * unit end
   return 0
 end
+-- Sticky by prefix within a bounded imbalance (SGLang's cache-aware policy, in booked tokens):
+-- among the live prefill candidates booked at most `balance` tokens more than the least-booked
+-- one, the longest cached prefix wins (ties: the lower score above); when no such candidate holds
+-- any of the prefix, or every holder is further out of balance, the score alone decides. A node
+-- within one engine step's budget of the least-booked starts the request within about one step,
+-- while a miss recomputes the whole prefix (and adds that load for everyone behind it).
+-- `live` holds {member, booked load, score} of every live prefill candidate.
+local function sticky_prefill(live, fallback)
+  if balance <= 0 or w_p <= 0 or #hashes == 0 then return fallback end
+  local least = nil
+  for _, c in ipairs(live) do if not least or c[2] < least then least = c[2] end end
+  local pick, pick_blocks = nil, 0
+  for _, c in ipairs(live) do
+    local blocks = c[2] - least <= balance and cached_blocks(c[1]) or 0
+    if blocks > pick_blocks or (blocks > 0 and blocks == pick_blocks and c[3] < pick[2]) then
+      pick, pick_blocks = {c[1], c[3]}, blocks
+    end
+  end
+  return pick or fallback
+end
 local sets = {p = KEYS[3], d = KEYS[4], m = KEYS[5]}
 local best = {}
+local live_p = {}
 
 -- Park-Miller: products stay below 2^53, so Lua's doubles keep every bit.
 local function next_rand()
@@ -84,18 +107,19 @@ local function next_rand()
 end
 
 while true do
-  local members, scores, owner = {}, {}, {}
+  local members, scores, owner, loads = {}, {}, {}, {}
   for role in string.gmatch(roles, '%a') do
     local sample = redis.call('ZRANGE', sets[role], 0, k - 1, 'WITHSCORES')
     for i = 1, #sample, 2 do
       local n = #members + 1
-      members[n], scores[n], owner[n] = sample[i], tonumber(sample[i + 1]) - overlap_bonus(role, sample[i]), role
+      loads[n] = tonumber(sample[i + 1])
+      members[n], scores[n], owner[n] = sample[i], loads[n] and loads[n] - overlap_bonus(role, sample[i]), role
     end
   end
   if #members == 0 then break end
   local leases = redis.call('ZMSCORE', alive, unpack(members))
   local dead = {}
-  best = {}
+  best, live_p = {}, {}
   local ties = {}
   for i, member in ipairs(members) do
     local role, score = owner[i], scores[i]
@@ -103,6 +127,7 @@ while true do
     if not score then
       -- not a number (poison): never picked, never booked
     elseif lease and lease > now then
+      if role == 'p' then live_p[#live_p + 1] = {member, loads[i], score} end
       local b = best[role]
       if not b or score < b[2] then
         best[role], ties[role] = {member, score}, 1
@@ -121,6 +146,7 @@ while true do
   end
   if best.m or (best.p and best.d) then break end
 end
+if best.p then best.p = sticky_prefill(live_p, best.p) end
 
 -- As in FastDeploy, mixed nodes compete with prefill nodes on queued prompt tokens; a mixed
 -- winner serves the request alone.
