@@ -5,9 +5,10 @@ ids: an answer of --random-output-len random tokens, a message of --random-input
 share a growing prefix. A round runs --num-prompts conversations in parallel, each turn 0.5 s (a
 user's think time) after the previous one ended.
 
-Four arms, interleaved in one run (the built-in `small` model unless --tokenizer names another dir):
+Five arms, interleaved in one run (the built-in `small` model unless --tokenizer names another dir):
 
-  cluster A (decode-side reuse on):       `kv-aware` (default weights) and `load-only` (weights 0)
+  cluster A (decode-side reuse on):       `kv-aware` (default weights), `load-only` (weights 0) and
+                                          `kv-aware, balance 0` (--kv-prefill-balance-tokens 0)
   cluster B (--no-decode-prefix-reuse):   `kv-aware, no reuse` and `load-only, no reuse`
 
 Both clusters stay up; each round runs every arm once, alone on its cluster (fresh conversations,
@@ -51,6 +52,8 @@ LOAD_ONLY = ["--kv-overlap-weight-prefill", "0", "--kv-overlap-weight-decode", "
 ARMS: dict[str, tuple[bool, list[str]]] = {
     "kv-aware": (True, []),
     "load-only": (True, LOAD_ONLY),
+    # The weighted score alone (no sticky bound): shows what --kv-prefill-balance-tokens adds.
+    "kv-aware, balance 0": (True, ["--kv-prefill-balance-tokens", "0"]),
     "kv-aware, no reuse": (False, []),
     "load-only, no reuse": (False, LOAD_ONLY),
 }
@@ -68,6 +71,9 @@ class MultiturnSpec:
     threads: int = 1
     think_s: float = 0.5  # a user's pause between an answer and the next turn
     rounds: int = 1
+    # Every arm of a cluster at once (they contend for its P nodes: routing under another router's
+    # load), instead of one arm at a time.
+    arms_together: bool = False
 
 
 @dataclass
@@ -86,6 +92,11 @@ class Turn:
     round: int = 0
     p_node: str = ""
     d_node: str = ""
+    full_ideal_blocks: int = -1  # the ideal uncapped (D reuses beyond the dispatch's hashes); -1: as ideal
+
+    def __post_init__(self) -> None:
+        if self.full_ideal_blocks < 0:
+            self.full_ideal_blocks = self.ideal_blocks
 
 
 @dataclass
@@ -103,12 +114,15 @@ def conversation(rng: random.Random, spec: MultiturnSpec) -> list[list[int]]:
     return prompts
 
 
-def ideal_blocks(prompts: list[list[int]], turn: int, block_size: int) -> int:
-    """Blocks of turn ``turn`` a node that served the previous turn holds (capped as dispatch is)."""
+def ideal_blocks(
+    prompts: list[list[int]], turn: int, block_size: int, max_blocks: int = MAX_PREFIX_BLOCKS
+) -> int:
+    """Blocks of turn ``turn`` a node that served the previous turn holds (capped as dispatch
+    caps the prompt's hashes, unless ``max_blocks`` says otherwise)."""
     if turn == 0:
         return 0
     shared = len(prompts[turn - 1]) // block_size
-    return min(shared, (len(prompts[turn]) - 1) // block_size, MAX_PREFIX_BLOCKS)
+    return min(shared, (len(prompts[turn]) - 1) // block_size, max_blocks)
 
 
 async def _ttft(client: httpx.AsyncClient, base_url: str, prompt: list[int], req_id: str, n: int) -> float:
@@ -139,6 +153,7 @@ async def _run_conversation(
 ) -> None:
     for t, prompt in enumerate(prompts):
         turn = Turn(name, index, t, len(prompt), ideal_blocks(prompts, t, block_size), round=round_)
+        turn.full_ideal_blocks = ideal_blocks(prompts, t, block_size, max_blocks=len(prompt))
         try:
             tag = _req_tag(name, round_, index, t)
             turn.ttft_s = await _ttft(client, base_url, prompt, tag, spec.answer_tokens)
@@ -189,8 +204,9 @@ async def _arm_round(
     rclient = aioredis.Redis(host=host, port=port)
     try:
         block_size, block_bytes = await _geometry(rclient, keys)
-        # The same conversations for every arm of a round (fresh token ids per round).
-        rng = random.Random(spec.seed * 1000 + round_)
+        # Conversations of equal shape for every arm, with token ids of their own (per arm and
+        # round): no arm may find another's prefix cached.
+        rng = random.Random(f"{spec.seed}/{round_}/{name}")
         turns: list[Turn] = []
         async with httpx.AsyncClient(timeout=600) as client:
             jobs = [
@@ -228,6 +244,30 @@ def arm_order(round_: int) -> list[str]:
     return names[shift:] + names[:shift]
 
 
+def round_groups(round_: int, *, together: bool) -> list[list[str]]:
+    """The arms of a round in the order they run: one at a time, or (``together``) every arm of a
+    cluster at once, one cluster after the other (the order rotated each round)."""
+    order = arm_order(round_)
+    if not together:
+        return [[name] for name in order]
+    groups = [[n for n in order if ARMS[n][0] == reuse] for reuse in (True, False)]
+    return groups if round_ % 2 == 0 else groups[::-1]
+
+
+async def _together(
+    clusters: dict[bool, LocalCluster],
+    urls: dict[str, str],
+    group: list[str],
+    spec: MultiturnSpec,
+    round_: int,
+) -> list[tuple[list[Turn], int, int]]:
+    return list(
+        await asyncio.gather(
+            *(_arm_round(clusters[ARMS[name][0]], name, urls[name], spec, round_) for name in group)
+        )
+    )
+
+
 def run_multiturn(spec: MultiturnSpec) -> tuple[list[Turn], int, int]:
     """Both clusters up at once; ``spec.rounds`` rounds of every arm, one arm at a time. Returns
     every turn, the block size and a block's bytes."""
@@ -247,11 +287,10 @@ def run_multiturn(spec: MultiturnSpec) -> tuple[list[Turn], int, int]:
             [child] = [c for c in clusters[reuse].children if c.name == f"router-{i}"]
             urls[name] = child.base_url
         for round_ in range(spec.rounds):
-            for name in arm_order(round_):
-                got, block_size, block_bytes = asyncio.run(
-                    _arm_round(clusters[ARMS[name][0]], name, urls[name], spec, round_)
-                )
-                turns += got
+            for group in round_groups(round_, together=spec.arms_together):
+                results = asyncio.run(_together(clusters, urls, group, spec, round_))
+                for got, size, nbytes in results:
+                    turns, block_size, block_bytes = turns + got, size, nbytes
     finally:
         for cluster in clusters.values():
             cluster.stop()
@@ -313,8 +352,9 @@ def format_table(turns: list[Turn], block_bytes: int, block_size: int = 16) -> s
         rows = [t for t in turns if t.config == config and not t.error]
         hashed = sum(t.hashed_blocks for t in rows) or 1
         ideal = sum(t.ideal_blocks for t in rows) or 1
+        full_ideal = sum(t.full_ideal_blocks for t in rows) or 1
         late = [t for t in rows if t.turn >= 4] or rows
-        moved = [t for t in rows if t.turn >= 1 and t.p_node and t.p_node != _previous_p(rows, t)]
+        moved = [t for t in rows if t.p_node and _previous_p(rows, t) not in ("", t.p_node)]
         reqs_balance, work_balance = balance(rows, block_size)
         ttfts = _late_ttfts(rows) or [t.ttft_s for t in rows]
         ratios = ttft_ratios(turns, config)
@@ -322,7 +362,7 @@ def format_table(turns: list[Turn], block_bytes: int, block_size: int = 16) -> s
         lines.append(
             f"{config:<20} {len(rows):>5} {sum(t.p_cached_blocks for t in rows) / hashed:6.2f} "
             f"{ideal / hashed:6.2f} {sum(t.p_cached_blocks for t in rows) / ideal:8.2f} {len(moved):>8} "
-            f"{sum(t.d_reused_blocks for t in rows) / ideal:14.2f} "
+            f"{sum(t.d_reused_blocks for t in rows) / full_ideal:14.2f} "
             f"{statistics.mean(t.kv_blocks for t in late) * block_bytes / 1024:16.1f} "
             f"{reqs_balance:16.2f} {work_balance:16.2f} "
             f"{percentile(ttfts, 0.5) * 1000:12.1f} {percentile(ttfts, 0.9) * 1000:12.1f} {ratio:>14}"
@@ -364,12 +404,14 @@ def run_from_options(opts: dict[str, Any], echo: Any) -> None:
         answer_tokens=opts["random_output_len"],
         seed=opts["seed"],
         rounds=opts.get("rounds", 1),
+        arms_together=opts.get("arms_together", False),
     )
     turns, block_size, block_bytes = run_multiturn(spec)
     echo(
         f"multiturn on 2P2D, model {Path(spec.model).name}: {spec.rounds} rounds x {spec.conversations} "
         f"conversations x {spec.turns} turns per arm, {spec.user_tokens} user + {spec.answer_tokens} "
-        "answer tokens per turn"
+        "answer tokens per turn, "
+        + ("a cluster's arms at once" if spec.arms_together else "one arm at a time")
     )
     echo(format_table(turns, block_bytes, block_size))
     echo(format_rounds(turns))

@@ -279,6 +279,12 @@ def _with_workload_options(
     help="multiturn: rounds of every arm (fresh conversations each, the arms' order rotated).",
 )
 @click.option(
+    "--arms-together/--arms-apart",
+    default=False,
+    show_default=True,
+    help="multiturn: run a cluster's arms at once (routing under each other's load) or one at a time.",
+)
+@click.option(
     "--dataset-path",
     default=None,
     type=click.Path(dir_okay=False),
