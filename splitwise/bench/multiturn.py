@@ -57,7 +57,10 @@ ARMS: dict[str, tuple[bool, list[str]]] = {
     "kv-aware, no reuse": (False, []),
     "load-only, no reuse": (False, LOAD_ONLY),
 }
-REFERENCE_ARM = "load-only"  # the TTFT ratios are against it, round by round
+REFERENCE_ARM = "load-only"
+# Per instance: holds every conversation of a round (3 arms x 4 x ~2k tokens over 2 nodes) with
+# room to spare, and keeps 8 instances within a shared machine's memory (256 MiB each, `small`).
+KV_BLOCKS = ["--num-kv-blocks", "1024"]  # the TTFT ratios are against it, round by round
 
 
 @dataclass(frozen=True)
@@ -231,7 +234,7 @@ def _cluster(spec: MultiturnSpec, reuse: bool) -> LocalCluster:
             num_decode=2,
             transfer="ipc",
             threads_per_instance=spec.threads,
-            extra_args=[] if reuse else ["--no-decode-prefix-reuse"],
+            extra_args=KV_BLOCKS + ([] if reuse else ["--no-decode-prefix-reuse"]),
             scheduler_args=ALWAYS_DISAGG,
         )
     )
