@@ -52,6 +52,10 @@ class SchedulerConfig:
     # prefix lowers its load score. 0: load only. The CLI's defaults are 1.0 (prefill), 2.0 (decode).
     kv_overlap_weight_prefill: float = 0.0
     kv_overlap_weight_decode: float = 0.0
+    # Sticky by prefix: a prefill node holding the longest cached prefix wins while it is booked at
+    # most this many tokens more than the least-booked one (0: the score alone decides). The CLI's
+    # default is KV_PREFILL_BALANCE_TOKENS_DEFAULT.
+    kv_prefill_balance_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.scheduler_name not in SCHEDULER_NAMES:
@@ -79,6 +83,7 @@ class SchedulerConfig:
             ("--disagg-max-prefill-queue", self.disagg_max_prefill_queue, 0, False),
             ("--kv-overlap-weight-prefill", self.kv_overlap_weight_prefill, 0, False),
             ("--kv-overlap-weight-decode", self.kv_overlap_weight_decode, 0, False),
+            ("--kv-prefill-balance-tokens", self.kv_prefill_balance_tokens, 0, False),
         ]
         for flag, value, low, strict in bounds:
             if value < low or (strict and value == low):
@@ -144,6 +149,7 @@ class SchedulerConfig:
             "disagg_max_prefill_queue": "disagg_max_prefill_queue",
             "kv_overlap_weight_prefill": "kv_overlap_weight_prefill",
             "kv_overlap_weight_decode": "kv_overlap_weight_decode",
+            "kv_prefill_balance_tokens": "kv_prefill_balance_tokens",
         }
         kwargs = {field: options[opt] for opt, field in mapping.items() if options.get(opt) is not None}
         if options.get("scheduler_password_file"):
@@ -201,6 +207,9 @@ DISAGG_MIN_PREFILL_TOKENS_DEFAULT = 32
 # never won even with the prefix, and the multi-turn bench reused only 0.75 of the ideal on D
 # (docs/benchmarks.md); one more request in a decode batch costs far less than shipping the prefix.
 KV_OVERLAP_WEIGHT_DECODE_DEFAULT = 2.0
+# One engine step's token budget (--max-num-batched-tokens' default): a prefill node at most this
+# much busier than the least-booked one starts a request within about one step (docs/benchmarks.md).
+KV_PREFILL_BALANCE_TOKENS_DEFAULT = 2048
 
 # (flag, click kwargs). Defaults repeat the dataclass defaults so --help shows them.
 _OPTIONS: list[tuple[str, dict[str, Any]]] = [
@@ -292,6 +301,16 @@ _OPTIONS: list[tuple[str, dict[str, Any]]] = [
             "default": KV_OVERLAP_WEIGHT_DECODE_DEFAULT,
             "help": "KV-aware routing: booked requests a decode node holding the whole prompt prefix "
             "is worth (scaled by the cached fraction; 0: load only).",
+        },
+    ),
+    (
+        "--kv-prefill-balance-tokens",
+        {
+            "type": int,
+            "default": KV_PREFILL_BALANCE_TOKENS_DEFAULT,
+            "help": "KV-aware routing: the prefill node holding the longest cached prefix wins while it "
+            "is booked at most this many prompt tokens more than the least-booked one (0: the weighted "
+            "score alone decides).",
         },
     ),
 ]

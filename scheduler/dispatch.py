@@ -180,6 +180,7 @@ class Dispatcher:
         overlap_weights: tuple[float, float] = (0.0, 0.0),
         stream_maxlen: int = 100_000,
         stream_ttl_ms: int = 0,
+        prefill_balance_tokens: int = 0,
     ) -> None:
         self._client = client
         self._keys = keys
@@ -189,6 +190,7 @@ class Dispatcher:
         self._overlap_weights = overlap_weights  # --kv-overlap-weight-prefill/-decode
         self._stream_maxlen = stream_maxlen
         self._stream_ttl_ms = stream_ttl_ms
+        self._prefill_balance_tokens = prefill_balance_tokens  # --kv-prefill-balance-tokens
 
     async def pick(
         self,
@@ -242,6 +244,7 @@ class Dispatcher:
                 k.work(""),
                 self._stream_maxlen,
                 self._stream_ttl_ms,
+                self._prefill_balance_tokens,
                 *(hashes or []),
             ],
         )

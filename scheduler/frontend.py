@@ -112,6 +112,7 @@ class FrontendScheduler:
             overlap_weights=(self.config.kv_overlap_weight_prefill, self.config.kv_overlap_weight_decode),
             stream_maxlen=self.config.stream_maxlen,
             stream_ttl_ms=self.config.ttl_ms,
+            prefill_balance_tokens=self.config.kv_prefill_balance_tokens,
         )
         self._view = ClusterView(self._client, self.keys)
         types = lambda: frontend_key_types(self.keys, self.frontend_id, self._view_candidate_keys())  # noqa: E731

@@ -33,7 +33,8 @@ DISPATCH = LuaScript(
 -- ARGV[16] block size
 -- ARGV[17] the WorkItem payload to enqueue ('' = book only)  ARGV[18] work stream key head
 -- ARGV[19] work stream MAXLEN (approximate)  ARGV[20] TTL ms of a re-created work stream
--- ARGV[21..] the prompt's leading block hashes (KV-aware scoring; none: off)
+-- ARGV[21] prefill balance tokens (sticky by prefix within it; 0: off)
+-- ARGV[22..] the prompt's leading block hashes (KV-aware scoring; none: off)
 -- KEYS[6] nodes HASH (the pair's descriptions ride in the work entry)
 -- Cost: one ZRANGE of k members per role present, one ZMSCORE, one ZADD, one ZADD INCR per booked
 -- node, and with a payload HMGET + XADD, whatever the number of nodes. Members whose lease lapsed are removed from their candidate
@@ -67,8 +68,9 @@ local min_prefill, max_queue = tonumber(ARGV[11] or 0), tonumber(ARGV[12] or 0)
 local w_p, w_d = tonumber(ARGV[13] or 0), tonumber(ARGV[14] or 0)
 local pfx_head, block_size = ARGV[15] or '', tonumber(ARGV[16] or 0)
 local payload, work_head, work_maxlen, work_ttl = ARGV[17] or '', ARGV[18] or '', ARGV[19], ARGV[20]
+local balance = tonumber(ARGV[21] or 0)
 local hashes = {}
-for i = 21, #ARGV do hashes[#hashes + 1] = ARGV[i] end
+for i = 22, #ARGV do hashes[#hashes + 1] = ARGV[i] end
 local hits = {}
 local function cached_blocks(member)
   if hits[member] then return hits[member] end
@@ -84,8 +86,29 @@ local function overlap_bonus(role, member)
   if role == 'd' and w_d > 0 then return w_d * cached_blocks(member) / #hashes * unit end
   return 0
 end
+-- Sticky by prefix within a bounded imbalance (SGLang's cache-aware policy, in booked tokens):
+-- among the live prefill candidates booked at most `balance` tokens more than the least-booked
+-- one, the longest cached prefix wins (ties: the lower score above); when no such candidate holds
+-- any of the prefix, or every holder is further out of balance, the score alone decides. A node
+-- within one engine step's budget of the least-booked starts the request within about one step,
+-- while a miss recomputes the whole prefix (and adds that load for everyone behind it).
+-- `live` holds {member, booked load, score} of every live prefill candidate.
+local function sticky_prefill(live, fallback)
+  if balance <= 0 or w_p <= 0 or #hashes == 0 then return fallback end
+  local least = nil
+  for _, c in ipairs(live) do if not least or c[2] < least then least = c[2] end end
+  local pick, pick_blocks = nil, 0
+  for _, c in ipairs(live) do
+    local blocks = c[2] - least <= balance and cached_blocks(c[1]) or 0
+    if blocks > pick_blocks or (blocks > 0 and blocks == pick_blocks and c[3] < pick[2]) then
+      pick, pick_blocks = {c[1], c[3]}, blocks
+    end
+  end
+  return pick or fallback
+end
 local sets = {p = KEYS[3], d = KEYS[4], m = KEYS[5]}
 local best = {}
+local live_p = {}
 
 -- Park-Miller: products stay below 2^53, so Lua's doubles keep every bit.
 local function next_rand()
@@ -94,18 +117,19 @@ local function next_rand()
 end
 
 while true do
-  local members, scores, owner = {}, {}, {}
+  local members, scores, owner, loads = {}, {}, {}, {}
   for role in string.gmatch(roles, '%a') do
     local sample = redis.call('ZRANGE', sets[role], 0, k - 1, 'WITHSCORES')
     for i = 1, #sample, 2 do
       local n = #members + 1
-      members[n], scores[n], owner[n] = sample[i], tonumber(sample[i + 1]) - overlap_bonus(role, sample[i]), role
+      loads[n] = tonumber(sample[i + 1])
+      members[n], scores[n], owner[n] = sample[i], loads[n] and loads[n] - overlap_bonus(role, sample[i]), role
     end
   end
   if #members == 0 then break end
   local leases = redis.call('ZMSCORE', alive, unpack(members))
   local dead = {}
-  best = {}
+  best, live_p = {}, {}
   local ties = {}
   for i, member in ipairs(members) do
     local role, score = owner[i], scores[i]
@@ -113,6 +137,7 @@ while true do
     if not score then
       -- not a number (poison): never picked, never booked
     elseif lease and lease > now then
+      if role == 'p' then live_p[#live_p + 1] = {member, loads[i], score} end
       local b = best[role]
       if not b or score < b[2] then
         best[role], ties[role] = {member, score}, 1
@@ -131,6 +156,7 @@ while true do
   end
   if best.m or (best.p and best.d) then break end
 end
+if best.p then best.p = sticky_prefill(live_p, best.p) end
 
 local function node_of(member) return string.match(member, '^([^|]+)') end
 local function enqueue(mode, p, d, members)

@@ -171,6 +171,8 @@ def config_args(config: SchedulerConfig) -> list[str]:
         str(config.kv_overlap_weight_prefill),
         "--kv-overlap-weight-decode",
         str(config.kv_overlap_weight_decode),
+        "--kv-prefill-balance-tokens",
+        str(config.kv_prefill_balance_tokens),
     ]
     if config.scheduler_cluster:
         args.append("--scheduler-cluster")

@@ -272,6 +272,19 @@ def _with_workload_options(
 )
 @click.option("--turns", default=6, show_default=True, type=int, help="multiturn: turns per conversation.")
 @click.option(
+    "--rounds",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="multiturn: rounds of every arm (fresh conversations each, the arms' order rotated).",
+)
+@click.option(
+    "--arms-together/--arms-apart",
+    default=False,
+    show_default=True,
+    help="multiturn: run a cluster's arms at once (routing under each other's load) or one at a time.",
+)
+@click.option(
     "--dataset-path",
     default=None,
     type=click.Path(dir_okay=False),

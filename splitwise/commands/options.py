@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
+
+# splitwise.api.body_limit.DEFAULT_MAX_REQUEST_BYTES (not imported: the CLI starts without starlette)
+DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
 
 
 def resolve_model(model: str | None, *, default_size: str = "tiny") -> Path:
@@ -40,3 +44,88 @@ def read_model_config(model_dir: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise click.BadParameter(f"{model_dir}/config.json is not a JSON object", param_hint="--model")
     return data
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# The flags `splitwise serve` and `splitwise router` share: what model is served under which id,
+# the HTTP listener and the API's limits. Both serve the same OpenAI app (splitwise/api), so a flag
+# of that app means the same on an instance and on a router; declared once here so they cannot drift.
+_SERVER_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
+    (
+        ("--model",),
+        {"default": None, "help": "Local Hugging Face model directory (default: the built-in model)."},
+    ),
+    (
+        ("--default-model-size",),
+        {
+            "type": click.Choice(["tiny", "small"]),
+            "default": "small",
+            "show_default": True,
+            "help": "Which built-in model to use when --model is left out.",
+        },
+    ),
+    (
+        ("--served-model-name",),
+        {"default": None, "help": "Model id clients use (default: the directory name)."},
+    ),
+    (("--host",), {"default": "127.0.0.1", "show_default": True, "help": "Bind address of every listener."}),
+    (
+        ("--port",),
+        {
+            "type": click.IntRange(0, 65535),
+            "default": 8000,
+            "show_default": True,
+            "help": "HTTP port (0: a free port, reported).",
+        },
+    ),
+    (
+        ("--max-model-len",),
+        {"type": click.IntRange(min=1), "default": None, "help": "Context length (default: the model's)."},
+    ),
+    (
+        ("--api-key",),
+        {
+            "default": None,
+            "envvar": "SPLITWISE_API_KEY",
+            "help": "Require 'Authorization: Bearer KEY' (or env SPLITWISE_API_KEY).",
+        },
+    ),
+    (
+        ("--max-request-bytes",),
+        {
+            "type": int,  # validated by the instance's and the router's config (names the flag)
+            "default": DEFAULT_MAX_REQUEST_BYTES,
+            "show_default": True,
+            "help": "HTTP request bodies larger than this are answered 413 before they are read or parsed.",
+        },
+    ),
+    (
+        ("--tool-call-parser",),
+        {
+            "type": click.Choice(["hermes", "llama3_json"]),
+            "default": None,
+            "help": 'Parse tool calls out of the text for tool_choice "auto" '
+            "(Hermes/Qwen <tool_call> or Llama 3 JSON).",
+        },
+    ),
+]
+SERVER_OPTION_NAMES = tuple(flags[0] for flags, _kwargs in _SERVER_OPTIONS) + ("--ready-file",)
+
+
+def server_options(func: F) -> F:
+    """click decorator: the flags of the OpenAI server shared by `splitwise serve` and `splitwise
+    router` (``_SERVER_OPTIONS``), then every scheduler flag (``scheduler_options``: both dispatch
+    through the same Redis scheduler), then --ready-file."""
+    from scheduler.config import scheduler_options
+
+    func = click.option(
+        "--ready-file",
+        default=None,
+        type=click.Path(dir_okay=False),
+        help="Write a JSON line with the ports here once serving.",
+    )(func)
+    func = scheduler_options(func)
+    for flags, kwargs in reversed(_SERVER_OPTIONS):
+        func = click.option(*flags, **kwargs)(func)
+    return func

@@ -18,40 +18,13 @@ from typing import Any
 
 import click
 
-from scheduler.config import SchedulerConfig, scheduler_options
-from splitwise.commands.options import resolve_model
+from scheduler.config import SchedulerConfig
+from splitwise.commands.options import resolve_model, server_options
 from splitwise.commands.startup_errors import StartupError
 
 
 @click.command("router")
-@click.option("--model", default=None, help="The served model's directory (its tokenizer and config.json).")
-@click.option(
-    "--default-model-size",
-    type=click.Choice(["tiny", "small"]),
-    default="small",
-    show_default=True,
-    help="Which built-in model to use when --model is left out.",
-)
-@click.option("--served-model-name", default=None, help="Model id clients use (default: the directory name).")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address.")
-@click.option(
-    "--port",
-    type=click.IntRange(0, 65535),
-    default=8000,
-    show_default=True,
-    help="HTTP port (0: a free one).",
-)
-@click.option(
-    "--max-model-len", type=click.IntRange(min=1), default=None, help="Context length (default: the model's)."
-)
-@click.option(
-    "--api-key", default=None, envvar="SPLITWISE_API_KEY", help="Require 'Authorization: Bearer KEY'."
-)
-@click.option("--tool-call-parser", type=click.Choice(["hermes", "llama3_json"]), default=None)
-@scheduler_options
-@click.option(
-    "--ready-file", default=None, type=click.Path(dir_okay=False), help="Write a JSON line here once serving."
-)
+@server_options  # the same model, listener, API and scheduler flags as `splitwise serve`
 def router(**opts: Any) -> None:
     """Serve the OpenAI API for a P/D cluster, dispatching through Redis (no engine)."""
     from splitwise.instance.instance import bind_socket
@@ -68,6 +41,7 @@ def router(**opts: Any) -> None:
             served_model_name=opts["served_model_name"],
             max_model_len=opts["max_model_len"],
             api_key=opts["api_key"],
+            max_request_bytes=opts["max_request_bytes"],
             tool_call_parser=opts["tool_call_parser"],
         )
     except ValueError as exc:

@@ -16,8 +16,8 @@ from typing import Any
 
 import click
 
-from scheduler.config import SchedulerConfig, scheduler_options
-from splitwise.commands.options import read_model_config, resolve_model
+from scheduler.config import SchedulerConfig
+from splitwise.commands.options import read_model_config, resolve_model, server_options
 from splitwise.commands.serve_flags import ServeCommand, dtype_from_checkpoint
 from splitwise.commands.startup_errors import StartupError, check_ports_free, explain_startup_error
 from splitwise.instance.host_identity import is_wildcard, routable_address
@@ -128,29 +128,11 @@ def _check_tensor_parallel(model_dir: str, tp_size: int, device: str, role: str)
 
 
 @click.command("serve", cls=ServeCommand)
-@click.option(
-    "--model", default=None, help="Local Hugging Face model directory (default: the built-in model)."
-)
-@click.option(
-    "--default-model-size",
-    type=click.Choice(["tiny", "small"]),
-    default="small",
-    show_default=True,
-    help="Which built-in model to use when --model is left out.",
-)
-@click.option("--served-model-name", default=None, help="Model id clients use (default: the directory name).")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address of every listener.")
+@server_options  # shared with `splitwise router` (commands/options.py)
 @click.option(
     "--advertise-host",
     default=None,
     help="Address peers connect to (default: --host, or the routable address when --host is 0.0.0.0/::).",
-)
-@click.option(
-    "--port",
-    type=click.IntRange(0, 65535),
-    default=8000,
-    show_default=True,
-    help="HTTP port (0: a free port, reported).",
 )
 @click.option(
     "--metrics-port",
@@ -161,7 +143,6 @@ def _check_tensor_parallel(model_dir: str, tp_size: int, device: str, role: str)
 @click.option(
     "--splitwise-role", type=click.Choice(["mixed", "prefill", "decode"]), default="mixed", show_default=True
 )
-@scheduler_options
 @click.option(
     "--cache-transfer-protocol",
     default="ipc,tcp",
@@ -222,25 +203,6 @@ def _check_tensor_parallel(model_dir: str, tp_size: int, device: str, role: str)
     help="Shared secret for P<->D connections (or env SPLITWISE_CLUSTER_TOKEN; default: a random per-topic token in Redis).",
 )
 @click.option(
-    "--api-key",
-    default=None,
-    envvar="SPLITWISE_API_KEY",
-    help="Require 'Authorization: Bearer KEY' (or env SPLITWISE_API_KEY).",
-)
-@click.option(
-    "--max-request-bytes",
-    type=int,
-    default=8 * 1024 * 1024,
-    show_default=True,
-    help="HTTP request bodies larger than this are answered 413 before they are read or parsed.",
-)
-@click.option(
-    "--tool-call-parser",
-    type=click.Choice(["hermes", "llama3_json"]),
-    default=None,
-    help='Parse tool calls out of the text for tool_choice "auto" (Hermes/Qwen <tool_call> or Llama 3 JSON).',
-)
-@click.option(
     "--pd-fallback",
     type=click.Choice(["local", "fail"]),
     default="local",
@@ -296,9 +258,6 @@ def _check_tensor_parallel(model_dir: str, tp_size: int, device: str, role: str)
     help="Seconds for a remote prefill + KV transfer.",
 )
 @click.option(
-    "--max-model-len", type=click.IntRange(min=1), default=None, help="Context length (default: the model's)."
-)
-@click.option(
     "--block-size",
     type=click.IntRange(min=1),
     default=16,
@@ -346,12 +305,6 @@ def _check_tensor_parallel(model_dir: str, tp_size: int, device: str, role: str)
     default=False,
     hidden=True,
     help="Prefill: ship every layer only after the prefill finished (pipelining baseline).",
-)
-@click.option(
-    "--ready-file",
-    default=None,
-    type=click.Path(dir_okay=False),
-    help="Write a JSON line with the ports here once serving.",
 )
 def serve(**opts: Any) -> None:
     """Serve the OpenAI API from one instance (`--splitwise-role mixed|prefill|decode`).

@@ -20,6 +20,7 @@ class RouterConfig:
     served_model_name: str | None = None
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     api_key: str | None = None
+    max_request_bytes: int = 8 * 1024 * 1024  # HTTP bodies above this are a 413 before parsing
     tool_call_parser: str | None = None
     frontend_id: str | None = None
 
@@ -28,6 +29,8 @@ class RouterConfig:
             raise ValueError(f"--port: {self.port} is not a TCP port")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"--max-model-len: {self.max_model_len} must be >= 1")
+        if self.max_request_bytes < 1:
+            raise ValueError(f"--max-request-bytes: {self.max_request_bytes} must be >= 1")
         if self.scheduler.scheduler_name != "splitwise":
             raise ValueError("--scheduler-name: a router dispatches through Redis (splitwise), not local")
 

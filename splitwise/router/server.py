@@ -69,6 +69,7 @@ class Router:
             is_ready=self.is_ready,
             metrics=self.metrics,
             api_key=cfg.api_key,
+            max_request_bytes=cfg.max_request_bytes,
             tool_call_parser=cfg.tool_call_parser,
             eos_token_ids=eos,
         )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 from scheduler_support import booked, booked_prefill, cluster, run
 
 from scheduler.config import SchedulerConfig
@@ -116,5 +117,44 @@ def test_weights_zero_is_load_only_but_records_what_was_cached(config: Scheduler
             await fe.submit(SubmitRequest(req_id="r", prompt_token_ids=prompt))
             detail = dispatched(fe, "r")
             assert f"p={busy}" not in detail and "kv_blocks=0/0/7" in detail, detail  # load decided
+
+    run(body())
+
+
+@pytest.mark.parametrize(
+    ("weight", "balance", "winner"),
+    [
+        (1.0, 2048, "busy"),  # within the bound: the longest prefix wins though its score is worse
+        (1.0, 0, "idle"),  # stickiness off: busy 200 - 96 = 104 against idle 0 - 32: the score
+        (1.0, 100, "idle"),  # busy is 200 tokens out of balance: only idle is within, and holds 2 blocks
+        (0.0, 2048, "idle"),  # load-only routing is never sticky
+    ],
+)
+def test_sticky_prefix_within_a_bounded_imbalance(
+    config: SchedulerConfig, weight: float, balance: int, winner: str
+) -> None:
+    prompt = list(range(1, 200))  # 12 hashable blocks
+
+    async def body() -> None:
+        cfg = dataclasses.replace(kv_config(config, weight), kv_prefill_balance_tokens=balance)
+        async with cluster(cfg) as c:
+            for node_id, role in (("p0", "prefill"), ("p1", "prefill"), ("d0", "decode")):
+                await c.add_node(node_id, role, serve=False)
+            fe = await c.add_frontend()
+            await fe.submit(SubmitRequest(req_id="warm", prompt_token_ids=[7] * 200))
+            [busy] = booked_prefill(await booked(fe))
+            idle = "p1" if busy == "p0" else "p0"
+            await PrefixIndexPublisher(fe.client, fe.keys, busy, ttl_ms=60_000).publish([], chain(prompt, 6))
+            await PrefixIndexPublisher(fe.client, fe.keys, idle, ttl_ms=60_000).publish([], chain(prompt, 2))
+            await fe.submit(SubmitRequest(req_id="r", prompt_token_ids=prompt))
+            detail = dispatched(fe, "r")
+            expected = busy if winner == "busy" else idle
+            assert f"p={expected}" in detail, detail
+            cached = {busy: 6, idle: 2}[expected]
+            assert f"kv_blocks={cached}/" in detail, detail  # the index saw what was published
+            booked_tokens = 199 - cached * BLOCK if weight else 199  # P books what it computes
+            assert booked_prefill(await booked(fe))[expected] == booked_tokens + (
+                200 if expected == busy else 0
+            )
 
     run(body())
