@@ -112,6 +112,7 @@ class Instance:
         self.ports.http = int(self._http_sock.getsockname()[1])
         await self._start_scheduler()
         self.runtime = NodeRuntime(self.node, self.worker, decoder=self.decode_flow)
+        self.runtime.own_frontend_id = getattr(self.frontend, "frontend_id", None)
         await self.runtime.start()
         await self._start_http()
         log.info(
@@ -337,10 +338,23 @@ class Instance:
     # -- readiness and shutdown ---------------------------------------------------------------
 
     def _on_engine_fatal(self, reason: str) -> None:
-        """The engine cannot serve (a tensor-parallel rank died): stop; the process exits 1."""
+        """The engine cannot serve (a tensor-parallel rank died): deregister, fail the held requests
+        (retryable: their frontends re-dispatch them elsewhere), then stop; the process exits 1."""
         log.error("stopping the instance: its engine is lost", reason=reason)
         self.fatal_reason = reason
-        self.request_stop()
+        task = asyncio.get_running_loop().create_task(self._stop_engine_lost())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _stop_engine_lost(self) -> None:
+        try:
+            if hasattr(self.node, "deregister"):
+                await _bounded(self.node.deregister(), "deregister after the engine was lost")
+        finally:
+            if self.runtime is not None:
+                self.runtime.deregistered.set()
+                await _bounded(self.runtime.drain(), "failing the held requests")
+            self.request_stop()
 
     def is_ready(self) -> bool:
         return self.engine is not None and self.registered and not self._stopped.is_set()
