@@ -92,6 +92,7 @@ class NodeAgent(NodeMigration):
         self._server_clock = ServerClock(clock)  # written by the heartbeat thread only
         self._beats_per_refresh = max(1, int(config.scheduler_ttl_s / (10 * config.heartbeat_interval_s)))
         self._closed = False
+        self._deregistered = False  # deregister() ran: close() does not run the script again
         self._loop: asyncio.AbstractEventLoop | None = None
         self._outbox: Outbox | None = None
         self._reader: NodeReader | None = None
@@ -169,22 +170,34 @@ class NodeAgent(NodeMigration):
             try:
                 if self._outbox is not None and self._outbox.has_pending:
                     await self._outbox.flush()
-                await scripts.DEREGISTER.call(
-                    self._client,
-                    [
-                        self.keys.nodes,
-                        self.keys.alive,
-                        self._candidates_key(),
-                        self.keys.heartbeat(self.node_id),
-                    ],
-                    [self.node_id, self._member, self._info.incarnation],
-                )
+                if not self._deregistered:
+                    await self._deregister_script()
             except Exception as exc:  # noqa: BLE001 - best effort: the lease lapses anyway
                 log.warning("deregister_failed", error=str(exc))
             await self._client.aclose()
         self._client = None
         if self._reader is not None:
             self._reader.close()
+
+    async def deregister(self) -> None:
+        """End the lease and leave the candidate sets now, but stay connected: no frontend dispatches
+        here again, and this node can still publish the results of what it holds (an instance whose
+        engine is lost deregisters, then fails its requests as retryable). Raises SchedulerError."""
+        if self._closed or self._deregistered or self._client is None:
+            return
+        self._deregistered = True
+        if self._heartbeater is not None:
+            await self._heartbeater.stop()  # a beat would re-announce the lease
+        await self._deregister_script()
+        log.info("node_deregistered", node_id=self.node_id)
+
+    async def _deregister_script(self) -> None:
+        assert self._client is not None and self._info is not None
+        await scripts.DEREGISTER.call(
+            self._client,
+            [self.keys.nodes, self.keys.alive, self._candidates_key(), self.keys.heartbeat(self.node_id)],
+            [self.node_id, self._member, self._info.incarnation],
+        )
 
     # --- work -------------------------------------------------------------------------------------------
     async def next_work(self) -> WorkItem:

@@ -125,6 +125,7 @@ class Instance:
         self.runtime = NodeRuntime(self.node, self.worker, decoder=self.decode_flow, latency=self.latency)
         self.runtime.migration = self._migration_source()
         self.runtime.migration_in = self.migration_target
+        self.runtime.own_frontend_id = getattr(self.frontend, "frontend_id", None)
         await self.runtime.start()
         self._start_migration_policy()
         await self._start_http()
@@ -424,10 +425,23 @@ class Instance:
     # -- readiness and shutdown ---------------------------------------------------------------
 
     def _on_engine_fatal(self, reason: str) -> None:
-        """The engine cannot serve (a tensor-parallel rank died): stop; the process exits 1."""
+        """The engine cannot serve (a tensor-parallel rank died): deregister, fail the held requests
+        (retryable: their frontends re-dispatch them elsewhere), then stop; the process exits 1."""
         log.error("stopping the instance: its engine is lost", reason=reason)
         self.fatal_reason = reason
-        self.request_stop()
+        task = asyncio.get_running_loop().create_task(self._stop_engine_lost())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _stop_engine_lost(self) -> None:
+        try:
+            if hasattr(self.node, "deregister"):
+                await _bounded(self.node.deregister(), "deregister after the engine was lost")
+        finally:
+            if self.runtime is not None:
+                self.runtime.deregistered.set()
+                await _bounded(self.runtime.drain(), "failing the held requests")
+            self.request_stop()
 
     def is_ready(self) -> bool:
         return self.engine is not None and self.registered and not self._stopped.is_set()

@@ -101,6 +101,11 @@ class NodeRuntime:
         # Set before start() on a decode node with the Redis scheduler: live migration out / in.
         self.migration: MigrationSource | None = None
         self.migration_in: MigrationTarget | None = None
+        # Engine lost: a held request's failure waits until this is set (the instance deregistered,
+        # so no frontend re-dispatches here), then leaves retryable unless this instance's own
+        # frontend (``own_frontend_id``, dying with it) submitted it: that one ends with the error.
+        self.deregistered = asyncio.Event()
+        self.own_frontend_id: str | None = None
 
     async def start(self) -> None:
         self._loops = [
@@ -114,6 +119,10 @@ class NodeRuntime:
         for task in [*self._loops, *self._tasks.values(), *self._migrations]:
             task.cancel()
         await asyncio.gather(*self._loops, *self._tasks.values(), *self._migrations, return_exceptions=True)
+
+    async def drain(self) -> None:
+        """Wait for the requests being served now to end (after the engine was lost: they fail)."""
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
 
     @property
     def num_in_flight(self) -> int:
@@ -320,8 +329,13 @@ class NodeRuntime:
             log.warning("could not release the migrated request's booking", error=str(exc))
 
     async def _finish(self, item: WorkItem, out: RequestOutput, *, completion_tokens: int) -> None:
-        if out.error is not None:
-            result: ResultMessage | None = _failed(item, FailureCode.ENGINE_ERROR, out.error)
+        if out.error is not None and self.worker.fatal_reason is not None:
+            await self.deregistered.wait()  # the instance set it (deregistered, or gave up trying)
+            retryable = item.frontend_id != self.own_frontend_id
+            log.warning("engine lost; failing the request", retryable=retryable)
+            result: ResultMessage | None = _failed(item, FailureCode.ENGINE_ERROR, out.error, retryable)
+        elif out.error is not None:
+            result = _failed(item, FailureCode.ENGINE_ERROR, out.error)
         elif out.finish_reason is FinishReason.ABORT:
             result = None  # cancelled by the frontend: it already ended the stream
         else:
