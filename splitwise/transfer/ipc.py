@@ -12,6 +12,8 @@ Long runs: one copy per coalesced run per layer moves K and V together (``remote
 local[L, :, s:s+n]``: the kind dimension is a stride of the same view), with no intermediate
 buffer. Scattered blocks (short runs): one ``index_select`` + ``index_copy_`` over block rows per
 ~1 MiB piece (``copy_runs``); a ``copy_`` per 4 KiB run cost ~11 us of dispatch, 0.06 of memcpy.
+A layer's pairs reach the copy as numpy columns (``RunArrays``, built once in ``write_layer``), so
+no Python object is made per block on either thread (0.87 -> 0.08 ms per 2,048-block layer).
 
 Completion travels over the stream connection (``stream_target.py``) to D's listener: RequestBegin before
 the first copy of a request binds it to the connection (so P dying mid-transfer fails it on D) and
