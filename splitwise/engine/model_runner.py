@@ -20,6 +20,7 @@ from splitwise.engine.errors import EngineError
 from splitwise.engine.kv_cache import KVCache, KVCacheGeometry
 from splitwise.engine.layer_ready import ReadyToken, record_layer_ready
 from splitwise.engine.loader import load_model
+from splitwise.engine.model.attention import decode_bias_dtype
 from splitwise.engine.model.attention_metadata import AttentionMetadata, GatherBuffers
 from splitwise.engine.model.llama import CausalLM
 from splitwise.engine.model.packed_linear import pack_linears
@@ -174,6 +175,9 @@ class ModelRunner:
             num_kv_heads=self.model_config.num_kv_heads,
             sliding_window=self.model_config.sliding_window,
             buffers=self.gather_buffers,
+            bias_dtype=decode_bias_dtype(self.engine_config.torch_dtype)
+            if self.device.type == "cpu"
+            else None,
         )
         return torch.tensor(token_ids, dtype=torch.int64).to(self.device), meta, first_rows
 

@@ -171,6 +171,25 @@ class BlockRun(NamedTuple):
     num_blocks: int
 
 
+class RunArrays(NamedTuple):
+    """The runs of a list of (src, dst) block pairs as numpy int64 columns, with the pairs
+    themselves: what vectorised copies need, without a Python object per run."""
+
+    src_ids: np.ndarray  # [pairs] every source block id, in pair order
+    dst_ids: np.ndarray  # [pairs] every destination block id
+    src_starts: np.ndarray  # [runs] first source block of each run
+    dst_starts: np.ndarray  # [runs]
+    lengths: np.ndarray  # [runs] blocks per run
+
+    def runs(self) -> list[BlockRun]:
+        return [
+            BlockRun(s, d, n)
+            for s, d, n in zip(
+                self.src_starts.tolist(), self.dst_starts.tolist(), self.lengths.tolist(), strict=True
+            )
+        ]
+
+
 def coalesce_runs(src_block_ids: Sequence[int], dst_block_ids: Sequence[int]) -> list[BlockRun]:
     """Merge (src, dst) pairs into runs where both sides are consecutive, keeping pair order.
 
@@ -186,12 +205,19 @@ def coalesce_runs(src_block_ids: Sequence[int], dst_block_ids: Sequence[int]) ->
     One run is one contiguous byte range per (layer, kind) region on each side, so a transport
     issues one copy / one iovec / one RDMA WRITE per run instead of per block.
     """
+    return coalesce_arrays(src_block_ids, dst_block_ids).runs()
+
+
+def coalesce_arrays(
+    src_block_ids: Sequence[int] | np.ndarray, dst_block_ids: Sequence[int] | np.ndarray
+) -> RunArrays:
+    """``coalesce_runs`` as numpy columns (vectorised: a layer of 4 KiB blocks has thousands of
+    pairs, ~3 us each in Python, and a BlockRun per run costs ~0.25 us more)."""
     if len(src_block_ids) != len(dst_block_ids):
         raise InvalidBlockIdsError(
             f"{len(src_block_ids)} source blocks but {len(dst_block_ids)} destination blocks",
             block_ids=list(dst_block_ids),
         )
-    # Vectorised (numpy): a layer of 4 KiB blocks has thousands of pairs, ~3 us each in Python.
     src = np.asarray(src_block_ids, dtype=np.int64)
     dst = np.asarray(dst_block_ids, dtype=np.int64)
     negative = np.flatnonzero((src < 0) | (dst < 0))
@@ -199,17 +225,14 @@ def coalesce_runs(src_block_ids: Sequence[int], dst_block_ids: Sequence[int]) ->
         pair = [int(src[negative[0]]), int(dst[negative[0]])]
         raise InvalidBlockIdsError(f"negative block id in pair ({pair[0]}, {pair[1]})", block_ids=pair)
     if not src.size:
-        return []
+        return RunArrays(src, dst, src, dst, src)
     starts = np.concatenate(([0], np.flatnonzero((np.diff(src) != 1) | (np.diff(dst) != 1)) + 1))
     lengths = np.diff(np.concatenate((starts, [src.size])))
-    return [
-        BlockRun(s, d, n)
-        for s, d, n in zip(src[starts].tolist(), dst[starts].tolist(), lengths.tolist(), strict=True)
-    ]
+    return RunArrays(src, dst, src[starts], dst[starts], lengths)
 
 
 def check_block_ids(
-    block_ids: Sequence[int], num_blocks: int, *, side: str, req_id: str | None = None
+    block_ids: Sequence[int] | np.ndarray, num_blocks: int, *, side: str, req_id: str | None = None
 ) -> None:
     """Raise InvalidBlockIdsError unless every id is in [0, num_blocks) and none repeats."""
     ids = np.asarray(block_ids, dtype=np.int64)
@@ -218,8 +241,14 @@ def check_block_ids(
         raise InvalidBlockIdsError(
             f"{side} block ids out of range [0, {num_blocks})", req_id=req_id, block_ids=bad.tolist()
         )
-    if np.unique(ids).size != ids.size:
-        raise InvalidBlockIdsError(f"{side} block ids repeat", req_id=req_id, block_ids=list(block_ids))
+    # O(n) when the cache is not much larger than the list (a layer's thousands of 4 KiB blocks:
+    # 0.02 vs 0.1 ms for np.unique's sort), else sort.
+    if num_blocks <= 64 * ids.size:
+        repeats = np.bincount(ids, minlength=0).max(initial=0) > 1
+    else:
+        repeats = np.unique(ids).size != ids.size
+    if repeats:
+        raise InvalidBlockIdsError(f"{side} block ids repeat", req_id=req_id, block_ids=ids.tolist())
 
 
 # --------------------------------------------------------------------------- geometry

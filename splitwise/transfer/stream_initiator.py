@@ -4,12 +4,15 @@ peer. See ``stream_target`` for the picture of both sides."""
 from __future__ import annotations
 
 import abc
+import functools
 import queue
 import socket
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from splitwise.counters import Counters
 from splitwise.engine.kv_cache import KVCache, KVCacheGeometry
@@ -19,12 +22,13 @@ from splitwise.transfer.base import (
     BlockRun,
     Endpoint,
     ReadyToken,
+    RunArrays,
     TransferStatus,
     TransportInitiator,
     TransportOptions,
     check_block_ids,
     check_compatible,
-    coalesce_runs,
+    coalesce_arrays,
     wait_ready,
 )
 from splitwise.transfer.errors import (
@@ -55,9 +59,14 @@ log = get_logger("splitwise.transfer")
 class LayerJob:
     req_id: str
     layer: int
-    runs: list[BlockRun]
+    arrays: RunArrays  # the block pairs and their runs as numpy columns (ipc copies from these)
     num_blocks: int
     ready: ReadyToken | None = None  # the producer's token: read nothing before it completed
+
+    @functools.cached_property
+    def runs(self) -> list[BlockRun]:
+        """The runs as objects, built on the sender thread when a transport asks (tcp)."""
+        return self.arrays.runs()
 
 
 @dataclass
@@ -173,9 +182,11 @@ class StreamInitiator(TransportInitiator):
         try:
             if not 0 <= layer < kv.geometry.num_layers:
                 raise TransferError(f"layer {layer} outside 0..{kv.geometry.num_layers - 1}", req_id=req_id)
-            check_block_ids(src_block_ids, kv.geometry.num_blocks, side="source", req_id=req_id)
-            check_block_ids(dst_block_ids, peer.geometry.num_blocks, side="destination", req_id=req_id)
-            runs = coalesce_runs(src_block_ids, dst_block_ids)
+            src = np.asarray(src_block_ids, dtype=np.int64)  # once: the checks and the runs share it
+            dst = np.asarray(dst_block_ids, dtype=np.int64)
+            check_block_ids(src, kv.geometry.num_blocks, side="source", req_id=req_id)
+            check_block_ids(dst, peer.geometry.num_blocks, side="destination", req_id=req_id)
+            arrays = coalesce_arrays(src, dst)
         except TransferError as exc:
             # A layer that is not shipped must never let D report the request DONE: fail it on both
             # sides (the abort is queued behind the writes already accepted), then tell the caller.
@@ -185,7 +196,7 @@ class StreamInitiator(TransportInitiator):
             raise
         self._start(peer, req_id)
         token = ready if ready is not None else self._ready_marker()
-        peer.jobs.put(LayerJob(req_id, layer, runs, len(src_block_ids), token))
+        peer.jobs.put(LayerJob(req_id, layer, arrays, len(src_block_ids), token))
 
     def finish(self, peer_id: str, req_id: str) -> None:
         peer = self._peer(peer_id, req_id)

@@ -144,6 +144,28 @@ def _decode_bmm(
     return out.view(g, num_q, head_dim).to(queries.dtype)
 
 
+def decode_bias_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of ``DecodeBatch.attn_bias`` for a CPU model in ``model_dtype``."""
+    return torch.float32 if model_dtype == torch.float16 else model_dtype
+
+
+def _decode_bmm_biased(
+    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    """``_decode_bmm`` with the mask as an additive ``bias`` [G * Hkv, 1, J]: scale and mask are
+    folded into one ``baddbmm`` and the float32 softmax reads the matmul dtype directly (4 ops
+    per layer instead of 7). Bit-identical to ``_decode_bmm`` when 1/sqrt(D) is a power of two
+    (D = 64, 256: the scale is exact in any dtype)."""
+    g, num_q, head_dim = queries.shape
+    _, num_kv, num_keys, _ = keys.shape
+    q = queries.to(keys.dtype).reshape(g * num_kv, num_q // num_kv, head_dim)
+    k_t = keys.reshape(g * num_kv, num_keys, head_dim).transpose(1, 2)
+    scores = torch.baddbmm(bias, q, k_t, alpha=head_dim**-0.5)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+    out = torch.bmm(probs, values.reshape(g * num_kv, num_keys, head_dim))
+    return out.view(g, num_q, head_dim).to(queries.dtype)
+
+
 def _attend_decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -164,6 +186,8 @@ def _attend_decode(
     keys, values = _gather_kv(
         k_cache, v_cache, batch.kv_rows, g, num_kv_heads, batch.num_keys, buffers, math_dtype
     )
+    if on_cpu and batch.attn_bias is not None and batch.attn_bias.dtype == keys.dtype:
+        return _decode_bmm_biased(queries, keys, values, batch.attn_bias)
     if on_cpu:
         masked = batch.masked_out if batch.masked_out is not None else batch.attn_mask
         return _decode_bmm(queries, keys, values, masked)

@@ -94,6 +94,9 @@ class DecodeBatch:
     num_keys: int  # J = num_blocks * block_size: keys gathered per chunk
     attn_mask: torch.Tensor | None  # [G, 1, 1, J] bool (True = may attend); None = all visible
     masked_out: torch.Tensor | None = None  # ~attn_mask, built on the host (the CPU kernel's fill)
+    # [G * Hkv, 1, J] additive (0 visible, -inf not) in the CPU decode matmul dtype, when the step
+    # was built with ``bias_dtype``: the scores' matmul adds it (one baddbmm, no fill per layer)
+    attn_bias: torch.Tensor | None = None
 
     @property
     def num_chunks(self) -> int:
@@ -137,11 +140,13 @@ class AttentionMetadata:
         cache_kv_heads: int | None = None,
         sliding_window: int | None = None,
         buffers: GatherBuffers | None = None,
+        bias_dtype: torch.dtype | None = None,
     ) -> AttentionMetadata:
         """``block_tables[b]`` must cover positions [0, starts[b] + num_new_tokens[b]).
 
         The step's ``num_kv_heads`` heads are [first_kv_head, + num_kv_heads) of the
-        ``cache_kv_heads`` (default ``num_kv_heads``) in each cache block."""
+        ``cache_kv_heads`` (default ``num_kv_heads``) in each cache block. ``bias_dtype``: also
+        build the decode batch's additive ``attn_bias`` in that dtype (the CPU decode kernel's)."""
         heads = _Heads(num_kv_heads, first_kv_head, cache_kv_heads or num_kv_heads)
         if heads.first + heads.count > heads.per_block:
             raise ValueError(f"kv heads [{heads.first}, +{heads.count}) outside a block's {heads.per_block}")
@@ -164,6 +169,7 @@ class AttentionMetadata:
                 heads,
                 device,
                 sliding_window,
+                bias_dtype,
             )
         prefills = tuple(
             _prefill_chunk(
@@ -241,6 +247,7 @@ def _decode_batch(
     heads: _Heads,
     device: torch.device | str,
     sliding_window: int | None,
+    bias_dtype: torch.dtype | None,
 ) -> DecodeBatch:
     # Keys are whole blocks (J = num_blocks * bs): the gathered K/V then merge (chunk, head) into
     # one batch dimension as a view; keys past a chunk's position are masked, not narrowed away
@@ -256,6 +263,14 @@ def _decode_batch(
         mask = _visible(query_pos, key_pos, sliding_window)
     contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
     block_ids = torch.tensor(padded, dtype=torch.int64)
+    bias = None
+    if bias_dtype is not None:  # per (chunk, kv head): the rows of the scores' batched matmul
+        bias = torch.zeros(len(starts), 1, 1, num_keys)
+        if mask is not None:
+            bias.masked_fill_(mask.logical_not(), float("-inf"))
+        g = len(starts)
+        bias = bias.expand(g, heads.count, 1, num_keys).reshape(g * heads.count, 1, num_keys)
+        bias = bias.to(device=device, dtype=bias_dtype)
     return DecodeBatch(
         token_rows=tuple(rows),
         first_row=rows[0] if contiguous else None,
@@ -266,6 +281,7 @@ def _decode_batch(
         num_keys=num_keys,
         attn_mask=None if mask is None else mask.to(device),
         masked_out=None if mask is None else mask.logical_not().to(device),
+        attn_bias=bias,
     )
 
 

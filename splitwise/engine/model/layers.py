@@ -13,7 +13,9 @@ class RMSNorm(nn.Module):
     """x / rms(x) * weight over the last dimension.
 
     The normalisation runs in float32 and the result is cast back before the weight multiply,
-    exactly as the reference checkpoints were trained; doing it in bf16 drifts visibly.
+    exactly as the reference checkpoints were trained; doing it in bf16 drifts visibly. One fused
+    ``F.rms_norm`` instead of pow/mean/add/rsqrt/mul (bit-identical here; 13 vs 23 us per call at
+    decode on this CPU, 17 calls per step of the small model).
     """
 
     def __init__(self, hidden_size: int, eps: float) -> None:
@@ -22,10 +24,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        input_dtype = x.dtype
-        x32 = x.to(torch.float32)
-        variance = x32.pow(2).mean(-1, keepdim=True)
-        return self.weight * (x32 * torch.rsqrt(variance + self.eps)).to(input_dtype)
+        normed = F.rms_norm(x.to(torch.float32), self.weight.shape, None, self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 class SwiGLUMLP(nn.Module):

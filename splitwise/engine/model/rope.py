@@ -99,6 +99,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
 
     The reference computes x * cos + cat(-x2, x1) * sin. roll(x) = cat(x2, x1), and negating the
     first half of sin instead of x2 gives the same products bit for bit (sign flips are exact),
-    in one op instead of four (slice, slice, neg, cat).
+    in one op instead of four (slice, slice, neg, cat); the product and sum are one ``addcmul``.
     """
-    return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * signed_sin
+    return torch.addcmul(x * cos, torch.roll(x, x.shape[-1] // 2, dims=-1), signed_sin)
