@@ -21,6 +21,8 @@ COMMANDS: dict[str, str] = {
     "up": "splitwise.commands.up:up",
     "router": "splitwise.commands.router:router",
     "inspect": "splitwise.commands.inspect:inspect_cmd",
+    "drain": "splitwise.commands.drain:drain",
+    "role": "splitwise.commands.role:role",
     "bench": "splitwise.commands.bench:bench",
 }
 
