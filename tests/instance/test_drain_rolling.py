@@ -4,15 +4,46 @@ same flags. Zero failed requests, every output equal to the greedy reference."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import pytest
+
+from splitwise.cluster import ClusterSpec, LocalCluster
 from splitwise.engine.config import EngineConfig
 from splitwise.engine.engine import LLMEngine
 from splitwise.engine.sampling_params import SamplingParams
 from splitwise.testing.rolling import StreamingLoad, rolling_restart
+from tests.instance.helpers import ALWAYS_DISAGG, ENGINE_ARGS
 from tests.instance.pd_helpers import log_text, make_prompt
 
 MAX_TOKENS = 48
+
+
+@pytest.fixture()
+def big_cluster(tiny_model: Path) -> Iterator[Callable[..., LocalCluster]]:
+    """Like conftest's cluster_factory, with a start-up wait for five processes on a loaded machine."""
+    started: list[LocalCluster] = []
+
+    def make(*, extra: list[str], **spec: Any) -> LocalCluster:
+        cluster = LocalCluster(
+            ClusterSpec(
+                model=str(tiny_model),
+                extra_args=ENGINE_ARGS + extra,
+                threads_per_instance=1,
+                scheduler_args=ALWAYS_DISAGG,
+                **spec,
+            )
+        )
+        started.append(cluster)
+        cluster.start()
+        cluster.wait_ready(timeout_s=900)
+        return cluster
+
+    yield make
+    for cluster in started:
+        cluster.stop()
 
 
 def references(model: Path, prompts: list[list[int]]) -> list[str]:
@@ -26,10 +57,12 @@ def references(model: Path, prompts: list[list[int]]) -> list[str]:
         engine.close()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_rolling_restart_of_a_2p2d_cluster_under_load_fails_nothing(
-    cluster_factory, tiny_model: Path
+    big_cluster: Callable[..., LocalCluster], tiny_model: Path
 ) -> None:  # type: ignore[no-untyped-def]
-    cluster = cluster_factory(
+    cluster = big_cluster(
         num_prefill=2, num_decode=2, router=True, transfer="ipc", extra=["--drain-grace-period", "120"]
     )
     prompts = [make_prompt(24 + 4 * i, seed=100 + i) for i in range(6)]
