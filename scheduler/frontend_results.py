@@ -5,6 +5,7 @@ events into the request's record, a retryable error or a token gap to a re-dispa
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from scheduler.errors import MessageDecodeError
@@ -13,6 +14,7 @@ from scheduler.messages import (
     RESULTS_STREAM_TYPES,
     Failed,
     Finished,
+    Migrated,
     NodeEvent,
     ResultMessage,
     TokenChunk,
@@ -66,6 +68,8 @@ class ResultsReader:
             return
         if isinstance(msg, NodeEvent):
             fl.note(msg.ts_ms, msg.event, msg.node, msg.detail)
+        elif isinstance(msg, Migrated):
+            self._migrated(fl, msg)
         elif isinstance(msg, TokenChunk) and msg.index > len(fl.delivered):
             # Tokens went missing (a failover lost writes): resume from what the client has.
             fe.stats.inc("token_gaps")
@@ -90,6 +94,27 @@ class ResultsReader:
             await fe.redispatch(fl, reason=f"node error {msg.code}: {msg.message}")
         else:
             await fe.finish(fl, msg, notify_nodes=None, batch=batch)
+
+    def _migrated(self, fl: FrontendRecord, msg: Migrated) -> None:
+        """A live migration moved this attempt: from now on its node is ``msg.decode_node_id`` (the
+        monitor watches that lease, cancels go there). The source released the bookings; the work
+        item is no longer queued anywhere. Tokens go on with the same attempt and index."""
+        if fl.assignment is None:
+            return
+        fl.assignment = dataclasses.replace(
+            fl.assignment,
+            decode_node_id=msg.decode_node_id,
+            decode_incarnation=msg.decode_incarnation,
+            bookings=[],
+        )
+        fl.entry_id = None
+        self._fe.stats.inc("migrations_seen")
+        fl.note(
+            self._fe._clock.time_ms(),
+            "migrated",
+            self._fe.frontend_id,
+            f"from={msg.from_node_id} to={msg.decode_node_id} reason={msg.reason} at_token={len(fl.delivered)}",
+        )
 
     def _deliver_tokens(self, fl: FrontendRecord, chunk: TokenChunk) -> None:
         """Forward only tokens the client has not seen (a re-dispatched node resumes, never repeats)."""

@@ -77,7 +77,7 @@ class KeySchema:
     bookings = _Fixed("bookings", "ZSET of bookings kind|group|node|inc|req_id|attempt|amount -> expiry ms.")
     # work, control and results
     work = _PerId("work", "STREAM of msgpack WorkItems for one node.")
-    control = _PerId("ctl", "STREAM of msgpack CancelMessages for one node.")
+    control = _PerId("ctl", "STREAM of msgpack CancelMessages (and MigrateCommands) for one node.")
     results = _PerId("results", "STREAM of msgpack results (and node events) for one frontend.")
     # KV-aware routing (#15): which prefix blocks a node's cache holds
     prefix_index = _PerId("pfx", "SET of a node's cached block hashes (16 hex digits each).")

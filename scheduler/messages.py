@@ -25,7 +25,8 @@ from splitwise.kv_geometry import KVGeometry as KVGeometry  # re-exported; nodes
 from splitwise.wire_codec import MessageCodec
 
 # 3: typed SamplingParams, Endpoint per protocol, and Role/Mode/Protocol/FailureCode (were maps, strings)
-# 4: node commands on the control stream (DrainRequest, RoleChangeRequest), FailureCode.NODE_DRAINING
+# 4: node commands on the control stream (DrainRequest, RoleChangeRequest), FailureCode.NODE_DRAINING;
+#    live migration (Migrated on the results stream, MigrateCommand on a node's control stream)
 SCHEMA_VERSION = 4
 
 
@@ -241,9 +242,35 @@ class RoleChangeRequest(_NodeCommand):
 
 
 NodeCommand = DrainRequest | RoleChangeRequest
-CONTROL_TYPES = (CancelMessage, DrainRequest, RoleChangeRequest)  # what a node's control stream carries
+
+
+@dataclass(frozen=True)
+class Migrated(_PerAttempt):
+    """Target node -> frontend, before the first token it publishes: this attempt now runs on
+    ``decode_node_id`` (watch that lease, send cancels there). Its bookings were released by the
+    source node; the attempt carries none from here on."""
+
+    TYPE: ClassVar[str] = "migrated"
+    from_node_id: str
+    decode_node_id: str
+    decode_incarnation: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class MigrateCommand:
+    """Anyone (``splitwise migrate``) -> a decode node's control stream: move running request
+    ``req_id`` to ``target_node_id`` ("" = the node picks a live compatible decode node). A node
+    that does not run the request ignores it."""
+
+    TYPE: ClassVar[str] = "migrate"
+    req_id: str
+    target_node_id: str
+    reason: str
+
 
 ResultMessage = TokenChunk | Finished | Failed | Expired | Cancelled
+ControlMessage = CancelMessage | MigrateCommand | DrainRequest | RoleChangeRequest
 Message = (
     NodeInfo
     | WorkItem
@@ -256,6 +283,8 @@ Message = (
     | NodeEvent
     | DrainRequest
     | RoleChangeRequest
+    | Migrated
+    | MigrateCommand
 )
 CODEC = MessageCodec(
     (
@@ -270,6 +299,8 @@ CODEC = MessageCodec(
         NodeEvent,
         DrainRequest,
         RoleChangeRequest,
+        Migrated,
+        MigrateCommand,
     ),
     schema_version=SCHEMA_VERSION,
     error=MessageDecodeError,
@@ -277,7 +308,8 @@ CODEC = MessageCodec(
     fields_key="f",
 )
 RESULT_TYPES = (TokenChunk, Finished, Failed, Expired, Cancelled)
-RESULTS_STREAM_TYPES = (*RESULT_TYPES, NodeEvent)
+RESULTS_STREAM_TYPES = (*RESULT_TYPES, NodeEvent, Migrated)
+CONTROL_TYPES = (CancelMessage, MigrateCommand, DrainRequest, RoleChangeRequest)  # a node's control stream
 
 
 @dataclass(frozen=True)

@@ -31,17 +31,21 @@ from scheduler.keys import ROLE_LETTERS, KeySchema, check_id, group_id
 from scheduler.lease import LeaseWatch, ServerClock
 from scheduler.messages import (
     CancelMessage,
+    DrainRequest,
     Expired,
     Failed,
     LoadReport,
+    Migrated,
     NodeEvent,
     NodeInfo,
     ResultMessage,
+    RoleChangeRequest,
     WorkItem,
     encode,
 )
 from scheduler.metrics import Counters
 from scheduler.node_commands import NodeCommands, NodeStatus, apply_status, booked_prompt_tokens
+from scheduler.node_migration import NodeMigration
 from scheduler.node_record import BeatArgs, BeatSnapshot, HeldWork, drop_reason, full_beat
 from scheduler.node_streams import NodeReader
 from scheduler.outbox import Outbox
@@ -62,7 +66,7 @@ TIME_EVERY_BEATS = 10
 _PREFILL_DONE_EVENTS = frozenset({"transferred", "decoding"})
 
 
-class NodeAgent:
+class NodeAgent(NodeMigration):
     def __init__(
         self,
         config: SchedulerConfig,
@@ -330,10 +334,10 @@ class NodeAgent:
                 self._queue_release(work.item, member)
         self._queue_event(work.item, event, detail, node=node)
 
-    def _queue_result(self, frontend_id: str, result: ResultMessage | NodeEvent) -> None:
+    def _queue_result(self, frontend_id: str, result: ResultMessage | NodeEvent | Migrated) -> None:
         assert self._outbox is not None
         self._outbox.put_result(frontend_id, encode(result))
-        if result.is_terminal if not isinstance(result, NodeEvent) else False:
+        if result.is_terminal:
             self._outbox.schedule()
 
     def _queue_event(self, item: WorkItem, event: str, detail: str, *, node: str | None = None) -> None:
@@ -390,11 +394,13 @@ class NodeAgent:
     async def _read_once(self) -> None:
         assert self._reader is not None
         for msg in await self._reader.read_once():
-            if not isinstance(msg, CancelMessage):
+            if isinstance(msg, DrainRequest | RoleChangeRequest):
                 self.commands.receive(msg, self.info.incarnation)
                 continue
+            if (cancel := self.cancel_or_queue_migration(msg)) is None:
+                continue
             self.stats.inc("cancels_received")
-            self._cancel(msg)
+            self._cancel(cancel)
         self._publish_snapshot()
 
     async def _periodic_once(self) -> None:

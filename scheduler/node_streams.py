@@ -1,7 +1,7 @@
 """A node's one blocking reader: its work stream and its control stream in a single XREAD.
 
 Work entries become WorkItems (queued for ``next_work``); control entries become CancelMessages
-and node commands (drain, role change).
+and node commands (drain, role change), or MigrateCommands.
 Undecodable payloads go to the dead letters and reading goes on. Read positions are published to
 the heartbeat, which trims what was read (once per beat, not per request).
 """
@@ -17,7 +17,7 @@ from scheduler.clock import Clock
 from scheduler.config import SchedulerConfig
 from scheduler.errors import MessageDecodeError
 from scheduler.keys import KeySchema
-from scheduler.messages import CONTROL_TYPES, CancelMessage, NodeCommand, WorkItem, decode
+from scheduler.messages import CONTROL_TYPES, ControlMessage, WorkItem, decode
 from scheduler.metrics import Counters
 from scheduler.records import write_dead_letter
 
@@ -56,14 +56,15 @@ class NodeReader:
     def close(self) -> None:
         self._items.put_nowait(None)
 
-    async def read_once(self) -> list[CancelMessage | NodeCommand]:
-        """One blocking XREAD of both streams; queues work items, returns the control messages."""
+    async def read_once(self) -> list[ControlMessage]:
+        """One blocking XREAD of both streams; queues work items, returns the control messages
+        (cancels, migrate commands, node commands)."""
         answer = await self._client.xread(
             {self._work_key: self.last_work_id, self._control_key: self.last_control_id},
             count=64,
             block=self._config.block_ms * IDLE_BLOCK_FACTOR,
         )
-        cancels: list[CancelMessage | NodeCommand] = []
+        cancels: list[ControlMessage] = []
         streams: list[Any] = list(answer or [])
         for stream, entries in streams:
             is_work = (stream.decode() if isinstance(stream, bytes) else stream) == self._work_key

@@ -14,6 +14,7 @@ Node side (``HeldWork``, one per work item a node took)::
     RECEIVED --decoding--> RUNNING --terminal published--> ANSWERED --ack--> (forgotten)
     RECEIVED/RUNNING --cancel--> CANCELLED --ack--> (forgotten)
     RECEIVED/RUNNING --frontend lease lapsed--> ORPHANED --ack--> (forgotten)
+    RUNNING --migrated (live migration committed: another node owns it)--> MIGRATED --ack--> (forgotten)
 
 ``transition`` is the only place a state changes. An illegal transition is logged and counted
 (``illegal_transitions``) and leaves the state as it was: never silent, never a crash.
@@ -56,6 +57,7 @@ class NodeState(enum.Enum):
     ANSWERED = "answered"
     CANCELLED = "cancelled"
     ORPHANED = "orphaned"
+    MIGRATED = "migrated"  # a live migration moved it to another node, which answers for it
 
 
 _FE = FrontendState
@@ -72,8 +74,9 @@ FRONTEND_TRANSITIONS: dict[FrontendState, frozenset[FrontendState]] = {
 _N = NodeState
 NODE_TRANSITIONS: dict[NodeState, frozenset[NodeState]] = {
     _N.RECEIVED: frozenset({_N.RUNNING, _N.ANSWERED, _N.CANCELLED, _N.ORPHANED}),
-    _N.RUNNING: frozenset({_N.ANSWERED, _N.CANCELLED, _N.ORPHANED}),
+    _N.RUNNING: frozenset({_N.ANSWERED, _N.CANCELLED, _N.ORPHANED, _N.MIGRATED}),
     _N.ANSWERED: frozenset(),
+    _N.MIGRATED: frozenset(),
     _N.CANCELLED: frozenset({_N.ANSWERED}),  # a terminal may still go out after a cancel raced it
     _N.ORPHANED: frozenset(),
 }

@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "inspect": "splitwise.commands.inspect:inspect_cmd",
     "drain": "splitwise.commands.drain:drain",
     "role": "splitwise.commands.role:role",
+    "migrate": "splitwise.commands.migrate:migrate",
     "bench": "splitwise.commands.bench:bench",
 }
 

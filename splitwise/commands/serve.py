@@ -85,6 +85,9 @@ def _instance_config(opts: dict[str, Any]) -> Any:
         drain_grace_period_s=opts["drain_grace_period"],
         max_waiting_for_blocks=opts["max_waiting_for_blocks"],
         decode_headroom_tokens=opts["decode_headroom_tokens"],
+        migrate_make_room_free_blocks=opts["migrate_make_room_free_blocks"],
+        migrate_balance_kv_gap=opts["migrate_balance_kv_gap"],
+        migrate_balance_min_requests=opts["migrate_balance_min_requests"],
         decode_prefix_reuse=opts["decode_prefix_reuse"],
         node_id=opts["node_id"],
         pipelined_transfer=not opts["debug_unpipelined_transfer"],
@@ -261,6 +264,27 @@ def _check_tensor_parallel(model_dir: str, tp_size: int, device: str, role: str)
     default=16,
     show_default=True,
     help="Decode: KV reserved beyond the prompt when a request arrives.",
+)
+@click.option(
+    "--migrate-make-room-free-blocks",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Decode: live-migrate the largest request out when fewer KV blocks than this are free (0: off).",
+)
+@click.option(
+    "--migrate-balance-kv-gap",
+    type=click.FloatRange(min=0.0, max=1.0, max_open=True),
+    default=0.0,
+    show_default=True,
+    help="Decode: live-migrate the newest request to the least used decode node when KV usage differs by more (0: off).",
+)
+@click.option(
+    "--migrate-balance-min-requests",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Decode: the balance policy also needs this many more running requests here than there.",
 )
 @click.option(
     "--decode-prefix-reuse/--no-decode-prefix-reuse",

@@ -92,6 +92,20 @@ from splitwise.commands.serve_flags import ServeCommand
     help="Missed heartbeats before a lease lapses (node or frontend).",
 )
 @click.option(
+    "--migrate-make-room-free-blocks",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Passed to every decode instance (`splitwise serve`; 0: off).",
+)
+@click.option(
+    "--migrate-balance-kv-gap",
+    type=click.FloatRange(min=0.0, max=1.0, max_open=True),
+    default=0.0,
+    show_default=True,
+    help="Passed to every decode instance (`splitwise serve`; 0: off).",
+)
+@click.option(
     "--timeout",
     "timeout_s",
     type=click.FloatRange(min=1),
@@ -113,6 +127,8 @@ def up(
     scheduler_topic: str,
     scheduler_heartbeat_interval: float,
     scheduler_dead_after_missed: int,
+    migrate_make_room_free_blocks: int,
+    migrate_balance_kv_gap: float,
     timeout_s: float,
 ) -> None:
     """Start a local cluster: redis-server, N prefill and M decode instances, and a router."""
@@ -131,6 +147,12 @@ def up(
             topic=scheduler_topic,
             heartbeat_interval_s=scheduler_heartbeat_interval,
             dead_after_missed=scheduler_dead_after_missed,
+            extra_args=[
+                "--migrate-make-room-free-blocks",
+                str(migrate_make_room_free_blocks),
+                "--migrate-balance-kv-gap",
+                str(migrate_balance_kv_gap),
+            ],
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None

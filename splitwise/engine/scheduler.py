@@ -96,6 +96,9 @@ class Scheduler:
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
         self._held: dict[str, Sequence] = {}
+        # Decoding sequences a live migration stopped between two steps: they keep their blocks
+        # and are never scheduled until ``resume`` (the migration failed) or ``drop_paused``.
+        self._paused: dict[str, Sequence] = {}
 
     # -- queries ------------------------------------------------------------------------------
 
@@ -106,6 +109,11 @@ class Scheduler:
     @property
     def num_running(self) -> int:
         return len(self._running)
+
+    @property
+    def running(self) -> tuple[Sequence, ...]:
+        """The running batch in admission order (a copy: read-only)."""
+        return tuple(self._running)
 
     @property
     def num_held(self) -> int:
@@ -126,7 +134,7 @@ class Scheduler:
             for seq in queue:
                 if seq.req_id == req_id:
                     return seq
-        return self._held.get(req_id)
+        return self._held.get(req_id) or self._paused.get(req_id)
 
     # -- entering -----------------------------------------------------------------------------
 
@@ -201,7 +209,40 @@ class Scheduler:
         self.block_manager.free(seq)
         return seq
 
+    # -- live migration (splitwise/engine/migration.py) ----------------------------------------
+
+    def pause(self, req_id: str) -> Sequence | None:
+        """Take a decoding sequence out of the running batch, keeping its blocks (None: it is not
+        decoding right now: waiting, preempted, prefilling or unknown)."""
+        seq = next((s for s in self._running if s.req_id == req_id), None)
+        if seq is None or seq.num_uncomputed_tokens != 1:
+            return None
+        self._running.remove(seq)
+        self._paused[req_id] = seq
+        return seq
+
+    def resume(self, req_id: str) -> Sequence:
+        """Put a paused sequence back at the end of the running batch (its migration failed)."""
+        seq = self._paused.pop(req_id, None)
+        if seq is None:
+            raise UnknownRequestError("no paused sequence with this id", req_id=req_id)
+        self._running.append(seq)
+        return seq
+
+    def drop_paused(self, req_id: str) -> Sequence:
+        """Forget a paused sequence that now runs elsewhere and free its blocks."""
+        seq = self._paused.pop(req_id, None)
+        if seq is None:
+            raise UnknownRequestError("no paused sequence with this id", req_id=req_id)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = FinishReason.ABORT
+        return seq
+
     def _remove(self, req_id: str) -> Sequence:
+        paused = self._paused.pop(req_id, None)
+        if paused is not None:
+            return paused
         for queue in (self._running, self._waiting, self._prefilled):
             for seq in queue:
                 if seq.req_id == req_id:

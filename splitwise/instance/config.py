@@ -5,12 +5,16 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from scheduler.config import SchedulerConfig
 from splitwise.codes import PROTOCOLS as TRANSFER_PROTOCOLS
 from splitwise.codes import ROLES
 from splitwise.engine.config import EngineConfig
 from splitwise.instance.host_identity import is_wildcard
+
+if TYPE_CHECKING:
+    from splitwise.instance.migration_policy import PolicyConfig
 
 PD_FALLBACKS = ("local", "fail")
 
@@ -62,11 +66,24 @@ class InstanceConfig:
     # of layer by layer (bench/pd_ttft.py measures what pipelining hides).
     pipelined_transfer: bool = True
     node_id: str | None = None
+    # decode: live-migration policies (#16; splitwise/instance/migration_policy.py); 0 = off
+    migrate_make_room_free_blocks: int = 0
+    migrate_balance_kv_gap: float = 0.0
+    migrate_balance_min_requests: int = 2
     extra: dict[str, str] = field(default_factory=dict)
     # rdma QP addressing (None: the env names in rdma.resources.ENV_FALLBACKS, then defaults).
     rdma_gid_index: int | None = None
     rdma_traffic_class: int | None = None
     rdma_service_level: int | None = None
+
+    def migration_policy(self) -> PolicyConfig:
+        from splitwise.instance.migration_policy import PolicyConfig
+
+        return PolicyConfig(
+            make_room_free_blocks=self.migrate_make_room_free_blocks,
+            balance_kv_gap=self.migrate_balance_kv_gap,
+            balance_min_requests=self.migrate_balance_min_requests,
+        )
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -111,6 +128,7 @@ class InstanceConfig:
         ):
             if value is not None and not 0 <= value <= high:
                 raise ValueError(f"{flag}: {value} is not in 0..{high}")
+        self.migration_policy()  # validates the --migrate-* flags
         if self.decode_headroom_tokens < 0:
             raise ValueError(f"--decode-headroom-tokens: {self.decode_headroom_tokens} must be >= 0")
 

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 from scheduler.clock import SYSTEM_CLOCK, Clock
 from scheduler.node_commands import NodeStatus
 from splitwise.counters import Counters
+from splitwise.instance.migration_state import MigrationOutcome
 from splitwise.logging import get_logger
 
 log = get_logger(__name__)
@@ -43,6 +44,7 @@ class DrainRuntime(Protocol):
 
     def in_flight(self) -> list[str]: ...
     def is_streaming(self, req_id: str) -> bool: ...
+    async def migrate_all_out(self, reason: str) -> list[MigrationOutcome]: ...
     def hand_back(self, req_id: str, reason: str) -> bool: ...
     async def wait_idle(self, req_ids: list[str]) -> None: ...
 
@@ -127,16 +129,17 @@ class Drainer:
         return handed
 
     async def _migrate(self, reason: str, report: DrainReport) -> None:
-        migrate_all_out = getattr(self.runtime, "migrate_all_out", None)  # live migration (#16)
-        if migrate_all_out is None:
-            return
-        for outcome in await migrate_all_out(reason):
-            if getattr(outcome, "ok", False):
+        """Live migration (a decode node with the Redis scheduler): move every running request."""
+        if getattr(self.runtime, "migration", None) is None:
+            return  # this node cannot migrate: what runs finishes in place or is handed back
+        for outcome in await self.runtime.migrate_all_out("drain"):
+            if outcome.ok:
                 report.migrated += 1
                 self.counters.inc("requests_migrated")
             else:
                 report.migrations_failed += 1
                 self.counters.inc("drain_migrations_failed")
+                log.info("could not migrate; it stays here", req_id=outcome.req_id, error=outcome.error)
 
     async def _wait(self, deadline: float) -> None:
         """Until nothing runs here (and, on a prefill node, nothing is booked) or the deadline."""

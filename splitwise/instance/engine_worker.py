@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from splitwise.engine import migration
 from splitwise.engine.engine import LLMEngine
 from splitwise.engine.errors import EngineError, UnknownRequestError
 from splitwise.engine.model_runner import LayerCallback
@@ -148,6 +149,10 @@ class EngineWorker:
         self._queues[req_id] = out_q
         return out_q
 
+    def is_attached(self, req_id: str) -> bool:
+        """A request with this id still has an output queue here (loop only)."""
+        return req_id in self._queues
+
     def abort(self, req_id: str) -> None:
         """Cancel at any stage; the request's queue gets a final ABORT output. Unknown ids are ignored."""
 
@@ -240,6 +245,50 @@ class EngineWorker:
                 pass  # aborted meanwhile (a cancel): the abort freed its blocks
 
         await self.call(release)
+
+    # -- live migration (each one hop to the engine thread; splitwise/engine/migration.py) -----
+
+    async def migration_blocks(self, req_id: str) -> migration.BlockView | None:
+        """Source: the block table of a decoding request (None: not decoding now)."""
+        return await self.call(lambda e: migration.blocks_of(e, req_id))
+
+    async def running_blocks(self) -> list[tuple[str, int]]:
+        """(req_id, blocks held) of every running request, in admission order."""
+        return await self.call(migration.running_blocks)
+
+    async def pause_for_migration(self, req_id: str) -> migration.RunningState | None:
+        """Source: stop a decoding request between two steps, blocks kept (None: not decoding).
+        Every output of the steps before it is already on its way to the request's queue."""
+        return await self.call(lambda e: migration.pause(e, req_id))
+
+    async def resume_migration(self, req_id: str) -> None:
+        """Source: the migration failed; the paused request decodes here again."""
+        await self.call(lambda e: migration.resume(e, req_id))
+
+    async def drop_migrated(self, req_id: str) -> None:
+        """Source: the target runs the request now; free its blocks. Its queue gets a final ABORT
+        output (the runtime knows it migrated and publishes no terminal for it)."""
+
+        def drop(engine: LLMEngine) -> None:
+            migration.drop(engine, req_id)
+            self._deliver([RequestOutput(req_id=req_id, finish_reason=FinishReason.ABORT)])
+
+        await self.call(drop)
+
+    async def admit_migrated(self, state: migration.RunningState) -> asyncio.Queue[RequestOutput]:
+        """Target: admit a migrated request whose KV landed in its reservation."""
+        out_q = self.attach(state.req_id)
+
+        def admit(engine: LLMEngine) -> None:
+            migration.admit(engine, state)
+            self._in_engine.add(state.req_id)
+
+        try:
+            await self.call(admit)
+        except BaseException:
+            self._queues.pop(state.req_id, None)
+            raise
+        return out_q
 
     def set_layer_callback(self, callback: LayerCallback | None) -> None:
         """Set before ``start``: the engine thread calls it after each layer's KV is written."""

@@ -27,6 +27,7 @@ from scheduler.frontend import FrontendScheduler
 from scheduler.keys import KeySchema
 from scheduler.local import LocalScheduler
 from scheduler.messages import LoadReport, NodeInfo
+from scheduler.migration import Peer
 from scheduler.node import NodeAgent
 from splitwise.api.metrics import ApiMetrics
 from splitwise.codes import Protocol, Role
@@ -38,18 +39,22 @@ from splitwise.instance.cluster_token import explicit_token, keep_published, tok
 from splitwise.instance.config import InstanceConfig
 from splitwise.instance.decode_flow import DecodeFlow
 from splitwise.instance.engine_worker import EngineWorker
-from splitwise.instance.host_identity import advertised, host_id
+from splitwise.instance.host_identity import host_id
+from splitwise.instance.migration_metrics import MigrationMetrics
+from splitwise.instance.migration_policy import MigrationPolicy, Running
+from splitwise.instance.migration_source import MigrationSource
+from splitwise.instance.migration_state import MigrationOutcome
+from splitwise.instance.migration_target import MIGRATION_MESSAGES, MigrationRefused, MigrationTarget
 from splitwise.instance.node_runtime import NodeRuntime
 from splitwise.instance.pd_channel import PDChannel
 from splitwise.instance.prefill_flow import PrefillFlow
 from splitwise.instance.request_stats import RequestStats
 from splitwise.instance.transfer_metrics import TransferMetrics
+from splitwise.instance.transports_setup import start_transports
 from splitwise.logging import get_logger
-from splitwise.transfer.base import TransportInitiator, TransportOptions, TransportTarget
+from splitwise.transfer.base import TransportInitiator, TransportTarget
 from splitwise.transfer.control_connection import ControlConnection
-from splitwise.transfer.errors import UnknownProtocolError
-from splitwise.transfer.messages import CallMessage, Compatibility
-from splitwise.transfer.registry import create_initiator, create_target
+from splitwise.transfer.messages import CallMessage, Compatibility, Granted
 
 log = get_logger(__name__)
 
@@ -79,6 +84,9 @@ class Instance:
         self.runtime: NodeRuntime | None = None
         self.channel: PDChannel | None = None
         self.decode_flow: DecodeFlow | None = None
+        self.migration_target: MigrationTarget | None = None
+        self.migration_metrics = MigrationMetrics(self.metrics)
+        self.migration_policy: MigrationPolicy | None = None
         self.prefill_flow: PrefillFlow | None = None
         self.targets: dict[str, TransportTarget] = {}
         self.initiators: dict[str, TransportInitiator] = {}
@@ -142,89 +150,14 @@ class Instance:
         """What the role needs: transports (after the token: the rdma side channel authenticates
         with it), control channel and P/D flow, node agent (registers), node runtime, prefix index."""
         assert self.worker is not None
-        self._start_transports(self._token)
+        start_transports(self, self._token)
         await self._start_channel(self._token)
         await self._start_node()
         self.runtime = NodeRuntime(self.node, self.worker, decoder=self.decode_flow)
+        self.runtime.migration = self._migration_source()
+        self.runtime.migration_in = self.migration_target
         await self.runtime.start()
-
-    async def stop_role(self) -> None:
-        """Undo ``start_role`` (a role switch, once drained): deregister, close flows and transports."""
-        if self.runtime is not None:
-            await self.runtime.close()
-        if self.prefix_index is not None:
-            await _bounded(self.prefix_index.close(), "prefix index close")
-            await _bounded(self._index_client.aclose(), "prefix index client close")
-            self.prefix_index = self._index_client = None
-        if self.node is not None:
-            await _bounded(self.node.close(), "node agent close")
-        if self.decode_flow is not None:
-            await self.decode_flow.close()
-        if self.prefill_flow is not None and self.worker is not None:
-            self.worker.set_layer_callback(None)
-        if self.channel is not None:
-            await self.channel.close()
-        for target in self.targets.values():
-            target.close()
-        for initiator in self.initiators.values():
-            initiator.close()
-        self.runtime = self.node = self.channel = self.decode_flow = self.prefill_flow = None
-        self.targets, self.initiators, self._usable_protocols = {}, {}, ["tcp"]
-        self.ports.transfer, self.ports.pd_comm = {}, 0
-
-    def _start_transports(self, token: str) -> None:
-        assert self.engine is not None
-        cfg = self.config
-        if cfg.role == "mixed":
-            return
-        usable: list[str] = []
-        reasons: list[str] = []
-        for index, protocol in enumerate(cfg.cache_transfer_protocols):
-            port = cfg.kv_transfer_port if protocol == "tcp" else 0
-            if protocol == "rdma" and cfg.rdma_comm_ports:
-                port = cfg.rdma_comm_ports[0]
-            options = TransportOptions(
-                host=cfg.host,
-                port=port,
-                extra=cfg.transport_extra(),
-                node_id=self.node_id,
-                cluster_token=token,
-            )
-            try:
-                if cfg.role == "decode":
-                    target = create_target(protocol, options)
-                    target.register(self.engine.kv_cache)
-                    self.targets[protocol] = target
-                    # The registry record carries the typed endpoint, advertised address in it.
-                    self.ports.transfer[Protocol(protocol)] = advertised(
-                        target.endpoint(), cfg.advertised_host
-                    )
-                else:
-                    initiator = create_initiator(protocol, options)
-                    initiator.register(self.engine.kv_cache)
-                    self.initiators[protocol] = initiator
-                usable.append(protocol)
-            except (UnknownProtocolError, OSError, ValueError) as exc:
-                reasons.append(f"{protocol}: {exc}")
-                self.counters.inc("transports_unavailable")
-                log.warning(
-                    "transfer protocol unavailable on this node; skipping it",
-                    protocol=protocol,
-                    error=str(exc),
-                    preference=index,
-                )
-            except Exception as exc:  # noqa: BLE001 - e.g. pyverbs errors: a protocol we cannot use
-                reasons.append(f"{protocol}: {exc}")
-                self.counters.inc("transports_unavailable")
-                log.warning(
-                    "transfer protocol failed to start; skipping it", protocol=protocol, error=str(exc)
-                )
-        if not usable:
-            raise ValueError(
-                f"--cache-transfer-protocol: none of {list(cfg.cache_transfer_protocols)} can be used on this node "
-                f"({'; '.join(reasons)})"
-            )
-        self._usable_protocols = usable
+        self._start_migration_policy()
 
     async def _cluster_token(self) -> str:
         token = explicit_token(self.config.cluster_token)
@@ -264,6 +197,13 @@ class Instance:
         ).start(cfg.host, cfg.pd_comm_port)
         self.ports.pd_comm = self.channel.port
         if cfg.role == "decode":
+            self.migration_target = MigrationTarget(
+                self.worker,
+                self.targets,
+                self.counters,
+                adopt=self._adopt_migrated,
+                timeout_s=cfg.transfer_timeout_s,
+            )
             self.decode_flow = DecodeFlow(
                 cfg,
                 self.worker,
@@ -351,7 +291,54 @@ class Instance:
 
     # -- control channel plumbing -------------------------------------------------------------
 
-    def _on_control_message(self, conn: ControlConnection, message: CallMessage) -> Awaitable[None] | None:
+    def _migration_source(self) -> MigrationSource | None:
+        if self.config.role != "decode" or not isinstance(self.node, NodeAgent) or self.channel is None:
+            return None
+        assert self.worker is not None and self.engine is not None
+        return MigrationSource(
+            self.worker,
+            self.channel,
+            self.initiators,
+            self.node,
+            self.counters,
+            num_layers=self.engine.kv_cache.geometry.num_layers,
+            headroom_tokens=self.config.decode_headroom_tokens,
+            timeout_s=self.config.transfer_timeout_s,
+            on_outcome=self.migration_metrics.observe,
+        )
+
+    def _start_migration_policy(self) -> None:
+        policy = self.config.migration_policy()
+        if not policy.is_on or self.runtime is None or self.runtime.migration is None:
+            return
+        runtime, worker, node = self.runtime, self.worker, self.node
+        assert worker is not None
+
+        async def gather() -> tuple[int, list[Running], list[Peer]]:
+            blocks = await worker.running_blocks()
+            mine = [Running(r, n, i) for i, (r, n) in enumerate(blocks) if runtime.is_streaming(r)]
+            return worker.load.free_kv_blocks, mine, await node.decode_peers()
+
+        async def migrate(req_id: str, target: str, reason: str) -> MigrationOutcome:
+            return await runtime.migrate_out(req_id, target=target, reason=reason)
+
+        interval_s = self.config.scheduler.heartbeat_interval_s
+        self.migration_policy = MigrationPolicy(
+            policy, lambda: node.info, gather, migrate, interval_s=interval_s
+        )
+        self.migration_policy.start()
+
+    def _adopt_migrated(self, *args: Any) -> None:
+        assert self.runtime is not None
+        self.runtime.adopt_migrated(*args)
+
+    def _on_control_message(
+        self, conn: ControlConnection, message: CallMessage
+    ) -> Awaitable[Granted | None] | None:
+        if isinstance(message, MIGRATION_MESSAGES):
+            if self.migration_target is None:
+                raise MigrationRefused("this node does not take migrated requests (role is not decode)")
+            return self.migration_target.handle(conn, message)
         if self.decode_flow is not None:
             self.decode_flow.on_message(conn, message)
         if self.prefill_flow is not None:
@@ -359,6 +346,8 @@ class Instance:
         return None
 
     def _on_peer_lost(self, peer_id: str) -> None:
+        if self.migration_target is not None:
+            self.migration_target.on_peer_lost(peer_id)
         if self.decode_flow is not None:
             self.decode_flow.on_peer_lost(peer_id)
         if self.prefill_flow is not None:  # #11: P stops writing to a D it lost
@@ -411,6 +400,8 @@ class Instance:
             self._http_server.should_exit = True
             if self._http_task is not None:
                 await asyncio.gather(self._http_task, return_exceptions=True)
+        if self.migration_policy is not None:
+            await self.migration_policy.close()
         if self.runtime is not None:
             await self.runtime.close()
         if self.prefix_index is not None:
@@ -429,6 +420,8 @@ class Instance:
             await self._token_keeper[1].aclose()
         if self.decode_flow is not None:
             await self.decode_flow.close()
+        if self.migration_target is not None:
+            await self.migration_target.close()
         if self.channel is not None:
             await self.channel.close()
         for target in self.targets.values():

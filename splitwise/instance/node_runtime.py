@@ -26,6 +26,9 @@ from splitwise.engine.sampling_params import SamplingParams
 from splitwise.engine.sequence import FinishReason
 from splitwise.errors import SplitwiseError
 from splitwise.instance.engine_worker import EngineWorker
+from splitwise.instance.migration_source import MigrationSource, Serving
+from splitwise.instance.migration_state import MigrationOutcome
+from splitwise.instance.migration_target import MigrationTarget
 from splitwise.logging import bind_request, get_logger
 
 log = get_logger(__name__)
@@ -86,18 +89,24 @@ class NodeRuntime:
         # Drain (splitwise/instance/drain.py): False = every new item is handed back at once.
         self.accepting = True
         self._handing_back: dict[str, str] = {}  # req_id -> why its serve task was cancelled
-        self._streaming: set[str] = set()  # requests that produced a token on this node
+        self._serving: dict[str, Serving] = {}  # requests streaming from this engine now
+        self._migrations: set[asyncio.Task[MigrationOutcome]] = set()  # from migrate commands
+        # Set before start() on a decode node with the Redis scheduler: live migration out / in.
+        self.migration: MigrationSource | None = None
+        self.migration_in: MigrationTarget | None = None
 
     async def start(self) -> None:
         self._loops = [
             asyncio.create_task(self._work_loop(), name="node-work"),
             asyncio.create_task(self._cancel_loop(), name="node-cancel"),
         ]
+        if self.migration is not None and hasattr(self.node, "migrate_commands"):
+            self._loops.append(asyncio.create_task(self._migrate_loop(), name="node-migrate"))
 
     async def close(self) -> None:
-        for task in [*self._loops, *self._tasks.values()]:
+        for task in [*self._loops, *self._tasks.values(), *self._migrations]:
             task.cancel()
-        await asyncio.gather(*self._loops, *self._tasks.values(), return_exceptions=True)
+        await asyncio.gather(*self._loops, *self._tasks.values(), *self._migrations, return_exceptions=True)
 
     @property
     def num_in_flight(self) -> int:
@@ -105,10 +114,6 @@ class NodeRuntime:
 
     def in_flight(self) -> list[str]:
         return list(self._tasks)
-
-    def is_streaming(self, req_id: str) -> bool:
-        """``req_id`` produced tokens here (running); False: still queued or prefilling."""
-        return req_id in self._streaming
 
     def hand_back(self, req_id: str, reason: str) -> bool:
         """Stop serving ``req_id`` and answer its frontend with a retryable ``node_draining`` error:
@@ -140,7 +145,6 @@ class NodeRuntime:
     def _forget_task(self, req_id: str) -> Callable[[asyncio.Task[None]], None]:
         def forget(_task: asyncio.Task[None]) -> None:
             self._tasks.pop(req_id, None)
-            self._streaming.discard(req_id)
             self._handing_back.pop(req_id, None)  # it ended before the cancel reached it
 
         return forget
@@ -150,9 +154,69 @@ class NodeRuntime:
             log.info("request cancelled by frontend", req_id=cancel.req_id, reason=cancel.reason)
             # Before admission a prefill node may still write into the request's reserved blocks:
             # the decode flow releases them once it cannot (an engine abort would free them now).
+            if self.migration is not None:
+                self.migration.cancel(cancel.req_id)  # a migration under way must not commit it
             if self.decoder is not None and self.decoder.cancel(cancel.req_id):
                 continue
             self.worker.abort(cancel.req_id)
+
+    async def _migrate_loop(self) -> None:
+        async for command in self.node.migrate_commands():  # type: ignore[attr-defined]
+            if command.req_id in self._serving:
+                task = asyncio.create_task(
+                    self.migrate_out(
+                        command.req_id, target=command.target_node_id or None, reason=command.reason
+                    ),
+                    name=f"migrate-{command.req_id}",
+                )
+                self._migrations.add(task)
+                task.add_done_callback(self._migrations.discard)
+
+    # -- live migration -----------------------------------------------------------------------
+
+    async def migrate_out(self, req_id: str, *, target: str | None = None, reason: str) -> MigrationOutcome:
+        """Move running request ``req_id`` to ``target`` (a decode node id; None: the scheduler's
+        pick among live compatible decode nodes). The outcome says whether the target owns it now;
+        on failure the request goes on here (or ended here meanwhile). Never raises for that."""
+        me = getattr(self.node, "node_id", "")
+        serving = self._serving.get(req_id)
+        if self.migration is None or serving is None or serving.done:
+            why = "this node does not migrate" if self.migration is None else "not running here"
+            return MigrationOutcome(req_id, False, me, target or "", reason, why)
+        return await self.migration.migrate_to(serving, target, why=reason)
+
+    def is_streaming(self, req_id: str) -> bool:
+        """``req_id`` streams from this engine now (what a migration can move)."""
+        serving = self._serving.get(req_id)
+        return serving is not None and not serving.done and not serving.migrated_to
+
+    async def migrate_all_out(self, reason: str) -> list[MigrationOutcome]:
+        """Migrate every request streaming here (one after the other: each pause stays short)."""
+        return [await self.migrate_out(req_id, reason=reason) for req_id in list(self._serving)]
+
+    def adopt_migrated(
+        self,
+        item: WorkItem,
+        first_index: int,
+        next_index: int,
+        outputs: asyncio.Queue[RequestOutput],
+        from_node: str,
+    ) -> None:
+        """A request migrated here was admitted into the engine: hold its work item and stream it."""
+        held = self.node.adopt(item, from_node=from_node, reason="migration")  # type: ignore[attr-defined]
+        req = PreparedRequest(list(item.prompt_token_ids), item.sampling_params, first_index)
+
+        async def serve() -> None:
+            with bind_request(item.req_id, attempt=item.attempt):
+                try:
+                    await self._stream(held, req, outputs, next_index=next_index)
+                except asyncio.CancelledError:
+                    if not await self._handed_back(held):
+                        raise
+
+        task = asyncio.create_task(serve(), name=f"serve-{item.req_id}")
+        self._tasks[item.req_id] = task
+        task.add_done_callback(self._forget_task(item.req_id))
 
     # -- one request --------------------------------------------------------------------------
 
@@ -161,15 +225,8 @@ class NodeRuntime:
             try:
                 await self._serve_inner(item)
             except asyncio.CancelledError:
-                self.worker.abort(item.req_id)
-                reason = self._handing_back.pop(item.req_id, None)
-                if reason is None:
+                if not await self._handed_back(item):
                     raise
-                current = asyncio.current_task()
-                if current is not None:
-                    current.uncancel()  # we asked for it: the hand-back answer still goes out
-                log.info("request handed back to its frontend", reason=reason)
-                await self._terminal(item, _failed(item, FailureCode.NODE_DRAINING, reason, True))
             except SplitwiseError as exc:  # deliberate: bad input, no capacity, remote prefill failed
                 log.warning("request failed", error=str(exc), retryable=exc.retryable)
                 await self._terminal(item, _failed(item, _failure_code(exc), str(exc), exc.retryable))
@@ -178,11 +235,27 @@ class NodeRuntime:
                 message = f"internal error: {type(exc).__name__}: {exc}"
                 await self._terminal(item, _failed(item, FailureCode.INTERNAL, message))
 
+    async def _handed_back(self, item: WorkItem) -> bool:
+        """The serve task was cancelled: stop the engine request. True when a drain handed it back
+        (its frontend got the retryable answer and re-dispatches it); False: the caller re-raises."""
+        self.worker.abort(item.req_id)
+        reason = self._handing_back.pop(item.req_id, None)
+        if reason is None:
+            return False
+        current = asyncio.current_task()
+        if current is not None:
+            current.uncancel()  # we asked for it: the hand-back answer still goes out
+        log.info("request handed back to its frontend", reason=reason)
+        await self._terminal(item, _failed(item, FailureCode.NODE_DRAINING, reason, True))
+        return True
+
     async def _serve_inner(self, item: WorkItem) -> None:
         if not self.accepting:
             log.info("request handed back at once: this node is draining")
             await self._terminal(item, _failed(item, FailureCode.NODE_DRAINING, "node is draining", True))
             return
+        if self.migration_in is not None:  # a migration in of this request is being released
+            await self.migration_in.settled(item.req_id)
         req = prepare(item, self.worker.eos_token_ids)  # params were validated by the codec
         if req.finished_by is not None:
             # Its node died after the last token but before the terminal: nothing is left to generate.
@@ -204,9 +277,27 @@ class NodeRuntime:
         await self._stream(item, req, outputs)
 
     async def _stream(
-        self, item: WorkItem, req: PreparedRequest, outputs: asyncio.Queue[RequestOutput]
+        self,
+        item: WorkItem,
+        req: PreparedRequest,
+        outputs: asyncio.Queue[RequestOutput],
+        *,
+        next_index: int | None = None,
     ) -> None:
-        index = req.first_index
+        index = req.first_index if next_index is None else next_index
+        serving = self._serving[item.req_id] = Serving(item, req.first_index, index)
+        try:
+            await self._stream_outputs(item, serving, outputs)
+        finally:
+            serving.done = True
+            serving.advanced.set()
+            if self._serving.get(item.req_id) is serving:
+                del self._serving[item.req_id]
+
+    async def _stream_outputs(
+        self, item: WorkItem, serving: Serving, outputs: asyncio.Queue[RequestOutput]
+    ) -> None:
+        index = serving.next_index
         while True:
             batch = [await outputs.get()]
             while not batch[-1].finished and not outputs.empty():
@@ -216,7 +307,6 @@ class NodeRuntime:
             tops = [top for out in batch for top in out.new_top_logprobs]
             has_tops = any(tops)
             if tokens:
-                self._streaming.add(item.req_id)
                 await self.node.publish(
                     TokenChunk(
                         req_id=item.req_id,
@@ -231,10 +321,21 @@ class NodeRuntime:
                     frontend_id=item.frontend_id,
                 )
                 index += len(tokens)
+                serving.published(index)
             last = batch[-1]
+            if last.finished and serving.migrated_to:
+                await self._handed_off(item)
+                return
             if last.finished:
                 await self._finish(item, last, completion_tokens=index)
                 return
+
+    async def _handed_off(self, item: WorkItem) -> None:
+        """A live migration committed: the target answers for the request; release ours, no terminal."""
+        try:
+            await self.node.ack(item)
+        except SchedulerError as exc:
+            log.warning("could not release the migrated request's booking", error=str(exc))
 
     async def _finish(self, item: WorkItem, out: RequestOutput, *, completion_tokens: int) -> None:
         if out.error is not None:

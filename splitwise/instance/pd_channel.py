@@ -16,14 +16,15 @@ from typing import Protocol
 from splitwise.logging import get_logger
 from splitwise.transfer.control import ControlServer, connect_control
 from splitwise.transfer.control_connection import ControlConnection
-from splitwise.transfer.errors import ConnectionLostError
-from splitwise.transfer.messages import CallMessage, Compatibility
+from splitwise.transfer.errors import ConnectionLostError, ProtocolError
+from splitwise.transfer.messages import CallMessage, Compatibility, Granted
 
 log = get_logger(__name__)
 
 # (connection, message): runs on the event loop before the Ack; raise a SplitwiseError to refuse.
 # An awaitable returned defers the Ack until it finished (P's cancel fence, #11).
-MessageHandler = Callable[[ControlConnection, CallMessage], Awaitable[None] | None]
+# A migration offer's handler resolves to the Granted reply instead.
+MessageHandler = Callable[[ControlConnection, CallMessage], Awaitable[Granted | None] | None]
 DisconnectCallback = Callable[[str], None]  # peer node id, on the event loop
 
 
@@ -112,6 +113,22 @@ class PDChannel:
                 "control connection is closed", req_id=message.req_id, peer=conn.peer_id
             )
         await conn.call(message, timeout_s or self.call_timeout_s)
+
+    async def call_for_grant(
+        self, conn: Connection, message: CallMessage, timeout_s: float | None = None
+    ) -> Granted:
+        """``call`` for a message the peer answers with ``Granted`` (a migration offer)."""
+        assert isinstance(conn, ControlConnection)
+        if conn.is_closed:
+            raise ConnectionLostError(
+                "control connection is closed", req_id=message.req_id, peer=conn.peer_id
+            )
+        reply = await conn.call(message, timeout_s or self.call_timeout_s)
+        if not isinstance(reply, Granted):
+            raise ProtocolError(
+                f"expected granted in reply to {message.TAG}, got {reply.TAG}", peer=conn.peer_id
+            )
+        return reply
 
     async def close_connection(self, conn: Connection, reason: str) -> None:
         assert isinstance(conn, ControlConnection)

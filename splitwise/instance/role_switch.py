@@ -47,7 +47,7 @@ async def switch_role(instance: Instance, role: Role) -> None:
     except ValueError as exc:
         raise RoleSwitchError(str(exc)) from None
     engine_id = id(instance.engine)
-    await instance.stop_role()
+    await stop_role(instance)
     instance.config = config
     try:
         await instance.start_role()
@@ -63,3 +63,35 @@ async def switch_role(instance: Instance, role: Role) -> None:
         pd_comm_port=instance.ports.pd_comm,
         transfer=list(instance.targets or instance.initiators),
     )
+
+
+async def stop_role(inst: Instance) -> None:
+    """Undo ``Instance.start_role`` (a role switch, once drained): deregister, close flows and transports."""
+    from splitwise.instance.instance import _bounded
+
+    if inst.migration_policy is not None:
+        await inst.migration_policy.close()
+    if inst.runtime is not None:
+        await inst.runtime.close()
+    if inst.prefix_index is not None:
+        await _bounded(inst.prefix_index.close(), "prefix index close")
+        await _bounded(inst._index_client.aclose(), "prefix index client close")
+        inst.prefix_index = inst._index_client = None
+    if inst.node is not None:
+        await _bounded(inst.node.close(), "node agent close")
+    if inst.decode_flow is not None:
+        await inst.decode_flow.close()
+    if inst.prefill_flow is not None and inst.worker is not None:
+        inst.worker.set_layer_callback(None)
+    if inst.migration_target is not None:
+        await inst.migration_target.close()
+    if inst.channel is not None:
+        await inst.channel.close()
+    for target in inst.targets.values():
+        target.close()
+    for initiator in inst.initiators.values():
+        initiator.close()
+    inst.migration_policy = inst.migration_target = None
+    inst.runtime = inst.node = inst.channel = inst.decode_flow = inst.prefill_flow = None
+    inst.targets, inst.initiators, inst._usable_protocols = {}, {}, ["tcp"]
+    inst.ports.transfer, inst.ports.pd_comm = {}, 0

@@ -20,15 +20,13 @@ from splitwise.logging import get_logger
 from splitwise.transfer import wire
 from splitwise.transfer.errors import ConnectionLostError, ProtocolError, RemoteError, TransferTimeoutError
 from splitwise.transfer.messages import (
+    CALL_TYPES,
     Ack,
     CallMessage,
-    CancelRequest,
     Compatibility,
     ErrorReply,
+    Granted,
     Message,
-    PrefillFailed,
-    PrefillResult,
-    PrefillTask,
 )
 
 log = get_logger("splitwise.transfer.control")
@@ -36,7 +34,8 @@ log = get_logger("splitwise.transfer.control")
 
 # On the loop; raise to refuse. A handler may return an awaitable: the Ack (or the ErrorReply, if
 # it raises) then goes out once it finished, while the reader goes on reading (a cancel's fence).
-Handler = Callable[["ControlConnection", CallMessage], Awaitable[None] | None]
+# An awaitable that resolves to a ``Granted`` sends that as the reply instead (a migration offer).
+Handler = Callable[["ControlConnection", CallMessage], Awaitable[Granted | None] | None]
 DisconnectHandler = Callable[["ControlConnection", str], None]  # on the loop, once
 
 _CLOSE_WAIT_S = 2.0  # how long close() waits for the transport to flush and shut
@@ -82,9 +81,9 @@ class ControlConnection:
     def is_closed(self) -> bool:
         return self._closed_reason is not None
 
-    async def call(self, message: CallMessage, timeout_s: float = 10.0) -> None:
-        """Send ``message`` (its call_id is assigned here; pass 0) and wait for the peer's Ack.
-        Raises RemoteError (peer's ErrorReply, with its ``retryable``), TransferTimeoutError,
+    async def call(self, message: CallMessage, timeout_s: float = 10.0) -> Ack | Granted:
+        """Send ``message`` (its call_id is assigned here; pass 0) and wait for the peer's Ack (or
+        Granted). Raises RemoteError (peer's ErrorReply, with its ``retryable``), TransferTimeoutError,
         ConnectionLostError."""
         req_id = message.req_id
         if self._closed_reason is not None:
@@ -113,6 +112,8 @@ class ControlConnection:
             )
             error.retryable = reply.retryable
             raise error
+        assert isinstance(reply, (Ack, Granted))
+        return reply
 
     async def close(self, reason: str = "closed locally") -> None:
         self._mark_closed(reason)
@@ -137,9 +138,9 @@ class ControlConnection:
         try:
             while True:
                 message = await wire.read_message(self._reader)
-                if isinstance(message, (Ack, ErrorReply)):
+                if isinstance(message, (Ack, ErrorReply, Granted)):
                     self._resolve(message)
-                elif isinstance(message, (PrefillTask, PrefillResult, PrefillFailed, CancelRequest)):
+                elif isinstance(message, CALL_TYPES):
                     reply = self._handle(message)
                     if isinstance(reply, (Ack, ErrorReply)):
                         await self._send(reply)
@@ -159,19 +160,23 @@ class ControlConnection:
         if self._on_disconnect is not None:
             self._on_disconnect(self, self._closed_reason or reason)
 
-    def _handle(self, message: CallMessage) -> Ack | ErrorReply | Awaitable[None]:
+    def _handle(self, message: CallMessage) -> Ack | ErrorReply | Awaitable[Granted | None]:
         try:
             pending = self._handler(self, message)
         except Exception as exc:
             return self._refusal(message, exc)
         return Ack(message.call_id) if pending is None else pending
 
-    def _answer_later(self, message: CallMessage, pending: Awaitable[None]) -> None:
+    def _answer_later(self, message: CallMessage, pending: Awaitable[Granted | None]) -> None:
         async def answer() -> None:
-            reply: Ack | ErrorReply
+            reply: Ack | ErrorReply | Granted
             try:
-                await pending
-                reply = Ack(message.call_id)
+                granted = await pending
+                reply = (
+                    Ack(message.call_id)
+                    if granted is None
+                    else Granted(message.call_id, granted.dst_block_ids)
+                )
             except Exception as exc:
                 reply = self._refusal(message, exc)
             with contextlib.suppress(ConnectionLostError, OSError):
@@ -197,7 +202,7 @@ class ControlConnection:
         log.exception("control handler failed", peer=self.peer_id, req_id=message.req_id, tag=message.TAG)
         return ErrorReply(message.call_id, f"internal error: {type(exc).__name__}: {exc}", False)
 
-    def _resolve(self, reply: Ack | ErrorReply) -> None:
+    def _resolve(self, reply: Ack | ErrorReply | Granted) -> None:
         future = self._pending.get(reply.call_id)
         if future is None or future.done():
             self._counters.inc("control_late_replies")

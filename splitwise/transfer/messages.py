@@ -23,6 +23,13 @@ Control channel (``--pd-comm-port``; either side may call, replies carry the cal
     S -> C  AuthWelcome(server_id, mac, compat) | Refused(code, reason)   mac proves S knows it too
     any     PrefillTask / PrefillResult / CancelRequest / PrefillFailed  (each with call_id)
     any     Ack(call_id) | ErrorReply(call_id, reason, retryable)
+
+Live migration D1 -> D2 (D1 calls over the connection it opened to D2; docs/architecture.md)::
+
+    D1 -> D2  MigrateOffer(req_id, num_tokens, protocol)   D2 reserves, its target expects
+    D2 -> D1  Granted(call_id, dst_block_ids)               (the reply: which blocks to write)
+    D1 -> D2  MigrateCommit(req_id, work_item, tokens, params, ...)  every write landed: D2 admits
+    D1 -> D2  MigrateAbort(req_id, reason)                  D1 can no longer write: D2 releases
 """
 
 from __future__ import annotations
@@ -38,8 +45,9 @@ from splitwise.transfer.base import Endpoint
 from splitwise.transfer.errors import ProtocolError
 from splitwise.wire_codec import MessageCodec
 
-# 2: typed SamplingParams, Compatibility, KVGeometry and Endpoint (were maps); 3: enums (were strings)
-SCHEMA_VERSION = 3
+# 2: typed SamplingParams, Compatibility, KVGeometry and Endpoint (were maps); 3: enums (were strings);
+# 4: live migration (MigrateOffer / Granted / MigrateCommit / MigrateAbort)
+SCHEMA_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -240,6 +248,50 @@ class CancelRequest(Call):
 
 
 @dataclass(frozen=True)
+class MigrateOffer(Call):
+    """D1 -> D2: take over running request ``req_id``; reserve KV for ``num_tokens`` tokens and
+    expect D1's writes over ``protocol`` under ``transfer_ids`` (one per copy round).
+    Answered by ``Granted`` (or an ErrorReply: refused)."""
+
+    TAG: ClassVar[str] = "migrate_offer"
+    num_tokens: int
+    protocol: Protocol
+    transfer_ids: list[str]
+
+
+@dataclass(frozen=True)
+class MigrateCommit(Call):
+    """D1 -> D2 once every write landed and the request is paused on D1: admit it and own it.
+    ``work_item`` is the scheduler's WorkItem (its own typed codec, scheduler.messages);
+    ``next_index`` is the completion index of the next token (what the client has so far)."""
+
+    TAG: ClassVar[str] = "migrate_commit"
+    work_item: bytes
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    sampling_params: SamplingParams
+    num_computed_tokens: int
+    next_index: int
+    transfer_ids: list[str]  # the copy rounds (transport request keys) D2 must see DONE
+
+
+@dataclass(frozen=True)
+class MigrateAbort(Call):
+    """D1 -> D2: the migration is off and none of D1's writes can land any more: release."""
+
+    TAG: ClassVar[str] = "migrate_abort"
+    reason: str
+
+
+@dataclass(frozen=True)
+class Granted(Numbered):
+    """The reply to a MigrateOffer: the reserved blocks D1 writes (in block-table order)."""
+
+    TAG: ClassVar[str] = "granted"
+    dst_block_ids: list[int]
+
+
+@dataclass(frozen=True)
 class Ack(Numbered):
     TAG: ClassVar[str] = "ack"
 
@@ -251,8 +303,19 @@ class ErrorReply(Numbered):
     retryable: bool
 
 
-CallMessage = PrefillTask | PrefillResult | PrefillFailed | CancelRequest
-ReplyMessage = Ack | ErrorReply
+CallMessage = (
+    PrefillTask | PrefillResult | PrefillFailed | CancelRequest | MigrateOffer | MigrateCommit | MigrateAbort
+)
+CALL_TYPES = (
+    PrefillTask,
+    PrefillResult,
+    PrefillFailed,
+    CancelRequest,
+    MigrateOffer,
+    MigrateCommit,
+    MigrateAbort,
+)
+ReplyMessage = Ack | ErrorReply | Granted
 
 CODEC = MessageCodec(
     (
@@ -272,6 +335,10 @@ CODEC = MessageCodec(
         PrefillResult,
         PrefillFailed,
         CancelRequest,
+        MigrateOffer,
+        MigrateCommit,
+        MigrateAbort,
+        Granted,
         Ack,
         ErrorReply,
     ),

@@ -38,6 +38,7 @@ from tests.instance.pd_helpers import (
     stream_completion,
     wait_until,
 )
+from tests.instance.test_drain_rolling import big_cluster  # noqa: F401 (fixture)
 
 MAX_TOKENS = 600
 
@@ -88,10 +89,11 @@ def decodes_of(cluster: LocalCluster) -> list[Child]:
     return [c for c in cluster.children if c.role == "decode"]
 
 
-def test_cli_drain_hands_the_running_decode_back_and_the_stream_resumes_elsewhere(
-    cluster_factory, reference
-) -> None:  # type: ignore[no-untyped-def]
-    cluster = cluster_factory(num_prefill=1, num_decode=2, transfer="ipc", extra=NEVER_EXPIRE)
+def test_cli_drain_migrates_the_running_decode_away(  # type: ignore[no-untyped-def]
+    big_cluster,  # noqa: F811 (the fixture imported above)
+    reference,
+) -> None:
+    cluster = big_cluster(num_prefill=1, num_decode=2, transfer="ipc", extra=NEVER_EXPIRE)
     [p] = [c for c in cluster.children if c.role == "prefill"]
     decodes = decodes_of(cluster)
     prompt = make_prompt(40, seed=3)
@@ -105,7 +107,7 @@ def test_cli_drain_hands_the_running_decode_back_and_the_stream_resumes_elsewher
             # Frozen while the command is written: it reads it before its next decode step, with
             # the request still running there (hundreds of tokens to go).
             with Frozen(victim):
-                answers.append(cli(cluster, "drain", victim.name, "--grace-period", "0", "--reason", "test"))
+                answers.append(cli(cluster, "drain", victim.name, "--grace-period", "30", "--reason", "test"))
             drained.append(victim)
         return True
 
@@ -114,18 +116,15 @@ def test_cli_drain_hands_the_running_decode_back_and_the_stream_resumes_elsewher
     assert drained and answers[0].returncode == 0, answers[0].stderr
     assert "drain sent to" in answers[0].stdout
     victim = drained[0]
-    [survivor] = [c for c in decodes if c is not victim]
     assert got.done and got.finish_reason == "length"
     assert got.text == want
     assert got.usage["completion_tokens"] == MAX_TOKENS
-    assert victim.process.wait(timeout=60) == 0, cluster.log_tail(victim)
+    assert victim.process.wait(timeout=120) == 0, cluster.log_tail(victim)
     text = log_text(victim)
-    assert "request handed back to its frontend" in text, cluster.log_tail(victim, 60)
-    assert '"handed_back": 1' in text and '"grace_expired": true' in text, cluster.log_tail(victim, 60)
-    # Handed back retryably: the frontend re-dispatched it (no client-visible error) to the survivor.
-    assert metric(p, "splitwise_scheduler_frontend_events_total", event="redispatched") == 1
+    assert '"migrated": 1' in text and '"handed_back": 0' in text, cluster.log_tail(victim, 60)
+    # Moved live: never re-dispatched, never failed.
+    assert metric(p, "splitwise_scheduler_frontend_events_total", event="redispatched") == 0
     assert metric(p, "splitwise_scheduler_frontend_events_total", event="terminal_error") == 0
-    assert "remote prefill landed" in log_text(survivor)
     client = redis_of(cluster)
     try:  # deregistered: gone from the registry
         assert client.hget(KeySchema(cluster.spec.topic).nodes, victim.name) is None
@@ -133,10 +132,53 @@ def test_cli_drain_hands_the_running_decode_back_and_the_stream_resumes_elsewher
         client.close()
 
 
-def test_sigterm_drains_in_place_out_of_dispatch_and_exits_0(cluster_factory, reference) -> None:  # type: ignore[no-untyped-def]
+def test_drain_with_grace_0_hands_the_running_request_back_and_it_resumes_elsewhere(
+    big_cluster,  # noqa: F811 (the fixture imported above)
+    reference,
+) -> None:  # type: ignore[no-untyped-def]
+    # Mixed nodes do not migrate: the drain hands the running request back (retryable), and its
+    # frontend (the router's) re-dispatches it to the other node with the tokens the client has.
+    cluster = big_cluster(num_prefill=0, num_decode=0, num_mixed=2, router=True, extra=NEVER_EXPIRE)
+    mixed = [c for c in cluster.children if c.role == "mixed"]
+    router = cluster.entry
+    keys = KeySchema(cluster.spec.topic)
+    prompt = make_prompt(40, seed=5)
+    want = greedy_text(reference, prompt, MAX_TOKENS)
+    drained: list[Child] = []
+    answers: list[subprocess.CompletedProcess[str]] = []
+
+    def drain_the_runner(state: StreamedCompletion) -> bool:
+        if not drained:
+            client = redis_of(cluster)
+            try:  # the node holding the request's booking runs it
+                [booking] = [m for m in client.zrange(keys.bookings, 0, -1) if m.startswith("m|")]
+            finally:
+                client.close()
+            [victim] = [c for c in mixed if f"|{c.name}|" in booking]
+            with Frozen(victim):
+                answers.append(cli(cluster, "drain", victim.name, "--grace-period", "0"))
+            drained.append(victim)
+        return True
+
+    got = stream_completion(router.base_url, prompt, max_tokens=MAX_TOKENS, on_chunk=drain_the_runner)
+    assert drained and answers[0].returncode == 0, answers[0].stderr
+    victim = drained[0]
+    assert got.done and got.text == want and got.usage["completion_tokens"] == MAX_TOKENS
+    assert victim.process.wait(timeout=120) == 0, cluster.log_tail(victim)
+    text = log_text(victim)
+    assert "request handed back to its frontend" in text, cluster.log_tail(victim, 60)
+    assert '"handed_back": 1' in text and '"grace_expired": true' in text, cluster.log_tail(victim, 60)
+    assert metric(router, "splitwise_scheduler_frontend_events_total", event="redispatched") == 1
+    assert metric(router, "splitwise_scheduler_frontend_events_total", event="terminal_error") == 0
+
+
+def test_sigterm_drains_in_place_out_of_dispatch_and_exits_0(  # type: ignore[no-untyped-def]
+    big_cluster,  # noqa: F811 (the fixture imported above)
+    reference,
+) -> None:
     # P is frozen while the request waits for its prefill on D: D's drain (SIGTERM) waits for it
     # (a remote prefill in flight is not handed back) for as long as the test looks at it.
-    cluster = cluster_factory(
+    cluster = big_cluster(
         num_prefill=1,
         num_decode=2,
         transfer="ipc",

@@ -11,6 +11,7 @@ from typing import Any
 from scheduler.node_commands import Activity, NodeStatus
 from splitwise.counters import Counters
 from splitwise.instance.drain import Drainer, DrainReport
+from splitwise.instance.migration_state import MigrationOutcome
 from splitwise.testing.fake_clock import FakeClock
 
 
@@ -46,6 +47,9 @@ class FakeRuntime:
 
     async def wait_idle(self, req_ids: list[str]) -> None:
         return None
+
+    async def migrate_all_out(self, reason: str) -> list[MigrationOutcome]:
+        raise AssertionError("a runtime without migration is never asked to migrate")
 
 
 @dataclass
@@ -118,16 +122,18 @@ def test_prefill_node_waits_for_its_prefills_and_bookings() -> None:
 
 
 def test_migration_outcomes_are_counted_when_the_runtime_migrates() -> None:
-    @dataclass
-    class Outcome:
-        ok: bool
-
     clock = FakeClock()
 
     class MigratingRuntime(FakeRuntime):
-        async def migrate_all_out(self, reason: str) -> list[Outcome]:
+        migration = object()  # NodeRuntime.migration: this node migrates
+
+        async def migrate_all_out(self, reason: str) -> list[MigrationOutcome]:
+            assert reason == "drain"
             self.streaming.discard("m1")
-            return [Outcome(True), Outcome(False)]
+            return [
+                MigrationOutcome("m1", True, "d1", "d2", reason),
+                MigrationOutcome("m2", False, "d1", "", reason, "no target"),
+            ]
 
     runtime = MigratingRuntime(clock, streaming={"m1", "m2"})
     runtime.finish_at_s = {"m2": clock.monotonic() + 1}

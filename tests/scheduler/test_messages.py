@@ -18,6 +18,8 @@ from scheduler.messages import (
     Finished,
     KVGeometry,
     LoadReport,
+    MigrateCommand,
+    Migrated,
     NodeEvent,
     NodeInfo,
     TokenChunk,
@@ -83,6 +85,15 @@ MESSAGES = [
     Cancelled(req_id="r1", attempt=0),
     CancelMessage(req_id="r1", attempt=0, reason="client gone"),
     NodeEvent(req_id="r1", attempt=0, event="decoding", node="d0", detail="remote prefill", ts_ms=5),
+    Migrated(
+        req_id="r1",
+        attempt=1,
+        from_node_id="d0",
+        decode_node_id="d1",
+        decode_incarnation="i9",
+        reason="drain",
+    ),
+    MigrateCommand(req_id="r1", target_node_id="", reason="manual"),
 ]
 
 

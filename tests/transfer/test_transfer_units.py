@@ -9,6 +9,7 @@ import pytest
 
 from scheduler.dispatch import choose_protocol
 from scheduler.messages import KVGeometry, NodeInfo
+from splitwise.codes import Protocol
 from splitwise.engine.sampling_params import SamplingParams
 from splitwise.transfer import messages
 from splitwise.transfer.base import BlockRun, Endpoint, check_block_ids, coalesce_runs
@@ -133,6 +134,12 @@ SAMPLES: list[messages.Message] = [
     messages.PrefillResult(8, "r-1", 42, -0.25),
     messages.PrefillFailed(9, "r-1", "out of blocks", True),
     messages.CancelRequest(10, "r-1", "client went away"),
+    messages.MigrateOffer(11, "r-1", 40, Protocol.IPC, ["r-1~mig0", "r-1~mig1"]),
+    messages.Granted(11, [4, 5, 6]),
+    messages.MigrateCommit(
+        12, "r-1", b"\x80", [1, 2, 3], [7, 8], SamplingParams(seed=3, temperature=0.7), 4, 2, ["r-1~mig0"]
+    ),
+    messages.MigrateAbort(13, "r-1", "target too slow"),
     messages.Ack(7),
     messages.ErrorReply(7, "unknown request", False),
 ]
