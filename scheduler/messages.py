@@ -25,7 +25,8 @@ from splitwise.kv_geometry import KVGeometry as KVGeometry  # re-exported; nodes
 from splitwise.wire_codec import MessageCodec
 
 # 3: typed SamplingParams, Endpoint per protocol, and Role/Mode/Protocol/FailureCode (were maps, strings)
-# 4: live migration (Migrated on the results stream, MigrateCommand on a node's control stream)
+# 4: node commands on the control stream (DrainRequest, RoleChangeRequest), FailureCode.NODE_DRAINING;
+#    live migration (Migrated on the results stream, MigrateCommand on a node's control stream)
 SCHEMA_VERSION = 4
 
 
@@ -214,6 +215,41 @@ class NodeEvent(_PerAttempt):
 
 
 @dataclass(frozen=True)
+class _NodeCommand:
+    """Operator (or planner) -> one node's control stream: an order for the node as a whole.
+    ``incarnation`` is the registration it is meant for: a restarted node (a new incarnation reading
+    the same stream from its start) drops commands sent to its previous life."""
+
+    command_id: str
+    incarnation: str
+    reason: str
+    requested_by: str  # who asked: "cli:<user>@<host>", "planner", ... (shown by `splitwise inspect`)
+    grace_s: float  # running work may finish for this long; then it is handed back to its frontends
+    issued_ms: int
+
+
+@dataclass(frozen=True)
+class DrainRequest(_NodeCommand):
+    """Stop taking work, move or finish what runs, deregister and exit (0)."""
+
+    TYPE: ClassVar[str] = "drain"
+
+
+@dataclass(frozen=True)
+class RoleChangeRequest(_NodeCommand):
+    """Drain without exiting, switch to ``role`` (engine and weights kept), register again."""
+
+    TYPE: ClassVar[str] = "role_change"
+    role: Role
+
+    def __post_init__(self) -> None:
+        _set_enum(self, "role", Role, "role")
+
+
+NodeCommand = DrainRequest | RoleChangeRequest
+
+
+@dataclass(frozen=True)
 class Migrated(_PerAttempt):
     """Target node -> frontend, before the first token it publishes: this attempt now runs on
     ``decode_node_id`` (watch that lease, send cancels there). Its bookings were released by the
@@ -239,7 +275,7 @@ class MigrateCommand:
 
 
 ResultMessage = TokenChunk | Finished | Failed | Expired | Cancelled
-ControlMessage = CancelMessage | MigrateCommand
+ControlMessage = CancelMessage | MigrateCommand | DrainRequest | RoleChangeRequest
 Message = (
     NodeInfo
     | WorkItem
@@ -250,6 +286,8 @@ Message = (
     | Cancelled
     | CancelMessage
     | NodeEvent
+    | DrainRequest
+    | RoleChangeRequest
     | Migrated
     | MigrateCommand
 )
@@ -264,6 +302,8 @@ CODEC = MessageCodec(
         Cancelled,
         CancelMessage,
         NodeEvent,
+        DrainRequest,
+        RoleChangeRequest,
         Migrated,
         MigrateCommand,
     ),
@@ -274,7 +314,7 @@ CODEC = MessageCodec(
 )
 RESULT_TYPES = (TokenChunk, Finished, Failed, Expired, Cancelled)
 RESULTS_STREAM_TYPES = (*RESULT_TYPES, NodeEvent, Migrated)
-CONTROL_TYPES = (CancelMessage, MigrateCommand)
+CONTROL_TYPES = (CancelMessage, MigrateCommand, DrainRequest, RoleChangeRequest)  # a node's control stream
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,8 @@ class Peer:
 
 
 async def decode_peers(client: aioredis.Redis, keys: KeySchema) -> list[Peer]:
-    """Every decode node whose current incarnation's lease is live now, with its last load report."""
+    """Every decode node whose current incarnation's lease is live now and that is not draining or
+    switching role, with its last load report."""
     server_s, server_us = await client.time()
     now_ms = int(server_s) * 1000 + int(server_us) // 1000
     leases: list[Any] = await client.zrange(keys.alive, 0, -1, withscores=True)
@@ -45,6 +46,8 @@ async def decode_peers(client: aioredis.Redis, keys: KeySchema) -> list[Peer]:
         if info.role is not Role.DECODE or (info.node_id, info.incarnation) not in live:
             continue
         fields: dict[Any, Any] = await client.hgetall(keys.heartbeat(info.node_id))
+        if fields.get(b"state", b"serving") != b"serving":
+            continue  # draining or switching role (scheduler.node_commands): takes no new work
         load = LoadReport.from_fields({k.decode(): v.decode() for k, v in fields.items()})
         peers.append(Peer(info, load))
     return sorted(peers, key=lambda p: p.info.node_id)

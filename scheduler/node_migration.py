@@ -19,7 +19,6 @@ from scheduler.errors import SchedulerClosedError
 from scheduler.keys import KeySchema
 from scheduler.messages import (
     CancelMessage,
-    ControlMessage,
     LoadReport,
     MigrateCommand,
     Migrated,
@@ -95,7 +94,7 @@ class NodeMigration:
         while not self._closed:
             yield await self._migrations().get()
 
-    def cancel_or_queue_migration(self, msg: ControlMessage) -> CancelMessage | None:
+    def cancel_or_queue_migration(self, msg: CancelMessage | MigrateCommand) -> CancelMessage | None:
         """The reader's hook: a MigrateCommand is queued for ``migrate_commands`` (None); a cancel
         is returned for the agent to handle."""
         if isinstance(msg, CancelMessage):

@@ -1,7 +1,7 @@
 """A node's one blocking reader: its work stream and its control stream in a single XREAD.
 
 Work entries become WorkItems (queued for ``next_work``); control entries become CancelMessages
-(or MigrateCommands).
+and node commands (drain, role change), or MigrateCommands.
 Undecodable payloads go to the dead letters and reading goes on. Read positions are published to
 the heartbeat, which trims what was read (once per beat, not per request).
 """
@@ -62,8 +62,8 @@ class NodeReader:
         self._items.put_nowait(None)
 
     async def read_once(self) -> list[ControlMessage]:
-        """One blocking XREAD of both streams; queues work items, returns control messages
-        (cancels and migrate commands)."""
+        """One blocking XREAD of both streams; queues work items, returns the control messages
+        (cancels, migrate commands, node commands)."""
         answer = await self._client.xread(
             {self._work_key: self.last_work_id, self._control_key: self.last_control_id},
             count=64,

@@ -1,8 +1,13 @@
 """One serving instance: assembles engine, scheduler sides, transports, control channel, HTTP.
 
-    start: load engine -> engine worker -> transports (+ endpoints) -> control channel
-           -> scheduler frontend + node agent (register) -> node runtime -> HTTP server
+    start: load engine -> engine worker -> role parts -> scheduler frontend -> HTTP server
+           role parts: transports (+ endpoints) -> control channel + P/D flow -> node agent
+                       (register) -> node runtime -> prefix-index publisher
     stop:  HTTP -> node runtime -> agent (deregister) -> frontend -> channel -> transports -> engine
+
+A role switch (splitwise/instance/role_switch.py) drains, stops the role parts, and starts them
+again for the new role: the engine, its weights and the frontend stay. Drains, SIGTERM and node
+commands are run by ``InstanceControl`` (splitwise/instance/drain_control.py).
 
 ``Instance.run()`` is the process's error boundary for start-up: a bad flag or an unusable Redis
 raises a SplitwiseError/ValueError with a clear message before anything is served.
@@ -30,12 +35,11 @@ from splitwise.counters import Counters
 from splitwise.endpoint import Endpoint
 from splitwise.engine.engine import LLMEngine
 from splitwise.engine.kv_cache import default_shm_name
-from splitwise.engine.parallel.layout import RdmaPorts
 from splitwise.instance.cluster_token import explicit_token, keep_published, token_from_redis
 from splitwise.instance.config import InstanceConfig
 from splitwise.instance.decode_flow import DecodeFlow
 from splitwise.instance.engine_worker import EngineWorker
-from splitwise.instance.host_identity import advertised, host_id
+from splitwise.instance.host_identity import host_id
 from splitwise.instance.migration_metrics import MigrationMetrics
 from splitwise.instance.migration_policy import MigrationPolicy, Running
 from splitwise.instance.migration_source import MigrationSource
@@ -46,13 +50,12 @@ from splitwise.instance.pd_channel import PDChannel
 from splitwise.instance.prefill_flow import PrefillFlow
 from splitwise.instance.request_stats import RequestStats
 from splitwise.instance.transfer_metrics import TransferMetrics
+from splitwise.instance.transports_setup import start_transports
 from splitwise.logging import get_logger
 from splitwise.planner.latency import RollingLatency
-from splitwise.transfer.base import TransportInitiator, TransportOptions, TransportTarget
+from splitwise.transfer.base import TransportInitiator, TransportTarget
 from splitwise.transfer.control_connection import ControlConnection
-from splitwise.transfer.errors import UnknownProtocolError
 from splitwise.transfer.messages import CallMessage, Compatibility, Granted
-from splitwise.transfer.registry import create_initiator, create_target
 
 log = get_logger(__name__)
 
@@ -98,6 +101,11 @@ class Instance:
         self._token_keeper: tuple[asyncio.Task[None], Any] | None = None  # re-publishes the Redis token
         self.prefix_index: Any = None  # PrefixIndexLoop on prefill/decode nodes (KV-aware routing)
         self._index_client: Any = None
+        self._usable_protocols: list[str] = ["tcp"]  # this role's transports (NodeInfo)
+        self._token = ""  # the cluster token (a role switch builds transports with it again)
+        from splitwise.instance.drain_control import InstanceControl
+
+        self.control = InstanceControl(self)  # drain, SIGTERM, role switch
 
     # -- start --------------------------------------------------------------------------------
 
@@ -116,18 +124,19 @@ class Instance:
         self.worker.request_stats = RequestStats(self.metrics)
         self.worker.on_fatal = self._on_engine_fatal
         self.worker.start()
-        token = await self._cluster_token()
-        self._start_transports(token)  # after the token: the rdma side channel authenticates with it
-        await self._start_channel(token)
+        self.counters.inc("engine_loads")  # a role switch keeps the engine: this stays 1
+        self._token = await self._cluster_token()
         self._http_sock = bind_socket(cfg.host, cfg.port)  # bound early: NodeInfo carries the real port
         self.ports.http = int(self._http_sock.getsockname()[1])
-        await self._start_scheduler()
-        self.runtime = NodeRuntime(self.node, self.worker, decoder=self.decode_flow, latency=self.latency)
-        self.runtime.migration = self._migration_source()
-        self.runtime.migration_in = self.migration_target
-        self.runtime.own_frontend_id = getattr(self.frontend, "frontend_id", None)
-        await self.runtime.start()
-        self._start_migration_policy()
+        if cfg.scheduler.scheduler_name == "local":
+            local = LocalScheduler(cfg.scheduler, model_id=cfg.model_id)
+            self.frontend, self.node = local.frontend, local.node
+        else:
+            kv = self.engine.kv_cache.geometry  # the one KVGeometry; peers pair on its compat_key
+            self.frontend = FrontendScheduler(cfg.scheduler, model_id=cfg.model_id, kv=kv)
+        await self.start_role()
+        await self.frontend.start()
+        self.registered = True
         await self._start_http()
         log.info(
             "instance ready",
@@ -139,79 +148,19 @@ class Instance:
             scheduler=cfg.scheduler.scheduler_name,
         )
 
-    def _start_transports(self, token: str) -> None:
-        assert self.engine is not None
-        cfg = self.config
-        if cfg.role == "mixed":
-            return
-        usable: list[str] = []
-        reasons: list[str] = []
-        rdma_ports = RdmaPorts.of(cfg.rdma_comm_ports, cfg.engine.tensor_parallel_size)
-        if rdma_ports.unused_ports and "rdma" in cfg.cache_transfer_protocols:
-            log.info(
-                "rdma: the tensor-parallel ranks share one KV buffer, served on the first port",
-                port=rdma_ports.serve_port,
-                unused_ports=list(rdma_ports.unused_ports),
-            )
-        for index, protocol in enumerate(cfg.cache_transfer_protocols):
-            port = cfg.kv_transfer_port if protocol == "tcp" else 0
-            if protocol == "rdma":
-                port = rdma_ports.serve_port
-            options = TransportOptions(
-                host=cfg.host,
-                port=port,
-                extra=cfg.transport_extra(),
-                node_id=self.node_id,
-                cluster_token=token,
-            )
-            try:
-                if cfg.role == "decode":
-                    target = create_target(protocol, options)
-                    target.register(self.engine.kv_cache)
-                    self.targets[protocol] = target
-                    self._start_migration_initiator(protocol, options)
-                    # The registry record carries the typed endpoint, advertised address in it.
-                    self.ports.transfer[Protocol(protocol)] = advertised(
-                        target.endpoint(), cfg.advertised_host
-                    )
-                else:
-                    initiator = create_initiator(protocol, options)
-                    initiator.register(self.engine.kv_cache)
-                    self.initiators[protocol] = initiator
-                usable.append(protocol)
-            except (UnknownProtocolError, OSError, ValueError) as exc:
-                reasons.append(f"{protocol}: {exc}")
-                self.counters.inc("transports_unavailable")
-                log.warning(
-                    "transfer protocol unavailable on this node; skipping it",
-                    protocol=protocol,
-                    error=str(exc),
-                    preference=index,
-                )
-            except Exception as exc:  # noqa: BLE001 - e.g. pyverbs errors: a protocol we cannot use
-                reasons.append(f"{protocol}: {exc}")
-                self.counters.inc("transports_unavailable")
-                log.warning(
-                    "transfer protocol failed to start; skipping it", protocol=protocol, error=str(exc)
-                )
-        if not usable:
-            raise ValueError(
-                f"--cache-transfer-protocol: none of {list(cfg.cache_transfer_protocols)} can be used on this node "
-                f"({'; '.join(reasons)})"
-            )
-        self._usable_protocols = usable
-
-    def _start_migration_initiator(self, protocol: str, options: TransportOptions) -> None:
-        """A decode node also sends KV: live migration to another decode node (#16)."""
-        assert self.engine is not None
-        try:
-            initiator = create_initiator(protocol, options)
-            initiator.register(self.engine.kv_cache)
-        except Exception as exc:  # noqa: BLE001 - migration over this protocol is then unavailable
-            self.counters.inc("migration_initiators_unavailable")
-            log.warning("cannot migrate out over this protocol", protocol=protocol, error=str(exc))
-            return
-        self.initiators[protocol] = initiator
+    async def start_role(self) -> None:
+        """What the role needs: transports (after the token: the rdma side channel authenticates
+        with it), control channel and P/D flow, node agent (registers), node runtime, prefix index."""
+        assert self.worker is not None
+        start_transports(self, self._token)
+        await self._start_channel(self._token)
+        await self._start_node()
+        self.runtime = NodeRuntime(self.node, self.worker, decoder=self.decode_flow, latency=self.latency)
+        self.runtime.migration = self._migration_source()
+        self.runtime.migration_in = self.migration_target
+        self.runtime.own_frontend_id = getattr(self.frontend, "frontend_id", None)
+        await self.runtime.start()
+        self._start_migration_policy()
 
     async def _cluster_token(self) -> str:
         token = explicit_token(self.config.cluster_token)
@@ -282,16 +231,13 @@ class Instance:
         assert self.engine is not None
         return TransferMetrics(self.metrics, self.engine.kv_cache.geometry)
 
-    async def _start_scheduler(self) -> None:
+    async def _start_node(self) -> None:
+        """Register this node (its role, ports and endpoints) and, on P/D nodes, publish its prefix index."""
         assert self.engine is not None
         cfg = self.config
-        kv = self.engine.kv_cache.geometry  # the one KVGeometry; peers pair on its compat_key
-        if cfg.scheduler.scheduler_name == "local":
-            local = LocalScheduler(cfg.scheduler, model_id=cfg.model_id)
-            self.frontend, self.node = local.frontend, local.node
-        else:
-            self.frontend = FrontendScheduler(cfg.scheduler, model_id=cfg.model_id, kv=kv)
+        if cfg.scheduler.scheduler_name != "local":
             self.node = NodeAgent(cfg.scheduler, load_provider=self._load_report)
+            self.node.commands.set_handler(self.control.on_command)
         info = NodeInfo(
             node_id=self.node_id,
             role=Role(cfg.role),
@@ -300,15 +246,13 @@ class Instance:
             http_port=self.ports.http,
             pd_comm_port=self.ports.pd_comm,
             model_id=cfg.model_id,
-            kv=kv,
-            transfer_protocols=[Protocol(p) for p in getattr(self, "_usable_protocols", ["tcp"])],
+            kv=self.engine.kv_cache.geometry,
+            transfer_protocols=[Protocol(p) for p in self._usable_protocols],
             transfer_endpoints=dict(self.ports.transfer),
         )
         await self.node.start(info)
-        await self.frontend.start()
         if cfg.scheduler.scheduler_name != "local" and cfg.role != "mixed":
             self._start_prefix_index()
-        self.registered = True
 
     def _start_prefix_index(self) -> None:
         """KV-aware routing: mirror this node's prefix cache into the Redis prefix index."""
@@ -444,7 +388,25 @@ class Instance:
             self.request_stop()
 
     def is_ready(self) -> bool:
-        return self.engine is not None and self.registered and not self._stopped.is_set()
+        """Ready for new HTTP requests: started, not stopping, not draining or switching (/health)."""
+        return (
+            self.engine is not None
+            and self.registered
+            and not self._stopped.is_set()
+            and self.control.is_serving
+        )
+
+    @property
+    def http_server(self) -> Any:
+        return self._http_server
+
+    def health_state(self) -> str:
+        """/health's status word: ok, starting, draining, switching, stopping."""
+        if self._stopped.is_set():
+            return "stopping"
+        if not self.control.is_serving:
+            return self.control.status.activity.value
+        return "ok" if self.is_ready() else "starting"
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()

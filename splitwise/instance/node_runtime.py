@@ -96,6 +96,9 @@ class NodeRuntime:
         self.latency = latency or RollingLatency()  # TTFT / ITL p90 for the LoadReport (planner)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._loops: list[asyncio.Task[None]] = []
+        # Drain (splitwise/instance/drain.py): False = every new item is handed back at once.
+        self.accepting = True
+        self._handing_back: dict[str, str] = {}  # req_id -> why its serve task was cancelled
         self._serving: dict[str, Serving] = {}  # requests streaming from this engine now
         self._migrations: set[asyncio.Task[MigrationOutcome]] = set()  # from migrate commands
         # Set before start() on a decode node with the Redis scheduler: live migration out / in.
@@ -128,6 +131,24 @@ class NodeRuntime:
     def num_in_flight(self) -> int:
         return len(self._tasks)
 
+    def in_flight(self) -> list[str]:
+        return list(self._tasks)
+
+    def hand_back(self, req_id: str, reason: str) -> bool:
+        """Stop serving ``req_id`` and answer its frontend with a retryable ``node_draining`` error:
+        it re-dispatches the request with the tokens its client has (no client-visible error)."""
+        task = self._tasks.get(req_id)
+        if task is None or task.done() or req_id in self._handing_back:
+            return False
+        self._handing_back[req_id] = reason
+        task.cancel()
+        return True
+
+    async def wait_idle(self, req_ids: list[str]) -> None:
+        """Until the serve tasks of ``req_ids`` ended."""
+        tasks = [t for r in req_ids if (t := self._tasks.get(r)) is not None]
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     # -- loops --------------------------------------------------------------------------------
 
     async def _work_loop(self) -> None:
@@ -143,6 +164,7 @@ class NodeRuntime:
     def _forget_task(self, req_id: str) -> Callable[[asyncio.Task[None]], None]:
         def forget(_task: asyncio.Task[None]) -> None:
             self._tasks.pop(req_id, None)
+            self._handing_back.pop(req_id, None)  # it ended before the cancel reached it
 
         return forget
 
@@ -208,8 +230,8 @@ class NodeRuntime:
                 try:
                     await self._stream(held, req, outputs, next_index=next_index)
                 except asyncio.CancelledError:
-                    self.worker.abort(item.req_id)
-                    raise
+                    if not await self._handed_back(held):
+                        raise
 
         task = asyncio.create_task(serve(), name=f"serve-{item.req_id}")
         self._tasks[item.req_id] = task
@@ -222,8 +244,8 @@ class NodeRuntime:
             try:
                 await self._serve_inner(item)
             except asyncio.CancelledError:
-                self.worker.abort(item.req_id)
-                raise
+                if not await self._handed_back(item):
+                    raise
             except SplitwiseError as exc:  # deliberate: bad input, no capacity, remote prefill failed
                 log.warning("request failed", error=str(exc), retryable=exc.retryable)
                 await self._terminal(item, _failed(item, _failure_code(exc), str(exc), exc.retryable))
@@ -232,7 +254,25 @@ class NodeRuntime:
                 message = f"internal error: {type(exc).__name__}: {exc}"
                 await self._terminal(item, _failed(item, FailureCode.INTERNAL, message))
 
+    async def _handed_back(self, item: WorkItem) -> bool:
+        """The serve task was cancelled: stop the engine request. True when a drain handed it back
+        (its frontend got the retryable answer and re-dispatches it); False: the caller re-raises."""
+        self.worker.abort(item.req_id)
+        reason = self._handing_back.pop(item.req_id, None)
+        if reason is None:
+            return False
+        current = asyncio.current_task()
+        if current is not None:
+            current.uncancel()  # we asked for it: the hand-back answer still goes out
+        log.info("request handed back to its frontend", reason=reason)
+        await self._terminal(item, _failed(item, FailureCode.NODE_DRAINING, reason, True))
+        return True
+
     async def _serve_inner(self, item: WorkItem) -> None:
+        if not self.accepting:
+            log.info("request handed back at once: this node is draining")
+            await self._terminal(item, _failed(item, FailureCode.NODE_DRAINING, "node is draining", True))
+            return
         started_s = self.latency.clock()  # TTFT on this node counts from here (P's queue included)
         if self.migration_in is not None:  # a migration in of this request is being released
             await self.migration_in.settled(item.req_id)
