@@ -22,7 +22,6 @@ from scheduler.registry import node_group, split_member
 from splitwise.codes import Role
 from splitwise.planner.policy import NodeSignals, Signals
 
-
 LEAVING = frozenset({"draining", "switching"})
 
 
