@@ -25,7 +25,8 @@ from splitwise.kv_geometry import KVGeometry as KVGeometry  # re-exported; nodes
 from splitwise.wire_codec import MessageCodec
 
 # 3: typed SamplingParams, Endpoint per protocol, and Role/Mode/Protocol/FailureCode (were maps, strings)
-SCHEMA_VERSION = 3
+# 4: node commands on the control stream (DrainRequest, RoleChangeRequest), FailureCode.NODE_DRAINING
+SCHEMA_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -212,12 +213,69 @@ class NodeEvent(_PerAttempt):
     ts_ms: int
 
 
+@dataclass(frozen=True)
+class _NodeCommand:
+    """Operator (or planner) -> one node's control stream: an order for the node as a whole.
+    ``incarnation`` is the registration it is meant for: a restarted node (a new incarnation reading
+    the same stream from its start) drops commands sent to its previous life."""
+
+    command_id: str
+    incarnation: str
+    reason: str
+    requested_by: str  # who asked: "cli:<user>@<host>", "planner", ... (shown by `splitwise inspect`)
+    grace_s: float  # running work may finish for this long; then it is handed back to its frontends
+    issued_ms: int
+
+
+@dataclass(frozen=True)
+class DrainRequest(_NodeCommand):
+    """Stop taking work, move or finish what runs, deregister and exit (0)."""
+
+    TYPE: ClassVar[str] = "drain"
+
+
+@dataclass(frozen=True)
+class RoleChangeRequest(_NodeCommand):
+    """Drain without exiting, switch to ``role`` (engine and weights kept), register again."""
+
+    TYPE: ClassVar[str] = "role_change"
+    role: Role
+
+    def __post_init__(self) -> None:
+        _set_enum(self, "role", Role, "role")
+
+
+NodeCommand = DrainRequest | RoleChangeRequest
+CONTROL_TYPES = (CancelMessage, DrainRequest, RoleChangeRequest)  # what a node's control stream carries
+
 ResultMessage = TokenChunk | Finished | Failed | Expired | Cancelled
 Message = (
-    NodeInfo | WorkItem | TokenChunk | Finished | Failed | Expired | Cancelled | CancelMessage | NodeEvent
+    NodeInfo
+    | WorkItem
+    | TokenChunk
+    | Finished
+    | Failed
+    | Expired
+    | Cancelled
+    | CancelMessage
+    | NodeEvent
+    | DrainRequest
+    | RoleChangeRequest
 )
 CODEC = MessageCodec(
-    (NodeInfo, WorkItem, TokenChunk, Finished, Failed, Expired, Cancelled, CancelMessage, NodeEvent),
+    (
+        NodeInfo,
+        WorkItem,
+        TokenChunk,
+        Finished,
+        Failed,
+        Expired,
+        Cancelled,
+        CancelMessage,
+        NodeEvent,
+        DrainRequest,
+        RoleChangeRequest,
+    ),
     schema_version=SCHEMA_VERSION,
     error=MessageDecodeError,
     tag_attr="TYPE",

@@ -41,7 +41,8 @@ from scheduler.messages import (
     encode,
 )
 from scheduler.metrics import Counters
-from scheduler.node_record import BeatSnapshot, HeldWork, drop_reason
+from scheduler.node_commands import NodeCommands, NodeStatus, apply_status, booked_prompt_tokens
+from scheduler.node_record import BeatArgs, BeatSnapshot, HeldWork, drop_reason, full_beat
 from scheduler.node_streams import NodeReader
 from scheduler.outbox import Outbox
 from scheduler.poison import Repairer, node_key_types
@@ -94,6 +95,7 @@ class NodeAgent:
         self._outbox: Outbox | None = None
         self._reader: NodeReader | None = None
         self._heartbeater: Heartbeater | None = None
+        self.commands = NodeCommands(self.stats)  # drain / role change orders (scheduler.node_commands)
 
     @property
     def node_id(self) -> str:
@@ -183,6 +185,25 @@ class NodeAgent:
         self._client = None
         if self._reader is not None:
             self._reader.close()
+
+    async def set_status(self, status: NodeStatus) -> None:
+        """Draining or switching: out of the candidate set now (and every beat after); inspect shows it."""
+        self.commands.status = status
+        if self._client is not None and not status.is_candidate:
+            await apply_status(
+                self._client,
+                self.keys,
+                self.node_id,
+                self._candidates_key(),
+                self._member,
+                self.config.ttl_ms,
+            )
+
+    async def booked_prompt_tokens(self) -> int:
+        """Prompt tokens still booked on this incarnation (a draining prefill node waits for 0)."""
+        return (
+            0 if self._client is None else await booked_prompt_tokens(self._client, self.keys, self._member)
+        )
 
     # --- work -------------------------------------------------------------------------------------------
     async def next_work(self) -> WorkItem:
@@ -369,6 +390,9 @@ class NodeAgent:
     async def _read_once(self) -> None:
         assert self._reader is not None
         for msg in await self._reader.read_once():
+            if not isinstance(msg, CancelMessage):
+                self.commands.receive(msg, self.info.incarnation)
+                continue
             self.stats.inc("cancels_received")
             self._cancel(msg)
         self._publish_snapshot()
@@ -400,6 +424,7 @@ class NodeAgent:
             + ("l" if snap.load != self._last_load_sent else "")
             + ("t" if measure else "")
             + ("x" if read != self._last_trimmed else "")  # something was read: trim it
+            + ("" if self.commands.status.is_candidate else "n")  # draining: stay out of dispatch
         )
         self._last_load_sent, self._last_trimmed = snap.load, read
         registered, expiry, measured = 0, 0, 0
@@ -432,36 +457,8 @@ class NodeAgent:
             pass
 
     def _full_beat(self, client: redis.Redis, snap: BeatSnapshot, flags: str) -> tuple[int, int, int]:
-        """The HEARTBEAT script: (re-)registration, load report, stream trimming, TTLs, server time."""
-        info = self.info
-        unit = scripts.DECODE_BOOKING_UNIT if info.role == "decode" else 0
-        fields = [v for pair in snap.load.to_fields().items() for v in pair]
-        registered, expiry, measured = scripts.HEARTBEAT.call_sync(
-            client,
-            [
-                self.keys.nodes,
-                self.keys.alive,
-                self._candidates_key(),
-                self.keys.heartbeat(info.node_id),
-                self.keys.work(info.node_id),
-                self.keys.control(info.node_id),
-            ],
-            [
-                info.node_id,
-                self._member,
-                self._info_payload,
-                self.config.dead_after_ms,
-                self.config.ttl_ms,
-                flags,
-                unit,
-                snap.load.free_kv_blocks,
-                snap.last_work_id,
-                snap.last_control_id,
-                self._server_clock.now_ms(),
-                *fields,
-            ],
-        )
-        return int(registered), int(expiry), int(measured)
+        beat = BeatArgs(self.info, self._member, self._info_payload, self.commands.status.to_fields())
+        return full_beat(client, self.keys, self.config, beat, snap, flags, self._server_clock.now_ms())
 
     def _on_beat(self, registered: bool, server_now_ms: int, leases: dict[str, float | None]) -> None:
         if registered:

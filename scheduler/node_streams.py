@@ -1,6 +1,7 @@
 """A node's one blocking reader: its work stream and its control stream in a single XREAD.
 
-Work entries become WorkItems (queued for ``next_work``); control entries become CancelMessages.
+Work entries become WorkItems (queued for ``next_work``); control entries become CancelMessages
+and node commands (drain, role change).
 Undecodable payloads go to the dead letters and reading goes on. Read positions are published to
 the heartbeat, which trims what was read (once per beat, not per request).
 """
@@ -16,7 +17,7 @@ from scheduler.clock import Clock
 from scheduler.config import SchedulerConfig
 from scheduler.errors import MessageDecodeError
 from scheduler.keys import KeySchema
-from scheduler.messages import CancelMessage, WorkItem, decode
+from scheduler.messages import CONTROL_TYPES, CancelMessage, NodeCommand, WorkItem, decode
 from scheduler.metrics import Counters
 from scheduler.records import write_dead_letter
 
@@ -55,14 +56,14 @@ class NodeReader:
     def close(self) -> None:
         self._items.put_nowait(None)
 
-    async def read_once(self) -> list[CancelMessage]:
-        """One blocking XREAD of both streams; queues work items, returns cancel messages."""
+    async def read_once(self) -> list[CancelMessage | NodeCommand]:
+        """One blocking XREAD of both streams; queues work items, returns the control messages."""
         answer = await self._client.xread(
             {self._work_key: self.last_work_id, self._control_key: self.last_control_id},
             count=64,
             block=self._config.block_ms * IDLE_BLOCK_FACTOR,
         )
-        cancels: list[CancelMessage] = []
+        cancels: list[CancelMessage | NodeCommand] = []
         streams: list[Any] = list(answer or [])
         for stream, entries in streams:
             is_work = (stream.decode() if isinstance(stream, bytes) else stream) == self._work_key
@@ -79,7 +80,7 @@ class NodeReader:
                     if is_work:
                         self._items.put_nowait(decode(payload, WorkItem))
                     else:
-                        cancels.append(decode(payload, CancelMessage))
+                        cancels.append(decode(payload, CONTROL_TYPES))
                 except MessageDecodeError as exc:
                     source = ("work:" if is_work else "ctl:") + self._node_id
                     await write_dead_letter(

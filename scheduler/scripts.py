@@ -193,12 +193,13 @@ HEARTBEAT = LuaScript(
 -- ARGV[1] node id  ARGV[2] member (node|incarnation)  ARGV[3] msgpack NodeInfo  ARGV[4] lease ms
 -- ARGV[5] TTL ms of the long-lived keys  ARGV[6] flags: 'r' refresh those TTLs now, 'l' the load
 -- report changed, 't' read the server clock (TIME) instead of trusting ARGV[11], 'x' the node read
--- entries since the last trim (a steady, idle node's beat is a plain ZADD XX CH, not this script)
+-- entries since the last trim (a steady, idle node's beat is a plain ZADD XX CH, not this script),
+-- 'n' not a candidate (draining or switching): out of its candidate set, status written each beat
 -- ARGV[11] the node's estimate of server time ms (its offset is re-measured with 't' every few beats)
 -- ARGV[7] decode booking unit ('0' for prefill/mixed nodes)  ARGV[8] free KV blocks
 -- ARGV[9] id of the last work entry read  ARGV[10] id of the last control entry read ('' = none):
 -- older entries are trimmed here, once per beat, not per request
--- ARGV[12..] load report as field, value pairs
+-- ARGV[12..] load report and status (state, state_reason, ...) as field, value pairs
 -- Returns {registered (1/0), lease expiry ms, server now ms (0 when not measured)}.
 local now, measured = tonumber(ARGV[11]), 0
 if string.find(ARGV[6], 't', 1, true) then
@@ -212,11 +213,13 @@ local registered = redis.call('ZADD', KEYS[2], expiry, ARGV[2])
 if registered == 0 and redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then registered = 1 end
 local unit = tonumber(ARGV[7])
 local refresh = registered == 1 or string.find(ARGV[6], 'r', 1, true) ~= nil
-local load_changed = registered == 1 or string.find(ARGV[6], 'l', 1, true) ~= nil
+local leaving = string.find(ARGV[6], 'n', 1, true) ~= nil
+local load_changed = registered == 1 or leaving or string.find(ARGV[6], 'l', 1, true) ~= nil
 if registered == 1 then
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-  redis.call('ZADD', KEYS[3], 'NX', 0, ARGV[2])
+  if not leaving then redis.call('ZADD', KEYS[3], 'NX', 0, ARGV[2]) end
 end
+if leaving then redis.call('ZREM', KEYS[3], ARGV[2]) end
 if redis.call('EXISTS', KEYS[5]) == 0 then
   -- An empty stream (MAXLEN 0 trims the creating entry) so frontends may XADD NOMKSTREAM; also
   -- after someone deleted it (the steady beat checks it exists).

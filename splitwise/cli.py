@@ -22,6 +22,8 @@ COMMANDS: dict[str, str] = {
     "router": "splitwise.commands.router:router",
     "planner": "splitwise.commands.planner:planner",
     "inspect": "splitwise.commands.inspect:inspect_cmd",
+    "drain": "splitwise.commands.drain:drain",
+    "role": "splitwise.commands.role:role",
     "bench": "splitwise.commands.bench:bench",
 }
 

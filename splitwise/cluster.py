@@ -2,8 +2,9 @@
 
 Used by `splitwise up`, the end-to-end tests and `splitwise bench compare`. Every child is started
 with its own ready file; ``wait_ready`` waits for each ready file and a 200 from its /health.
-``stop`` terminates every child (SIGTERM, then SIGKILL after a grace period) and removes temp
-files, so nothing is left running.
+``stop`` stops every child at once (SIGINT, then SIGKILL after a grace period) and removes temp
+files, so nothing is left running. ``restart`` replaces one instance the graceful way: SIGTERM
+(it drains: splitwise/instance/drain.py), wait for its exit, start it again with the same flags.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ class Child:
     ready_file: Path
     log_file: Path
     info: dict[str, object] = field(default_factory=dict)
+    args: list[str] = field(default_factory=list)  # its command line (``restart`` runs it again)
+    env_extra: dict[str, str] = field(default_factory=dict)
+    num_restarts: int = 0
 
     @property
     def base_url(self) -> str:
@@ -226,14 +230,56 @@ class LocalCluster:
         args += self.spec.extra_args
         return self._popen(name, role, args, ready, {"OMP_NUM_THREADS": str(threads)})
 
-    def _popen(self, name: str, role: str, args: list[str], ready: Path, env_extra: dict[str, str]) -> Child:
-        log_path = self.log_dir / f"{name}.log"
+    def _popen(
+        self, name: str, role: str, args: list[str], ready: Path, env_extra: dict[str, str], *, run: int = 0
+    ) -> Child:
+        log_path = self.log_dir / (f"{name}.log" if run == 0 else f"{name}.{run}.log")
         env = {**os.environ, **self.spec.env, **env_extra}
         with open(log_path, "wb") as log_fh:
             process = subprocess.Popen(
                 args, stdout=log_fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
             )
-        return Child(name, role, process, ready, log_path)
+        return Child(name, role, process, ready, log_path, args=args, env_extra=env_extra, num_restarts=run)
+
+    def drain(self, child: Child) -> None:
+        """SIGTERM one instance: it drains (--drain-grace-period) and exits 0."""
+        if child.process.poll() is None:
+            child.process.send_signal(signal.SIGTERM)
+
+    def restart(
+        self, child: Child, *, exit_timeout_s: float = 300.0, ready_timeout_s: float = 600.0
+    ) -> Child:
+        """Drain ``child``, wait for its exit (ClusterError unless 0), start it again with the same
+        command line (same node id, a new incarnation) and wait until it is healthy. Returns the new
+        Child, which replaces the old one in ``children``."""
+        self.drain(child)
+        try:
+            code = child.process.wait(timeout=exit_timeout_s)
+        except subprocess.TimeoutExpired:
+            raise ClusterError(f"{child.name} did not exit within {exit_timeout_s:.0f}s of SIGTERM") from None
+        if code != 0:
+            raise ClusterError(f"{child.name} exited with {code} after SIGTERM:\n{self.log_tail(child)}")
+        child.ready_file.unlink(missing_ok=True)
+        new = self._popen(
+            child.name, child.role, child.args, child.ready_file, child.env_extra, run=child.num_restarts + 1
+        )
+        self.children[self.children.index(child)] = new
+        self._wait_one(new, ready_timeout_s)
+        return new
+
+    def _wait_one(self, child: Child, timeout_s: float) -> None:
+        start = time.monotonic()
+        while not (child.info and _healthy(child.info)):
+            code = child.process.poll()
+            if code is not None:
+                raise ClusterError(f"{child.name} exited with {code} while starting:\n{self.log_tail(child)}")
+            if child.ready_file.exists() and not child.info:
+                child.info = json.loads(child.ready_file.read_text())
+            if time.monotonic() - start > timeout_s:
+                raise ClusterError(
+                    f"{child.name} not healthy after {timeout_s:.0f}s:\n{self.log_tail(child)}"
+                )
+            time.sleep(0.1)
 
     def wait_ready(
         self,
@@ -288,7 +334,7 @@ class LocalCluster:
     def stop(self, grace_s: float = 15.0) -> None:
         for child in self.children:
             if child.process.poll() is None:
-                child.process.send_signal(signal.SIGTERM)
+                child.process.send_signal(signal.SIGINT)  # at once (SIGTERM would drain each one)
         deadline = time.monotonic() + grace_s
         for child in [*self.children, *self.retired]:
             remaining = max(0.1, deadline - time.monotonic())

@@ -36,6 +36,7 @@ class FailureCode(enum.StrEnum):
     NODE_LOST = "node_lost"  # the node serving it died and re-dispatch gave up (HTTP 503)
     SCHEDULER_CLOSED = "scheduler_closed"  # the frontend shut down mid-request (HTTP 503)
     DROPPED_BY_NODE = "dropped_by_node"  # the node could not read the work item
+    NODE_DRAINING = "node_draining"  # handed back by a draining node (retryable: re-dispatched)
     DECODE_CAPACITY = "decode_capacity"  # too many requests wait for KV blocks on D
     PREFILL_UNAVAILABLE = "prefill_unavailable"  # remote prefill failed, --pd-fallback fail
     ENGINE_ERROR = "engine_error"  # the engine or a transport refused or failed it

@@ -101,6 +101,7 @@ def create_app(
     model_id: str,
     max_model_len: int,
     is_ready: Callable[[], bool],
+    health_state: Callable[[], str] | None = None,  # /health's status word (default ok/starting)
     metrics: ApiMetrics | None = None,
     api_key: str | None = None,
     eos_token_ids: Iterable[int] | None = None,
@@ -192,7 +193,8 @@ def create_app(
     async def health() -> Response:
         ready = is_ready()
         metrics.count_request("/health", "success" if ready else "no_capacity")
-        return JSONResponse({"status": "ok" if ready else "starting"}, status_code=200 if ready else 503)
+        state = health_state() if health_state is not None else ("ok" if ready else "starting")
+        return JSONResponse({"status": state}, status_code=200 if ready else 503)
 
     @app.api_route("/ping", methods=["GET", "POST"])
     async def ping() -> Response:

@@ -101,6 +101,14 @@ async def _nodes(client: Any, keys: Any) -> list[dict[str, Any]]:
                 "booked_prefill_tokens": load["prefill_tokens"],
                 "booked_decode_requests": load["decode_requests"],
                 "queue_depth": depth,
+                # drain / role switch (scheduler.node_commands.NodeStatus): state, why, who asked
+                "state": hb.get("state", "serving"),
+                "state_reason": hb.get("state_reason", ""),
+                "state_by": hb.get("state_by", ""),
+                "state_target_role": hb.get("state_target_role", ""),
+                "state_since": _iso(hb["state_since_ms"])
+                if parse_int(hb.get("state_since_ms"), 0) > 0
+                else None,
                 "problems": problems,
             }
         )
@@ -257,7 +265,7 @@ def _print_text(report: dict[str, Any]) -> None:
         return
     echo("\nNODES")
     header = (
-        f"{'node':<16} {'role':<8} {'tp':>2} {'alive':<5} {'hb_age_s':>8} {'queue':>5} {'lease_s':>7} "
+        f"{'node':<16} {'role':<8} {'state':<9} {'tp':>2} {'alive':<5} {'hb_age_s':>8} {'queue':>5} {'lease_s':>7} "
         f"{'q_prefill_tok':>13} {'running':>7} {'free_blk':>8} {'waiting':>7} {'booked_p':>8} {'booked_d':>8}  model"
     )
     echo(header)
@@ -268,11 +276,16 @@ def _print_text(report: dict[str, Any]) -> None:
         load = n["load"]
         age = "-" if n["heartbeat_age_s"] is None else f"{n['heartbeat_age_s']:.2f}"
         echo(
-            f"{n['node_id']:<16} {n['role']:<8} {n['tp_size']:>2} {'yes' if n['alive'] else 'NO':<5} {age:>8} {n['queue_depth']:>5} "
+            f"{n['node_id']:<16} {n['role']:<8} {n['state']:<9} {n['tp_size']:>2} {'yes' if n['alive'] else 'NO':<5} {age:>8} {n['queue_depth']:>5} "
             f"{n['lease_left_s'] or 0:>7} {load['queued_prefill_tokens']:>13} {load['running_requests']:>7} "
             f"{load['free_kv_blocks']:>8} {load['waiting_requests']:>7} {n['booked_prefill_tokens']:>8} "
             f"{n['booked_decode_requests']:>8}  {n['model_id']}"
         )
+        if n["state"] != "serving":
+            to = f" -> {n['state_target_role']}" if n["state_target_role"] else ""
+            echo(
+                f"{'':<16} {n['state']}{to} since {n['state_since']}: {n['state_reason']} (by {n['state_by']})"
+            )
         for problem in n["problems"]:
             echo(f"{'':<16} poison: {problem}")
         if n["tp_size"] > 1:

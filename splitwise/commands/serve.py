@@ -2,7 +2,9 @@
 
 Also reachable as ``python -m splitwise.entrypoints.api_server``. This is the instance process's
 error boundary: bad flags exit 2 naming the flag; start-up failures (model, Redis) exit 1 with
-the reason; SIGINT/SIGTERM shut down cleanly (deregister, close listeners, free shared memory).
+the reason; SIGTERM drains (stop taking work, finish or hand back what runs within
+--drain-grace-period, deregister, exit 0; a second SIGTERM stops at once); SIGINT shuts down at
+once (deregister, close listeners, free shared memory).
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ def _instance_config(opts: dict[str, Any]) -> Any:
         served_model_name=opts["served_model_name"],
         pd_fallback=opts["pd_fallback"],
         transfer_timeout_s=opts["transfer_timeout"],
+        drain_grace_period_s=opts["drain_grace_period"],
         max_waiting_for_blocks=opts["max_waiting_for_blocks"],
         decode_headroom_tokens=opts["decode_headroom_tokens"],
         decode_prefix_reuse=opts["decode_prefix_reuse"],
@@ -273,6 +276,14 @@ def _check_tensor_parallel(model_dir: str, tp_size: int, device: str, role: str)
     help="Seconds for a remote prefill + KV transfer.",
 )
 @click.option(
+    "--drain-grace-period",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="SIGTERM drains: seconds running requests may finish before they are handed back "
+    "(retryable, re-dispatched); a second SIGTERM stops at once.",
+)
+@click.option(
     "--max-model-len", type=click.IntRange(min=1), default=None, help="Context length (default: the model's)."
 )
 @click.option(
@@ -380,8 +391,9 @@ def _explicit(opts: dict[str, Any]) -> set[str]:
 
 async def _run(instance: Any, ready_file: str | None) -> None:
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, instance.request_stop)
+    # SIGTERM drains (a second one, or SIGINT, stops at once): splitwise/instance/drain_control.py
+    loop.add_signal_handler(signal.SIGINT, instance.request_stop)
+    loop.add_signal_handler(signal.SIGTERM, instance.control.on_sigterm)
     try:
         await instance.start()
     except BaseException:

@@ -50,6 +50,9 @@ class InstanceConfig:
     served_model_name: str | None = None
     pd_fallback: str = "local"  # P lost / transfer failed: "local" prefill on D, or "fail" the request
     transfer_timeout_s: float = 60.0
+    # SIGTERM drains: running work may finish for this long, then it is handed back (a second
+    # SIGTERM stops at once). See splitwise/instance/drain.py.
+    drain_grace_period_s: float = 30.0
     max_waiting_for_blocks: int = 256  # decode: bounded queue of requests waiting for KV blocks
     decode_headroom_tokens: int = 16  # decode: reserve prompt + this many tokens of KV up front
     # decode: start a reservation with the prompt's blocks already in D's prefix cache, so P ships
@@ -95,6 +98,8 @@ class InstanceConfig:
             raise ValueError(f"--pd-fallback: {self.pd_fallback!r} is not one of {list(PD_FALLBACKS)}")
         if self.transfer_timeout_s <= 0:
             raise ValueError(f"--transfer-timeout: {self.transfer_timeout_s} must be > 0 seconds")
+        if self.drain_grace_period_s < 0:
+            raise ValueError(f"--drain-grace-period: {self.drain_grace_period_s} must be >= 0 seconds")
         if self.max_request_bytes < 1:
             raise ValueError(f"--max-request-bytes: {self.max_request_bytes} must be >= 1")
         if self.max_waiting_for_blocks < 1:

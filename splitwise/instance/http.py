@@ -4,7 +4,10 @@ plus a task that copies engine/transfer figures into the Prometheus gauges."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import socket
+from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
@@ -32,34 +35,30 @@ async def start_http_server(
     metrics.add_counters_source(
         "splitwise_transfer_events",
         instance.counters.snapshot,
-        "P/D transfer events (transfers_ok, transfer_failures, fallbacks, reserve_waits, ...).",
+        "P/D transfer events (transfers_ok, transfer_failures, fallbacks, reserve_waits, ...) and "
+        "drain / role switch events (drains_started, requests_handed_back, role_switches, ...).",
     )
-    transports: list[TransportTarget | TransportInitiator] = [
-        *instance.targets.values(),
-        *instance.initiators.values(),
-    ]
-    if transports:
+    # Read at every scrape: a role switch replaces the transports, the channel and the node agent.
+    if instance.config.scheduler.scheduler_name != "local":  # a role switch may add transports
         metrics.add_counters_source(
             "splitwise_kv_transport_events",
-            lambda: {
-                f"{t.protocol}_{event}": n for t in transports for event, n in t.counters.snapshot().items()
-            },
+            lambda: _transport_counters(instance),
             "KV transport events by protocol (ipc_requests_begun, tcp_bytes_received, tcp_transfers_done, ...).",
         )
-    if instance.channel is not None:
         metrics.add_counters_source(
             "splitwise_pd_control_events",
-            instance.channel.server.counters.snapshot,
+            lambda: instance.channel.server.counters.snapshot() if instance.channel is not None else {},
             "P/D control channel events (connections_accepted, refused_auth, refused_incompatible, ...).",
         )
-    for name, side in (
-        ("splitwise_scheduler_frontend_events", instance.frontend),
-        ("splitwise_scheduler_node_events", instance.node),
+    for name, attr in (
+        ("splitwise_scheduler_frontend_events", "frontend"),
+        ("splitwise_scheduler_node_events", "node"),
     ):
-        stats = getattr(side, "stats", None)
-        if stats is not None and hasattr(stats, "snapshot"):
+        if hasattr(getattr(getattr(instance, attr), "stats", None), "snapshot"):
             metrics.add_counters_source(
-                name, stats.snapshot, "Scheduler events (submitted, redispatched, expired, ...)."
+                name,
+                functools.partial(_side_counters, instance, attr),
+                "Scheduler events (submitted, redispatched, expired, ...).",
             )
     geometry = engine.kv_cache.geometry
     metrics.set_cache_config(
@@ -76,6 +75,7 @@ async def start_http_server(
         model_id=instance.config.model_id,
         max_model_len=engine.max_model_len,
         is_ready=instance.is_ready,
+        health_state=instance.health_state,
         metrics=metrics,
         api_key=instance.config.api_key,
         max_request_bytes=instance.config.max_request_bytes,
@@ -85,10 +85,9 @@ async def start_http_server(
     config = uvicorn.Config(
         app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=5
     )
-    server = uvicorn.Server(config)
-    # While serving, uvicorn captures SIGINT/SIGTERM itself (stops accepting, drains for up to
-    # timeout_graceful_shutdown), then restores and re-raises them, which reaches the instance's
-    # handler: so shutdown runs HTTP first, then the scheduler, transports and engine.
+    server = _Server(config)
+    # The instance owns SIGINT/SIGTERM (serve.py: SIGTERM drains, SIGINT stops): uvicorn must not
+    # capture them. Shutdown sets should_exit: HTTP stops first, then scheduler, transports, engine.
     task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]), name="http")
     asyncio.get_running_loop().create_task(_refresh_metrics(instance, metrics), name="metrics-refresh")
     metrics_port = None
@@ -103,6 +102,25 @@ async def start_http_server(
             raise RuntimeError("HTTP server stopped during start-up")
         await asyncio.sleep(0.01)
     return server, task, metrics_port
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield  # the instance's own signal handlers stay installed
+
+
+def _side_counters(instance: Instance, attr: str) -> dict[str, int]:
+    stats = getattr(getattr(instance, attr), "stats", None)
+    return dict(stats.snapshot()) if stats is not None else {}
+
+
+def _transport_counters(instance: Instance) -> dict[str, int]:
+    transports: list[TransportTarget | TransportInitiator] = [
+        *instance.targets.values(),
+        *instance.initiators.values(),
+    ]
+    return {f"{t.protocol}_{event}": n for t in transports for event, n in t.counters.snapshot().items()}
 
 
 async def _refresh_metrics(instance: Instance, metrics: ApiMetrics) -> None:

@@ -1,8 +1,13 @@
 """One serving instance: assembles engine, scheduler sides, transports, control channel, HTTP.
 
-    start: load engine -> engine worker -> transports (+ endpoints) -> control channel
-           -> scheduler frontend + node agent (register) -> node runtime -> HTTP server
+    start: load engine -> engine worker -> role parts -> scheduler frontend -> HTTP server
+           role parts: transports (+ endpoints) -> control channel + P/D flow -> node agent
+                       (register) -> node runtime -> prefix-index publisher
     stop:  HTTP -> node runtime -> agent (deregister) -> frontend -> channel -> transports -> engine
+
+A role switch (splitwise/instance/role_switch.py) drains, stops the role parts, and starts them
+again for the new role: the engine, its weights and the frontend stay. Drains, SIGTERM and node
+commands are run by ``InstanceControl`` (splitwise/instance/drain_control.py).
 
 ``Instance.run()`` is the process's error boundary for start-up: a bad flag or an unusable Redis
 raises a SplitwiseError/ValueError with a clear message before anything is served.
@@ -88,6 +93,11 @@ class Instance:
         self._token_keeper: tuple[asyncio.Task[None], Any] | None = None  # re-publishes the Redis token
         self.prefix_index: Any = None  # PrefixIndexLoop on prefill/decode nodes (KV-aware routing)
         self._index_client: Any = None
+        self._usable_protocols: list[str] = ["tcp"]  # this role's transports (NodeInfo)
+        self._token = ""  # the cluster token (a role switch builds transports with it again)
+        from splitwise.instance.drain_control import InstanceControl
+
+        self.control = InstanceControl(self)  # drain, SIGTERM, role switch
 
     # -- start --------------------------------------------------------------------------------
 
@@ -106,14 +116,19 @@ class Instance:
         self.worker.request_stats = RequestStats(self.metrics)
         self.worker.on_fatal = self._on_engine_fatal
         self.worker.start()
-        token = await self._cluster_token()
-        self._start_transports(token)  # after the token: the rdma side channel authenticates with it
-        await self._start_channel(token)
+        self.counters.inc("engine_loads")  # a role switch keeps the engine: this stays 1
+        self._token = await self._cluster_token()
         self._http_sock = bind_socket(cfg.host, cfg.port)  # bound early: NodeInfo carries the real port
         self.ports.http = int(self._http_sock.getsockname()[1])
-        await self._start_scheduler()
-        self.runtime = NodeRuntime(self.node, self.worker, decoder=self.decode_flow, latency=self.latency)
-        await self.runtime.start()
+        if cfg.scheduler.scheduler_name == "local":
+            local = LocalScheduler(cfg.scheduler, model_id=cfg.model_id)
+            self.frontend, self.node = local.frontend, local.node
+        else:
+            kv = self.engine.kv_cache.geometry  # the one KVGeometry; peers pair on its compat_key
+            self.frontend = FrontendScheduler(cfg.scheduler, model_id=cfg.model_id, kv=kv)
+        await self.start_role()
+        await self.frontend.start()
+        self.registered = True
         await self._start_http()
         log.info(
             "instance ready",
@@ -124,6 +139,40 @@ class Instance:
             transfer=list(self.targets or self.initiators),
             scheduler=cfg.scheduler.scheduler_name,
         )
+
+    async def start_role(self) -> None:
+        """What the role needs: transports (after the token: the rdma side channel authenticates
+        with it), control channel and P/D flow, node agent (registers), node runtime, prefix index."""
+        assert self.worker is not None
+        self._start_transports(self._token)
+        await self._start_channel(self._token)
+        await self._start_node()
+        self.runtime = NodeRuntime(self.node, self.worker, decoder=self.decode_flow, latency=self.latency)
+        await self.runtime.start()
+
+    async def stop_role(self) -> None:
+        """Undo ``start_role`` (a role switch, once drained): deregister, close flows and transports."""
+        if self.runtime is not None:
+            await self.runtime.close()
+        if self.prefix_index is not None:
+            await _bounded(self.prefix_index.close(), "prefix index close")
+            await _bounded(self._index_client.aclose(), "prefix index client close")
+            self.prefix_index = self._index_client = None
+        if self.node is not None:
+            await _bounded(self.node.close(), "node agent close")
+        if self.decode_flow is not None:
+            await self.decode_flow.close()
+        if self.prefill_flow is not None and self.worker is not None:
+            self.worker.set_layer_callback(None)
+        if self.channel is not None:
+            await self.channel.close()
+        for target in self.targets.values():
+            target.close()
+        for initiator in self.initiators.values():
+            initiator.close()
+        self.runtime = self.node = self.channel = self.decode_flow = self.prefill_flow = None
+        self.targets, self.initiators, self._usable_protocols = {}, {}, ["tcp"]
+        self.ports.transfer, self.ports.pd_comm = {}, 0
 
     def _start_transports(self, token: str) -> None:
         assert self.engine is not None
@@ -241,16 +290,13 @@ class Instance:
         assert self.engine is not None
         return TransferMetrics(self.metrics, self.engine.kv_cache.geometry)
 
-    async def _start_scheduler(self) -> None:
+    async def _start_node(self) -> None:
+        """Register this node (its role, ports and endpoints) and, on P/D nodes, publish its prefix index."""
         assert self.engine is not None
         cfg = self.config
-        kv = self.engine.kv_cache.geometry  # the one KVGeometry; peers pair on its compat_key
-        if cfg.scheduler.scheduler_name == "local":
-            local = LocalScheduler(cfg.scheduler, model_id=cfg.model_id)
-            self.frontend, self.node = local.frontend, local.node
-        else:
-            self.frontend = FrontendScheduler(cfg.scheduler, model_id=cfg.model_id, kv=kv)
+        if cfg.scheduler.scheduler_name != "local":
             self.node = NodeAgent(cfg.scheduler, load_provider=self._load_report)
+            self.node.commands.set_handler(self.control.on_command)
         info = NodeInfo(
             node_id=self.node_id,
             role=Role(cfg.role),
@@ -259,15 +305,13 @@ class Instance:
             http_port=self.ports.http,
             pd_comm_port=self.ports.pd_comm,
             model_id=cfg.model_id,
-            kv=kv,
-            transfer_protocols=[Protocol(p) for p in getattr(self, "_usable_protocols", ["tcp"])],
+            kv=self.engine.kv_cache.geometry,
+            transfer_protocols=[Protocol(p) for p in self._usable_protocols],
             transfer_endpoints=dict(self.ports.transfer),
         )
         await self.node.start(info)
-        await self.frontend.start()
         if cfg.scheduler.scheduler_name != "local" and cfg.role != "mixed":
             self._start_prefix_index()
-        self.registered = True
 
     def _start_prefix_index(self) -> None:
         """KV-aware routing: mirror this node's prefix cache into the Redis prefix index."""
@@ -341,7 +385,25 @@ class Instance:
         self.request_stop()
 
     def is_ready(self) -> bool:
-        return self.engine is not None and self.registered and not self._stopped.is_set()
+        """Ready for new HTTP requests: started, not stopping, not draining or switching (/health)."""
+        return (
+            self.engine is not None
+            and self.registered
+            and not self._stopped.is_set()
+            and self.control.is_serving
+        )
+
+    @property
+    def http_server(self) -> Any:
+        return self._http_server
+
+    def health_state(self) -> str:
+        """/health's status word: ok, starting, draining, switching, stopping."""
+        if self._stopped.is_set():
+            return "stopping"
+        if not self.control.is_serving:
+            return self.control.status.activity.value
+        return "ok" if self.is_ready() else "starting"
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()

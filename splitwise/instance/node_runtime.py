@@ -92,6 +92,10 @@ class NodeRuntime:
         self.latency = latency or RollingLatency()  # TTFT / ITL p90 for the LoadReport (planner)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._loops: list[asyncio.Task[None]] = []
+        # Drain (splitwise/instance/drain.py): False = every new item is handed back at once.
+        self.accepting = True
+        self._handing_back: dict[str, str] = {}  # req_id -> why its serve task was cancelled
+        self._streaming: set[str] = set()  # requests that produced a token on this node
 
     async def start(self) -> None:
         self._loops = [
@@ -108,6 +112,28 @@ class NodeRuntime:
     def num_in_flight(self) -> int:
         return len(self._tasks)
 
+    def in_flight(self) -> list[str]:
+        return list(self._tasks)
+
+    def is_streaming(self, req_id: str) -> bool:
+        """``req_id`` produced tokens here (running); False: still queued or prefilling."""
+        return req_id in self._streaming
+
+    def hand_back(self, req_id: str, reason: str) -> bool:
+        """Stop serving ``req_id`` and answer its frontend with a retryable ``node_draining`` error:
+        it re-dispatches the request with the tokens its client has (no client-visible error)."""
+        task = self._tasks.get(req_id)
+        if task is None or task.done() or req_id in self._handing_back:
+            return False
+        self._handing_back[req_id] = reason
+        task.cancel()
+        return True
+
+    async def wait_idle(self, req_ids: list[str]) -> None:
+        """Until the serve tasks of ``req_ids`` ended."""
+        tasks = [t for r in req_ids if (t := self._tasks.get(r)) is not None]
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     # -- loops --------------------------------------------------------------------------------
 
     async def _work_loop(self) -> None:
@@ -123,6 +149,8 @@ class NodeRuntime:
     def _forget_task(self, req_id: str) -> Callable[[asyncio.Task[None]], None]:
         def forget(_task: asyncio.Task[None]) -> None:
             self._tasks.pop(req_id, None)
+            self._streaming.discard(req_id)
+            self._handing_back.pop(req_id, None)  # it ended before the cancel reached it
 
         return forget
 
@@ -143,7 +171,14 @@ class NodeRuntime:
                 await self._serve_inner(item)
             except asyncio.CancelledError:
                 self.worker.abort(item.req_id)
-                raise
+                reason = self._handing_back.pop(item.req_id, None)
+                if reason is None:
+                    raise
+                current = asyncio.current_task()
+                if current is not None:
+                    current.uncancel()  # we asked for it: the hand-back answer still goes out
+                log.info("request handed back to its frontend", reason=reason)
+                await self._terminal(item, _failed(item, FailureCode.NODE_DRAINING, reason, True))
             except SplitwiseError as exc:  # deliberate: bad input, no capacity, remote prefill failed
                 log.warning("request failed", error=str(exc), retryable=exc.retryable)
                 await self._terminal(item, _failed(item, _failure_code(exc), str(exc), exc.retryable))
@@ -154,6 +189,10 @@ class NodeRuntime:
 
     async def _serve_inner(self, item: WorkItem) -> None:
         started_s = self.latency.clock()  # TTFT on this node counts from here (P's queue included)
+        if not self.accepting:
+            log.info("request handed back at once: this node is draining")
+            await self._terminal(item, _failed(item, FailureCode.NODE_DRAINING, "node is draining", True))
+            return
         req = prepare(item, self.worker.eos_token_ids)  # params were validated by the codec
         if req.finished_by is not None:
             # Its node died after the last token but before the terminal: nothing is left to generate.
@@ -189,6 +228,7 @@ class NodeRuntime:
             tops = [top for out in batch for top in out.new_top_logprobs]
             has_tops = any(tops)
             if tokens:
+                self._streaming.add(item.req_id)
                 await self.node.publish(
                     TokenChunk(
                         req_id=item.req_id,
