@@ -162,8 +162,12 @@ def test_up_planner_replaces_a_dead_decode_instance(tiny_model: Path, tmp_path: 
         assert proc.wait(timeout=90) == 0, err_path.read_text()
     finally:
         if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+            proc.send_signal(signal.SIGTERM)  # `up` stops its children; a SIGKILL would orphan them
+            try:
+                proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def _parent(pid: str) -> int:
