@@ -4,6 +4,8 @@ tokens booked on it (its score in its prefill candidate set, ``{t}:cand:<group>:
 
 A node is live when its lease member's incarnation is the one its NodeInfo names and the lease has
 not expired (server time). Prefill and decode nodes only: mixed nodes are neither side's capacity.
+A node whose heartbeat ``state`` says it is leaving its role (``draining``, ``switching``: the
+drain and role commands) is not counted: it takes no new work.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from scheduler.registry import node_group, split_member
 from splitwise.codes import Role
 from splitwise.planner.policy import NodeSignals, Signals
 
+LEAVING = frozenset({"draining", "switching"})
+
 
 def read_signals(client: redis.Redis, keys: KeySchema) -> Signals:
     infos = _live_infos(client, keys)
@@ -35,6 +39,8 @@ def read_signals(client: redis.Redis, keys: KeySchema) -> Signals:
         fields = (
             {k.decode(): v.decode("utf-8", "replace") for k, v in hb.items()} if isinstance(hb, dict) else {}
         )
+        if fields.get("state", "serving") in LEAVING:
+            continue
         load = LoadReport.from_fields(
             {n: str(parse_int(fields.get(n, 0))) for n in LoadReport.__dataclass_fields__}
         )

@@ -105,3 +105,80 @@ def test_prompt_heavy_load_switches_a_decode_to_prefill(cluster_factory, tiny_mo
     assert len(results) >= done + 10 and not failures, failures[:5]
     assert {c.name: c.process.pid for c in cluster.children} == pids  # switched in place
     assert all(c.process.poll() is None for c in cluster.children)
+
+
+def test_up_planner_replaces_a_dead_decode_instance(tiny_model: Path, tmp_path: Path) -> None:
+    """`splitwise up --planner`: the planner runs inside `up` and acts on its cluster. A decode
+    instance killed leaves decode below --min-decode, so the planner starts a new one (decode-1),
+    which serves."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    import redis
+
+    out_path, err_path = tmp_path / "up.out", tmp_path / "up.err"
+    args = [sys.executable, "-m", "splitwise.cli", "up", "--model", str(tiny_model), "--port", "0"]
+    args += ["--planner", "--planner-interval-s", "0.3", "--max-decode", "2", "--planner-idle-s", "1000"]
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        proc = subprocess.Popen(args, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+    try:
+        base_url, deadline = "", time.monotonic() + 240
+        while not base_url:
+            assert proc.poll() is None and time.monotonic() < deadline, err_path.read_text()
+            match = re.search(r"OpenAI base URL: (\S+)", out_path.read_text())
+            base_url = match.group(1) if match else ""
+            time.sleep(0.2)
+        progress = err_path.read_text()
+        assert "planner planner-" in progress
+        redis_port = int(re.search(r"redis-server on 127\.0\.0\.1:(\d+)", progress).group(1))  # type: ignore[union-attr]
+        client = redis.Redis(port=redis_port)
+        keys = KeySchema("splitwise")
+        decode_pid = next(  # our `up`'s own child only (other clusters may run on this machine)
+            int(pid)
+            for pid in os.listdir("/proc")
+            if pid.isdigit() and _parent(pid) == proc.pid and b"decode-0" in _cmdline(pid)
+        )
+        os.kill(decode_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 240
+        added: list[dict[str, str]] = []
+        while time.monotonic() < deadline and not added:
+            entries = client.xrange(keys.planner)
+            added = [{k.decode(): v.decode() for k, v in f.items()} for _, f in entries]
+            time.sleep(0.3)
+        assert [(a["kind"], a["outcome"]) for a in added] == [("add_decode", "sent: started decode-1")], added
+        assert added[0]["reason"] == "decode nodes 0 < --min-decode 1"
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and _roles(client, keys).get("decode-1") != "decode":
+            time.sleep(0.3)
+        resp = httpx.post(
+            f"{base_url}/completions", json={"prompt": "Hi", "max_tokens": 4, "ignore_eos": True}, timeout=120
+        )
+        assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 4, resp.text
+        client.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0, err_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # `up` stops its children; a SIGKILL would orphan them
+            try:
+                proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _parent(pid: str) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def _cmdline(pid: str) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""

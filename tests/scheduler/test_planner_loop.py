@@ -151,6 +151,9 @@ def test_prompt_heavy_load_switches_the_idlest_decode_and_leaves_a_trail(config:
                 code, text, err = await _inspect(config)
                 assert code == 0, err
                 assert "PLANNER" in text and "to_prefill" in text and "d1 -> prefill  sent" in text
+                # a node leaving its role (the drain and role commands' heartbeat state) is not counted
+                client.hset(keys.heartbeat("d0"), "state", "draining")
+                assert [n.node_id for n in read_signals(client, keys).nodes] == ["d1", "p0"]
             finally:
                 client.close()
                 for agent in agents:
