@@ -21,7 +21,6 @@ from functools import partial
 import redis
 import redis.asyncio as aioredis
 
-from scheduler import scripts
 from scheduler.clock import SYSTEM_CLOCK, Clock
 from scheduler.config import SchedulerConfig
 from scheduler.connection import after_id, check_server, make_client
@@ -44,7 +43,8 @@ from scheduler.messages import (
     encode,
 )
 from scheduler.metrics import Counters
-from scheduler.node_commands import NodeCommands, NodeStatus, apply_status, booked_prompt_tokens
+from scheduler.node_commands import NodeCommands
+from scheduler.node_lifecycle import NodeLifecycle
 from scheduler.node_migration import NodeMigration
 from scheduler.node_record import BeatArgs, BeatSnapshot, HeldWork, drop_reason, full_beat
 from scheduler.node_streams import NodeReader
@@ -66,7 +66,7 @@ TIME_EVERY_BEATS = 10
 _PREFILL_DONE_EVENTS = frozenset({"transferred", "decoding"})
 
 
-class NodeAgent(NodeMigration):
+class NodeAgent(NodeLifecycle, NodeMigration):
     def __init__(
         self,
         config: SchedulerConfig,
@@ -182,45 +182,6 @@ class NodeAgent(NodeMigration):
         self._client = None
         if self._reader is not None:
             self._reader.close()
-
-    async def deregister(self) -> None:
-        """End the lease and leave the candidate sets now, but stay connected: no frontend dispatches
-        here again, and this node can still publish the results of what it holds (an instance whose
-        engine is lost deregisters, then fails its requests as retryable). Raises SchedulerError."""
-        if self._closed or self._deregistered or self._client is None:
-            return
-        self._deregistered = True
-        if self._heartbeater is not None:
-            await self._heartbeater.stop()  # a beat would re-announce the lease
-        await self._deregister_script()
-        log.info("node_deregistered", node_id=self.node_id)
-
-    async def _deregister_script(self) -> None:
-        assert self._client is not None and self._info is not None
-        await scripts.DEREGISTER.call(
-            self._client,
-            [self.keys.nodes, self.keys.alive, self._candidates_key(), self.keys.heartbeat(self.node_id)],
-            [self.node_id, self._member, self._info.incarnation],
-        )
-
-    async def set_status(self, status: NodeStatus) -> None:
-        """Draining or switching: out of the candidate set now (and every beat after); inspect shows it."""
-        self.commands.status = status
-        if self._client is not None and not status.is_candidate:
-            await apply_status(
-                self._client,
-                self.keys,
-                self.node_id,
-                self._candidates_key(),
-                self._member,
-                self.config.ttl_ms,
-            )
-
-    async def booked_prompt_tokens(self) -> int:
-        """Prompt tokens still booked on this incarnation (a draining prefill node waits for 0)."""
-        return (
-            0 if self._client is None else await booked_prompt_tokens(self._client, self.keys, self._member)
-        )
 
     # --- work -------------------------------------------------------------------------------------------
     async def next_work(self) -> WorkItem:
@@ -507,5 +468,14 @@ class NodeAgent(NodeMigration):
             self._cancel(
                 CancelMessage(req_id=item.req_id, attempt=item.attempt, reason="frontend_lost"),
                 state=NodeState.ORPHANED,
+            )
+            # A frontend whose lease only lapsed (a starved host) is still reading: tell it, so it
+            # re-dispatches instead of waiting for the TTL; a dead one's stream is gone (NOMKSTREAM).
+            message = "aborted by its node: the frontend's lease stayed lapsed for a whole lease"
+            self._queue_result(
+                frontend_id,
+                Failed(
+                    item.req_id, item.attempt, code=FailureCode.NODE_LOST, message=message, retryable=True
+                ),
             )
         self._frontend_leases.forget(frontend_id)

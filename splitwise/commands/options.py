@@ -129,3 +129,12 @@ def server_options(func: F) -> F:
     for flags, kwargs in reversed(_SERVER_OPTIONS):
         func = click.option(*flags, **kwargs)(func)
     return func
+
+
+def fail_on_value_error(exc: ValueError) -> click.ClickException:
+    """A config error: BadParameter naming the flag when the message starts with one."""
+    message = str(exc)
+    if message.startswith("--"):
+        flag, _, rest = message.partition(":")
+        return click.BadParameter(rest.strip() or message, param_hint=flag)
+    return click.ClickException(message)

@@ -19,7 +19,7 @@ from scheduler.frontend import FrontendScheduler
 from scheduler.messages import Finished, SubmitRequest
 from scheduler.node import NodeAgent
 from scheduler.sim_frontend import spawn_sim_frontend
-from scheduler.sim_node import SimBehavior, SimNode, make_node_info
+from scheduler.sim_node import SimBehavior, SimNode, make_node_info, sim_token
 
 
 @pytest.fixture()
@@ -139,3 +139,46 @@ async def wait_for_async(check, ok, what: str, timeout_s: float = 15.0):  # type
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"timed out waiting for {what}: last {got!r}")
         await asyncio.sleep(0.05)
+
+
+def test_orphan_abort_of_a_live_frontend_is_redispatched_not_left_hanging(config: SchedulerConfig) -> None:
+    """A frontend whose lease lapses while it is alive (its heartbeat thread held up, as on a
+    starved host): the node aborts its request as an orphan after a whole lease and says so with a
+    retryable error, so the frontend re-dispatches it (resume prefix) and the client gets the whole
+    output, each token once, instead of a stream that waits for its TTL."""
+    config = dataclasses.replace(config, heartbeat_interval_s=0.2, dead_after_missed=3)
+    total = 400
+
+    async def body() -> None:
+        agent = NodeAgent(config)
+        await agent.start(make_node_info("m0", "mixed"))
+        sim = SimNode(agent, SimBehavior(num_tokens=total, token_delay_s=0.01))
+        serving = asyncio.get_running_loop().create_task(sim.run())
+        fe = FrontendScheduler(config, model_id="sim-model")
+        await fe.start()
+        held = threading.Event()
+        held.set()
+        heartbeater = fe._heartbeater
+        assert heartbeater is not None
+        beat = heartbeater._beat
+        # Test hook on the heartbeat thread only: it waits while ``held`` is clear.
+        heartbeater._beat = lambda client: (held.wait(60), beat(client))  # type: ignore[method-assign]
+        try:
+            stream = await fe.submit(SubmitRequest(req_id="r0", prompt_token_ids=[1, 2]))
+            first = await stream.__anext__()
+            held.clear()  # the frontend's lease lapses from here on; it still reads its results
+            await wait_for(lambda: agent.stats.get("orphans_aborted") >= 1, what="orphan abort", timeout_s=30)
+            held.set()
+            msgs = [first, *await stream.collect()]
+            assert isinstance(msgs[-1], Finished), msgs[-1]
+            tokens = [t for m in msgs if hasattr(m, "token_ids") for t in m.token_ids]
+            assert tokens == [sim_token([1, 2], i) for i in range(total)]
+            assert fe.stats.get("redispatched") >= 1 and sim.served["r0"] >= 2
+        finally:
+            held.set()
+            await fe.close()
+            await sim.stop()
+            await agent.close()
+            serving.cancel()
+
+    run(body(), timeout_s=90)
