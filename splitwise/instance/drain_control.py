@@ -140,8 +140,12 @@ class InstanceControl:
         flow, prefill = inst.decode_flow, inst.prefill_flow
 
         def in_remote_prefill(req_id: str) -> bool:
-            rec = flow.records.get(req_id) if flow is not None else None
-            return rec is not None and rec.is_in(DecodeState.PREFILLING, DecodeState.LANDED)
+            # The flow keys its records by hand-off id (request and attempt): any attempt counts.
+            records = flow.records.values() if flow is not None else ()
+            return any(
+                rec.req_id == req_id and rec.is_in(DecodeState.PREFILLING, DecodeState.LANDED)
+                for rec in records
+            )
 
         async def prefill_busy() -> bool:
             assert prefill is not None
