@@ -50,9 +50,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-IMPL_ENV = "SPLITWISE_BENCH_IMPL_DIR"  # set in children: where `scheduler` is imported from
-NODES_PER_PROCESS = 64
+from scheduler_dispatch_procs import (  # noqa: E402 - this script's folder (run as a script)
+    IMPL_ENV,
+    ROOT,
+    child,
+    extract_reference,
+    run_pair,
+    run_paired_throughput,
+    start_hosts,
+    stop_hosts,
+)
+from scheduler_dispatch_report import print_table  # noqa: E402
 
 
 def _import_path() -> None:
@@ -311,133 +319,13 @@ async def drive_bursts(port: int, topic: str, num_nodes: int, burst_s: float, in
     await fe.close()
 
 
-def run_paired_throughput(
-    impls: dict[str, Path | None], port: int, n: int, bursts: int, burst_s: float, inflight: int, tag: str
-) -> list[dict[str, float]]:
-    """Both implementations' nodes and frontends live at once; throughput bursts alternate between
-    them (old, new, then new, old, ...), so every ratio compares two neighbouring moments."""
-    hosts: list[subprocess.Popen[str]] = []
-    drivers: dict[str, subprocess.Popen[str]] = {}
-    try:
-        for name, impl in impls.items():
-            for first in range(0, n, NODES_PER_PROCESS):
-                count = min(NODES_PER_PROCESS, n - first)
-                topic = f"bburst{name}{n}{tag}"
-                hosts.append(child(impl, "--serve", str(port), topic, str(first), str(count), str(n)))
-        for host in hosts:
-            assert host.stdout is not None
-            if host.stdout.readline().strip() != "READY":
-                raise RuntimeError("node host did not start")
-        for name, impl in impls.items():
-            args = [str(port), f"bburst{name}{n}{tag}", str(n), str(burst_s), str(inflight)]
-            env_child = child(impl, "--bursts", *args, stdin=subprocess.PIPE)
-            drivers[name] = env_child
-        for driver in drivers.values():
-            assert driver.stdout is not None
-            if driver.stdout.readline().strip() != "READY":
-                raise RuntimeError("burst driver did not start")
-        out: list[dict[str, float]] = []
-        for i in range(bursts):
-            got: dict[str, float] = {}
-            for name in ("old", "new") if i % 2 == 0 else ("new", "old"):
-                driver = drivers[name]
-                assert driver.stdin is not None and driver.stdout is not None
-                driver.stdin.write("go\n")
-                driver.stdin.flush()
-                got[name] = float(json.loads(driver.stdout.readline())["dispatch_s"])
-            got["load_avg"] = os.getloadavg()[0]
-            out.append(got)
-        return out
-    finally:
-        for driver in drivers.values():
-            try:
-                assert driver.stdin is not None
-                driver.stdin.write("stop\n")
-                driver.stdin.close()
-                driver.wait(timeout=60)
-            except (OSError, subprocess.TimeoutExpired):
-                driver.kill()
-                driver.wait()
-        for host in hosts:
-            host.send_signal(signal.SIGTERM)
-        for host in hosts:
-            try:
-                host.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                host.kill()
-                host.wait()
-
-
-def run_pair(port: int, sizes: list[int], samples: int, tag: str) -> dict[str, float]:
-    """Hosts for every size at once (this checkout), then the paired driver."""
-    hosts: list[subprocess.Popen[str]] = []
-    topics = [f"bpair{n}{tag}" for n in sizes]
-    try:
-        for topic, n in zip(topics, sizes, strict=True):
-            for first in range(0, n, NODES_PER_PROCESS):
-                count = min(NODES_PER_PROCESS, n - first)
-                hosts.append(child(None, "--serve", str(port), topic, str(first), str(count), str(n)))
-        for host in hosts:
-            assert host.stdout is not None
-            if host.stdout.readline().strip() != "READY":
-                raise RuntimeError("node host did not start")
-        args = [str(port), ",".join(topics), ",".join(map(str, sizes)), str(samples)]
-        driver = child(None, "--pair", *args, stderr=subprocess.PIPE)
-        out, err = driver.communicate(timeout=600)
-        lines = out.strip().splitlines()
-        if driver.returncode != 0 or not lines:
-            raise RuntimeError(f"pair driver failed ({driver.returncode}): {err[-2000:]}")
-        return dict(json.loads(lines[-1]))
-    finally:
-        for host in hosts:
-            host.send_signal(signal.SIGTERM)
-        for host in hosts:
-            try:
-                host.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                host.kill()
-                host.wait()
-
-
 # --- orchestrator ----------------------------------------------------------------------------------
-def extract_reference(commit: str, into: Path) -> Path:
-    """The ``scheduler`` package as it was at ``commit`` (git archive), under ``into``."""
-    archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", commit, "scheduler"], check=True, capture_output=True
-    ).stdout
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
-    return into
-
-
-def child(
-    impl_dir: Path | None,
-    *args: str,
-    stdout: Any = subprocess.PIPE,
-    stderr: Any = subprocess.DEVNULL,
-    stdin: Any = None,
-) -> subprocess.Popen[str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop(IMPL_ENV, None)
-    if impl_dir is not None:
-        env[IMPL_ENV] = str(impl_dir)
-    return subprocess.Popen(
-        [sys.executable, __file__, *args], stdout=stdout, stderr=stderr, stdin=stdin, text=True, env=env
-    )
-
-
 def run_case(
     impl_dir: Path | None, port: int, topic: str, num_nodes: int, args: argparse.Namespace
 ) -> dict[str, float]:
-    hosts = []
+    hosts: list[subprocess.Popen[str]] = []
     try:
-        for first in range(0, num_nodes, NODES_PER_PROCESS):
-            count = min(NODES_PER_PROCESS, num_nodes - first)
-            hosts.append(child(impl_dir, "--serve", str(port), topic, str(first), str(count), str(num_nodes)))
-        for host in hosts:
-            assert host.stdout is not None
-            line = host.stdout.readline().strip()
-            if line != "READY":
-                raise RuntimeError(f"node host did not start ({line!r})")
+        start_hosts(hosts, impl_dir, port, topic, num_nodes)
         driver = child(
             impl_dir,
             "--drive",
@@ -455,14 +343,7 @@ def run_case(
             raise RuntimeError(f"driver failed ({driver.returncode}): {err[-2000:]}")
         return dict(json.loads(lines[-1]))
     finally:
-        for host in hosts:
-            host.send_signal(signal.SIGTERM)
-        for host in hosts:
-            try:
-                host.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                host.kill()
-                host.wait()
+        stop_hosts(hosts)
 
 
 def main() -> None:
@@ -588,66 +469,6 @@ def main() -> None:
     finally:
         server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-COLUMNS = (
-    ("dispatch p50 ms", "dispatch_p50", ".3f"),
-    ("p99", "dispatch_p99", ".3f"),
-    ("1-token RTT p50 ms", "rtt_p50", ".3f"),
-    ("p99", "rtt_p99", ".3f"),
-    ("dispatches/s", "dispatch_s", ".0f"),
-    ("cmds/req 1 in flight: all", "cmds_req_1", ".1f"),
-    ("requests only", "req_cmds_1", ".1f"),
-    ("cmds/req loaded: all", "cmds_req_n", ".1f"),
-    ("requests only", "req_cmds_n", ".1f"),
-    ("background cmds/s", "background_cmds_s", ".0f"),
-    ("Redis us per script call", "script_us", ".1f"),
-    ("Redis CPU ms/req (1)", "cpu_ms_req_1", ".3f"),
-    ("(loaded)", "cpu_ms_req_n", ".3f"),
-    ("frontend CPU ms/req (loaded)", "fe_cpu_ms_req_n", ".3f"),
-    ("node hosts CPU ms/req (loaded)", "nodes_cpu_ms_req_n", ".3f"),
-    ("load avg", "load_avg", ".1f"),
-)
-
-
-def print_table(results: dict[tuple[str, int], list[dict[str, float]]], sizes: list[int]) -> None:
-    """Medians over the rounds: first the done-when table of issue #12, then the details. 'requests
-    only' subtracts the background command rate (heartbeats, idle blocking reads) measured in a 2 s
-    window without requests, times the phase's duration."""
-
-    def med(name: str, n: int, key: str) -> float:
-        runs = results.get((name, n), [])
-        return statistics.median(r[key] for r in runs) if runs else float("nan")
-
-    base = sizes[0]
-    print(
-        f"\n| nodes | load avg | dispatches/s old | new | new/old | dispatch p50 ms old | new "
-        f"| new p50 / new p50 @{base} | cmds/req old | new | new, background included |"
-    )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for n in sizes:
-        old_s, new_s = med("old", n, "dispatch_s"), med("new", n, "dispatch_s")
-        load = statistics.median(r["load_avg"] for name in ("old", "new") for r in results.get((name, n), []))
-        print(
-            f"| {n} | {load:.1f} | {old_s:.0f} | {new_s:.0f} | x{new_s / old_s:.2f} "
-            f"| {med('old', n, 'dispatch_p50'):.3f} | {med('new', n, 'dispatch_p50'):.3f} "
-            f"| {med('new', n, 'dispatch_p50') / med('new', base, 'dispatch_p50'):.2f} "
-            f"| {med('old', n, 'req_cmds_n'):.1f} | {med('new', n, 'req_cmds_n'):.1f} "
-            f"| {med('new', n, 'cmds_req_n'):.1f} |"
-        )
-    print(
-        "\n(cmds/req: every command Redis ran in the loaded phase (script internals included) per "
-        "request, less the idle background rate (heartbeats, idle reads) times the phase's length; "
-        "'background included': without that subtraction; load avg: the machine's 1-minute load "
-        "average during the cases)"
-    )
-    print("\n| nodes | impl | " + " | ".join(title for title, _k, _f in COLUMNS) + " |")
-    print("|---:|---|" + "---:|" * len(COLUMNS))
-    for n in sizes:
-        for name in ("old", "new"):
-            if (name, n) in results:
-                cells = " | ".join(format(med(name, n, key), fmt) for _t, key, fmt in COLUMNS)
-                print(f"| {n} | {name} | {cells} |")
 
 
 if __name__ == "__main__":
